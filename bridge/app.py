@@ -1,0 +1,264 @@
+"""Wire Enclave's services once and serve them (aiohttp ``cleanup_ctx`` for lifetimes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import secrets as pysecrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import LoadedConfig, Secret
+from .matrix.appservice import AppserviceAPI, json_errors
+from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+from .matrix.executor import Executor
+from .matrix.inbox import EventHandler, InboxProcessor
+from .metrics import Metrics
+from .store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class IdentityState:
+    """What start-up learned about the homeserver and Enclave's own users."""
+
+    homeserver_reachable: bool = False
+    homeserver_checked_at: float = 0.0
+    bot_ready: bool = False
+    admin_ready: bool = False
+    admin_problem: str | None = None
+    pinged: bool = False
+
+
+@dataclass
+class Services:
+    """Everything a running Enclave holds; handlers and the CLI receive this."""
+
+    loaded: LoadedConfig
+    secrets: dict[str, Secret]
+    store: Store
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    client: MatrixClient
+    executor: Executor
+    inbox: InboxProcessor
+    clock_ms: Callable[[], int]
+    identity: IdentityState = field(default_factory=IdentityState)
+
+    @property
+    def config(self) -> Any:
+        return self.loaded.config
+
+
+def load_handler_factories(refs: Sequence[str]) -> list[Callable[[Services], EventHandler]]:
+    """Import 'module:callable' handler factories named in ``inbox.handlers``."""
+    out = []
+    for ref in refs:
+        mod_name, _, attr = ref.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+            out.append(getattr(mod, attr))
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"inbox.handlers: cannot load {ref!r}: {e}") from e
+    return out
+
+
+def build_store(loaded: LoadedConfig, secrets: dict[str, Secret]) -> Store:
+    db = loaded.config.database
+    pw = secrets.get("database.password")
+    return open_store(
+        db.url, base_dir=loaded.base_dir, password=pw.get() if pw else None,
+        sqlite_synchronous=db.sqlite_synchronous, pool_size=db.pool_size,
+    )
+
+
+class Bootstrap:
+    """Makes sure the homeserver answers, Enclave's users exist, and pings it (backlog)."""
+
+    def __init__(self, svc: Services):
+        self.svc = svc
+
+    async def run_forever(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.run_once()
+                return
+            except (HomeserverUnavailable, MatrixRequestError, aiohttp.ClientError) as e:
+                log.warning("start-up against the homeserver incomplete (%s); retry in %.0fs",
+                            e, delay)
+                await asyncio.sleep(delay)
+                delay = min(60.0, delay * 2)
+
+    async def run_once(self) -> None:
+        svc, cfg = self.svc, self.svc.config
+        ident = svc.identity
+        await svc.client.versions()
+        ident.homeserver_reachable = True
+        ident.homeserver_checked_at = time.monotonic()
+        await self.ensure_bot()
+        await self.ensure_admin()
+        txn = "enclave-startup-" + pysecrets.token_hex(8)
+        try:
+            await svc.client.ping_appservice(cfg.appservice.id, txn)
+            ident.pinged = True
+            log.info("homeserver pinged us: backlog, if any, is being retried")
+        except MatrixRequestError as e:
+            log.warning("appservice ping failed (%s); the homeserver may not reach %s",
+                        e, cfg.appservice.public_url)
+
+    async def ensure_bot(self) -> None:
+        svc, cfg = self.svc, self.svc.config
+        created = await svc.client.register_appservice_user(cfg.appservice.bot_localpart)
+        if created:
+            log.info("registered Enclave's bot %s", cfg.bot_user_id)
+        name = cfg.appservice.bot_displayname
+        if await svc.client.get_displayname(cfg.bot_user_id) != name:
+            await svc.client.set_displayname(cfg.bot_user_id, name)
+        svc.identity.bot_ready = True
+
+    async def ensure_admin(self) -> None:
+        svc, cfg = self.svc, self.svc.config
+        admin = cfg.admin_user_id
+        ident = svc.identity
+        exists = True
+        try:
+            await svc.client.whoami(admin)
+        except MatrixRequestError as e:
+            if e.status not in (401, 403):
+                raise
+            exists = False
+        if not exists:
+            secret = svc.secrets.get("homeserver.registration_shared_secret")
+            if secret is not None:
+                # The password is random and thrown away: Enclave acts as this user through
+                # the appservice token, nobody logs in with it.
+                await svc.client.shared_secret_register(
+                    cfg.appservice.admin_localpart, pysecrets.token_urlsafe(32), secret.get(),
+                    admin=True,
+                )
+                log.info("created Enclave's admin identity %s (shared-secret registration)",
+                         admin)
+            else:
+                await svc.client.register_appservice_user(cfg.appservice.admin_localpart)
+        try:
+            await svc.client.admin_get_user(admin, admin=admin)
+            ident.admin_ready, ident.admin_problem = True, None
+        except MatrixRequestError as e:
+            ident.admin_ready = False
+            ident.admin_problem = (
+                f"{admin} is not a homeserver admin ({e.errcode}); make it one, e.g. "
+                f"PUT /_synapse/admin/v2/users/{admin} {{\"admin\": true}} as an admin, or set "
+                "homeserver.registration_shared_secret before its first start"
+            )
+            log.warning("%s", ident.admin_problem)
+
+
+async def _homeserver_ok(svc: Services) -> bool:
+    ident = svc.identity
+    if time.monotonic() - ident.homeserver_checked_at < 5:
+        return ident.homeserver_reachable
+    try:
+        async with svc.session.get(
+            svc.client.base_url + "/_matrix/client/versions",
+            timeout=aiohttp.ClientTimeout(total=2),
+        ) as resp:
+            ok = resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        ok = False
+    ident.homeserver_reachable, ident.homeserver_checked_at = ok, time.monotonic()
+    return ok
+
+
+async def build_app(
+    loaded: LoadedConfig,
+    secrets: dict[str, Secret],
+    *,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+    extra_handlers: Sequence[Callable[[Services], EventHandler]] = (),
+    migrate: bool = True,
+) -> web.Application:
+    """Build the aiohttp app with every service wired through constructors."""
+    cfg = loaded.config
+    metrics = Metrics()
+    store = build_store(loaded, secrets)
+    session = aiohttp.ClientSession(json_serialize=None)
+    client = MatrixClient(
+        session, cfg.homeserver.url, secrets["appservice.as_token"].get(),
+        max_retries=cfg.homeserver.max_retries, timeout=cfg.homeserver.timeout_seconds,
+        on_rate_limited=metrics.rate_limited.inc,
+    )
+    executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
+                        metrics=metrics)
+    inbox = InboxProcessor(store, executor, [], cfg.inbox, metrics, clock_ms)
+    svc = Services(loaded, secrets, store, metrics, session, client, executor, inbox, clock_ms)
+    for factory in [*load_handler_factories(cfg.inbox.handlers), *extra_handlers]:
+        inbox.handlers.append(factory(svc))
+
+    async def ready() -> dict[str, Any]:
+        store_ok, store_err = True, None
+        try:
+            await store.ping()
+        except Exception as e:
+            store_ok, store_err = False, str(e)
+        hs_ok = await _homeserver_ok(svc)
+        return {
+            "ready": store_ok and hs_ok,
+            "store": {"ok": store_ok, "error": store_err, "engine": store.dialect},
+            "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url},
+            "bot": svc.identity.bot_ready,
+            "admin": {"ok": svc.identity.admin_ready, "problem": svc.identity.admin_problem},
+        }
+
+    async def user_exists(user_id: str) -> bool:
+        return svc.identity.bot_ready and user_id in (cfg.bot_user_id, cfg.admin_user_id)
+
+    api = AppserviceAPI(
+        store, metrics, hs_token=secrets["appservice.hs_token"].get(),
+        on_new_events=inbox.notify, user_exists=user_exists, ready=ready, clock_ms=clock_ms,
+    )
+    app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
+    app["services"] = svc
+    app.add_routes(api.routes())
+
+    async def store_ctx(_: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        if migrate:
+            applied = await store.migrate()
+            if applied:
+                log.info("database migrated to version %d", applied[-1])
+        await store.check_schema()
+        yield
+        await store.close()
+
+    async def session_ctx(_: web.Application) -> AsyncIterator[None]:
+        yield
+        await session.close()
+
+    async def inbox_ctx(_: web.Application) -> AsyncIterator[None]:
+        await inbox.start()
+        yield
+        await inbox.stop()
+
+    async def bootstrap_ctx(_: web.Application) -> AsyncIterator[None]:
+        # after start-up, so the homeserver's ping reaches a listening socket
+        task = asyncio.create_task(Bootstrap(svc).run_forever(), name="bootstrap")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx])
+    return app

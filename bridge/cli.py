@@ -1,0 +1,336 @@
+"""The ``enclave`` command line.
+
+Exit codes (also in the README):
+  0 success · 1 runtime error · 2 usage error · 3 invalid config or secret ·
+  4 database problem (unreachable, schema newer than this code, migration needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import re
+import secrets as pysecrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from .config import ConfigError, LoadedConfig, check_secrets, load_config
+from .config.models import SecretRef
+from .store import AuditFilter, DatabaseError, SchemaError, Store
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _load(args: argparse.Namespace, *, secrets: bool = True) -> tuple[LoadedConfig, dict]:
+    loaded = load_config(args.config)
+    return loaded, (check_secrets(loaded) if secrets else {})
+
+
+# -- registration -------------------------------------------------------------------------
+def registration_dict(loaded: LoadedConfig, as_token: str, hs_token: str) -> dict[str, Any]:
+    """The appservice registration the homeserver loads (``app_service_config_files``)."""
+    cfg = loaded.config
+    server = re.escape(cfg.homeserver.server_name)
+    prefix = re.escape(cfg.appservice.namespace_prefix)
+    return {
+        "id": cfg.appservice.id,
+        "url": cfg.appservice.public_url,
+        "as_token": as_token,
+        "hs_token": hs_token,
+        "sender_localpart": cfg.appservice.bot_localpart,
+        "rate_limited": False,
+        "receive_ephemeral": True,
+        "de.sorunome.msc2409.push_ephemeral": True,
+        "namespaces": {
+            "users": [
+                {"exclusive": True, "regex": f"@{prefix}.*:{server}"},
+                # non-exclusive: every local user's events reach us and we may act as them
+                {"exclusive": False, "regex": f"@.*:{server}"},
+            ],
+            "aliases": [],
+            "rooms": [{"exclusive": False, "regex": "!.*"}],
+        },
+    }
+
+
+def _write_secret_file(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def _token_for(loaded: LoadedConfig, ref: SecretRef, key: str, rotate: bool) -> str:
+    if ref.env is not None:
+        return loaded.secret(ref, key).get()
+    assert ref.file is not None
+    path = loaded.resolve(ref.file)
+    if path.exists() and not rotate:
+        try:
+            return loaded.secret(ref, key).get()
+        except ConfigError:
+            pass  # a placeholder left from the example: replace it with a real token
+    token = pysecrets.token_urlsafe(48)
+    _write_secret_file(path, token)
+    print(f"wrote a new {key} to {path} (mode 0600)")
+    return token
+
+
+def cmd_registration(args: argparse.Namespace) -> int:
+    loaded, _ = _load(args, secrets=False)
+    cfg = loaded.config
+    as_token = _token_for(loaded, cfg.appservice.as_token, "appservice.as_token", args.rotate)
+    hs_token = _token_for(loaded, cfg.appservice.hs_token, "appservice.hs_token", args.rotate)
+    reg = registration_dict(loaded, as_token, hs_token)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# Enclave appservice registration: add this file to Synapse's\n"
+                "# app_service_config_files. It holds tokens: keep it mode 0600.\n")
+        yaml.safe_dump(reg, f, sort_keys=False)
+    print(f"wrote registration to {out}")
+    return EXIT_OK
+
+
+# -- validate / migrate -------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded, secrets = _load(args)
+    cfg = loaded.config
+    print(f"{args.config}: valid. homeserver {cfg.homeserver.url} ({cfg.homeserver.server_name}),"
+          f" appservice '{cfg.appservice.id}' on {cfg.appservice.bind_host}:"
+          f"{cfg.appservice.port}, database {cfg.database.url.split('://')[0]}, "
+          f"{len(secrets)} secret(s) readable")
+    return EXIT_OK
+
+
+async def _with_store(args: argparse.Namespace,
+                      fn: Callable[[Store], Awaitable[int]], *, check: bool = True) -> int:
+    from .app import build_store
+
+    loaded, secrets = _load(args)
+    store = build_store(loaded, secrets)
+    await store.open()
+    try:
+        if check:
+            await store.check_schema()
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        before = await store.schema_version()
+        if args.check:
+            await store.check_schema()
+            print(f"schema is current (version {before})")
+            return EXIT_OK
+        applied = await store.migrate()
+        if applied:
+            print(f"migrated from version {before} to {applied[-1]} ({len(applied)} step(s))")
+        else:
+            print(f"already at version {before}; nothing to do")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, run, check=False))
+
+
+# -- audit / inbox ------------------------------------------------------------------------
+_REL_RE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
+    """'90m', '24h', '7d' (ago) or an ISO date/time (UTC if no zone) -> epoch ms."""
+    now = now or dt.datetime.now(dt.UTC)
+    m = _REL_RE.match(value.strip())
+    if m:
+        return int((now.timestamp() - int(m.group(1)) * _UNITS[m.group(2)]) * 1000)
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a relative time like 24h nor an ISO date"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def _fmt_ts(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], title: str) -> None:
+    if fmt == "json":
+        for r in rows:
+            sys.stdout.write(orjson.dumps(r).decode() + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[
+            _fmt_ts(r[c]) if c in ("ts", "received_at", "done_at") else str(r.get(c) or "")
+            for c in columns
+        ])
+    Console(width=200).print(table)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    flt = AuditFilter(
+        since_ms=parse_time(args.since) if args.since else None,
+        until_ms=parse_time(args.until) if args.until else None,
+        user_id=args.user, room_id=args.room, rule_id=args.rule, outcome=args.outcome,
+        limit=args.limit,
+    )
+
+    async def run(store: Store) -> int:
+        rows = await store.query_audit(flt)
+        _print_rows(rows, args.format,
+                    ["ts", "source", "kind", "outcome", "actor", "user_id", "room_id",
+                     "rule_id", "reason", "detail"], f"audit ({len(rows)} records)")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, run))
+
+
+def cmd_inbox(args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        if args.inbox_cmd == "status":
+            stats = await store.inbox_stats()
+            stats["oldest_pending_received_at"] = _fmt_ts(stats["oldest_pending_received_at"])
+            print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
+        elif args.inbox_cmd == "parked":
+            rows = await store.list_events("parked", args.limit)
+            _print_rows(rows, args.format, ["seq", "event_id", "room_id", "type", "attempts",
+                                            "last_error", "received_at"], "parked events")
+        elif args.inbox_cmd == "quarantine":
+            rows = await store.list_quarantine(args.limit)
+            _print_rows(rows, args.format, ["id", "txn_id", "section", "position", "reason",
+                                            "raw", "received_at"], "quarantined events")
+        elif args.inbox_cmd == "requeue":
+            n = await store.requeue_parked(args.seq or None)
+            print(f"requeued {n} parked event(s); a running Enclave picks them up")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, run))
+
+
+# -- run ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import build_app
+    from .logs import setup_logging
+
+    loaded, secrets = _load(args)
+    cfg = loaded.config
+    setup_logging(cfg.logging.level, cfg.logging.format, [s.get() for s in secrets.values()])
+
+    async def serve() -> None:
+        app = await build_app(loaded, secrets, migrate=not args.no_migrate)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.appservice.bind_host, cfg.appservice.port,
+                           reuse_address=True)
+        await site.start()
+        print(f"enclave listening on http://{cfg.appservice.bind_host}:{cfg.appservice.port}",
+              file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(serve())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="enclave", description=__doc__.split("\n")[0])
+    default_cfg = os.environ.get("ENCLAVE_CONFIG", "config.yaml")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=default_cfg,
+                        help="config file (default: $ENCLAVE_CONFIG or ./config.yaml)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("registration", parents=[common],
+                       help="write the appservice registration YAML (and token files)")
+    s.add_argument("-o", "--output", default="enclave-registration.yaml")
+    s.add_argument("--rotate", action="store_true", help="generate new tokens")
+    s.set_defaults(fn=cmd_registration)
+
+    s = sub.add_parser("validate", parents=[common], help="check a config file and its secrets")
+    s.add_argument("config_file", nargs="?", help="config file (overrides -c)")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("run", parents=[common], help="serve the appservice")
+    s.add_argument("--no-migrate", action="store_true",
+                   help="refuse to start on an old schema instead of migrating it")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("migrate", parents=[common], help="upgrade the database schema")
+    s.add_argument("--check", action="store_true", help="only check; exit 4 if not current")
+    s.set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("audit", parents=[common], help="print the audit log")
+    s.add_argument("--since", help="e.g. 24h, 7d or 2026-11-01T00:00")
+    s.add_argument("--until")
+    s.add_argument("--user")
+    s.add_argument("--room")
+    s.add_argument("--rule")
+    s.add_argument("--outcome")
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(fn=cmd_audit)
+
+    s = sub.add_parser("inbox", parents=[common], help="inspect the durable inbox")
+    s.add_argument("inbox_cmd", choices=["status", "parked", "quarantine", "requeue"])
+    s.add_argument("--seq", type=int, nargs="*", help="with requeue: only these events")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(fn=cmd_inbox)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config_file", None):
+        args.config = args.config_file
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    except (SchemaError, DatabaseError) as e:
+        _err(f"database: {e}")
+        return EXIT_DATABASE
+    except argparse.ArgumentTypeError as e:
+        _err(f"enclave: {e}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

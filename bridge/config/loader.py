@@ -1,0 +1,196 @@
+"""Load and validate the YAML config, with errors that name the key path and the YAML line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .models import EnclaveConfig, SecretRef
+
+# Values that the shipped example and docs use; a secret still equal to one of them was
+# never set by the operator.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "replace-me", "replace_me", "secret", "xxx", ""}
+)
+PLACEHOLDER_PREFIXES = ("CHANGE_ME", "CHANGEME", "REPLACE_ME", "<")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used. ``str()`` is the full, human-readable report."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"Error in configuration {source}:\n{lines}")
+
+
+class Secret:
+    """A secret value that never shows itself in repr/str/logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: EnclaveConfig
+    path: Path | None
+    base_dir: Path
+
+    def resolve(self, p: Path | str) -> Path:
+        """Resolve a path from the config relative to the config file's folder."""
+        p = Path(p)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def secret(self, ref: SecretRef, key_path: str) -> Secret:
+        """Read a secret from its file or env var; refuse missing or placeholder values."""
+        if ref.env is not None:
+            value = os.environ.get(ref.env)
+            where = f"environment variable {ref.env}"
+            if value is None:
+                raise ConfigError(
+                    f"at {key_path}", [f"{where} is not set (needed for {key_path})"]
+                )
+        else:
+            assert ref.file is not None
+            fp = self.resolve(ref.file)
+            where = f"file {fp}"
+            try:
+                value = fp.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(
+                    f"at {key_path}", [f"cannot read {where}: {e.strerror}"]
+                ) from None
+        value = value.strip()
+        if value.lower() in PLACEHOLDER_SECRETS or value.upper().startswith(
+            PLACEHOLDER_PREFIXES
+        ):
+            raise ConfigError(
+                f"at {key_path}",
+                [f"{where} holds a placeholder, not a real secret: set a real value"],
+            )
+        return Secret(value)
+
+
+def _line_map(text: str) -> dict[tuple[Any, ...], int]:
+    """Map each key path (('a', 0, 'b')) in the YAML document to its 1-based line."""
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+                lines[(*path, key)] = k.start_mark.line + 1
+                walk(v, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """('policy', 'room_classes', 2, 'retention') -> 'policy.room_classes[2].retention'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<top level>"
+
+
+def _nearest_line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    # pydantic adds pseudo-locations (e.g. a validator name); walk up to the nearest real key
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def parse_config(text: str, *, source: str = "<string>") -> EnclaveConfig:
+    """Parse YAML text into an :class:`EnclaveConfig`, raising :class:`ConfigError`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"in {source}", [f"invalid YAML{where}: {problem}"]) from None
+    if data is None:
+        raise ConfigError(f"in {source}", ["the file is empty"])
+    if not isinstance(data, dict):
+        raise ConfigError(f"in {source}", ["the top level must be a mapping of sections"])
+    try:
+        return EnclaveConfig.model_validate(data)
+    except ValidationError as e:
+        lines = _line_map(text)
+        problems = []
+        for err in e.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            line = _nearest_line(lines, loc)
+            at = format_loc(loc) + (f" (line {line})" if line else "")
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not a setting Enclave knows; check the spelling)"
+            problems.append(f"at {at}: {msg}")
+        raise ConfigError(f"in {source}", problems) from None
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read and validate a config file; relative paths inside resolve against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"in {p}", [f"cannot read the file: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"in {p}", ["the file is not UTF-8 text"]) from None
+    cfg = parse_config(text, source=str(p))
+    return LoadedConfig(config=cfg, path=p, base_dir=p.resolve().parent)
+
+
+def check_secrets(loaded: LoadedConfig) -> dict[str, Secret]:
+    """Resolve every configured secret now, so a missing one fails validation, not at 3 a.m."""
+    cfg = loaded.config
+    refs: dict[str, SecretRef | None] = {
+        "appservice.as_token": cfg.appservice.as_token,
+        "appservice.hs_token": cfg.appservice.hs_token,
+        "database.password": cfg.database.password,
+        "homeserver.registration_shared_secret": cfg.homeserver.registration_shared_secret,
+    }
+    out: dict[str, Secret] = {}
+    problems: list[str] = []
+    for key, ref in refs.items():
+        if ref is None:
+            continue
+        try:
+            out[key] = loaded.secret(ref, key)
+        except ConfigError as e:
+            problems.extend(f"at {key}: {p}" for p in e.problems)
+    if problems:
+        raise ConfigError(f"in {loaded.path}", problems)
+    return out

@@ -1,0 +1,159 @@
+"""Typed configuration for Enclave.
+
+Every section is a pydantic v2 model with ``extra="forbid"`` so a typo is an error, not a
+silently ignored key. Secrets are never inline: each secret has a ``*_file`` and a ``*_env``
+variant and exactly one of them must be set (see :class:`Secret`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(StrictModel):
+    """Where a secret lives: a file path or an environment variable name, never the value."""
+
+    file: Path | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of 'file' or 'env'")
+        return self
+
+
+class HomeserverConfig(StrictModel):
+    url: str = Field(description="Client-server API base URL Enclave calls")
+    server_name: str
+    timeout_seconds: float = Field(30.0, gt=0, le=600)
+    max_retries: int = Field(5, ge=0, le=50)
+    registration_shared_secret: SecretRef | None = Field(
+        None,
+        description="Only used at start-up to create Enclave's admin identity if it is missing",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+(/.*)?$", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$", v):
+            raise ValueError("must be a Matrix server name such as 'corp.example.com'")
+        return v
+
+
+class AppserviceConfig(StrictModel):
+    id: str = Field("enclave", pattern=r"^[A-Za-z0-9_.\-]+$")
+    bind_host: str = "127.0.0.1"
+    port: int = Field(29330, ge=1, le=65535)
+    public_url: str = Field(description="URL at which the homeserver reaches Enclave")
+    as_token: SecretRef
+    hs_token: SecretRef
+    bot_localpart: str = "enclave"
+    admin_localpart: str = "enclave-admin"
+    namespace_prefix: str = Field(
+        "enclave_", description="Exclusive user namespace for Enclave's own users"
+    )
+    bot_displayname: str = "Enclave"
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+    @field_validator("bot_localpart", "admin_localpart", "namespace_prefix")
+    @classmethod
+    def _localpart(cls, v: str) -> str:
+        if not LOCALPART_RE.match(v):
+            raise ValueError("may contain only a-z, 0-9 and . _ = - / +")
+        return v
+
+    @model_validator(mode="after")
+    def _admin_outside_namespace(self) -> AppserviceConfig:
+        # Synapse refuses to register a server admin inside an exclusive namespace
+        # (M_EXCLUSIVE), so the admin identity must live outside it.
+        if self.admin_localpart.startswith(self.namespace_prefix):
+            raise ValueError(
+                f"admin_localpart {self.admin_localpart!r} must not start with "
+                f"namespace_prefix {self.namespace_prefix!r}"
+            )
+        return self
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+(/.*)?$", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class DatabaseConfig(StrictModel):
+    url: str = Field(
+        "sqlite:///var/enclave.db",
+        description="sqlite:///relative/or/absolute.db or postgresql://user@host:port/db",
+    )
+    password: SecretRef | None = None
+    sqlite_synchronous: Literal["full", "normal"] = "full"
+    pool_size: int = Field(10, ge=1, le=200)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite://") or v.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("must start with sqlite:// or postgresql://")
+        if re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", v):
+            raise ValueError("must not contain a password; use database.password.file/env")
+        return v
+
+
+class InboxConfig(StrictModel):
+    room_concurrency: int = Field(16, ge=1, le=1000)
+    batch_size: int = Field(500, ge=1, le=10000)
+    max_attempts: int = Field(8, ge=1, le=100)
+    backoff_initial_seconds: float = Field(1.0, gt=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+    handlers: list[str] = Field(
+        default_factory=list,
+        description="Extra handler factories as 'module:callable' (extension point)",
+    )
+
+    @field_validator("handlers")
+    @classmethod
+    def _handler_refs(cls, v: list[str]) -> list[str]:
+        for ref in v:
+            if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", ref):
+                raise ValueError(f"{ref!r} is not of the form 'package.module:callable'")
+        return v
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "text"
+
+
+class EnclaveConfig(StrictModel):
+    homeserver: HomeserverConfig
+    appservice: AppserviceConfig
+    database: DatabaseConfig = DatabaseConfig()
+    inbox: InboxConfig = InboxConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def bot_user_id(self) -> str:
+        return f"@{self.appservice.bot_localpart}:{self.homeserver.server_name}"
+
+    @property
+    def admin_user_id(self) -> str:
+        return f"@{self.appservice.admin_localpart}:{self.homeserver.server_name}"

@@ -1,0 +1,501 @@
+"""Launch a throwaway, real Synapse homeserver for tests and the local stack.
+
+Everything is synchronous and uses only the standard library for HTTP, so it can
+be driven from plain pytest fixtures, from async tests (via ``asyncio.to_thread``)
+and from command-line tools alike. Each :class:`SynapseServer` owns one directory
+and at most one Synapse process; nothing is shared between instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TEST_RATE_LIMIT", "TEST_RATE_LIMIT_KEYS", "SynapseServer", "free_port"]
+
+# Large enough that no test ever trips a limiter, small enough to stay a sane float.
+TEST_RATE_LIMIT: dict[str, float] = {"per_second": 10000, "burst_count": 100000}
+
+# Dotted paths of every client-facing limiter in synapse/config/ratelimiting.py
+# (1.163). rc_federation is left out on purpose: it has a different shape and the
+# test server does not federate.
+TEST_RATE_LIMIT_KEYS: tuple[str, ...] = (
+    "rc_message",
+    "rc_registration",
+    "rc_registration_token_validity",
+    "rc_room_creation",
+    "rc_admin_redaction",
+    "rc_3pid_validation",
+    "rc_login.address",
+    "rc_login.account",
+    "rc_login.failed_attempts",
+    "rc_joins.local",
+    "rc_joins.remote",
+    "rc_joins_per_room",
+    "rc_invites.per_room",
+    "rc_invites.per_user",
+    "rc_invites.per_issuer",
+    "rc_third_party_invite",
+    "rc_key_requests",
+    "rc_presence.per_user",
+    "rc_delayed_event_mgmt",
+    "rc_reports",
+    "rc_user_directory",
+    "rc_profile",
+    "rc_media_create",
+)
+
+_LOG_TAIL_LINES = 40
+_STDIO_LOG = "synapse.stdio.log"
+_HOMESERVER_LOG = "homeserver.log"
+_START_MARKER = "--- starting synapse"
+# How many fresh ports to try when an automatically chosen one was taken between
+# free_port() and Synapse binding it.
+_PORT_RETRIES = 3
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    The kernel picks the port; there is an unavoidable race until the caller binds
+    it, which :meth:`SynapseServer.start` handles by retrying with a new port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _test_rate_limits() -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    for dotted in TEST_RATE_LIMIT_KEYS:
+        node = limits
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = dict(TEST_RATE_LIMIT)
+    return limits
+
+
+def _database_config(database: str | None, base_dir: Path) -> dict[str, Any]:
+    if database is None:
+        return {"name": "sqlite3", "args": {"database": str(base_dir / "homeserver.db")}}
+    url = urllib.parse.urlsplit(database)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"unsupported database URL scheme {url.scheme!r}: {database!r}")
+    dbname = urllib.parse.unquote(url.path.lstrip("/"))
+    if not dbname:
+        raise ValueError(f"database URL has no database name: {database!r}")
+    args: dict[str, Any] = {"database": dbname, "cp_min": 1, "cp_max": 10}
+    if url.username:
+        args["user"] = urllib.parse.unquote(url.username)
+    if url.password:
+        args["password"] = urllib.parse.unquote(url.password)
+    if url.hostname:
+        args["host"] = url.hostname
+    if url.port:
+        args["port"] = url.port
+    # Pass libpq options such as sslmode straight through to psycopg2.connect.
+    for key, value in urllib.parse.parse_qsl(url.query):
+        args[key] = value
+    return {"name": "psycopg2", "args": args}
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines))
+    except FileNotFoundError:
+        return f"({path.name} does not exist)\n"
+
+
+def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
+    # Unlike Popen.poll(), leave the zombie unreaped: while it exists its pid (and so
+    # the process-group id) cannot be recycled, which keeps a later killpg safe.
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    # Module-level so weakref.finalize can call it without keeping the server alive.
+    # Synapse runs in its own session, so its pid is also its process-group id.
+    if proc.returncode is not None:
+        return  # already reaped; its group id may belong to someone else by now
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while not _has_exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # SIGKILL whatever is left in the group (the leader if it ignored SIGTERM, and any
+    # helpers it spawned) before reaping the leader frees the group id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@dataclass
+class SynapseServer:
+    """A throwaway Synapse homeserver living in ``base_dir``.
+
+    Listens on 127.0.0.1 only, with federation off and, unless
+    ``production_rate_limits`` is set, every rate limiter opened wide. Use as a
+    context manager, or call :meth:`start` / :meth:`stop` yourself; :meth:`stop` is
+    also run when the object is garbage-collected or the interpreter exits, so a
+    crashed test does not leave a homeserver behind.
+    """
+
+    base_dir: Path
+    server_name: str = "corp.test"
+    port: int = 0
+    app_service_config_files: list[Path] = field(default_factory=list)
+    registration_shared_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    database: str | None = None
+    production_rate_limits: bool = False
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    python: str = sys.executable
+    log_level: str = "INFO"
+
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _finalizer: weakref.finalize | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Synapse is started with cwd=base_dir, so every path it sees must be absolute.
+        self.base_dir = Path(self.base_dir).resolve()
+
+    # -- paths and state ---------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """Client-server API base URL, e.g. ``http://127.0.0.1:8008``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        """The generated ``homeserver.yaml``."""
+        return self.base_dir / "homeserver.yaml"
+
+    @property
+    def overrides_path(self) -> Path:
+        """The overrides file, rewritten on every start and loaded after the base config."""
+        return self.base_dir / "overrides.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        """Synapse's own log (``homeserver.log``)."""
+        return self.base_dir / _HOMESERVER_LOG
+
+    @property
+    def stdio_log_path(self) -> Path:
+        """Where the process's stdout/stderr go: tracebacks from config errors land here."""
+        return self.base_dir / _STDIO_LOG
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running Synapse process, or None if not started."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the Synapse process started by :meth:`start` is alive."""
+        return self._proc is not None and not _has_exited(self._proc)
+
+    # -- configuration -------------------------------------------------------------
+
+    def overrides(self) -> dict[str, Any]:
+        """Return the settings written to ``overrides.yaml`` (``extra_config`` included).
+
+        Synapse merges ``-c`` files key by key at the top level only, so each key
+        here replaces the generated value wholesale; ``extra_config`` follows the
+        same rule.
+        """
+        cfg: dict[str, Any] = {
+            "server_name": self.server_name,
+            "public_baseurl": self.base_url + "/",
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client"], "compress": False}],
+                }
+            ],
+            "database": _database_config(self.database, self.base_dir),
+            "log_config": str(self.base_dir / "log.config"),
+            "media_store_path": str(self.base_dir / "media_store"),
+            "pid_file": str(self.base_dir / "homeserver.pid"),
+            # An empty whitelist makes Synapse refuse all federation traffic, and with no
+            # key servers it never reaches out to matrix.org.
+            "federation_domain_whitelist": [],
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "report_stats": False,
+            "enable_registration": False,
+            "registration_shared_secret": self.registration_shared_secret,
+            # The default cost makes each registration/login take ~400 ms.
+            "bcrypt_rounds": 4,
+            "presence": {"enabled": False},
+            "url_preview_enabled": False,
+            "app_service_config_files": [
+                str(Path(p).resolve()) for p in self.app_service_config_files
+            ],
+            "server_notices": {"system_mxid_localpart": "notices"},
+        }
+        if not self.production_rate_limits:
+            cfg.update(_test_rate_limits())
+        cfg.update(self.extra_config)
+        return cfg
+
+    def _log_config(self) -> dict[str, Any]:
+        # Our own log config instead of the generated one: unbuffered (so the failure
+        # tail is complete) and always pointing into base_dir.
+        return {
+            "version": 1,
+            "formatters": {
+                "precise": {
+                    "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s"
+                    " - %(request)s - %(message)s"
+                }
+            },
+            "handlers": {
+                "file": {
+                    "class": "logging.FileHandler",
+                    "formatter": "precise",
+                    "filename": str(self.log_path),
+                    "encoding": "utf8",
+                }
+            },
+            "loggers": {"synapse.storage.SQL": {"level": "INFO"}},
+            "root": {"level": self.log_level, "handlers": ["file"]},
+            "disable_existing_loggers": False,
+        }
+
+    def _write_overrides(self) -> None:
+        (self.base_dir / "log.config").write_text(
+            yaml.safe_dump(self._log_config(), sort_keys=False), encoding="utf-8"
+        )
+        self.overrides_path.write_text(
+            yaml.safe_dump(self.overrides(), sort_keys=False), encoding="utf-8"
+        )
+
+    def generate(self) -> None:
+        """Create ``homeserver.yaml`` and the signing key (once), then write the overrides.
+
+        The base config is only generated the first time, so the signing key and
+        secrets survive restarts; the overrides are rewritten every time so changes
+        to fields such as ``app_service_config_files`` take effect on the next start.
+        """
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        if self.port == 0:
+            self.port = free_port()
+        if not self.config_path.exists():
+            result = subprocess.run(
+                [
+                    self.python,
+                    "-m",
+                    "synapse.app.homeserver",
+                    "--generate-config",
+                    "--server-name",
+                    self.server_name,
+                    "--config-path",
+                    str(self.config_path),
+                    "--data-directory",
+                    str(self.base_dir),
+                    "--report-stats=no",
+                ],
+                cwd=self.base_dir,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(
+                    f"synapse --generate-config failed ({result.returncode}):\n"
+                    f"{result.stdout}{result.stderr}"
+                )
+        self._write_overrides()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> None:
+        """Start Synapse and block until ``/_matrix/client/versions`` answers 200.
+
+        Raises RuntimeError with the tail of the logs if the process exits or does
+        not answer within ``timeout`` seconds. Does nothing if already running.
+        """
+        if self.running:
+            return
+        auto_port = self.port == 0
+        for attempt in range(_PORT_RETRIES):
+            self.generate()
+            try:
+                self._spawn_and_wait(timeout)
+                return
+            except RuntimeError:
+                this_run = _tail(self.stdio_log_path, 200).rpartition(_START_MARKER)[2]
+                port_taken = "Address already in use" in this_run
+                if not (auto_port and port_taken and attempt + 1 < _PORT_RETRIES):
+                    raise
+                self.port = 0
+
+    def _spawn_and_wait(self, timeout: float) -> None:
+        # Mark where this run's output starts so a retry is not fooled by an old error.
+        with self.stdio_log_path.open("a", encoding="utf-8") as marker:
+            marker.write(f"{_START_MARKER} on {self.base_url} at {time.ctime()} ---\n")
+        with self.stdio_log_path.open("ab") as out:
+            # The child keeps its own copy of the descriptor, so closing ours is fine.
+            proc = subprocess.Popen(
+                [
+                    self.python,
+                    "-m",
+                    "synapse.app.homeserver",
+                    "-c",
+                    str(self.config_path),
+                    "-c",
+                    str(self.overrides_path),
+                ],
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._proc = proc
+        self._finalizer = weakref.finalize(self, _terminate, proc, 20.0)
+
+        deadline = time.monotonic() + timeout
+        url = self.base_url + "/_matrix/client/versions"
+        while True:
+            if _has_exited(proc):
+                self.stop()
+                raise RuntimeError(
+                    f"Synapse exited with code {proc.returncode} during startup\n"
+                    + self._log_tails()
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"Synapse did not answer {url} within {timeout:.0f}s\n" + self._log_tails()
+                )
+            time.sleep(0.1)
+
+    def _log_tails(self) -> str:
+        return (
+            f"--- last {_LOG_TAIL_LINES} lines of {self.stdio_log_path} ---\n"
+            f"{_tail(self.stdio_log_path)}"
+            f"--- last {_LOG_TAIL_LINES} lines of {self.log_path} ---\n"
+            f"{_tail(self.log_path)}"
+        )
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM Synapse's process group, SIGKILL it after ``timeout`` s. Idempotent."""
+        proc, finalizer = self._proc, self._finalizer
+        self._proc = self._finalizer = None
+        if finalizer is not None:
+            finalizer.detach()
+        if proc is not None:
+            _terminate(proc, timeout)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port, database and base directory."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> SynapseServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- HTTP helpers --------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        access_token: str | None = None,
+        timeout: float = 30,
+    ) -> Any:
+        """Call the homeserver and return the decoded JSON response.
+
+        ``path`` starts with ``/`` (e.g. ``/_synapse/admin/v1/server_version``).
+        Raises RuntimeError with the status and response body on a non-2xx answer,
+        so test failures show Synapse's errcode.
+        """
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if access_token is not None:
+            req.add_header("Authorization", f"Bearer {access_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")
+            raise RuntimeError(f"{method} {path} -> {err.code}: {detail}") from None
+        return json.loads(raw) if raw else None
+
+    def register_user(self, localpart: str, password: str, admin: bool = False) -> tuple[str, str]:
+        """Create a user with shared-secret registration; return ``(user_id, access_token)``.
+
+        Works with ``enable_registration: false`` and is not subject to the
+        registration rate limit, which is why tests and the local stack use it.
+        """
+        path = "/_synapse/admin/v1/register"
+        nonce = self.request("GET", path)["nonce"]
+        mac = hmac.new(self.registration_shared_secret.encode(), digestmod=hashlib.sha1)
+        mac.update(
+            b"\x00".join(
+                [
+                    nonce.encode(),
+                    localpart.encode(),
+                    password.encode(),
+                    b"admin" if admin else b"notadmin",
+                ]
+            )
+        )
+        resp = self.request(
+            "POST",
+            path,
+            {
+                "nonce": nonce,
+                "username": localpart,
+                "password": password,
+                "admin": admin,
+                "mac": mac.hexdigest(),
+            },
+        )
+        return resp["user_id"], resp["access_token"]

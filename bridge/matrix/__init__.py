@@ -1,0 +1,1 @@
+"""Matrix side: appservice routes, durable inbox, outgoing client and executor."""

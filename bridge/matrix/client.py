@@ -1,0 +1,270 @@
+"""Outgoing client for the Matrix client-server API and Synapse's admin API.
+
+Acts as any user in the appservice's namespaces through ``?user_id=``, retries 5xx and
+connection errors with exponential backoff, honours ``429`` ``retry_after_ms`` and raises
+:class:`MatrixRequestError` (with ``errcode``) for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+log = logging.getLogger(__name__)
+
+
+class MatrixRequestError(Exception):
+    """The homeserver answered with an error that retrying will not fix."""
+
+    def __init__(self, status: int, errcode: str, error: str, method: str = "", path: str = ""):
+        self.status = status
+        self.errcode = errcode
+        self.error = error
+        self.method = method
+        self.path = path
+        super().__init__(f"{method} {path} -> {status} {errcode}: {error}")
+
+
+class HomeserverUnavailable(Exception):
+    """Retries exhausted on 5xx, 429 or connection errors: try again later."""
+
+
+def q(part: str) -> str:
+    """Percent-encode one path segment (room ids, user ids, event types)."""
+    return quote(part, safe="")
+
+
+class MatrixClient:
+    """One client for the appservice; pass ``user_id`` to act as a namespace user."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        as_token: str,
+        *,
+        max_retries: int = 5,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        timeout: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_rate_limited: Callable[[], None] | None = None,
+    ):
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self._as_token = as_token
+        self.max_retries = max_retries
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._sleep = sleep
+        self._on_rate_limited = on_rate_limited
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        user_id: str | None = None,
+        query: dict[str, str] | None = None,
+        auth: bool = True,
+    ) -> Any:
+        """Send one request with retries; return the decoded JSON body."""
+        params = dict(query or {})
+        if user_id is not None:
+            params["user_id"] = user_id
+        headers = {"Authorization": f"Bearer {self._as_token}"} if auth else {}
+        data = orjson.dumps(json) if json is not None else None
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._session.request(
+                    method, url, params=params, data=data, headers=headers, timeout=self.timeout
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                    retry_after_header = resp.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if attempt > self.max_retries:
+                    raise HomeserverUnavailable(f"{method} {path}: {type(e).__name__}: {e}") from e
+                delay = self._backoff(attempt)
+                log.warning("homeserver unreachable (%s), retry %d in %.1fs", type(e).__name__,
+                            attempt, delay)
+                await self._sleep(delay)
+                continue
+            body = _decode(raw)
+            if 200 <= status < 300:
+                return body
+            errcode = body.get("errcode", "M_UNKNOWN") if isinstance(body, dict) else "M_UNKNOWN"
+            error = body.get("error", "") if isinstance(body, dict) else raw[:200].decode(
+                "utf-8", "replace")
+            if status == 429 or errcode == "M_LIMIT_EXCEEDED":
+                if self._on_rate_limited:
+                    self._on_rate_limited()
+                if attempt > self.max_retries:
+                    raise HomeserverUnavailable(f"{method} {path}: still rate limited")
+                delay = _retry_after(body, retry_after_header) or self._backoff(attempt)
+                log.info("rate limited on %s, waiting %.2fs as asked", path, delay)
+                await self._sleep(delay)
+                continue
+            if status >= 500:
+                if attempt > self.max_retries:
+                    raise HomeserverUnavailable(f"{method} {path} -> {status} {errcode}: {error}")
+                await self._sleep(self._backoff(attempt))
+                continue
+            raise MatrixRequestError(status, errcode, error, method, path)
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.backoff_max, self.backoff_initial * (2 ** (attempt - 1)))
+        return base * (0.75 + random.random() / 2)  # jitter so replicas do not stampede
+
+    # -- client-server API ---------------------------------------------------------------
+    async def versions(self) -> dict[str, Any]:
+        return await self.request("GET", "/_matrix/client/versions", auth=False)
+
+    async def whoami(self, user_id: str | None = None) -> dict[str, Any]:
+        return await self.request("GET", "/_matrix/client/v3/account/whoami", user_id=user_id)
+
+    async def register_appservice_user(self, localpart: str) -> bool:
+        """Create a namespace user; False if it already existed."""
+        try:
+            await self.request(
+                "POST", "/_matrix/client/v3/register",
+                json={"type": "m.login.application_service", "username": localpart,
+                      "inhibit_login": True},
+            )
+            return True
+        except MatrixRequestError as e:
+            if e.errcode == "M_USER_IN_USE":
+                return False
+            raise
+
+    async def get_displayname(self, user_id: str) -> str | None:
+        try:
+            body = await self.request("GET", f"/_matrix/client/v3/profile/{q(user_id)}/displayname")
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return None
+            raise
+        return body.get("displayname")
+
+    async def set_displayname(self, user_id: str, name: str) -> None:
+        await self.request(
+            "PUT", f"/_matrix/client/v3/profile/{q(user_id)}/displayname",
+            json={"displayname": name}, user_id=user_id,
+        )
+
+    async def send_event(
+        self, room_id: str, event_type: str, content: dict[str, Any], txn_id: str,
+        *, user_id: str | None = None,
+    ) -> str:
+        """Send with a caller-chosen transaction id: a retry of the same id is deduplicated."""
+        body = await self.request(
+            "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(event_type)}/{q(txn_id)}",
+            json=content, user_id=user_id,
+        )
+        return body["event_id"]
+
+    async def send_state(
+        self, room_id: str, event_type: str, state_key: str, content: dict[str, Any],
+        *, user_id: str | None = None,
+    ) -> str:
+        body = await self.request(
+            "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/state/{q(event_type)}/{q(state_key)}",
+            json=content, user_id=user_id,
+        )
+        return body["event_id"]
+
+    async def invite(self, room_id: str, target: str, *, user_id: str | None = None) -> None:
+        await self.request("POST", f"/_matrix/client/v3/rooms/{q(room_id)}/invite",
+                           json={"user_id": target}, user_id=user_id)
+
+    async def join(self, room_id: str, *, user_id: str | None = None) -> str:
+        body = await self.request("POST", f"/_matrix/client/v3/join/{q(room_id)}", json={},
+                                  user_id=user_id)
+        return body["room_id"]
+
+    async def leave(self, room_id: str, *, user_id: str | None = None,
+                    reason: str | None = None) -> None:
+        await self.request("POST", f"/_matrix/client/v3/rooms/{q(room_id)}/leave",
+                           json={"reason": reason} if reason else {}, user_id=user_id)
+
+    async def kick(self, room_id: str, target: str, *, user_id: str | None = None,
+                   reason: str | None = None) -> None:
+        payload: dict[str, Any] = {"user_id": target}
+        if reason:
+            payload["reason"] = reason
+        await self.request("POST", f"/_matrix/client/v3/rooms/{q(room_id)}/kick",
+                           json=payload, user_id=user_id)
+
+    async def create_room(self, body: dict[str, Any], *, user_id: str | None = None) -> str:
+        resp = await self.request("POST", "/_matrix/client/v3/createRoom", json=body,
+                                  user_id=user_id)
+        return resp["room_id"]
+
+    async def ping_appservice(self, appservice_id: str, txn_id: str) -> dict[str, Any]:
+        """Ask the homeserver to ping us; it then retries any backlog at once."""
+        return await self.request(
+            "POST", f"/_matrix/client/v1/appservice/{q(appservice_id)}/ping",
+            json={"transaction_id": txn_id},
+        )
+
+    # -- Synapse admin API ---------------------------------------------------------------
+    async def admin_get_user(self, target: str, *, admin: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", f"/_synapse/admin/v2/users/{q(target)}",
+                                      user_id=admin)
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def shared_secret_register(
+        self, localpart: str, password: str, secret: str, *, admin: bool
+    ) -> str:
+        """Register through Synapse's shared-secret endpoint (used once, for the admin)."""
+        nonce = (await self.request("GET", "/_synapse/admin/v1/register", auth=False))["nonce"]
+        mac = hmac.new(secret.encode(), digestmod=hashlib.sha1)
+        for part in (nonce, localpart, password):
+            mac.update(part.encode())
+            mac.update(b"\x00")
+        mac.update(b"admin" if admin else b"notadmin")
+        body = await self.request(
+            "POST", "/_synapse/admin/v1/register", auth=False,
+            json={"nonce": nonce, "username": localpart, "password": password,
+                  "admin": admin, "mac": mac.hexdigest(), "inhibit_login": True},
+        )
+        return body["user_id"]
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"errcode": "M_UNKNOWN", "error": raw[:200].decode("utf-8", "replace")}
+
+
+def _retry_after(body: Any, header: str | None) -> float | None:
+    if isinstance(body, dict):
+        ms = body.get("retry_after_ms")
+        if isinstance(ms, int | float) and ms >= 0:
+            return min(ms / 1000.0, 3600.0)
+    if header and header.isdigit():
+        return min(float(header), 3600.0)
+    return None

@@ -1,0 +1,135 @@
+"""Apply Actions to the homeserver, idempotently, with one audit record per action."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from ..metrics import Metrics
+from ..policy.actions import (
+    Action,
+    Invite,
+    Join,
+    Kick,
+    Leave,
+    SendEvent,
+    SetState,
+    action_from_dict,
+)
+from ..store import AuditRecord, Store, StoredAction
+from .client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "applied" | "failed" (permanent; retrying cannot help)
+    detail: str
+
+
+def txn_id_for(key: str) -> str:
+    """A stable client transaction id: a resend after a crash is deduplicated by Synapse."""
+    return "enclave." + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class Executor:
+    """Turns :class:`Action` objects into client/admin API calls."""
+
+    def __init__(self, client: MatrixClient, store: Store, *, bot_user_id: str,
+                 clock_ms: Callable[[], int], metrics: Metrics):
+        self.client = client
+        self.store = store
+        self.bot_user_id = bot_user_id
+        self.clock_ms = clock_ms
+        self.metrics = metrics
+
+    async def apply(self, action: Action, key: str) -> Outcome:
+        """Apply one action. Raises :class:`HomeserverUnavailable` when worth retrying later."""
+        actor = action.actor or self.bot_user_id
+        c = self.client
+        try:
+            match action:
+                case SendEvent():
+                    eid = await c.send_event(action.room, action.event_type, action.content,
+                                             txn_id_for(key), user_id=actor)
+                    return Outcome("applied", eid)
+                case SetState():
+                    eid = await c.send_state(action.room, action.event_type, action.state_key,
+                                             action.content, user_id=actor)
+                    return Outcome("applied", eid)
+                case Invite():
+                    await c.invite(action.room, action.user, user_id=actor)
+                case Join():
+                    await c.join(action.room, user_id=actor)
+                case Leave():
+                    await c.leave(action.room, user_id=actor, reason=action.reason)
+                case Kick():
+                    await c.kick(action.room, action.user, user_id=actor, reason=action.reason)
+                case _:
+                    return Outcome("failed", f"no executor for action kind {action.kind!r}")
+        except MatrixRequestError as e:
+            return Outcome("failed", f"{e.status} {e.errcode}: {e.error}")
+        return Outcome("applied", "ok")
+
+    def _audit(self, action: Action, outcome: str, detail: str, source: str) -> AuditRecord:
+        return AuditRecord(
+            ts=self.clock_ms(), source=source, kind=action.kind, outcome=outcome,
+            actor=action.actor or self.bot_user_id,
+            user_id=getattr(action, "user", None) or action.actor,
+            room_id=action.room_id, rule_id=action.rule_id, reason=action.reason,
+            detail=detail,
+        )
+
+    async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+        """Apply an action from the outbox and record the result with its audit record.
+
+        Returns False when the homeserver was unavailable and the action stays pending
+        (the caller backs off); True when it reached a final state.
+        """
+        try:
+            action = action_from_dict(orjson.loads(stored.payload))
+        except (ValueError, TypeError) as e:
+            await self.store.finish_action(
+                stored.id, "failed", f"undecodable action: {e}", stored.attempts + 1,
+                AuditRecord(ts=self.clock_ms(), source="inbox", kind="unknown",
+                            outcome="failed", detail=f"undecodable action {stored.id}: {e}"),
+                self.clock_ms(),
+            )
+            self.metrics.actions.labels(kind="unknown", outcome="failed").inc()
+            return True
+        attempts = stored.attempts + 1
+        try:
+            outcome = await self.apply(action, f"action:{stored.id}")
+        except HomeserverUnavailable as e:
+            if attempts >= max_attempts:
+                await self.store.finish_action(
+                    stored.id, "parked", str(e), attempts,
+                    self._audit(action, "parked", str(e), "inbox"), self.clock_ms(),
+                )
+                self.metrics.actions.labels(kind=action.kind, outcome="parked").inc()
+                log.error("action %d (%s) parked after %d attempts: %s", stored.id,
+                          action.kind, attempts, e)
+                return True
+            await self.store.finish_action(stored.id, "pending", str(e), attempts, None,
+                                           self.clock_ms())
+            return False
+        await self.store.finish_action(
+            stored.id, outcome.status, outcome.detail, attempts,
+            self._audit(action, outcome.status, outcome.detail, "inbox"), self.clock_ms(),
+        )
+        self.metrics.actions.labels(kind=action.kind, outcome=outcome.status).inc()
+        if outcome.status != "applied":
+            log.warning("action %s failed: %s", action.describe(), outcome.detail)
+        return True
+
+    async def run_direct(self, action: Action, key: str, *, source: str) -> Outcome:
+        """Apply an action decided outside the inbox (CLI, scheduled jobs) and audit it."""
+        outcome = await self.apply(action, key)
+        await self.store.add_audit(self._audit(action, outcome.status, outcome.detail, source))
+        self.metrics.actions.labels(kind=action.kind, outcome=outcome.status).inc()
+        return outcome

@@ -1,0 +1,41 @@
+"""Prometheus metrics, one registry per running app (no module-level singletons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.transactions = Counter(
+            "enclave_transactions", "Homeserver transactions by result", ["result"], registry=r)
+        self.events_received = Counter(
+            "enclave_events_received", "Events accepted into the inbox", ["kind"], registry=r)
+        self.events_quarantined = Counter(
+            "enclave_events_quarantined", "Malformed events kept aside with their reason",
+            registry=r)
+        self.events_processed = Counter(
+            "enclave_events_processed", "Inbox events by processing outcome", ["outcome"],
+            registry=r)
+        self.processing_lag = Histogram(
+            "enclave_processing_lag_seconds", "From receipt to processed",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r)
+        self.txn_seconds = Histogram(
+            "enclave_transaction_seconds", "Time to answer a homeserver transaction",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+            registry=r)
+        self.actions = Counter(
+            "enclave_actions", "Actions by kind and outcome", ["kind", "outcome"], registry=r)
+        self.rate_limited = Counter(
+            "enclave_homeserver_rate_limited", "429 answers received (and honoured)", registry=r)
+        self.inbox_events = Gauge(
+            "enclave_inbox_events", "Inbox events by status", ["status"], registry=r)
+        self.inbox_oldest_pending = Gauge(
+            "enclave_inbox_oldest_pending_age_seconds",
+            "Age of the oldest pending event (processing lag now)", registry=r)
+        self.quarantine_size = Gauge(
+            "enclave_quarantine_size", "Events in quarantine", registry=r)
+        self.actions_by_status = Gauge(
+            "enclave_outbox_actions", "Outbox actions by status", ["status"], registry=r)

@@ -1,0 +1,1 @@
+"""Pure policy: decide_*/diff_* functions returning Actions. Imports nothing that does I/O."""

@@ -1,0 +1,191 @@
+"""The store interface: durable inbox, action outbox, audit log, quarantine and key/value.
+
+One interface, one schema, two engines (SQLite default, PostgreSQL). Callers depend on
+:class:`Store` only; :func:`bridge.store.open_store` picks the engine from the database URL.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class SchemaError(Exception):
+    """The database schema does not match this version of Enclave."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event accepted from a transaction, before it gets its inbox sequence number."""
+
+    event_id: str | None
+    room_id: str  # "" for events that belong to no room (to-device, presence)
+    kind: str  # "pdu" | "ephemeral" | "to_device"
+    type: str
+    sender: str | None
+    origin_server_ts: int | None
+    body: str  # the event as JSON text
+
+
+@dataclass(frozen=True)
+class QuarantinedEvent:
+    position: int
+    section: str
+    reason: str
+    raw: str
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    seq: int
+    txn_id: str
+    event_id: str | None
+    room_id: str
+    kind: str
+    type: str
+    sender: str | None
+    body: str
+    attempts: int
+    received_at: int
+
+
+@dataclass(frozen=True)
+class StoredAction:
+    id: int
+    event_seq: int
+    position: int
+    lane: str
+    payload: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    ts: int
+    source: str  # what produced it: "inbox", "cli", "sync", ...
+    kind: str
+    outcome: str  # "applied" | "skipped" | "failed" | "parked" | ...
+    actor: str | None = None
+    user_id: str | None = None
+    room_id: str | None = None
+    rule_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since_ms: int | None = None
+    until_ms: int | None = None
+    user_id: str | None = None
+    room_id: str | None = None
+    rule_id: str | None = None
+    outcome: str | None = None
+    limit: int = 1000
+
+
+class Store(ABC):
+    """Durable state of one Enclave installation."""
+
+    dialect: str
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect. Does not migrate; call :meth:`migrate` or :meth:`check_schema`."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def schema_version(self) -> int:
+        """The version recorded in the database (0 for an empty database)."""
+
+    @abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending numbered migrations; return the versions applied.
+
+        Raises :class:`SchemaError` when the database is newer than this code.
+        """
+
+    @abstractmethod
+    async def check_schema(self) -> None:
+        """Raise :class:`SchemaError` unless the schema is exactly this code's version."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """A trivial query; raises if the database is unreachable."""
+
+    # -- inbox ---------------------------------------------------------------------------
+    @abstractmethod
+    async def save_transaction(
+        self, txn_id: str, events: Sequence[NewEvent], quarantined: Sequence[QuarantinedEvent],
+        now_ms: int,
+    ) -> bool:
+        """Durably record a homeserver transaction and its events in one commit.
+
+        Returns False (and writes nothing) when ``txn_id`` was seen before. Events whose
+        ``event_id`` is already in the inbox are ignored, so a redelivery never doubles work.
+        """
+
+    @abstractmethod
+    async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
+        """Pending events, oldest first, of rooms whose oldest pending event is due."""
+
+    @abstractmethod
+    async def complete_events(
+        self, seqs: Sequence[int], actions: Sequence[tuple[int, int, str, str, str, str, str]],
+        now_ms: int,
+    ) -> None:
+        """Mark events done and enqueue their actions, atomically.
+
+        ``actions`` rows: (event_seq, position, lane, kind, payload, rule_id, reason).
+        """
+
+    @abstractmethod
+    async def fail_event(
+        self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool
+    ) -> None:
+        """Record a failed handling attempt; ``park`` takes it out of the queue for good."""
+
+    @abstractmethod
+    async def requeue_parked(self, seqs: Sequence[int] | None = None) -> int:
+        """Put parked events back in the queue (all of them when ``seqs`` is None)."""
+
+    @abstractmethod
+    async def list_events(self, status: str, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def list_quarantine(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def inbox_stats(self) -> dict[str, Any]:
+        """Counts by status, quarantine size and the oldest pending event's receive time."""
+
+    # -- action outbox -------------------------------------------------------------------
+    @abstractmethod
+    async def pending_actions(self, lane: str | None, limit: int) -> list[StoredAction]:
+        """Pending actions, oldest first; of one lane (room), or of all lanes."""
+
+    @abstractmethod
+    async def finish_action(
+        self, action_id: int, status: str, outcome: str, attempts: int,
+        audit: AuditRecord | None, now_ms: int,
+    ) -> None:
+        """Set an action's final or retry status and write its audit record atomically."""
+
+    # -- audit ---------------------------------------------------------------------------
+    @abstractmethod
+    async def add_audit(self, record: AuditRecord) -> None: ...
+
+    @abstractmethod
+    async def query_audit(self, flt: AuditFilter) -> list[dict[str, Any]]: ...
+
+    # -- key/value -----------------------------------------------------------------------
+    @abstractmethod
+    async def get_kv(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    async def set_kv(self, key: str, value: str) -> None: ...

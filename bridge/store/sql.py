@@ -1,0 +1,300 @@
+"""The one SQL implementation of :class:`Store`, over either database adapter."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from .base import (
+    AuditFilter,
+    AuditRecord,
+    InboxEvent,
+    NewEvent,
+    QuarantinedEvent,
+    SchemaError,
+    Store,
+    StoredAction,
+)
+from .db import Database, Step
+
+_MIGRATION_RE = re.compile(r"^(\d{3})_[\w]+\.sql$")
+
+
+def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every numbered migration of the dialect, in order."""
+    folder = resources.files("bridge.store") / "migrations" / dialect
+    out = []
+    for entry in folder.iterdir():
+        m = _MIGRATION_RE.match(entry.name)
+        if m:
+            out.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    out.sort()
+    for i, (version, name, _) in enumerate(out, start=1):
+        if version != i:
+            raise RuntimeError(f"migration numbering has a gap at {name}")
+    return out
+
+
+_AUDIT_COLS = "ts, source, actor, kind, user_id, room_id, rule_id, reason, outcome, detail"
+
+
+def _audit_row(r: AuditRecord) -> tuple[Any, ...]:
+    return (r.ts, r.source, r.actor, r.kind, r.user_id, r.room_id, r.rule_id, r.reason,
+            r.outcome, r.detail)
+
+
+class SQLStore(Store):
+    def __init__(self, db: Database):
+        self.db = db
+        self.dialect = db.dialect
+        self._migrations = load_migrations(db.dialect)
+        self.latest_version = self._migrations[-1][0]
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def ping(self) -> None:
+        async with self.db.transaction() as c:
+            await c.fetchval("SELECT 1")
+
+    async def schema_version(self) -> int:
+        async with self.db.transaction() as c:
+            await c.execute(
+                "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)"
+            )
+            v = await c.fetchval("SELECT MAX(version) FROM enclave_schema")
+        return int(v or 0)
+
+    def _too_new(self, current: int) -> SchemaError:
+        return SchemaError(
+            f"the database is at schema version {current}, newer than this Enclave "
+            f"(knows up to {self.latest_version}): upgrade Enclave instead of running an "
+            "older release against it"
+        )
+
+    async def migrate(self) -> list[int]:
+        current = await self.schema_version()
+        if current > self.latest_version:
+            raise self._too_new(current)
+        applied = []
+        for version, _name, sql in self._migrations:
+            if version <= current:
+                continue
+            # one transaction per migration: a failure leaves the previous version intact
+            async with self.db.transaction() as c:
+                await c.execute_script(sql)
+                await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", version)
+            applied.append(version)
+        return applied
+
+    async def check_schema(self) -> None:
+        current = await self.schema_version()
+        if current > self.latest_version:
+            raise self._too_new(current)
+        if current < self.latest_version:
+            raise SchemaError(
+                f"the database is at schema version {current}; this Enclave needs "
+                f"{self.latest_version}: run 'enclave migrate'"
+            )
+
+    # -- inbox ---------------------------------------------------------------------------
+    async def save_transaction(
+        self, txn_id: str, events: Sequence[NewEvent], quarantined: Sequence[QuarantinedEvent],
+        now_ms: int,
+    ) -> bool:
+        steps: list[Step] = [(
+            "INSERT INTO transactions (txn_id, received_at, event_count, quarantined) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (txn_id) DO NOTHING",
+            (txn_id, now_ms, len(events), len(quarantined)), False,
+        )]
+        if events:
+            steps.append((
+                "INSERT INTO inbox (txn_id, event_id, room_id, kind, type, sender, "
+                "origin_server_ts, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [(txn_id, e.event_id, e.room_id, e.kind, e.type, e.sender,
+                  e.origin_server_ts, e.body, now_ms) for e in events], True,
+            ))
+        if quarantined:
+            steps.append((
+                "INSERT INTO quarantine (txn_id, position, section, reason, raw, "
+                "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(txn_id, q.position, q.section, q.reason, q.raw, now_ms)
+                 for q in quarantined], True,
+            ))
+        counts = await self.db.batch(steps, require_first=True)
+        return counts[0] != 0
+
+    async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
+        # A room whose head event waits for a retry blocks the rest of that room only.
+        async with self.db.transaction() as c:
+            rows = await c.fetch(
+                "SELECT seq, txn_id, event_id, room_id, kind, type, sender, body, attempts, "
+                "received_at FROM inbox WHERE status = 'pending' AND room_id NOT IN ("
+                " SELECT room_id FROM inbox WHERE status = 'pending' AND next_attempt_at > ?"
+                ") ORDER BY seq LIMIT ?",
+                now_ms, limit,
+            )
+        return [InboxEvent(*tuple(r)) for r in rows]
+
+    async def complete_events(
+        self, seqs: Sequence[int], actions: Sequence[tuple[int, int, str, str, str, str, str]],
+        now_ms: int,
+    ) -> None:
+        if not seqs:
+            return
+        async with self.db.transaction() as c:
+            await c.executemany(
+                "UPDATE inbox SET status = 'done', done_at = ?, last_error = NULL "
+                "WHERE seq = ? AND status = 'pending'",
+                [(now_ms, s) for s in seqs],
+            )
+            if actions:
+                await c.executemany(
+                    "INSERT INTO actions (event_seq, position, lane, kind, payload, rule_id, "
+                    "reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [(*a, now_ms) for a in actions],
+                )
+
+    async def fail_event(
+        self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool
+    ) -> None:
+        async with self.db.transaction() as c:
+            await c.execute(
+                "UPDATE inbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ? "
+                "WHERE seq = ?",
+                "parked" if park else "pending", attempts, next_attempt_at, error[:2000], seq,
+            )
+
+    async def requeue_parked(self, seqs: Sequence[int] | None = None) -> int:
+        async with self.db.transaction() as c:
+            if seqs is None:
+                n = await c.fetchval("SELECT COUNT(*) FROM inbox WHERE status = 'parked'")
+                await c.execute(
+                    "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = 0 "
+                    "WHERE status = 'parked'"
+                )
+                return int(n)
+            n = 0
+            for s in seqs:
+                hit = await c.fetchval(
+                    "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = 0 "
+                    "WHERE seq = ? AND status = 'parked' RETURNING 1", s,
+                )
+                n += 1 if hit else 0
+            return n
+
+    async def list_events(self, status: str, limit: int = 100) -> list[dict[str, Any]]:
+        async with self.db.transaction() as c:
+            rows = await c.fetch(
+                "SELECT seq, txn_id, event_id, room_id, type, sender, attempts, last_error, "
+                "received_at, done_at FROM inbox WHERE status = ? ORDER BY seq LIMIT ?",
+                status, limit,
+            )
+        keys = ("seq", "txn_id", "event_id", "room_id", "type", "sender", "attempts",
+                "last_error", "received_at", "done_at")
+        return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
+
+    async def list_quarantine(self, limit: int = 100) -> list[dict[str, Any]]:
+        async with self.db.transaction() as c:
+            rows = await c.fetch(
+                "SELECT id, txn_id, position, section, reason, raw, received_at "
+                "FROM quarantine ORDER BY id LIMIT ?", limit,
+            )
+        keys = ("id", "txn_id", "position", "section", "reason", "raw", "received_at")
+        return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
+
+    async def inbox_stats(self) -> dict[str, Any]:
+        async with self.db.transaction() as c:
+            rows = await c.fetch("SELECT status, COUNT(*) FROM inbox GROUP BY status")
+            oldest = await c.fetchval(
+                "SELECT MIN(received_at) FROM inbox WHERE status = 'pending'"
+            )
+            quarantined = await c.fetchval("SELECT COUNT(*) FROM quarantine")
+            txns = await c.fetchval("SELECT COUNT(*) FROM transactions")
+            actions = await c.fetch("SELECT status, COUNT(*) FROM actions GROUP BY status")
+        counts = {"pending": 0, "done": 0, "parked": 0}
+        counts.update({r[0]: int(r[1]) for r in rows})
+        return {
+            "events": counts,
+            "actions": {r[0]: int(r[1]) for r in actions},
+            "quarantined": int(quarantined),
+            "transactions": int(txns),
+            "oldest_pending_received_at": oldest,
+        }
+
+    # -- actions -------------------------------------------------------------------------
+    async def pending_actions(self, lane: str | None, limit: int) -> list[StoredAction]:
+        async with self.db.transaction() as c:
+            if lane is None:
+                rows = await c.fetch(
+                    "SELECT id, event_seq, position, lane, payload, attempts FROM actions "
+                    "WHERE status = 'pending' ORDER BY id LIMIT ?", limit,
+                )
+            else:
+                rows = await c.fetch(
+                    "SELECT id, event_seq, position, lane, payload, attempts FROM actions "
+                    "WHERE status = 'pending' AND lane = ? ORDER BY id LIMIT ?", lane, limit,
+                )
+        return [StoredAction(*tuple(r)) for r in rows]
+
+    async def finish_action(
+        self, action_id: int, status: str, outcome: str, attempts: int,
+        audit: AuditRecord | None, now_ms: int,
+    ) -> None:
+        async with self.db.transaction() as c:
+            await c.execute(
+                "UPDATE actions SET status = ?, outcome = ?, attempts = ?, applied_at = ? "
+                "WHERE id = ?",
+                status, outcome[:2000], attempts, now_ms if status != "pending" else None,
+                action_id,
+            )
+            if audit is not None:
+                await c.execute(
+                    f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    *_audit_row(audit),
+                )
+
+    # -- audit ---------------------------------------------------------------------------
+    async def add_audit(self, record: AuditRecord) -> None:
+        async with self.db.transaction() as c:
+            await c.execute(
+                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                *_audit_row(record),
+            )
+
+    async def query_audit(self, flt: AuditFilter) -> list[dict[str, Any]]:
+        where, args = [], []
+        for col, op, val in (
+            ("ts", ">=", flt.since_ms), ("ts", "<", flt.until_ms),
+            ("user_id", "=", flt.user_id), ("room_id", "=", flt.room_id),
+            ("rule_id", "=", flt.rule_id), ("outcome", "=", flt.outcome),
+        ):
+            if val is not None:
+                where.append(f"{col} {op} ?")
+                args.append(val)
+        sql = f"SELECT id, {_AUDIT_COLS} FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id LIMIT ?"
+        async with self.db.transaction() as c:
+            rows = await c.fetch(sql, *args, flt.limit)
+        keys = ("id", *(k.strip() for k in _AUDIT_COLS.split(",")))
+        return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
+
+    # -- kv ------------------------------------------------------------------------------
+    async def get_kv(self, key: str) -> str | None:
+        async with self.db.transaction() as c:
+            return await c.fetchval("SELECT value FROM kv WHERE key = ?", key)
+
+    async def set_kv(self, key: str, value: str) -> None:
+        async with self.db.transaction() as c:
+            await c.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", key, value,
+            )
