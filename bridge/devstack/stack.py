@@ -1,0 +1,236 @@
+"""The local stack: a throwaway Synapse on SQLite, Enclave on SQLite, demo staff accounts.
+
+Runs in the foreground and prints how to log in with Element; Ctrl-C stops every process it
+started. State lives in ``--state-dir`` (default ``var/local-stack``) so accounts survive a
+restart; ``--fresh`` wipes it first. For evaluation only: demo passwords come from the sample
+directory file.
+
+    python -m bridge.devstack.stack [--fresh] [--synapse-port 8008] [--enclave-port 29330]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+
+from .synapse import SynapseServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DIRECTORY = REPO_ROOT / "deploy" / "local" / "directory.yaml"
+SERVER_NAME = "corp.test"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _secret_file(path: Path) -> str:
+    """Read a secret from ``path``, creating it (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def write_enclave_config(state: Path, synapse_port: int, enclave_port: int) -> Path:
+    """The Enclave config the stack runs with (SQLite, tokens in state/secrets)."""
+    cfg: dict[str, Any] = {
+        "homeserver": {
+            "url": f"http://127.0.0.1:{synapse_port}",
+            "server_name": SERVER_NAME,
+            "registration_shared_secret": {"file": "secrets/registration_shared_secret"},
+        },
+        "appservice": {
+            "bind_host": "127.0.0.1",
+            "port": enclave_port,
+            "public_url": f"http://127.0.0.1:{enclave_port}",
+            "as_token": {"file": "secrets/as_token"},
+            "hs_token": {"file": "secrets/hs_token"},
+        },
+        "database": {"url": "sqlite:///enclave.db"},
+        "logging": {"level": "INFO", "format": "text"},
+    }
+    path = state / "enclave.yaml"
+    path.write_text(
+        "# Written by the local stack on every start; edit the launcher, not this file.\n"
+        + yaml.safe_dump(cfg, sort_keys=False)
+    )
+    return path
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Enclave exited with code {proc.returncode} during start-up")
+        status, _ = _get(url)
+        if status == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"Enclave not ready after {timeout:.0f}s ({url})")
+
+
+def create_demo_people(hs: SynapseServer, directory: Path) -> list[dict[str, Any]]:
+    """Create the sample directory's people with their evaluation passwords (idempotent)."""
+    data = yaml.safe_load(directory.read_text()) or {}
+    people = data.get("people") or []
+    for person in people:
+        localpart = person["username"]
+        try:
+            _, token = hs.register_user(localpart, person["initial_password"])
+        except RuntimeError as e:
+            if "M_USER_IN_USE" in str(e):
+                continue  # kept from an earlier run
+            raise
+        user_id = f"@{localpart}:{hs.server_name}"
+        hs.request(
+            "PUT", f"/_matrix/client/v3/profile/{quote(user_id)}/displayname",
+            {"displayname": person.get("display_name", localpart)}, access_token=token,
+        )
+    return people
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="enclave-local-stack", description=__doc__.split("\n")[0])
+    p.add_argument("--state-dir", type=Path, default=REPO_ROOT / "var" / "local-stack")
+    p.add_argument("--fresh", action="store_true", help="wipe the state dir first")
+    p.add_argument("--synapse-port", type=int, default=8008)
+    p.add_argument("--enclave-port", type=int, default=29330)
+    p.add_argument("--directory", type=Path, default=DEFAULT_DIRECTORY)
+    args = p.parse_args(argv)
+
+    state: Path = args.state_dir.resolve()
+    if args.fresh and state.exists():
+        shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    for port, what in ((args.synapse_port, "Synapse"), (args.enclave_port, "Enclave")):
+        if not _port_free(port):
+            print(f"error: port {port} for {what} is in use on 127.0.0.1 (another stack "
+                  f"running?); pick another with --{what.lower()}-port", file=sys.stderr)
+            return 1
+
+    shared_secret = _secret_file(state / "secrets" / "registration_shared_secret")
+    config = write_enclave_config(state, args.synapse_port, args.enclave_port)
+    registration = state / "enclave-registration.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "bridge", "registration", "-c", str(config),
+         "-o", str(registration)],
+        check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+    )
+
+    hs = SynapseServer(
+        base_dir=state / "synapse", server_name=SERVER_NAME, port=args.synapse_port,
+        app_service_config_files=[registration], registration_shared_secret=shared_secret,
+        production_rate_limits=True,
+    )
+    enclave: subprocess.Popen[bytes] | None = None
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    code = 0
+    try:
+        print(f"starting Synapse on 127.0.0.1:{args.synapse_port} ...", flush=True)
+        hs.start()
+        print(f"starting Enclave on 127.0.0.1:{args.enclave_port} ...", flush=True)
+        log = open(state / "enclave.log", "ab")  # noqa: SIM115 - lives as long as the process
+        enclave = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run", "-c", str(config)],
+            cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True,
+        )
+        wait_ready(f"http://127.0.0.1:{args.enclave_port}/ready", enclave, 60)
+        people = create_demo_people(hs, args.directory)
+        print_banner(args, state, hs, enclave, people)
+        while not stop_requested:
+            if enclave.poll() is not None:
+                print(f"Enclave exited (code {enclave.returncode}); see {state}/enclave.log",
+                      file=sys.stderr)
+                code = 1
+                break
+            if not hs.running:
+                print(f"Synapse exited; see {hs.log_path}", file=sys.stderr)
+                code = 1
+                break
+            time.sleep(0.2)
+    except Exception as e:  # report and still stop whatever was started
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        print("stopping ...", flush=True)
+        if enclave is not None and enclave.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(enclave.pid, signal.SIGTERM)
+            try:
+                enclave.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(enclave.pid, signal.SIGKILL)
+                enclave.wait()
+        hs.stop()
+        print("stopped.", flush=True)
+    return code
+
+
+def print_banner(args: argparse.Namespace, state: Path, hs: SynapseServer,
+                 enclave: subprocess.Popen[bytes], people: list[dict[str, Any]]) -> None:
+    lines = [
+        "",
+        "Enclave local stack is ready.",
+        f"  Homeserver URL (Element: 'Edit' homeserver): {hs.base_url}",
+        f"  Server name: {SERVER_NAME}",
+        f"  Enclave: http://127.0.0.1:{args.enclave_port}/ready  /metrics",
+        "  Log in as (evaluation passwords from deploy/local/directory.yaml):",
+    ]
+    for person in people:
+        lines.append(f"    {person['username']:<8} {person['initial_password']:<24} "
+                     f"{person.get('display_name', '')} ({person.get('department', '')})")
+    lines += [
+        f"  State: {state}   Enclave log: {state}/enclave.log",
+        f"  Audit log: enclave audit -c {state}/enclave.yaml",
+        f"  pids: synapse={hs.pid} enclave={enclave.pid}",
+        "Press Ctrl-C to stop everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

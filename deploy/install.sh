@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what Enclave's stack and tests need on a fresh Debian machine, then the Python
+# packages into a venv. Idempotent. Usage: deploy/install.sh [VENV_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv}"
+
+# Debian packages the tests use. (The directory-sync issue adds slapd + ldap-utils here.)
+APT_PACKAGES=(python3-venv)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+# PostgreSQL: the store and integration tests use the machine's server on 127.0.0.1:5432.
+if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    echo "starting the local PostgreSQL cluster"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  else
+    echo "note: no PostgreSQL on 127.0.0.1:5432; its tests will be skipped" \
+         "(set ENCLAVE_REQUIRE_POSTGRES=1 to make that an error)"
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import bridge, synapse, nio, mautrix" \
+  || { echo "error: Python packages did not install" >&2; exit 1; }
+echo "installed into $VENV"

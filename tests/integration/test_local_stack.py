@@ -1,0 +1,85 @@
+"""README command 1: the local stack starts, answers /ready, lets a demo user log in, stops clean."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nio
+import pytest
+import yaml
+
+from bridge.devstack.synapse import free_port
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is gone for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_local_stack_start_login_stop(tmp_path: Path) -> None:
+    hs_port, enc_port = free_port(), free_port()
+    out_path = tmp_path / "stack.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.devstack.stack", "--state-dir", str(tmp_path / "st"),
+             "--synapse-port", str(hs_port), "--enclave-port", str(enc_port)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        text = ""
+        while "Press Ctrl-C" not in text:
+            assert proc.poll() is None, f"stack exited early:\n{out_path.read_text()}"
+            assert time.monotonic() < deadline, f"stack not ready:\n{out_path.read_text()}"
+            time.sleep(0.2)
+            text = out_path.read_text()
+        pids = {k: int(v) for k, v in re.findall(r"(synapse|enclave)=(\d+)", text)}
+        assert set(pids) == {"synapse", "enclave"}
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{enc_port}/ready", timeout=5) as r:
+            assert r.status == 200
+
+        people = yaml.safe_load((REPO / "deploy/local/directory.yaml").read_text())["people"]
+        alice = people[0]
+        assert f"{alice['username']}" in text and alice["initial_password"] in text
+        client = nio.AsyncClient(f"http://127.0.0.1:{hs_port}", alice["username"])
+        try:
+            resp = await client.login(alice["initial_password"])
+            assert isinstance(resp, nio.LoginResponse), resp
+            assert resp.user_id == f"@{alice['username']}:corp.test"
+            name = await client.get_displayname(resp.user_id)
+            assert name.displayname == alice["display_name"]
+        finally:
+            await client.close()
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        for what, pid in pids.items():
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(pid), f"{what} (pid {pid}) survived the stack's stop"
+        assert "stopped." in out_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
