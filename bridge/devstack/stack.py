@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting Synapse on 127.0.0.1:{args.synapse_port} ...", flush=True)
         hs.start()
         print(f"starting Enclave on 127.0.0.1:{args.enclave_port} ...", flush=True)
-        log = open(state / "enclave.log", "ab")  # noqa: SIM115 - lives as long as the process
+        log = open(state / "enclave.log", "ab")  # kept open while Enclave runs
         enclave = subprocess.Popen(
             [sys.executable, "-m", "bridge", "run", "-c", str(config)],
             cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True,

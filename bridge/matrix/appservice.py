@@ -137,9 +137,15 @@ class AppserviceAPI:
             return error_response(400, "M_BAD_JSON", str(e))
         if len(txn_id) > 255:
             return error_response(400, "M_INVALID_PARAM", "Transaction id too long")
-        is_new = await self.store.save_transaction(
-            txn_id, parsed.events, parsed.quarantined, self._clock_ms()
-        )
+        try:
+            is_new = await self.store.save_transaction(
+                txn_id, parsed.events, parsed.quarantined, self._clock_ms()
+            )
+        except Exception:
+            # Not stored, so not acknowledged: the homeserver keeps it and resends later.
+            log.exception("could not store transaction %s", txn_id)
+            self.metrics.transactions.labels(result="store_error").inc()
+            return error_response(503, "M_UNKNOWN", "Store unavailable; retry later")
         if is_new:
             self.metrics.transactions.labels(result="accepted").inc()
             for ev in parsed.events:

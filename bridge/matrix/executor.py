@@ -37,6 +37,18 @@ def txn_id_for(key: str) -> str:
     return "enclave." + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def _already_done(action: Action, e: MatrixRequestError) -> bool:
+    """Membership changes whose target state already holds are answered with 403s."""
+    if e.status != 403:
+        return False
+    msg = e.error.lower()
+    if isinstance(action, Invite):
+        return "already in the room" in msg or "already invited" in msg
+    if isinstance(action, Leave | Kick):
+        return "not in the room" in msg or "not in room" in msg
+    return False
+
+
 class Executor:
     """Turns :class:`Action` objects into client/admin API calls."""
 
@@ -73,6 +85,9 @@ class Executor:
                 case _:
                     return Outcome("failed", f"no executor for action kind {action.kind!r}")
         except MatrixRequestError as e:
+            if _already_done(action, e):
+                # a resend after a crash, or drift fixed by someone else: the goal holds
+                return Outcome("applied", f"already: {e.error}")
             return Outcome("failed", f"{e.status} {e.errcode}: {e.error}")
         return Outcome("applied", "ok")
 

@@ -79,7 +79,12 @@ class InboxProcessor:
             self._lane_retry_at.setdefault(a.lane, 0)
         self._task = asyncio.create_task(self._run(), name="inbox-dispatcher")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop dispatching; let room workers finish the event in hand, then cancel them.
+
+        Cancelling mid-action is safe (the outbox resumes it) but letting it finish avoids
+        a needless resend after the restart.
+        """
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -87,9 +92,11 @@ class InboxProcessor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         tasks = list(self._active.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -175,6 +182,8 @@ class InboxProcessor:
             return
         done: list[int] = []
         for ev in events:
+            if self._stopping:
+                break
             try:
                 actions = await self._handle(ev)
             except Exception as e:
