@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 
-# Debian packages the tests use. (The directory-sync issue adds slapd + ldap-utils here.)
-APT_PACKAGES=(python3-venv)
+# Debian packages the tests use. (Directory sync adds slapd + ldap-utils here.)
+APT_PACKAGES=()
+python3 -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv)
 missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
+for pkg in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
