@@ -88,13 +88,45 @@ class LoadedConfig:
         return Secret(value)
 
 
-def _line_map(text: str) -> dict[tuple[Any, ...], int]:
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[str]:
+    """Keys given twice in one mapping: YAML keeps the last silently, which hides mistakes
+    (a second ``appservice:`` section would replace the first one wholesale)."""
+    problems: list[str] = []
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if k.value in seen:
+                        problems.append(
+                            f"at {format_loc((*path, k.value))} (line {line}): duplicate key "
+                            f"(first given at line {seen[k.value]}); YAML would silently keep "
+                            "only the last one"
+                        )
+                    else:
+                        seen[k.value] = line
+                walk(v, (*path, k.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return problems
+
+
+def _line_map(root: yaml.Node | None) -> dict[tuple[Any, ...], int]:
     """Map each key path (('a', 0, 'b')) in the YAML document to its 1-based line."""
     lines: dict[tuple[Any, ...], int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
 
     def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
         lines.setdefault(path, node.start_mark.line + 1)
@@ -144,10 +176,13 @@ def parse_config(text: str, *, source: str = "<string>") -> EnclaveConfig:
         raise ConfigError(f"in {source}", ["the file is empty"])
     if not isinstance(data, dict):
         raise ConfigError(f"in {source}", ["the top level must be a mapping of sections"])
+    root = _compose(text)
+    if duplicates := _duplicate_keys(root):
+        raise ConfigError(f"in {source}", duplicates)
     try:
         return EnclaveConfig.model_validate(data)
     except ValidationError as e:
-        lines = _line_map(text)
+        lines = _line_map(root)
         problems = []
         for err in e.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))

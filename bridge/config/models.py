@@ -10,21 +10,41 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML already yields typed values, so no lax coercion. Without it ``port: yes``
+    # (a YAML 1.1 boolean) silently became port 1 and ``max_retries: true`` became 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SecretRef(StrictModel):
     """Where a secret lives: a file path or an environment variable name, never the value."""
 
-    file: Path | None = None
+    file: Path | None = Field(None, strict=False)  # a YAML string becomes a Path
     env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_inline(cls, data: object) -> object:
+        if isinstance(data, str | int | float):
+            # never echo the value: it is probably the secret itself
+            raise ValueError(
+                "a secret is never written inline: give {file: PATH} or {env: VARIABLE}"
+            )
+        return data
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
@@ -66,10 +86,11 @@ class AppserviceConfig(StrictModel):
     as_token: SecretRef
     hs_token: SecretRef
     bot_localpart: str = "enclave"
-    admin_localpart: str = "enclave-admin"
+    # before admin_localpart: its validator reads it
     namespace_prefix: str = Field(
         "enclave_", description="Exclusive user namespace for Enclave's own users"
     )
+    admin_localpart: str = Field("enclave-admin", validate_default=True)
     bot_displayname: str = "Enclave"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
@@ -80,16 +101,19 @@ class AppserviceConfig(StrictModel):
             raise ValueError("may contain only a-z, 0-9 and . _ = - / +")
         return v
 
-    @model_validator(mode="after")
-    def _admin_outside_namespace(self) -> AppserviceConfig:
+    @field_validator("admin_localpart")
+    @classmethod
+    def _admin_outside_namespace(cls, v: str, info: ValidationInfo) -> str:
         # Synapse refuses to register a server admin inside an exclusive namespace
-        # (M_EXCLUSIVE), so the admin identity must live outside it.
-        if self.admin_localpart.startswith(self.namespace_prefix):
+        # (M_EXCLUSIVE), so the admin identity must live outside it. A field validator (not
+        # a model one) so the error points at appservice.admin_localpart and its line.
+        prefix = info.data.get("namespace_prefix")
+        if prefix is not None and v.startswith(prefix):
             raise ValueError(
-                f"admin_localpart {self.admin_localpart!r} must not start with "
-                f"namespace_prefix {self.namespace_prefix!r}"
+                f"admin_localpart {v!r} must not start with namespace_prefix {prefix!r} "
+                "(the exclusive namespace)"
             )
-        return self
+        return v
 
     @field_validator("public_url")
     @classmethod
@@ -113,8 +137,16 @@ class DatabaseConfig(StrictModel):
     def _scheme(cls, v: str) -> str:
         if not (v.startswith("sqlite://") or v.startswith(("postgresql://", "postgres://"))):
             raise ValueError("must start with sqlite:// or postgresql://")
-        if re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", v):
-            raise ValueError("must not contain a password; use database.password.file/env")
+        if v.startswith(("postgresql://", "postgres://")):
+            parts = urlsplit(v)
+            if (
+                re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", v)
+                or parts.password is not None
+                or "password" in {k.lower() for k in parse_qs(parts.query)}
+            ):
+                raise ValueError(
+                    "must not contain a password; use database.password.file/env"
+                )
         return v
 
 

@@ -117,7 +117,9 @@ class MatrixClient:
                     self._on_rate_limited()
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path}: still rate limited")
-                delay = _retry_after(body, retry_after_header) or self._backoff(attempt)
+                asked = _retry_after(body, retry_after_header)
+                # 0 is a valid answer ("retry now"): only fall back when none was given
+                delay = asked if asked is not None else self._backoff(attempt)
                 log.info("rate limited on %s, waiting %.2fs as asked", path, delay)
                 await self._sleep(delay)
                 continue
@@ -263,7 +265,7 @@ def _decode(raw: bytes) -> Any:
 def _retry_after(body: Any, header: str | None) -> float | None:
     if isinstance(body, dict):
         ms = body.get("retry_after_ms")
-        if isinstance(ms, int | float) and ms >= 0:
+        if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0:
             return min(ms / 1000.0, 3600.0)
     if header and header.isdigit():
         return min(float(header), 3600.0)

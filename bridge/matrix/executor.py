@@ -44,7 +44,11 @@ def _already_done(action: Action, e: MatrixRequestError) -> bool:
     msg = e.error.lower()
     if isinstance(action, Invite):
         return "already in the room" in msg or "already invited" in msg
-    if isinstance(action, Leave | Kick):
+    if isinstance(action, Kick):
+        # only the TARGET being gone means done: Synapse also answers 403 "<sender> not in
+        # room <id>." when the kicking actor itself is not joined, and that is a failure
+        return "target user is not in the room" in msg
+    if isinstance(action, Leave):
         return "not in the room" in msg or "not in room" in msg
     return False
 
@@ -108,7 +112,7 @@ class Executor:
         """
         try:
             action = action_from_dict(orjson.loads(stored.payload))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             await self.store.finish_action(
                 stored.id, "failed", f"undecodable action: {e}", stored.attempts + 1,
                 AuditRecord(ts=self.clock_ms(), source="inbox", kind="unknown",
@@ -120,17 +124,26 @@ class Executor:
         attempts = stored.attempts + 1
         try:
             outcome = await self.apply(action, f"action:{stored.id}")
-        except HomeserverUnavailable as e:
+        except Exception as e:
+            # HomeserverUnavailable, or anything unexpected (e.g. a 200 without the
+            # event_id we read): retry later with the same key, park after max_attempts.
+            # Letting it escape would crash the room worker with the action still pending,
+            # and the room would be picked up again at once, in a tight loop.
+            if isinstance(e, HomeserverUnavailable):
+                error = str(e)
+            else:
+                error = f"{type(e).__name__}: {e}"
+                log.exception("action %d (%s) failed unexpectedly", stored.id, action.kind)
             if attempts >= max_attempts:
                 await self.store.finish_action(
-                    stored.id, "parked", str(e), attempts,
-                    self._audit(action, "parked", str(e), "inbox"), self.clock_ms(),
+                    stored.id, "parked", error, attempts,
+                    self._audit(action, "parked", error, "inbox"), self.clock_ms(),
                 )
                 self.metrics.actions.labels(kind=action.kind, outcome="parked").inc()
                 log.error("action %d (%s) parked after %d attempts: %s", stored.id,
-                          action.kind, attempts, e)
+                          action.kind, attempts, error)
                 return True
-            await self.store.finish_action(stored.id, "pending", str(e), attempts, None,
+            await self.store.finish_action(stored.id, "pending", error, attempts, None,
                                            self.clock_ms())
             return False
         await self.store.finish_action(

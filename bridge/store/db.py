@@ -7,6 +7,7 @@ adapters expose the same small connection API inside ``async with db.transaction
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from abc import ABC, abstractmethod
@@ -62,6 +63,18 @@ class Database(ABC):
         steps are not reliable on every engine (-1 when unknown).
         """
 
+    @abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run one read-only statement outside any write transaction; return its rows.
+
+        Sees every transaction committed before the call. Never use it for a read that
+        must see the caller's own uncommitted writes (use :meth:`transaction`).
+        """
+
+    @abstractmethod
+    async def fetch_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        """Run read-only statements on one consistent snapshot; the rows of each."""
+
 
 class _SQLiteConn:
     def __init__(self, db: SQLiteDatabase):
@@ -91,11 +104,80 @@ class _SQLiteConn:
             await self.execute(stmt)
 
 
+class _Job:
+    """One :meth:`SQLiteDatabase.batch` call waiting for the writer (group commit)."""
+
+    __slots__ = ("fut", "require_first", "steps")
+
+    def __init__(self, steps: Sequence[Step], require_first: bool, fut: asyncio.Future[Any]):
+        self.steps = steps
+        self.require_first = require_first
+        self.fut = fut
+
+
+def _run_steps(c: sqlite3.Connection, steps: Sequence[Step], require_first: bool) -> list[int]:
+    counts: list[int] = []
+    for sql, args, many in steps:
+        cur = c.executemany(sql, args) if many else c.execute(sql, args)
+        counts.append(cur.rowcount)
+        if require_first and counts == [0]:
+            break
+    return counts
+
+
+def _rollback(c: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back by itself (I/O error, disk full, ...)
+    if c.in_transaction:
+        c.execute("ROLLBACK")
+
+
+def _run_group(c: sqlite3.Connection, jobs: Sequence[_Job]) -> list[list[int] | Exception]:
+    """Run every job in ONE write transaction (one commit, one fsync for all of them).
+
+    Each job runs inside its own SAVEPOINT, so a job that fails is undone alone and the
+    others still commit, exactly as if each had been its own transaction. Nothing is
+    reported to any caller before the COMMIT has returned.
+    """
+    out: list[list[int] | Exception] = []
+    alone = len(jobs) == 1
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        for job in jobs:
+            if alone:
+                out.append(_run_steps(c, job.steps, job.require_first))
+                continue
+            c.execute("SAVEPOINT enclave_job")
+            try:
+                counts = _run_steps(c, job.steps, job.require_first)
+            except Exception as e:
+                if not c.in_transaction:
+                    raise  # the whole transaction is gone: every job fails
+                c.execute("ROLLBACK TO enclave_job")
+                c.execute("RELEASE enclave_job")
+                out.append(e)
+            else:
+                c.execute("RELEASE enclave_job")
+                out.append(counts)
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return out
+
+
 class SQLiteDatabase(Database):
-    """One connection on one worker thread, serialised by a lock (SQLite has one writer).
+    """SQLite in WAL mode: one writer connection and one reader connection, each on its own
+    worker thread.
 
     Not aiosqlite: it costs a thread hop per statement, and the ingest path needs a whole
     transaction in one hop (:meth:`batch`) to answer the homeserver quickly.
+
+    Writes: :meth:`batch` calls that arrive while the writer is busy are committed together
+    (group commit: one ``COMMIT``, so one fsync with ``synchronous=FULL``, for all of them;
+    each caller still gets its answer only after that commit, and each runs in its own
+    savepoint). :meth:`transaction` holds the writer for a multi-step transaction.
+    Reads (:meth:`fetch`, :meth:`fetch_many`) use the reader connection: WAL readers see
+    every committed transaction and neither wait for the writer nor block it.
     """
 
     dialect = "sqlite"
@@ -105,13 +187,23 @@ class SQLiteDatabase(Database):
         self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._rexecutor: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        self._queue: list[_Job] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None or self._executor is None:
             raise DatabaseError("database is not open")
         conn = self._conn
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._rconn is None or self._rexecutor is None:
+            raise DatabaseError("database is not open")
+        conn = self._rconn
+        return await asyncio.get_running_loop().run_in_executor(self._rexecutor, fn, conn)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
@@ -123,19 +215,41 @@ class SQLiteDatabase(Database):
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
 
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclave-sqlite")
+        self._rexecutor = ThreadPoolExecutor(max_workers=1,
+                                             thread_name_prefix="enclave-sqlite-read")
         try:
-            self._conn = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._connect
-            )
+            # the writer first: it creates the file and switches it to WAL
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+            self._rconn = await loop.run_in_executor(self._rexecutor, self._connect_reader)
         except sqlite3.Error as e:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
             self._executor.shutdown()
-            self._executor = None
+            self._rexecutor.shutdown()
+            self._executor = self._rexecutor = None
             raise DatabaseError(f"cannot open SQLite database {self.path}: {e}") from e
 
     async def close(self) -> None:
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(flusher)  # let queued writes commit
+        if self._rconn is not None and self._rexecutor is not None:
+            await self._read(lambda c: c.close())
+            self._rconn = None
+            self._rexecutor.shutdown()
+            self._rexecutor = None
         if self._conn is not None and self._executor is not None:
             async with self._lock:
                 await self._call(lambda c: c.close())
@@ -146,33 +260,86 @@ class SQLiteDatabase(Database):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
         async with self._lock:
-            await self._call(lambda c: c.execute("BEGIN IMMEDIATE"))
+            try:
+                await self._call(lambda c: c.execute("BEGIN IMMEDIATE"))
+            except BaseException:
+                # Cancelled while the worker thread runs BEGIN: the thread still opens the
+                # transaction after we stopped waiting. Undo it before releasing the writer,
+                # or every later write fails with "cannot start a transaction within a
+                # transaction" until a restart.
+                await self._rollback_now()
+                raise
             try:
                 yield _SQLiteConn(self)
-            except BaseException:
-                await self._call(lambda c: c.execute("ROLLBACK"))
-                raise
-            else:
                 await self._call(lambda c: c.execute("COMMIT"))
+            except BaseException:
+                await self._rollback_now()  # no-op if COMMIT went through
+                raise
+
+    async def _rollback_now(self) -> None:
+        """Roll back whatever is open, even while being cancelled.
+
+        Submitted to the (FIFO, single-thread) writer at once, so it runs before any later
+        statement; a second cancellation stops only our waiting, not the rollback.
+        """
+        if self._conn is None or self._executor is None:
+            return
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, _rollback, self._conn)
+        with contextlib.suppress(sqlite3.Error):
+            await asyncio.shield(fut)
 
     async def batch(self, steps: Sequence[Step], *, require_first: bool = False) -> list[int]:
-        def run(c: sqlite3.Connection) -> list[int]:
-            counts: list[int] = []
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args, many in steps:
-                    cur = c.executemany(sql, args) if many else c.execute(sql, args)
-                    counts.append(cur.rowcount)
-                    if require_first and counts == [0]:
-                        break
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
-            return counts
+        if self._conn is None:
+            raise DatabaseError("database is not open")
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Job(steps, require_first, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="sqlite-group-commit")
+        return await fut
 
-        async with self._lock:
-            return await self._call(run)
+    async def _flush(self) -> None:
+        """Commit queued batches, all that have arrived so far in one transaction, until
+        the queue is empty."""
+        while self._queue:
+            jobs = [j for j in self._queue if not j.fut.cancelled()]
+            self._queue = []
+            if not jobs:
+                continue
+            try:
+                async with self._lock:
+                    results = await self._call(lambda c, jobs=jobs: _run_group(c, jobs))
+            except Exception as e:
+                for job in jobs:
+                    if not job.fut.done():
+                        job.fut.set_exception(e)
+                continue
+            except BaseException:
+                # cancelled (shutdown): the outcome of this group is unknown to us
+                for job in [*jobs, *self._queue]:
+                    if not job.fut.done():
+                        job.fut.set_exception(DatabaseError("write interrupted"))
+                self._queue = []
+                raise
+            for job, res in zip(jobs, results, strict=True):
+                if job.fut.done():
+                    continue
+                if isinstance(res, Exception):
+                    job.fut.set_exception(res)
+                else:
+                    job.fut.set_result(res)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return await self._read(lambda c: c.execute(sql, args).fetchall())
+
+    async def fetch_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        def run(c: sqlite3.Connection) -> list[list[Row]]:
+            c.execute("BEGIN")  # one snapshot for all of them
+            try:
+                return [c.execute(sql, args).fetchall() for sql, args in queries]
+            finally:
+                _rollback(c)
+
+        return await self._read(run)
 
 
 @lru_cache(maxsize=512)
@@ -243,6 +410,25 @@ class PostgresDatabase(Database):
                 if require_first and counts == [0]:
                     break
         return counts
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        if self._pool is None:
+            raise DatabaseError("database is not open")
+        return list(await self._pool.fetch(_to_pg(sql), *args))
+
+    async def fetch_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        if self._pool is None:
+            raise DatabaseError("database is not open")
+        async with self._pool.acquire() as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            return [list(await conn.fetch(_to_pg(sql), *args)) for sql, args in queries]
+
+    async def fetchval_autocommit(self, sql: str, *args: Any) -> Any:
+        """One statement in its own (implicit) transaction: one round trip, one commit."""
+        if self._pool is None:
+            raise DatabaseError("database is not open")
+        return await self._pool.fetchval(_to_pg(sql), *args)
 
     async def close(self) -> None:
         if self._pool is not None:

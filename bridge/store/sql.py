@@ -17,7 +17,7 @@ from .base import (
     Store,
     StoredAction,
 )
-from .db import Database, Step
+from .db import Database, PostgresDatabase, Step
 
 _MIGRATION_RE = re.compile(r"^(\d{3})_[\w]+\.sql$")
 
@@ -107,6 +107,18 @@ class SQLStore(Store):
         self, txn_id: str, events: Sequence[NewEvent], quarantined: Sequence[QuarantinedEvent],
         now_ms: int,
     ) -> bool:
+        if isinstance(self.db, PostgresDatabase):
+            # One statement, one round trip, one commit (instead of BEGIN, 2-3 statements
+            # and COMMIT): the events go in only if the transaction id is new.
+            return bool(await self.db.fetchval_autocommit(
+                _PG_SAVE_TRANSACTION, txn_id, now_ms, len(events), len(quarantined),
+                [e.event_id for e in events], [e.room_id for e in events],
+                [e.kind for e in events], [e.type for e in events],
+                [e.sender for e in events], [e.origin_server_ts for e in events],
+                [e.body for e in events],
+                [q.position for q in quarantined], [q.section for q in quarantined],
+                [q.reason for q in quarantined], [q.raw for q in quarantined],
+            ))
         steps: list[Step] = [(
             "INSERT INTO transactions (txn_id, received_at, event_count, quarantined) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (txn_id) DO NOTHING",
@@ -132,14 +144,13 @@ class SQLStore(Store):
 
     async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
         # A room whose head event waits for a retry blocks the rest of that room only.
-        async with self.db.transaction() as c:
-            rows = await c.fetch(
-                "SELECT seq, txn_id, event_id, room_id, kind, type, sender, body, attempts, "
-                "received_at FROM inbox WHERE status = 'pending' AND room_id NOT IN ("
-                " SELECT room_id FROM inbox WHERE status = 'pending' AND next_attempt_at > ?"
-                ") ORDER BY seq LIMIT ?",
-                now_ms, limit,
-            )
+        rows = await self.db.fetch(
+            "SELECT seq, txn_id, event_id, room_id, kind, type, sender, body, attempts, "
+            "received_at FROM inbox WHERE status = 'pending' AND room_id NOT IN ("
+            " SELECT room_id FROM inbox WHERE status = 'pending' AND next_attempt_at > ?"
+            ") ORDER BY seq LIMIT ?",
+            now_ms, limit,
+        )
         return [InboxEvent(*tuple(r)) for r in rows]
 
     async def complete_events(
@@ -148,28 +159,35 @@ class SQLStore(Store):
     ) -> None:
         if not seqs:
             return
-        async with self.db.transaction() as c:
-            await c.executemany(
-                "UPDATE inbox SET status = 'done', done_at = ?, last_error = NULL "
-                "WHERE seq = ? AND status = 'pending'",
-                [(now_ms, s) for s in seqs],
+        if isinstance(self.db, PostgresDatabase):
+            await self.db.fetchval_autocommit(
+                _PG_COMPLETE_EVENTS, now_ms, list(seqs),
+                *([a[i] for a in actions] for i in range(7)),
             )
-            if actions:
-                await c.executemany(
-                    "INSERT INTO actions (event_seq, position, lane, kind, payload, rule_id, "
-                    "reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [(*a, now_ms) for a in actions],
-                )
+            return
+        # one hop to the writer; committed together with whatever else is queued
+        steps: list[Step] = [(
+            "UPDATE inbox SET status = 'done', done_at = ?, last_error = NULL "
+            "WHERE seq = ? AND status = 'pending'",
+            [(now_ms, s) for s in seqs], True,
+        )]
+        if actions:
+            steps.append((
+                "INSERT INTO actions (event_seq, position, lane, kind, payload, rule_id, "
+                "reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(*a, now_ms) for a in actions], True,
+            ))
+        await self.db.batch(steps)
 
     async def fail_event(
         self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool
     ) -> None:
-        async with self.db.transaction() as c:
-            await c.execute(
-                "UPDATE inbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ? "
-                "WHERE seq = ?",
-                "parked" if park else "pending", attempts, next_attempt_at, error[:2000], seq,
-            )
+        await self.db.batch([(
+            "UPDATE inbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ? "
+            "WHERE seq = ?",
+            ("parked" if park else "pending", attempts, next_attempt_at, error[:2000], seq),
+            False,
+        )])
 
     async def requeue_parked(self, seqs: Sequence[int] | None = None) -> int:
         async with self.db.transaction() as c:
@@ -190,34 +208,33 @@ class SQLStore(Store):
             return n
 
     async def list_events(self, status: str, limit: int = 100) -> list[dict[str, Any]]:
-        async with self.db.transaction() as c:
-            rows = await c.fetch(
-                "SELECT seq, txn_id, event_id, room_id, type, sender, attempts, last_error, "
-                "received_at, done_at FROM inbox WHERE status = ? ORDER BY seq LIMIT ?",
-                status, limit,
-            )
+        rows = await self.db.fetch(
+            "SELECT seq, txn_id, event_id, room_id, type, sender, attempts, last_error, "
+            "received_at, done_at FROM inbox WHERE status = ? ORDER BY seq LIMIT ?",
+            status, limit,
+        )
         keys = ("seq", "txn_id", "event_id", "room_id", "type", "sender", "attempts",
                 "last_error", "received_at", "done_at")
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 
     async def list_quarantine(self, limit: int = 100) -> list[dict[str, Any]]:
-        async with self.db.transaction() as c:
-            rows = await c.fetch(
-                "SELECT id, txn_id, position, section, reason, raw, received_at "
-                "FROM quarantine ORDER BY id LIMIT ?", limit,
-            )
+        rows = await self.db.fetch(
+            "SELECT id, txn_id, position, section, reason, raw, received_at "
+            "FROM quarantine ORDER BY id LIMIT ?", limit,
+        )
         keys = ("id", "txn_id", "position", "section", "reason", "raw", "received_at")
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 
     async def inbox_stats(self) -> dict[str, Any]:
-        async with self.db.transaction() as c:
-            rows = await c.fetch("SELECT status, COUNT(*) FROM inbox GROUP BY status")
-            oldest = await c.fetchval(
-                "SELECT MIN(received_at) FROM inbox WHERE status = 'pending'"
-            )
-            quarantined = await c.fetchval("SELECT COUNT(*) FROM quarantine")
-            txns = await c.fetchval("SELECT COUNT(*) FROM transactions")
-            actions = await c.fetch("SELECT status, COUNT(*) FROM actions GROUP BY status")
+        # one snapshot on the read side: never holds up the writer (ingest)
+        rows, oldest_r, quarantined_r, txns_r, actions = await self.db.fetch_many([
+            ("SELECT status, COUNT(*) FROM inbox GROUP BY status", ()),
+            ("SELECT MIN(received_at) FROM inbox WHERE status = 'pending'", ()),
+            ("SELECT COUNT(*) FROM quarantine", ()),
+            ("SELECT COUNT(*) FROM transactions", ()),
+            ("SELECT status, COUNT(*) FROM actions GROUP BY status", ()),
+        ])
+        oldest, quarantined, txns = oldest_r[0][0], quarantined_r[0][0], txns_r[0][0]
         counts = {"pending": 0, "done": 0, "parked": 0}
         counts.update({r[0]: int(r[1]) for r in rows})
         return {
@@ -230,43 +247,41 @@ class SQLStore(Store):
 
     # -- actions -------------------------------------------------------------------------
     async def pending_actions(self, lane: str | None, limit: int) -> list[StoredAction]:
-        async with self.db.transaction() as c:
-            if lane is None:
-                rows = await c.fetch(
-                    "SELECT id, event_seq, position, lane, payload, attempts FROM actions "
-                    "WHERE status = 'pending' ORDER BY id LIMIT ?", limit,
-                )
-            else:
-                rows = await c.fetch(
-                    "SELECT id, event_seq, position, lane, payload, attempts FROM actions "
-                    "WHERE status = 'pending' AND lane = ? ORDER BY id LIMIT ?", lane, limit,
-                )
+        if lane is None:
+            rows = await self.db.fetch(
+                "SELECT id, event_seq, position, lane, payload, attempts FROM actions "
+                "WHERE status = 'pending' ORDER BY id LIMIT ?", limit,
+            )
+        else:
+            rows = await self.db.fetch(
+                "SELECT id, event_seq, position, lane, payload, attempts FROM actions "
+                "WHERE status = 'pending' AND lane = ? ORDER BY id LIMIT ?", lane, limit,
+            )
         return [StoredAction(*tuple(r)) for r in rows]
 
     async def finish_action(
         self, action_id: int, status: str, outcome: str, attempts: int,
         audit: AuditRecord | None, now_ms: int,
     ) -> None:
-        async with self.db.transaction() as c:
-            await c.execute(
-                "UPDATE actions SET status = ?, outcome = ?, attempts = ?, applied_at = ? "
-                "WHERE id = ?",
-                status, outcome[:2000], attempts, now_ms if status != "pending" else None,
-                action_id,
-            )
-            if audit is not None:
-                await c.execute(
-                    f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    *_audit_row(audit),
-                )
+        steps: list[Step] = [(
+            "UPDATE actions SET status = ?, outcome = ?, attempts = ?, applied_at = ? "
+            "WHERE id = ?",
+            (status, outcome[:2000], attempts, now_ms if status != "pending" else None,
+             action_id), False,
+        )]
+        if audit is not None:
+            steps.append((
+                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _audit_row(audit), False,
+            ))
+        await self.db.batch(steps)
 
     # -- audit ---------------------------------------------------------------------------
     async def add_audit(self, record: AuditRecord) -> None:
-        async with self.db.transaction() as c:
-            await c.execute(
-                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                *_audit_row(record),
-            )
+        await self.db.batch([(
+            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _audit_row(record), False,
+        )])
 
     async def query_audit(self, flt: AuditFilter) -> list[dict[str, Any]]:
         where, args = [], []
@@ -282,19 +297,63 @@ class SQLStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id LIMIT ?"
-        async with self.db.transaction() as c:
-            rows = await c.fetch(sql, *args, flt.limit)
+        rows = await self.db.fetch(sql, *args, flt.limit)
         keys = ("id", *(k.strip() for k in _AUDIT_COLS.split(",")))
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 
     # -- kv ------------------------------------------------------------------------------
     async def get_kv(self, key: str) -> str | None:
-        async with self.db.transaction() as c:
-            return await c.fetchval("SELECT value FROM kv WHERE key = ?", key)
+        rows = await self.db.fetch("SELECT value FROM kv WHERE key = ?", key)
+        return rows[0][0] if rows else None
 
     async def set_kv(self, key: str, value: str) -> None:
-        async with self.db.transaction() as c:
-            await c.execute(
-                "INSERT INTO kv (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", key, value,
-            )
+        await self.db.batch([(
+            "INSERT INTO kv (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value), False,
+        )])
+
+
+# PostgreSQL: the ingest write as ONE statement. The inbox rows go in array order (their
+# seq follows the transaction's order) and only if the transaction id is new.
+_PG_SAVE_TRANSACTION = """
+WITH t AS (
+    INSERT INTO transactions (txn_id, received_at, event_count, quarantined)
+    VALUES ($1, $2, $3, $4) ON CONFLICT (txn_id) DO NOTHING RETURNING 1
+), e AS (
+    INSERT INTO inbox (txn_id, event_id, room_id, kind, type, sender, origin_server_ts, body,
+                       received_at)
+    SELECT $1, u.event_id, u.room_id, u.kind, u.type, u.sender, u.ts, u.body, $2
+    FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
+                $11::text[]) WITH ORDINALITY AS u(event_id, room_id, kind, type, sender, ts,
+                                                  body, n)
+    WHERE EXISTS (SELECT 1 FROM t)
+    ORDER BY u.n
+    ON CONFLICT DO NOTHING
+), q AS (
+    INSERT INTO quarantine (txn_id, position, section, reason, raw, received_at)
+    SELECT $1, v.position, v.section, v.reason, v.raw, $2
+    FROM unnest($12::integer[], $13::text[], $14::text[], $15::text[])
+         WITH ORDINALITY AS v(position, section, reason, raw, n)
+    WHERE EXISTS (SELECT 1 FROM t)
+    ORDER BY v.n
+)
+SELECT EXISTS (SELECT 1 FROM t)
+"""
+
+# PostgreSQL: mark events done and write their actions (in order) in one statement.
+_PG_COMPLETE_EVENTS = """
+WITH d AS (
+    UPDATE inbox SET status = 'done', done_at = $1, last_error = NULL
+    WHERE seq = ANY($2::bigint[]) AND status = 'pending'
+    RETURNING 1
+), a AS (
+    INSERT INTO actions (event_seq, position, lane, kind, payload, rule_id, reason, created_at)
+    SELECT u.event_seq, u.position, u.lane, u.kind, u.payload, u.rule_id, u.reason, $1
+    FROM unnest($3::bigint[], $4::integer[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::text[]) WITH ORDINALITY AS u(event_seq, position, lane, kind, payload,
+                                                 rule_id, reason, n)
+    ORDER BY u.n
+    ON CONFLICT DO NOTHING
+)
+SELECT COUNT(*) FROM d
+"""

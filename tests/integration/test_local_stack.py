@@ -1,7 +1,8 @@
-"""README command 1: the local stack starts, answers /ready, lets a demo user log in, stops clean."""
+"""README command 1: the local stack starts, answers /ready, a demo user logs in, it stops clean."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -35,7 +36,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_local_stack_start_login_stop(tmp_path: Path) -> None:
+async def _login_as(homeserver: str, person: dict) -> None:
+    client = nio.AsyncClient(homeserver, person["username"])
+    try:
+        resp = await client.login(person["initial_password"])
+        assert isinstance(resp, nio.LoginResponse), resp
+        assert resp.user_id == f"@{person['username']}:corp.test"
+        name = await client.get_displayname(resp.user_id)
+        assert name.displayname == person["display_name"]
+    finally:
+        await client.close()
+
+
+def test_local_stack_start_login_stop(tmp_path: Path) -> None:
     hs_port, enc_port = free_port(), free_port()
     out_path = tmp_path / "stack.out"
     with open(out_path, "wb") as out:
@@ -61,15 +74,7 @@ async def test_local_stack_start_login_stop(tmp_path: Path) -> None:
         people = yaml.safe_load((REPO / "deploy/local/directory.yaml").read_text())["people"]
         alice = people[0]
         assert f"{alice['username']}" in text and alice["initial_password"] in text
-        client = nio.AsyncClient(f"http://127.0.0.1:{hs_port}", alice["username"])
-        try:
-            resp = await client.login(alice["initial_password"])
-            assert isinstance(resp, nio.LoginResponse), resp
-            assert resp.user_id == f"@{alice['username']}:corp.test"
-            name = await client.get_displayname(resp.user_id)
-            assert name.displayname == alice["display_name"]
-        finally:
-            await client.close()
+        asyncio.run(_login_as(f"http://127.0.0.1:{hs_port}", alice))
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0

@@ -1,0 +1,471 @@
+"""The Store contract, on both engines (see conftest: sqlite and postgres params)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+import pytest
+
+from bridge.store import (
+    AuditFilter,
+    AuditRecord,
+    DatabaseError,
+    NewEvent,
+    QuarantinedEvent,
+    SchemaError,
+    SQLStore,
+    Store,
+)
+from bridge.store.sql import load_migrations
+
+from .conftest import MakeStore
+
+NOW = 1_700_000_000_000
+
+
+def ev(n: int, room: str = "!r1", *, event_id: str | None = "auto", kind: str = "pdu",
+       body: dict[str, Any] | None = None) -> NewEvent:
+    eid = f"$e{n}" if event_id == "auto" else event_id
+    return NewEvent(eid, room, kind, "m.room.message", "@a:x", n,
+                    orjson.dumps(body or {"n": n}).decode())
+
+
+async def seqs_of(store: Store, now: int = NOW, limit: int = 1000) -> list[tuple[str, int]]:
+    return [(e.room_id, orjson.loads(e.body)["n"])
+            for e in await store.fetch_due_events(now, limit)]
+
+
+async def rows(store: Store, sql: str, *args: Any) -> list[tuple]:
+    assert isinstance(store, SQLStore)
+    async with store.db.transaction() as c:
+        return [tuple(r) for r in await c.fetch(sql, *args)]
+
+
+# -- migrations ---------------------------------------------------------------------------
+EXPECTED_TABLES = {
+    "transactions": {"txn_id", "received_at", "event_count", "quarantined"},
+    "inbox": {"seq", "txn_id", "event_id", "room_id", "kind", "type", "sender",
+              "origin_server_ts", "body", "status", "attempts", "next_attempt_at",
+              "last_error", "received_at", "done_at"},
+    "quarantine": {"id", "txn_id", "position", "section", "reason", "raw", "received_at"},
+    "actions": {"id", "event_seq", "position", "lane", "kind", "payload", "rule_id", "reason",
+                "status", "attempts", "outcome", "created_at", "applied_at"},
+    "audit": {"id", "ts", "source", "actor", "kind", "user_id", "room_id", "rule_id",
+              "reason", "outcome", "detail"},
+    "kv": {"key", "value"},
+    "enclave_schema": {"version"},
+}
+
+
+async def columns(store: Store) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    if store.dialect == "sqlite":
+        for (table,) in await rows(store, "SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name NOT LIKE 'sqlite_%'"):
+            out[table] = {r[1] for r in await rows(store, f"PRAGMA table_info({table})")}
+    else:
+        for table, col in await rows(store, "SELECT table_name, column_name FROM "
+                                            "information_schema.columns WHERE "
+                                            "table_schema = 'public'"):
+            out.setdefault(table, set()).add(col)
+    return out
+
+
+def test_both_dialects_have_the_same_migrations() -> None:
+    sqlite, pg = load_migrations("sqlite"), load_migrations("postgres")
+    assert [(v, n) for v, n, _ in sqlite] == [(v, n) for v, n, _ in pg]
+    assert [v for v, _, _ in sqlite] == list(range(1, len(sqlite) + 1))
+
+
+async def test_fresh_to_latest_and_rerun(make_store: MakeStore) -> None:
+    store = await make_store(migrate=False)
+    assert await store.schema_version() == 0
+    with pytest.raises(SchemaError, match="run 'enclave migrate'"):
+        await store.check_schema()
+    latest = store.latest_version
+    assert await store.migrate() == list(range(1, latest + 1))
+    assert await store.schema_version() == latest
+    await store.check_schema()
+    assert await store.migrate() == []  # re-run: no-op
+    assert await columns(store) == EXPECTED_TABLES
+    # another process (a restart) sees the same version and migrates nothing
+    again = await make_store(migrate=False)
+    assert await again.migrate() == []
+    await again.check_schema()
+
+
+async def test_newer_database_is_refused(make_store: MakeStore) -> None:
+    store = await make_store()
+    async with store.db.transaction() as c:
+        await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", 99)
+    for call in (store.migrate, store.check_schema):
+        with pytest.raises(SchemaError, match="at schema version 99, newer than this Enclave"):
+            await call()
+    assert await store.schema_version() == 99
+
+
+def _with_extra_migration(store: Store, sql: str) -> None:
+    assert isinstance(store, SQLStore)
+    version = store.latest_version + 1
+    store._migrations = [*store._migrations, (version, f"{version:03d}_extra.sql", sql)]
+    store.latest_version = version
+
+
+async def test_older_database_asks_to_migrate_then_upgrades(make_store: MakeStore) -> None:
+    old = await make_store()  # at this code's latest
+    v = old.latest_version
+    await old.set_kv("keep", "me")
+    newer = await make_store(migrate=False)  # "the next release", same database
+    _with_extra_migration(newer, "CREATE TABLE extra (x INTEGER);\n"
+                                 "INSERT INTO extra (x) VALUES (1);")
+    with pytest.raises(SchemaError, match=f"at schema version {v}; this Enclave needs {v + 1}"):
+        await newer.check_schema()
+    assert await newer.migrate() == [v + 1]
+    await newer.check_schema()
+    assert await rows(newer, "SELECT x FROM extra") == [(1,)]
+    assert await newer.get_kv("keep") == "me"
+    # and the old code now refuses the upgraded database
+    with pytest.raises(SchemaError, match="newer than this Enclave"):
+        await old.check_schema()
+
+
+async def test_failed_migration_leaves_previous_version(make_store: MakeStore) -> None:
+    store = await make_store()
+    v = store.latest_version
+    _with_extra_migration(store, "CREATE TABLE half (x INTEGER);\nTHIS IS NOT SQL;")
+    with pytest.raises(Exception):  # noqa: B017 - engine-specific syntax error type
+        await store.migrate()
+    assert await store.schema_version() == v
+    assert "half" not in await columns(store)
+
+
+# -- save_transaction -----------------------------------------------------------------------
+async def test_save_transaction_is_idempotent(store: Store) -> None:
+    q = [QuarantinedEvent(1, "events", "missing 'event_id'", '{"type":"x"}')]
+    assert await store.save_transaction("t1", [ev(1), ev(2)], q, NOW) is True
+    assert await store.save_transaction("t1", [ev(1), ev(2), ev(3)], q, NOW + 5) is False
+    assert await seqs_of(store) == [("!r1", 1), ("!r1", 2)]
+    assert len(await store.list_quarantine()) == 1
+    stats = await store.inbox_stats()
+    assert (stats["transactions"], stats["quarantined"]) == (1, 1)
+    assert await rows(store, "SELECT txn_id, received_at, event_count, quarantined "
+                             "FROM transactions") == [("t1", NOW, 2, 1)]
+
+
+async def test_event_id_dedupe_across_transactions(store: Store) -> None:
+    assert await store.save_transaction("t1", [ev(1), ev(2)], [], NOW)
+    assert await store.save_transaction("t2", [ev(2), ev(3), ev(3)], [], NOW)
+    assert await seqs_of(store) == [("!r1", 1), ("!r1", 2), ("!r1", 3)]
+    # the first copy wins: event 2 still belongs to t1
+    assert [(e["event_id"], e["txn_id"]) for e in await store.list_events("pending")] == [
+        ("$e1", "t1"), ("$e2", "t1"), ("$e3", "t2")]
+
+
+async def test_events_without_id_are_never_deduplicated(store: Store) -> None:
+    typing = [ev(1, event_id=None, kind="ephemeral"), ev(2, event_id=None, kind="ephemeral")]
+    assert await store.save_transaction("t1", typing, [], NOW)
+    assert await store.save_transaction("t2", [ev(3, "", event_id=None, kind="to_device")],
+                                        [], NOW)
+    assert await seqs_of(store) == [("!r1", 1), ("!r1", 2), ("", 3)]
+
+
+async def test_empty_transaction_is_recorded(store: Store) -> None:
+    assert await store.save_transaction("t0", [], [], NOW) is True
+    assert await store.save_transaction("t0", [], [], NOW) is False
+
+
+async def test_concurrent_redelivery_stores_once(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()  # two connections/processes
+    results = await asyncio.gather(*[
+        (a if i % 2 else b).save_transaction("same", [ev(1), ev(2)], [], NOW)
+        for i in range(8)
+    ])
+    assert sorted(results) == [False] * 7 + [True]
+    assert len(await a.list_events("pending")) == 2
+
+
+async def test_event_fields_roundtrip(store: Store) -> None:
+    body = {"n": 1, "content": {"body": "ünïcode ✓ " + "x" * 70_000}}
+    await store.save_transaction("t1", [ev(1, "!room:x", body=body)], [], NOW)
+    (got,) = await store.fetch_due_events(NOW, 10)
+    assert (got.txn_id, got.event_id, got.room_id, got.kind, got.type, got.sender) == (
+        "t1", "$e1", "!room:x", "pdu", "m.room.message", "@a:x")
+    assert (got.attempts, got.received_at) == (0, NOW)
+    assert orjson.loads(got.body) == body
+
+
+async def test_quarantine_rows(store: Store) -> None:
+    q = [QuarantinedEvent(0, "events", "event is a JSON str, not an object", '"x"'),
+         QuarantinedEvent(3, "de.sorunome.msc2409.ephemeral", "'type' must be a non-empty "
+                          "string", "{}")]
+    await store.save_transaction("t9", [], q, NOW)
+    got = await store.list_quarantine()
+    assert [(r["txn_id"], r["position"], r["section"], r["reason"], r["raw"], r["received_at"])
+            for r in got] == [("t9", x.position, x.section, x.reason, x.raw, NOW) for x in q]
+    assert got[0]["id"] < got[1]["id"]
+    assert len(await store.list_quarantine(limit=1)) == 1
+
+
+# -- fetch_due_events -----------------------------------------------------------------------
+async def test_fetch_due_orders_by_arrival_and_limits(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!b"), ev(2, "!a"), ev(3, "!b")], [], NOW)
+    await store.save_transaction("t2", [ev(4, "!a")], [], NOW)
+    assert await seqs_of(store) == [("!b", 1), ("!a", 2), ("!b", 3), ("!a", 4)]
+    assert await seqs_of(store, limit=2) == [("!b", 1), ("!a", 2)]
+    got = await store.fetch_due_events(NOW, 10)
+    assert [e.seq for e in got] == sorted(e.seq for e in got)
+
+
+async def test_room_whose_head_waits_for_retry_is_blocked(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!a"), ev(2, "!b"), ev(3, "!a"), ev(4, "!b")],
+                                 [], NOW)
+    head = (await store.fetch_due_events(NOW, 10))[0]
+    await store.fail_event(head.seq, 1, NOW + 1000, "RuntimeError: boom", park=False)
+    assert await seqs_of(store, NOW) == [("!b", 2), ("!b", 4)]
+    assert await seqs_of(store, NOW + 999) == [("!b", 2), ("!b", 4)]
+    due = await store.fetch_due_events(NOW + 1000, 10)
+    assert [(e.room_id, e.attempts) for e in due] == [("!a", 1), ("!b", 0), ("!a", 0),
+                                                       ("!b", 0)]
+    (pending_a,) = [e for e in await store.list_events("pending") if e["seq"] == head.seq]
+    assert pending_a["last_error"] == "RuntimeError: boom"
+
+
+async def test_parked_and_done_events_are_not_fetched_nor_block(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!a"), ev(2, "!a"), ev(3, "!a")], [], NOW)
+    e1, e2, _ = await store.fetch_due_events(NOW, 10)
+    await store.fail_event(e1.seq, 3, NOW + 10**9, "x" * 5000, park=True)
+    await store.complete_events([e2.seq], [], NOW)
+    assert await seqs_of(store) == [("!a", 3)]
+    (parked,) = await store.list_events("parked")
+    assert (parked["event_id"], parked["attempts"]) == ("$e1", 3)
+    assert len(parked["last_error"]) == 2000  # errors are truncated
+    (done,) = await store.list_events("done")
+    assert (done["event_id"], done["done_at"]) == ("$e2", NOW)
+    assert (await store.inbox_stats())["events"] == {"pending": 1, "done": 1, "parked": 1}
+
+
+# -- complete_events / actions -------------------------------------------------------------
+def action_row(seq: int, pos: int, lane: str = "!a", rule: str = "sep.dm") -> tuple:
+    return (seq, pos, lane, "kick", orjson.dumps({"kind": "kick", "pos": pos}).decode(), rule,
+            f"reason {pos}")
+
+
+async def test_complete_events_with_actions(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!a"), ev(2, "!b"), ev(3, "!a")], [], NOW)
+    e1, e2, e3 = await store.fetch_due_events(NOW, 10)
+    await store.complete_events([e1.seq, e2.seq], [action_row(e1.seq, 0), action_row(e1.seq, 1),
+                                                   action_row(e2.seq, 0, "!b")], NOW + 1)
+    assert await seqs_of(store) == [("!a", 3)]
+    everything = await store.pending_actions(None, 10)
+    assert [(a.event_seq, a.position, a.lane, a.attempts) for a in everything] == [
+        (e1.seq, 0, "!a", 0), (e1.seq, 1, "!a", 0), (e2.seq, 0, "!b", 0)]
+    assert [a.position for a in await store.pending_actions("!a", 10)] == [0, 1]
+    assert [a.lane for a in await store.pending_actions("!b", 10)] == ["!b"]
+    assert len(await store.pending_actions(None, 2)) == 2
+    assert orjson.loads(everything[1].payload) == {"kind": "kick", "pos": 1}
+    # completing again (a resend after a crash) neither duplicates actions nor re-dates events
+    await store.complete_events([e1.seq], [action_row(e1.seq, 0)], NOW + 99)
+    assert len(await store.pending_actions(None, 10)) == 3
+    done = {e["event_id"]: e["done_at"] for e in await store.list_events("done")}
+    assert done == {"$e1": NOW + 1, "$e2": NOW + 1}
+    await store.complete_events([], [action_row(e3.seq, 0)], NOW)  # nothing to complete
+    assert len(await store.pending_actions(None, 10)) == 3
+
+
+async def test_complete_events_is_atomic(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!a")], [], NOW)
+    (e1,) = await store.fetch_due_events(NOW, 10)
+    bad = (e1.seq, 0, "!a", "kick", "{}", None, "reason")  # rule_id NOT NULL: the insert fails
+    with pytest.raises(Exception):  # noqa: B017 - engine-specific integrity error
+        await store.complete_events([e1.seq], [bad], NOW)
+    assert await seqs_of(store) == [("!a", 1)]  # not marked done either
+    assert await store.pending_actions(None, 10) == []
+
+
+async def test_finish_action_with_audit(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!a")], [], NOW)
+    (e1,) = await store.fetch_due_events(NOW, 10)
+    await store.complete_events([e1.seq], [action_row(e1.seq, 0), action_row(e1.seq, 1)], NOW)
+    a0, a1 = await store.pending_actions(None, 10)
+    # a transient failure: stays pending, attempts counted, no audit yet
+    await store.finish_action(a0.id, "pending", "502 upstream", 1, None, NOW + 1)
+    assert [(a.id, a.attempts) for a in await store.pending_actions(None, 10)] == [
+        (a0.id, 1), (a1.id, 0)]
+    rec = AuditRecord(ts=NOW + 2, source="inbox", kind="kick", outcome="applied",
+                      actor="@enclave:x", user_id="@eve:x", room_id="!a", rule_id="sep.dm",
+                      reason="reason 0", detail="ok")
+    await store.finish_action(a0.id, "applied", "ok", 2, rec, NOW + 2)
+    await store.finish_action(a1.id, "failed", "403 M_FORBIDDEN: no" * 200, 1,
+                              AuditRecord(ts=NOW + 3, source="inbox", kind="kick",
+                                          outcome="failed"), NOW + 3)
+    assert await store.pending_actions(None, 10) == []
+    assert await rows(store, "SELECT id, status, attempts, applied_at, LENGTH(outcome) "
+                             "FROM actions ORDER BY id") == [
+        (a0.id, "applied", 2, NOW + 2, 2), (a1.id, "failed", 1, NOW + 3, 2000)]
+    audit = await store.query_audit(AuditFilter())
+    assert [(r["outcome"], r["rule_id"], r["ts"]) for r in audit] == [
+        ("applied", "sep.dm", NOW + 2), ("failed", None, NOW + 3)]
+    assert audit[0] | {"id": 0} == {"id": 0, "ts": NOW + 2, "source": "inbox",
+                                    "actor": "@enclave:x", "kind": "kick", "user_id": "@eve:x",
+                                    "room_id": "!a", "rule_id": "sep.dm",
+                                    "reason": "reason 0", "outcome": "applied", "detail": "ok"}
+    assert (await store.inbox_stats())["actions"] == {"applied": 1, "failed": 1}
+
+
+# -- requeue_parked -------------------------------------------------------------------------
+async def park_all(store: Store, n: int) -> list[int]:
+    await store.save_transaction("t1", [ev(i, f"!r{i}") for i in range(1, n + 1)], [], NOW)
+    seqs = [e.seq for e in await store.fetch_due_events(NOW, 100)]
+    for s in seqs:
+        await store.fail_event(s, 5, NOW + 10**9, "boom", park=True)
+    return seqs
+
+
+async def test_requeue_all_parked(store: Store) -> None:
+    await park_all(store, 3)
+    assert await store.fetch_due_events(NOW, 10) == []
+    assert await store.requeue_parked() == 3
+    due = await store.fetch_due_events(NOW, 10)
+    assert [(e.attempts, orjson.loads(e.body)["n"]) for e in due] == [(0, 1), (0, 2), (0, 3)]
+    assert await store.requeue_parked() == 0
+
+
+async def test_requeue_some_parked(store: Store) -> None:
+    s1, s2, s3 = await park_all(store, 3)
+    await store.save_transaction("t2", [ev(9, "!z")], [], NOW)
+    pending_seq = next(e.seq for e in await store.fetch_due_events(NOW, 10))
+    assert await store.requeue_parked([s2, pending_seq, 10**9]) == 1
+    assert await store.requeue_parked([]) == 0
+    assert [e["seq"] for e in await store.list_events("parked")] == [s1, s3]
+    assert [e.seq for e in await store.fetch_due_events(NOW, 10)] == [s2, pending_seq]
+
+
+# -- audit ----------------------------------------------------------------------------------
+AUDIT = [
+    AuditRecord(ts=100, source="inbox", kind="kick", outcome="applied", user_id="@a:x",
+                room_id="!1", rule_id="sep.dm"),
+    AuditRecord(ts=200, source="sync", kind="invite", outcome="failed", user_id="@b:x",
+                room_id="!1", rule_id="sync.member"),
+    AuditRecord(ts=300, source="inbox", kind="kick", outcome="applied", user_id="@a:x",
+                room_id="!2", rule_id="sep.dm"),
+    AuditRecord(ts=300, source="cli", kind="leave", outcome="parked", user_id=None,
+                room_id=None, rule_id=None),
+]
+
+
+@pytest.mark.parametrize(
+    ("flt", "expected"),
+    [
+        (AuditFilter(), [0, 1, 2, 3]),
+        (AuditFilter(since_ms=200), [1, 2, 3]),
+        (AuditFilter(until_ms=300), [0, 1]),
+        (AuditFilter(since_ms=200, until_ms=301), [1, 2, 3]),
+        (AuditFilter(user_id="@a:x"), [0, 2]),
+        (AuditFilter(room_id="!1"), [0, 1]),
+        (AuditFilter(rule_id="sep.dm"), [0, 2]),
+        (AuditFilter(outcome="parked"), [3]),
+        (AuditFilter(user_id="@a:x", room_id="!2", since_ms=0), [2]),
+        (AuditFilter(outcome="nope"), []),
+        (AuditFilter(limit=2), [0, 1]),
+        (AuditFilter(since_ms=150, limit=1), [1]),
+    ],
+)
+async def test_query_audit_filters(store: Store, flt: AuditFilter, expected: list[int]) -> None:
+    for r in AUDIT:
+        await store.add_audit(r)
+    got = await store.query_audit(flt)
+    assert [(r["ts"], r["kind"], r["user_id"]) for r in got] == [
+        (AUDIT[i].ts, AUDIT[i].kind, AUDIT[i].user_id) for i in expected]
+    assert [r["id"] for r in got] == sorted(r["id"] for r in got)
+
+
+# -- kv, stats, lifecycle -------------------------------------------------------------------
+async def test_kv(store: Store) -> None:
+    assert await store.get_kv("sync.cursor") is None
+    await store.set_kv("sync.cursor", "a")
+    await store.set_kv("other", "")
+    await store.set_kv("sync.cursor", "b" * 10_000)
+    assert await store.get_kv("sync.cursor") == "b" * 10_000
+    assert await store.get_kv("other") == ""
+
+
+async def test_inbox_stats(store: Store) -> None:
+    empty = await store.inbox_stats()
+    assert empty == {"events": {"pending": 0, "done": 0, "parked": 0}, "actions": {},
+                     "quarantined": 0, "transactions": 0, "oldest_pending_received_at": None}
+    await store.save_transaction("t1", [ev(1)], [], NOW)
+    await store.save_transaction("t2", [ev(2)], [], NOW + 50)
+    stats = await store.inbox_stats()
+    assert stats["oldest_pending_received_at"] == NOW
+    assert stats["events"]["pending"] == 2
+
+
+async def test_data_survives_reopen(make_store: MakeStore) -> None:
+    s1 = await make_store()
+    await s1.save_transaction("t1", [ev(1)], [], NOW)
+    await s1.set_kv("k", "v")
+    await s1.close()
+    s2 = await make_store(migrate=False)
+    await s2.check_schema()
+    assert await s2.save_transaction("t1", [ev(1)], [], NOW) is False
+    assert await s2.get_kv("k") == "v"
+    assert await seqs_of(s2) == [("!r1", 1)]
+
+
+async def test_closed_store_raises_database_error(make_store: MakeStore) -> None:
+    s = await make_store()
+    await s.ping()
+    await s.close()
+    with pytest.raises(DatabaseError, match="not open"):
+        await s.ping()
+
+
+# -- cancellation ---------------------------------------------------------------------------
+async def test_cancel_during_begin_leaves_store_usable(store: Store) -> None:
+    """A task cancelled while its transaction is being opened must not leave it open."""
+    assert isinstance(store, SQLStore)
+    db = store.db
+    if store.dialect == "sqlite":
+        import time
+
+        real_call = db._call  # type: ignore[attr-defined]
+
+        async def slow_call(fn):  # the worker thread is busy when the cancel arrives
+            def slow(c):
+                time.sleep(0.05)
+                return fn(c)
+
+            return await real_call(slow)
+
+        db._call = slow_call  # type: ignore[attr-defined]
+        task = asyncio.create_task(store.requeue_parked())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        db._call = real_call  # type: ignore[attr-defined]
+    await store.set_kv("after", "ok")
+    await store.requeue_parked()
+    await store.ping()
+    assert await store.get_kv("after") == "ok"
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, 8])
+async def test_cancel_at_any_point_leaves_store_usable(store: Store, steps: int) -> None:
+    await store.save_transaction("t0", [ev(1)], [], NOW)
+    for op in (lambda: store.requeue_parked(), lambda: store.set_kv("k", "v"),
+               lambda: store.save_transaction(f"t{steps}", [ev(2)], [], NOW),
+               lambda: store.complete_events([1], [], NOW)):
+        task = asyncio.create_task(op())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, DatabaseError):
+            await task
+    await store.set_kv("after", "ok")
+    assert await store.get_kv("after") == "ok"
+    assert await store.requeue_parked() == 0
+    await store.ping()

@@ -1,0 +1,39 @@
+"""Shared fixtures of the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+CONFIG_TEMPLATE = """\
+homeserver:
+  url: {hs_url}
+  server_name: corp.example.com
+appservice:
+  public_url: http://127.0.0.1:29330
+  as_token:
+    file: secrets/as_token
+  hs_token:
+    file: secrets/hs_token
+database:
+  url: sqlite:///var/enclave.db
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Write a config (and, unless told otherwise, real token files); return its path."""
+
+    def make(*, tokens: bool = True, hs_url: str = "http://127.0.0.1:8008",
+             extra: str = "") -> Path:
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(CONFIG_TEMPLATE.format(hs_url=hs_url) + extra)
+        if tokens:
+            (tmp_path / "secrets").mkdir(exist_ok=True)
+            (tmp_path / "secrets/as_token").write_text("as-token-real-value\n")
+            (tmp_path / "secrets/hs_token").write_text("hs-token-real-value\n")
+        return cfg
+
+    return make

@@ -1,0 +1,250 @@
+"""Executor: actions to homeserver calls, one audit record per action, retry/park semantics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bridge.matrix.client import MatrixClient
+from bridge.matrix.executor import Executor, txn_id_for
+from bridge.metrics import Metrics
+from bridge.policy.actions import Action, Invite, Join, Kick, Leave, SendEvent, SetState
+from bridge.store import AuditFilter, NewEvent, Store, StoredAction, open_store
+
+from .conftest import FakeHomeserver, MakeClient
+
+BOT = "@enclave:corp.example.com"
+NOW = 1_700_000_000_000
+SERVER_ERROR = (502, {"errcode": "M_UNKNOWN", "error": "bad gateway"})
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_store("sqlite:///x.db", base_dir=tmp_path)
+    await s.open()
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def client(make_matrix_client: MakeClient) -> MatrixClient:
+    return make_matrix_client(max_retries=0)
+
+
+@pytest.fixture
+def executor(client: MatrixClient, store: Store) -> Executor:
+    return Executor(client, store, bot_user_id=BOT, clock_ms=lambda: NOW, metrics=Metrics())
+
+
+async def stored(store: Store, *actions: Action, payload: str | None = None) -> list[StoredAction]:
+    await store.save_transaction("t", [NewEvent("$e", "!r", "pdu", "m.x", "@a:x", 1, "{}")],
+                                 [], NOW)
+    (ev,) = await store.fetch_due_events(NOW, 10)
+    rows = [(ev.seq, i, "!r", a.kind, payload or orjson.dumps(a.to_dict()).decode(),
+             a.rule_id, a.reason) for i, a in enumerate(actions)]
+    await store.complete_events([ev.seq], rows, NOW)
+    return await store.pending_actions(None, 100)
+
+
+async def action_status(store: Store) -> dict[str, int]:
+    return (await store.inbox_stats())["actions"]
+
+
+KICK = Kick(rule_id="separation.external", reason="not directory staff", room="!r",
+            user="@eve:evil.org", actor="@alice:corp.example.com")
+
+
+@pytest.mark.parametrize(
+    ("action", "method", "path", "query_user", "body"),
+    [
+        pytest.param(SendEvent(rule_id="r", reason="x", room="!r", event_type="m.room.message",
+                               content={"body": "hi"}),
+                     "PUT", "/_matrix/client/v3/rooms/!r/send/m.room.message/", BOT,
+                     {"body": "hi"}, id="send"),
+        pytest.param(SetState(rule_id="r", reason="x", room="!r", event_type="m.room.topic",
+                              content={"topic": "t"}, actor="@alice:corp.example.com"),
+                     "PUT", "/_matrix/client/v3/rooms/!r/state/m.room.topic/",
+                     "@alice:corp.example.com", {"topic": "t"}, id="state"),
+        pytest.param(Invite(rule_id="r", reason="x", room="!r", user="@bob:corp.example.com"),
+                     "POST", "/_matrix/client/v3/rooms/!r/invite", BOT,
+                     {"user_id": "@bob:corp.example.com"}, id="invite"),
+        pytest.param(Join(rule_id="r", reason="x", room="!r", actor="@bob:corp.example.com"),
+                     "POST", "/_matrix/client/v3/join/!r", "@bob:corp.example.com", {},
+                     id="join"),
+        pytest.param(Leave(rule_id="r", reason="x", room="!r", actor="@bob:corp.example.com"),
+                     "POST", "/_matrix/client/v3/rooms/!r/leave", "@bob:corp.example.com",
+                     {"reason": "x"}, id="leave"),
+        pytest.param(KICK, "POST", "/_matrix/client/v3/rooms/!r/kick",
+                     "@alice:corp.example.com",
+                     {"user_id": "@eve:evil.org", "reason": "not directory staff"}, id="kick"),
+    ],
+)
+async def test_run_stored_applies_and_audits_once(
+    fake_hs: FakeHomeserver, store: Store, executor: Executor, action: Action, method: str,
+    path: str, query_user: str, body: dict[str, Any],
+) -> None:
+    fake_hs.on(method, "/_matrix/client/v3/", (200, {"event_id": "$new", "room_id": "!r"}))
+    (sa,) = await stored(store, action)
+    assert await executor.run_stored(sa, max_attempts=3) is True
+    (seen,) = fake_hs.seen
+    assert (seen.method, seen.query) == (method, {"user_id": query_user})
+    assert seen.path.startswith(path)
+    assert seen.body == body
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["source"], rec["kind"], rec["outcome"]) == ("inbox", action.kind, "applied")
+    assert (rec["rule_id"], rec["reason"], rec["room_id"]) == ("r" if action is not KICK
+                                                               else "separation.external",
+                                                               action.reason, "!r")
+    assert rec["actor"] == (action.actor or BOT)
+    assert rec["ts"] == NOW
+    assert await action_status(store) == {"applied": 1}
+    assert await store.pending_actions(None, 10) == []
+
+
+async def test_audit_names_the_target_user(fake_hs: FakeHomeserver, store: Store,
+                                           executor: Executor) -> None:
+    fake_hs.on("POST", "/_matrix/client/v3/rooms/", (200, {}))
+    (sa,) = await stored(store, KICK)
+    await executor.run_stored(sa, max_attempts=3)
+    (rec,) = await store.query_audit(AuditFilter(user_id="@eve:evil.org"))
+    assert rec["detail"] == "ok"
+
+
+async def test_send_txn_id_is_stable_per_action(fake_hs: FakeHomeserver, store: Store,
+                                                executor: Executor) -> None:
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", SERVER_ERROR, (200, {"event_id": "$1"}),
+               (200, {"event_id": "$2"}))
+    send = SendEvent(rule_id="r", reason="x", room="!r", event_type="m.notice")
+    first, second = await stored(store, send, send)
+    assert await executor.run_stored(first, max_attempts=5) is False  # 502: stays pending
+    (again, _) = await store.pending_actions(None, 10)
+    assert again.id == first.id and again.attempts == 1
+    assert await executor.run_stored(again, max_attempts=5) is True
+    assert await executor.run_stored(second, max_attempts=5) is True
+    txns = [s.path.rsplit("/", 1)[1] for s in fake_hs.seen]
+    assert txns[0] == txns[1] == txn_id_for(f"action:{first.id}")
+    assert txns[2] == txn_id_for(f"action:{second.id}") != txns[0]
+
+
+@pytest.mark.parametrize(
+    ("key_a", "key_b", "same"),
+    [("action:1", "action:1", True), ("action:1", "action:2", False), ("x", "x", True)],
+)
+def test_txn_id_for(key_a: str, key_b: str, same: bool) -> None:
+    assert (txn_id_for(key_a) == txn_id_for(key_b)) is same
+    assert txn_id_for(key_a).startswith("enclave.") and len(txn_id_for(key_a)) == 40
+
+
+@pytest.mark.parametrize(
+    ("action", "reply", "outcome", "detail"),
+    [
+        pytest.param(KICK, (403, {"errcode": "M_FORBIDDEN", "error": "You cannot kick user"}),
+                     "failed", "403 M_FORBIDDEN: You cannot kick user", id="forbidden"),
+        pytest.param(Join(rule_id="r", reason="x", room="!gone"),
+                     (404, {"errcode": "M_NOT_FOUND", "error": "No known servers"}),
+                     "failed", "404 M_NOT_FOUND: No known servers", id="not-found"),
+        pytest.param(Invite(rule_id="r", reason="x", room="!r", user="@b:x"),
+                     (403, {"errcode": "M_FORBIDDEN", "error": "@b:x is already in the room."}),
+                     "applied", "already: @b:x is already in the room.", id="already-member"),
+        pytest.param(Leave(rule_id="r", reason="x", room="!r"),
+                     (403, {"errcode": "M_FORBIDDEN", "error": "User @x:y not in room !r"}),
+                     "applied", "already: User @x:y not in room !r", id="already-left"),
+        pytest.param(KICK, (403, {"errcode": "M_FORBIDDEN",
+                                  "error": "The target user is not in the room"}),
+                     "applied", "already: The target user is not in the room",
+                     id="kick-target-already-gone"),
+        # Synapse's event_auth when the KICKER is not joined: a real failure, not "done"
+        pytest.param(KICK, (403, {"errcode": "M_FORBIDDEN",
+                                  "error": "@alice:corp.example.com not in room !r."}),
+                     "failed", "403 M_FORBIDDEN: @alice:corp.example.com not in room !r.",
+                     id="kicker-not-in-room"),
+        pytest.param(Invite(rule_id="r", reason="x", room="!r", user="@b:x"),
+                     (403, {"errcode": "M_FORBIDDEN", "error": "You are already invited to "
+                            "this room"}),
+                     "applied", "already: You are already invited to this room",
+                     id="already-invited"),
+        pytest.param(Invite(rule_id="r", reason="x", room="!r", user="@b:x"),
+                     (403, {"errcode": "M_FORBIDDEN", "error": "@b:x is banned from the room"}),
+                     "failed", "403 M_FORBIDDEN: @b:x is banned from the room",
+                     id="invite-banned"),
+    ],
+)
+async def test_permanent_outcomes_are_final_and_audited(
+    fake_hs: FakeHomeserver, store: Store, executor: Executor, action: Action,
+    reply: tuple, outcome: str, detail: str,
+) -> None:
+    fake_hs.on("POST", "/_matrix/client/v3/", reply)
+    (sa,) = await stored(store, action)
+    assert await executor.run_stored(sa, max_attempts=3) is True
+    assert len(fake_hs.seen) == 1  # not retried
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["outcome"], rec["detail"], rec["rule_id"]) == (outcome, detail, action.rule_id)
+    assert await action_status(store) == {outcome: 1}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [SERVER_ERROR, (429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 5})],
+    ids=["5xx", "429"],
+)
+async def test_transient_failure_pending_then_parked(fake_hs: FakeHomeserver, store: Store,
+                                                     executor: Executor, reply: tuple) -> None:
+    fake_hs.on("POST", "/_matrix/client/v3/", reply)
+    (sa,) = await stored(store, KICK)
+    for attempt in (1, 2):
+        assert await executor.run_stored(sa, max_attempts=3) is False
+        (sa,) = await store.pending_actions("!r", 10)
+        assert sa.attempts == attempt
+        assert await store.query_audit(AuditFilter()) == []  # nothing final yet
+    assert await executor.run_stored(sa, max_attempts=3) is True
+    assert await store.pending_actions(None, 10) == []
+    assert await action_status(store) == {"parked": 1}
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["outcome"], rec["kind"], rec["rule_id"]) == ("parked", "kick",
+                                                             "separation.external")
+
+
+async def test_unexpected_error_is_transient_not_a_crash(fake_hs: FakeHomeserver, store: Store,
+                                                         executor: Executor) -> None:
+    # a 200 without the event_id the client reads: must not escape run_stored
+    fake_hs.on("PUT", "/_matrix/client/v3/", (200, {}))
+    send = SendEvent(rule_id="r", reason="x", room="!r", event_type="m.notice")
+    (sa,) = await stored(store, send)
+    assert await executor.run_stored(sa, max_attempts=2) is False
+    (sa,) = await store.pending_actions(None, 10)
+    assert sa.attempts == 1
+    assert await executor.run_stored(sa, max_attempts=2) is True
+    (rec,) = await store.query_audit(AuditFilter())
+    assert rec["outcome"] == "parked"
+    assert rec["detail"].startswith("KeyError")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ['{"kind": "teleport", "rule_id": "r", "reason": "x"}', "not json", "[1, 2]",
+     '{"rule_id": "r"}', '{"kind": "kick", "rule_id": "r", "reason": "x"}'],
+    ids=["unknown-kind", "not-json", "not-object", "no-kind", "missing-field"],
+)
+async def test_undecodable_action_fails_with_audit(fake_hs: FakeHomeserver, store: Store,
+                                                   executor: Executor, payload: str) -> None:
+    (sa,) = await stored(store, KICK, payload=payload)
+    assert await executor.run_stored(sa, max_attempts=3) is True
+    assert fake_hs.seen == []
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["kind"], rec["outcome"]) == ("unknown", "failed")
+    assert await action_status(store) == {"failed": 1}
+
+
+async def test_run_direct_audits_with_source(fake_hs: FakeHomeserver, store: Store,
+                                             executor: Executor) -> None:
+    fake_hs.on("POST", "/_matrix/client/v3/", (200, {}))
+    outcome = await executor.run_direct(KICK, "cli:1", source="cli")
+    assert (outcome.status, outcome.detail) == ("applied", "ok")
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["source"], rec["outcome"], rec["rule_id"]) == ("cli", "applied",
+                                                               "separation.external")

@@ -1,0 +1,366 @@
+"""InboxProcessor over a real SQLite store, with stub handlers and a stub executor."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bridge.config.models import InboxConfig
+from bridge.matrix.inbox import FunctionHandler, InboxProcessor, backoff_ms
+from bridge.metrics import Metrics
+from bridge.policy.actions import Action, SendEvent, action_from_dict
+from bridge.store import AuditFilter, InboxEvent, NewEvent, Store, StoredAction, open_store
+
+T0 = 1_700_000_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class RecordingExecutor:
+    """Applies stored actions by recording them and marking them applied in the store."""
+
+    def __init__(self, store: Store, *, fail_with: BaseException | None = None) -> None:
+        self.store = store
+        self.fail_with = fail_with
+        self.applied: list[tuple[int, dict[str, Any]]] = []
+        self.calls = 0
+
+    async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+        self.calls += 1
+        if self.fail_with is not None:
+            raise self.fail_with  # a crash/kill between commit and apply
+        self.applied.append((stored.id, orjson.loads(stored.payload)))
+        await self.store.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
+                                       None, T0)
+        return True
+
+
+async def new_store(path: Path) -> Store:
+    store = open_store("sqlite:///inbox.db", base_dir=path)
+    await store.open()
+    await store.migrate()
+    return store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await new_store(tmp_path)
+    yield s
+    await s.close()
+
+
+def ev(n: int, room: str) -> NewEvent:
+    body = {"type": "m.room.message", "event_id": f"$e{n}", "room_id": room,
+            "sender": "@a:x", "content": {"n": n}}
+    return NewEvent(f"$e{n}", room, "pdu", "m.room.message", "@a:x", n, orjson.dumps(body).decode())
+
+
+def cfg(**over: Any) -> InboxConfig:
+    base: dict[str, Any] = {"room_concurrency": 4, "batch_size": 100, "max_attempts": 3,
+                            "backoff_initial_seconds": 1.0, "backoff_max_seconds": 300.0}
+    base.update(over)
+    return InboxConfig(**base)
+
+
+class Running:
+    """A processor plus helpers to let it work until it has nothing left to do."""
+
+    def __init__(self, store: Store, handler: Callable[..., Any], *, clock: Clock,
+                 executor: Any = None, **cfg_over: Any) -> None:
+        self.store = store
+        self.executor = executor or RecordingExecutor(store)
+        self.proc = InboxProcessor(store, self.executor, [FunctionHandler("test", handler)],
+                                   cfg(**cfg_over), Metrics(), clock)
+
+    async def __aenter__(self) -> Running:
+        await self.proc.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.proc.stop()
+
+    async def settle(self, rounds: int = 3) -> None:
+        """Wake the dispatcher and wait until a whole pass finds nothing to do, a few times."""
+        for _ in range(rounds):
+            self.proc.idle.clear()
+            self.proc.notify()
+            await asyncio.wait_for(self.proc.idle.wait(), 10)
+
+
+async def test_backoff_ms() -> None:
+    c = cfg(backoff_initial_seconds=0.5, backoff_max_seconds=3.0)
+    assert [backoff_ms(a, c) for a in range(1, 7)] == [500, 1000, 2000, 3000, 3000, 3000]
+
+
+async def test_order_within_room_concurrency_across_rooms(store: Store) -> None:
+    rooms = [f"!room{i}" for i in range(6)]
+    rng = random.Random(42)
+    n = 0
+    expected: dict[str, list[int]] = defaultdict(list)
+    for t in range(12):  # interleave rooms across many transactions
+        batch = []
+        for room in rng.sample(rooms, 4):
+            n += 1
+            batch.append(ev(n, room))
+            expected[room].append(n)
+        await store.save_transaction(f"t{t}", batch, [], T0)
+
+    seen: dict[str, list[int]] = defaultdict(list)
+    in_room: dict[str, int] = defaultdict(int)
+    active = 0
+    max_active = 0
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        nonlocal active, max_active
+        room = event["room_id"]
+        in_room[room] += 1
+        active += 1
+        max_active = max(max_active, active)
+        assert in_room[room] == 1, "two workers in one room at once"
+        await asyncio.sleep(rng.random() * 0.004)
+        seen[room].append(event["content"]["n"])
+        in_room[room] -= 1
+        active -= 1
+        return []
+
+    async with Running(store, handler, clock=Clock(), room_concurrency=4) as r:
+        await r.settle()
+    assert dict(seen) == dict(expected)
+    assert max_active > 1, "rooms were not processed concurrently"
+    assert max_active <= 4, "room_concurrency not respected"
+    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": n, "parked": 0}
+
+
+async def test_failing_handler_backs_off_then_parks_and_room_goes_on(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!bad"), ev(2, "!bad"), ev(3, "!ok"),
+                                        ev(4, "!bad")], [], T0)
+    clock = Clock()
+    calls: list[tuple[int, int]] = []  # (event n, clock at call)
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        calls.append((event["content"]["n"], clock.now))
+        if event["content"]["n"] == 1:
+            raise RuntimeError("boom")
+        return []
+
+    async with Running(store, handler, clock=clock, max_attempts=3) as r:
+        await r.settle()
+        # attempt 1 failed; the other room went on, the failing room waits
+        assert calls == [(1, T0), (3, T0)] or calls == [(3, T0), (1, T0)]
+        clock.now = T0 + 999  # backoff after attempt 1 is 1 s: not yet
+        await r.settle()
+        assert [c for c in calls if c[0] != 3] == [(1, T0)]
+        clock.now = T0 + 1000
+        await r.settle()
+        assert [c for c in calls if c[0] != 3] == [(1, T0), (1, T0 + 1000)]
+        clock.now = T0 + 1000 + 1999  # backoff after attempt 2 is 2 s
+        await r.settle()
+        assert len([c for c in calls if c[0] == 1]) == 2
+        assert 2 not in [c[0] for c in calls] and 4 not in [c[0] for c in calls]
+        clock.now = T0 + 3000
+        await r.settle()
+    # attempt 3 == max_attempts: parked; then (and only then) the rest of the room
+    assert [c for c in calls if c[0] != 3] == [
+        (1, T0), (1, T0 + 1000), (1, T0 + 3000), (2, T0 + 3000), (4, T0 + 3000)]
+    (parked,) = await store.list_events("parked")
+    assert (parked["event_id"], parked["attempts"]) == ("$e1", 3)
+    assert parked["last_error"] == "RuntimeError: boom"
+    stats = await store.inbox_stats()
+    assert stats["events"] == {"pending": 0, "done": 3, "parked": 1}
+    (audit,) = await store.query_audit(AuditFilter())
+    assert (audit["source"], audit["kind"], audit["outcome"]) == ("inbox", "event_parked",
+                                                                  "parked")
+    assert audit["room_id"] == "!bad"
+    assert audit["user_id"] == "@a:x"
+    assert audit["ts"] == T0 + 3000
+    assert "$e1" in audit["detail"] and "boom" in audit["detail"]
+
+
+async def test_requeued_parked_event_is_processed(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
+    clock = Clock()
+    broken = True
+    calls: list[int] = []
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        calls.append(event["content"]["n"])
+        if broken and event["content"]["n"] == 1:
+            raise ValueError("bad data")
+        return []
+
+    async with Running(store, handler, clock=clock, max_attempts=1) as r:
+        await r.settle()
+        assert calls == [1, 2]
+        assert [e["event_id"] for e in await store.list_events("parked")] == ["$e1"]
+        broken = False
+        assert await store.requeue_parked() == 1
+        await r.settle()
+    assert calls == [1, 2, 1]
+    assert await store.list_events("parked") == []
+    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 2, "parked": 0}
+
+
+async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
+    store = await new_store(tmp_path)
+    await store.save_transaction("t1", [ev(i, "!a" if i % 2 else "!b") for i in range(1, 11)],
+                                 [], T0)
+    stuck = asyncio.Event()
+    first: list[int] = []
+
+    async def slow(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        n = event["content"]["n"]
+        if n == 7:
+            stuck.set()
+            await asyncio.Event().wait()  # hangs until the "crash"
+        first.append(n)
+        return [SendEvent(rule_id="test.r", reason="r", room=event["room_id"],
+                          event_type="m.notice", content={"n": n})]
+
+    r1 = Running(store, slow, clock=Clock())
+    await r1.proc.start()
+    r1.proc.notify()
+    await asyncio.wait_for(stuck.wait(), 10)
+    await r1.proc.stop(grace_seconds=0)  # the crash: workers cancelled mid-room
+    await store.close()
+
+    store = await new_store(tmp_path)
+    second: list[int] = []
+
+    async def fast(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        second.append(event["content"]["n"])
+        return [SendEvent(rule_id="test.r", reason="r", room=event["room_id"],
+                          event_type="m.notice", content={"n": event["content"]["n"]})]
+
+    try:
+        async with Running(store, fast, clock=Clock()) as r2:
+            await r2.settle()
+        assert 7 in second and 7 not in first
+        # an event whose actions were committed is never handled again
+        assert not set(first) & set(second)
+        assert sorted(first + second) == list(range(1, 11))
+        assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 10, "parked": 0}
+        # every action applied exactly once across both runs, in room order
+        applied = [p["content"]["n"] for _, p in r1.executor.applied + r2.executor.applied]
+        assert sorted(applied) == list(range(1, 11))
+        for room_parity in (0, 1):
+            ns = [n for n in applied if n % 2 == room_parity]
+            assert ns == sorted(ns)
+        assert await store.pending_actions(None, 100) == []
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("crash", [RuntimeError("executor crashed"), asyncio.CancelledError()],
+                         ids=["exception", "cancelled"])
+async def test_actions_committed_with_done_mark_survive_a_crash(tmp_path: Path,
+                                                                crash: BaseException) -> None:
+    store = await new_store(tmp_path)
+    await store.save_transaction("t1", [ev(1, "!r")], [], T0)
+    handled: list[int] = []
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        handled.append(event["content"]["n"])
+        return [SendEvent(rule_id="sep.dm", reason="not staff", room="!r",
+                          event_type="m.room.message", content={"body": "no"}),
+                SendEvent(rule_id="sep.dm", reason="second", room="!r",
+                          event_type="m.room.message", content={"body": "2"})]
+
+    crashing = RecordingExecutor(store, fail_with=crash)
+    r1 = Running(store, handler, clock=Clock(), executor=crashing)
+    await r1.proc.start()
+    r1.proc.notify()
+    for _ in range(500):
+        if crashing.calls:
+            break
+        await asyncio.sleep(0.01)
+    await r1.proc.stop()
+    assert handled == [1]
+    assert crashing.applied == []
+    # committed together: the event is done AND its actions wait in the outbox
+    assert (await store.inbox_stats())["events"]["done"] == 1
+    assert [a.position for a in await store.pending_actions("!r", 10)] == [0, 1]
+    await store.close()
+
+    store = await new_store(tmp_path)
+    try:
+        async with Running(store, handler, clock=Clock()) as r2:
+            await r2.settle()
+        assert handled == [1], "the handler ran again after the restart"
+        assert [p["reason"] for _, p in r2.executor.applied] == ["not staff", "second"]
+        assert action_from_dict(r2.executor.applied[0][1]) == SendEvent(
+            rule_id="sep.dm", reason="not staff", room="!r", event_type="m.room.message",
+            content={"body": "no"})
+        # a further restart applies nothing again
+        async with Running(store, handler, clock=Clock()) as r3:
+            await r3.settle()
+        assert r3.executor.applied == []
+    finally:
+        await store.close()
+
+
+async def test_homeserver_away_keeps_room_waiting(store: Store) -> None:
+    """An executor reporting 'unavailable' blocks its lane (room) and retries it with backoff."""
+    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
+    clock = Clock()
+    handled: list[int] = []
+
+    class FlakyExecutor(RecordingExecutor):
+        up = False
+
+        async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+            self.calls += 1
+            if not self.up:
+                await self.store.finish_action(stored.id, "pending", "down",
+                                               stored.attempts + 1, None, clock.now)
+                return False
+            return await super().run_stored(stored, max_attempts=max_attempts)
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        handled.append(event["content"]["n"])
+        return [SendEvent(rule_id="r", reason="r", room="!r", event_type="m.notice")]
+
+    flaky = FlakyExecutor(store)
+    async with Running(store, handler, clock=clock, executor=flaky) as r:
+        await r.settle()
+        assert handled == [1]  # event 2 waits behind event 1's unapplied action
+        calls = flaky.calls
+        clock.now += backoff_ms(1, cfg()) - 1  # the first retry comes after 1 s
+        await r.settle()
+        assert flaky.calls == calls
+        flaky.up = True
+        clock.now += 1
+        await r.settle()
+    assert handled == [1, 2]
+    assert len(flaky.applied) == 2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug in bridge/matrix/inbox.py: when a room worker raises (store error in "
+    "finish_action/complete_events, executor bug), _start_room's done callback only logs "
+    "and wakes the dispatcher; the room is not put in _lane_retry_at, so while it has "
+    "pending events it is restarted at once, in a tight loop (~5000 run_stored calls/s "
+    "here), hammering the database and homeserver. Expected: back off like a failed lane."))
+async def test_crashing_room_worker_backs_off(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        return [SendEvent(rule_id="r", reason="r", room="!r", event_type="m.notice")]
+
+    broken = RecordingExecutor(store, fail_with=RuntimeError("database went away"))
+    async with Running(store, handler, clock=Clock(), executor=broken) as r:
+        r.proc.notify()
+        await asyncio.sleep(0.5)
+    assert broken.calls <= 5
