@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import re
@@ -65,11 +66,30 @@ def registration_dict(loaded: LoadedConfig, as_token: str, hs_token: str) -> dic
     }
 
 
-def _write_secret_file(path: Path, value: str) -> None:
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` atomically with mode 0600, whatever mode an old file had.
+
+    A temp file in the same folder, fsync, then rename: a crash leaves the old file or the
+    new one, never an empty token file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _write_secret_file(path: Path, value: str) -> None:
+    _write_private(path, value + "\n")
 
 
 def _token_for(loaded: LoadedConfig, ref: SecretRef, key: str, rotate: bool) -> str:
@@ -95,12 +115,10 @@ def cmd_registration(args: argparse.Namespace) -> int:
     hs_token = _token_for(loaded, cfg.appservice.hs_token, "appservice.hs_token", args.rotate)
     reg = registration_dict(loaded, as_token, hs_token)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("# Enclave appservice registration: add this file to Synapse's\n"
-                "# app_service_config_files. It holds tokens: keep it mode 0600.\n")
-        yaml.safe_dump(reg, f, sort_keys=False)
+    _write_private(out, (
+        "# Enclave appservice registration: add this file to Synapse's\n"
+        "# app_service_config_files. It holds tokens: keep it mode 0600.\n"
+    ) + yaml.safe_dump(reg, sort_keys=False))
     print(f"wrote registration to {out}")
     return EXIT_OK
 

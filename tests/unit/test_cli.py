@@ -154,10 +154,6 @@ def test_registration_replaces_a_placeholder_token(config_dir: MakeConfig) -> No
     assert reg["hs_token"] == "hs-token-real-value"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in bridge/cli.py _write_secret_file/cmd_registration: os.open(..., 0o600) only sets "
-    "the mode when it creates the file; a replaced (placeholder) or rotated token file keeps "
-    "its old, e.g. world-readable, mode although the CLI prints 'mode 0600'"))
 @pytest.mark.parametrize("rotate", [False, True])
 def test_registration_makes_replaced_token_files_private(config_dir: MakeConfig,
                                                          rotate: bool) -> None:
