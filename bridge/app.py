@@ -240,6 +240,11 @@ async def build_app(
             if applied:
                 log.info("database migrated to version %d", applied[-1])
         await store.check_schema()
+        iid = await store.get_kv("installation_id")
+        if iid is None:
+            iid = pysecrets.token_hex(8)
+            await store.set_kv("installation_id", iid)
+        executor.installation_id = iid
         yield
         await store.close()
 

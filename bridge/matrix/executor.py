@@ -63,6 +63,15 @@ class Executor:
         self.bot_user_id = bot_user_id
         self.clock_ms = clock_ms
         self.metrics = metrics
+        # Set once the store is open (see app.py). Part of every send's transaction id:
+        # action ids restart in a new or restored database, and Synapse would otherwise
+        # answer a new send with an old event ("deduplicated") and drop it.
+        self.installation_id = ""
+
+    def action_key(self, action_id: int) -> str:
+        """The idempotency key of an outbox action, unique across databases."""
+        prefix = f"{self.installation_id}/" if self.installation_id else ""
+        return f"{prefix}action:{action_id}"
 
     async def apply(self, action: Action, key: str) -> Outcome:
         """Apply one action. Raises :class:`HomeserverUnavailable` when worth retrying later."""
@@ -123,7 +132,7 @@ class Executor:
             return True
         attempts = stored.attempts + 1
         try:
-            outcome = await self.apply(action, f"action:{stored.id}")
+            outcome = await self.apply(action, self.action_key(stored.id))
         except Exception as e:
             # HomeserverUnavailable, or anything unexpected (e.g. a 200 without the
             # event_id we read): retry later with the same key, park after max_attempts.

@@ -248,3 +248,13 @@ async def test_run_direct_audits_with_source(fake_hs: FakeHomeserver, store: Sto
     (rec,) = await store.query_audit(AuditFilter())
     assert (rec["source"], rec["outcome"], rec["rule_id"]) == ("cli", "applied",
                                                                "separation.external")
+
+
+def test_action_key_differs_between_installations() -> None:
+    # a restored or new database reuses action ids; the homeserver must not see a resend
+    a = Executor.__new__(Executor)
+    b = Executor.__new__(Executor)
+    a.installation_id, b.installation_id = "aaaa", "bbbb"
+    assert a.action_key(7) != b.action_key(7)
+    assert txn_id_for(a.action_key(7)) != txn_id_for(b.action_key(7))
+    assert a.action_key(7) == a.action_key(7)
