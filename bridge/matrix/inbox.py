@@ -65,6 +65,7 @@ class InboxProcessor:
         self._wake = asyncio.Event()
         self._active: dict[str, asyncio.Task[None]] = {}
         self._lane_retry_at: dict[str, int] = {}
+        self._crashes: dict[str, int] = {}
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()  # set whenever a full pass found nothing to do
@@ -160,7 +161,16 @@ class InboxProcessor:
         def done(t: asyncio.Task[None]) -> None:
             self._active.pop(room, None)
             if not t.cancelled() and t.exception() is not None:
-                log.error("room worker %s crashed: %r", room, t.exception())
+                # e.g. the store failed mid-way: back off like an unavailable lane, or the
+                # dispatcher would restart this room at once, in a tight loop
+                crashes = self._crashes.get(room, 0) + 1
+                self._crashes[room] = crashes
+                delay = backoff_ms(crashes, self.cfg)
+                self._lane_retry_at[room] = self.clock_ms() + delay
+                log.error("room worker %s crashed (%d in a row), retry in %.1fs: %r", room,
+                          crashes, delay / 1000, t.exception())
+            elif not t.cancelled():
+                self._crashes.pop(room, None)
             self._wake.set()
 
         task.add_done_callback(done)

@@ -7,6 +7,7 @@ make Synapse resend it forever and stall every later event.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +69,29 @@ def parse_event(ev: Any, kind: str) -> NewEvent:
         event_id = None
         room_id = _check_id(ev, "room_id", "!", False)
         sender = _check_id(ev, "sender", "@", kind == "to_device")
+    try:
+        body = dump_json(ev)
+    except ValueError as e:
+        raise ValueError(f"event cannot be stored: {e}") from None
     return NewEvent(
         event_id=event_id, room_id=room_id or "", kind=kind, type=etype, sender=sender,
-        origin_server_ts=ts, body=orjson.dumps(ev).decode(),
+        origin_server_ts=ts, body=body,
     )
+
+
+def dump_json(value: Any) -> str:
+    """Serialise like orjson, falling back to the stdlib for what orjson refuses.
+
+    orjson.loads accepts 1024 levels of nesting but orjson.dumps only 254; any user can
+    send such content, and refusing the transaction would stall the homeserver's queue.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        except (RecursionError, TypeError, ValueError) as e:
+            raise ValueError(f"not serialisable ({type(e).__name__})") from None
 
 
 def parse_transaction(body: Any) -> ParsedTransaction:
@@ -96,8 +116,11 @@ def parse_transaction(body: Any) -> ParsedTransaction:
             try:
                 events.append(parse_event(ev, kind))
             except ValueError as e:
+                try:
+                    raw = dump_json(ev)[:65536]
+                except ValueError:
+                    raw = "<not serialisable: nested too deeply>"
                 quarantined.append(QuarantinedEvent(
-                    position=pos, section=key, reason=str(e),
-                    raw=orjson.dumps(ev).decode()[:65536],
+                    position=pos, section=key, reason=str(e), raw=raw,
                 ))
     return ParsedTransaction(events, quarantined)

@@ -347,12 +347,6 @@ async def test_homeserver_away_keeps_room_waiting(store: Store) -> None:
     assert len(flaky.applied) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in bridge/matrix/inbox.py: when a room worker raises (store error in "
-    "finish_action/complete_events, executor bug), _start_room's done callback only logs "
-    "and wakes the dispatcher; the room is not put in _lane_retry_at, so while it has "
-    "pending events it is restarted at once, in a tight loop (~5000 run_stored calls/s "
-    "here), hammering the database and homeserver. Expected: back off like a failed lane."))
 async def test_crashing_room_worker_backs_off(store: Store) -> None:
     await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
 
