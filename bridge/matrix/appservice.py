@@ -148,8 +148,11 @@ class AppserviceAPI:
             return error_response(503, "M_UNKNOWN", "Store unavailable; retry later")
         if is_new:
             self.metrics.transactions.labels(result="accepted").inc()
-            for ev in parsed.events:
-                self.metrics.events_received.labels(kind=ev.kind).inc()
+            per_kind: dict[str, int] = {}
+            for ev in parsed.events:  # one counter update per kind, not per event
+                per_kind[ev.kind] = per_kind.get(ev.kind, 0) + 1
+            for kind, n in per_kind.items():
+                self.metrics.events_received.labels(kind=kind).inc(n)
             if parsed.quarantined:
                 self.metrics.events_quarantined.inc(len(parsed.quarantined))
                 for qe in parsed.quarantined:
@@ -199,10 +202,17 @@ class AppserviceAPI:
         except Exception as e:  # metrics must answer even when the store is sick
             log.warning("inbox stats unavailable for /metrics: %s", e)
         else:
-            for status, n in stats["events"].items():
-                self.metrics.inbox_events.labels(status=status).set(n)
-            for status, n in stats["actions"].items():
-                self.metrics.actions_by_status.labels(status=status).set(n)
+            # The store only reports statuses that have rows: reset first, or a status that
+            # dropped to zero (e.g. no pending actions left) would keep its last value.
+            for gauge, known, counts in (
+                (self.metrics.inbox_events, _EVENT_STATUSES, stats["events"]),
+                (self.metrics.actions_by_status, _ACTION_STATUSES, stats["actions"]),
+            ):
+                gauge.clear()
+                for status in known:
+                    gauge.labels(status=status).set(0)
+                for status, n in counts.items():
+                    gauge.labels(status=status).set(n)
             self.metrics.quarantine_size.set(stats["quarantined"])
             oldest = stats["oldest_pending_received_at"]
             self.metrics.inbox_oldest_pending.set(
@@ -212,6 +222,11 @@ class AppserviceAPI:
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+# Statuses always exported (as 0 when empty) so dashboards and alerts see a value.
+_EVENT_STATUSES = ("pending", "done", "parked")
+_ACTION_STATUSES = ("pending", "applied", "failed", "parked")
 
 
 class _BadBody(Exception):
