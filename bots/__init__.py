@@ -1,0 +1,1 @@
+"""Enclave bots: the bot framework and the announcement bot (not built yet; see README)."""
