@@ -66,6 +66,7 @@ class InboxProcessor:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._lane_retry_at: dict[str, int] = {}
         self._crashes: dict[str, int] = {}
+        self._event_retry_due: int | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()  # set whenever a full pass found nothing to do
@@ -114,6 +115,12 @@ class InboxProcessor:
             else:
                 self.idle.clear()
             timeout = 1.0
+            if self._event_retry_due is not None:
+                # an event waiting for its retry: wake exactly when it is due
+                if self._event_retry_due <= self.clock_ms():
+                    self._event_retry_due = None
+                else:
+                    next_due = min(next_due or self._event_retry_due, self._event_retry_due)
             if next_due is not None:
                 timeout = max(0.0, min(timeout, (next_due - self.clock_ms()) / 1000))
             with contextlib.suppress(TimeoutError):
@@ -240,8 +247,10 @@ class InboxProcessor:
         park = attempts >= self.cfg.max_attempts
         now = self.clock_ms()
         error = f"{type(exc).__name__}: {exc}"
-        await self.store.fail_event(ev.seq, attempts, now + backoff_ms(attempts, self.cfg),
-                                    error, park)
+        due = now + backoff_ms(attempts, self.cfg)
+        await self.store.fail_event(ev.seq, attempts, due, error, park)
+        if not park:
+            self._event_retry_due = min(self._event_retry_due or due, due)
         if park:
             log.error("event %s parked after %d attempts: %s", ev.event_id, attempts, error)
             self.metrics.events_processed.labels(outcome="parked").inc()
