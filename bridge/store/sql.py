@@ -165,7 +165,8 @@ class SQLStore(Store):
                 *([a[i] for a in actions] for i in range(7)),
             )
             return
-        # one hop to the writer; committed together with whatever else is queued
+        # One hop to the writer; not urgent: it may wait a moment for the next ingest
+        # write and share its commit (one fsync for both).
         steps: list[Step] = [(
             "UPDATE inbox SET status = 'done', done_at = ?, last_error = NULL "
             "WHERE seq = ? AND status = 'pending'",
@@ -177,7 +178,7 @@ class SQLStore(Store):
                 "reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(*a, now_ms) for a in actions], True,
             ))
-        await self.db.batch(steps)
+        await self.db.batch(steps, urgent=False)
 
     async def fail_event(
         self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool
