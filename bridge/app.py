@@ -166,6 +166,9 @@ class Bootstrap:
             log.warning("%s", ident.admin_problem)
 
 
+SERVICES = web.AppKey("services", Services)
+
+
 async def _homeserver_ok(svc: Services) -> bool:
     ident = svc.identity
     if time.monotonic() - ident.homeserver_checked_at < 5:
@@ -230,7 +233,7 @@ async def build_app(
         on_new_events=inbox.notify, user_exists=user_exists, ready=ready, clock_ms=clock_ms,
     )
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
-    app["services"] = svc
+    app[SERVICES] = svc
     app.add_routes(api.routes())
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..metrics import Metrics
 from ..store import Store
-from .transactions import BadTransaction, parse_transaction
+from .transactions import SECTIONS, BadTransaction, check_container
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,15 @@ class AppserviceAPI:
             self._hs_token,
         )
 
-    async def _read_json(self, request: web.Request) -> Any:
+    async def _read_raw_json(self, request: web.Request) -> tuple[bytes, Any]:
         raw = await request.read()  # raises 413 past client_max_size
         try:
-            return orjson.loads(raw)
+            return raw, orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise _BadBody("M_NOT_JSON", f"Content not JSON: {e}") from None
+
+    async def _read_json(self, request: web.Request) -> Any:
+        return (await self._read_raw_json(request))[1]
 
     async def put_transaction(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -127,8 +130,8 @@ class AppserviceAPI:
             return denied
         txn_id = request.match_info["txn_id"]
         try:
-            body = await self._read_json(request)
-            parsed = parse_transaction(body)
+            raw, body = await self._read_raw_json(request)
+            check_container(body)
         except _BadBody as e:
             self.metrics.transactions.labels(result="rejected").inc()
             return error_response(400, e.errcode, e.message)
@@ -138,27 +141,16 @@ class AppserviceAPI:
         if len(txn_id) > 255:
             return error_response(400, "M_INVALID_PARAM", "Transaction id too long")
         try:
-            is_new = await self.store.save_transaction(
-                txn_id, parsed.events, parsed.quarantined, self._clock_ms()
-            )
+            # The only write before the answer: the body as received, in the journal. The
+            # inbox processor expands it into events (and quarantines bad ones) afterwards.
+            is_new = await self.store.journal_append(txn_id, raw, self._clock_ms())
         except Exception:
             # Not stored, so not acknowledged: the homeserver keeps it and resends later.
             log.exception("could not store transaction %s", txn_id)
             self.metrics.transactions.labels(result="store_error").inc()
             return error_response(503, "M_UNKNOWN", "Store unavailable; retry later")
         if is_new:
-            self.metrics.transactions.labels(result="accepted").inc()
-            per_kind: dict[str, int] = {}
-            for ev in parsed.events:  # one counter update per kind, not per event
-                per_kind[ev.kind] = per_kind.get(ev.kind, 0) + 1
-            for kind, n in per_kind.items():
-                self.metrics.events_received.labels(kind=kind).inc(n)
-            if parsed.quarantined:
-                self.metrics.events_quarantined.inc(len(parsed.quarantined))
-                for qe in parsed.quarantined:
-                    log.warning("quarantined event %d of %s in txn %s: %s", qe.position,
-                                qe.section, txn_id, qe.reason)
-            if parsed.events:
+            if any(body.get(key) for key, _ in SECTIONS):
                 self._on_new_events()
         else:
             self.metrics.transactions.labels(result="duplicate").inc()

@@ -22,8 +22,9 @@ import orjson
 from ..config.models import InboxConfig
 from ..metrics import Metrics
 from ..policy.actions import Action
-from ..store import AuditRecord, InboxEvent, Store
+from ..store import AuditRecord, InboxEvent, QuarantinedEvent, Store
 from .executor import Executor
+from .transactions import BadTransaction, ParsedTransaction, parse_transaction
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,47 @@ class FunctionHandler:
 
     async def __call__(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         return await self.fn(event, meta)
+
+
+JOURNAL_BATCH = 50
+
+
+async def expand_journal(store: Store, metrics: Metrics, *, limit: int) -> int:
+    """Expand journaled transactions into inbox events (and quarantine); return how many.
+
+    Crash-safe without a shared transaction: ``save_transaction`` commits first and
+    deduplicates by transaction id, so re-expanding an entry whose removal was lost to a
+    crash stores nothing twice.
+    """
+    entries = await store.journal_pending(limit)
+    for entry in entries:
+        try:
+            parsed = parse_transaction(orjson.loads(entry.body))
+        except (orjson.JSONDecodeError, BadTransaction) as e:
+            # checked before it was journaled; kept aside rather than lost if it ever fails
+            parsed = ParsedTransaction([], [QuarantinedEvent(
+                position=0, section="transaction", reason=f"unreadable transaction: {e}",
+                raw=entry.body[:65536].decode("utf-8", "replace"),
+            )])
+        is_new = await store.save_transaction(
+            entry.txn_id, parsed.events, parsed.quarantined, entry.received_at
+        )
+        if not is_new:
+            metrics.transactions.labels(result="duplicate").inc()
+            continue
+        metrics.transactions.labels(result="accepted").inc()
+        per_kind: dict[str, int] = {}
+        for ev in parsed.events:
+            per_kind[ev.kind] = per_kind.get(ev.kind, 0) + 1
+        for kind, n in per_kind.items():
+            metrics.events_received.labels(kind=kind).inc(n)
+        if parsed.quarantined:
+            metrics.events_quarantined.inc(len(parsed.quarantined))
+            for qe in parsed.quarantined:
+                log.warning("quarantined event %d of %s in txn %s: %s", qe.position,
+                            qe.section, entry.txn_id, qe.reason)
+    await store.journal_remove([e.seq for e in entries])
+    return len(entries)
 
 
 def backoff_ms(attempts: int, cfg: InboxConfig) -> int:
@@ -127,6 +169,7 @@ class InboxProcessor:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _dispatch_once(self) -> tuple[bool, int | None]:
+        await self._pump_journal()
         now = self.clock_ms()
         free = self.cfg.room_concurrency - len(self._active)
         started = False
@@ -160,6 +203,11 @@ class InboxProcessor:
             free -= 1
             started = True
         return started, next_due
+
+    async def _pump_journal(self) -> None:
+        # Expand a bounded number of journaled transactions per pass, so a big backlog
+        # is worked off while events already expanded keep flowing.
+        await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH)
 
     def _start_room(self, room: str, events: list[InboxEvent]) -> None:
         task = asyncio.create_task(self._run_room(room, events), name=f"room {room}")

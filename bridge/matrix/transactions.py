@@ -94,12 +94,25 @@ def dump_json(value: Any) -> str:
             raise ValueError(f"not serialisable ({type(e).__name__})") from None
 
 
-def parse_transaction(body: Any) -> ParsedTransaction:
-    """Split a decoded transaction into events to store and events to quarantine."""
+def check_container(body: Any) -> None:
+    """Raise :class:`BadTransaction` unless the transaction's container is well formed.
+
+    This is all the homeserver's answer waits for; events are checked one by one when the
+    journaled transaction is expanded into the inbox.
+    """
     if not isinstance(body, dict):
         raise BadTransaction(f"the body must be a JSON object, not a {type(body).__name__}")
     if "events" not in body:
         raise BadTransaction("'events' is missing")
+    for key, _kind in SECTIONS:
+        section = body.get(key)
+        if section is not None and not isinstance(section, list):
+            raise BadTransaction(f"'{key}' must be a list")
+
+
+def parse_transaction(body: Any) -> ParsedTransaction:
+    """Split a decoded transaction into events to store and events to quarantine."""
+    check_container(body)
     events: list[NewEvent] = []
     quarantined: list[QuarantinedEvent] = []
     seen_kinds: set[str] = set()
@@ -107,8 +120,6 @@ def parse_transaction(body: Any) -> ParsedTransaction:
         section = body.get(key)
         if section is None:
             continue
-        if not isinstance(section, list):
-            raise BadTransaction(f"'{key}' must be a list")
         if kind != "pdu" and kind in seen_kinds:
             continue  # both the stable and the MSC name: the same events twice
         seen_kinds.add(kind)

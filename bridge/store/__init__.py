@@ -6,13 +6,14 @@ from .base import (
     AuditFilter,
     AuditRecord,
     InboxEvent,
+    JournalEntry,
     NewEvent,
     QuarantinedEvent,
     SchemaError,
     Store,
     StoredAction,
 )
-from .db import DatabaseError, database_from_url
+from .db import DatabaseError, SQLiteDatabase, database_from_url
 from .sql import SQLStore
 
 
@@ -25,7 +26,15 @@ def open_store(
         url, base_dir=base_dir, password=password,
         sqlite_synchronous=sqlite_synchronous, pool_size=pool_size,
     )
+    if isinstance(db, SQLiteDatabase):
+        journal = SQLiteDatabase(journal_path(db.path), synchronous=db.synchronous)
+        return SQLStore(db, journal)
     return SQLStore(db)
+
+
+def journal_path(db_path: Path) -> Path:
+    """The SQLite journal file beside the database: enclave.db -> enclave-journal.db."""
+    return db_path.with_name(f"{db_path.stem}-journal{db_path.suffix or '.db'}")
 
 
 __all__ = [
@@ -33,11 +42,13 @@ __all__ = [
     "AuditRecord",
     "DatabaseError",
     "InboxEvent",
+    "JournalEntry",
     "NewEvent",
     "QuarantinedEvent",
     "SQLStore",
     "SchemaError",
     "Store",
     "StoredAction",
+    "journal_path",
     "open_store",
 ]

@@ -38,6 +38,16 @@ class QuarantinedEvent:
 
 
 @dataclass(frozen=True)
+class JournalEntry:
+    """A transaction as the homeserver sent it, not yet expanded into the inbox."""
+
+    seq: int
+    txn_id: str
+    body: bytes
+    received_at: int
+
+
+@dataclass(frozen=True)
 class InboxEvent:
     seq: int
     txn_id: str
@@ -117,6 +127,27 @@ class Store(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """A trivial query; raises if the database is unreachable."""
+
+    # -- transaction journal -------------------------------------------------------------
+    @abstractmethod
+    async def journal_append(self, txn_id: str, body: bytes, now_ms: int) -> bool:
+        """Durably record a transaction body as received (the only write before ``{}``).
+
+        False when the id is still in the journal. Ids already expanded are deduplicated
+        later by :meth:`save_transaction`.
+        """
+
+    @abstractmethod
+    async def journal_pending(self, limit: int) -> list[JournalEntry]:
+        """Journaled transactions not yet expanded into the inbox, oldest first."""
+
+    @abstractmethod
+    async def journal_remove(self, seqs: Sequence[int]) -> None:
+        """Drop expanded entries (after :meth:`save_transaction` committed them)."""
+
+    @abstractmethod
+    async def journal_stats(self) -> tuple[int, int | None]:
+        """(entries waiting, oldest receive time in ms)."""
 
     # -- inbox ---------------------------------------------------------------------------
     @abstractmethod

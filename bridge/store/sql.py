@@ -11,6 +11,7 @@ from .base import (
     AuditFilter,
     AuditRecord,
     InboxEvent,
+    JournalEntry,
     NewEvent,
     QuarantinedEvent,
     SchemaError,
@@ -37,6 +38,16 @@ def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
     return out
 
 
+JOURNAL_FILE_VERSION = 1
+_SQLITE_JOURNAL_DDL = """
+CREATE TABLE IF NOT EXISTS txn_journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    txn_id TEXT NOT NULL UNIQUE,
+    body BLOB NOT NULL,
+    received_at BIGINT NOT NULL
+);
+"""
+
 _AUDIT_COLS = "ts, source, actor, kind, user_id, room_id, rule_id, reason, outcome, detail"
 
 
@@ -46,17 +57,77 @@ def _audit_row(r: AuditRecord) -> tuple[Any, ...]:
 
 
 class SQLStore(Store):
-    def __init__(self, db: Database):
+    """``journal_db``: where raw transactions are journaled; a separate SQLite file, so the
+    homeserver's answer never waits behind the inbox's writes (PostgreSQL: the same db)."""
+
+    def __init__(self, db: Database, journal_db: Database | None = None):
         self.db = db
+        self.journal_db = journal_db if journal_db is not None else db
         self.dialect = db.dialect
         self._migrations = load_migrations(db.dialect)
         self.latest_version = self._migrations[-1][0]
 
+    @property
+    def _separate_journal(self) -> bool:
+        return self.journal_db is not self.db
+
     async def open(self) -> None:
         await self.db.open()
+        if self._separate_journal:
+            try:
+                await self.journal_db.open()
+                await self._prepare_journal_file()
+            except BaseException:
+                await self.db.close()
+                raise
+
+    async def _prepare_journal_file(self) -> None:
+        async with self.journal_db.transaction() as c:
+            version = int(await c.fetchval("PRAGMA user_version") or 0)
+            if version > JOURNAL_FILE_VERSION:
+                raise SchemaError(
+                    f"the journal file is at version {version}, newer than this Enclave "
+                    f"(knows {JOURNAL_FILE_VERSION})"
+                )
+            if version < JOURNAL_FILE_VERSION:
+                await c.execute_script(_SQLITE_JOURNAL_DDL)
+                await c.execute(f"PRAGMA user_version = {JOURNAL_FILE_VERSION}")
 
     async def close(self) -> None:
-        await self.db.close()
+        try:
+            if self._separate_journal:
+                await self.journal_db.close()
+        finally:
+            await self.db.close()
+
+    # -- transaction journal -------------------------------------------------------------
+    async def journal_append(self, txn_id: str, body: bytes, now_ms: int) -> bool:
+        sql = ("INSERT INTO txn_journal (txn_id, body, received_at) VALUES (?, ?, ?) "
+               "ON CONFLICT (txn_id) DO NOTHING")
+        if isinstance(self.journal_db, PostgresDatabase):
+            return await self.journal_db.fetchval_autocommit(
+                sql + " RETURNING 1", txn_id, body, now_ms) is not None
+        counts = await self.journal_db.batch([(sql, (txn_id, body, now_ms), False)])
+        return counts[0] != 0
+
+    async def journal_pending(self, limit: int) -> list[JournalEntry]:
+        rows = await self.journal_db.fetch(
+            "SELECT seq, txn_id, body, received_at FROM txn_journal ORDER BY seq LIMIT ?",
+            limit,
+        )
+        return [JournalEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows]
+
+    async def journal_remove(self, seqs: Sequence[int]) -> None:
+        if seqs:
+            await self.journal_db.batch(
+                [("DELETE FROM txn_journal WHERE seq = ?", [(s,) for s in seqs], True)],
+                urgent=False,
+            )
+
+    async def journal_stats(self) -> tuple[int, int | None]:
+        (row,) = await self.journal_db.fetch(
+            "SELECT COUNT(*), MIN(received_at) FROM txn_journal")
+        return int(row[0]), row[1]
 
     async def ping(self) -> None:
         async with self.db.transaction() as c:
@@ -147,7 +218,8 @@ class SQLStore(Store):
         rows = await self.db.fetch(
             "SELECT seq, txn_id, event_id, room_id, kind, type, sender, body, attempts, "
             "received_at FROM inbox WHERE status = 'pending' AND room_id NOT IN ("
-            " SELECT room_id FROM inbox WHERE status = 'pending' AND next_attempt_at > ?"
+            " SELECT room_id FROM inbox WHERE status = 'pending' AND next_attempt_at > 0"
+            " AND next_attempt_at > ?"
             ") ORDER BY seq LIMIT ?",
             now_ms, limit,
         )
@@ -236,6 +308,9 @@ class SQLStore(Store):
             ("SELECT status, COUNT(*) FROM actions GROUP BY status", ()),
         ])
         oldest, quarantined, txns = oldest_r[0][0], quarantined_r[0][0], txns_r[0][0]
+        journaled, journal_oldest = await self.journal_stats()
+        if journal_oldest is not None and (oldest is None or journal_oldest < oldest):
+            oldest = journal_oldest  # not yet expanded into the inbox: waiting all the same
         counts = {"pending": 0, "done": 0, "parked": 0}
         counts.update({r[0]: int(r[1]) for r in rows})
         return {
@@ -243,6 +318,7 @@ class SQLStore(Store):
             "actions": {r[0]: int(r[1]) for r in actions},
             "quarantined": int(quarantined),
             "transactions": int(txns),
+            "journaled_transactions": journaled,
             "oldest_pending_received_at": oldest,
         }
 

@@ -181,11 +181,11 @@ def test_migrate_then_check(config_dir: MakeConfig, capsys: pytest.CaptureFixtur
     assert main(["migrate", "-c", str(cfg), "--check"]) == EXIT_DATABASE
     assert "run 'enclave migrate'" in capsys.readouterr().err
     assert main(["migrate", "-c", str(cfg)]) == EXIT_OK
-    assert "migrated from version 0 to 1" in capsys.readouterr().out
+    assert "migrated from version 0 to 2" in capsys.readouterr().out
     assert main(["migrate", "-c", str(cfg)]) == EXIT_OK
-    assert "already at version 1; nothing to do" in capsys.readouterr().out
+    assert "already at version 2; nothing to do" in capsys.readouterr().out
     assert main(["migrate", "-c", str(cfg), "--check"]) == EXIT_OK
-    assert "schema is current (version 1)" in capsys.readouterr().out
+    assert "schema is current (version 2)" in capsys.readouterr().out
     assert (cfg.parent / "var/enclave.db").exists()
 
 

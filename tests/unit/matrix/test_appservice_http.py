@@ -12,12 +12,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from bridge.matrix.appservice import AppserviceAPI, json_errors
+from bridge.matrix.inbox import expand_journal
 from bridge.metrics import Metrics
 from bridge.store import Store, open_store
 
 TOKEN = "hs-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TXN = "/_matrix/app/v1/transactions/"
+STORE = web.AppKey("store", Store)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 async def new_store(path: Path) -> Store:
@@ -63,14 +66,21 @@ def make_client(aiohttp_client, harness: Harness) -> MakeClient:
         async def user_exists(user_id: str) -> bool:
             return user_id == "@enclave:corp.example.com"
 
-        api = AppserviceAPI(store, Metrics(), hs_token=TOKEN, on_new_events=harness.notify,
+        metrics = Metrics()
+        api = AppserviceAPI(store, metrics, hs_token=TOKEN, on_new_events=harness.notify,
                             user_exists=user_exists, ready=harness.ready,
                             clock_ms=lambda: 1_000)
         app = web.Application(middlewares=[json_errors], client_max_size=max_size)
+        app[STORE], app[METRICS] = store, metrics
         app.add_routes(api.routes())
         return await aiohttp_client(app)
 
     return make
+
+
+async def expand(client: TestClient) -> int:
+    """What the inbox processor does next: expand journaled transactions into the inbox."""
+    return await expand_journal(client.app[STORE], client.app[METRICS], limit=1000)
 
 
 def pdu(n: int, room: str = "!r1", **over: Any) -> dict[str, Any]:
@@ -142,7 +152,7 @@ async def test_error_shapes(make_client: MakeClient, store: Store, method: str, 
     resp = await client.request(method, path, headers=headers, data=data)
     assert await error_of(resp) == expected
     stats = await store.inbox_stats()
-    assert stats["transactions"] == 0
+    assert (stats["transactions"], stats["journaled_transactions"]) == (0, 0)
 
 
 async def test_too_large_body_is_413(make_client: MakeClient, store: Store) -> None:
@@ -187,6 +197,7 @@ async def test_health_user_ping_metrics(make_client: MakeClient, store: Store) -
                              data=b'{"transaction_id": "p1"}')
     assert (resp.status, await resp.json()) == (200, {})
     await client.put(TXN + "t1", headers=AUTH, data=orjson.dumps({"events": [pdu(1)]}))
+    await expand(client)
     resp = await client.get("/metrics")
     text = await resp.text()
     assert resp.status == 200
@@ -194,10 +205,13 @@ async def test_health_user_ping_metrics(make_client: MakeClient, store: Store) -
     assert 'enclave_inbox_events{status="pending"} 1.0' in text
 
 
-async def put(client: TestClient, txn: str, events: list[Any], **extra: Any) -> Any:
+async def put(client: TestClient, txn: str, events: list[Any], *, expand_after: bool = True,
+              **extra: Any) -> Any:
     resp = await client.put(TXN + txn, headers=AUTH,
                             data=orjson.dumps({"events": events, **extra}))
     assert (resp.status, await resp.json()) == (200, {})
+    if expand_after:
+        await expand(client)
     return resp
 
 
@@ -210,12 +224,17 @@ async def test_query_token_accepted(make_client: MakeClient, store: Store) -> No
 async def test_same_txn_twice_stores_once(make_client: MakeClient, store: Store,
                                           harness: Harness) -> None:
     client = await make_client(store)
-    await put(client, "t1", [pdu(1), pdu(2)])
+    # resent while still in the journal: acknowledged, journaled once
+    await put(client, "t1", [pdu(1), pdu(2)], expand_after=False)
+    await put(client, "t1", [pdu(1), pdu(2)], expand_after=False)
+    assert (await store.journal_stats())[0] == 1
+    assert harness.notified == 1
+    assert await expand(client) == 1
+    # resent after it was expanded: acknowledged, deduplicated by the inbox
     await put(client, "t1", [pdu(1), pdu(2)])
     assert len(await store.list_events("pending")) == 2
     stats = await store.inbox_stats()
-    assert stats["transactions"] == 1
-    assert harness.notified == 1
+    assert (stats["transactions"], stats["journaled_transactions"]) == (1, 0)
 
 
 async def test_event_redelivered_in_another_txn_stored_once(make_client: MakeClient,
