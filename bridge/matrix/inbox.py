@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,6 +49,12 @@ class FunctionHandler:
 
 
 JOURNAL_BATCH = 50
+# A room worker commits the done-marks of events without actions at least this often, and
+# gives the event loop a turn (HTTP answers share it) after this much work without an await.
+FLUSH_EVERY = 256
+YIELD_SECONDS = 0.001
+# Largest outbox read at start-up; more pending than that: every lane is checked once.
+STARTUP_ACTIONS = 100_000
 
 
 async def expand_journal(store: Store, metrics: Metrics, *, limit: int) -> int:
@@ -112,15 +120,35 @@ class InboxProcessor:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()  # set whenever a full pass found nothing to do
+        # Each pending event is read from the database once: fetched events wait in their
+        # room's queue (FIFO, seq order) until the room's worker takes them. ``_owned``:
+        # every event fetched and not yet finished (queued or in a worker's hands) -> room;
+        # a fetch skips those. Memory only: after a restart everything is read again.
+        self._queues: dict[str, deque[InboxEvent]] = {}
+        self._owned: dict[int, str] = {}
+        # While a fetch is in flight its snapshot may predate commits made meanwhile: rows
+        # finished (``_released``) or rooms dropped (``_dropped``) during it are ignored.
+        self._fetching = False
+        self._released: set[int] = set()
+        self._dropped: set[str] = set()
+        self._maybe_more = True  # the inbox may hold due events not fetched yet
+        # Lanes that may have pending actions: only those query the outbox.
+        self._action_lanes: set[str] = set()
+        self._actions_unknown = False  # start-up read was truncated: check every lane once
+        self._lanes_checked: set[str] = set()
 
     def notify(self) -> None:
         """New events were committed to the inbox."""
+        self._maybe_more = True
         self._wake.set()
 
     async def start(self) -> None:
         # Actions committed before a crash but not applied: resume them first.
-        for a in await self.store.pending_actions(None, 100_000):
+        pending = await self.store.pending_actions(None, STARTUP_ACTIONS)
+        for a in pending:
             self._lane_retry_at.setdefault(a.lane, 0)
+            self._action_lanes.add(a.lane)
+        self._actions_unknown = len(pending) >= STARTUP_ACTIONS
         self._task = asyncio.create_task(self._run(), name="inbox-dispatcher")
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -165,8 +193,11 @@ class InboxProcessor:
                     next_due = min(next_due or self._event_retry_due, self._event_retry_due)
             if next_due is not None:
                 timeout = max(0.0, min(timeout, (next_due - self.clock_ms()) / 1000))
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                # retries come due; events requeued by another process (``enclave inbox``)
+                self._maybe_more = True
 
     async def _dispatch_once(self) -> tuple[bool, int | None]:
         await self._pump_journal()
@@ -180,37 +211,91 @@ class InboxProcessor:
                 continue
             if due <= now and free > 0:
                 del self._lane_retry_at[lane]
-                self._start_room(lane, [])
+                self._start_room(lane)
                 free -= 1
                 started = True
             elif due > now:
                 next_due = due if next_due is None else min(next_due, due)
+        free, started = self._start_ready(free, started)
+        # Read more only when a worker slot would stay idle and few events are in hand, so
+        # rows are not read again while they wait in a queue (they are still pending).
+        if free > 0 and self._maybe_more and len(self._owned) < self.cfg.batch_size:
+            await self._fetch(now)
+            free, started = self._start_ready(free, started)
+        return started, next_due
+
+    def _start_ready(self, free: int, started: bool) -> tuple[int, bool]:
+        """Start workers for rooms with queued events, in the order they were fetched."""
         if free <= 0:
-            return started, next_due
-        # Snapshot before the query: a worker that finishes while we wait for the database
-        # must not have its (now done) events handed to a second worker.
-        busy = set(self._active) | set(self._lane_retry_at)
-        events = await self.store.fetch_due_events(now, self.cfg.batch_size)
-        by_room: dict[str, list[InboxEvent]] = {}
-        for ev in events:
-            if ev.room_id in busy:
+            return free, started
+        for room, q in list(self._queues.items()):
+            if not q or room in self._active or room in self._lane_retry_at:
                 continue
-            by_room.setdefault(ev.room_id, []).append(ev)
-        for room, evs in by_room.items():
+            self._start_room(room)
+            started = True
+            free -= 1
             if free <= 0:
                 break
-            self._start_room(room, evs)
-            free -= 1
-            started = True
-        return started, next_due
+        return free, started
+
+    async def _fetch(self, now: int) -> None:
+        self._maybe_more = False  # a notify() during the read sets it again
+        limit = self.cfg.batch_size + len(self._owned)  # rows in hand come back too
+        self._fetching = True
+        try:
+            events = await self.store.fetch_due_events(now, limit)
+        except BaseException:
+            self._maybe_more = True
+            raise
+        finally:
+            self._fetching = False
+            released, dropped = self._released, self._dropped
+            self._released, self._dropped = set(), set()
+        if len(events) >= limit or dropped:
+            self._maybe_more = True
+        owned, queues, blocked = self._owned, self._queues, self._lane_retry_at
+        for ev in events:
+            seq, room = ev.seq, ev.room_id
+            if seq in owned or seq in released or room in dropped:
+                continue
+            if room in blocked:
+                # its outbox waits for the homeserver: read the rest when it is back
+                self._maybe_more = True
+                continue
+            owned[seq] = room
+            q = queues.get(room)
+            if q is None:
+                q = queues[room] = deque()
+            q.append(ev)
+
+    def _release(self, seqs: Sequence[int]) -> None:
+        """Events finished (done or parked, committed): a later fetch may not return them."""
+        owned = self._owned
+        for s in seqs:
+            owned.pop(s, None)
+        if self._fetching:
+            self._released.update(seqs)
+
+    def _drop_room(self, room: str) -> None:
+        """Forget the room's fetched events; they are read again from the database (after
+        a failed event's backoff, or after a crash of the worker)."""
+        self._queues.pop(room, None)
+        self._release([s for s, r in self._owned.items() if r == room])
+        if self._fetching:
+            self._dropped.add(room)
+        self._maybe_more = True
 
     async def _pump_journal(self) -> None:
         # Expand a bounded number of journaled transactions per pass, so a big backlog
         # is worked off while events already expanded keep flowing.
-        await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH)
+        n = await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH)
+        if n:
+            self._maybe_more = True  # new inbox rows to fetch
+        if n >= JOURNAL_BATCH:
+            self._wake.set()  # more journaled: another pass soon, not in up to 1 s
 
-    def _start_room(self, room: str, events: list[InboxEvent]) -> None:
-        task = asyncio.create_task(self._run_room(room, events), name=f"room {room}")
+    def _start_room(self, room: str) -> None:
+        task = asyncio.create_task(self._run_room(room), name=f"room {room}")
         self._active[room] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -231,58 +316,104 @@ class InboxProcessor:
         task.add_done_callback(done)
 
     async def _drain_actions(self, lane: str) -> bool:
-        """Apply the lane's pending actions in order; False if the homeserver is away."""
+        """Apply the lane's pending actions in order; False if the homeserver is away.
+
+        Only lanes known to have some are read: actions are written by this room's own
+        worker (which marks the lane first) or were left from before a restart (read by
+        :meth:`start`).
+        """
+        if lane not in self._action_lanes and (
+                not self._actions_unknown or lane in self._lanes_checked):
+            return True
         while True:
             pending = await self.store.pending_actions(lane, 100)
-            if not pending:
-                return True
             for stored in pending:
                 if not await self.executor.run_stored(stored, max_attempts=self.cfg.max_attempts):
                     retry_in = backoff_ms(stored.attempts + 1, self.cfg)
                     self._lane_retry_at[lane] = self.clock_ms() + retry_in
                     return False
-
-    async def _run_room(self, room: str, events: list[InboxEvent]) -> None:
-        if not await self._drain_actions(room):
-            return
-        done: list[int] = []
-        for ev in events:
-            if self._stopping:
+            if len(pending) < 100:
+                # run_stored returned True: each reached a final state; none was added
+                # meanwhile (only this worker adds to its lane)
                 break
-            try:
-                actions = await self._handle(ev)
-            except Exception as e:
-                await self._flush(done, [], [])
-                done = []
-                if not await self._failed(ev, e):
-                    return  # retry later; later events of this room wait for it
-                continue
-            if not actions:
-                done.append(ev)
-                continue
-            done.append(ev)
-            rows = [
-                (ev.seq, i, room, a.kind, orjson.dumps(a.to_dict()).decode(), a.rule_id,
-                 a.reason)
-                for i, a in enumerate(actions)
-            ]
-            await self._flush(done, rows, actions)
-            done = []
+        self._action_lanes.discard(lane)
+        if self._actions_unknown:
+            self._lanes_checked.add(lane)
+        return True
+
+    async def _run_room(self, room: str) -> None:
+        """Work off the room's queue, including events the dispatcher appends meanwhile."""
+        try:
             if not await self._drain_actions(room):
-                return
-        await self._flush(done, [], [])
+                return  # the queue waits (in order) for the lane's retry
+            done: list[InboxEvent] = []
+            queues = self._queues
+            clock = time.perf_counter
+            last_yield = clock()
+            while not self._stopping:
+                q = queues.get(room)
+                if not q:
+                    if not done:
+                        if q is not None:
+                            del queues[room]
+                        return
+                    await self._flush(done, [], [])  # the dispatcher may append meanwhile
+                    done = []
+                    continue
+                ev = q.popleft()
+                try:
+                    actions = await self._handle(ev)
+                except Exception as e:
+                    await self._flush(done, [], [])
+                    done = []
+                    if not await self._failed(ev, e):
+                        # retry later; later events of this room wait for it, and are
+                        # read again (in order) once it is due
+                        self._drop_room(room)
+                        return
+                    self._release((ev.seq,))
+                    continue
+                done.append(ev)
+                if actions:
+                    rows = [
+                        (ev.seq, i, room, a.kind, orjson.dumps(a.to_dict()).decode(),
+                         a.rule_id, a.reason)
+                        for i, a in enumerate(actions)
+                    ]
+                    self._action_lanes.add(room)  # before the commit: it may be unknown
+                    await self._flush(done, rows, actions)
+                    done = []
+                    if not await self._drain_actions(room):
+                        return
+                elif len(done) >= FLUSH_EVERY:
+                    await self._flush(done, [], [])
+                    done = []
+                # handlers rarely really await: let the HTTP endpoint answer meanwhile
+                if clock() - last_yield >= YIELD_SECONDS:
+                    await asyncio.sleep(0)
+                    last_yield = clock()
+            await self._flush(done, [], [])  # stopping
+        except BaseException:
+            # e.g. the store failed (the done-marks in hand may or may not be committed):
+            # read the room again from the database when it is retried
+            self._drop_room(room)
+            raise
 
     async def _flush(self, done: list[InboxEvent], rows: list[Any],
                      actions: Sequence[Action]) -> None:
         if not done:
             return
         now = self.clock_ms()
-        await self.store.complete_events([e.seq for e in done], rows, now)
+        seqs = [e.seq for e in done]
+        await self.store.complete_events(seqs, rows, now)
+        self._release(seqs)
         self.metrics.events_processed.labels(outcome="done").inc(len(done))
         for e in done:
             self.metrics.processing_lag.observe(max(0, now - e.received_at) / 1000)
 
     async def _handle(self, ev: InboxEvent) -> list[Action]:
+        if not self.handlers:
+            return []
         event = orjson.loads(ev.body)
         out: list[Action] = []
         for h in self.handlers:
