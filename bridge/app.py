@@ -231,6 +231,7 @@ async def build_app(
     api = AppserviceAPI(
         store, metrics, hs_token=secrets["appservice.hs_token"].get(),
         on_new_events=inbox.notify, user_exists=user_exists, ready=ready, clock_ms=clock_ms,
+        on_request=inbox.note_ingest,
     )
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
     app[SERVICES] = svc

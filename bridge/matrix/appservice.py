@@ -85,7 +85,7 @@ class AppserviceAPI:
     def __init__(
         self, store: Store, metrics: Metrics, *, hs_token: str, on_new_events: Callable[[], None],
         user_exists: Callable[[str], Awaitable[bool]], ready: Callable[[], Awaitable[dict]],
-        clock_ms: Callable[[], int],
+        clock_ms: Callable[[], int], on_request: Callable[[], None] | None = None,
     ):
         self.store = store
         self.metrics = metrics
@@ -94,6 +94,7 @@ class AppserviceAPI:
         self._user_exists = user_exists
         self._ready = ready
         self._clock_ms = clock_ms
+        self._on_request = on_request
 
     def routes(self) -> list[web.RouteDef]:
         p = "/_matrix/app/v1"
@@ -125,6 +126,8 @@ class AppserviceAPI:
 
     async def put_transaction(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        if self._on_request is not None:
+            self._on_request()
         if (denied := self._auth(request)) is not None:
             self.metrics.transactions.labels(result="unauthorized").inc()
             return denied

@@ -53,11 +53,19 @@ JOURNAL_BATCH = 50
 # gives the event loop a turn (HTTP answers share it) after this much work without an await.
 FLUSH_EVERY = 256
 YIELD_SECONDS = 0.001
+# Ingest priority: defer processing while a homeserver request started this recently, by at
+# most MAX_DEFER per slice of work (processing keeps >= 25% of the loop under a burst).
+INGEST_QUIET_SECONDS = 0.002
+MAX_DEFER_SECONDS = 0.003
+DEFER_STEP_SECONDS = 0.0005
 # Largest outbox read at start-up; more pending than that: every lane is checked once.
 STARTUP_ACTIONS = 100_000
 
 
-async def expand_journal(store: Store, metrics: Metrics, *, limit: int) -> int:
+async def expand_journal(
+    store: Store, metrics: Metrics, *, limit: int,
+    pause: Callable[[], Awaitable[None]] | None = None,
+) -> int:
     """Expand journaled transactions into inbox events (and quarantine); return how many.
 
     Crash-safe without a shared transaction: ``save_transaction`` commits first and
@@ -66,6 +74,8 @@ async def expand_journal(store: Store, metrics: Metrics, *, limit: int) -> int:
     """
     entries = await store.journal_pending(limit)
     for entry in entries:
+        if pause is not None:
+            await pause()
         try:
             parsed = parse_transaction(orjson.loads(entry.body))
         except (orjson.JSONDecodeError, BadTransaction) as e:
@@ -136,6 +146,25 @@ class InboxProcessor:
         self._action_lanes: set[str] = set()
         self._actions_unknown = False  # start-up read was truncated: check every lane once
         self._lanes_checked: set[str] = set()
+        self._ingest_seen = 0.0
+
+    def note_ingest(self) -> None:
+        """A homeserver request is being answered: give it the event loop first."""
+        self._ingest_seen = time.perf_counter()
+
+    async def yield_to_ingest(self) -> None:
+        """Let the loop run; while the homeserver is pushing, wait (bounded) for a gap.
+
+        The answer to the homeserver is on its critical path (one transaction in flight),
+        processing is not; but processing still gets at least one slice in
+        ``1 + MAX_DEFER_SECONDS / YIELD_SECONDS``, so a long burst cannot starve it.
+        """
+        await asyncio.sleep(0)
+        waited = 0.0
+        while (time.perf_counter() - self._ingest_seen < INGEST_QUIET_SECONDS
+               and waited < MAX_DEFER_SECONDS):
+            await asyncio.sleep(DEFER_STEP_SECONDS)
+            waited += DEFER_STEP_SECONDS
 
     def notify(self) -> None:
         """New events were committed to the inbox."""
@@ -288,7 +317,8 @@ class InboxProcessor:
     async def _pump_journal(self) -> None:
         # Expand a bounded number of journaled transactions per pass, so a big backlog
         # is worked off while events already expanded keep flowing.
-        n = await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH)
+        n = await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH,
+                                 pause=self.yield_to_ingest)
         if n:
             self._maybe_more = True  # new inbox rows to fetch
         if n >= JOURNAL_BATCH:
@@ -390,7 +420,7 @@ class InboxProcessor:
                     done = []
                 # handlers rarely really await: let the HTTP endpoint answer meanwhile
                 if clock() - last_yield >= YIELD_SECONDS:
-                    await asyncio.sleep(0)
+                    await self.yield_to_ingest()
                     last_yield = clock()
             await self._flush(done, [], [])  # stopping
         except BaseException:
