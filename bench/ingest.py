@@ -339,6 +339,7 @@ class RefServer(Server):
 
 class EnclaveServer(Server):
     has_inbox = True
+    txn_size = 100
 
     def __init__(self, name: str, workdir: Path, hs_token: str, synchronous: str,
                  launcher: str | None = None):
@@ -392,7 +393,15 @@ logging:
 
     def inbox_pending(self) -> int:
         (row,) = self._query("SELECT COUNT(*) FROM inbox WHERE status = 'pending'")
-        return int(row[0])
+        # transactions still in the journal (not yet expanded) are waiting too
+        c = sqlite3.connect(self.workdir / "enclave-journal.db", timeout=10)
+        try:
+            (journaled,) = c.execute("SELECT COUNT(*) FROM txn_journal").fetchone()
+        except sqlite3.OperationalError:  # not created yet
+            journaled = 0
+        finally:
+            c.close()
+        return int(row[0]) + int(journaled) * self.txn_size
 
     def inbox_totals(self) -> dict[str, Any]:
         (total, done_max), (txns,) = self._query(
@@ -419,8 +428,9 @@ class EnclavePgServer(EnclaveServer):
         return [r[0] for r in rows]
 
     def inbox_pending(self) -> int:
-        return int(pg_query(self.db_url(), "SELECT COUNT(*) FROM inbox WHERE status = 'pending'",
-                            fetch="fetchval"))
+        return int(pg_query(
+            self.db_url(), "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') "
+            "+ (SELECT COUNT(*) FROM txn_journal) * $1", self.txn_size, fetch="fetchval"))
 
     def inbox_totals(self) -> dict[str, Any]:
         row = pg_query(self.db_url(), "SELECT COUNT(*), MAX(done_at), "
@@ -522,6 +532,7 @@ def wait_drained(server: Server, max_wait: float) -> int:
 def run_cell(server: Server, size: int, args: argparse.Namespace,
                    profile_dir: Path | None) -> Cell:
     factory = TxnFactory(size, seed=args.seed + size)
+    server.txn_size = size  # journaled transactions count as this many pending events
     notes: list[str] = []
     if args.wait_quiet > 0:
         busy = wait_quiet(args.wait_quiet)

@@ -129,6 +129,8 @@ class InboxProcessor:
         self._event_retry_due: int | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._journal_task: asyncio.Task[None] | None = None
+        self._journal_wake = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a full pass found nothing to do
         # Each pending event is read from the database once: fetched events wait in their
         # room's queue (FIFO, seq order) until the room's worker takes them. ``_owned``:
@@ -147,6 +149,7 @@ class InboxProcessor:
         self._actions_unknown = False  # start-up read was truncated: check every lane once
         self._lanes_checked: set[str] = set()
         self._ingest_seen = 0.0
+        self._slice_started = 0.0
 
     def note_ingest(self) -> None:
         """A homeserver request is being answered: give it the event loop first."""
@@ -159,16 +162,20 @@ class InboxProcessor:
         processing is not; but processing still gets at least one slice in
         ``1 + MAX_DEFER_SECONDS / YIELD_SECONDS``, so a long burst cannot starve it.
         """
+        if time.perf_counter() - self._slice_started < YIELD_SECONDS:
+            return  # this slice of work is not used up yet
         await asyncio.sleep(0)
         waited = 0.0
         while (time.perf_counter() - self._ingest_seen < INGEST_QUIET_SECONDS
                and waited < MAX_DEFER_SECONDS):
             await asyncio.sleep(DEFER_STEP_SECONDS)
             waited += DEFER_STEP_SECONDS
+        self._slice_started = time.perf_counter()
 
     def notify(self) -> None:
-        """New events were committed to the inbox."""
+        """New transactions were journaled (or events committed to the inbox)."""
         self._maybe_more = True
+        self._journal_wake.set()
         self._wake.set()
 
     async def start(self) -> None:
@@ -179,6 +186,7 @@ class InboxProcessor:
             self._action_lanes.add(a.lane)
         self._actions_unknown = len(pending) >= STARTUP_ACTIONS
         self._task = asyncio.create_task(self._run(), name="inbox-dispatcher")
+        self._journal_task = asyncio.create_task(self._run_journal(), name="journal-expander")
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop dispatching; let room workers finish the event in hand, then cancel them.
@@ -188,10 +196,13 @@ class InboxProcessor:
         """
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        # Cancelling the expander mid-entry is safe: an entry is removed from the journal
+        # only after its events are committed, and re-expanding it is deduplicated.
+        for task in (self._task, self._journal_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         tasks = list(self._active.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
@@ -229,7 +240,6 @@ class InboxProcessor:
                 self._maybe_more = True
 
     async def _dispatch_once(self) -> tuple[bool, int | None]:
-        await self._pump_journal()
         now = self.clock_ms()
         free = self.cfg.room_concurrency - len(self._active)
         started = False
@@ -314,15 +324,25 @@ class InboxProcessor:
             self._dropped.add(room)
         self._maybe_more = True
 
-    async def _pump_journal(self) -> None:
-        # Expand a bounded number of journaled transactions per pass, so a big backlog
-        # is worked off while events already expanded keep flowing.
-        n = await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH,
-                                 pause=self.yield_to_ingest)
-        if n:
-            self._maybe_more = True  # new inbox rows to fetch
-        if n >= JOURNAL_BATCH:
-            self._wake.set()  # more journaled: another pass soon, not in up to 1 s
+    async def _run_journal(self) -> None:
+        """Expand journaled transactions into the inbox, beside (not inside) dispatching,
+        so a burst of transactions never holds up rooms whose events are already in."""
+        while not self._stopping:
+            self._journal_wake.clear()
+            try:
+                n = await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH,
+                                         pause=self.yield_to_ingest)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("expanding the transaction journal failed; retrying in 1s")
+                n = 0
+            if n:
+                self._maybe_more = True  # new inbox rows to fetch
+                self._wake.set()
+            if n < JOURNAL_BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._journal_wake.wait(), 1.0)
 
     def _start_room(self, room: str) -> None:
         task = asyncio.create_task(self._run_room(room), name=f"room {room}")
