@@ -95,45 +95,30 @@ def _compose(text: str) -> yaml.Node | None:
         return None
 
 
-def _duplicate_keys(root: yaml.Node | None) -> list[str]:
-    """Keys given twice in one mapping: YAML keeps the last silently, which hides mistakes
-    (a second ``appservice:`` section would replace the first one wholesale)."""
-    problems: list[str] = []
-
-    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
-                    line = k.start_mark.line + 1
-                    if k.value in seen:
-                        problems.append(
-                            f"at {format_loc((*path, k.value))} (line {line}): duplicate key "
-                            f"(first given at line {seen[k.value]}); YAML would silently keep "
-                            "only the last one"
-                        )
-                    else:
-                        seen[k.value] = line
-                walk(v, (*path, k.value))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, (*path, i))
-
-    if root is not None:
-        walk(root, ())
-    return problems
-
-
-def _line_map(root: yaml.Node | None) -> dict[tuple[Any, ...], int]:
-    """Map each key path (('a', 0, 'b')) in the YAML document to its 1-based line."""
+def _scan(root: yaml.Node | None) -> tuple[dict[tuple[Any, ...], int], list[str]]:
+    """One walk of the YAML tree: the 1-based line of each key path (('a', 0, 'b')), and the
+    keys given twice in one mapping (YAML keeps the last silently, which hides mistakes: a
+    second ``appservice:`` section would replace the first one wholesale)."""
     lines: dict[tuple[Any, ...], int] = {}
+    duplicates: list[str] = []
 
     def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
                 key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
-                lines[(*path, key)] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if key in seen:
+                        duplicates.append(
+                            f"at {format_loc((*path, key))} (line {line}): duplicate key "
+                            f"(first given at line {seen[key]}); YAML would silently keep "
+                            "only the last one"
+                        )
+                    else:
+                        seen[key] = line
+                lines[(*path, key)] = line
                 walk(v, (*path, key))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -141,7 +126,7 @@ def _line_map(root: yaml.Node | None) -> dict[tuple[Any, ...], int]:
 
     if root is not None:
         walk(root, ())
-    return lines
+    return lines, duplicates
 
 
 def format_loc(loc: tuple[Any, ...]) -> str:
@@ -176,13 +161,12 @@ def parse_config(text: str, *, source: str = "<string>") -> EnclaveConfig:
         raise ConfigError(f"in {source}", ["the file is empty"])
     if not isinstance(data, dict):
         raise ConfigError(f"in {source}", ["the top level must be a mapping of sections"])
-    root = _compose(text)
-    if duplicates := _duplicate_keys(root):
+    lines, duplicates = _scan(_compose(text))
+    if duplicates:
         raise ConfigError(f"in {source}", duplicates)
     try:
         return EnclaveConfig.model_validate(data)
     except ValidationError as e:
-        lines = _line_map(root)
         problems = []
         for err in e.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
