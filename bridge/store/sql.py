@@ -134,12 +134,19 @@ class SQLStore(Store):
             await c.fetchval("SELECT 1")
 
     async def schema_version(self) -> int:
-        async with self.db.transaction() as c:
-            await c.execute(
-                "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)"
-            )
-            v = await c.fetchval("SELECT MAX(version) FROM enclave_schema")
-        return int(v or 0)
+        # A read only: read-only commands (inbox status, audit) must not take the writer
+        # away from a running Enclave. migrate() creates the table.
+        exists_sql = (
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'enclave_schema'"
+            if self.dialect == "sqlite"
+            else "SELECT COUNT(*) FROM information_schema.tables "
+                 "WHERE table_schema = current_schema() AND table_name = 'enclave_schema'"
+        )
+        (row,) = await self.db.fetch(exists_sql)
+        if not row[0]:
+            return 0
+        (row,) = await self.db.fetch("SELECT MAX(version) FROM enclave_schema")
+        return int(row[0] or 0)
 
     def _too_new(self, current: int) -> SchemaError:
         return SchemaError(
@@ -149,6 +156,10 @@ class SQLStore(Store):
         )
 
     async def migrate(self) -> list[int]:
+        async with self.db.transaction() as c:
+            await c.execute(
+                "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)"
+            )
         current = await self.schema_version()
         if current > self.latest_version:
             raise self._too_new(current)
