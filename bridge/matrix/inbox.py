@@ -477,18 +477,17 @@ class InboxProcessor:
         now = self.clock_ms()
         error = f"{type(exc).__name__}: {exc}"
         due = now + backoff_ms(attempts, self.cfg)
-        await self.store.fail_event(ev.seq, attempts, due, error, park)
-        if not park:
-            self._event_retry_due = min(self._event_retry_due or due, due)
+        audit = AuditRecord(
+            ts=now, source="inbox", kind="event_parked", outcome="parked",
+            room_id=ev.room_id or None, user_id=ev.sender,
+            reason=f"handler failed {attempts} times", detail=f"{ev.event_id}: {error}",
+        ) if park else None
+        await self.store.fail_event(ev.seq, attempts, due, error, park, audit)
         if park:
             log.error("event %s parked after %d attempts: %s", ev.event_id, attempts, error)
             self.metrics.events_processed.labels(outcome="parked").inc()
-            await self.store.add_audit(AuditRecord(
-                ts=now, source="inbox", kind="event_parked", outcome="parked",
-                room_id=ev.room_id or None, user_id=ev.sender,
-                reason=f"handler failed {attempts} times", detail=f"{ev.event_id}: {error}",
-            ))
         else:
+            self._event_retry_due = min(self._event_retry_due or due, due)
             log.warning("event %s failed (attempt %d), retry later: %s", ev.event_id,
                         attempts, error)
             self.metrics.events_processed.labels(outcome="retry").inc()

@@ -177,9 +177,13 @@ class Store(ABC):
 
     @abstractmethod
     async def fail_event(
-        self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool
+        self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool,
+        audit: AuditRecord | None = None,
     ) -> None:
-        """Record a failed handling attempt; ``park`` takes it out of the queue for good."""
+        """Record a failed handling attempt; ``park`` takes it out of the queue for good.
+
+        ``audit`` is written in the same commit (a parked event always has its record).
+        """
 
     @abstractmethod
     async def requeue_parked(self, seqs: Sequence[int] | None = None) -> int:

@@ -264,14 +264,21 @@ class SQLStore(Store):
         await self.db.batch(steps, urgent=False)
 
     async def fail_event(
-        self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool
+        self, seq: int, attempts: int, next_attempt_at: int, error: str, park: bool,
+        audit: AuditRecord | None = None,
     ) -> None:
-        await self.db.batch([(
+        steps: list[Step] = [(
             "UPDATE inbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ? "
             "WHERE seq = ?",
             ("parked" if park else "pending", attempts, next_attempt_at, error[:2000], seq),
             False,
-        )])
+        )]
+        if audit is not None:
+            steps.append((
+                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _audit_row(audit), False,
+            ))
+        await self.db.batch(steps)
 
     async def requeue_parked(self, seqs: Sequence[int] | None = None) -> int:
         async with self.db.transaction() as c:

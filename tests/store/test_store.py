@@ -511,3 +511,14 @@ async def test_journal_survives_reopen(make_store: MakeStore) -> None:
     s2 = await make_store(migrate=False)
     assert [e.txn_id for e in await s2.journal_pending(10)] == ["t1"]
     assert await s2.journal_append("t1", b"{}", NOW) is False
+
+
+async def test_parking_writes_its_audit_record_in_the_same_commit(store: Store) -> None:
+    await store.save_transaction("t1", [ev(1)], [], NOW)
+    (e1,) = await store.fetch_due_events(NOW, 10)
+    rec = AuditRecord(ts=NOW, source="inbox", kind="event_parked", outcome="parked",
+                      room_id="!r1", reason="handler failed 3 times", detail="$e1: boom")
+    await store.fail_event(e1.seq, 3, NOW + 10, "boom", park=True, audit=rec)
+    assert [e["seq"] for e in await store.list_events("parked")] == [e1.seq]
+    (row,) = await store.query_audit(AuditFilter(outcome="parked"))
+    assert (row["kind"], row["detail"]) == ("event_parked", "$e1: boom")
