@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import secrets as pysecrets
@@ -231,11 +230,36 @@ async def build_app(
     api = AppserviceAPI(
         store, metrics, hs_token=secrets["appservice.hs_token"].get(),
         on_new_events=inbox.notify, user_exists=user_exists, ready=ready, clock_ms=clock_ms,
-        on_request=inbox.note_ingest,
+        on_request=inbox.note_ingest, on_refused=lambda: _spawn(ping_soon()),
     )
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
     app[SERVICES] = svc
     app.add_routes(api.routes())
+
+    background: set[asyncio.Task[Any]] = set()
+
+    def _spawn(coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    async def ping_soon() -> None:
+        # after our 503 reached the homeserver: the ping makes its recoverer run at once
+        await asyncio.sleep(0.5)
+        try:
+            await client.ping_appservice(cfg.appservice.id, "enclave-sweep-" +
+                                         pysecrets.token_hex(6))
+        except (MatrixRequestError, HomeserverUnavailable) as e:
+            log.warning("recovery sweep ping failed (%s); the homeserver retries on its own", e)
+
+    async def recovery_sweeps() -> None:
+        # Synapse can strand a transaction created while it catches up after our downtime
+        # (README, "Known issues"); a later recovery delivers it. Start-up is such a time.
+        waited = 0.0
+        for delay in cfg.inbox.recovery_sweeps_seconds:
+            await asyncio.sleep(delay - waited)
+            waited = delay
+            api.request_recovery_sweep()
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -264,10 +288,11 @@ async def build_app(
     async def bootstrap_ctx(_: web.Application) -> AsyncIterator[None]:
         # after start-up, so the homeserver's ping reaches a listening socket
         task = asyncio.create_task(Bootstrap(svc).run_forever(), name="bootstrap")
+        sweeps = asyncio.create_task(recovery_sweeps(), name="recovery-sweeps")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for t in (task, sweeps, *background):
+            t.cancel()
+        await asyncio.gather(task, sweeps, *background, return_exceptions=True)
 
     app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx])
     return app

@@ -160,6 +160,17 @@ class InboxConfig(StrictModel):
         default_factory=list,
         description="Extra handler factories as 'module:callable' (extension point)",
     )
+    recovery_sweeps_seconds: list[float] = Field(
+        default_factory=lambda: [30.0, 300.0],
+        description="After start-up, make the homeserver re-run its recovery at these delays",
+    )
+
+    @field_validator("recovery_sweeps_seconds")
+    @classmethod
+    def _sweeps(cls, v: list[float]) -> list[float]:
+        if any(d <= 0 for d in v) or v != sorted(v):
+            raise ValueError("must be positive delays in increasing order")
+        return v
 
     @field_validator("handlers")
     @classmethod

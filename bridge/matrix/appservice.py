@@ -86,6 +86,7 @@ class AppserviceAPI:
         self, store: Store, metrics: Metrics, *, hs_token: str, on_new_events: Callable[[], None],
         user_exists: Callable[[str], Awaitable[bool]], ready: Callable[[], Awaitable[dict]],
         clock_ms: Callable[[], int], on_request: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ):
         self.store = store
         self.metrics = metrics
@@ -95,6 +96,12 @@ class AppserviceAPI:
         self._ready = ready
         self._clock_ms = clock_ms
         self._on_request = on_request
+        self._on_refused = on_refused
+        self._refuse_next = False
+
+    def request_recovery_sweep(self) -> None:
+        """Refuse the next transaction once, so the homeserver runs its recovery."""
+        self._refuse_next = True
 
     def routes(self) -> list[web.RouteDef]:
         p = "/_matrix/app/v1"
@@ -143,6 +150,16 @@ class AppserviceAPI:
             return error_response(400, "M_BAD_JSON", str(e))
         if len(txn_id) > 255:
             return error_response(400, "M_INVALID_PARAM", "Transaction id too long")
+        if self._refuse_next:
+            # A recovery sweep: the homeserver keeps this transaction, marks us down and,
+            # once pinged, resends everything it holds for us oldest first, including any
+            # transaction it stranded during an earlier catch-up.
+            self._refuse_next = False
+            self.metrics.transactions.labels(result="refused_for_recovery").inc()
+            log.info("recovery sweep: asking the homeserver to redeliver from txn %s", txn_id)
+            if self._on_refused is not None:
+                self._on_refused()
+            return error_response(503, "M_UNKNOWN", "Recovery sweep: please resend")
         try:
             # The only write before the answer: the body as received, in the journal. The
             # inbox processor expands it into events (and quarantines bad ones) afterwards.

@@ -288,3 +288,31 @@ async def test_empty_transaction_does_not_wake_the_inbox(make_client: MakeClient
     await put(client, "t1", [])
     assert harness.notified == 0
     assert (await store.inbox_stats())["transactions"] == 1
+
+
+async def test_recovery_sweep_refuses_exactly_one_transaction(aiohttp_client,
+                                                              store: Store) -> None:
+    refused: list[int] = []
+
+    async def ready() -> dict[str, Any]:
+        return {"ready": True}
+
+    async def no_user(user_id: str) -> bool:
+        return False
+
+    api = AppserviceAPI(store, Metrics(), hs_token=TOKEN, on_new_events=lambda: None,
+                        user_exists=no_user, ready=ready, clock_ms=lambda: 1_000,
+                        on_refused=lambda: refused.append(1))
+    app = web.Application(middlewares=[json_errors])
+    app.add_routes(api.routes())
+    client = await aiohttp_client(app)
+    body = orjson.dumps({"events": [pdu(1)]})
+    assert (await client.put(TXN + "t1", headers=AUTH, data=body)).status == 200
+    api.request_recovery_sweep()
+    resp = await client.put(TXN + "t2", headers=AUTH, data=body)
+    assert await error_of(resp) == (503, "M_UNKNOWN")
+    assert refused == [1]
+    assert (await store.journal_stats())[0] == 1  # t2 was not stored: it will be resent
+    resp = await client.put(TXN + "t2", headers=AUTH, data=body)
+    assert resp.status == 200 and refused == [1]
+    assert (await store.journal_stats())[0] == 2
