@@ -369,6 +369,8 @@ appservice:
 database:
   url: {self.db_url()}
   sqlite_synchronous: {self.synchronous}
+inbox:
+  recovery_sweeps_seconds: []  # no homeserver here to redeliver a refused transaction
 logging:
   level: INFO
   format: text
