@@ -57,8 +57,10 @@ async def send_sequence(client: nio.AsyncClient, room_id: str, n: int, sent: lis
         sent.append(await send_text(client, room_id, f"{label} {i}"))
 
 
-def assert_ledger_exactly_once(ledger: list[tuple[str, str]], sent: dict[str, list[str]]) -> None:
-    """Every sent event exactly once, nothing else, and per room in send order."""
+def assert_ledger_exactly_once(ledger: list[tuple[str, str]], sent: dict[str, list[str]],
+                               *, in_order: bool = True) -> None:
+    """Every sent event exactly once, nothing else, and (``in_order``) per room in send
+    order."""
     counts = Counter(event_id for _, event_id in ledger)
     expected = {e for ids in sent.values() for e in ids}
     missing = sorted(expected - counts.keys())
@@ -68,7 +70,7 @@ def assert_ledger_exactly_once(ledger: list[tuple[str, str]], sent: dict[str, li
     assert not duplicated, f"{len(duplicated)} events processed more than once: " \
                            f"{list(duplicated.items())[:5]}"
     assert not unexpected, f"ledger holds events nobody sent in this test: {unexpected[:5]}"
-    for room, ids in sent.items():
+    for room, ids in sent.items() if in_order else ():
         in_ledger = [e for r, e in ledger if r == room]
         assert in_ledger == ids, (
             f"room {room}: processed out of order; first difference at position "
@@ -137,22 +139,33 @@ async def test_messages_from_clients_are_processed_exactly_once(
 # -- (b) ---------------------------------------------------------------------------------------
 ROOMS, PER_ROOM = 5, 100
 # Synapse (1.163) can strand an event created at the very moment its appservice recoverer
-# finishes catching up (see Stack.stranded); Enclave's recovery sweeps after each start make
-# Synapse deliver it. So the senders keep sending through every restart. Measured: with
-# ENCLAVE_E2E_NO_SWEEPS=1 this test failed 3 runs of 3 (stranded events); with sweeps it
-# passed 5 of 5. ENCLAVE_E2E_PAUSE_DURING_RECOVERY=1 pauses the senders instead.
-SEND_DURING_RECOVERY = os.environ.get("ENCLAVE_E2E_PAUSE_DURING_RECOVERY") != "1"
-SWEEPS = [] if os.environ.get("ENCLAVE_E2E_NO_SWEEPS") == "1" else [3.0, 8.0]
+# finishes catching up (see Stack.stranded). Enclave's recovery sweeps after each start make
+# Synapse deliver such an event, late, but a sweep is itself a short recovery, so an event
+# created during the LAST sweep can be stranded again: the mitigation narrows the window, it
+# does not close it. So the default run pauses the senders during each catch-up (no sweeps)
+# and checks exactly-once AND per-room order deterministically. The variant that keeps
+# sending through the catch-ups (checks exactly-once, not order) runs with
+# ENCLAVE_E2E_SEND_DURING_RECOVERY=1; measured here: without sweeps (ENCLAVE_E2E_NO_SWEEPS=1)
+# it lost events in 3 runs of 3, with sweeps it passed 5 runs of 5.
+SEND_VARIANT = os.environ.get("ENCLAVE_E2E_SEND_DURING_RECOVERY") == "1"
+SWEEPS = [] if os.environ.get("ENCLAVE_E2E_NO_SWEEPS") == "1" else [3.0, 8.0, 15.0]
 
 
+@pytest.mark.parametrize("send_during_recovery", [
+    pytest.param(False, id="paused-during-catch-up"),
+    pytest.param(True, id="sending-through-catch-up", marks=pytest.mark.skipif(
+        not SEND_VARIANT, reason="timing-dependent upstream race; opt in with "
+                                 "ENCLAVE_E2E_SEND_DURING_RECOVERY=1")),
+])
 async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     shared_stack: Stack, enclave_factory: Callable[..., EnclaveProcess],
-    staff: list[nio.AsyncClient],
+    staff: list[nio.AsyncClient], send_during_recovery: bool,
 ) -> None:
     stack = shared_stack
     # sweeps shortly after each start deliver what Synapse strands while catching up
     enclave, ledger_room = await ledger_enclave(
-        stack, enclave_factory, inbox={"recovery_sweeps_seconds": SWEEPS})
+        stack, enclave_factory,
+        inbox={"recovery_sweeps_seconds": SWEEPS if send_during_recovery else []})
     senders = [await stack.new_staff(f"s{i}") for i in range(ROOMS)]
     staff.extend(senders)
     rooms = [await create_room(c) for c in senders]
@@ -201,7 +214,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
                 return n_sent() >= since + 25 or stream.done()
 
             await wait_until(backlog, within=30, what="messages sent while Enclave is dead")
-            if not SEND_DURING_RECOVERY:
+            if not send_during_recovery:
                 gate.clear()
 
                 async def quiet() -> bool:
@@ -211,7 +224,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
             crash["sent_at_restart"] = n_sent()
             crashes.append(crash)
             await enclave.start()
-            if not SEND_DURING_RECOVERY:
+            if not send_during_recovery:
                 await stack.wait_as_up()
                 gate.set()
         await stream
@@ -226,7 +239,8 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     m = await enclave.wait_idle(min_applied=total, within=120, also=stack.stranded_report)
     print(f"\ncrashes: {crashes}; duplicate transactions after restart: "
           f"{metric(m, 'enclave_transactions_total', result='duplicate')}")
-    assert_ledger_exactly_once(await stack.ledger(ledger_room), sent)
+    assert_ledger_exactly_once(await stack.ledger(ledger_room), sent,
+                               in_order=not send_during_recovery)
     await assert_store_clean(enclave, total)
     assert await enclave.stop() == 0, enclave.describe()
 
