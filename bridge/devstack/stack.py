@@ -224,7 +224,7 @@ def print_banner(args: argparse.Namespace, state: Path, hs: SynapseServer,
                      f"{person.get('display_name', '')} ({person.get('department', '')})")
     lines += [
         f"  State: {state}   Enclave log: {state}/enclave.log",
-        f"  Audit log: enclave audit -c {state}/enclave.yaml",
+        f"  Audit log: {Path(sys.executable).parent / 'enclave'} audit -c {state}/enclave.yaml",
         f"  pids: synapse={hs.pid} enclave={enclave.pid}",
         "Press Ctrl-C to stop everything.",
         "",
