@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +14,15 @@ from aiohttp.test_utils import TestClient
 from bridge.matrix.appservice import AppserviceAPI, json_errors
 from bridge.matrix.inbox import expand_journal
 from bridge.metrics import Metrics
-from bridge.store import Store, open_store
+from bridge.store import Store
+
+from .conftest import new_store
 
 TOKEN = "hs-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TXN = "/_matrix/app/v1/transactions/"
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
-
-
-async def new_store(path: Path) -> Store:
-    store = open_store("sqlite:///inbox.db", base_dir=path)
-    await store.open()
-    await store.migrate()
-    return store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await new_store(tmp_path)
-    yield s
-    await s.close()
 
 
 class Harness:

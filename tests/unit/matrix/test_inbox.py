@@ -7,7 +7,7 @@ import gc
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ from bridge.matrix import inbox as inbox_module
 from bridge.matrix.inbox import FunctionHandler, InboxProcessor, backoff_ms
 from bridge.metrics import Metrics
 from bridge.policy.actions import Action, SendEvent, action_from_dict
-from bridge.store import AuditFilter, InboxEvent, NewEvent, Store, StoredAction, open_store
+from bridge.store import AuditFilter, InboxEvent, NewEvent, Store, StoredAction
+
+from .conftest import new_store
 
 T0 = 1_700_000_000_000
 
@@ -49,20 +51,6 @@ class RecordingExecutor:
         await self.store.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
                                        None, T0)
         return True
-
-
-async def new_store(path: Path) -> Store:
-    store = open_store("sqlite:///inbox.db", base_dir=path)
-    await store.open()
-    await store.migrate()
-    return store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await new_store(tmp_path)
-    yield s
-    await s.close()
 
 
 def ev(n: int, room: str) -> NewEvent:
