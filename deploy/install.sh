@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 
-# Debian packages the tests use. (Directory sync adds slapd + ldap-utils here.)
-APT_PACKAGES=()
+# Debian packages the tests use: OpenLDAP's slapd and tools for the directory-sync tests
+# (a private instance on loopback; the package's own daemon is not used).
+APT_PACKAGES=(slapd ldap-utils)
 python3 -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv)
 missing=()
 for pkg in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do

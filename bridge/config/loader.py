@@ -201,6 +201,11 @@ def check_secrets(loaded: LoadedConfig) -> dict[str, Secret]:
         "database.password": cfg.database.password,
         "homeserver.registration_shared_secret": cfg.homeserver.registration_shared_secret,
     }
+    src = cfg.directory.source if cfg.directory else None
+    if src is not None and src.type == "ldap":
+        refs["directory.source.bind_password"] = src.bind_password
+    if src is not None and src.type == "scim":
+        refs["directory.source.token"] = src.token
     out: dict[str, Secret] = {}
     problems: list[str] = []
     for key, ref in refs.items():

@@ -86,6 +86,33 @@ class AuditRecord:
 
 
 @dataclass(frozen=True)
+class DirectoryRecord:
+    """A provisioned person: their Matrix user id for life and what was last applied.
+
+    ``status`` is ``active``, ``deactivated`` or ``erased``.
+    """
+
+    person_id: str
+    user_id: str
+    status: str
+    email: str | None
+    displayname: str | None
+    updated_at: int
+    deactivated_at: int | None = None
+
+
+@dataclass(frozen=True)
+class ScimResource:
+    resource_type: str  # "User" | "Group"
+    id: str
+    external_id: str | None
+    data: str  # the resource as JSON
+    version: int
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True)
 class AuditFilter:
     since_ms: int | None = None
     until_ms: int | None = None
@@ -224,3 +251,37 @@ class Store(ABC):
 
     @abstractmethod
     async def set_kv(self, key: str, value: str) -> None: ...
+
+    # -- directory sync ----------------------------------------------------------------
+    @abstractmethod
+    async def directory_people(self) -> list[DirectoryRecord]:
+        """Every person Enclave has provisioned (any status)."""
+
+    @abstractmethod
+    async def save_directory_people(self, records: Sequence[DirectoryRecord]) -> None:
+        """Insert or replace these records (by person id) in one transaction."""
+
+    @abstractmethod
+    async def managed_rooms(self) -> dict[str, str]:
+        """Managed room key -> room id, for every managed space and room created so far."""
+
+    @abstractmethod
+    async def save_managed_room(self, key: str, room_id: str, now_ms: int) -> None:
+        """Remember the room created for a managed room key (replaces an older one)."""
+
+    # -- SCIM --------------------------------------------------------------------------
+    @abstractmethod
+    async def scim_get(self, resource_type: str, resource_id: str) -> ScimResource | None:
+        """One SCIM resource, or None."""
+
+    @abstractmethod
+    async def scim_list(self, resource_type: str) -> list[ScimResource]:
+        """Every SCIM resource of one type, in id order."""
+
+    @abstractmethod
+    async def scim_put(self, resource: ScimResource) -> None:
+        """Insert or replace a SCIM resource."""
+
+    @abstractmethod
+    async def scim_delete(self, resource_type: str, resource_id: str) -> bool:
+        """Delete a SCIM resource; False when it did not exist."""

@@ -10,11 +10,13 @@ from typing import Any
 from .base import (
     AuditFilter,
     AuditRecord,
+    DirectoryRecord,
     InboxEvent,
     JournalEntry,
     NewEvent,
     QuarantinedEvent,
     SchemaError,
+    ScimResource,
     Store,
     StoredAction,
 )
@@ -406,6 +408,73 @@ class SQLStore(Store):
             "INSERT INTO kv (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value), False,
         )])
+
+    # -- directory sync ----------------------------------------------------------------
+    async def directory_people(self) -> list[DirectoryRecord]:
+        rows = await self.db.fetch(
+            "SELECT person_id, user_id, status, email, displayname, updated_at, deactivated_at"
+            " FROM directory_people ORDER BY person_id")
+        return [DirectoryRecord(*tuple(r)) for r in rows]
+
+    async def save_directory_people(self, records: Sequence[DirectoryRecord]) -> None:
+        if not records:
+            return
+        await self.db.batch([(
+            "INSERT INTO directory_people (person_id, user_id, status, email, displayname,"
+            " updated_at, deactivated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (person_id) DO UPDATE SET user_id = excluded.user_id,"
+            " status = excluded.status, email = excluded.email,"
+            " displayname = excluded.displayname, updated_at = excluded.updated_at,"
+            " deactivated_at = excluded.deactivated_at",
+            [(r.person_id, r.user_id, r.status, r.email, r.displayname, r.updated_at,
+              r.deactivated_at) for r in records],
+            True,
+        )])
+
+    async def managed_rooms(self) -> dict[str, str]:
+        rows = await self.db.fetch("SELECT key, room_id FROM managed_rooms")
+        return {r[0]: r[1] for r in rows}
+
+    async def save_managed_room(self, key: str, room_id: str, now_ms: int) -> None:
+        await self.db.batch([
+            ("DELETE FROM managed_rooms WHERE room_id = ? AND key <> ?", (room_id, key), False),
+            ("INSERT INTO managed_rooms (key, room_id, created_at) VALUES (?, ?, ?)"
+             " ON CONFLICT (key) DO UPDATE SET room_id = excluded.room_id,"
+             " created_at = excluded.created_at", (key, room_id, now_ms), False),
+        ])
+
+    # -- SCIM --------------------------------------------------------------------------
+    _SCIM_COLS = "resource_type, id, external_id, data, version, created_at, updated_at"
+
+    async def scim_get(self, resource_type: str, resource_id: str) -> ScimResource | None:
+        rows = await self.db.fetch(
+            f"SELECT {self._SCIM_COLS} FROM scim_resources WHERE resource_type = ? AND id = ?",
+            resource_type, resource_id)
+        return ScimResource(*tuple(rows[0])) if rows else None
+
+    async def scim_list(self, resource_type: str) -> list[ScimResource]:
+        rows = await self.db.fetch(
+            f"SELECT {self._SCIM_COLS} FROM scim_resources WHERE resource_type = ?"
+            " ORDER BY id", resource_type)
+        return [ScimResource(*tuple(r)) for r in rows]
+
+    async def scim_put(self, resource: ScimResource) -> None:
+        r = resource
+        await self.db.batch([(
+            f"INSERT INTO scim_resources ({self._SCIM_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (resource_type, id) DO UPDATE SET external_id = excluded.external_id,"
+            " data = excluded.data, version = excluded.version,"
+            " updated_at = excluded.updated_at",
+            (r.resource_type, r.id, r.external_id, r.data, r.version, r.created_at,
+             r.updated_at), False,
+        )])
+
+    async def scim_delete(self, resource_type: str, resource_id: str) -> bool:
+        counts = await self.db.batch([(
+            "DELETE FROM scim_resources WHERE resource_type = ? AND id = ?",
+            (resource_type, resource_id), False,
+        )])
+        return counts[0] > 0
 
 
 # PostgreSQL: the ingest write as ONE statement. The inbox rows go in array order (their

@@ -18,24 +18,34 @@ ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "config.example.yaml"
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """The models inside an annotation: Optional[M], list[M], or every branch of a union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):  # Optional[Model], list[Model], ...
-        if (m := _model_of(arg)) is not None:
-            return m
-    return None
+        return [annotation]
+    out: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        out.extend(m for m in _models_of(arg) if m not in out)
+    return out
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    models = _models_of(annotation)
+    return models[0] if len(models) == 1 else None
 
 
 def model_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every key path of the config models, e.g. ('appservice', 'as_token', 'file')."""
+    """Every key path of the config models, e.g. ('appservice', 'as_token', 'file').
+
+    A union of models (``directory.source``: file, ldap or scim) contributes the keys of
+    every branch under the same path.
+    """
     out = []
     for name, field in model.model_fields.items():
         path = (*prefix, name)
-        out.append(path)
-        sub = _model_of(field.annotation)
-        if sub is not None:
-            out.extend(model_keys(sub, path))
+        if path not in out:
+            out.append(path)
+        for sub in _models_of(field.annotation):
+            out.extend(k for k in model_keys(sub, path) if k not in out)
     return out
 
 
@@ -53,6 +63,9 @@ def _example_key_paths() -> set[tuple[str, ...]]:
             for k, v in node.items():
                 paths.add((*prefix, str(k)))
                 walk(v, (*prefix, str(k)))
+        elif isinstance(node, list):  # a list of models: each item's keys under the list
+            for item in node:
+                walk(item, prefix)
 
     walk(yaml.safe_load(text), ())
     key_line = re.compile(r"^(\s*)# ?(\s*[a-z_]+:(\s.*)?)$")
@@ -70,21 +83,26 @@ def test_model_walk_finds_nested_keys() -> None:
     assert ("appservice", "as_token", "file") in keys
     assert ("database", "password", "env") in keys
     assert ("inbox", "handlers") in keys
+    # every branch of the source union
+    assert ("directory", "source", "path") in keys
+    assert ("directory", "source", "bind_password", "file") in keys
+    assert ("directory", "source", "debounce_seconds") in keys
     assert len(keys) > 30
 
 
-def _field_at(path: tuple[str, ...]) -> Any:
-    model: type[BaseModel] | None = EnclaveConfig
-    field = None
+def _fields_at(path: tuple[str, ...]) -> list[Any]:
+    """The field(s) at a key path (several where a union's branches share a key)."""
+    models: list[type[BaseModel]] = [EnclaveConfig]
+    fields: list[Any] = []
     for part in path:
-        assert model is not None
-        field = model.model_fields[part]
-        model = _model_of(field.annotation)
-    return field
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [s for f in fields for s in _models_of(f.annotation)]
+    return fields
 
 
 def _is_secret_ref_key(path: tuple[str, ...]) -> bool:
-    return len(path) > 1 and _model_of(_field_at(path[:-1]).annotation) is SecretRef
+    return len(path) > 1 and any(
+        _model_of(f.annotation) is SecretRef for f in _fields_at(path[:-1]))
 
 
 @pytest.mark.parametrize("path", model_keys(EnclaveConfig), ids=".".join)

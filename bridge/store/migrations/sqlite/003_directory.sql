@@ -1,0 +1,30 @@
+-- Directory sync (v3). Keep sqlite/ and postgres/ in step.
+-- One row per person Enclave has provisioned: the person's stable directory id keeps its
+-- Matrix user id for life (Matrix ids cannot be renamed), and what was last applied, so an
+-- unchanged person costs no admin write.
+CREATE TABLE directory_people (
+    person_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    email TEXT,
+    displayname TEXT,
+    updated_at BIGINT NOT NULL,
+    deactivated_at BIGINT
+);
+-- Spaces and rooms the bot created for managed_rooms entries, by key 'entry/value'.
+CREATE TABLE managed_rooms (
+    key TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+-- What identity providers provisioned through SCIM (the SCIM source reads it).
+CREATE TABLE scim_resources (
+    resource_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    external_id TEXT,
+    data TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (resource_type, id)
+);
