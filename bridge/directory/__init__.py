@@ -1,0 +1,1 @@
+"""Directory sync: sources (file, LDAP/AD, SCIM) -> snapshots -> pure diff -> actions."""
