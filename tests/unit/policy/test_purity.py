@@ -34,7 +34,10 @@ FORBIDDEN_CALLS = {
 }
 FORBIDDEN_BUILTINS = {"open", "input", "print", "breakpoint", "exec", "eval", "__import__"}
 # Inside the project only these packages may be imported by policy code.
-ALLOWED_BRIDGE = ("bridge.policy", "bridge.config.models")
+ALLOWED_BRIDGE = (
+    "bridge.policy", "bridge.config.models", "bridge.config.directory",
+    "bridge.directory.model",  # frozen dataclasses of people and groups, no I/O
+)
 
 
 def _resolve(module: str | None, level: int, path: Path) -> str:
@@ -112,6 +115,7 @@ def test_policy_module_is_pure(path: Path) -> None:
         "from ..store import Store",
         "from ..matrix.client import MatrixClient",
         "from bridge.config.loader import load_config",
+        "from ..directory.ldap_source import LdapSource",
         "from .. import app",
         "def f():\n    import asyncio\n",
         "data = open('/etc/passwd').read()",
@@ -136,6 +140,8 @@ def test_checker_catches(source: str) -> None:
         "from .actions import Action",
         "from ..config.models import InboxConfig",
         "from bridge.policy.actions import Kick",
+        "from ..config.directory import MappingConfig",
+        "from ..directory.model import Person",
     ],
 )
 def test_checker_allows_pure_imports(source: str) -> None:
