@@ -15,6 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from .config import LoadedConfig, Secret
+from .directory.build import Debouncer, build_directory_sync
+from .directory.sync import DirectorySync, SyncRefused
 from .matrix.appservice import AppserviceAPI, json_errors
 from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 from .matrix.executor import Executor
@@ -55,6 +57,9 @@ class Services:
     inbox: InboxProcessor
     clock_ms: Callable[[], int]
     identity: IdentityState = field(default_factory=IdentityState)
+    directory: DirectorySync | None = None
+    # set once start-up has made Enclave's bot and admin identity ready
+    bootstrapped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def config(self) -> Any:
@@ -94,6 +99,7 @@ class Bootstrap:
         while True:
             try:
                 await self.run_once()
+                self.svc.bootstrapped.set()
                 return
             except (HomeserverUnavailable, MatrixRequestError, aiohttp.ClientError) as e:
                 log.warning("start-up against the homeserver incomplete (%s); retry in %.0fs",
@@ -208,6 +214,8 @@ async def build_app(
     svc = Services(loaded, secrets, store, metrics, session, client, executor, inbox, clock_ms)
     for factory in [*load_handler_factories(cfg.inbox.handlers), *extra_handlers]:
         inbox.handlers.append(factory(svc))
+    svc.directory = build_directory_sync(loaded, secrets, store=store, client=client,
+                                         executor=executor, metrics=metrics, clock_ms=clock_ms)
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
@@ -235,6 +243,33 @@ async def build_app(
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
     app[SERVICES] = svc
     app.add_routes(api.routes())
+
+    async def directory_run(reason: str) -> None:
+        assert svc.directory is not None
+        if not svc.identity.admin_ready:
+            log.warning("directory sync (%s) skipped: %s", reason,
+                        svc.identity.admin_problem or "admin identity not ready yet")
+            return
+        try:
+            result = await svc.directory.run()
+            if result.ok:
+                metrics.directory_last_success.set(clock_ms() / 1000)
+        except SyncRefused:
+            pass  # logged and counted by the sync itself; nothing changed
+        except Exception:
+            log.exception("directory sync (%s) failed", reason)
+
+    scim_debounce: Debouncer | None = None
+    dcfg = cfg.directory
+    if dcfg is not None and dcfg.source.type == "scim":
+        from .directory.scim import ScimService
+
+        scim_debounce = Debouncer(dcfg.source.debounce_seconds,
+                                  lambda: directory_run("SCIM change"))
+        scim = ScimService(store, token=secrets["directory.source.token"].get(),
+                           path_prefix=dcfg.source.path_prefix, clock_ms=clock_ms,
+                           on_change=scim_debounce.trigger)
+        scim.add_routes(app)
 
     background: set[asyncio.Task[Any]] = set()
 
@@ -294,5 +329,34 @@ async def build_app(
             t.cancel()
         await asyncio.gather(task, sweeps, *background, return_exceptions=True)
 
-    app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx])
+    async def directory_ctx(_: web.Application) -> AsyncIterator[None]:
+        if svc.directory is None or dcfg is None:
+            yield
+            return
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler()
+
+        async def first_run() -> None:
+            await svc.bootstrapped.wait()
+            if dcfg.sync_on_start:
+                await directory_run("start-up")
+            if dcfg.interval_minutes > 0:
+                # one run at a time; runs missed while one was going are merged into one
+                scheduler.add_job(directory_run, "interval", args=["scheduled"],
+                                  minutes=dcfg.interval_minutes, id="directory-sync",
+                                  max_instances=1, coalesce=True,
+                                  misfire_grace_time=int(dcfg.interval_minutes * 60))
+                scheduler.start()
+
+        task = asyncio.create_task(first_run(), name="directory-first-run")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+        if scim_debounce is not None:
+            await scim_debounce.close()
+
+    app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx])
     return app

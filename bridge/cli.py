@@ -2,7 +2,8 @@
 
 Exit codes (also in the README):
   0 success · 1 runtime error · 2 usage error · 3 invalid config or secret ·
-  4 database problem (unreachable, schema newer than this code, migration needed)
+  4 database problem (unreachable, schema newer than this code, migration needed) ·
+  5 directory sync refused (source error or safety limit; nothing was changed)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .config.models import SecretRef
 from .store import AuditFilter, DatabaseError, SchemaError, Store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
+EXIT_REFUSED = 5
 
 
 def _err(msg: str) -> None:
@@ -289,6 +291,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- directory sync ----------------------------------------------------------------------
+def cmd_sync(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from .app import wall_clock_ms
+    from .directory.build import standalone_sync
+    from .directory.sync import SyncRefused, SyncResult
+
+    loaded, secrets = _load(args)
+    if loaded.config.directory is None:
+        _err("enclave sync: the configuration has no directory: section")
+        return EXIT_CONFIG
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+
+    def show(result: SyncResult) -> None:
+        plan = result.plan
+        if args.format == "json":
+            for a in plan.actions:
+                print(orjson.dumps(a.to_dict()).decode())
+            for f in plan.findings:
+                print(orjson.dumps({"finding": f.rule_id, "subject": f.subject,
+                                    "message": f.message}).decode())
+            return
+        snap = result.snapshot
+        out.print(f"directory ({snap.source or 'source'}): {len(snap.people)} people, "
+                  f"{sum(1 for p in snap.people.values() if p.disabled)} disabled, "
+                  f"{len(snap.groups)} groups")
+        counts = plan.count()
+        t = Table(title="planned actions", show_edge=False)
+        t.add_column("action")
+        t.add_column("count", justify="right")
+        for kind, n in sorted(counts.items()):
+            t.add_row(kind, str(n))
+        if not counts:
+            t.add_row("(none: the homeserver matches the directory)", "0")
+        out.print(t)
+        shown = plan.actions if args.details is None else plan.actions[: args.details]
+        for a in shown:
+            out.print("  " + a.describe(), markup=False)
+        if len(shown) < len(plan.actions):
+            out.print(f"  … {len(plan.actions) - len(shown)} more (--details N)")
+        for f in plan.findings:
+            out.print(f"  finding [{f.rule_id}] {f.subject}: {f.message}", markup=False)
+        for pid, why in result.refused_mappings:
+            out.print(f"  left out: person {pid}: {why}", markup=False)
+
+    async def go() -> int:
+        async with standalone_sync(loaded, secrets, clock_ms=wall_clock_ms) as sync:
+            try:
+                if not args.apply:
+                    result = await sync.run(apply=False, force=args.force)
+                    show(result)
+                    return EXIT_OK
+                progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                    MofNCompleteColumn(), console=err,
+                                    disable=not err.is_terminal)
+                with progress:
+                    task = progress.add_task("applying", total=None)
+
+                    def tick(done: int, total: int, action: Any) -> None:
+                        progress.update(task, completed=done, total=total)
+
+                    result = await sync.run(apply=True, force=args.force, progress=tick)
+            except SyncRefused as e:
+                _err("directory sync refused, nothing was changed:")
+                for p in e.problems:
+                    _err(f"  - {p}")
+                return EXIT_REFUSED
+            applied = ", ".join(f"{k} {v}" for k, v in sorted(result.applied.items()))
+            out.print(f"applied: {applied or 'nothing to do'}")
+            for f in result.plan.findings:
+                out.print(f"  finding [{f.rule_id}] {f.subject}: {f.message}", markup=False)
+            for a, detail in result.failed:
+                _err(f"failed: {a.describe()}: {detail}")
+            return EXIT_OK if result.ok else EXIT_ERROR
+
+    return asyncio.run(go())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enclave", description=__doc__.split("\n")[0])
     default_cfg = os.environ.get("ENCLAVE_CONFIG", "config.yaml")
@@ -333,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=100)
     s.add_argument("--format", choices=["table", "json"], default="table")
     s.set_defaults(fn=cmd_inbox)
+
+    s = sub.add_parser("sync", parents=[common],
+                       help="directory sync: show (--plan) or run (--apply) one run")
+    mode = s.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--plan", action="store_true", help="print the actions, change nothing")
+    mode.add_argument("--apply", action="store_true", help="run them (progress and summary)")
+    s.add_argument("--force", action="store_true",
+                   help="lift the safety limits (deactivation count/percentage, min_people)")
+    s.add_argument("--details", type=int, default=None, metavar="N",
+                   help="with --plan: print only the first N actions")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(fn=cmd_sync)
     return p
 
 

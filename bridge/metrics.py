@@ -39,3 +39,9 @@ class Metrics:
             "enclave_quarantine_size", "Events in quarantine", registry=r)
         self.actions_by_status = Gauge(
             "enclave_outbox_actions", "Outbox actions by status", ["status"], registry=r)
+        self.directory_runs = Counter(
+            "enclave_directory_sync_runs", "Directory sync runs by outcome (ok, partial, "
+            "refused)", ["outcome"], registry=r)
+        self.directory_last_success = Gauge(
+            "enclave_directory_sync_last_success_timestamp_seconds",
+            "When a directory sync last applied without failures", registry=r)

@@ -235,6 +235,64 @@ class MatrixClient:
                 return None
             raise
 
+    async def admin_put_user(self, target: str, body: dict[str, Any], *, admin: str) -> None:
+        """Create or modify one account (``PUT /_synapse/admin/v2/users/{id}``)."""
+        await self.request("PUT", f"/_synapse/admin/v2/users/{q(target)}", json=body,
+                           user_id=admin)
+
+    async def admin_list_users(self, *, admin: str, start: int = 0,
+                               limit: int = 1000) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of every local account, deactivated and locked ones included."""
+        body = await self.request(
+            "GET", "/_synapse/admin/v2/users", user_id=admin,
+            query={"from": str(start), "limit": str(limit), "guests": "false",
+                   "deactivated": "true", "locked": "true", "order_by": "name"},
+        )
+        nxt = body.get("next_token")
+        return body.get("users", []), (int(nxt) if nxt is not None else None)
+
+    async def admin_deactivate(self, target: str, *, admin: str, erase: bool = False) -> None:
+        """Deactivate (log out everywhere, leave every room); ``erase`` for GDPR erasure."""
+        await self.request("POST", f"/_synapse/admin/v1/deactivate/{q(target)}",
+                           json={"erase": erase}, user_id=admin)
+
+    async def admin_room_state(self, room_id: str, *, admin: str) -> list[dict[str, Any]] | None:
+        """Every current state event of a room, or None if the server does not know it."""
+        try:
+            body = await self.request("GET", f"/_synapse/admin/v1/rooms/{q(room_id)}/state",
+                                      user_id=admin)
+        except MatrixRequestError as e:
+            if e.status in (400, 404):
+                return None
+            raise
+        return body.get("state", [])
+
+    async def admin_joined_rooms(self, target: str, *, admin: str) -> list[str]:
+        body = await self.request("GET", f"/_synapse/admin/v1/users/{q(target)}/joined_rooms",
+                                  user_id=admin)
+        return list(body.get("joined_rooms", []))
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        """The room id of ``#alias:server``, or None if no room has it."""
+        try:
+            body = await self.request("GET", f"/_matrix/client/v3/directory/room/{q(alias)}")
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return None
+            raise
+        return body.get("room_id")
+
+    async def get_state(self, room_id: str, event_type: str, state_key: str = "", *,
+                        user_id: str | None = None) -> dict[str, Any] | None:
+        try:
+            return await self.request(
+                "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state/{q(event_type)}/"
+                       f"{q(state_key)}", user_id=user_id)
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return None
+            raise
+
     async def shared_secret_register(
         self, localpart: str, password: str, secret: str, *, admin: bool
     ) -> str:

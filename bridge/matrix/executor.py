@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -67,6 +69,29 @@ class Executor:
         # action ids restart in a new or restored database, and Synapse would otherwise
         # answer a new send with an old event ("deduplicated") and drop it.
         self.installation_id = ""
+        # extensions (directory sync, ...): appliers for their own action kinds, and
+        # resolvers for symbolic room references such as "managed:department/Sales"
+        self._appliers: dict[str, Callable[[Any, str], Awaitable[Outcome]]] = {}
+        self._room_resolvers: dict[str, Callable[[str], Awaitable[str]]] = {}
+
+    def register(self, action_type: type[Action],
+                 applier: Callable[[Any, str], Awaitable[Outcome]]) -> None:
+        """Apply actions of ``action_type`` with ``applier(action, key)``."""
+        self._appliers[action_type.kind] = applier
+
+    def add_room_resolver(self, prefix: str, resolve: Callable[[str], Awaitable[str]]) -> None:
+        """Rooms named ``prefix + ref`` are looked up with ``resolve(ref)`` when applied
+        (a plan can name a room that an earlier action of the same run creates)."""
+        self._room_resolvers[prefix] = resolve
+
+    async def _resolve_room(self, action: Action) -> Action:
+        room = getattr(action, "room", None)
+        if not isinstance(room, str):
+            return action
+        for prefix, resolve in self._room_resolvers.items():
+            if room.startswith(prefix):
+                return dataclasses.replace(action, room=await resolve(room[len(prefix):]))
+        return action
 
     def action_key(self, action_id: int) -> str:
         """The idempotency key of an outbox action, unique across databases."""
@@ -75,9 +100,13 @@ class Executor:
 
     async def apply(self, action: Action, key: str) -> Outcome:
         """Apply one action. Raises :class:`HomeserverUnavailable` when worth retrying later."""
-        actor = action.actor or self.bot_user_id
         c = self.client
         try:
+            action = await self._resolve_room(action)
+            applier = self._appliers.get(action.kind)
+            if applier is not None:
+                return await applier(action, key)
+            actor = action.actor or self.bot_user_id
             match action:
                 case SendEvent():
                     eid = await c.send_event(action.room, action.event_type, action.content,

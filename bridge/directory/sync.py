@@ -1,0 +1,409 @@
+"""Directory sync: read the source and the homeserver, diff, check safety, apply.
+
+The decisions are the pure functions of :mod:`bridge.policy.directory`; this module only
+gathers their inputs and applies their actions through the executor (one audit record per
+action). A run either refuses as a whole (source error, safety limits) with nothing changed,
+or applies its plan phase by phase; it is safe to repeat after a crash because every run
+diffs against what the homeserver has now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config.directory import DirectoryConfig
+from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+from ..matrix.executor import Executor, Outcome
+from ..metrics import Metrics
+from ..policy.actions import Action
+from ..policy.directory import (
+    MANAGED_REF,
+    PHASES,
+    AccountState,
+    CreateAccount,
+    CreateManagedRoom,
+    DeactivateAccount,
+    EraseAccount,
+    HandOverRoom,
+    HomeserverView,
+    PersonRecord,
+    ReactivateAccount,
+    RoomView,
+    SyncPlan,
+    UpdateAccount,
+    check_safety,
+    diff_directory,
+    slug,
+)
+from ..policy.mapping import map_people
+from ..store import DirectoryRecord, Store
+from .model import DirectoryError, DirectorySnapshot
+from .source import DirectorySource
+
+log = logging.getLogger(__name__)
+
+
+class SyncRefused(Exception):
+    """The run was refused as a whole; nothing was changed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass
+class SyncResult:
+    plan: SyncPlan
+    snapshot: DirectorySnapshot
+    applied: dict[str, int] = field(default_factory=dict)
+    failed: list[tuple[Action, str]] = field(default_factory=list)
+    refused_mappings: list[tuple[str, str]] = field(default_factory=list)
+    applied_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+ProgressFn = Callable[[int, int, Action | None], None]
+
+
+class DirectorySync:
+    """Plans and applies directory sync runs; one run at a time per process."""
+
+    def __init__(self, config: DirectoryConfig, source: DirectorySource, *, client: MatrixClient,
+                 executor: Executor, store: Store, metrics: Metrics,
+                 clock_ms: Callable[[], int], server_name: str, bot_user_id: str,
+                 admin_user_id: str, namespace_prefix: str, admin_localpart: str,
+                 bot_localpart: str, allow_initial_passwords: bool = False):
+        self.config = config
+        self.source = source
+        self.client = client
+        self.executor = executor
+        self.store = store
+        self.metrics = metrics
+        self.clock_ms = clock_ms
+        self.server_name = server_name
+        self.bot_user_id = bot_user_id
+        self.admin_user_id = admin_user_id
+        self.namespace_prefix = namespace_prefix
+        self.reserved_localparts = {admin_localpart, bot_localpart}
+        self.allow_initial_passwords = allow_initial_passwords
+        self._lock = asyncio.Lock()
+        self._managed: dict[str, str] | None = None
+        executor.register(CreateAccount, self._apply_create)
+        executor.register(UpdateAccount, self._apply_update)
+        executor.register(ReactivateAccount, self._apply_reactivate)
+        executor.register(DeactivateAccount, self._apply_deactivate)
+        executor.register(EraseAccount, self._apply_erase)
+        executor.register(CreateManagedRoom, self._apply_create_room)
+        executor.register(HandOverRoom, self._apply_hand_over)
+        executor.add_room_resolver(MANAGED_REF, self._resolve_managed)
+
+    # -- identity helpers -----------------------------------------------------------------
+    def is_reserved(self, localpart: str) -> bool:
+        return localpart in self.reserved_localparts or localpart.startswith(
+            self.namespace_prefix)
+
+    def is_enclave_user(self, user_id: str) -> bool:
+        local, _, server = user_id[1:].partition(":")
+        return server == self.server_name and self.is_reserved(local)
+
+    # -- planning -------------------------------------------------------------------------
+    async def plan(self, *, force: bool = False) -> SyncResult:
+        """Read everything and diff; raises :class:`SyncRefused` when the run must not go."""
+        try:
+            snapshot = await self.source.read()
+        except DirectoryError as e:
+            raise SyncRefused([f"directory source {self.source.name}: {e}"]) from e
+        records = await self.store.directory_people()
+        known = {r.person_id: PersonRecord(r.person_id, r.user_id, r.status, r.email,
+                                           r.displayname, r.deactivated_at) for r in records}
+        mapping = map_people(
+            snapshot.people.values(), self.config.mapping, self.server_name,
+            known={pid: r.user_id for pid, r in known.items()}, reserved=self.is_reserved,
+        )
+        view = await self.read_homeserver(known, mapping.users, snapshot)
+        plan = diff_directory(
+            snapshot, mapping.users, known, view, self.config, now_ms=self.clock_ms(),
+            bot_user_id=self.bot_user_id, is_enclave_user=self.is_enclave_user,
+            allow_initial_passwords=self.allow_initial_passwords,
+        )
+        problems = check_safety(plan, snapshot, self.config, force=force)
+        if problems:
+            raise SyncRefused(problems)
+        return SyncResult(plan=plan, snapshot=snapshot, refused_mappings=mapping.refused)
+
+    async def read_homeserver(self, known: dict[str, PersonRecord], users: dict[str, Any],
+                              snapshot: DirectorySnapshot) -> HomeserverView:
+        accounts: dict[str, AccountState] = {}
+        start: int | None = 0
+        while start is not None:
+            page, start = await self.client.admin_list_users(admin=self.admin_user_id,
+                                                             start=start)
+            for u in page:
+                accounts[u["name"]] = AccountState(
+                    user_id=u["name"], displayname=u.get("displayname"),
+                    deactivated=bool(u.get("deactivated")), erased=bool(u.get("erased")))
+        managed = await self.store.managed_rooms()
+        self._managed = dict(managed)
+        rooms: dict[str, RoomView] = {}
+        views = await asyncio.gather(*(self._room_view(rid) for rid in managed.values()))
+        for (key, _rid), v in zip(managed.items(), views, strict=True):
+            if v is not None:
+                rooms[key] = v
+        # people about to leave: their joined rooms, to hand over where they are the only
+        # admin (active directory people are never leavers)
+        active_ids = {pid for pid, p in snapshot.people.items() if not p.disabled}
+        leaver_rooms: dict[str, list[RoomView]] = {}
+        for pid, rec in known.items():
+            if rec.status != "active" or pid in active_ids:
+                continue
+            acct = accounts.get(rec.user_id)
+            if acct is None or acct.deactivated:
+                continue
+            rids = await self.client.admin_joined_rooms(rec.user_id, admin=self.admin_user_id)
+            vs = await asyncio.gather(*(self._room_view(r) for r in rids))
+            leaver_rooms[rec.user_id] = [v for v in vs if v is not None]
+        return HomeserverView(accounts=accounts, rooms=rooms, leaver_rooms=leaver_rooms)
+
+    async def _room_view(self, room_id: str) -> RoomView | None:
+        state = await self.client.admin_room_state(room_id, admin=self.admin_user_id)
+        if state is None:
+            return None
+        members: dict[str, str] = {}
+        power: dict[str, Any] = {}
+        creators: set[str] = set()
+        for ev in state:
+            t, sk, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
+            if t == "m.room.member" and isinstance(sk, str):
+                members[sk] = content.get("membership", "leave")
+            elif t == "m.room.power_levels" and sk == "":
+                power = content
+            elif t == "m.room.create" and sk == "":
+                # room v12 creators (sender + additional_creators) have unlimited power
+                if str(content.get("room_version", "1")) in ("12",) or content.get(
+                        "additional_creators") is not None:
+                    creators.add(ev.get("sender", ""))
+                    creators.update(content.get("additional_creators") or [])
+        return RoomView(room_id=room_id, members=members, power_levels=power,
+                        creators=frozenset(creators))
+
+    # -- applying -------------------------------------------------------------------------
+    async def run(self, *, apply: bool = True, force: bool = False,
+                  progress: ProgressFn | None = None) -> SyncResult:
+        """Plan and (unless ``apply`` is False) apply one run; one run at a time."""
+        async with self._lock:
+            started = self.clock_ms()
+            try:
+                result = await self.plan(force=force)
+            except SyncRefused as e:
+                self.metrics.directory_runs.labels(outcome="refused").inc()
+                log.error("directory sync refused, nothing changed: %s", e)
+                raise
+            for pid, why in result.refused_mappings:
+                log.warning("directory person %s left out: %s", pid, why)
+            for f in result.plan.findings:
+                log.warning("directory sync finding [%s] %s: %s", f.rule_id, f.subject,
+                            f.message)
+            if apply:
+                await self._apply(result, progress)
+                result.applied_run = True
+                self.metrics.directory_runs.labels(
+                    outcome="ok" if result.ok else "partial").inc()
+                log.info("directory sync applied in %.1fs: %s%s",
+                         (self.clock_ms() - started) / 1000, result.applied or "no changes",
+                         f", {len(result.failed)} failed" if result.failed else "")
+            return result
+
+    async def _apply(self, result: SyncResult, progress: ProgressFn | None) -> None:
+        plan = result.plan
+        total = len(plan.actions)
+        done = 0
+        failed_people: set[str] = set()
+        touched_people: set[str] = set()
+        run_key = f"sync:{self.clock_ms()}"
+        sem = asyncio.Semaphore(self.config.max_concurrency)
+        if progress:
+            progress(0, total, None)
+
+        async def one(i: int, action: Action) -> None:
+            nonlocal done
+            async with sem:
+                try:
+                    outcome = await self.executor.run_direct(action, f"{run_key}:{i}",
+                                                             source="directory")
+                except (HomeserverUnavailable, MatrixRequestError, LookupError) as e:
+                    outcome = Outcome("failed", f"{type(e).__name__}: {e}")
+                    await self.store.add_audit(self.executor._audit(
+                        action, "failed", outcome.detail, "directory"))
+            pid = getattr(action, "person_id", None)
+            if outcome.status == "applied":
+                result.applied[action.kind] = result.applied.get(action.kind, 0) + 1
+                if pid:
+                    touched_people.add(pid)
+            else:
+                result.failed.append((action, outcome.detail))
+                log.warning("directory action failed: %s: %s", action.describe(),
+                            outcome.detail)
+                if pid:
+                    failed_people.add(pid)
+            done += 1
+            if progress:
+                progress(done, total, action)
+
+        # phases run in order; within a phase, actions of one room/user lane run in order
+        # and lanes run concurrently
+        by_phase: dict[int, list[tuple[int, Action]]] = {}
+        for i, a in enumerate(plan.actions):
+            by_phase.setdefault(PHASES.get(a.kind, 9), []).append((i, a))
+        for phase in sorted(by_phase):
+            lanes: dict[str, list[tuple[int, Action]]] = {}
+            for i, a in by_phase[phase]:
+                lanes.setdefault(_lane(a), []).append((i, a))
+
+            async def run_lane(items: list[tuple[int, Action]]) -> None:
+                for i, a in items:
+                    await one(i, a)
+
+            if phase == PHASES[CreateManagedRoom.kind]:
+                for items in lanes.values():  # spaces before the rooms placed in them
+                    await run_lane(items)
+            else:
+                await asyncio.gather(*(run_lane(items) for items in lanes.values()))
+        # remember what was applied: a person's record only when all their actions applied
+        now = self.clock_ms()
+        records = [
+            DirectoryRecord(r.person_id, r.user_id, r.status, r.email, r.displayname, now,
+                            r.deactivated_at)
+            for pid, r in plan.records.items() if pid not in failed_people
+        ]
+        await self.store.save_directory_people(records)
+
+    # -- appliers (registered with the executor) ------------------------------------------
+    async def _apply_create(self, a: CreateAccount, key: str) -> Outcome:
+        body: dict[str, Any] = {"displayname": a.displayname, "admin": False}
+        if a.email:
+            body["threepids"] = [{"medium": "email", "address": a.email}]
+        if a.initial_password:
+            body["password"] = a.initial_password
+        await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
+        return Outcome("applied", "created")
+
+    async def _apply_update(self, a: UpdateAccount, key: str) -> Outcome:
+        body: dict[str, Any] = {}
+        if a.displayname is not None:
+            body["displayname"] = a.displayname
+        if a.emails is not None:
+            body["threepids"] = [{"medium": "email", "address": e} for e in a.emails]
+        await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
+        return Outcome("applied", "updated " + ", ".join(sorted(body)))
+
+    async def _apply_reactivate(self, a: ReactivateAccount, key: str) -> Outcome:
+        # Synapse wants a password to reactivate when local password login is on; staff
+        # log in through LDAP/SSO, so a random one nobody knows is set and forgotten
+        body: dict[str, Any] = {"deactivated": False, "displayname": a.displayname,
+                                "password": secrets.token_urlsafe(32)}
+        if a.email:
+            body["threepids"] = [{"medium": "email", "address": a.email}]
+        await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
+        return Outcome("applied", "reactivated")
+
+    async def _apply_deactivate(self, a: DeactivateAccount, key: str) -> Outcome:
+        await self.client.admin_deactivate(a.user, admin=self.admin_user_id, erase=False)
+        return Outcome("applied", "deactivated; sessions revoked")
+
+    async def _apply_erase(self, a: EraseAccount, key: str) -> Outcome:
+        await self.client.admin_deactivate(a.user, admin=self.admin_user_id, erase=True)
+        return Outcome("applied", "erased")
+
+    async def _managed_rooms(self) -> dict[str, str]:
+        if self._managed is None:
+            self._managed = await self.store.managed_rooms()
+        return self._managed
+
+    async def _resolve_managed(self, key: str) -> str:
+        rooms = await self._managed_rooms()
+        if key not in rooms:
+            raise LookupError(f"managed room {key!r} has not been created (its creation "
+                              "failed or is pending)")
+        return rooms[key]
+
+    async def _apply_create_room(self, a: CreateManagedRoom, key: str) -> Outcome:
+        rooms = await self._managed_rooms()
+        if a.key in rooms:
+            return Outcome("applied", f"already: {rooms[a.key]}")
+        alias_local = a.alias or f"enclave-{slug(a.key)}"
+        alias = f"#{alias_local}:{self.server_name}"
+        parent = rooms.get(a.parent_key) if a.parent_key else None
+        if a.parent_key and parent is None:
+            raise LookupError(f"parent space {a.parent_key!r} of {a.key!r} does not exist")
+        # a crash after createRoom but before we remembered the room: its alias finds it
+        existing = await self.client.resolve_alias(alias)
+        if existing is not None:
+            create = await self.client.get_state(existing, "m.room.create",
+                                                 user_id=self.bot_user_id)
+            if create is None:
+                return Outcome("failed", f"alias {alias} belongs to a room Enclave's bot is "
+                                         "not in; choose another alias")
+            room_id = existing
+        else:
+            initial_state: list[dict[str, Any]] = [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": {"history_visibility": "shared"}}]
+            if parent:
+                initial_state.append({
+                    "type": "m.space.parent", "state_key": parent,
+                    "content": {"via": [self.server_name], "canonical": True}})
+            creation: dict[str, Any] = {"m.federate": False}
+            if a.is_space:
+                creation["type"] = "m.space"
+            body: dict[str, Any] = {
+                "name": a.name, "preset": "private_chat", "visibility": "private",
+                "room_alias_name": alias_local, "creation_content": creation,
+                "initial_state": initial_state,
+                "power_level_content_override": {"users": dict(a.power_users)},
+            }
+            if a.topic:
+                body["topic"] = a.topic
+            room_id = await self.client.create_room(body, user_id=self.bot_user_id)
+        await self.store.save_managed_room(a.key, room_id, self.clock_ms())
+        rooms[a.key] = room_id
+        if parent:
+            await self.client.send_state(parent, "m.space.child", room_id,
+                                         {"via": [self.server_name], "suggested": True},
+                                         user_id=self.bot_user_id)
+        return Outcome("applied", room_id)
+
+    async def _apply_hand_over(self, a: HandOverRoom, key: str) -> Outcome:
+        c = self.client
+        if not a.successor_joined:
+            try:
+                await c.invite(a.room, a.successor, user_id=a.user)
+            except MatrixRequestError as e:
+                if e.status != 403 or "already in the room" not in e.error.lower():
+                    raise
+            await c.join(a.room, user_id=a.successor)
+        pl = await c.get_state(a.room, "m.room.power_levels", user_id=a.user) or {}
+        users = dict(pl.get("users") or {})
+        if users.get(a.successor, 0) >= 100:
+            return Outcome("applied", "already admin")
+        users[a.successor] = 100
+        await c.send_state(a.room, "m.room.power_levels", "", {**pl, "users": users},
+                           user_id=a.user)
+        return Outcome("applied", f"{a.successor} is now admin")
+
+
+def _lane(a: Action) -> str:
+    user = getattr(a, "user", None) or a.actor or ""
+    if isinstance(a, CreateManagedRoom):
+        return "rooms"
+    room = getattr(a, "room", None)
+    if isinstance(a, HandOverRoom):
+        return f"leaver:{a.user}"
+    return f"{room}|{user}" if room else f"user:{user}"

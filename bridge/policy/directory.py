@@ -1,0 +1,569 @@
+"""Directory sync as a pure diff: the directory's wish vs what the homeserver has.
+
+:func:`diff_directory` takes the mapped directory (people → Matrix users), what Enclave
+remembers having provisioned, and a view of the homeserver (accounts, managed rooms, the
+rooms of people about to leave) and returns a :class:`SyncPlan`: the actions that make the
+homeserver match, findings that are only reported, and the records to remember. It compares
+before it writes, so an unchanged person costs nothing. :func:`check_safety` decides whether a
+plan may run at all. ``enclave sync --plan``, ``--apply`` and the scheduled run all call these.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from ..config.directory import DirectoryConfig, ManagedRoomConfig, PowerRule
+from ..directory.model import DirectorySnapshot, Person
+from .actions import Action, Invite, Join, Kick, SetState
+from .mapping import MappedUser
+
+MANAGED_REF = "managed:"
+ADMIN_LEVEL = 100
+
+
+# -- actions of directory sync -------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class CreateAccount(Action):
+    """Create a local account (admin API) with no password unless the directory gives one
+    for evaluation; ``email`` becomes its email threepid."""
+
+    kind: ClassVar[str] = "create_account"
+    user: str
+    person_id: str
+    displayname: str
+    email: str | None = None
+    initial_password: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d.get("initial_password"):
+            d["initial_password"] = "***"  # never into plans, outboxes or logs
+        return d
+
+    def describe(self) -> str:
+        return (f"{self.kind}(user={self.user}, displayname={self.displayname!r}, "
+                f"email={self.email}) [{self.rule_id}: {self.reason}]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateAccount(Action):
+    """Change only the listed profile fields (None: leave as is)."""
+
+    kind: ClassVar[str] = "update_account"
+    user: str
+    person_id: str
+    displayname: str | None = None
+    # None: unchanged; () removes every email
+    emails: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReactivateAccount(Action):
+    kind: ClassVar[str] = "reactivate_account"
+    user: str
+    person_id: str
+    displayname: str
+    email: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeactivateAccount(Action):
+    """Deactivate: Synapse logs out every session and removes the user from every room."""
+
+    kind: ClassVar[str] = "deactivate_account"
+    user: str
+    person_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EraseAccount(Action):
+    """Erase a deactivated account (GDPR): profile gone, messages hidden from new joiners."""
+
+    kind: ClassVar[str] = "erase_account"
+    user: str
+    person_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateManagedRoom(Action):
+    """Create a managed space or room as Enclave's bot (never federating, invite only),
+    placed in its parent space; idempotent through its alias."""
+
+    kind: ClassVar[str] = "create_managed_room"
+    key: str
+    name: str
+    is_space: bool = False
+    topic: str | None = None
+    alias: str | None = None
+    parent_key: str | None = None
+    # power levels of directory members, set at creation
+    power_users: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandOverRoom(Action):
+    """Before a leaver goes: acting as the leaver (the only admin), bring ``successor`` into
+    ``room`` and give them admin power."""
+
+    kind: ClassVar[str] = "hand_over_room"
+    room: str
+    user: str  # the leaver
+    successor: str
+    successor_joined: bool = False
+
+
+# -- what the homeserver has -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    user_id: str
+    displayname: str | None
+    deactivated: bool = False
+    erased: bool = False
+
+
+@dataclass(frozen=True)
+class RoomView:
+    """One room's membership, power levels and creators (room v12: unlimited power)."""
+
+    room_id: str
+    members: Mapping[str, str]  # user id -> join | invite | leave | ban | knock
+    power_levels: Mapping[str, Any]
+    creators: frozenset[str] = frozenset()
+
+    def level(self, user_id: str) -> float:
+        if user_id in self.creators:
+            return float("inf")
+        users = self.power_levels.get("users") or {}
+        if user_id in users:
+            return users[user_id]
+        return self.power_levels.get("users_default", 0)
+
+
+@dataclass(frozen=True)
+class HomeserverView:
+    """What sync needs to know of the homeserver."""
+
+    # local accounts by user id (every account the diff might touch)
+    accounts: Mapping[str, AccountState]
+    # managed rooms that exist, by key
+    rooms: Mapping[str, RoomView] = field(default_factory=dict)
+    # joined rooms of people about to leave, by user id
+    leaver_rooms: Mapping[str, Sequence[RoomView]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PersonRecord:
+    """What Enclave remembers of a provisioned person (mirrors the store's record)."""
+
+    person_id: str
+    user_id: str
+    status: str  # active | deactivated | erased
+    email: str | None
+    displayname: str | None
+    deactivated_at: int | None = None
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """Something sync noticed and only reports (drift in report mode, refusals)."""
+
+    rule_id: str
+    subject: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    actions: tuple[Action, ...]
+    findings: tuple[Finding, ...]
+    # records to save once every account action of that person has been applied
+    records: Mapping[str, PersonRecord]
+    active_people: int = 0
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in self.actions:
+            out[a.kind] = out.get(a.kind, 0) + 1
+        return out
+
+    @property
+    def deactivations(self) -> int:
+        return sum(1 for a in self.actions if isinstance(a, DeactivateAccount))
+
+
+@dataclass(frozen=True)
+class DesiredRoom:
+    key: str
+    entry: ManagedRoomConfig
+    value: str | None
+    name: str
+    topic: str | None
+    alias: str | None
+    parent_key: str | None
+    members: frozenset[str]  # user ids
+    power: Mapping[str, int]  # user id -> level (> 0 only)
+
+
+def slug(value: str) -> str:
+    """'Research & Development' -> 'research-development' (aliases, keys)."""
+    s = re.sub(r"[^a-z0-9]+", "-", value.lower()).strip("-")
+    return s or "x"
+
+
+def _fill(template: str | None, value: str | None) -> str | None:
+    if template is None:
+        return None
+    v = value or ""
+    return template.replace("{value}", v).replace("{slug}", slug(v))
+
+
+def _power_for(person: Person, rules: Sequence[PowerRule], managers: frozenset[str]) -> int:
+    level = 0
+    for r in rules:
+        hit = (
+            (r.group is not None and r.group in person.groups)
+            or (r.attribute is not None and person.attribute(r.attribute) == r.equals)
+            or (r.managers and person.id in managers)
+        )
+        if hit:
+            level = max(level, r.level)
+    return level
+
+
+def desired_rooms(
+    entries: Sequence[ManagedRoomConfig], users: Mapping[str, MappedUser]
+) -> dict[str, DesiredRoom]:
+    """Every managed space/room the directory calls for, with members and power levels.
+
+    ``users`` are the mapped *active* people. A for_each entry yields one room per distinct
+    non-empty value; its members are the people with that value.
+    """
+    out: dict[str, DesiredRoom] = {}
+    by_id = {e.id: e for e in entries}
+    for e in entries:
+        groups: dict[str | None, list[MappedUser]] = {}
+        if e.for_each is not None:
+            for mu in users.values():
+                v = mu.person.attribute(e.for_each)
+                if v:
+                    groups.setdefault(v, []).append(mu)
+        elif e.groups is not None:
+            wanted = set(e.groups)
+            groups[None] = [mu for mu in users.values() if wanted & mu.person.groups]
+        else:
+            groups[None] = list(users.values())
+        for value, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
+            key = e.id if value is None else f"{e.id}/{value}"
+            parent_key = None
+            if e.parent is not None:
+                p = by_id[e.parent]
+                parent_key = p.id if p.for_each is None else f"{p.id}/{value}"
+            ids = frozenset(mu.person.id for mu in members)
+            managers = frozenset(
+                mu.person.manager for mu in members if mu.person.manager is not None)
+            power = {}
+            for mu in members:
+                lvl = _power_for(mu.person, e.power, managers & ids)
+                if lvl > 0:
+                    power[mu.user_id] = lvl
+            out[key] = DesiredRoom(
+                key=key, entry=e, value=value, name=_fill(e.name, value) or key,
+                topic=_fill(e.topic, value), alias=_fill(e.alias, value),
+                parent_key=parent_key, members=frozenset(mu.user_id for mu in members),
+                power=power,
+            )
+    return out
+
+
+# -- the diff ----------------------------------------------------------------------------
+
+def diff_directory(
+    snapshot: DirectorySnapshot,
+    users: Mapping[str, MappedUser],
+    known: Mapping[str, PersonRecord],
+    view: HomeserverView,
+    config: DirectoryConfig,
+    *,
+    now_ms: int,
+    bot_user_id: str,
+    is_enclave_user: Any = lambda _u: False,
+    allow_initial_passwords: bool = False,
+) -> SyncPlan:
+    """Actions that make the homeserver match the directory.
+
+    ``users``: every mapped person of ``snapshot`` (disabled ones too), by person id.
+    ``known``: every person Enclave provisioned before, by person id. ``view``: the
+    homeserver now. ``is_enclave_user(user_id)``: Enclave's own users (bot, admin,
+    namespace), which managed-room sync never removes. Pure: same input, same plan.
+    """
+    actions: list[Action] = []
+    findings: list[Finding] = []
+    records: dict[str, PersonRecord] = {}
+    leaving: set[str] = set()
+    active: dict[str, MappedUser] = {}
+
+    # joiners, movers (profile), rejoiners
+    for pid, mu in sorted(users.items()):
+        p = mu.person
+        rec = known.get(pid)
+        if p.disabled:
+            continue
+        active[pid] = mu
+        acct = view.accounts.get(mu.user_id)
+        email = p.email or None
+        rec_new = PersonRecord(pid, mu.user_id, "active", email, mu.displayname)
+        if acct is None:
+            actions.append(CreateAccount(
+                rule_id="directory.joiner", reason="in the directory, no account yet",
+                user=mu.user_id, person_id=pid, displayname=mu.displayname, email=email,
+                initial_password=p.initial_password if allow_initial_passwords else None,
+            ))
+            records[pid] = rec_new
+            continue
+        if acct.deactivated:
+            if acct.erased:
+                findings.append(Finding(
+                    "directory.rejoiner", mu.user_id,
+                    "active in the directory but the account was erased; an erased account "
+                    "cannot return (map this person to a new localpart)"))
+                continue
+            if rec is None and config.drift == "report":
+                findings.append(Finding(
+                    "directory.adopt", mu.user_id,
+                    "active in the directory; a deactivated account of that name exists "
+                    "that Enclave never provisioned (drift: report)"))
+                continue
+            if rec is not None and rec.status == "active" and config.drift == "report":
+                findings.append(Finding(
+                    "directory.drift.account", mu.user_id,
+                    "active in the directory but deactivated on the homeserver "
+                    "(drift: report)"))
+                continue
+            actions.append(ReactivateAccount(
+                rule_id="directory.rejoiner",
+                reason="active in the directory again" if rec is not None
+                and rec.status != "active" else "active in the directory, account deactivated",
+                user=mu.user_id, person_id=pid, displayname=mu.displayname, email=email,
+            ))
+            records[pid] = rec_new
+            continue
+        changed_name = mu.displayname if acct.displayname != mu.displayname else None
+        # The homeserver's user list carries no emails: what Enclave last applied stands in
+        # (an adopted account gets the directory's email, if it has one).
+        changed_email: tuple[str, ...] | None = None
+        if (rec is None and email) or (rec is not None and rec.email != email):
+            changed_email = (email,) if email else ()
+        if changed_name is not None or changed_email is not None:
+            actions.append(UpdateAccount(
+                rule_id="directory.profile",
+                reason="profile differs from the directory" if rec is not None
+                else "existing account adopted for a directory person",
+                user=mu.user_id, person_id=pid, displayname=changed_name,
+                emails=changed_email,
+            ))
+        if rec is None or rec != rec_new:
+            records[pid] = rec_new
+
+    # leavers: provisioned and still active, now deleted or disabled in the directory
+    for pid, rec in sorted(known.items()):
+        if rec.status != "active" or pid in active:
+            continue
+        gone = pid not in users
+        acct = view.accounts.get(rec.user_id)
+        if acct is not None and not acct.deactivated:
+            leaving.add(rec.user_id)
+            why = "deleted from the directory" if gone else "disabled in the directory"
+            successor = _successor(pid, snapshot, users, active, config, bot_user_id)
+            for room in view.leaver_rooms.get(rec.user_id, ()):
+                if _only_admin(room, rec.user_id):
+                    actions.append(HandOverRoom(
+                        rule_id="directory.leaver.handover",
+                        reason=f"{rec.user_id} is the only admin and is leaving ({why})",
+                        actor=rec.user_id, room=room.room_id, user=rec.user_id,
+                        successor=successor,
+                        successor_joined=room.members.get(successor) == "join",
+                    ))
+            actions.append(DeactivateAccount(
+                rule_id="directory.leaver", reason=why, user=rec.user_id, person_id=pid))
+        records[pid] = replace(rec, status="deactivated", deactivated_at=now_ms)
+
+    # erase after the grace period
+    grace = config.leavers.erase_after_days
+    if grace is not None:
+        for pid, rec in sorted(known.items()):
+            if (rec.status == "deactivated" and pid not in active
+                    and rec.deactivated_at is not None
+                    and now_ms - rec.deactivated_at >= grace * 86_400_000):
+                actions.append(EraseAccount(
+                    rule_id="directory.leaver.erase",
+                    reason=f"deactivated {grace} days ago or more", user=rec.user_id,
+                    person_id=pid))
+                records[pid] = replace(rec, status="erased")
+
+    # managed spaces and rooms
+    wanted = desired_rooms(config.managed_rooms, active)
+    directory_users = {r.user_id for r in known.values()} | {
+        mu.user_id for mu in users.values()}
+    ordered = sorted(wanted.values(), key=lambda d: (d.parent_key is not None, d.key))
+    for d in ordered:
+        room = view.rooms.get(d.key)
+        if room is None:
+            actions.append(CreateManagedRoom(
+                rule_id=f"directory.rooms.{d.entry.id}", reason="declared in managed_rooms",
+                key=d.key, name=d.name, is_space=d.entry.kind == "space", topic=d.topic,
+                alias=d.alias, parent_key=d.parent_key, power_users=dict(d.power),
+            ))
+            room = RoomView(room_id=MANAGED_REF + d.key, members={}, power_levels={})
+            actions.extend(_membership(d, room, leaving, directory_users, is_enclave_user,
+                                       config, findings))
+            continue
+        actions.extend(_membership(d, room, leaving, directory_users, is_enclave_user,
+                                   config, findings))
+        actions.extend(_power(d, room, directory_users, is_enclave_user, config, findings))
+
+    active_records = sum(1 for r in known.values() if r.status == "active")
+    return SyncPlan(tuple(_order(actions)), tuple(findings), records,
+                    active_people=active_records)
+
+
+def _successor(pid: str, snapshot: DirectorySnapshot, users: Mapping[str, MappedUser],
+               active: Mapping[str, MappedUser], config: DirectoryConfig,
+               bot_user_id: str) -> str:
+    person = snapshot.people.get(pid)
+    for choice in config.leavers.successors:
+        if choice == "bot":
+            return bot_user_id
+        if person is None:
+            continue
+        if choice == "manager" and person.manager in active:
+            return active[person.manager].user_id
+        if choice == "group_owner":
+            for gid in sorted(person.groups):
+                g = snapshot.groups.get(gid)
+                owners = sorted(o for o in (g.owners if g else ()) if o in active and o != pid)
+                if owners:
+                    return active[owners[0]].user_id
+    return bot_user_id
+
+
+def _only_admin(room: RoomView, user_id: str) -> bool:
+    if room.level(user_id) < ADMIN_LEVEL:
+        return False
+    return not any(
+        u != user_id and m == "join" and room.level(u) >= ADMIN_LEVEL
+        for u, m in room.members.items()
+    )
+
+
+def _membership(d: DesiredRoom, room: RoomView, leaving: set[str], directory_users: set[str],
+                is_enclave_user: Any, config: DirectoryConfig,
+                findings: list[Finding]) -> Iterable[Action]:
+    rule = f"directory.rooms.{d.entry.id}"
+    for user in sorted(d.members):
+        m = room.members.get(user)
+        if m == "join":
+            continue
+        if m == "invite":
+            yield Join(rule_id=rule, reason="invited, joining", actor=user, room=room.room_id)
+            continue
+        if m == "ban":
+            findings.append(Finding(f"{rule}.drift", user,
+                                    f"should be in {d.key} but is banned there"))
+            continue
+        if m in ("leave", "knock"):
+            if config.drift == "report":
+                findings.append(Finding(f"{rule}.drift", user,
+                                        f"should be in {d.key} but left or was removed"))
+                continue
+            reason = "left or was removed by hand; the directory says member (drift: revert)"
+        else:
+            reason = "member by directory"
+        yield Invite(rule_id=rule, reason=reason, room=room.room_id, user=user)
+        yield Join(rule_id=rule, reason=reason, actor=user, room=room.room_id)
+    for user, m in sorted(room.members.items()):
+        if m not in ("join", "invite") or user in d.members or is_enclave_user(user):
+            continue
+        if user in leaving:
+            continue  # deactivation removes them from every room
+        if user not in directory_users and config.drift == "report":
+            findings.append(Finding(f"{rule}.drift", user,
+                                    f"in {d.key} without being a member by directory"))
+            continue
+        reason = ("no longer a member by directory" if user in directory_users
+                  else "added by hand; not a member by directory (drift: revert)")
+        yield Kick(rule_id=rule, reason=reason, room=room.room_id, user=user)
+
+
+def _power(d: DesiredRoom, room: RoomView, directory_users: set[str], is_enclave_user: Any,
+           config: DirectoryConfig, findings: list[Finding]) -> Iterable[Action]:
+    default = room.power_levels.get("users_default", 0)
+    current = {u: lvl for u, lvl in (room.power_levels.get("users") or {}).items()
+               if lvl != default or is_enclave_user(u)}
+    # v12 creators must not appear in the users map; Enclave's own users keep their level
+    result = {u: lvl for u, lvl in d.power.items() if u not in room.creators}
+    result.update({u: lvl for u, lvl in current.items() if is_enclave_user(u)})
+    rule = f"directory.rooms.{d.entry.id}.power"
+    for u, lvl in sorted(current.items()):
+        if u in result or u in room.creators:
+            continue
+        if u in directory_users and u not in d.members:
+            continue  # left the group: their level goes with them
+        # a level no directory rule gives: set by hand
+        if config.drift == "report":
+            findings.append(Finding(rule, u, f"power level {lvl} in {d.key} was set by hand "
+                                             "(drift: report)"))
+            result[u] = lvl
+    if result == current:
+        return
+    content = dict(room.power_levels)
+    content["users"] = result
+    yield SetState(rule_id=rule, reason="power levels by directory rules",
+                   room=room.room_id, event_type="m.room.power_levels", content=content)
+
+
+# application order: accounts exist before rooms use them; rooms before memberships; the
+# hand-over happens before the leaver is deactivated
+PHASES: dict[str, int] = {
+    CreateAccount.kind: 0, ReactivateAccount.kind: 0, UpdateAccount.kind: 0,
+    CreateManagedRoom.kind: 1, HandOverRoom.kind: 2,
+    Invite.kind: 3, Join.kind: 3, Kick.kind: 3, SetState.kind: 4,
+    DeactivateAccount.kind: 5, EraseAccount.kind: 6,
+}
+
+
+def _order(actions: list[Action]) -> list[Action]:
+    return sorted(actions, key=lambda a: PHASES.get(a.kind, 9))  # stable within a phase
+
+
+def check_safety(plan: SyncPlan, snapshot: DirectorySnapshot, config: DirectoryConfig, *,
+                 force: bool = False) -> list[str]:
+    """Why this plan must not run ([] = it may). ``force`` lifts the deactivation limits
+    and the minimum size, never the refusal of an empty answer."""
+    problems: list[str] = []
+    n = len(snapshot.people)
+    if n == 0:
+        return ["the directory answered with no people at all; refusing to treat everyone "
+                "as a leaver (check the source, its base DN and filter)"]
+    s = config.safety
+    if force:
+        return []
+    if n < s.min_people:
+        problems.append(f"the directory answered with {n} people, fewer than "
+                        f"safety.min_people ({s.min_people})")
+    deact = plan.deactivations
+    if deact > s.max_deactivations:
+        problems.append(f"{deact} accounts would be deactivated, more than "
+                        f"safety.max_deactivations ({s.max_deactivations})")
+    base = max(plan.active_people, 1)
+    if plan.active_people and deact * 100.0 / base > s.max_deactivation_percent:
+        problems.append(f"{deact} of {plan.active_people} active accounts "
+                        f"({deact * 100.0 / base:.1f}%) would be deactivated, more than "
+                        f"safety.max_deactivation_percent ({s.max_deactivation_percent}%)")
+    return problems
