@@ -63,7 +63,9 @@ def registration_dict(loaded: LoadedConfig, as_token: str, hs_token: str) -> dic
                 # non-exclusive: every local user's events reach us and we may act as them
                 {"exclusive": False, "regex": f"@.*:{server}"},
             ],
-            "aliases": [],
+            # non-exclusive: Enclave's bot may give the spaces and rooms it manages
+            # aliases (Synapse refuses an appservice an alias outside its namespaces)
+            "aliases": [{"exclusive": False, "regex": f"#.*:{server}"}],
             "rooms": [{"exclusive": False, "regex": "!.*"}],
         },
     }

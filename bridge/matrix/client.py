@@ -68,6 +68,7 @@ class MatrixClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._sleep = sleep
         self._on_rate_limited = on_rate_limited
+        self._sessions: dict[str, str] = {}
 
     async def request(
         self,
@@ -78,12 +79,16 @@ class MatrixClient:
         user_id: str | None = None,
         query: dict[str, str] | None = None,
         auth: bool = True,
+        access_token: str | None = None,
     ) -> Any:
-        """Send one request with retries; return the decoded JSON body."""
+        """Send one request with retries; return the decoded JSON body.
+
+        ``access_token`` replaces the appservice token (a user's own session)."""
         params = dict(query or {})
         if user_id is not None:
             params["user_id"] = user_id
-        headers = {"Authorization": f"Bearer {self._as_token}"} if auth else {}
+        token = access_token or self._as_token
+        headers = {"Authorization": f"Bearer {token}"} if auth else {}
         data = orjson.dumps(json) if json is not None else None
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -240,14 +245,36 @@ class MatrixClient:
         await self.request("PUT", f"/_synapse/admin/v2/users/{q(target)}", json=body,
                            user_id=admin)
 
+    async def session_token(self, user_id: str, *, renew: bool = False) -> str:
+        """An access token of ``user_id``'s own (appservice login, one fixed device).
+
+        Needed where ``?user_id=`` means something else: the admin user list reads it as
+        a filter, so masquerading there lists only the admin. Kept in memory only."""
+        if renew or user_id not in self._sessions:
+            body = await self.request(
+                "POST", "/_matrix/client/v3/login",
+                json={"type": "m.login.application_service",
+                      "identifier": {"type": "m.id.user", "user": user_id},
+                      "device_id": "ENCLAVE_ADMIN_API",
+                      "initial_device_display_name": "Enclave admin API"})
+            self._sessions[user_id] = body["access_token"]
+        return self._sessions[user_id]
+
     async def admin_list_users(self, *, admin: str, start: int = 0,
                                limit: int = 1000) -> tuple[list[dict[str, Any]], int | None]:
         """One page of every local account, deactivated and locked ones included."""
-        body = await self.request(
-            "GET", "/_synapse/admin/v2/users", user_id=admin,
-            query={"from": str(start), "limit": str(limit), "guests": "false",
-                   "deactivated": "true", "locked": "true", "order_by": "name"},
-        )
+        query = {"from": str(start), "limit": str(limit), "guests": "false",
+                 "deactivated": "true", "locked": "true", "order_by": "name"}
+        token = await self.session_token(admin)
+        try:
+            body = await self.request("GET", "/_synapse/admin/v2/users", query=query,
+                                      access_token=token)
+        except MatrixRequestError as e:
+            if e.status != 401:
+                raise
+            token = await self.session_token(admin, renew=True)  # token expired or revoked
+            body = await self.request("GET", "/_synapse/admin/v2/users", query=query,
+                                      access_token=token)
         nxt = body.get("next_token")
         return body.get("users", []), (int(nxt) if nxt is not None else None)
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config.directory import DirectoryConfig, ManagedRoomConfig, PowerRule
-from ..directory.model import DirectorySnapshot, Person
 from .actions import Action, Invite, Join, Kick, SetState
-from .mapping import MappedUser
+
+if TYPE_CHECKING:  # importing bridge.config at run time would pull in its YAML loader
+    from ..config.directory import DirectoryConfig, ManagedRoomConfig, PowerRule
+    from ..directory.model import DirectorySnapshot, Person
+    from .mapping import MappedUser
 
 MANAGED_REF = "managed:"
 ADMIN_LEVEL = 100
@@ -407,7 +409,9 @@ def diff_directory(
                     person_id=pid))
                 records[pid] = replace(rec, status="erased")
 
-    # managed spaces and rooms
+    # managed spaces and rooms; deactivated accounts are parted from every room by the
+    # homeserver itself (in the background), so they are never kicked
+    leaving |= {u for u, a in view.accounts.items() if a.deactivated}
     wanted = desired_rooms(config.managed_rooms, active)
     directory_users = {r.user_id for r in known.values()} | {
         mu.user_id for mu in users.values()}

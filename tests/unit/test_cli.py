@@ -96,7 +96,7 @@ def test_registration_content(config_dir: MakeConfig) -> None:
             {"exclusive": True, "regex": r"@enclave_.*:corp\.example\.com"},
             {"exclusive": False, "regex": r"@.*:corp\.example\.com"},
         ],
-        "aliases": [],
+        "aliases": [{"exclusive": False, "regex": "#.*:corp\\.example\\.com"}],
         "rooms": [{"exclusive": False, "regex": "!.*"}],
     }
     secrets_dir = cfg.parent / "secrets"

@@ -1,0 +1,227 @@
+"""Directory sync from a file source against a real Synapse, end to end.
+
+Joiners, movers, leavers (with hand-over of rooms they alone administered), managed spaces
+and rooms with members and power levels, a no-change run that writes nothing, refusals that
+change nothing, the CLI, and an Element-style password login for the evaluation file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.directory.sync import SyncRefused
+
+from .directory_helpers import (
+    account,
+    ensure_enclave_admin,
+    homeserver_event_count,
+    joined,
+    members,
+    open_sync,
+    room_state,
+    settled_event_count,
+    uid,
+    write_config,
+)
+from .harness import BOT_USER_ID, REPO_ROOT, Stack, nio, subprocess_env, wait_until
+
+PEOPLE: list[dict[str, Any]] = [
+    {"id": "1", "username": "hanna", "display_name": "Hanna Head", "department": "Sales",
+     "title": "Head of Sales", "email": "hanna@corp.example.com", "initial_password": "pw-hanna"},
+    {"id": "2", "username": "sam", "display_name": "Sam Seller", "department": "Sales",
+     "manager": "1", "email": "sam@corp.example.com"},
+    {"id": "3", "username": "sue", "display_name": "Sue Seller", "department": "Sales",
+     "manager": "1", "email": "sue@corp.example.com"},
+    {"id": "4", "username": "otto", "display_name": "Otto Ops", "department": "Ops",
+     "email": "otto@corp.example.com", "groups": ["it-admins"]},
+    {"id": "5", "username": "olga", "display_name": "Olga Ops", "department": "Ops",
+     "manager": "4", "email": "olga@corp.example.com"},
+]
+
+DIRECTORY: dict[str, Any] = {
+    "source": {"type": "file", "path": "directory.yaml", "allow_initial_passwords": True},
+    "interval_minutes": 0,
+    "safety": {"max_deactivations": 2, "max_deactivation_percent": 50},
+    "managed_rooms": [
+        {"id": "dept", "kind": "space", "for_each": "department", "name": "{value}",
+         "alias": "space-{slug}"},
+        {"id": "dept-general", "for_each": "department", "parent": "dept",
+         "name": "{value} general", "alias": "general-{slug}",
+         "power": [{"managers": True, "level": 50}, {"group": "it-admins", "level": 100}]},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack.create(tmp_path_factory.mktemp("dirfile"))
+    ensure_enclave_admin(s)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def write_people(base: Path, people: list[dict[str, Any]]) -> None:
+    (base / "directory.yaml").write_text(yaml.safe_dump({"people": people}, sort_keys=False))
+
+
+async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
+    write_people(tmp_path, PEOPLE)
+    config = write_config(stack, tmp_path, DIRECTORY)
+
+    # -- first run: everyone provisioned, spaces and rooms built ---------------------------
+    async with open_sync(config) as sync:
+        first = await sync.run()
+    assert first.ok, first.failed
+    assert first.applied["create_account"] == 5
+    assert first.applied["create_managed_room"] == 4
+    for p in PEOPLE:
+        a = await account(stack, uid(p["username"]))
+        assert a is not None and a["displayname"] == p["display_name"]
+        assert a["deactivated"] is False
+        assert [t["address"] for t in a["threepids"]] == [p["email"]]
+    async with open_sync(config) as sync:
+        rooms = await sync.store.managed_rooms()
+    assert set(rooms) == {"dept/Sales", "dept/Ops", "dept-general/Sales", "dept-general/Ops"}
+    sales = rooms["dept-general/Sales"]
+    assert joined(await members(stack, sales)) == {
+        BOT_USER_ID, uid("hanna"), uid("sam"), uid("sue")}
+    pl = await room_state(stack, sales, "m.room.power_levels")
+    assert pl["users"].get(uid("hanna")) == 50  # manages people in the room
+    assert uid("sam") not in pl["users"]
+    ops_pl = await room_state(stack, rooms["dept-general/Ops"], "m.room.power_levels")
+    assert ops_pl["users"].get(uid("otto")) == 100  # it-admins
+    # never federates; placed in its department's space (both directions)
+    create = await room_state(stack, sales, "m.room.create")
+    assert create["m.federate"] is False
+    space_create = await room_state(stack, rooms["dept/Sales"], "m.room.create")
+    assert space_create["type"] == "m.space"
+    assert await room_state(stack, rooms["dept/Sales"], "m.space.child", sales) is not None
+    assert await room_state(stack, sales, "m.space.parent", rooms["dept/Sales"]) is not None
+
+    # -- a second run with no change writes nothing ----------------------------------------
+    events_before = await settled_event_count(stack)
+    async with open_sync(config) as sync:
+        again = await sync.run()
+    assert again.plan.actions == ()
+    assert again.applied == {}
+    assert homeserver_event_count(stack) == events_before
+
+    # -- an evaluation password logs in like Element would ---------------------------------
+    client = nio.AsyncClient(stack.synapse.base_url, uid("hanna"))
+    try:
+        resp = await client.login("pw-hanna")
+        assert isinstance(resp, nio.LoginResponse), resp
+    finally:
+        await client.close()
+
+    # -- sue alone administers a room of her own; then edits, a move, a leaver -------------
+    own = await stack.hs("POST", "/_matrix/client/v3/createRoom",
+                         {"preset": "private_chat", "name": "sue's project"}, as_user=uid("sue"))
+    own_room = own["room_id"]
+    await stack.hs("POST", f"/_matrix/client/v3/rooms/{own_room}/invite",
+                   {"user_id": uid("sam")}, as_user=uid("sue"))
+    await stack.hs("POST", f"/_matrix/client/v3/join/{own_room}", {}, as_user=uid("sam"))
+
+    people = [dict(p) for p in PEOPLE]
+    people[1]["display_name"] = "Sam Seller-Smith"          # edit
+    people[1]["email"] = "sam.smith@corp.example.com"       # edit
+    people[4]["department"] = "Sales"                       # move Ops -> Sales
+    people[2]["disabled"] = True                            # leaver (disabled)
+    del people[0]["initial_password"]
+    write_people(tmp_path, people)
+    async with open_sync(config) as sync:
+        plan = (await sync.run(apply=False)).plan
+        counts = plan.count()
+        assert counts == {"update_account": 1, "kick": 2, "invite": 2, "join": 2,
+                          "hand_over_room": 1, "deactivate_account": 1}, counts
+        result = await sync.run()
+    assert result.ok, result.failed
+    sam = await account(stack, uid("sam"))
+    assert sam["displayname"] == "Sam Seller-Smith"
+    assert [t["address"] for t in sam["threepids"]] == ["sam.smith@corp.example.com"]
+    sue = await account(stack, uid("sue"))
+    assert sue["deactivated"] is True
+    # Synapse parts a deactivated user from every room in the background
+    want = {BOT_USER_ID, uid("hanna"), uid("sam"), uid("olga")}
+
+    async def sales_members() -> bool:
+        return joined(await members(stack, sales)) == want
+
+    await wait_until(sales_members, within=30, what="Sales general = hanna, sam, olga")
+    assert uid("olga") not in joined(await members(stack, rooms["dept-general/Ops"]))
+    assert uid("olga") not in (await room_state(
+        stack, rooms["dept-general/Ops"], "m.room.power_levels"))["users"]
+    # the hand-over happened before the deactivation: sue's manager now runs her room
+    own_pl = await room_state(stack, own_room, "m.room.power_levels")
+    assert own_pl["users"].get(uid("hanna")) == 100
+    assert uid("hanna") in joined(await members(stack, own_room))
+
+    # -- drift: someone kicks sam from Sales general; revert puts him back -----------------
+    await stack.hs("POST", f"/_matrix/client/v3/rooms/{sales}/kick",
+                   {"user_id": uid("sam")}, as_user=BOT_USER_ID)
+    async with open_sync(config) as sync:
+        drift = await sync.run()
+    assert drift.applied == {"invite": 1, "join": 1}
+    assert uid("sam") in joined(await members(stack, sales))
+
+    # -- deleted from the file: a leaver too; no change after that -------------------------
+    people = [p for p in people if p["id"] != "5"]
+    write_people(tmp_path, people)
+    async with open_sync(config) as sync:
+        gone = await sync.run()
+        assert gone.applied.get("deactivate_account") == 1
+        assert (await sync.run(apply=False)).plan.actions == ()
+    assert (await account(stack, uid("olga")))["deactivated"] is True
+
+    # -- refusals change nothing -----------------------------------------------------------
+    events_before = await settled_event_count(stack)
+    write_people(tmp_path, [])
+    async with open_sync(config) as sync:
+        with pytest.raises(SyncRefused, match="no people at all"):
+            await sync.run()
+    write_people(tmp_path, people[:1])  # 3 of 4 active people would go: > max 2 and > 50%
+    async with open_sync(config) as sync:
+        with pytest.raises(SyncRefused) as refused:
+            await sync.run()
+    assert "max_deactivation_percent" in str(refused.value)
+    (tmp_path / "directory.yaml").write_text("people: [ {username: broken")
+    async with open_sync(config) as sync:
+        with pytest.raises(SyncRefused, match="directory source file"):
+            await sync.run()
+    assert homeserver_event_count(stack) == events_before
+    for p in people:
+        a = await account(stack, uid(p["username"]))
+        assert a["deactivated"] is bool(p.get("disabled"))
+
+    # -- the CLI: --plan prints, --apply refuses with exit 5 and nothing changed -----------
+    write_people(tmp_path, people[:1])
+    env = subprocess_env()
+    cli = [sys.executable, "-m", "bridge", "sync", "-c", str(config)]
+
+    def enclave(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    plan_out = await asyncio.to_thread(enclave, "--plan", "--force")
+    assert plan_out.returncode == 0, plan_out.stderr
+    assert "deactivate_account" in plan_out.stdout
+    assert plan_out.stdout.count("deactivate_account(") == 2
+    applied = await asyncio.to_thread(enclave, "--apply")
+    assert applied.returncode == 5, applied.stdout + applied.stderr
+    assert "refused, nothing was changed" in applied.stderr
+    assert homeserver_event_count(stack) == events_before
+    write_people(tmp_path, people)
+    ok = await asyncio.to_thread(enclave, "--apply")
+    assert ok.returncode == 0, ok.stderr
+    assert "nothing to do" in ok.stdout
+    assert "pw-hanna" not in plan_out.stdout + ok.stdout + ok.stderr
