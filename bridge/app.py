@@ -260,6 +260,7 @@ async def build_app(
             log.exception("directory sync (%s) failed", reason)
 
     scim_debounce: Debouncer | None = None
+    scim: Any = None
     dcfg = cfg.directory
     if dcfg is not None and dcfg.source.type == "scim":
         from .directory.scim import ScimService
@@ -333,6 +334,8 @@ async def build_app(
         if svc.directory is None or dcfg is None:
             yield
             return
+        if scim is not None:
+            await scim.load()  # what identity providers provisioned before, from the store
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         scheduler = AsyncIOScheduler()
