@@ -58,6 +58,8 @@ class Services:
     clock_ms: Callable[[], int]
     identity: IdentityState = field(default_factory=IdentityState)
     directory: DirectorySync | None = None
+    # the last directory sync run: {"at": ms, "outcome": ok|partial|refused|error, ...}
+    directory_status: dict[str, Any] = field(default_factory=dict)
     # set once start-up has made Enclave's bot and admin identity ready
     bootstrapped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -230,6 +232,7 @@ async def build_app(
             "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url},
             "bot": svc.identity.bot_ready,
             "admin": {"ok": svc.identity.admin_ready, "problem": svc.identity.admin_problem},
+            "directory": svc.directory_status if svc.directory is not None else None,
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -250,14 +253,21 @@ async def build_app(
             log.warning("directory sync (%s) skipped: %s", reason,
                         svc.identity.admin_problem or "admin identity not ready yet")
             return
+        status: dict[str, Any] = {"reason": reason}
         try:
             result = await svc.directory.run()
+            status.update(outcome="ok" if result.ok else "partial", applied=result.applied,
+                          failed=len(result.failed), findings=len(result.plan.findings))
             if result.ok:
                 metrics.directory_last_success.set(clock_ms() / 1000)
-        except SyncRefused:
-            pass  # logged and counted by the sync itself; nothing changed
-        except Exception:
+        except SyncRefused as e:
+            # logged and counted by the sync itself; nothing changed
+            status.update(outcome="refused", problems=e.problems)
+        except Exception as e:
+            status.update(outcome="error", error=f"{type(e).__name__}: {e}")
             log.exception("directory sync (%s) failed", reason)
+        status["at"] = clock_ms()
+        svc.directory_status = status
 
     scim_debounce: Debouncer | None = None
     scim: Any = None

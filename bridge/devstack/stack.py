@@ -1,9 +1,10 @@
-"""The local stack: a throwaway Synapse on SQLite, Enclave on SQLite, demo staff accounts.
+"""The local stack: a throwaway Synapse on SQLite, Enclave on SQLite, a sample directory.
 
 Runs in the foreground and prints how to log in with Element; Ctrl-C stops every process it
 started. State lives in ``--state-dir`` (default ``var/local-stack``) so accounts survive a
-restart; ``--fresh`` wipes it first. For evaluation only: demo passwords come from the sample
-directory file.
+restart; ``--fresh`` wipes it first. Enclave's directory sync provisions the people of the
+sample directory file (accounts, department spaces and rooms) and re-reads the file every
+minute. For evaluation only: demo passwords come from that file.
 
     python -m bridge.devstack.stack [--fresh] [--synapse-port 8008] [--enclave-port 29330]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -57,7 +59,21 @@ def _secret_file(path: Path) -> str:
     return value
 
 
-def write_enclave_config(state: Path, synapse_port: int, enclave_port: int) -> Path:
+# What the local stack demonstrates of directory sync: a space per department with a
+# general room in it (managers at power 50), and a room for everyone.
+LOCAL_MANAGED_ROOMS: list[dict[str, Any]] = [
+    {"id": "department", "kind": "space", "for_each": "department", "name": "{value}",
+     "alias": "dept-{slug}", "topic": "The {value} department (managed by Enclave)"},
+    {"id": "department-general", "kind": "room", "for_each": "department",
+     "parent": "department", "name": "{value} general", "alias": "{slug}-general",
+     "power": [{"managers": True, "level": 50}]},
+    {"id": "all-staff", "kind": "room", "members": "all", "name": "All staff",
+     "alias": "all-staff", "power": [{"group": "it-admins", "level": 100}]},
+]
+
+
+def write_enclave_config(state: Path, synapse_port: int, enclave_port: int,
+                         directory: Path = DEFAULT_DIRECTORY) -> Path:
     """The Enclave config the stack runs with (SQLite, tokens in state/secrets)."""
     cfg: dict[str, Any] = {
         "homeserver": {
@@ -74,6 +90,14 @@ def write_enclave_config(state: Path, synapse_port: int, enclave_port: int) -> P
         },
         "database": {"url": "sqlite:///enclave.db"},
         "logging": {"level": "INFO", "format": "text"},
+        "directory": {
+            "source": {"type": "file", "path": str(directory.resolve()),
+                       "allow_initial_passwords": True},
+            "interval_minutes": 1,
+            # a demo directory is tiny: removing one person is already 25%
+            "safety": {"max_deactivations": 5, "max_deactivation_percent": 50.0},
+            "managed_rooms": LOCAL_MANAGED_ROOMS,
+        },
     }
     path = state / "enclave.yaml"
     path.write_text(
@@ -105,23 +129,40 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     raise RuntimeError(f"Enclave not ready after {timeout:.0f}s ({url})")
 
 
-def create_demo_people(hs: SynapseServer, directory: Path) -> list[dict[str, Any]]:
-    """Create the sample directory's people with their evaluation passwords (idempotent)."""
+def wait_for_people(hs: SynapseServer, directory: Path, proc: subprocess.Popen[bytes],
+                    timeout: float, ready_url: str) -> list[dict[str, Any]]:
+    """Wait until Enclave's first directory sync has provisioned the sample people (their
+    profiles answer). Not by logging in: that would spend the login rate limit that the
+    people trying Element need."""
     data = yaml.safe_load(directory.read_text()) or {}
-    people = data.get("people") or []
+    people = [p for p in data.get("people") or [] if not p.get("disabled")]
+    deadline = time.monotonic() + timeout
+    while True:  # the first run has finished (its outcome is on /ready)
+        if proc.poll() is not None:
+            raise RuntimeError(f"Enclave exited with code {proc.returncode}")
+        status, body = _get(f"{ready_url}")
+        run = (json.loads(body or b"{}").get("directory") or {}) if status == 200 else {}
+        if run.get("outcome"):
+            if run["outcome"] != "ok":
+                raise RuntimeError(f"the first directory sync did not succeed: {run}")
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no directory sync within {timeout:.0f}s; see enclave.log")
+        time.sleep(0.3)
     for person in people:
-        localpart = person["username"]
-        try:
-            _, token = hs.register_user(localpart, person["initial_password"])
-        except RuntimeError as e:
-            if "M_USER_IN_USE" in str(e):
-                continue  # kept from an earlier run
-            raise
-        user_id = f"@{localpart}:{hs.server_name}"
-        hs.request(
-            "PUT", f"/_matrix/client/v3/profile/{quote(user_id)}/displayname",
-            {"displayname": person.get("display_name", localpart)}, access_token=token,
-        )
+        user_id = f"@{person['username']}:{hs.server_name}"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Enclave exited with code {proc.returncode}")
+            try:
+                hs.request("GET", f"/_matrix/client/v3/profile/{quote(user_id)}")
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{user_id} was not provisioned by directory sync within "
+                        f"{timeout:.0f}s; see enclave.log") from None
+                time.sleep(0.3)
     return people
 
 
@@ -145,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     shared_secret = _secret_file(state / "secrets" / "registration_shared_secret")
-    config = write_enclave_config(state, args.synapse_port, args.enclave_port)
+    config = write_enclave_config(state, args.synapse_port, args.enclave_port, args.directory)
     registration = state / "enclave-registration.yaml"
     subprocess.run(
         [sys.executable, "-m", "bridge", "registration", "-c", str(config),
@@ -178,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True,
         )
         wait_ready(f"http://127.0.0.1:{args.enclave_port}/ready", enclave, 60)
-        people = create_demo_people(hs, args.directory)
+        people = wait_for_people(hs, args.directory, enclave, 60,
+                                 f"http://127.0.0.1:{args.enclave_port}/ready")
         print_banner(args, state, hs, enclave, people)
         while not stop_requested:
             if enclave.poll() is not None:
@@ -217,12 +259,17 @@ def print_banner(args: argparse.Namespace, state: Path, hs: SynapseServer,
         f"  Homeserver URL (Element: 'Edit' homeserver): {hs.base_url}",
         f"  Server name: {SERVER_NAME}",
         f"  Enclave: http://127.0.0.1:{args.enclave_port}/ready  /metrics",
-        "  Log in as (evaluation passwords from deploy/local/directory.yaml):",
+        "  Log in as (provisioned by directory sync from the sample directory file,",
+        f"  {args.directory}; evaluation passwords):",
     ]
     for person in people:
         lines.append(f"    {person['username']:<8} {person['initial_password']:<24} "
                      f"{person.get('display_name', '')} ({person.get('department', '')})")
     lines += [
+        "  Each has their department's space and general room, and 'All staff'.",
+        "  Edit the directory file (rename, move, disable someone): within a minute",
+        "  Enclave applies it; or now: enclave sync --plan / --apply -c "
+        f"{state}/enclave.yaml",
         f"  State: {state}   Enclave log: {state}/enclave.log",
         f"  Audit log: {Path(sys.executable).parent / 'enclave'} audit -c {state}/enclave.yaml",
         f"  pids: synapse={hs.pid} enclave={enclave.pid}",

@@ -44,6 +44,15 @@ async def _login_as(homeserver: str, person: dict) -> None:
         assert resp.user_id == f"@{person['username']}:corp.test"
         name = await client.get_displayname(resp.user_id)
         assert name.displayname == person["display_name"]
+        # directory sync put them in their department's space, its general room, All staff
+        rooms = await client.joined_rooms()
+        assert isinstance(rooms, nio.JoinedRoomsResponse), rooms
+        names = set()
+        for rid in rooms.rooms:
+            state = await client.room_get_state_event(rid, "m.room.name")
+            names.add(state.content.get("name"))
+        dept = person["department"]
+        assert names == {dept, f"{dept} general", "All staff"}, names
     finally:
         await client.close()
 
