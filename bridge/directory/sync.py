@@ -10,9 +10,12 @@ diffs against what the homeserver has now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,10 @@ from .model import DirectoryError, DirectorySnapshot
 from .source import DirectorySource
 
 log = logging.getLogger(__name__)
+
+
+LEASE_NAME = "directory-sync"
+LEASE_TTL_MS = 120_000
 
 
 class SyncRefused(Exception):
@@ -96,6 +103,8 @@ class DirectorySync:
         self.allow_initial_passwords = allow_initial_passwords
         self._lock = asyncio.Lock()
         self._managed: dict[str, str] | None = None
+        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_ttl_ms = LEASE_TTL_MS
         executor.register(CreateAccount, self._apply_create)
         executor.register(UpdateAccount, self._apply_update)
         executor.register(ReactivateAccount, self._apply_reactivate)
@@ -195,10 +204,36 @@ class DirectorySync:
                         creators=frozenset(creators))
 
     # -- applying -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lease(self) -> AsyncIterator[None]:
+        """One applying run at a time across processes sharing the database (the CLI
+        beside ``enclave run``); renewed while the run lasts, lost if its holder dies."""
+        ttl = self.lease_ttl_ms
+        if not await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
+                                              ttl):
+            raise SyncRefused(["another directory sync is running on this database; try "
+                               f"again when it has finished (its lease lasts {ttl // 1000}s "
+                               "past its last renewal)"])
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3000)
+                await self.store.acquire_lease(LEASE_NAME, self.lease_owner,
+                                               self.clock_ms(), ttl)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await self.store.release_lease(LEASE_NAME, self.lease_owner)
+
     async def run(self, *, apply: bool = True, force: bool = False,
                   progress: ProgressFn | None = None) -> SyncResult:
         """Plan and (unless ``apply`` is False) apply one run; one run at a time."""
-        async with self._lock:
+        async with self._lock, (self._lease() if apply else contextlib.nullcontext()):
             started = self.clock_ms()
             try:
                 result = await self.plan(force=force)

@@ -285,3 +285,14 @@ class Store(ABC):
     @abstractmethod
     async def scim_delete(self, resource_type: str, resource_id: str) -> bool:
         """Delete a SCIM resource; False when it did not exist."""
+
+    # -- leases ------------------------------------------------------------------------
+    @abstractmethod
+    async def acquire_lease(self, name: str, owner: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew lease ``name`` for ``owner`` until ``now_ms + ttl_ms``.
+
+        True if ``owner`` now holds it: it was free, expired, or already ``owner``'s."""
+
+    @abstractmethod
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it."""

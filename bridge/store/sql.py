@@ -476,6 +476,21 @@ class SQLStore(Store):
         )])
         return counts[0] > 0
 
+    # -- leases --------------------------------------------------------------------------
+    async def acquire_lease(self, name: str, owner: str, now_ms: int, ttl_ms: int) -> bool:
+        counts = await self.db.batch([(
+            "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+            " expires_at = excluded.expires_at"
+            " WHERE leases.owner = excluded.owner OR leases.expires_at <= ?",
+            (name, owner, now_ms + ttl_ms, now_ms), False,
+        )])
+        return counts[0] == 1
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self.db.batch([(
+            "DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner), False)])
+
 
 # PostgreSQL: the ingest write as ONE statement. The inbox rows go in array order (their
 # seq follows the transaction's order) and only if the transaction id is new.

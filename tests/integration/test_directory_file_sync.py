@@ -31,7 +31,16 @@ from .directory_helpers import (
     uid,
     write_config,
 )
-from .harness import BOT_USER_ID, REPO_ROOT, Stack, nio, subprocess_env, wait_until
+from .harness import (
+    BOT_USER_ID,
+    REPO_ROOT,
+    EnclaveProcess,
+    Stack,
+    metric,
+    nio,
+    subprocess_env,
+    wait_until,
+)
 
 PEOPLE: list[dict[str, Any]] = [
     {"id": "1", "username": "hanna", "display_name": "Hanna Head", "department": "Sales",
@@ -194,6 +203,13 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
         with pytest.raises(SyncRefused) as refused:
             await sync.run()
     assert "max_deactivation_percent" in str(refused.value)
+    # another process (the CLI beside 'enclave run') holds the sync lease: refused too
+    async with open_sync(config) as sync:
+        await sync.store.acquire_lease("directory-sync", "other-host:1:x", sync.clock_ms(),
+                                       60_000)
+        with pytest.raises(SyncRefused, match="another directory sync is running"):
+            await sync.run()
+        await sync.store.release_lease("directory-sync", "other-host:1:x")
     (tmp_path / "directory.yaml").write_text("people: [ {username: broken")
     async with open_sync(config) as sync:
         with pytest.raises(SyncRefused, match="directory source file"):
@@ -225,3 +241,40 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert "nothing to do" in ok.stdout
     assert "pw-hanna" not in plan_out.stdout + ok.stdout + ok.stderr
+
+
+async def test_enclave_run_syncs_at_start_and_on_schedule(stack: Stack,
+                                                          tmp_path: Path) -> None:
+    """The service itself: a run at start-up, then one every interval (APScheduler)."""
+    people = [{"id": "s1", "username": "sched1", "display_name": "Sched One"},
+              {"id": "s2", "username": "sched2", "display_name": "Sched Two"}]
+    write_people(tmp_path, people)
+    path = write_config(stack, tmp_path, {
+        "source": {"type": "file", "path": str(tmp_path / "directory.yaml")},
+        "interval_minutes": 0.02,  # every 1.2 s
+        "safety": {"max_deactivations": 5, "max_deactivation_percent": 100},
+    })
+    proc = EnclaveProcess(path, stack.as_port)
+    try:
+        await proc.start()
+
+        async def provisioned() -> bool:
+            a = await account(stack, uid("sched2"))
+            return a is not None and a["displayname"] == "Sched Two"
+
+        await wait_until(provisioned, within=30, what="start-up sync")
+        _, ready = await proc.get_json("/ready")
+        assert ready["directory"]["outcome"] == "ok", ready
+        people[0]["display_name"] = "Sched Renamed"
+        write_people(tmp_path, people)
+
+        async def renamed() -> bool:
+            a = await account(stack, uid("sched1"))
+            return a is not None and a["displayname"] == "Sched Renamed"
+
+        await wait_until(renamed, within=30, what="a scheduled sync to apply the rename")
+        metrics = await proc.metrics()
+        assert metric(metrics, "enclave_directory_sync_runs_total", outcome="ok") >= 2
+    finally:
+        await proc.stop()
+        proc.cleanup()

@@ -64,6 +64,7 @@ EXPECTED_TABLES = {
     "managed_rooms": {"key", "room_id", "created_at"},
     "scim_resources": {"resource_type", "id", "external_id", "data", "version",
                        "created_at", "updated_at"},
+    "leases": {"name", "owner", "expires_at"},
 }
 JOURNAL_COLUMNS = {"seq", "txn_id", "body", "received_at"}
 
@@ -568,3 +569,16 @@ async def test_scim_resources_crud(store: Store):
     assert await store.scim_delete("User", "u1") is False
     assert await store.scim_list("User") == []
     assert await store.scim_list("Group") == [g]
+
+
+async def test_leases_one_holder_until_expiry(store: Store):
+    assert await store.acquire_lease("sync", "a", 1000, 500) is True
+    assert await store.acquire_lease("sync", "b", 1200, 500) is False   # a holds it
+    assert await store.acquire_lease("sync", "a", 1400, 500) is True    # a renews (to 1900)
+    assert await store.acquire_lease("sync", "b", 1800, 500) is False
+    assert await store.acquire_lease("sync", "b", 1900, 500) is True    # expired: b takes it
+    await store.release_lease("sync", "a")                               # not a's: no effect
+    assert await store.acquire_lease("sync", "a", 2000, 500) is False
+    await store.release_lease("sync", "b")
+    assert await store.acquire_lease("sync", "a", 2000, 500) is True
+    assert await store.acquire_lease("other", "b", 2000, 500) is True

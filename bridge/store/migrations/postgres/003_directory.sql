@@ -28,3 +28,10 @@ CREATE TABLE scim_resources (
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (resource_type, id)
 );
+-- Named leases: one holder at a time across processes (a directory sync run from the CLI
+-- while 'enclave run' syncs too); a holder that died loses it when it expires.
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
