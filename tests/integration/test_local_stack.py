@@ -95,5 +95,10 @@ def test_local_stack_start_login_stop(tmp_path: Path) -> None:
         assert "stopped." in out_path.read_text()
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # a stop request first: SIGKILL of the launcher would orphan Synapse and Enclave
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
