@@ -435,10 +435,17 @@ class DirectorySync:
 
 
 def _lane(a: Action) -> str:
-    user = getattr(a, "user", None) or a.actor or ""
+    """Actions of one lane run in order; lanes run concurrently.
+
+    Room actions share one lane per room: Synapse serialises membership changes per room
+    (and lets an appservice have only 10 in flight), so two lanes on one room would only
+    hold each other's slots. One lane per room keeps every slot busy on a different room.
+    """
     if isinstance(a, CreateManagedRoom):
         return "rooms"
-    room = getattr(a, "room", None)
     if isinstance(a, HandOverRoom):
         return f"leaver:{a.user}"
-    return f"{room}|{user}" if room else f"user:{user}"
+    room = getattr(a, "room", None)
+    if room:
+        return f"room:{room}"
+    return f"user:{getattr(a, 'user', None) or a.actor or ''}"
