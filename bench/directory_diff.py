@@ -41,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 sys.path.insert(0, str(REPO))
+from _common import git_rev  # noqa: E402  (bench/ is on sys.path)
 
 SERVER = "corp.example.com"
 BOT = f"@enclave:{SERVER}"
@@ -230,15 +231,6 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def git_rev() -> dict[str, Any]:
-    def run(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": run("rev-parse", "HEAD"),
-            "dirty": bool(run("status", "--porcelain", "--", "bridge"))}
 
 
 def main() -> int:

@@ -53,6 +53,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 sys.path.insert(0, str(REPO))
 
+from _common import git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
+
 from bridge.app import build_store, wall_clock_ms  # noqa: E402
 from bridge.config import check_secrets, load_config  # noqa: E402
 from bridge.devstack.slapd import (  # noqa: E402
@@ -104,13 +106,6 @@ def pg_backend_cpu(dbname: str) -> float:
     return total
 
 
-async def pg_admin(sql: str) -> None:
-    import asyncpg
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 _ID_SEGMENT = re.compile(r"/(%40|%21|%23|@|!|#)[^/]*")
@@ -501,15 +496,6 @@ def print_report(meta: dict[str, Any], runs: dict[str, dict[str, Any]],
         print(f"  {'MET    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['value']}")
 
 
-def git_rev() -> dict[str, Any]:
-    def run(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": run("rev-parse", "HEAD"),
-            "dirty": bool(run("status", "--porcelain", "--", "bridge"))}
 
 
 async def amain(args: argparse.Namespace) -> int:

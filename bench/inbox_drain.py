@@ -35,6 +35,8 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _common import pg_admin  # noqa: E402  (bench/ is on sys.path)
+
 from bridge.config.models import InboxConfig  # noqa: E402
 from bridge.metrics import Metrics  # noqa: E402
 from bridge.store import NewEvent, Store, StoredAction, open_store  # noqa: E402
@@ -77,13 +79,6 @@ def make_events(n: int, rooms: int) -> list[NewEvent]:
     return out
 
 
-async def pg_admin(sql: str) -> None:
-    import asyncpg
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def fill(store: Store, events: list[NewEvent]) -> None:

@@ -61,6 +61,8 @@ BENCH = REPO / "bench"
 PY = sys.executable
 SERVERS = ("bare", "mautrix", "enclave-sqlite", "enclave-postgres")
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+from _common import git_rev  # noqa: E402  (bench/ is on sys.path)
+
 TXN_PATH = "/_matrix/app/v1/transactions/"
 
 # -- realistic events -------------------------------------------------------------------------
@@ -726,15 +728,6 @@ def print_report(cells: list[Cell], rats: list[dict[str, Any]], meta: dict[str, 
                 f"{c.inbox['homeserver_retries_logged']}")
 
 
-def git_rev() -> dict[str, Any]:
-    def run(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain",
-                                                                   "--", "bridge"))}
 
 
 def run(args: argparse.Namespace) -> int:

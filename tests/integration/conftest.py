@@ -22,6 +22,20 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop()
 
 
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A Synapse of the test module's own, with Enclave's admin identity: the directory
+    tests create, count and deactivate accounts, so they do not share the session's."""
+    from .directory_helpers import ensure_enclave_admin
+
+    s = Stack.create(tmp_path_factory.mktemp("stack"))
+    ensure_enclave_admin(s)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture
 def enclave_factory(tmp_path: Path) -> Iterator[Callable[..., EnclaveProcess]]:
     """``make(stack, handlers=..., env=..., **config)`` -> an unstarted EnclaveProcess.

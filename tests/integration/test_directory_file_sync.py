@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from bridge.directory.sync import SyncRefused
 
 from .directory_helpers import (
     account,
-    ensure_enclave_admin,
     homeserver_event_count,
     joined,
     members,
@@ -67,16 +65,6 @@ DIRECTORY: dict[str, Any] = {
          "power": [{"managers": True, "level": 50}, {"group": "it-admins", "level": 100}]},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack.create(tmp_path_factory.mktemp("dirfile"))
-    ensure_enclave_admin(s)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def write_people(base: Path, people: list[dict[str, Any]]) -> None:

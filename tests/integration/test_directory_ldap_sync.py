@@ -21,7 +21,6 @@ from bridge.directory.sync import SyncRefused
 
 from .directory_helpers import (
     account,
-    ensure_enclave_admin,
     homeserver_event_count,
     joined,
     members,
@@ -36,16 +35,6 @@ from .ldap_fixtures import ldap_config, running_slapd
 
 N_PEOPLE = 1000
 N_DEPARTMENTS = 20
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack.create(tmp_path_factory.mktemp("dirldap"))
-    ensure_enclave_admin(s)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

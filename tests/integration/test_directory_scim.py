@@ -5,7 +5,7 @@ Requests are shaped as Okta and Entra ID send them (Entra: capitalised ops, stri
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from .directory_helpers import account, ensure_enclave_admin, joined, members, uid
+from .directory_helpers import account, joined, members, uid
 from .harness import EnclaveProcess, Stack, wait_until
 
 TOKEN = "scim-test-token-0123456789"
@@ -21,16 +21,6 @@ USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack.create(tmp_path_factory.mktemp("dirscim"))
-    ensure_enclave_admin(s)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
