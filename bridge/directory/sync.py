@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 LEASE_NAME = "directory-sync"
-LEASE_TTL_MS = 120_000
+LEASE_TTL_MS = 60_000
 
 
 class SyncRefused(Exception):
