@@ -46,7 +46,7 @@ PEOPLE: list[dict[str, Any]] = [
     {"id": "2", "username": "sam", "display_name": "Sam Seller", "department": "Sales",
      "manager": "1", "email": "sam@corp.example.com"},
     {"id": "3", "username": "sue", "display_name": "Sue Seller", "department": "Sales",
-     "manager": "1", "email": "sue@corp.example.com"},
+     "manager": "1", "email": "sue@corp.example.com", "initial_password": "pw-sue"},
     {"id": "4", "username": "otto", "display_name": "Otto Ops", "department": "Ops",
      "email": "otto@corp.example.com", "groups": ["it-admins"]},
     {"id": "5", "username": "olga", "display_name": "Olga Ops", "department": "Ops",
@@ -121,6 +121,10 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     finally:
         await client.close()
 
+    # sue is logged in on a device when she leaves
+    sue_client = nio.AsyncClient(stack.synapse.base_url, uid("sue"))
+    assert isinstance(await sue_client.login("pw-sue"), nio.LoginResponse)
+
     # -- sue alone administers a room of her own; then edits, a move, a leaver -------------
     own = await stack.hs("POST", "/_matrix/client/v3/createRoom",
                          {"preset": "private_chat", "name": "sue's project"}, as_user=uid("sue"))
@@ -135,6 +139,7 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     people[4]["department"] = "Sales"                       # move Ops -> Sales
     people[2]["disabled"] = True                            # leaver (disabled)
     del people[0]["initial_password"]
+    del people[2]["initial_password"]
     write_people(tmp_path, people)
     async with open_sync(config) as sync:
         plan = (await sync.run(apply=False)).plan
@@ -148,6 +153,13 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     assert [t["address"] for t in sam["threepids"]] == ["sam.smith@corp.example.com"]
     sue = await account(stack, uid("sue"))
     assert sue["deactivated"] is True
+    # her session was revoked with the account
+    try:
+        whoami = await sue_client.whoami()
+        assert isinstance(whoami, nio.WhoamiError), whoami
+        assert whoami.status_code == "M_UNKNOWN_TOKEN"
+    finally:
+        await sue_client.close()
     # Synapse parts a deactivated user from every room in the background
     want = {BOT_USER_ID, uid("hanna"), uid("sam"), uid("olga")}
 
