@@ -303,12 +303,49 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from .directory.build import standalone_sync
     from .directory.sync import SyncRefused, SyncResult
 
+    if args.user and args.apply:
+        _err("enclave sync: --user explains a plan; use it with --plan")
+        return EXIT_USAGE
     loaded, secrets = _load(args)
     if loaded.config.directory is None:
         _err("enclave sync: the configuration has no directory: section")
         return EXIT_CONFIG
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
+
+    def explain(result: SyncResult, query: str) -> int:
+        from .policy.directory import touching
+
+        snap = result.snapshot
+        pid = next((p for p, mu in result.users.items() if query in (
+            p, mu.user_id, mu.localpart, mu.person.username)), None)
+        if pid is None:
+            pid = next((p for p, r in result.known.items() if query in (p, r.user_id)), None)
+        if pid is None:
+            _err(f"enclave sync: no person {query!r} in the directory or in what Enclave "
+                 "provisioned (give a person id, username or Matrix id)")
+            return EXIT_USAGE
+        person = snap.people.get(pid)
+        mapped = result.users.get(pid)
+        rec = result.known.get(pid)
+        user_id = mapped.user_id if mapped else rec.user_id  # type: ignore[union-attr]
+        out.print(f"person {pid} -> {user_id}", markup=False)
+        if person is None:
+            out.print("  not in the directory any more (deleted)")
+        else:
+            for name in ("username", "display_name", "email", "title", "department",
+                         "location", "manager", "disabled"):
+                out.print(f"  {name}: {getattr(person, name)}", markup=False)
+            out.print(f"  groups: {', '.join(sorted(person.groups)) or '-'}", markup=False)
+        out.print(f"  provisioned: {rec.status if rec else 'not yet'}", markup=False)
+        acts, finds = touching(result.plan, user_id)
+        for a in acts:
+            out.print("  will: " + a.describe(), markup=False)
+        for f in finds:
+            out.print(f"  finding [{f.rule_id}]: {f.message}", markup=False)
+        if not acts and not finds:
+            out.print("  in step with the directory: nothing to do")
+        return EXIT_OK
 
     def show(result: SyncResult) -> None:
         plan = result.plan
@@ -347,6 +384,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             try:
                 if not args.apply:
                     result = await sync.run(apply=False, force=args.force)
+                    if args.user:
+                        return explain(result, args.user)
                     show(result)
                     return EXIT_OK
                 progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -429,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lift the safety limits (deactivation count/percentage, min_people)")
     s.add_argument("--details", type=int, default=None, metavar="N",
                    help="with --plan: print only the first N actions")
+    s.add_argument("--user", metavar="WHO",
+                   help="with --plan: explain one person (id, username or Matrix id): their "
+                        "directory entry, Matrix id and what the run would do to them")
     s.add_argument("--format", choices=["table", "json"], default="table")
     s.set_defaults(fn=cmd_sync)
     return p

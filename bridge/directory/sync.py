@@ -71,6 +71,9 @@ class SyncResult:
     failed: list[tuple[Action, str]] = field(default_factory=list)
     refused_mappings: list[tuple[str, str]] = field(default_factory=list)
     applied_run: bool = False
+    # person id -> their Matrix user (mapped this run) and what Enclave remembered of them
+    users: dict[str, Any] = field(default_factory=dict)
+    known: dict[str, PersonRecord] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -146,7 +149,8 @@ class DirectorySync:
         problems = check_safety(plan, snapshot, self.config, force=force)
         if problems:
             raise SyncRefused(problems)
-        return SyncResult(plan=plan, snapshot=snapshot, refused_mappings=mapping.refused)
+        return SyncResult(plan=plan, snapshot=snapshot, refused_mappings=mapping.refused,
+                          users=dict(mapping.users), known=known)
 
     async def read_homeserver(self, known: dict[str, PersonRecord], users: dict[str, Any],
                               snapshot: DirectorySnapshot) -> HomeserverView:

@@ -546,6 +546,14 @@ def _order(actions: list[Action]) -> list[Action]:
     return sorted(actions, key=lambda a: PHASES.get(a.kind, 9))  # stable within a phase
 
 
+def touching(plan: SyncPlan, user_id: str) -> tuple[list[Action], list[Finding]]:
+    """The planned actions and findings that concern one user (``enclave sync --plan
+    --user``): actions on them, by them, or that hand their rooms over."""
+    acts = [a for a in plan.actions
+            if user_id in (getattr(a, "user", None), a.actor, getattr(a, "successor", None))]
+    return acts, [f for f in plan.findings if f.subject == user_id]
+
+
 def check_safety(plan: SyncPlan, snapshot: DirectorySnapshot, config: DirectoryConfig, *,
                  force: bool = False) -> list[str]:
     """Why this plan must not run ([] = it may). ``force`` lifts the deactivation limits

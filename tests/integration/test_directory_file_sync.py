@@ -232,6 +232,12 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     assert plan_out.returncode == 0, plan_out.stderr
     assert "deactivate_account" in plan_out.stdout
     assert plan_out.stdout.count("deactivate_account(") == 2
+    why = await asyncio.to_thread(enclave, "--plan", "--force", "--user", uid("otto"))
+    assert why.returncode == 0, why.stderr
+    assert "person 4 -> @otto:corp.test" in why.stdout
+    assert "department: Ops" not in why.stdout  # deleted from the file: no entry to show
+    assert "not in the directory any more" in why.stdout
+    assert "will: deactivate_account(" in why.stdout and "deleted from the directory" in why.stdout
     applied = await asyncio.to_thread(enclave, "--apply")
     assert applied.returncode == 5, applied.stdout + applied.stderr
     assert "refused, nothing was changed" in applied.stderr
@@ -240,6 +246,12 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     ok = await asyncio.to_thread(enclave, "--apply")
     assert ok.returncode == 0, ok.stderr
     assert "nothing to do" in ok.stdout
+    why = await asyncio.to_thread(enclave, "--plan", "--user", "sam")
+    assert why.returncode == 0, why.stderr
+    assert "display_name: Sam Seller-Smith" in why.stdout and "groups: -" in why.stdout
+    assert "provisioned: active" in why.stdout and "in step with the directory" in why.stdout
+    nobody = await asyncio.to_thread(enclave, "--plan", "--user", "nobody")
+    assert nobody.returncode == 2 and "no person 'nobody'" in nobody.stderr
     assert "pw-hanna" not in plan_out.stdout + ok.stdout + ok.stderr
 
 
