@@ -192,12 +192,15 @@ class DirectorySync:
         members: dict[str, str] = {}
         power: dict[str, Any] = {}
         creators: set[str] = set()
+        join_rules: dict[str, Any] = {}
         for ev in state:
             t, sk, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
             if t == "m.room.member" and isinstance(sk, str):
                 members[sk] = content.get("membership", "leave")
             elif t == "m.room.power_levels" and sk == "":
                 power = content
+            elif t == "m.room.join_rules" and sk == "":
+                join_rules = content
             elif t == "m.room.create" and sk == "":
                 # room v12 creators (sender + additional_creators) have unlimited power
                 if str(content.get("room_version", "1")) in ("12",) or content.get(
@@ -205,7 +208,7 @@ class DirectorySync:
                     creators.add(ev.get("sender", ""))
                     creators.update(content.get("additional_creators") or [])
         return RoomView(room_id=room_id, members=members, power_levels=power,
-                        creators=frozenset(creators))
+                        creators=frozenset(creators), join_rules=join_rules)
 
     # -- applying -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -399,6 +402,12 @@ class DirectorySync:
                 initial_state.append({
                     "type": "m.space.parent", "state_key": parent,
                     "content": {"via": [self.server_name], "canonical": True}})
+            if parent and a.join_through_parent:
+                # its members are the space's by rule: they join without an invite
+                initial_state.append({
+                    "type": "m.room.join_rules", "state_key": "",
+                    "content": {"join_rule": "restricted", "allow": [
+                        {"type": "m.room_membership", "room_id": parent}]}})
             creation: dict[str, Any] = {"m.federate": False}
             if a.is_space:
                 creation["type"] = "m.space"

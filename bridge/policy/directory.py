@@ -104,6 +104,8 @@ class CreateManagedRoom(Action):
     parent_key: str | None = None
     # power levels of directory members, set at creation
     power_users: dict[str, int] = field(default_factory=dict)
+    # members of the parent space may join without an invite (same membership rule)
+    join_through_parent: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +118,15 @@ class HandOverRoom(Action):
     user: str  # the leaver
     successor: str
     successor_joined: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinThroughParent(Join):
+    """Join a room whose join rule admits the members of its parent space (``restricted``),
+    so no invite is needed: one membership event instead of two. Runs after the space
+    memberships of the same run, since the join is authorised by them."""
+
+    kind: ClassVar[str] = "join_through_parent"
 
 
 # -- what the homeserver has -------------------------------------------------------------
@@ -136,6 +147,14 @@ class RoomView:
     members: Mapping[str, str]  # user id -> join | invite | leave | ban | knock
     power_levels: Mapping[str, Any]
     creators: frozenset[str] = frozenset()
+    join_rules: Mapping[str, Any] = field(default_factory=dict)
+
+    def admits_members_of(self, parent_room_id: str) -> bool:
+        """Whether members of ``parent_room_id`` may join without an invite."""
+        if self.join_rules.get("join_rule") not in ("restricted", "knock_restricted"):
+            return False
+        return any(a.get("type") == "m.room_membership" and a.get("room_id") == parent_room_id
+                   for a in self.join_rules.get("allow") or [] if isinstance(a, dict))
 
     def level(self, user_id: str) -> float:
         if user_id in self.creators:
@@ -211,6 +230,14 @@ class DesiredRoom:
     parent_key: str | None
     members: frozenset[str]  # user ids
     power: Mapping[str, int]  # user id -> level (> 0 only)
+    # the parent space's membership rule is this room's: its members may join directly
+    join_through_parent: bool = False
+
+
+def same_membership_rule(a: ManagedRoomConfig, b: ManagedRoomConfig) -> bool:
+    """Whether two managed-room entries always have the same members for the same value."""
+    return (a.for_each, a.members, sorted(a.groups or [])) == (
+        b.for_each, b.members, sorted(b.groups or []))
 
 
 def slug(value: str) -> str:
@@ -264,9 +291,11 @@ def desired_rooms(
         for value, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
             key = e.id if value is None else f"{e.id}/{value}"
             parent_key = None
+            through_parent = False
             if e.parent is not None:
                 p = by_id[e.parent]
                 parent_key = p.id if p.for_each is None else f"{p.id}/{value}"
+                through_parent = same_membership_rule(e, p)
             ids = frozenset(mu.person.id for mu in members)
             managers = frozenset(
                 mu.person.manager for mu in members if mu.person.manager is not None)
@@ -279,7 +308,7 @@ def desired_rooms(
                 key=key, entry=e, value=value, name=_fill(e.name, value) or key,
                 topic=_fill(e.topic, value), alias=_fill(e.alias, value),
                 parent_key=parent_key, members=frozenset(mu.user_id for mu in members),
-                power=power,
+                power=power, join_through_parent=through_parent,
             )
     return out
 
@@ -423,13 +452,18 @@ def diff_directory(
                 rule_id=f"directory.rooms.{d.entry.id}", reason="declared in managed_rooms",
                 key=d.key, name=d.name, is_space=d.entry.kind == "space", topic=d.topic,
                 alias=d.alias, parent_key=d.parent_key, power_users=dict(d.power),
+                join_through_parent=d.join_through_parent,
             ))
             room = RoomView(room_id=MANAGED_REF + d.key, members={}, power_levels={})
-            actions.extend(_membership(d, room, leaving, directory_users, is_enclave_user,
-                                       config, findings))
-            continue
+            through = d.join_through_parent
+        else:
+            parent = view.rooms.get(d.parent_key) if d.parent_key else None
+            through = (d.join_through_parent and parent is not None
+                       and room.admits_members_of(parent.room_id))
         actions.extend(_membership(d, room, leaving, directory_users, is_enclave_user,
-                                   config, findings))
+                                   config, findings, through_parent=through))
+        if room.room_id.startswith(MANAGED_REF):
+            continue
         actions.extend(_power(d, room, directory_users, is_enclave_user, config, findings))
 
     active_records = sum(1 for r in known.values() if r.status == "active")
@@ -468,7 +502,7 @@ def _only_admin(room: RoomView, user_id: str) -> bool:
 
 def _membership(d: DesiredRoom, room: RoomView, leaving: set[str], directory_users: set[str],
                 is_enclave_user: Any, config: DirectoryConfig,
-                findings: list[Finding]) -> Iterable[Action]:
+                findings: list[Finding], *, through_parent: bool = False) -> Iterable[Action]:
     rule = f"directory.rooms.{d.entry.id}"
     for user in sorted(d.members):
         m = room.members.get(user)
@@ -489,6 +523,10 @@ def _membership(d: DesiredRoom, room: RoomView, leaving: set[str], directory_use
             reason = "left or was removed by hand; the directory says member (drift: revert)"
         else:
             reason = "member by directory"
+        if through_parent:
+            yield JoinThroughParent(rule_id=rule, reason=reason + " (joins through its space)",
+                                    actor=user, room=room.room_id)
+            continue
         yield Invite(rule_id=rule, reason=reason, room=room.room_id, user=user)
         yield Join(rule_id=rule, reason=reason, actor=user, room=room.room_id)
     for user, m in sorted(room.members.items()):
@@ -537,8 +575,8 @@ def _power(d: DesiredRoom, room: RoomView, directory_users: set[str], is_enclave
 PHASES: dict[str, int] = {
     CreateAccount.kind: 0, ReactivateAccount.kind: 0, UpdateAccount.kind: 0,
     CreateManagedRoom.kind: 1, HandOverRoom.kind: 2,
-    Invite.kind: 3, Join.kind: 3, Kick.kind: 3, SetState.kind: 4,
-    DeactivateAccount.kind: 5, EraseAccount.kind: 6,
+    Invite.kind: 3, Join.kind: 3, Kick.kind: 3, JoinThroughParent.kind: 4, SetState.kind: 5,
+    DeactivateAccount.kind: 6, EraseAccount.kind: 7,
 }
 
 

@@ -100,6 +100,12 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     # never federates; placed in its department's space (both directions)
     create = await room_state(stack, sales, "m.room.create")
     assert create["m.federate"] is False
+    # its members are the space's by rule: the space's members may join it without invite
+    rules = await room_state(stack, sales, "m.room.join_rules")
+    assert rules == {"join_rule": "restricted", "allow": [
+        {"type": "m.room_membership", "room_id": rooms["dept/Sales"]}]}
+    assert (await room_state(stack, rooms["dept/Sales"], "m.room.join_rules"))[
+        "join_rule"] == "invite"
     space_create = await room_state(stack, rooms["dept/Sales"], "m.room.create")
     assert space_create["type"] == "m.space"
     assert await room_state(stack, rooms["dept/Sales"], "m.space.child", sales) is not None
@@ -144,8 +150,11 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     async with open_sync(config) as sync:
         plan = (await sync.run(apply=False)).plan
         counts = plan.count()
-        assert counts == {"update_account": 1, "kick": 2, "invite": 2, "join": 2,
-                          "hand_over_room": 1, "deactivate_account": 1}, counts
+        # olga: out of Ops' space and room; into Sales' space (invite, join) and its
+        # general room (joins through the space: no invite)
+        assert counts == {"update_account": 1, "kick": 2, "invite": 1, "join": 1,
+                          "join_through_parent": 1, "hand_over_room": 1,
+                          "deactivate_account": 1}, counts
         result = await sync.run()
     assert result.ok, result.failed
     sam = await account(stack, uid("sam"))
@@ -180,7 +189,7 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
                    {"user_id": uid("sam")}, as_user=BOT_USER_ID)
     async with open_sync(config) as sync:
         drift = await sync.run()
-    assert drift.applied == {"invite": 1, "join": 1}
+    assert drift.applied == {"join_through_parent": 1}  # still in the space: no invite
     assert uid("sam") in joined(await members(stack, sales))
 
     # -- deleted from the file: a leaver too; no change after that -------------------------

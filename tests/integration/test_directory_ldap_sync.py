@@ -144,7 +144,8 @@ async def test_ldap_directory_lifecycle(stack: Stack, slapd: SlapdServer, tmp_pa
             "create_account": 1,           # newbie
             "deactivate_account": 2,       # 300 disabled, 400 deleted
             "kick": 2,                     # 203 out of Department 03's space and room
-            "invite": 4, "join": 4,        # 203 and newbie into Department 05's two
+            "invite": 2, "join": 2,        # 203 and newbie into Department 05's space...
+            "join_through_parent": 2,      # ...and its general room (no invite needed)
             "set_state": 1,                # Department 05 general: 505 -> 100
         }, plan.count()
         result = await sync.run()

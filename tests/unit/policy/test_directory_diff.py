@@ -18,6 +18,7 @@ from bridge.policy.directory import (
     EraseAccount,
     HandOverRoom,
     HomeserverView,
+    JoinThroughParent,
     PersonRecord,
     ReactivateAccount,
     RoomView,
@@ -254,13 +255,14 @@ def test_first_run_creates_rooms_then_members_in_order() -> None:
     cfg = config(**{"managed_rooms": ROOMS["managed_rooms"][:2]})
     plan = run([person("ann")], [], [], cfg=cfg)
     k = [a.kind for a in plan.actions]
+    # the general room has its space's membership rule: members join it through the space
     assert k == ["create_account", "create_managed_room", "create_managed_room",
-                 "invite", "join", "invite", "join"]
+                 "invite", "join", "join_through_parent"]
     creates = [a for a in plan.actions if isinstance(a, CreateManagedRoom)]
-    assert [(c.key, c.is_space, c.parent_key) for c in creates] == [
-        ("dept/Sales", True, None), ("dept-general/Sales", False, "dept/Sales")]
+    assert [(c.key, c.is_space, c.parent_key, c.join_through_parent) for c in creates] == [
+        ("dept/Sales", True, None, False), ("dept-general/Sales", False, "dept/Sales", True)]
     inv = [a for a in plan.actions if isinstance(a, Invite)]
-    assert {a.room for a in inv} == {"managed:dept/Sales", "managed:dept-general/Sales"}
+    assert {a.room for a in inv} == {"managed:dept/Sales"}
     joins = [a for a in plan.actions if isinstance(a, Join)]
     assert all(j.actor == uid("ann") for j in joins)
 
@@ -353,3 +355,43 @@ def test_actions_round_trip_through_dicts() -> None:
             continue  # its password is masked on purpose
         assert action_from_dict(a.to_dict()) == a
     assert ReactivateAccount.kind == "reactivate_account"
+
+
+def test_join_through_parent_only_where_the_room_admits_the_space() -> None:
+    cfg = config(**{"managed_rooms": ROOMS["managed_rooms"][:2]})
+    people = [person("boss"), person("ann", manager="id-boss")]
+    restricted = {"join_rule": "restricted",
+                  "allow": [{"type": "m.room_membership", "room_id": "!space"}]}
+    for join_rules, expected in [
+        (restricted, ["join_through_parent"]),
+        ({"join_rule": "invite"}, ["invite", "join"]),  # created before: invite-only
+        ({"join_rule": "restricted", "allow": [{"type": "m.room_membership",
+                                                "room_id": "!other"}]}, ["invite", "join"]),
+    ]:
+        rooms = _synced_rooms({uid("boss"): "join"}, {uid("boss"): 50})
+        rooms["dept-general/Sales"] = dataclasses.replace(rooms["dept-general/Sales"],
+                                                          join_rules=join_rules)
+        plan = run(people, [rec("ann"), rec("boss")], [acct("ann"), acct("boss")], cfg=cfg,
+                   rooms=rooms)
+        assert [a.kind for a in plan.actions] == expected, join_rules
+    # a join through the space runs after every space membership of the run
+    j = JoinThroughParent(rule_id="r", reason="x", actor=uid("ann"), room="!gen")
+    assert isinstance(j, Join)
+
+
+def test_rooms_with_another_membership_rule_than_their_space_keep_invites() -> None:
+    cfg = config(**{"managed_rooms": [
+        {"id": "org", "kind": "space", "members": "all", "name": "Org"},
+        {"id": "leads", "groups": ["leads"], "parent": "org", "name": "Leads"},
+        {"id": "everyone", "members": "all", "parent": "org", "name": "Everyone"},
+    ]})
+    plan = run([person("ann", groups=frozenset({"leads"}))], [], [], cfg=cfg)
+    by_room = {}
+    for a in plan.actions:
+        if a.kind in ("invite", "join", "join_through_parent"):
+            by_room.setdefault(a.room, []).append(a.kind)
+    assert by_room == {
+        "managed:org": ["invite", "join"],
+        "managed:leads": ["invite", "join"],          # fewer members than the space
+        "managed:everyone": ["join_through_parent"],  # the space's members exactly
+    }
