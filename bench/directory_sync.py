@@ -1,7 +1,7 @@
 """Directory sync benchmark: real slapd -> Enclave -> real Synapse on PostgreSQL.
 
     .venv/bin/python bench/directory_sync.py [--people 10000] [--departments 20]
-                                             [--rooms {none,departments}] [--concurrency 16]
+                                             [--rooms {none,departments,spaces}] [--concurrency 16]
                                              [--quick] [--json]
 
 Everything is fresh per run: a private slapd loaded with ``generate_directory_ldif`` (N
@@ -220,6 +220,14 @@ class BenchStack:
         if self.args.rooms == "departments":
             rooms.append({"id": "dept", "for_each": "department", "name": "{value}",
                           "alias": "dept-{slug}", "power": [{"managers": True, "level": 50}]})
+        elif self.args.rooms == "spaces":
+            # a space per department with its general room inside (the room joins through
+            # the space: no invite)
+            rooms.append({"id": "dept-space", "kind": "space", "for_each": "department",
+                          "name": "{value}", "alias": "space-{slug}"})
+            rooms.append({"id": "dept", "for_each": "department", "parent": "dept-space",
+                          "name": "{value} general", "alias": "dept-{slug}",
+                          "power": [{"managers": True, "level": 50}]})
         n = self.args.people
         return {
             "source": {
@@ -357,12 +365,16 @@ class BenchStack:
                 conn.modify(dn, ch)
         finally:
             conn.unbind()
-        rooms = self.args.rooms == "departments"
         # what each change should cost in admin writes: a rename one PUT, a disable one
         # deactivate, a move a kick from the old room and an invite + join in the new one
+        # (with spaces: kicks from space and room, invite + join to the space, one join
+        # through it to the room)
         expected = {"update_account": names, "deactivate_account": disabled}
-        if rooms:
+        if self.args.rooms == "departments":
             expected.update({"kick": moves, "invite": moves, "join": moves})
+        elif self.args.rooms == "spaces":
+            expected.update({"kick": 2 * moves, "invite": moves, "join": moves,
+                             "join_through_parent": moves})
         return {"people_changed": total, "renamed": names, "moved": moves,
                 "disabled": disabled, "expected_actions": expected,
                 "expected_writes": sum(expected.values())}
@@ -550,9 +562,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--people", type=int, default=10_000)
     p.add_argument("--departments", type=int, default=20)
-    p.add_argument("--rooms", choices=["none", "departments"], default="departments",
+    p.add_argument("--rooms", choices=["none", "departments", "spaces"], default="departments",
                    help="departments: one managed room per department (heads at power 50); "
-                        "none: accounts only")
+                        "spaces: a space per department with that room inside it (the room "
+                        "joins through the space); none: accounts only")
     p.add_argument("--concurrency", type=int, default=16, help="directory.max_concurrency")
     p.add_argument("--quick", action="store_true", help="1,000 people")
     p.add_argument("--seed", type=int, default=20_240_601)
