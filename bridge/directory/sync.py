@@ -162,7 +162,8 @@ class DirectorySync:
             for u in page:
                 accounts[u["name"]] = AccountState(
                     user_id=u["name"], displayname=u.get("displayname"),
-                    deactivated=bool(u.get("deactivated")), erased=bool(u.get("erased")))
+                    deactivated=bool(u.get("deactivated")), erased=bool(u.get("erased")),
+                    admin=bool(u.get("admin")))
         managed = await self.store.managed_rooms()
         self._managed = dict(managed)
         rooms: dict[str, RoomView] = {}

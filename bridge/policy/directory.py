@@ -137,6 +137,7 @@ class AccountState:
     displayname: str | None
     deactivated: bool = False
     erased: bool = False
+    admin: bool = False  # a server admin
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,14 @@ def diff_directory(
                 initial_password=p.initial_password if allow_initial_passwords else None,
             ))
             records[pid] = rec_new
+            continue
+        if rec is None and acct.admin:
+            # adopting it would hand a server admin's account to directory sync, which
+            # deactivates it when the person leaves: an admin links accounts by hand
+            findings.append(Finding(
+                "directory.adopt", mu.user_id,
+                "a server admin account of that name exists; not adopted for directory "
+                f"person {pid} (map the person elsewhere or remove the admin flag)"))
             continue
         if acct.deactivated:
             if acct.erased:

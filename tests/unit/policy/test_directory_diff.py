@@ -111,6 +111,8 @@ CASES = [
      [acct("alice", deactivated=True)], [("reactivate_account", uid("alice"))]),
     ("erased cannot come back: reported", [person("alice")],
      [rec("alice", status="erased")], [acct("alice", deactivated=True, erased=True)], []),
+    ("a server admin's account is not adopted", [person("root")], [],
+     [acct("root", displayname="Root", admin=True)], []),
     ("unknown accounts are never touched", [person("alice")], [rec("alice")],
      [acct("alice"), acct("root"), acct("carol", deactivated=True)], []),
 ]
@@ -395,3 +397,14 @@ def test_rooms_with_another_membership_rule_than_their_space_keep_invites() -> N
         "managed:leads": ["invite", "join"],          # fewer members than the space
         "managed:everyone": ["join_through_parent"],  # the space's members exactly
     }
+
+
+def test_admin_account_not_adopted_is_reported_and_not_remembered() -> None:
+    plan = run([person("root")], [], [acct("root", admin=True)])
+    assert plan.actions == () and plan.records == {}
+    (f,) = plan.findings
+    assert (f.rule_id, f.subject) == ("directory.adopt", uid("root"))
+    # once linked (remembered), it is kept in step like anyone else
+    plan = run([person("root", display_name="Root Renamed")], [rec("root")],
+               [acct("root", admin=True)])
+    assert [a.kind for a in plan.actions] == ["update_account"]
