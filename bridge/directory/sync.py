@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.directory import DirectoryConfig
-from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
 from ..policy.actions import Action
@@ -70,7 +70,6 @@ class SyncResult:
     applied: dict[str, int] = field(default_factory=dict)
     failed: list[tuple[Action, str]] = field(default_factory=list)
     refused_mappings: list[tuple[str, str]] = field(default_factory=list)
-    applied_run: bool = False
     # person id -> their Matrix user (mapped this run) and what Enclave remembered of them
     users: dict[str, Any] = field(default_factory=dict)
     known: dict[str, PersonRecord] = field(default_factory=dict)
@@ -140,7 +139,7 @@ class DirectorySync:
             snapshot.people.values(), self.config.mapping, self.server_name,
             known={pid: r.user_id for pid, r in known.items()}, reserved=self.is_reserved,
         )
-        view = await self.read_homeserver(known, mapping.users, snapshot)
+        view = await self.read_homeserver(known, snapshot)
         plan = diff_directory(
             snapshot, mapping.users, known, view, self.config, now_ms=self.clock_ms(),
             bot_user_id=self.bot_user_id, is_enclave_user=self.is_enclave_user,
@@ -152,7 +151,7 @@ class DirectorySync:
         return SyncResult(plan=plan, snapshot=snapshot, refused_mappings=mapping.refused,
                           users=dict(mapping.users), known=known)
 
-    async def read_homeserver(self, known: dict[str, PersonRecord], users: dict[str, Any],
+    async def read_homeserver(self, known: dict[str, PersonRecord],
                               snapshot: DirectorySnapshot) -> HomeserverView:
         accounts: dict[str, AccountState] = {}
         start: int | None = 0
@@ -256,7 +255,6 @@ class DirectorySync:
                             f.message)
             if apply:
                 await self._apply(result, progress)
-                result.applied_run = True
                 self.metrics.directory_runs.labels(
                     outcome="ok" if result.ok else "partial").inc()
                 log.info("directory sync applied in %.1fs: %s%s",
@@ -269,7 +267,6 @@ class DirectorySync:
         total = len(plan.actions)
         done = 0
         failed_people: set[str] = set()
-        touched_people: set[str] = set()
         run_key = f"sync:{self.clock_ms()}"
         sem = asyncio.Semaphore(self.config.max_concurrency)
         if progress:
@@ -278,18 +275,11 @@ class DirectorySync:
         async def one(i: int, action: Action) -> None:
             nonlocal done
             async with sem:
-                try:
-                    outcome = await self.executor.run_direct(action, f"{run_key}:{i}",
-                                                             source="directory")
-                except (HomeserverUnavailable, MatrixRequestError, LookupError) as e:
-                    outcome = Outcome("failed", f"{type(e).__name__}: {e}")
-                    await self.store.add_audit(self.executor._audit(
-                        action, "failed", outcome.detail, "directory"))
+                outcome = await self.executor.run_direct(action, f"{run_key}:{i}",
+                                                         source="directory")
             pid = getattr(action, "person_id", None)
             if outcome.status == "applied":
                 result.applied[action.kind] = result.applied.get(action.kind, 0) + 1
-                if pid:
-                    touched_people.add(pid)
             else:
                 result.failed.append((action, outcome.detail))
                 log.warning("directory action failed: %s: %s", action.describe(),

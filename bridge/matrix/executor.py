@@ -194,8 +194,14 @@ class Executor:
         return True
 
     async def run_direct(self, action: Action, key: str, *, source: str) -> Outcome:
-        """Apply an action decided outside the inbox (CLI, scheduled jobs) and audit it."""
-        outcome = await self.apply(action, key)
+        """Apply an action decided outside the inbox (CLI, scheduled jobs) and audit it.
+
+        A homeserver that stays unavailable, or a room reference no resolver knows, is a
+        failed (audited) outcome: the caller's next run plans the action again."""
+        try:
+            outcome = await self.apply(action, key)
+        except (HomeserverUnavailable, LookupError) as e:
+            outcome = Outcome("failed", f"{type(e).__name__}: {e}")
         await self.store.add_audit(self._audit(action, outcome.status, outcome.detail, source))
         self.metrics.actions.labels(kind=action.kind, outcome=outcome.status).inc()
         return outcome
