@@ -114,3 +114,33 @@ class DirectorySnapshot:
 
 class DirectoryError(Exception):
     """A source could not give a complete, trustworthy answer; sync must change nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaffRecord:
+    """What the last directory sync knew about one provisioned person, by Matrix user id.
+
+    Separation policy decides on it (staff, groups, attributes) and bots target with it;
+    both read it from the store, so they agree with the last sync and need no directory
+    round trip. ``active`` is False for leavers (deactivated or erased accounts).
+    """
+
+    user_id: str
+    person_id: str
+    active: bool
+    username: str
+    display_name: str
+    email: str | None = None
+    title: str | None = None
+    department: str | None = None
+    location: str | None = None
+    manager_user_id: str | None = None
+    groups: frozenset[str] = frozenset()
+    updated_at: int = 0
+
+    def attribute(self, name: str) -> str | None:
+        """A directory attribute by name (``department``, ``title``, ``location`` …)."""
+        if name in ("user_id", "person_id", "username", "display_name", "email", "title",
+                    "department", "location", "manager_user_id"):
+            return getattr(self, name)
+        raise KeyError(name)

@@ -45,7 +45,7 @@ from ..policy.directory import (
 )
 from ..policy.mapping import map_people
 from ..store import DirectoryRecord, Store
-from .model import DirectoryError, DirectorySnapshot
+from .model import DirectoryError, DirectorySnapshot, StaffRecord
 from .source import DirectorySource
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,8 @@ class DirectorySync:
             for pid, r in plan.records.items() if pid not in failed_people
         ]
         await self.store.save_directory_people(records)
+        await self.store.replace_directory_view(
+            staff_view(result.snapshot, result.users, result.known, now))
 
     # -- appliers (registered with the executor) ------------------------------------------
     async def _apply_create(self, a: CreateAccount, key: str) -> Outcome:
@@ -436,6 +438,33 @@ class DirectorySync:
         await c.send_state(a.room, "m.room.power_levels", "", {**pl, "users": users},
                            user_id=a.user)
         return Outcome("applied", f"{a.successor} is now admin")
+
+
+def staff_view(snapshot: DirectorySnapshot, users: dict[str, Any],
+               known: dict[str, PersonRecord], now_ms: int) -> list[StaffRecord]:
+    """The directory view separation and bots read: every mapped person by user id.
+
+    People the directory disables and remembered people it no longer lists are inactive
+    (leavers): policy treats them as nobody's staff any more.
+    """
+    out: dict[str, StaffRecord] = {}
+    by_person = {pid: m.user_id for pid, m in users.items()}
+    for pid, m in users.items():
+        p = m.person
+        out[m.user_id] = StaffRecord(
+            user_id=m.user_id, person_id=pid, active=not p.disabled, username=p.username,
+            display_name=m.displayname, email=p.email, title=p.title, department=p.department,
+            location=p.location, manager_user_id=by_person.get(p.manager or ""),
+            groups=frozenset(snapshot.groups[g].name if g in snapshot.groups else g
+                             for g in p.groups),
+            updated_at=now_ms)
+    for pid, r in known.items():
+        if pid not in users and r.user_id not in out:
+            out[r.user_id] = StaffRecord(
+                user_id=r.user_id, person_id=pid, active=False,
+                username=r.user_id[1:].split(":", 1)[0], display_name=r.displayname or "",
+                email=r.email, updated_at=now_ms)
+    return sorted(out.values(), key=lambda r: r.user_id)
 
 
 def _lane(a: Action) -> str:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..directory.model import StaffRecord
+
 
 class SchemaError(Exception):
     """The database schema does not match this version of Enclave."""
@@ -268,6 +270,40 @@ class Store(ABC):
     @abstractmethod
     async def save_managed_room(self, key: str, room_id: str, now_ms: int) -> None:
         """Remember the room created for a managed room key (replaces an older one)."""
+
+    @abstractmethod
+    async def directory_view(self) -> list[StaffRecord]:
+        """The directory view of the last sync: one record per provisioned user id."""
+
+    @abstractmethod
+    async def replace_directory_view(self, records: Sequence[StaffRecord]) -> int:
+        """Make the view exactly ``records`` in one transaction; return rows written.
+
+        Unchanged rows are not rewritten, so a resync of an unchanged directory writes
+        nothing."""
+
+    # -- per-component key/value --------------------------------------------------------
+    @abstractmethod
+    async def component_get(self, component: str, key: str) -> str | None:
+        """The value ``component`` stored under ``key``, or None."""
+
+    @abstractmethod
+    async def component_put(self, component: str, key: str, value: str, now_ms: int) -> None:
+        """Insert or replace ``component``'s value under ``key``."""
+
+    @abstractmethod
+    async def component_put_new(self, component: str, key: str, value: str,
+                                now_ms: int) -> bool:
+        """Insert only if ``key`` is absent; True if this call inserted it (a once-only
+        guard that holds across processes and crashes)."""
+
+    @abstractmethod
+    async def component_list(self, component: str, prefix: str = "") -> dict[str, str]:
+        """Every key of ``component`` starting with ``prefix`` and its value."""
+
+    @abstractmethod
+    async def component_delete(self, component: str, key: str) -> bool:
+        """Delete ``component``'s ``key``; False when it did not exist."""
 
     # -- SCIM --------------------------------------------------------------------------
     @abstractmethod

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+import orjson
+
+from ..directory.model import StaffRecord
 from .base import (
     AuditFilter,
     AuditRecord,
@@ -23,6 +26,19 @@ from .base import (
 from .db import Database, PostgresDatabase, Step
 
 _MIGRATION_RE = re.compile(r"^(\d{3})_[\w]+\.sql$")
+
+
+def _staff_row(r: StaffRecord) -> tuple[Any, ...]:
+    return (r.user_id, r.person_id, 1 if r.active else 0, r.username, r.display_name, r.email,
+            r.title, r.department, r.location, r.manager_user_id,
+            orjson.dumps(sorted(r.groups)).decode(), r.updated_at)
+
+
+def _staff_from_row(row: tuple[Any, ...]) -> StaffRecord:
+    return StaffRecord(
+        user_id=row[0], person_id=row[1], active=bool(row[2]), username=row[3],
+        display_name=row[4], email=row[5], title=row[6], department=row[7], location=row[8],
+        manager_user_id=row[9], groups=frozenset(orjson.loads(row[10])), updated_at=row[11])
 
 
 def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
@@ -442,6 +458,72 @@ class SQLStore(Store):
              " ON CONFLICT (key) DO UPDATE SET room_id = excluded.room_id,"
              " created_at = excluded.created_at", (key, room_id, now_ms), False),
         ])
+
+    _VIEW_COLS = ("user_id, person_id, active, username, display_name, email, title,"
+                  " department, location, manager_user_id, groups, updated_at")
+
+    async def directory_view(self) -> list[StaffRecord]:
+        rows = await self.db.fetch(
+            f"SELECT {self._VIEW_COLS} FROM directory_view ORDER BY user_id")
+        return [_staff_from_row(tuple(r)) for r in rows]
+
+    async def replace_directory_view(self, records: Sequence[StaffRecord]) -> int:
+        old = {r.user_id: r for r in await self.directory_view()}
+        new = {r.user_id: r for r in records}
+        gone = [(uid,) for uid in old if uid not in new]
+
+        def same(a: StaffRecord, b: StaffRecord) -> bool:
+            # updated_at alone changing is not a change worth a write
+            return _staff_row(a)[:-1] == _staff_row(b)[:-1]
+
+        changed = [_staff_row(r) for uid, r in new.items()
+                   if uid not in old or not same(old[uid], r)]
+        if not gone and not changed:
+            return 0
+        await self.db.batch([
+            ("DELETE FROM directory_view WHERE user_id = ?", gone, True),
+            (f"INSERT INTO directory_view ({self._VIEW_COLS})"
+             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+             " ON CONFLICT (user_id) DO UPDATE SET person_id = excluded.person_id,"
+             " active = excluded.active, username = excluded.username,"
+             " display_name = excluded.display_name, email = excluded.email,"
+             " title = excluded.title, department = excluded.department,"
+             " location = excluded.location, manager_user_id = excluded.manager_user_id,"
+             " groups = excluded.groups, updated_at = excluded.updated_at", changed, True),
+        ])
+        return len(gone) + len(changed)
+
+    # -- per-component key/value ---------------------------------------------------------
+    async def component_get(self, component: str, key: str) -> str | None:
+        rows = await self.db.fetch(
+            "SELECT value FROM component_kv WHERE component = ? AND key = ?", component, key)
+        return rows[0][0] if rows else None
+
+    async def component_put(self, component: str, key: str, value: str, now_ms: int) -> None:
+        await self.db.batch([(
+            "INSERT INTO component_kv (component, key, value, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (component, key) DO UPDATE SET value = excluded.value,"
+            " updated_at = excluded.updated_at", (component, key, value, now_ms), False)])
+
+    async def component_put_new(self, component: str, key: str, value: str,
+                                now_ms: int) -> bool:
+        counts = await self.db.batch([(
+            "INSERT INTO component_kv (component, key, value, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (component, key) DO NOTHING", (component, key, value, now_ms),
+            False)])
+        return counts[0] == 1
+
+    async def component_list(self, component: str, prefix: str = "") -> dict[str, str]:
+        rows = await self.db.fetch(
+            "SELECT key, value FROM component_kv WHERE component = ? AND substr(key, 1, ?) = ?"
+            " ORDER BY key", component, len(prefix), prefix)
+        return {r[0]: r[1] for r in rows}
+
+    async def component_delete(self, component: str, key: str) -> bool:
+        counts = await self.db.batch([(
+            "DELETE FROM component_kv WHERE component = ? AND key = ?", (component, key),
+            False)])
+        return counts[0] == 1
 
     # -- SCIM --------------------------------------------------------------------------
     _SCIM_COLS = "resource_type, id, external_id, data, version, created_at, updated_at"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import orjson
 import pytest
 
+from bridge.directory.model import StaffRecord
 from bridge.store import (
     AuditFilter,
     AuditRecord,
@@ -65,6 +67,10 @@ EXPECTED_TABLES = {
     "scim_resources": {"resource_type", "id", "external_id", "data", "version",
                        "created_at", "updated_at"},
     "leases": {"name", "owner", "expires_at"},
+    "directory_view": {"user_id", "person_id", "active", "username", "display_name", "email",
+                       "title", "department", "location", "manager_user_id", "groups",
+                       "updated_at"},
+    "component_kv": {"component", "key", "value", "updated_at"},
 }
 JOURNAL_COLUMNS = {"seq", "txn_id", "body", "received_at"}
 
@@ -582,3 +588,34 @@ async def test_leases_one_holder_until_expiry(store: Store):
     await store.release_lease("sync", "b")
     assert await store.acquire_lease("sync", "a", 2000, 500) is True
     assert await store.acquire_lease("other", "b", 2000, 500) is True
+
+
+async def test_directory_view_replace_writes_only_changes(store: Store):
+    alice = StaffRecord(user_id="@alice:corp.test", person_id="p1", active=True,
+                        username="alice", display_name="Alice", department="Sales",
+                        groups=frozenset({"sales", "staff"}), manager_user_id="@bob:corp.test",
+                        updated_at=1)
+    bob = StaffRecord(user_id="@bob:corp.test", person_id="p2", active=True, username="bob",
+                      display_name="Bob", updated_at=1)
+    assert await store.replace_directory_view([alice, bob]) == 2
+    assert await store.directory_view() == [alice, bob]
+    # same content, newer timestamp: nothing written
+    assert await store.replace_directory_view(
+        [dataclasses.replace(alice, updated_at=9), dataclasses.replace(bob, updated_at=9)]) == 0
+    left = dataclasses.replace(bob, active=False, updated_at=10)
+    assert await store.replace_directory_view([left]) == 2  # alice gone, bob changed
+    assert await store.directory_view() == [left]
+
+
+async def test_component_kv_once_only_guard(store: Store):
+    assert await store.component_put_new("notices", "k1", "v", 1) is True
+    assert await store.component_put_new("notices", "k1", "other", 2) is False
+    assert await store.component_get("notices", "k1") == "v"
+    await store.component_put("notices", "k1", "w", 3)
+    await store.component_put("notices", "k2", "x", 3)
+    await store.component_put("bots", "k1", "y", 3)
+    assert await store.component_list("notices") == {"k1": "w", "k2": "x"}
+    assert await store.component_list("notices", "k2") == {"k2": "x"}
+    assert await store.component_delete("notices", "k1") is True
+    assert await store.component_delete("notices", "k1") is False
+    assert await store.component_get("notices", "k1") is None
