@@ -19,6 +19,7 @@ from pydantic import (
 
 from .base import SecretRef, StrictModel
 from .directory import DirectoryConfig
+from .policy import PolicyConfig
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
 
@@ -163,6 +164,7 @@ class EnclaveConfig(StrictModel):
     inbox: InboxConfig = InboxConfig()
     logging: LoggingConfig = LoggingConfig()
     directory: DirectoryConfig | None = None
+    policy: PolicyConfig | None = None
 
     @property
     def bot_user_id(self) -> str:

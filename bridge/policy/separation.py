@@ -1,0 +1,764 @@
+"""Separation of work from personal contacts: every decision, as pure functions.
+
+The gate (Synapse module, before an event exists), the reactive handler (appservice, after),
+reconciliation (scheduled scan) and ``enclave explain`` all call these functions with the
+same :class:`SeparationPolicy`, so they cannot disagree. No I/O, no clock reads: the caller
+passes the directory view, the room's facts and ``now``.
+
+Vocabulary: a *principal* is what policy makes of a user id (Enclave's own service users,
+staff, partner, guest, external); a room has a *class* (``dm`` for direct chats); a
+*decision* allows or denies and names the rule (id and YAML path) that made it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from ..directory.model import StaffRecord
+from .actions import Action, Kick, Leave
+
+if TYPE_CHECKING:
+    from ..config.policy import (
+        AdmissionConfig,
+        BarrierConfig,
+        GuestConfig,
+        PartnerConfig,
+        PolicyConfig,
+        RoomClassConfig,
+        Selector,
+    )
+
+DM_CLASS = "dm"  # mirrors bridge.config.policy.DM_CLASS (not imported: keeps this pure)
+CLASS_STATE_TYPE = "org.enclave.room_class"
+# State only Enclave may change: the room's class, and retention (the retention issue).
+PROTECTED_STATE_TYPES = frozenset({CLASS_STATE_TYPE, "m.room.retention"})
+ENCRYPTION_CONTENT = {"algorithm": "m.megolm.v1.aes-sha2"}
+# Room versions whose creators have unlimited power and cannot be kicked.
+CREATOR_POWER_VERSIONS = frozenset({"12"})
+
+Kind = Literal["service", "staff", "partner", "guest", "external"]
+# when a direct chat is not allowed, the less trusted side leaves
+TRUST = {"external": 0, "guest": 1, "partner": 2, "staff": 3, "service": 4}
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    """Allow or deny, the rule that decided (id and YAML path), and why."""
+
+    allow: bool
+    rule_id: str
+    path: str
+    reason: str
+    message: str = ""  # for the person refused: names the rule and whom to ask
+
+    def describe(self) -> str:
+        verdict = "ALLOW" if self.allow else "DENY"
+        return f"{verdict} by {self.rule_id} ({self.path}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class RoomClass:
+    """A room's class and how it was found (``state``, ``dm``, ``rule`` or ``default``)."""
+
+    id: str
+    rule_id: str
+    path: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    kind: Kind
+    local: bool
+    staff: StaffRecord | None = None
+    partner: PartnerConfig | None = None
+    partner_index: int = -1
+    guest: GuestConfig | None = None
+    guest_index: int = -1
+    expired: bool = False
+
+    @property
+    def groups(self) -> frozenset[str]:
+        return self.staff.groups if self.staff is not None else frozenset()
+
+
+@dataclass(frozen=True)
+class RoomFacts:
+    """What a decision needs to know about a room, from the gate, the admin API or an event."""
+
+    room_id: str
+    room_version: str | None = None
+    creators: frozenset[str] = frozenset()
+    class_state: str | None = None
+    aliases: tuple[str, ...] = ()
+    name: str | None = None
+    federate: bool = True
+    join_rule: str | None = None
+    encrypted: bool = False
+    is_direct: bool | None = None
+    members: Mapping[str, str] = field(default_factory=dict)  # user -> join | invite | knock
+    power: Mapping[str, Any] = field(default_factory=dict)
+
+    def current(self) -> list[str]:
+        """Joined and invited users, in id order."""
+        return sorted(u for u, m in self.members.items() if m in ("join", "invite"))
+
+    def with_member(self, user: str, membership: str | None) -> RoomFacts:
+        members = dict(self.members)
+        if membership is None:
+            members.pop(user, None)
+        else:
+            members[user] = membership
+        return replace(self, members=members)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifyUser(Action):
+    """Tell a local user, in a direct chat with Enclave's bot, what policy did and why.
+
+    ``once_key`` makes it once-only across retries, restarts and the three enforcement
+    layers: the same incident is never told twice.
+    """
+
+    kind: ClassVar[str] = "notify_user"
+    user: str
+    body: str
+    once_key: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something reconciliation noticed and did not (or could not) fix."""
+
+    rule_id: str
+    room_id: str
+    subject: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CreateDecision:
+    decision: Decision
+    room_class: RoomClass
+    edits: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SeparationPlan:
+    actions: list[Action]
+    findings: list[Finding]
+    rooms: int = 0
+
+
+# -- the policy ------------------------------------------------------------------------------
+def _server(user_id: str) -> str:
+    return user_id.split(":", 1)[1] if ":" in user_id else ""
+
+
+def matches(selector: Selector, staff: StaffRecord | None) -> bool:
+    """Whether a staff member matches a selector (groups: any; attributes: all given)."""
+    if staff is None:
+        return False
+    if selector.groups and not (staff.groups & set(selector.groups)):
+        return False
+    for attr, values in selector.attributes.items():
+        if staff.attribute(attr) not in values:
+            return False
+    return True
+
+
+class SeparationPolicy:
+    """The policy config plus the directory view and ``now``: everything decisions read.
+
+    Build one per policy load / directory change and reuse it; it is immutable.
+    """
+
+    def __init__(self, config: PolicyConfig, staff: Iterable[StaffRecord], *,
+                 server_name: str, service_users: Iterable[str] = (),
+                 service_prefix: str | None = None, now_ms: int):
+        self.config = config
+        self.server_name = server_name
+        self.now_ms = now_ms
+        self.staff = {r.user_id: r for r in staff}
+        self.service_users = frozenset(service_users)
+        self.service_prefix = service_prefix
+        self.classes = {c.id: (i, c) for i, c in enumerate(config.room_classes)}
+        self._partner_users: dict[str, int] = {}
+        self._partner_servers: dict[str, int] = {}
+        for i, p in enumerate(config.partners):
+            for u in p.users:
+                self._partner_users.setdefault(u, i)
+            for s in p.servers:
+                self._partner_servers.setdefault(s, i)
+        self._guests = {g.user: i for i, g in reversed(list(enumerate(config.guests)))}
+        self._classify = [
+            (i, r, re.compile(r.alias) if r.alias else None,
+             re.compile(r.name) if r.name else None)
+            for i, r in enumerate(config.classify)
+        ]
+
+    # -- principals ------------------------------------------------------------------------
+    def principal(self, user_id: str) -> Principal:
+        """What policy makes of a user id."""
+        local = _server(user_id) == self.server_name
+        if local and (user_id in self.service_users or (
+                self.service_prefix and user_id[1:].startswith(self.service_prefix))):
+            return Principal(user_id, "service", True)
+        if local:
+            rec = self.staff.get(user_id)
+            if rec is not None and rec.active:
+                return Principal(user_id, "staff", True, staff=rec)
+            if rec is None and self.config.unlisted_local_users == "staff":
+                return Principal(user_id, "staff", True)
+            return Principal(user_id, "external", True, staff=rec)
+        gi = self._guests.get(user_id)
+        if gi is not None:
+            g = self.config.guests[gi]
+            return Principal(user_id, "guest", False, guest=g, guest_index=gi,
+                             expired=self.now_ms >= g.expires_ms)
+        pi = self._partner_users.get(user_id, self._partner_servers.get(_server(user_id)))
+        if pi is not None:
+            return Principal(user_id, "partner", False, partner=self.config.partners[pi],
+                             partner_index=pi)
+        return Principal(user_id, "external", False)
+
+    # -- rooms -----------------------------------------------------------------------------
+    def classify_room(self, room: RoomFacts, *, creator: str | None = None) -> RoomClass:
+        """The room's class: Enclave's class state, else DM, else the first rule, else default."""
+        if room.class_state is not None:
+            if room.class_state == DM_CLASS or room.class_state in self.classes:
+                return RoomClass(room.class_state, "room.class_state",
+                                 f"room state {CLASS_STATE_TYPE}", "state")
+        if room.is_direct:
+            return RoomClass(DM_CLASS, "room.is_direct", "policy.dms", "dm")
+        creators = [creator] if creator else sorted(room.creators)
+        for i, rule, alias_re, name_re in self._classify:
+            if alias_re is not None and not any(alias_re.search(a) for a in room.aliases):
+                continue
+            if name_re is not None and not (room.name and name_re.search(room.name)):
+                continue
+            if rule.creator_group is not None and not any(
+                    rule.creator_group in self.principal(c).groups for c in creators):
+                continue
+            return RoomClass(rule.room_class, rule.id, f"policy.classify[{i}]", "rule")
+        return RoomClass(self.config.default_class, "default_class", "policy.default_class",
+                         "default")
+
+    def _class(self, class_id: str) -> tuple[int, RoomClassConfig]:
+        return self.classes.get(class_id) or self.classes[self.config.default_class]
+
+    # -- helpers for decisions -------------------------------------------------------------
+    def _deny(self, rule_id: str, path: str, reason: str, human: str) -> Decision:
+        contact = self.config.notify.contact
+        return Decision(False, rule_id, path, reason,
+                        f"Enclave policy ({rule_id}): {human} Ask {contact} if you need an "
+                        "exception.")
+
+    def _barrier_side(self, p: Principal, b: BarrierConfig) -> set[int]:
+        if p.kind != "staff":
+            return set()
+        return {i for i, sel in enumerate(b.between) if matches(sel, p.staff)}
+
+    def barrier_between(self, a: Principal, b: Principal) -> Decision | None:
+        """The first barrier that keeps ``a`` and ``b`` apart, as a deny; else None."""
+        for i, bar in enumerate(self.config.barriers):
+            sa, sb = self._barrier_side(a, bar), self._barrier_side(b, bar)
+            if (0 in sa and 1 in sb) or (1 in sa and 0 in sb):
+                return self._deny(bar.id, f"policy.barriers[{i}]", "barrier",
+                                  f"{a.user_id} and {b.user_id} are kept apart by an "
+                                  "information barrier.")
+        return None
+
+    def _expired(self, p: Principal) -> Decision | None:
+        if p.kind == "guest" and p.expired:
+            assert p.guest is not None
+            return self._deny(p.guest.id, f"policy.guests[{p.guest_index}].expires",
+                              "guest expired",
+                              f"guest access for {p.user_id} has expired.")
+        return None
+
+    # -- direct chats ----------------------------------------------------------------------
+    def decide_dm_pair(self, a: Principal, b: Principal) -> Decision:
+        """May ``a`` and ``b`` hold a direct chat (or see each other in user search)?"""
+        if not self.config.enabled:
+            return Decision(True, "policy.enabled", "policy.enabled", "policy disabled")
+        if a.kind == "service" or b.kind == "service":
+            return Decision(True, "builtin.enclave", "(built in)", "Enclave's own user")
+        for p in (a, b):
+            if (d := self._expired(p)) is not None:
+                return d
+        if (d := self.barrier_between(a, b)) is not None:
+            return d
+        dms = self.config.dms
+        staff, other = (a, b) if TRUST[a.kind] >= TRUST[b.kind] else (b, a)
+        if staff.kind != "staff":
+            return self._verdict(dms.non_staff, "dms.non_staff", "policy.dms.non_staff",
+                                 "neither side is staff",
+                                 "direct chats between people outside the company are not "
+                                 "hosted here.")
+        if other.kind == "staff":
+            return self._verdict(dms.staff_staff, "dms.staff_staff", "policy.dms.staff_staff",
+                                 "staff and staff", "direct chats between staff are off.")
+        if other.kind == "partner":
+            assert other.partner is not None
+            if not other.partner.dm:
+                return self._deny(other.partner.id,
+                                  f"policy.partners[{other.partner_index}].dm",
+                                  "partner without direct chats",
+                                  f"{other.user_id} is a partner without direct chats.")
+            verdict, rule = dms.staff_partner, "staff_partner"
+        elif other.kind == "guest":
+            assert other.guest is not None
+            if not other.guest.dm:
+                return self._deny(other.guest.id, f"policy.guests[{other.guest_index}].dm",
+                                  "guest without direct chats",
+                                  f"{other.user_id} is a guest without direct chats.")
+            verdict, rule = dms.staff_guest, "staff_guest"
+        else:
+            verdict, rule = dms.staff_external, "staff_external"
+        if verdict == "deny":
+            for i, exc in enumerate(dms.exceptions):
+                if other.kind in exc.allow and matches(exc.who, staff.staff):
+                    return Decision(True, exc.id, f"policy.dms.exceptions[{i}]",
+                                    f"exception for {other.kind} contacts")
+        who = ("people outside the company" if other.kind == "external"
+               else f"{other.kind}s")
+        return self._verdict(verdict, f"dms.{rule}", f"policy.dms.{rule}",
+                             f"staff and {other.kind}",
+                             f"work accounts cannot hold direct chats with {who} "
+                             f"({other.user_id}).")
+
+    def _verdict(self, verdict: str, rule_id: str, path: str, reason: str,
+                 human: str) -> Decision:
+        if verdict == "allow":
+            return Decision(True, rule_id, path, reason)
+        return self._deny(rule_id, path, reason, human)
+
+    # -- room membership -------------------------------------------------------------------
+    def decide_admission(self, p: Principal, room_class: RoomClass) -> Decision:
+        """May ``p`` be a member of a (non-DM) room of this class, on their own account?"""
+        if p.kind == "service":
+            return Decision(True, "builtin.enclave", "(built in)", "Enclave's own user")
+        if (d := self._expired(p)) is not None:
+            return d
+        i, cls = self._class(room_class.id)
+        if not cls.federate and not p.local:
+            return self._deny(f"class.{cls.id}.federate", f"policy.room_classes[{i}].federate",
+                              "remote user in a non-federating class",
+                              f"{cls.id} rooms are for this server's users only "
+                              f"({p.user_id} is not).")
+        allow: AdmissionConfig = cls.allow
+        path = f"policy.room_classes[{i}].allow"
+        rule = f"class.{cls.id}"
+        if p.kind == "staff":
+            if not allow.staff:
+                return self._deny(rule, path + ".staff", "staff not admitted",
+                                  f"{cls.id} rooms do not admit staff.")
+            if allow.staff_only is not None and not matches(allow.staff_only, p.staff):
+                return self._deny(rule, path + ".staff_only", "staff outside the selector",
+                                  f"{cls.id} rooms admit only some staff, and "
+                                  f"{p.user_id} is not among them.")
+            return Decision(True, rule, path + ".staff", "staff admitted")
+        if p.kind == "partner":
+            assert p.partner is not None
+            if allow.partners and cls.id in p.partner.room_classes:
+                return Decision(True, p.partner.id, f"policy.partners[{p.partner_index}]",
+                                f"partner admitted to {cls.id}")
+            return self._deny(rule, path + ".partners", "partner not admitted",
+                              f"partner {p.user_id} may not be in {cls.id} rooms.")
+        if p.kind == "guest":
+            assert p.guest is not None
+            if allow.guests and cls.id in p.guest.room_classes:
+                return Decision(True, p.guest.id, f"policy.guests[{p.guest_index}]",
+                                f"guest admitted to {cls.id}")
+            return self._deny(rule, path + ".guests", "guest not admitted",
+                              f"guest {p.user_id} may not be in {cls.id} rooms.")
+        if allow.external:
+            return Decision(True, rule, path + ".external", "external admitted")
+        return self._deny(rule, path + ".external", "external not admitted",
+                          f"{cls.id} rooms are for staff, and {p.user_id} is not a member "
+                          "of staff, a partner or a guest.")
+
+    def decide_membership(self, user: str, room: RoomFacts, *,
+                          room_class: RoomClass | None = None) -> Decision:
+        """May ``user`` become (or stay) a member of ``room`` with the others in it?
+
+        Checks, in order: the user's own standing (guest expiry), barriers against every
+        other member, then the class (direct-chat pair rules against every other member, or
+        the class's admission), and finally that the room holds nobody the class would not
+        admit: staff do not join rooms mixed with people who should not be there.
+        """
+        if not self.config.enabled:
+            return Decision(True, "policy.enabled", "policy.enabled", "policy disabled")
+        p = self.principal(user)
+        if p.kind == "service":
+            return Decision(True, "builtin.enclave", "(built in)", "Enclave's own user")
+        if (d := self._expired(p)) is not None:
+            return d
+        others = [self.principal(u) for u in room.current() if u != user]
+        others = [o for o in others if o.kind != "service"]
+        for o in others:
+            if (d := self.barrier_between(p, o)) is not None:
+                return d
+        rc = room_class or self.classify_room(room)
+        if rc.id == DM_CLASS:
+            last = Decision(True, "builtin.enclave", "(built in)",
+                            "direct chat with Enclave's own user only")
+            for o in others:
+                last = self.decide_dm_pair(p, o)
+                if not last.allow:
+                    return last
+            return last
+        own = self.decide_admission(p, rc)
+        if not own.allow:
+            return own
+        for o in others:
+            d = self.decide_admission(o, rc)
+            if not d.allow:
+                return self._deny(d.rule_id, d.path, "room holds someone the class refuses",
+                                  f"this {rc.id} room holds {o.user_id}, who may not be "
+                                  "in it.")
+        return own
+
+    def decide_invite(self, inviter: str, invitee: str, room: RoomFacts) -> Decision:
+        """May ``inviter`` invite ``invitee`` into ``room``? (The inviter counts as a member.)"""
+        facts = room.with_member(inviter, "join").with_member(invitee, None)
+        return self.decide_membership(invitee, facts)
+
+    def decide_user_visible(self, searcher: str, candidate: str) -> Decision:
+        """May ``searcher`` find ``candidate`` in user search: only people they may DM."""
+        return self.decide_dm_pair(self.principal(searcher), self.principal(candidate))
+
+    def decide_state_event(self, sender: str, event_type: str, state_key: str) -> Decision:
+        """Protected state (room class, retention) is Enclave's alone to change."""
+        if event_type in PROTECTED_STATE_TYPES and self.principal(sender).kind != "service":
+            return self._deny("builtin.protected_state", "(built in)",
+                              f"{event_type} is managed by Enclave",
+                              f"{event_type} is managed by Enclave and cannot be changed "
+                              "by hand.")
+        return Decision(True, "builtin.state", "(built in)", "unprotected state")
+
+    def decide_create_room(self, creator: str, request: Mapping[str, Any]) -> CreateDecision:
+        """May ``creator`` create this room, and what must the gate add to the request?
+
+        Edits: Enclave's class state, ``m.federate: false`` for non-federating classes and
+        an ``m.room.encryption`` event where the class requires encryption.
+        """
+        is_direct = bool(request.get("is_direct"))
+        alias_name = request.get("room_alias_name")
+        facts = RoomFacts(
+            room_id="(new room)", creators=frozenset({creator}), is_direct=is_direct,
+            aliases=(f"#{alias_name}:{self.server_name}",) if alias_name else (),
+            name=request.get("name") if isinstance(request.get("name"), str) else None,
+            members={creator: "join"},
+        )
+        rc = self.classify_room(facts, creator=creator)
+        p = self.principal(creator)
+        if p.kind == "service":
+            return CreateDecision(Decision(True, "builtin.enclave", "(built in)",
+                                           "Enclave's own user"), rc)
+        invites = [u for u in request.get("invite") or [] if isinstance(u, str)]
+        if rc.id != DM_CLASS:
+            own = self.decide_admission(p, rc)
+            if not own.allow:
+                return CreateDecision(own, rc)
+        for invitee in invites:
+            d = self.decide_membership(invitee, facts, room_class=rc)
+            if not d.allow:
+                return CreateDecision(d, rc)
+            facts = facts.with_member(invitee, "invite")
+        initial = [{"type": CLASS_STATE_TYPE, "state_key": "",
+                    "content": {"class": rc.id, "rule_id": rc.rule_id, "set_by": "gate"}}]
+        creation: dict[str, Any] = {}
+        if rc.id != DM_CLASS:
+            _, cls = self._class(rc.id)
+            if not cls.federate:
+                creation["m.federate"] = False
+            has_enc = any(isinstance(e, Mapping) and e.get("type") == "m.room.encryption"
+                          for e in request.get("initial_state") or [])
+            if cls.encryption == "required" and not has_enc:
+                initial.append({"type": "m.room.encryption", "state_key": "",
+                                "content": dict(ENCRYPTION_CONTENT)})
+        edits: dict[str, Any] = {"initial_state": initial}
+        if creation:
+            edits["creation_content"] = creation
+        return CreateDecision(Decision(True, rc.rule_id, rc.path, f"class {rc.id}"), rc,
+                              edits)
+
+    # -- enforcement -----------------------------------------------------------------------
+    def choose_remover(self, room: RoomFacts, target: str) -> str | None:
+        """A local member Enclave can act as who is able to kick ``target``, or None.
+
+        Enclave acts as any local user through the appservice. Room version 12 creators have
+        unlimited power and cannot be kicked at all.
+        """
+        v12 = room.room_version in CREATOR_POWER_VERSIONS
+        if v12 and target in room.creators:
+            return None
+        pl = room.power
+        users = pl.get("users") or {}
+        default = _int(pl.get("users_default"), 0)
+        kick = _int(pl.get("kick"), 50)
+
+        def power(u: str) -> float:
+            if v12 and u in room.creators:
+                return float("inf")
+            return _int(users.get(u), default)
+
+        target_power = power(target)
+        local_joined = [u for u, m in room.members.items()
+                        if m == "join" and _server(u) == self.server_name and u != target]
+
+        def rank(u: str) -> tuple[int, float, str]:
+            kind = self.principal(u).kind
+            return (0 if kind == "service" else 1, -power(u), u)
+
+        for u in sorted(local_joined, key=rank):
+            pw = power(u)
+            if pw >= kick and pw > target_power:
+                return u
+        return None
+
+    def remove(self, room: RoomFacts, user: str, decision: Decision,
+               ) -> tuple[list[Action], Finding | None]:
+        """Actions that take ``user`` out of ``room`` (reject/leave as a local user, else
+        kick as a local member with the power to); a finding if nobody can."""
+        reason = f"{decision.reason}: {decision.describe()}"
+        if _server(user) == self.server_name:
+            return [Leave(rule_id=decision.rule_id, reason=reason, actor=user,
+                          room=room.room_id)], None
+        remover = self.choose_remover(room, user)
+        if remover is not None:
+            return [Kick(rule_id=decision.rule_id, reason=reason, actor=remover,
+                         room=room.room_id, user=user)], None
+        # nobody can remove them (a v12 creator, or no local member with the power):
+        # the local staff leave instead, so work and the outsider no longer share the room
+        actions: list[Action] = [
+            Leave(rule_id=decision.rule_id, reason=f"{reason} (cannot remove {user})",
+                  actor=u, room=room.room_id)
+            for u in room.current() if _server(u) == self.server_name
+            and self.principal(u).kind != "service"
+        ]
+        return actions, Finding(decision.rule_id, room.room_id, user,
+                                f"cannot remove {user} (creator or no local member with "
+                                f"kick power); {len(actions)} local member(s) leave instead")
+
+    def notice(self, user: str, decision: Decision, once_key: str, what: str) -> list[Action]:
+        """A once-only DM to ``user`` (a local staff member) about a refusal, if enabled."""
+        p = self.principal(user)
+        if not self.config.notify.enabled or p.kind != "staff":
+            return []
+        return [NotifyUser(rule_id=decision.rule_id, reason=decision.reason, user=user,
+                           once_key=once_key,
+                           body=f"{what}\n\n{decision.message}\n\nRule: {decision.rule_id} "
+                                f"({decision.path})")]
+
+    def decide_event(self, event: Mapping[str, Any], room: RoomFacts) -> list[Action]:
+        """Reactive enforcement for one timeline event: reject, kick and tell, or nothing.
+
+        ``room`` is the room as it was read after the event (the event's own membership
+        included or not; it is set from the event here).
+        """
+        if not self.config.enabled or not self.config.reactive:
+            return []
+        if event.get("type") != "m.room.member" or not isinstance(event.get("state_key"), str):
+            return []
+        content = event.get("content") or {}
+        membership = content.get("membership")
+        target, sender = event["state_key"], event.get("sender", "")
+        room_id = room.room_id
+        event_id = event.get("event_id", "")
+        if membership == "invite":
+            if content.get("is_direct") and room.is_direct is None:
+                room = replace(room, is_direct=True)
+            d = self.decide_invite(sender, target, room)
+            if d.allow:
+                return []
+            facts = room.with_member(sender, "join").with_member(target, "invite")
+            actions, _ = self.remove(facts, target, d)
+            if _server(target) == self.server_name:
+                actions += self.notice(target, d, f"invite:{room_id}:{target}",
+                                       f"Enclave declined an invitation from {sender} for "
+                                       "you.")
+            else:
+                actions += self.notice(sender, d, f"invite:{room_id}:{target}",
+                                       f"Enclave withdrew your invitation of {target}.")
+            return actions
+        if membership == "join":
+            facts = room.with_member(target, None)
+            d = self.decide_membership(target, facts)
+            if d.allow:
+                return []
+            actions, _ = self.remove(room.with_member(target, "join"), target, d)
+            if _server(target) == self.server_name:
+                actions += self.notice(target, d, f"join:{room_id}:{target}:{event_id}",
+                                       "Enclave took you out of a room you joined.")
+            return actions
+        return []
+
+    def diff_room(self, room: RoomFacts) -> tuple[list[Action], list[Finding]]:
+        """Reconciliation of one room: who must go, and what to report."""
+        if not self.config.enabled:
+            return [], []
+        rc = self.classify_room(room)
+        actions: list[Action] = []
+        findings: list[Finding] = []
+        members = [self.principal(u) for u in room.current()]
+        members = [m for m in members if m.kind != "service"]
+        gone: set[str] = set()
+
+        def take_out(p: Principal, d: Decision) -> None:
+            acts, finding = self.remove(room, p.user_id, d)
+            actions.extend(acts)
+            gone.add(p.user_id)
+            if finding is not None:
+                findings.append(finding)
+
+        if rc.id != DM_CLASS:
+            _, cls = self._class(rc.id)
+            if not cls.federate and room.federate and room.class_state is None:
+                findings.append(Finding(f"class.{cls.id}.federate", room.room_id, rc.id,
+                                        f"{cls.id} room federates (created before Enclave's "
+                                        "gate); remote users are removed, the flag cannot "
+                                        "change"))
+        staff = [m for m in members if m.kind == "staff"]
+        for p in members:
+            if rc.id == DM_CLASS:
+                if p.kind == "staff":
+                    d = self._expired(p)
+                else:
+                    d = self._expired(p) or next(
+                        (x for s in staff if not (x := self.decide_dm_pair(s, p)).allow), None)
+            else:
+                a = self.decide_admission(p, rc)
+                d = None if a.allow else a
+            if d is not None:
+                take_out(p, d)
+        # barriers among the staff who stay
+        for bi, bar in enumerate(self.config.barriers):
+            sides: list[list[Principal]] = [[], []]
+            for p in staff:
+                if p.user_id in gone:
+                    continue
+                for s in self._barrier_side(p, bar):
+                    sides[s].append(p)
+            if not sides[0] or not sides[1]:
+                continue
+            d = self._deny(bar.id, f"policy.barriers[{bi}]", "barrier",
+                           "this room mixes both sides of an information barrier.")
+            if bar.existing == "remove":
+                for p in sides[1]:
+                    if p.user_id not in gone:
+                        take_out(p, d)
+            else:
+                findings.append(Finding(bar.id, room.room_id, "barrier",
+                                        f"room mixes both sides of barrier {bar.id} "
+                                        f"({len(sides[0])} and {len(sides[1])} members); "
+                                        "reported, not changed (existing: report)"))
+        return actions, findings
+
+
+def diff_separation(policy: SeparationPolicy, rooms: Iterable[RoomFacts]) -> SeparationPlan:
+    """Reconciliation: the actions and findings for every room scanned."""
+    actions: list[Action] = []
+    findings: list[Finding] = []
+    n = 0
+    for room in rooms:
+        n += 1
+        a, f = policy.diff_room(room)
+        actions.extend(a)
+        findings.extend(f)
+    return SeparationPlan(actions, findings, n)
+
+
+def _int(v: Any, default: int) -> int:
+    if isinstance(v, bool):
+        return default
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and re.fullmatch(r"-?\d+", v):
+        return int(v)
+    return default
+
+
+# -- facts from the homeserver ---------------------------------------------------------------
+def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> RoomFacts:
+    """Build :class:`RoomFacts` from a room's full state (admin API or /state)."""
+    members: dict[str, str] = {}
+    creators: set[str] = set()
+    version: str | None = None
+    federate = True
+    class_state: str | None = None
+    aliases: list[str] = []
+    name = join_rule = None
+    encrypted = False
+    power: Mapping[str, Any] = {}
+    for ev in state:
+        t, key, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
+        if t == "m.room.member" and isinstance(key, str):
+            m = content.get("membership")
+            if m in ("join", "invite", "knock"):
+                members[key] = m
+        elif t == "m.room.create":
+            version = str(content.get("room_version", "1"))
+            federate = content.get("m.federate", True) is not False
+            sender = ev.get("sender")
+            if isinstance(sender, str):
+                creators.add(sender)
+            extra = content.get("additional_creators")
+            if isinstance(extra, list):
+                creators.update(u for u in extra if isinstance(u, str))
+        elif t == CLASS_STATE_TYPE and key == "":
+            c = content.get("class")
+            class_state = c if isinstance(c, str) else None
+        elif t == "m.room.canonical_alias" and key == "":
+            if isinstance(content.get("alias"), str):
+                aliases.append(content["alias"])
+            alt = content.get("alt_aliases")
+            if isinstance(alt, list):
+                aliases.extend(a for a in alt if isinstance(a, str))
+        elif t == "m.room.name" and key == "":
+            name = content.get("name") if isinstance(content.get("name"), str) else None
+        elif t == "m.room.join_rules" and key == "":
+            join_rule = content.get("join_rule")
+        elif t == "m.room.encryption" and key == "":
+            encrypted = True
+        elif t == "m.room.power_levels" and key == "":
+            power = content
+    return RoomFacts(room_id=room_id, room_version=version, creators=frozenset(creators),
+                     class_state=class_state, aliases=tuple(aliases), name=name,
+                     federate=federate, join_rule=join_rule, encrypted=encrypted,
+                     members=members, power=power)
+
+
+def room_facts_from_invite(event: Mapping[str, Any]) -> RoomFacts:
+    """Facts of a remote room we are not in, from an invite's stripped state."""
+    stripped = ((event.get("unsigned") or {}).get("invite_room_state") or [])
+    facts = room_facts_from_state(event.get("room_id", ""), stripped)
+    content = event.get("content") or {}
+    members = dict(facts.members)
+    sender = event.get("sender")
+    if isinstance(sender, str):
+        members[sender] = "join"
+    members[event.get("state_key", "")] = "invite"
+    return replace(facts, members=members, is_direct=bool(content.get("is_direct")) or None)
+
+
+def room_facts_from_gate(room: Mapping[str, Any]) -> RoomFacts:
+    """Facts the gate module read inside Synapse (see bridge.gate.protocol)."""
+    creators = set(room.get("creators") or [])
+    if room.get("creator"):
+        creators.add(room["creator"])
+    return RoomFacts(
+        room_id=room.get("room_id") or "", room_version=room.get("room_version"),
+        creators=frozenset(creators), class_state=room.get("class"),
+        aliases=tuple(room.get("aliases") or ()), name=room.get("name"),
+        federate=room.get("federate", True) is not False, join_rule=room.get("join_rule"),
+        encrypted=bool(room.get("encrypted")), is_direct=room.get("is_direct"),
+        members=dict(room.get("members") or {}), power=dict(room.get("power") or {}),
+    )
