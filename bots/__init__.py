@@ -1,1 +1,3 @@
-"""Enclave bots: the bot framework and the announcement bot (not built yet; see README)."""
+"""Enclave's bots: the framework (:mod:`bots.base`), the announcement bot
+(:mod:`bots.announcements`) and the onboarding bot (:mod:`bots.onboarding`), wired into a
+running Enclave by :func:`bots.wiring.build_bots`."""

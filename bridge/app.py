@@ -20,8 +20,10 @@ from .directory.sync import DirectorySync, SyncRefused
 from .matrix.appservice import AppserviceAPI, json_errors
 from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 from .matrix.executor import Executor
-from .matrix.inbox import EventHandler, InboxProcessor
+from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
 from .metrics import Metrics
+from .separation.build import build_separation
+from .separation.service import SeparationService
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class Services:
     directory_status: dict[str, Any] = field(default_factory=dict)
     # set once start-up has made Enclave's bot and admin identity ready
     bootstrapped: asyncio.Event = field(default_factory=asyncio.Event)
+    separation: SeparationService | None = None
+    # the last separation reconciliation: {"at": ms, "outcome": ..., ...}
+    separation_status: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
@@ -176,6 +181,48 @@ class Bootstrap:
 SERVICES = web.AppKey("services", Services)
 
 
+async def _allow_without_policy(req: Any) -> Any:
+    from .gate.protocol import GateAnswer
+
+    return GateAnswer(allow=True, rule_id="policy.absent", reason="no policy: section")
+
+
+def reload_policy(svc: Services) -> tuple[bool, str]:
+    """Re-read the config file and use its ``policy:`` section; a file that fails
+    validation is refused and the running policy stays."""
+    from .config import ConfigError, load_config
+
+    if svc.loaded.path is None:
+        return False, "the running configuration did not come from a file"
+    try:
+        new = load_config(svc.loaded.path)
+    except ConfigError as e:
+        log.error("policy reload refused, the running policy stays: %s", e)
+        return False, str(e)
+    if svc.separation is None:
+        return False, "separation is not running (no policy: section at start-up)"
+    if new.config.policy is None:
+        msg = "the new file has no policy: section; the running policy stays"
+        log.error("policy reload refused: %s", msg)
+        return False, msg
+    svc.separation.replace_config(new.config.policy)
+    log.info("policy reloaded from %s", svc.loaded.path)
+    return True, "policy reloaded"
+
+
+def _reload_route(svc: Services, token: str) -> Callable[[web.Request], Any]:
+    async def reload(request: web.Request) -> web.Response:
+        got = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not pysecrets.compare_digest(got.encode(), token.encode()):
+            return web.json_response({"errcode": "M_UNKNOWN_TOKEN", "error": "bad token"},
+                                     status=401)
+        ok, message = reload_policy(svc)
+        return web.json_response({"reloaded": ok, "message": message},
+                                 status=200 if ok else 422)
+
+    return reload
+
+
 async def _homeserver_ok(svc: Services) -> bool:
     ident = svc.identity
     if time.monotonic() - ident.homeserver_checked_at < 5:
@@ -218,6 +265,12 @@ async def build_app(
         inbox.handlers.append(factory(svc))
     svc.directory = build_directory_sync(loaded, secrets, store=store, client=client,
                                          executor=executor, metrics=metrics, clock_ms=clock_ms)
+    svc.separation = build_separation(loaded, store=store, client=client, executor=executor,
+                                      metrics=metrics, clock_ms=clock_ms)
+    if svc.separation is not None:
+        inbox.handlers.append(FunctionHandler("separation", svc.separation.handle_event))
+        if svc.directory is not None:
+            svc.directory.on_view_change = svc.separation.invalidate
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
@@ -233,6 +286,7 @@ async def build_app(
             "bot": svc.identity.bot_ready,
             "admin": {"ok": svc.identity.admin_ready, "problem": svc.identity.admin_problem},
             "directory": svc.directory_status if svc.directory is not None else None,
+            "separation": svc.separation_status if svc.separation is not None else None,
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -246,6 +300,14 @@ async def build_app(
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
     app[SERVICES] = svc
     app.add_routes(api.routes())
+    if cfg.gate is not None:
+        from .gate.service import GateService
+
+        GateService(secret=secrets["gate.secret"].get(),
+                    decide=svc.separation.decide_gate if svc.separation is not None
+                    else _allow_without_policy, metrics=metrics).add_routes(app)
+    app.router.add_post("/_enclave/admin/v1/reload",
+                        _reload_route(svc, secrets["appservice.as_token"].get()))
 
     async def directory_run(reason: str) -> None:
         assert svc.directory is not None
@@ -268,6 +330,8 @@ async def build_app(
             log.exception("directory sync (%s) failed", reason)
         status["at"] = clock_ms()
         svc.directory_status = status
+        if svc.separation is not None:
+            svc.separation.invalidate()  # staff, groups and leavers may have changed
 
     scim_debounce: Debouncer | None = None
     scim: Any = None
@@ -371,5 +435,53 @@ async def build_app(
         if scim_debounce is not None:
             await scim_debounce.close()
 
-    app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx])
+    async def separation_run(reason: str) -> None:
+        assert svc.separation is not None
+        if not svc.identity.admin_ready:
+            log.warning("separation reconciliation (%s) skipped: %s", reason,
+                        svc.identity.admin_problem or "admin identity not ready yet")
+            return
+        status: dict[str, Any] = {"reason": reason}
+        try:
+            result = await svc.separation.reconcile(apply=True)
+            status.update(outcome="ok" if not result.failed else "partial",
+                          rooms=result.plan.rooms, applied=result.applied,
+                          failed=len(result.failed), findings=len(result.plan.findings))
+        except Exception as e:
+            status.update(outcome="error", error=f"{type(e).__name__}: {e}")
+            log.exception("separation reconciliation (%s) failed", reason)
+        status["at"] = clock_ms()
+        svc.separation_status = status
+
+    async def separation_ctx(_: web.Application) -> AsyncIterator[None]:
+        sep = svc.separation
+        if sep is None or sep.config.reconcile.interval_minutes <= 0:
+            yield
+            return
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler()
+        minutes = sep.config.reconcile.interval_minutes
+
+        async def first_run() -> None:
+            await svc.bootstrapped.wait()
+            await separation_run("start-up")
+            scheduler.add_job(separation_run, "interval", args=["scheduled"], minutes=minutes,
+                              id="separation-reconcile", max_instances=1, coalesce=True,
+                              misfire_grace_time=int(minutes * 60))
+            scheduler.start()
+
+        task = asyncio.create_task(first_run(), name="separation-first-run")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+
+    app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx,
+                            separation_ctx])
+    # bots (announcements, onboarding): registered last, so they stop before the store
+    from bots.wiring import build_bots
+
+    build_bots(svc, app)
     return app

@@ -59,13 +59,13 @@ def registration_dict(loaded: LoadedConfig, as_token: str, hs_token: str) -> dic
         "de.sorunome.msc2409.push_ephemeral": True,
         "namespaces": {
             "users": [
-                {"exclusive": True, "regex": f"@{prefix}.*:{server}"},
+                {"exclusive": True, "regex": f"@{prefix}.*:{server}$"},
                 # non-exclusive: every local user's events reach us and we may act as them
-                {"exclusive": False, "regex": f"@.*:{server}"},
+                {"exclusive": False, "regex": f"@.*:{server}$"},
             ],
             # non-exclusive: Enclave's bot may give the spaces and rooms it manages
             # aliases (Synapse refuses an appservice an alias outside its namespaces)
-            "aliases": [{"exclusive": False, "regex": f"#.*:{server}"}],
+            "aliases": [{"exclusive": False, "regex": f"#.*:{server}$"}],
             "rooms": [{"exclusive": False, "regex": "!.*"}],
         },
     }
@@ -286,6 +286,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        from .app import SERVICES, reload_policy
+
+        # SIGHUP: re-read the policy; a file that fails validation is refused (logged)
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload_policy(app[SERVICES]))
         await stop.wait()
         await runner.cleanup()
 
@@ -414,6 +418,278 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+# -- separation ----------------------------------------------------------------------------
+def cmd_separation(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .app import wall_clock_ms
+    from .separation.build import standalone_separation
+
+    loaded, secrets = _load(args)
+    if loaded.config.policy is None:
+        _err("enclave separation: the configuration has no policy: section")
+        return EXIT_CONFIG
+    out = Console(highlight=False)
+
+    async def go() -> int:
+        async with standalone_separation(loaded, secrets, clock_ms=wall_clock_ms) as sep:
+            try:
+                result = await sep.reconcile(apply=args.apply, rooms=args.room or None)
+            except RuntimeError as e:
+                _err(f"enclave separation: {e}")
+                return EXIT_ERROR
+        plan = result.plan
+        if args.format == "json":
+            for a in plan.actions:
+                print(orjson.dumps(a.to_dict()).decode())
+            for f in plan.findings:
+                print(orjson.dumps({"finding": f.rule_id, "room": f.room_id,
+                                    "subject": f.subject, "message": f.message}).decode())
+            return EXIT_OK if not result.failed else EXIT_ERROR
+        out.print(f"scanned {plan.rooms} rooms ({result.admin_calls} admin API calls): "
+                  f"{len(plan.actions)} actions, {len(plan.findings)} findings")
+        for a in plan.actions:
+            out.print(("  applied: " if args.apply else "  will: ") + a.describe(),
+                      markup=False)
+        for f in plan.findings:
+            out.print(f"  finding [{f.rule_id}] {f.room_id} {f.subject}: {f.message}",
+                      markup=False)
+        if args.apply:
+            out.print(f"applied {result.applied}, failed {len(result.failed)}")
+            for a, detail in result.failed:
+                _err(f"failed: {a.describe()}: {detail}")
+        return EXIT_OK if not result.failed else EXIT_ERROR
+
+    return asyncio.run(go())
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .app import wall_clock_ms
+    from .policy.separation import RoomFacts
+    from .separation.build import standalone_separation
+
+    loaded, secrets = _load(args)
+    if loaded.config.policy is None:
+        _err("enclave explain: the configuration has no policy: section")
+        return EXIT_CONFIG
+
+    def where(path: str) -> str:
+        line = loaded.line_of(path) if path.startswith("policy") else None
+        return f"{path} ({loaded.path}, line {line})" if line else path
+
+    def show(what: str, d: Any) -> None:
+        print(what)
+        print(f"  decision: {'ALLOW' if d.allow else 'DENY'}")
+        print(f"  rule:     {d.rule_id}")
+        print(f"  where:    {where(d.path)}")
+        print(f"  reason:   {d.reason}")
+        if d.message:
+            print(f"  message:  {d.message}")
+
+    async def go() -> int:
+        async with standalone_separation(loaded, secrets, clock_ms=wall_clock_ms) as sep:
+            p = await sep.policy(fresh=True)
+            if args.what == "invite":
+                if len(args.args) not in (2, 3):
+                    _err("usage: enclave explain invite @inviter @invitee [!room]")
+                    return EXIT_USAGE
+                inviter, invitee = args.args[:2]
+                if len(args.args) == 3:
+                    facts = await sep.room_facts(args.args[2])
+                else:
+                    # no room: a new direct chat, the usual way a contact is invited
+                    facts = RoomFacts(room_id="(new direct chat)", is_direct=True,
+                                      members={inviter: "join"})
+                for who in (inviter, invitee):
+                    pr = p.principal(who)
+                    print(f"{who}: {pr.kind}" + (
+                        f" (groups: {', '.join(sorted(pr.groups))})" if pr.groups else ""))
+                show(f"invite {invitee} by {inviter} into {facts.room_id}",
+                     p.decide_invite(inviter, invitee, facts))
+                return EXIT_OK
+            if args.what == "join":
+                if len(args.args) != 2:
+                    _err("usage: enclave explain join @user !room")
+                    return EXIT_USAGE
+                user, room = args.args
+                facts = await sep.room_facts(room)
+                show(f"join {room} as {user} ({p.principal(user).kind})",
+                     p.decide_membership(user, facts.with_member(user, None)))
+                return EXIT_OK
+            if len(args.args) != 1:
+                _err("usage: enclave explain room !room")
+                return EXIT_USAGE
+            facts = await sep.room_facts(args.args[0])
+            rc = p.classify_room(facts)
+            print(f"room {facts.room_id}")
+            print(f"  class:    {rc.id} (by {rc.rule_id}, {where(rc.path)})")
+            print(f"  version:  {facts.room_version}, federates: {facts.federate}, "
+                  f"encrypted: {facts.encrypted}")
+            for u in facts.current():
+                d = p.decide_membership(u, facts)
+                print(f"  {facts.members[u]:6} {u} ({p.principal(u).kind}): "
+                      f"{'ok' if d.allow else 'NOT ALLOWED'} [{d.rule_id}, {where(d.path)}]")
+            actions, findings = p.diff_room(facts)
+            for a in actions:
+                print("  reconciliation would: " + a.describe())
+            for f in findings:
+                print(f"  finding [{f.rule_id}]: {f.message}")
+            return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    loaded, secrets = _load(args)
+    cfg = loaded.config
+    host = "127.0.0.1" if cfg.appservice.bind_host in ("0.0.0.0", "::") else \
+        cfg.appservice.bind_host
+    req = urllib.request.Request(
+        f"http://{host}:{cfg.appservice.port}/_enclave/admin/v1/reload", method="POST",
+        headers={"Authorization": f"Bearer {secrets['appservice.as_token'].get()}"}, data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = orjson.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        body = orjson.loads(e.read() or b"{}")
+        _err(f"enclave reload: refused: {body.get('message') or body}")
+        return EXIT_ERROR
+    except OSError as e:
+        _err(f"enclave reload: cannot reach the running Enclave: {e}")
+        return EXIT_ERROR
+    print(body.get("message", "reloaded"))
+    return EXIT_OK
+
+
+# -- announcements ------------------------------------------------------------------------
+def cmd_announcements(args: argparse.Namespace) -> int:
+    """``enclave announcements list | report ID | send ID`` (store and config only)."""
+    import io
+
+    from bots.announcements.acks import summarise
+    from bots.announcements.report import report_rows, write_csv
+    from bots.announcements.service import make_occurrence, spec_for
+    from bots.announcements.spec import AnnouncementSpec
+
+    loaded, _ = _load(args)
+    bots_cfg = loaded.config.bots
+    acfg = bots_cfg.announcements if bots_cfg is not None else None
+    configured = {a.id: a for a in acfg.announcements} if acfg is not None else {}
+    tz = acfg.timezone if acfg is not None else "UTC"
+
+    async def run(store: Store) -> int:
+        if args.ann_cmd == "list":
+            occs = await store.announcement_occurrences()
+            latest: dict[str, Any] = {}
+            for o in occs:
+                latest[o.announcement_id] = o
+            rows = []
+            for aid in [*configured, *(k for k in latest if k not in configured)]:
+                a = configured.get(aid)
+                o = latest.get(aid)
+                counts = ""
+                if o is not None:
+                    s = summarise(await store.announcement_deliveries(aid, o.occurrence_id))
+                    spec = AnnouncementSpec.from_json(o.spec)
+                    counts = s.line(spec.require_ack)
+                sched = "-"
+                if a is not None and a.schedule is not None:
+                    sched = a.schedule.cron or a.schedule.at or "-"
+                    sched += f" ({a.schedule.timezone})"
+                elif a is not None:
+                    sched = "manual"
+                rows.append({
+                    "id": aid, "source": "config" if a else (o.kind if o else ""),
+                    "title": a.title if a else (AnnouncementSpec.from_json(o.spec).title
+                                                if o else ""),
+                    "schedule": sched,
+                    "occurrences": sum(1 for x in occs if x.announcement_id == aid),
+                    "latest": o.occurrence_id if o else "", "status": o.status if o else "",
+                    "counts": counts,
+                })
+            _print_rows(rows, args.format, ["id", "source", "title", "schedule",
+                                            "occurrences", "latest", "status", "counts"],
+                        f"announcements ({len(rows)})")
+            return EXIT_OK
+        if args.ann_cmd == "send":
+            a = configured.get(args.id)
+            if a is None:
+                _err(f"enclave announcements send: no announcement {args.id!r} in "
+                     "bots.announcements.announcements")
+                return EXIT_USAGE
+            now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+            occ_id = args.occurrence or "manual-" + dt.datetime.fromtimestamp(
+                now / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            created, sel = await make_occurrence(
+                store, await store.directory_view(), announcement_id=a.id,
+                occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,
+                created_by=f"cli:{os.environ.get('USER', '?')}", now_ms=now)
+            if not created:
+                _err(f"occurrence {occ_id!r} of {a.id!r} exists already; nothing queued")
+                return EXIT_ERROR
+            assert acfg is not None
+            print(f"queued {a.id} / {occ_id} for {len(sel.users)} people and "
+                  f"{len(sel.rooms)} room(s); the running Enclave delivers it within "
+                  f"{acfg.poll_seconds:g} s")
+            return EXIT_OK
+        # report
+        occs = await store.announcement_occurrences(announcement_id=args.id)
+        if args.occurrence:
+            occs = [o for o in occs if o.occurrence_id == args.occurrence]
+        if not occs:
+            _err(f"enclave announcements report: nothing sent for {args.id!r}"
+                 + (f" occurrence {args.occurrence!r}" if args.occurrence else ""))
+            return EXIT_ERROR
+        occ = occs[-1]
+        deliveries = await store.announcement_deliveries(occ.announcement_id,
+                                                         occ.occurrence_id)
+        spec = AnnouncementSpec.from_json(occ.spec)
+        staff = {r.user_id: r for r in await store.directory_view()}
+        rows = report_rows(deliveries, staff, tz)
+        summary = summarise(deliveries)
+        head = (f"{occ.announcement_id} / {occ.occurrence_id}: {spec.title} ({occ.kind}, "
+                f"{occ.status})\n{summary.line(spec.require_ack)}")
+        if args.csv == "-":
+            _err(head)
+            write_csv(rows, sys.stdout)
+            return EXIT_OK
+        print(head)
+        if args.csv:
+            buf = io.StringIO()
+            write_csv(rows, buf)
+            await asyncio.to_thread(Path(args.csv).write_text, buf.getvalue(), "utf-8")
+            print(f"wrote {len(rows)} row(s) to {args.csv}")
+        else:
+            _print_rows(rows, args.format, ["recipient", "name", "status", "delivered_at",
+                                            "acknowledged_at", "ack_method", "reminders",
+                                            "escalated_to", "detail"], "recipients")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, run))
+
+
+def add_announcements_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("announcements",
+                       help="announcements: list, report who got/acknowledged one, send one")
+    a = s.add_subparsers(dest="ann_cmd", required=True)
+    x = a.add_parser("list", parents=[common], help="configured and sent announcements")
+    x.add_argument("--format", choices=["table", "json"], default="table")
+    x = a.add_parser("report", parents=[common],
+                     help="counts and who/when of an announcement's latest (or one) send")
+    x.add_argument("id")
+    x.add_argument("--occurrence", help="one occurrence (default: the latest)")
+    x.add_argument("--csv", metavar="FILE", help="write the rows as CSV ('-': stdout)")
+    x.add_argument("--format", choices=["table", "json"], default="table")
+    x = a.add_parser("send", parents=[common],
+                     help="queue a configured announcement now (the running Enclave sends)")
+    x.add_argument("id")
+    x.add_argument("--occurrence", help="occurrence id (default: manual-<UTC time>)")
+    s.set_defaults(fn=cmd_announcements)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enclave", description=__doc__.split("\n")[0])
     default_cfg = os.environ.get("ENCLAVE_CONFIG", "config.yaml")
@@ -473,6 +749,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory entry, Matrix id and what the run would do to them")
     s.add_argument("--format", choices=["table", "json"], default="table")
     s.set_defaults(fn=cmd_sync)
+
+    s = sub.add_parser("separation", parents=[common],
+                       help="reconcile separation policy: show (--plan) or fix (--apply)")
+    mode = s.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--plan", action="store_true", help="print what would change")
+    mode.add_argument("--apply", action="store_true", help="remove who must go, report")
+    s.add_argument("--room", action="append", metavar="ROOM_ID",
+                   help="only these rooms (repeatable); default: every room on the server")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(fn=cmd_separation)
+
+    s = sub.add_parser("explain", parents=[common],
+                       help="explain a separation decision: invite @a @b [!room] | "
+                            "join @a !room | room !room")
+    s.add_argument("what", choices=["invite", "join", "room"])
+    s.add_argument("args", nargs="+")
+    s.set_defaults(fn=cmd_explain)
+
+    s = sub.add_parser("reload", parents=[common],
+                       help="make the running Enclave re-read its policy (like SIGHUP)")
+    s.set_defaults(fn=cmd_reload)
+    add_announcements_parser(sub, common)
     return p
 
 

@@ -45,3 +45,14 @@ class Metrics:
         self.directory_last_success = Gauge(
             "enclave_directory_sync_last_success_timestamp_seconds",
             "When a directory sync last applied without failures", registry=r)
+        self.separation_enforced = Counter(
+            "enclave_separation_enforced", "Separation actions decided by layer (reactive, "
+            "reconcile) and action kind", ["layer", "kind"], registry=r)
+        self.gate_checks = Counter(
+            "enclave_gate_checks", "Gate checks from the Synapse module by check and outcome "
+            "(allow, deny, error, bad_request, unauthorized)", ["check", "outcome"],
+            registry=r)
+        self.gate_seconds = Histogram(
+            "enclave_gate_decide_seconds", "Time to decide one gate check",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1),
+            registry=r)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ class LoadedConfig:
     config: EnclaveConfig
     path: Path | None
     base_dir: Path
+    # the YAML line of each key path, for messages that point into the file
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, dotted: str) -> int | None:
+        """The YAML line of a path such as ``policy.room_classes[2].allow`` (or its
+        nearest given parent), None if unknown."""
+        loc: list[Any] = []
+        for part in dotted.split("."):
+            m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", part)
+            if m is None:
+                return None
+            loc.append(m.group(1))
+            loc.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+        return _nearest_line(self.lines, tuple(loc))
 
     def resolve(self, p: Path | str) -> Path:
         """Resolve a path from the config relative to the config file's folder."""
@@ -189,7 +204,8 @@ def load_config(path: str | Path) -> LoadedConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"in {p}", ["the file is not UTF-8 text"]) from None
     cfg = parse_config(text, source=str(p))
-    return LoadedConfig(config=cfg, path=p, base_dir=p.resolve().parent)
+    lines, _ = _scan(_compose(text))
+    return LoadedConfig(config=cfg, path=p, base_dir=p.resolve().parent, lines=lines)
 
 
 def check_secrets(loaded: LoadedConfig) -> dict[str, Secret]:
@@ -206,6 +222,13 @@ def check_secrets(loaded: LoadedConfig) -> dict[str, Secret]:
         refs["directory.source.bind_password"] = src.bind_password
     if src is not None and src.type == "scim":
         refs["directory.source.token"] = src.token
+    if cfg.gate is not None:
+        refs["gate.secret"] = cfg.gate.secret
+    announcements = cfg.bots.announcements if cfg.bots is not None else None
+    for hook in announcements.webhooks if announcements is not None else []:
+        # bots/announcements/webhooks.py secret_key(): the hook's token or HMAC secret
+        refs[f"bots.announcements.webhooks.{hook.id}.auth"] = (
+            hook.auth.token if hook.auth.type == "token" else hook.auth.secret)
     out: dict[str, Secret] = {}
     problems: list[str] = []
     for key, ref in refs.items():

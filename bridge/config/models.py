@@ -18,7 +18,9 @@ from pydantic import (
 )
 
 from .base import SecretRef, StrictModel
+from .bots import BotsConfig
 from .directory import DirectoryConfig
+from .gate import GateConfig
 from .policy import PolicyConfig
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
@@ -164,6 +166,8 @@ class EnclaveConfig(StrictModel):
     inbox: InboxConfig = InboxConfig()
     logging: LoggingConfig = LoggingConfig()
     directory: DirectoryConfig | None = None
+    gate: GateConfig | None = None
+    bots: BotsConfig | None = None
     policy: PolicyConfig | None = None
 
     @property

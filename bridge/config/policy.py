@@ -65,6 +65,9 @@ class RoomClassConfig(StrictModel):
     # never admitted, partners included
     federate: bool = False
     encryption: Literal["required", "optional"] = "optional"
+    # False: information barriers do not apply in rooms of this class (e.g. company-wide
+    # announcement rooms); they still apply to direct chats
+    barriers: bool = True
 
     @field_validator("id")
     @classmethod

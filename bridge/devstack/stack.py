@@ -72,6 +72,37 @@ LOCAL_MANAGED_ROOMS: list[dict[str, Any]] = [
 ]
 
 
+# What the local stack demonstrates of separation: internal rooms that never federate,
+# a Finance-only class, and an information barrier between Sales and Finance (carol and
+# dave in the sample directory cannot DM, share a room or find each other in search).
+LOCAL_POLICY: dict[str, Any] = {
+    "default_class": "internal",
+    "room_classes": [
+        {"id": "internal", "description": "Company-only rooms", "federate": False},
+        {"id": "finance", "description": "Finance staff only", "federate": False,
+         "allow": {"staff_only": {"attributes": {"department": ["Finance"]}}}},
+        {"id": "company", "description": "Company-wide rooms: barriers do not apply",
+         "federate": False, "barriers": False},
+    ],
+    "classify": [{"id": "cls-finance-alias", "room_class": "finance", "alias": "^#fin-"},
+                 {"id": "cls-company", "room_class": "company", "alias": "^#all-staff:"}],
+    "barriers": [{"id": "barrier-sales-finance",
+                  "description": "Sales may not talk to Finance (demo)",
+                  "between": [{"attributes": {"department": ["Sales"]}},
+                              {"attributes": {"department": ["Finance"]}}]}],
+    "notify": {"contact": "the IT team (#it-help)"},
+    "reconcile": {"interval_minutes": 10},
+}
+
+
+def gate_module_config(enclave_port: int, secret_path: Path) -> list[dict[str, Any]]:
+    """The homeserver.yaml ``modules:`` entry that loads Enclave's gate."""
+    return [{"module": "bridge.gate.module.EnclaveGate", "config": {
+        "url": f"http://127.0.0.1:{enclave_port}", "secret_path": str(secret_path.resolve()),
+        "enclave_users": [f"@enclave:{SERVER_NAME}", f"@enclave-admin:{SERVER_NAME}"],
+        "on_unreachable": "deny"}}]
+
+
 def write_enclave_config(state: Path, synapse_port: int, enclave_port: int,
                          directory: Path = DEFAULT_DIRECTORY) -> Path:
     """The Enclave config the stack runs with (SQLite, tokens in state/secrets)."""
@@ -98,6 +129,8 @@ def write_enclave_config(state: Path, synapse_port: int, enclave_port: int,
             "safety": {"max_deactivations": 5, "max_deactivation_percent": 50.0},
             "managed_rooms": LOCAL_MANAGED_ROOMS,
         },
+        "gate": {"secret": {"file": "secrets/gate_secret"}},
+        "policy": LOCAL_POLICY,
     }
     path = state / "enclave.yaml"
     path.write_text(
@@ -186,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     shared_secret = _secret_file(state / "secrets" / "registration_shared_secret")
+    _secret_file(state / "secrets" / "gate_secret")
     config = write_enclave_config(state, args.synapse_port, args.enclave_port, args.directory)
     registration = state / "enclave-registration.yaml"
     subprocess.run(
@@ -198,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         base_dir=state / "synapse", server_name=SERVER_NAME, port=args.synapse_port,
         app_service_config_files=[registration], registration_shared_secret=shared_secret,
         production_rate_limits=True,
+        extra_config={"modules": gate_module_config(args.enclave_port,
+                                                    state / "secrets" / "gate_secret")},
     )
     enclave: subprocess.Popen[bytes] | None = None
     stop_requested = False
@@ -267,6 +303,12 @@ def print_banner(args: argparse.Namespace, state: Path, hs: SynapseServer,
                      f"{person.get('display_name', '')} ({person.get('department', '')})")
     lines += [
         "  Each has their department's space and general room, and 'All staff'.",
+        "  Separation (policy in the config): rooms you create are 'internal' and never",
+        "  federate; carol (Sales) and dave (Finance) are behind an information barrier:",
+        "  try to DM one from the other, invite one into the other's room, or search the",
+        "  user directory; each is refused with the rule's id. Explain a decision:",
+        f"  enclave explain invite @carol:{SERVER_NAME} @dave:{SERVER_NAME} -c "
+        f"{state}/enclave.yaml",
         "  Edit the directory file (rename, move, disable someone): within a minute",
         "  Enclave applies it; or now: enclave sync --plan / --apply -c "
         f"{state}/enclave.yaml",

@@ -30,14 +30,21 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TEST_RATE_LIMIT", "TEST_RATE_LIMIT_KEYS", "SynapseServer", "free_port"]
+__all__ = [
+    "TEST_FEDERATION_RATE_LIMIT",
+    "TEST_RATE_LIMIT",
+    "TEST_RATE_LIMIT_KEYS",
+    "SynapseServer",
+    "free_port",
+    "write_self_signed_cert",
+]
 
 # Large enough that no test ever trips a limiter, small enough to stay a sane float.
 TEST_RATE_LIMIT: dict[str, float] = {"per_second": 10000, "burst_count": 100000}
 
 # Dotted paths of every client-facing limiter in synapse/config/ratelimiting.py
-# (1.163). rc_federation is left out on purpose: it has a different shape and the
-# test server does not federate.
+# (1.163). rc_federation is left out on purpose: it has a different shape and is only
+# opened (TEST_FEDERATION_RATE_LIMIT) on a server in federation mode.
 TEST_RATE_LIMIT_KEYS: tuple[str, ...] = (
     "rc_message",
     "rc_registration",
@@ -64,6 +71,17 @@ TEST_RATE_LIMIT_KEYS: tuple[str, ...] = (
     "rc_media_create",
 )
 
+# rc_federation's own shape (FederationRatelimitSettings): the defaults delay a peer
+# after 10 requests a second and reject it after 50, which a burst of test traffic
+# between two loopback servers reaches.
+TEST_FEDERATION_RATE_LIMIT: dict[str, float] = {
+    "window_size": 1000,
+    "sleep_limit": 100000,
+    "sleep_delay": 1,
+    "reject_limit": 100000,
+    "concurrent": 1000,
+}
+
 _LOG_TAIL_LINES = 40
 _STDIO_LOG = "synapse.stdio.log"
 _HOMESERVER_LOG = "homeserver.log"
@@ -73,15 +91,65 @@ _START_MARKER = "--- starting synapse"
 _PORT_RETRIES = 3
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` (default 127.0.0.1) that was free a moment ago.
 
     The kernel picks the port; there is an unavoidable race until the caller binds
     it, which :meth:`SynapseServer.start` handles by retrying with a new port.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def write_self_signed_cert(host: str, cert_path: Path, key_path: Path, days: int = 30) -> None:
+    """Write a self-signed certificate for ``host`` (an IP literal or a DNS name) and its key.
+
+    The subjectAltName carries the IP (or name) so the certificate is at least
+    well-formed for the federation listener; peers in federation mode do not verify it
+    (``federation_verify_certificates: false``). The key file is written mode 0600.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    alt: x509.GeneralName
+    try:
+        alt = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # a little slack for clocks that disagree by seconds
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _test_rate_limits() -> dict[str, Any]:
@@ -160,11 +228,22 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
 class SynapseServer:
     """A throwaway Synapse homeserver living in ``base_dir``.
 
-    Listens on 127.0.0.1 only, with federation off and, unless
+    Listens on ``bind_host`` (127.0.0.1) only, with federation off and, unless
     ``production_rate_limits`` is set, every rate limiter opened wide. Use as a
     context manager, or call :meth:`start` / :meth:`stop` yourself; :meth:`stop` is
     also run when the object is garbage-collected or the interpreter exits, so a
     crashed test does not leave a homeserver behind.
+
+    Federation mode (``federation_port`` set): a TLS federation listener on
+    ``bind_host:federation_port`` with a self-signed certificate for ``bind_host``
+    (written once into ``tls_cert_dir``, default ``base_dir``), no certificate checks
+    towards peers, no IP blocklist (peers are loopback addresses), no key servers, and
+    ``federation_whitelist`` as Synapse's ``federation_domain_whitelist`` (None: the
+    key is left out, so every server may federate; entries need the port). The
+    ``server_name`` must then end in ``:<federation_port>``, normally
+    ``"<bind_host>:<federation_port>"``: with an IP literal plus port, peers connect
+    straight to it with no well-known or SRV lookup.
+    See :mod:`bridge.devstack.federation` for a ready pair of such servers.
     """
 
     base_dir: Path
@@ -177,6 +256,10 @@ class SynapseServer:
     extra_config: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
     log_level: str = "INFO"
+    bind_host: str = "127.0.0.1"
+    federation_port: int | None = None
+    tls_cert_dir: Path | None = None
+    federation_whitelist: list[str] | None = None
 
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, init=False, repr=False)
@@ -184,13 +267,49 @@ class SynapseServer:
     def __post_init__(self) -> None:
         # Synapse is started with cwd=base_dir, so every path it sees must be absolute.
         self.base_dir = Path(self.base_dir).resolve()
+        if self.tls_cert_dir is not None:
+            self.tls_cert_dir = Path(self.tls_cert_dir).resolve()
+        if self.federation_port is not None:
+            # The port is part of the server name (and so of every user id), so it
+            # cannot be picked later the way the client port is.
+            if not 0 < self.federation_port < 65536:
+                raise ValueError(f"federation_port must be a real port: {self.federation_port}")
+            # peers connect to the port in the name, so it must be the listener's
+            if not self.server_name.endswith(f":{self.federation_port}"):
+                raise ValueError(
+                    f"in federation mode server_name must end in ':{self.federation_port}'"
+                    f" (e.g. '{self.bind_host}:{self.federation_port}'),"
+                    f" not {self.server_name!r}"
+                )
 
     # -- paths and state ---------------------------------------------------------
 
     @property
     def base_url(self) -> str:
         """Client-server API base URL, e.g. ``http://127.0.0.1:8008``."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.bind_host}:{self.port}"
+
+    @property
+    def federating(self) -> bool:
+        """True in federation mode (``federation_port`` set)."""
+        return self.federation_port is not None
+
+    @property
+    def federation_url(self) -> str | None:
+        """Server-server API base URL (``https://host:port``), None with federation off."""
+        if self.federation_port is None:
+            return None
+        return f"https://{self.bind_host}:{self.federation_port}"
+
+    @property
+    def tls_certificate_path(self) -> Path:
+        """The federation listener's self-signed certificate (federation mode)."""
+        return (self.tls_cert_dir or self.base_dir) / "federation-tls.crt"
+
+    @property
+    def tls_private_key_path(self) -> Path:
+        """The federation listener's private key (federation mode)."""
+        return (self.tls_cert_dir or self.base_dir) / "federation-tls.key"
 
     @property
     def config_path(self) -> Path:
@@ -234,22 +353,13 @@ class SynapseServer:
         cfg: dict[str, Any] = {
             "server_name": self.server_name,
             "public_baseurl": self.base_url + "/",
-            "listeners": [
-                {
-                    "port": self.port,
-                    "bind_addresses": ["127.0.0.1"],
-                    "type": "http",
-                    "tls": False,
-                    "x_forwarded": False,
-                    "resources": [{"names": ["client"], "compress": False}],
-                }
-            ],
+            "listeners": self._client_listeners(),
             "database": _database_config(self.database, self.base_dir),
             "log_config": str(self.base_dir / "log.config"),
             "media_store_path": str(self.base_dir / "media_store"),
             "pid_file": str(self.base_dir / "homeserver.pid"),
             # An empty whitelist makes Synapse refuse all federation traffic, and with no
-            # key servers it never reaches out to matrix.org.
+            # key servers it never reaches out to matrix.org. Federation mode drops it.
             "federation_domain_whitelist": [],
             "trusted_key_servers": [],
             "suppress_key_server_warning": True,
@@ -267,8 +377,52 @@ class SynapseServer:
         }
         if not self.production_rate_limits:
             cfg.update(_test_rate_limits())
+        if self.federating:
+            del cfg["federation_domain_whitelist"]
+            cfg.update(self._federation_overrides())
+            if not self.production_rate_limits:
+                cfg["rc_federation"] = dict(TEST_FEDERATION_RATE_LIMIT)
         cfg.update(self.extra_config)
         return cfg
+
+    def _federation_overrides(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "listeners": [
+                *self._client_listeners(),
+                {
+                    "port": self.federation_port,
+                    "bind_addresses": [self.bind_host],
+                    "type": "http",
+                    "tls": True,
+                    "x_forwarded": False,
+                    # "federation" also serves /_matrix/key, which peers fetch the
+                    # signing keys from (there are no trusted key servers)
+                    "resources": [{"names": ["federation"], "compress": False}],
+                },
+            ],
+            "tls_certificate_path": str(self.tls_certificate_path),
+            "tls_private_key_path": str(self.tls_private_key_path),
+            "federation_verify_certificates": False,
+            # The default blocklist holds 127.0.0.0/8: peers on loopback would be
+            # refused. ip_range_whitelist alone does not unblock IP-literal names.
+            "ip_range_blacklist": [],
+            "trusted_key_servers": [],
+        }
+        if self.federation_whitelist is not None:
+            cfg["federation_domain_whitelist"] = list(self.federation_whitelist)
+        return cfg
+
+    def _client_listeners(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "port": self.port,
+                "bind_addresses": [self.bind_host],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": False,
+                "resources": [{"names": ["client"], "compress": False}],
+            }
+        ]
 
     def _log_config(self) -> dict[str, Any]:
         # Our own log config instead of the generated one: unbuffered (so the failure
@@ -305,13 +459,15 @@ class SynapseServer:
     def generate(self) -> None:
         """Create ``homeserver.yaml`` and the signing key (once), then write the overrides.
 
+        In federation mode the listener's certificate is also made once, here.
+
         The base config is only generated the first time, so the signing key and
         secrets survive restarts; the overrides are rewritten every time so changes
         to fields such as ``app_service_config_files`` take effect on the next start.
         """
         self.base_dir.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
-            self.port = free_port()
+            self.port = free_port(self.bind_host)
         if not self.config_path.exists():
             result = subprocess.run(
                 [
@@ -337,6 +493,12 @@ class SynapseServer:
                     f"synapse --generate-config failed ({result.returncode}):\n"
                     f"{result.stdout}{result.stderr}"
                 )
+        if self.federating and not (
+            self.tls_certificate_path.exists() and self.tls_private_key_path.exists()
+        ):
+            write_self_signed_cert(
+                self.bind_host, self.tls_certificate_path, self.tls_private_key_path
+            )
         self._write_overrides()
 
     # -- lifecycle -----------------------------------------------------------------

@@ -97,6 +97,8 @@ class DirectorySync:
         self.store = store
         self.metrics = metrics
         self.clock_ms = clock_ms
+        # called when a run changed the directory view (separation rebuilds its policy)
+        self.on_view_change: Callable[[], None] | None = None
         self.server_name = server_name
         self.bot_user_id = bot_user_id
         self.admin_user_id = admin_user_id
@@ -292,6 +294,12 @@ class DirectorySync:
 
         # phases run in order; within a phase, actions of one room/user lane run in order
         # and lanes run concurrently
+        # the directory view first: who is staff follows the directory, not the accounts,
+        # and separation must already know the people this run joins to rooms
+        if await self.store.replace_directory_view(
+                staff_view(result.snapshot, result.users, result.known, self.clock_ms())):
+            if self.on_view_change is not None:
+                self.on_view_change()
         by_phase: dict[int, list[tuple[int, Action]]] = {}
         for i, a in enumerate(plan.actions):
             by_phase.setdefault(PHASES.get(a.kind, 9), []).append((i, a))
@@ -317,8 +325,6 @@ class DirectorySync:
             for pid, r in plan.records.items() if pid not in failed_people
         ]
         await self.store.save_directory_people(records)
-        await self.store.replace_directory_view(
-            staff_view(result.snapshot, result.users, result.known, now))
 
     # -- appliers (registered with the executor) ------------------------------------------
     async def _apply_create(self, a: CreateAccount, key: str) -> Outcome:
@@ -455,8 +461,8 @@ def staff_view(snapshot: DirectorySnapshot, users: dict[str, Any],
             user_id=m.user_id, person_id=pid, active=not p.disabled, username=p.username,
             display_name=m.displayname, email=p.email, title=p.title, department=p.department,
             location=p.location, manager_user_id=by_person.get(p.manager or ""),
-            groups=frozenset(snapshot.groups[g].name if g in snapshot.groups else g
-                             for g in p.groups),
+            # group ids, as directory.managed_rooms and policy selectors name them
+            groups=frozenset(p.groups),
             updated_at=now_ms)
     for pid, r in known.items():
         if pid not in users and r.user_id not in out:

@@ -6,6 +6,7 @@ middleware turns routing errors, oversized bodies and unexpected exceptions into
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import time
@@ -77,6 +78,26 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "M_UNKNOWN", "Internal error")
+
+
+def transaction_key(txn_id: str, body: dict[str, Any]) -> str:
+    """What identifies a transaction: the homeserver's id AND what it carries.
+
+    Synapse on SQLite restarts its transaction ids at 1 when it restarts with no
+    transaction pending (its id generator reads only the pending-transactions table), so
+    an id alone would make a new transaction look like a resend and lose its events. A
+    resend carries the same events (its ``age`` fields differ, so the body is not hashed as
+    is): the event ids are the identity; a transaction of ephemeral data only is hashed
+    whole (Synapse does not store ephemeral data, so it never resends it).
+    """
+    ids = [e.get("event_id") for e in body.get("events") or [] if isinstance(e, dict)]
+    h = hashlib.sha256()
+    if ids:
+        for i in ids:
+            h.update(str(i).encode() + b"\0")
+    else:
+        h.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return f"{txn_id}#{h.hexdigest()[:16]}"
 
 
 class AppserviceAPI:
@@ -160,10 +181,11 @@ class AppserviceAPI:
             if self._on_refused is not None:
                 self._on_refused()
             return error_response(503, "M_UNKNOWN", "Recovery sweep: please resend")
+        key = transaction_key(txn_id, body)
         try:
             # The only write before the answer: the body as received, in the journal. The
             # inbox processor expands it into events (and quarantines bad ones) afterwards.
-            is_new = await self.store.journal_append(txn_id, raw, self._clock_ms())
+            is_new = await self.store.journal_append(key, raw, self._clock_ms())
         except Exception:
             # Not stored, so not acknowledged: the homeserver keeps it and resends later.
             log.exception("could not store transaction %s", txn_id)

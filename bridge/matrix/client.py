@@ -294,6 +294,23 @@ class MatrixClient:
             raise
         return body.get("state", [])
 
+    async def admin_list_rooms(self, *, admin: str, start: int = 0,
+                               limit: int = 500) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of every room the server knows (``GET /_synapse/admin/v1/rooms``)."""
+        query = {"from": str(start), "limit": str(limit), "order_by": "name"}
+        token = await self.session_token(admin)
+        try:
+            body = await self.request("GET", "/_synapse/admin/v1/rooms", query=query,
+                                      access_token=token)
+        except MatrixRequestError as e:
+            if e.status != 401:
+                raise
+            token = await self.session_token(admin, renew=True)
+            body = await self.request("GET", "/_synapse/admin/v1/rooms", query=query,
+                                      access_token=token)
+        nxt = body.get("next_batch")
+        return body.get("rooms", []), (int(nxt) if nxt is not None else None)
+
     async def admin_joined_rooms(self, target: str, *, admin: str) -> list[str]:
         body = await self.request("GET", f"/_synapse/admin/v1/users/{q(target)}/joined_rooms",
                                   user_id=admin)

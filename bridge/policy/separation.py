@@ -402,10 +402,11 @@ class SeparationPolicy:
             return d
         others = [self.principal(u) for u in room.current() if u != user]
         others = [o for o in others if o.kind != "service"]
-        for o in others:
-            if (d := self.barrier_between(p, o)) is not None:
-                return d
         rc = room_class or self.classify_room(room)
+        if rc.id == DM_CLASS or self._class(rc.id)[1].barriers:
+            for o in others:
+                if (d := self.barrier_between(p, o)) is not None:
+                    return d
         if rc.id == DM_CLASS:
             last = Decision(True, "builtin.enclave", "(built in)",
                             "direct chat with Enclave's own user only")
@@ -639,8 +640,9 @@ class SeparationPolicy:
                 d = None if a.allow else a
             if d is not None:
                 take_out(p, d)
-        # barriers among the staff who stay
-        for bi, bar in enumerate(self.config.barriers):
+        # barriers among the staff who stay (unless the class is exempt)
+        exempt = rc.id != DM_CLASS and not self._class(rc.id)[1].barriers
+        for bi, bar in enumerate([] if exempt else self.config.barriers):
             sides: list[list[Principal]] = [[], []]
             for p in staff:
                 if p.user_id in gone:

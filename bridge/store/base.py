@@ -125,6 +125,63 @@ class AuditFilter:
     limit: int = 1000
 
 
+@dataclass(frozen=True)
+class AnnouncementOccurrence:
+    """One send of an announcement (a scheduled time, a manual/ad-hoc send, a webhook).
+
+    ``spec`` is the announcement as JSON when the occurrence was made; ``status`` is
+    ``pending`` (made, nothing sent), ``delivering``, ``delivered`` or ``closed`` (expired,
+    or nothing left to follow up)."""
+
+    announcement_id: str
+    occurrence_id: str
+    kind: str
+    spec: str
+    status: str
+    scheduled_at: int
+    created_at: int
+    created_by: str | None = None
+    delivered_at: int | None = None
+    closed_at: int | None = None
+
+
+@dataclass(frozen=True)
+class AnnouncementDelivery:
+    """One target of an occurrence: a person (``@…``) or an explicit room (``!…``).
+
+    ``status``: ``pending``, ``sent`` or ``failed`` (``detail`` says why)."""
+
+    announcement_id: str
+    occurrence_id: str
+    target: str
+    status: str
+    room_id: str | None = None
+    event_id: str | None = None
+    detail: str | None = None
+    attempts: int = 0
+    sent_at: int | None = None
+    acked_at: int | None = None
+    ack_method: str | None = None
+    ack_event_id: str | None = None
+    reminders: int = 0
+    last_reminder_at: int | None = None
+    escalated_at: int | None = None
+    escalated_to: str | None = None
+
+
+@dataclass(frozen=True)
+class AnnouncementMessage:
+    """A message the announcement bot sent; ``kind``: announcement, reminder, escalation."""
+
+    event_id: str
+    room_id: str
+    announcement_id: str
+    occurrence_id: str
+    kind: str
+    target: str | None
+    sent_at: int
+
+
 class Store(ABC):
     """Durable state of one Enclave installation."""
 
@@ -332,3 +389,94 @@ class Store(ABC):
     @abstractmethod
     async def release_lease(self, name: str, owner: str) -> None:
         """Give the lease up if ``owner`` holds it."""
+
+    # -- announcements -------------------------------------------------------------------
+    @abstractmethod
+    async def announcement_create(self, occ: AnnouncementOccurrence,
+                                  targets: Sequence[str]) -> bool:
+        """Insert an occurrence and a pending delivery per target in one commit, only if
+        the occurrence id is new; True if this call inserted it (the once-only guard)."""
+
+    @abstractmethod
+    async def announcement_occurrence(self, announcement_id: str,
+                                      occurrence_id: str) -> AnnouncementOccurrence | None:
+        """One occurrence, or None."""
+
+    @abstractmethod
+    async def announcement_occurrences(
+        self, *, announcement_id: str | None = None, statuses: Sequence[str] | None = None,
+    ) -> list[AnnouncementOccurrence]:
+        """Occurrences (of one announcement, with one of ``statuses``), oldest first."""
+
+    @abstractmethod
+    async def announcement_set_status(self, announcement_id: str, occurrence_id: str,
+                                      status: str, now_ms: int) -> None:
+        """Move an occurrence to ``status`` (``delivered``/``closed`` stamp their time)."""
+
+    @abstractmethod
+    async def announcement_deliveries(
+        self, announcement_id: str, occurrence_id: str, *, status: str | None = None,
+    ) -> list[AnnouncementDelivery]:
+        """The occurrence's targets (with ``status``), in target order."""
+
+    @abstractmethod
+    async def announcement_add_targets(
+        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
+        status: str, room_id: str | None, event_id: str | None, now_ms: int,
+    ) -> None:
+        """Add targets that are not there yet (members of an explicit room, found when
+        it is sent to), with the given status."""
+
+    @abstractmethod
+    async def announcement_mark_sent(
+        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
+        room_id: str, event_id: str, now_ms: int, message: AnnouncementMessage | None,
+        audit: Sequence[AuditRecord] = (),
+    ) -> None:
+        """Targets delivered by ``event_id`` in ``room_id``; the message and the audit
+        records are written in the same commit."""
+
+    @abstractmethod
+    async def announcement_mark_failed(
+        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
+        detail: str, final: bool, audit: Sequence[AuditRecord] = (),
+    ) -> None:
+        """Count a failed attempt; ``final`` makes the targets ``failed`` (else they stay
+        pending for the next pass)."""
+
+    @abstractmethod
+    async def announcement_record_ack(
+        self, announcement_id: str, occurrence_id: str, user_id: str, *, at_ms: int,
+        method: str, event_id: str | None, room_id: str | None = None,
+    ) -> bool:
+        """Record the first acknowledgement of ``user_id``; True if this call recorded it.
+
+        A member of an explicit target room has no row yet: ``room_id`` adds one."""
+
+    @abstractmethod
+    async def announcement_mark_reminded(
+        self, announcement_id: str, occurrence_id: str, user_id: str, *, count: int,
+        now_ms: int, message: AnnouncementMessage | None, audit: AuditRecord | None,
+    ) -> None:
+        """The person got reminder number ``count``."""
+
+    @abstractmethod
+    async def announcement_mark_escalated(
+        self, announcement_id: str, occurrence_id: str, user_id: str, *,
+        manager: str | None, now_ms: int, message: AnnouncementMessage | None,
+        audit: AuditRecord | None,
+    ) -> None:
+        """The person's manager was told (``manager`` None: there was nobody to tell)."""
+
+    @abstractmethod
+    async def announcement_save_message(self, message: AnnouncementMessage) -> None:
+        """Remember a message the bot sent (ignored if its event id is known)."""
+
+    @abstractmethod
+    async def announcement_message(self, event_id: str) -> AnnouncementMessage | None:
+        """The bot's message with this event id, or None."""
+
+    @abstractmethod
+    async def announcement_messages_in_room(self, room_id: str,
+                                            limit: int = 20) -> list[AnnouncementMessage]:
+        """The bot's latest messages in a room, newest first."""

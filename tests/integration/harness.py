@@ -131,12 +131,29 @@ class Stack:
     admin_token: str = ""
 
     @classmethod
-    def create(cls, base: Path) -> Stack:
-        """Write tokens + registration with ``enclave registration``, start Synapse on it."""
+    def create(cls, base: Path, *, server_name: str = SERVER_NAME,
+               synapse: SynapseServer | None = None) -> Stack:
+        """Write tokens + registration with ``enclave registration``, start Synapse on it.
+
+        ``synapse``: an unstarted server of the caller's (e.g. the corporate server of a
+        :class:`~bridge.devstack.federation.FederatedPair`) instead of a new one named
+        ``server_name``; the stack's server name is always its server's.
+        """
+        stack = cls.prepare(base, server_name=server_name, synapse=synapse)
+        stack.synapse.start()
+        stack.bootstrap()
+        return stack
+
+    @classmethod
+    def prepare(cls, base: Path, *, server_name: str = SERVER_NAME,
+                synapse: SynapseServer | None = None) -> Stack:
+        """:meth:`create` without starting Synapse: tokens, registration, and the server
+        set to load it. Start the server yourself, then call :meth:`bootstrap`."""
         base.mkdir(parents=True, exist_ok=True)
         secrets_dir = base / "secrets"
         secrets_dir.mkdir(exist_ok=True)
-        synapse = SynapseServer(base_dir=base / "synapse", server_name=SERVER_NAME)
+        if synapse is None:
+            synapse = SynapseServer(base_dir=base / "synapse", server_name=server_name)
         (secrets_dir / "registration_shared_secret").write_text(
             synapse.registration_shared_secret + "\n")
         stack = cls(base=base, synapse=synapse, as_port=appservice_port(),
@@ -150,10 +167,18 @@ class Stack:
         assert result.returncode == 0, f"enclave registration failed:\n{result.stderr}"
         reg = yaml.safe_load(stack.registration.read_text())
         assert reg["as_token"] == stack.as_token and reg["hs_token"] == stack.hs_token
-        synapse.app_service_config_files = [stack.registration]
-        synapse.start()
+        synapse.app_service_config_files = [
+            *(p for p in synapse.app_service_config_files if p != stack.registration),
+            stack.registration]
+        return stack
+
+    def bootstrap(self) -> None:
+        """On the started server: the test admin, and Enclave's bot registered.
+
+        Stops the server if that fails, so a broken start leaves nothing running."""
+        synapse = self.synapse
         try:
-            stack.admin_user_id, stack.admin_token = synapse.register_user(
+            self.admin_user_id, self.admin_token = synapse.register_user(
                 "root-" + uuid.uuid4().hex[:6], "root-password", admin=True)
             # Enclave's bot exists from the start, so a test can create its ledger room
             # before the first Enclave runs (Enclave's own start-up finds it in use).
@@ -161,14 +186,23 @@ class Stack:
                 synapse.request("POST", "/_matrix/client/v3/register",
                                 {"type": "m.login.application_service",
                                  "username": BOT_LOCALPART, "inhibit_login": True},
-                                access_token=stack.as_token)
+                                access_token=self.as_token)
             except RuntimeError as e:
                 if "M_USER_IN_USE" not in str(e):
                     raise
         except BaseException:
             synapse.stop()
             raise
-        return stack
+
+    @property
+    def server_name(self) -> str:
+        """The homeserver's name: ``corp.test``, or e.g. ``127.0.0.1:PORT`` when federating."""
+        return self.synapse.server_name
+
+    @property
+    def bot_user_id(self) -> str:
+        """Enclave's bot on this stack's server (``BOT_USER_ID`` for the default name)."""
+        return f"@{BOT_LOCALPART}:{self.server_name}"
 
     @property
     def as_token(self) -> str:
@@ -202,7 +236,7 @@ class Stack:
         cfg = {
             "homeserver": {
                 "url": self.synapse.base_url if self.synapse.port else "http://127.0.0.1:1",
-                "server_name": SERVER_NAME,
+                "server_name": self.server_name,
                 "timeout_seconds": 10,
                 "max_retries": 3,
                 "registration_shared_secret": {
@@ -235,7 +269,8 @@ class Stack:
     async def create_ledger_room(self) -> str:
         """A room of Enclave's bot where the ledger handler records processed events."""
         resp = await self.hs("POST", "/_matrix/client/v3/createRoom",
-                             {"preset": "private_chat", "name": "ledger"}, as_user=BOT_USER_ID)
+                             {"preset": "private_chat", "name": "ledger"},
+                             as_user=self.bot_user_id)
         return resp["room_id"]
 
     async def room_messages(self, room_id: str) -> list[dict[str, Any]]:
@@ -261,7 +296,7 @@ class Stack:
         entries = []
         for ev in await self.room_messages(ledger_room):
             content = ev.get("content", {})
-            if ev.get("sender") == BOT_USER_ID and SOURCE_EVENT in content:
+            if ev.get("sender") == self.bot_user_id and SOURCE_EVENT in content:
                 entries.append((content[SOURCE_ROOM], content[SOURCE_EVENT]))
         return entries
 
@@ -314,7 +349,7 @@ class Stack:
         return out
 
     def stranded_report(self) -> str:
-        user_events = [s for s in self.stranded() if s[2] != BOT_USER_ID]
+        user_events = [s for s in self.stranded() if s[2] != self.bot_user_id]
         if not user_events:
             return "Synapse holds no stranded appservice transactions with user events"
         return ("SYNAPSE STRANDED EVENTS (stored for the appservice while it was marked up, "

@@ -57,6 +57,25 @@ async def _login_as(homeserver: str, person: dict) -> None:
         await client.close()
 
 
+async def _barrier_demo(homeserver: str, people: list[dict]) -> None:
+    """The sample policy keeps Sales (carol) and Finance (dave) apart, through the gate."""
+    carol = next(p for p in people if p["department"] == "Sales")
+    dave = next(p for p in people if p["department"] == "Finance")
+    client = nio.AsyncClient(homeserver, carol["username"])
+    try:
+        assert isinstance(await client.login(carol["initial_password"]), nio.LoginResponse)
+        dm = await client.room_create(is_direct=True,
+                                      invite=[f"@{dave['username']}:corp.test"])
+        assert isinstance(dm, nio.RoomCreateError), dm
+        assert "barrier-sales-finance" in dm.message
+        room = await client.room_create(name="plans")
+        assert isinstance(room, nio.RoomCreateResponse), room
+        create = await client.room_get_state_event(room.room_id, "m.room.create")
+        assert create.content.get("m.federate") is False
+    finally:
+        await client.close()
+
+
 def test_local_stack_start_login_stop(tmp_path: Path) -> None:
     hs_port, enc_port = free_port(), free_port()
     out_path = tmp_path / "stack.out"
@@ -84,6 +103,7 @@ def test_local_stack_start_login_stop(tmp_path: Path) -> None:
         alice = people[0]
         assert f"{alice['username']}" in text and alice["initial_password"] in text
         asyncio.run(_login_as(f"http://127.0.0.1:{hs_port}", alice))
+        asyncio.run(_barrier_demo(f"http://127.0.0.1:{hs_port}", people))
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0

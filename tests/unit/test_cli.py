@@ -94,10 +94,10 @@ def test_registration_content(config_dir: MakeConfig) -> None:
     assert reg["receive_ephemeral"] is True
     assert reg["namespaces"] == {
         "users": [
-            {"exclusive": True, "regex": r"@enclave_.*:corp\.example\.com"},
-            {"exclusive": False, "regex": r"@.*:corp\.example\.com"},
+            {"exclusive": True, "regex": r"@enclave_.*:corp\.example\.com$"},
+            {"exclusive": False, "regex": r"@.*:corp\.example\.com$"},
         ],
-        "aliases": [{"exclusive": False, "regex": "#.*:corp\\.example\\.com"}],
+        "aliases": [{"exclusive": False, "regex": "#.*:corp\\.example\\.com$"}],
         "rooms": [{"exclusive": False, "regex": "!.*"}],
     }
     secrets_dir = cfg.parent / "secrets"
@@ -118,6 +118,8 @@ def test_registration_regexes_match_the_right_users(config_dir: MakeConfig) -> N
     assert everyone.fullmatch("@alice:corp.example.com")
     assert not everyone.fullmatch("@alice:corp-example.com")
     assert not everyone.fullmatch("@alice:evil.org")
+    # Synapse uses re.match (anchored at the start only): the end must be anchored too
+    assert not everyone.match("@alice:corp.example.com.evil.org")
 
 
 def test_registration_files_are_private(config_dir: MakeConfig) -> None:

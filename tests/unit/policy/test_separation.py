@@ -445,3 +445,13 @@ def test_policy_config_errors(change: dict, fragment: str) -> None:
     with pytest.raises(ValueError) as e:
         PolicyConfig.model_validate(data)
     assert fragment in str(e.value)
+
+
+def test_class_exempt_from_barriers_still_keeps_dms_apart() -> None:
+    classes = yaml.safe_load(POLICY_YAML)["room_classes"]
+    classes.append({"id": "company", "barriers": False})
+    p = make_policy(room_classes=classes)
+    d = p.decide_invite(ALICE, DAVE, room("company", ALICE, CAROL))
+    assert d.allow and d.rule_id == "class.company"
+    assert p.diff_room(room("company", CAROL, DAVE)) == ([], [])
+    assert not p.decide_invite(CAROL, DAVE, room(None, CAROL, is_direct=True)).allow

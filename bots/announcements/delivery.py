@@ -1,0 +1,457 @@
+"""Fan-out and follow-ups: the I/O side of announcements.
+
+Delivery of one occurrence works off its pending targets (the store says who is left),
+with bounded concurrency, and records each target as sent in the same commit as its audit
+record. Every send carries a transaction id derived from (announcement, occurrence, room),
+so a send repeated after a crash (sent, but not yet recorded) is deduplicated by the
+homeserver; DM rooms and announcement rooms are created with an alias as the once-only
+guard. One process delivers an occurrence at a time (a store lease), so ``enclave run`` on
+two hosts, or a restart while the old process still runs, never send twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from bridge.directory.model import StaffRecord
+from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError, q
+from bridge.matrix.executor import txn_id_for
+from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
+
+from ..markdown import message_content
+from ..scheduling import format_ms
+from ..sending import NO_E2EE_REASON, EncryptionUnavailable
+from .acks import Escalate, Remind, decide_reminders, summarise
+from .spec import MARKER, AnnouncementSpec, compose
+
+if TYPE_CHECKING:
+    from .bot import AnnouncementBot
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_MS = 60_000
+# a target whose sends keep failing for a transient reason is given up after this many
+MAX_ATTEMPTS = 5
+# 4xx answers that retrying will not fix
+PERMANENT = (400, 403, 404)
+
+
+class Unavailable(Exception):
+    """The homeserver is away: stop this pass, the next one resumes."""
+
+
+def date_text(ms: int, timezone: str) -> str:
+    """{date} in messages: 'Tuesday 1 December 2026'."""
+    import datetime as dt
+    import zoneinfo
+
+    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).astimezone(zoneinfo.ZoneInfo(timezone))
+    return f"{t:%A} {t.day} {t:%B %Y}"
+
+
+class FanOut:
+    """Delivers occurrences and follows them up (reminders, escalation, closing)."""
+
+    def __init__(self, bot: AnnouncementBot):
+        self.bot = bot
+        self.svc = bot.svc
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+    # -- delivery ------------------------------------------------------------------------
+    async def deliver(self, occ: AnnouncementOccurrence) -> bool:
+        """One pass over the occurrence's pending targets; True when none is left."""
+        store, now = self.svc.store, self.svc.clock_ms
+        lease = f"announcement:{occ.announcement_id}/{occ.occurrence_id}"
+        if not await store.acquire_lease(lease, self.owner, now(), LEASE_TTL_MS):
+            log.info("%s: another process is delivering it", lease)
+            return False
+        renew = asyncio.create_task(self._renew(lease))
+        try:
+            if occ.status == "pending":
+                await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
+                                                    "delivering", now())
+            spec = AnnouncementSpec.from_json(occ.spec)
+            try:
+                await self._pass(occ, spec)
+            except Unavailable as e:
+                log.warning("%s: homeserver unavailable (%s); resuming later", lease, e)
+                return False
+            left = await store.announcement_deliveries(
+                occ.announcement_id, occ.occurrence_id, status="pending")
+            if left:
+                return False
+            await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
+                                                "delivered", now())
+            done = await store.announcement_occurrence(occ.announcement_id, occ.occurrence_id)
+            await self.bot.post_summary(done or occ, spec, "delivered")
+            return True
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
+            await store.release_lease(lease, self.owner)
+
+    async def _renew(self, lease: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL_MS / 3000)
+            await self.svc.store.acquire_lease(lease, self.owner, self.svc.clock_ms(),
+                                               LEASE_TTL_MS)
+
+    async def _pass(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec) -> None:
+        store = self.svc.store
+        rows = await store.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
+        pending = [r for r in rows if r.status == "pending"]
+        if not pending:
+            return
+        staff = await self.svc.directory.by_id()
+        date = date_text(occ.scheduled_at, spec.timezone)
+        people = [r.target for r in pending if r.target.startswith("@")]
+        rooms = [r.target for r in pending if not r.target.startswith("@")]
+        attempts = {r.target: r.attempts for r in pending}
+        sem = asyncio.Semaphore(self.bot.cfg.max_concurrency)
+        if people and spec.mode == "room":
+            everyone = [r.target for r in rows if r.target.startswith("@")
+                        and r.status != "failed"]
+            await self._room_mode(occ, spec, people, everyone, attempts, date, sem)
+        elif people:
+            results = await asyncio.gather(*[
+                self._dm_one(occ, spec, p, staff.get(p), attempts[p], date, sem)
+                for p in people], return_exceptions=True)
+            self._raise_first(results)
+        for room in rooms:
+            await self._room_target(occ, spec, room, attempts[room], date)
+
+    @staticmethod
+    def _raise_first(results: Sequence[Any]) -> None:
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    def _content(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                 markdown: str) -> dict[str, Any]:
+        return message_content(markdown, extra={MARKER: {
+            "id": occ.announcement_id, "occurrence": occ.occurrence_id,
+            "require_ack": spec.require_ack}})
+
+    def _txn(self, *parts: str) -> str:
+        return txn_id_for(self.svc.installation_key("/".join(parts)))
+
+    async def _failed(self, occ: AnnouncementOccurrence, targets: Sequence[str],
+                      attempts: int, error: Exception, room: str | None) -> None:
+        """Record a failed send; a permanent one (or too many) is final and audited."""
+        if isinstance(error, EncryptionUnavailable):
+            detail, final = NO_E2EE_REASON, True
+        elif isinstance(error, MatrixRequestError):
+            detail = f"{error.status} {error.errcode}: {error.error}"
+            final = error.status in PERMANENT or attempts + 1 >= MAX_ATTEMPTS
+        else:
+            detail, final = f"{type(error).__name__}: {error}", attempts + 1 >= MAX_ATTEMPTS
+        audit = [self.bot.audit(
+            "announcement_send", "failed" if final else "retry", user_id=t, room_id=room,
+            rule_id=f"announcements.{occ.announcement_id}",
+            reason=f"occurrence {occ.occurrence_id}", detail=detail) for t in targets]
+        await self.svc.store.announcement_mark_failed(
+            occ.announcement_id, occ.occurrence_id, targets, detail=detail, final=final,
+            audit=audit if final else ())
+        self.svc.metrics.actions.labels(kind="announcement_send",
+                                        outcome="failed" if final else "retry").inc(
+            len(targets))
+        log.warning("announcement %s/%s to %s: %s (%s)", occ.announcement_id,
+                    occ.occurrence_id, ", ".join(targets[:3]), detail,
+                    "given up" if final else "will retry")
+
+    async def _dm_one(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec, user: str,
+                      staff: StaffRecord | None, attempts: int, date: str,
+                      sem: asyncio.Semaphore) -> None:
+        bot, store = self.bot, self.svc.store
+        async with sem:
+            room: str | None = None
+            try:
+                room = await bot.ensure_dm(user)
+                content = self._content(occ, spec, compose(spec, date=date, staff=staff,
+                                                           user_id=user))
+                eid = await self.svc.sender.send(
+                    room, content, txn_id=self._txn("announcement", occ.announcement_id,
+                                                    occ.occurrence_id, room),
+                    sender=bot.user_id)
+            except HomeserverUnavailable as e:
+                await self._failed(occ, [user], attempts, e, room)
+                raise Unavailable(str(e)) from e
+            except (MatrixRequestError, EncryptionUnavailable) as e:
+                await self._failed(occ, [user], attempts, e, room)
+                return
+            now = self.svc.clock_ms()
+            await store.announcement_mark_sent(
+                occ.announcement_id, occ.occurrence_id, [user], room_id=room, event_id=eid,
+                now_ms=now,
+                message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
+                                            "announcement", user, now),
+                audit=[bot.audit("announcement_send", "applied", user_id=user, room_id=room,
+                                 rule_id=f"announcements.{occ.announcement_id}",
+                                 reason=f"occurrence {occ.occurrence_id} (dm)",
+                                 detail=eid)])
+            self.svc.metrics.actions.labels(kind="announcement_send", outcome="applied").inc()
+
+    async def _room_mode(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                         pending: Sequence[str], everyone: Sequence[str],
+                         attempts: dict[str, int], date: str,
+                         sem: asyncio.Semaphore) -> None:
+        """Bring the audience room's members in step with the audience, then post once."""
+        bot, c = self.bot, self.svc.client
+        try:
+            room = await bot.ensure_announcement_room(spec)
+            members = await self._members(room)
+        except HomeserverUnavailable as e:
+            raise Unavailable(str(e)) from e
+        except MatrixRequestError as e:
+            for p in pending:
+                await self._failed(occ, [p], attempts[p], e, None)
+            return
+        desired = set(everyone)
+        present = {u for u, m in members.items() if m in ("join", "invite")}
+        unable: set[str] = set()
+
+        async def add(user: str) -> None:
+            async with sem:
+                try:
+                    if members.get(user) != "invite":
+                        try:
+                            await c.invite(room, user, user_id=bot.user_id)
+                        except MatrixRequestError as e:
+                            if e.status != 403 or "already" not in e.error.lower():
+                                raise
+                    await c.join(room, user_id=user)
+                except MatrixRequestError as e:
+                    unable.add(user)
+                    if user in pending:
+                        await self._failed(occ, [user], attempts[user], e, room)
+
+        async def remove(user: str) -> None:
+            async with sem:
+                try:
+                    await c.kick(room, user, user_id=bot.user_id,
+                                 reason="not in this announcement's audience any more")
+                except MatrixRequestError as e:
+                    log.warning("could not remove %s from %s: %s", user, room, e)
+
+        joined = {u for u, m in members.items() if m == "join"}
+        try:
+            results = await asyncio.gather(
+                *[add(u) for u in sorted(desired - joined)],
+                *[remove(u) for u in sorted(present - desired - {bot.user_id})
+                  if not bot.is_ours(u)],
+                return_exceptions=True)
+            self._raise_first(results)
+        except HomeserverUnavailable as e:
+            raise Unavailable(str(e)) from e
+        reach = [p for p in pending if p not in unable]
+        if not reach:
+            return
+        try:
+            content = self._content(occ, spec, compose(spec, date=date))
+            eid = await self.svc.sender.send(
+                room, content, txn_id=self._txn("announcement", occ.announcement_id,
+                                                occ.occurrence_id, room),
+                sender=bot.user_id)
+        except HomeserverUnavailable as e:
+            raise Unavailable(str(e)) from e
+        except (MatrixRequestError, EncryptionUnavailable) as e:
+            for p in reach:
+                await self._failed(occ, [p], attempts[p], e, room)
+            return
+        now = self.svc.clock_ms()
+        await self.svc.store.announcement_mark_sent(
+            occ.announcement_id, occ.occurrence_id, reach, room_id=room, event_id=eid,
+            now_ms=now,
+            message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
+                                        "announcement", None, now),
+            audit=[bot.audit("announcement_send", "applied", room_id=room,
+                             rule_id=f"announcements.{occ.announcement_id}",
+                             reason=f"occurrence {occ.occurrence_id} (announcement room, "
+                                    f"{len(reach)} recipient(s))", detail=eid)])
+        self.svc.metrics.actions.labels(kind="announcement_send", outcome="applied").inc()
+
+    async def _members(self, room: str) -> dict[str, str]:
+        body = await self.svc.client.request(
+            "GET", f"/_matrix/client/v3/rooms/{q(room)}/members", user_id=self.bot.user_id)
+        return {e["state_key"]: (e.get("content") or {}).get("membership", "")
+                for e in body.get("chunk", []) if e.get("type") == "m.room.member"}
+
+    async def _room_target(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                           target: str, attempts: int, date: str) -> None:
+        """An explicit room of the audience: post there; its members can acknowledge."""
+        bot, c, store = self.bot, self.svc.client, self.svc.store
+        room: str | None = None
+        try:
+            room = target
+            if target.startswith("#"):
+                found = await c.resolve_alias(target)
+                if found is None:
+                    raise MatrixRequestError(404, "M_NOT_FOUND", f"no room has alias {target}")
+                room = found
+            if room not in bot.rooms:
+                await c.join(room, user_id=bot.user_id)
+                bot.rooms.add(room)
+            content = self._content(occ, spec, compose(spec, date=date))
+            eid = await self.svc.sender.send(
+                room, content, txn_id=self._txn("announcement", occ.announcement_id,
+                                                occ.occurrence_id, room),
+                sender=bot.user_id)
+            members = await self._members(room)
+        except HomeserverUnavailable as e:
+            raise Unavailable(str(e)) from e
+        except (MatrixRequestError, EncryptionUnavailable) as e:
+            await self._failed(occ, [target], attempts, e, room)
+            return
+        now = self.svc.clock_ms()
+        local = [u for u, m in members.items() if m == "join" and not bot.is_ours(u)
+                 and u.endswith(f":{self.svc.server_name}")]
+        await store.announcement_mark_sent(
+            occ.announcement_id, occ.occurrence_id, [target], room_id=room, event_id=eid,
+            now_ms=now,
+            message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
+                                        "announcement", target, now),
+            audit=[bot.audit("announcement_send", "applied", room_id=room,
+                             rule_id=f"announcements.{occ.announcement_id}",
+                             reason=f"occurrence {occ.occurrence_id} (room {target}, "
+                                    f"{len(local)} member(s))", detail=eid)])
+        await store.announcement_add_targets(
+            occ.announcement_id, occ.occurrence_id, local, status="sent", room_id=room,
+            event_id=eid, now_ms=now)
+
+    # -- follow-ups ----------------------------------------------------------------------
+    async def follow_up(self, occ: AnnouncementOccurrence) -> int | None:
+        """Send due reminders and escalations, close when finished; next due time."""
+        store, now = self.svc.store, self.svc.clock_ms()
+        spec = AnnouncementSpec.from_json(occ.spec)
+        rows = await store.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
+        staff = await self.svc.directory.by_id()
+        fu = decide_reminders(spec, rows, now, delivered_at=occ.delivered_at, staff=staff)
+        by_target = {r.target: r for r in rows}
+        sem = asyncio.Semaphore(self.bot.cfg.max_concurrency)
+
+        async def one(step: Remind | Escalate) -> None:
+            async with sem:
+                if isinstance(step, Remind):
+                    await self._remind(occ, spec, step, by_target[step.user_id])
+                else:
+                    await self._escalate(occ, spec, step, by_target[step.user_id], staff)
+
+        results = await asyncio.gather(*[one(s) for s in (*fu.reminders, *fu.escalations)],
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, HomeserverUnavailable):
+                log.warning("follow-ups of %s/%s: homeserver unavailable; later",
+                            occ.announcement_id, occ.occurrence_id)
+                return now + 30_000
+            if isinstance(r, BaseException):
+                log.error("follow-up of %s/%s failed: %r", occ.announcement_id,
+                          occ.occurrence_id, r)
+        if fu.close:
+            await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
+                                                "closed", now)
+            log.info("announcement %s/%s closed: %s", occ.announcement_id, occ.occurrence_id,
+                     fu.close_reason)
+            if spec.require_ack:
+                await self.bot.post_summary(occ, spec, f"closed ({fu.close_reason})")
+            return None
+        return fu.next_due_ms
+
+    async def _send_personal(self, user: str, markdown: str, key: tuple[str, ...],
+                             reply_to: tuple[str | None, str | None] = (None, None),
+                             ) -> tuple[str, str]:
+        """A message in the person's DM; ``reply_to`` (room, event): a reply to that event
+        if it is in the same room."""
+        room = await self.bot.ensure_dm(user)
+        extra: dict[str, Any] = {}
+        if reply_to[1] is not None and reply_to[0] == room:
+            extra["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to[1]}}
+        eid = await self.svc.sender.send(room, message_content(markdown, extra=extra),
+                                         txn_id=self._txn(*key, room), sender=self.bot.user_id)
+        return room, eid
+
+    async def _remind(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                      step: Remind, row: Any) -> None:
+        when = format_ms(row.sent_at, spec.timezone) if row.sent_at else "earlier"
+        md = (f"⏰ Reminder {step.number} of {spec.reminder_count}: please acknowledge "
+              f"**{spec.title}** (sent {when}). React with ✅ here or reply `!ack`.")
+        try:
+            room, eid = await self._send_personal(
+                step.user_id, md, ("reminder", occ.announcement_id, occ.occurrence_id,
+                                   step.user_id, str(step.number)), (row.room_id, row.event_id))
+        except (MatrixRequestError, EncryptionUnavailable) as e:
+            detail = NO_E2EE_REASON if isinstance(e, EncryptionUnavailable) else str(e)
+            await self.svc.store.announcement_mark_reminded(
+                occ.announcement_id, occ.occurrence_id, step.user_id, count=step.number,
+                now_ms=self.svc.clock_ms(), message=None,
+                audit=self.bot.audit("announcement_reminder", "failed", user_id=step.user_id,
+                                     rule_id=step.rule_id, reason=step.reason, detail=detail))
+            return
+        now = self.svc.clock_ms()
+        await self.svc.store.announcement_mark_reminded(
+            occ.announcement_id, occ.occurrence_id, step.user_id, count=step.number,
+            now_ms=now,
+            message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
+                                        "reminder", step.user_id, now),
+            audit=self.bot.audit("announcement_reminder", "applied", user_id=step.user_id,
+                                 room_id=room, rule_id=step.rule_id,
+                                 reason=f"{step.reason} (reminder {step.number})", detail=eid))
+
+    async def _escalate(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                        step: Escalate, row: Any, staff: dict[str, StaffRecord]) -> None:
+        store, bot = self.svc.store, self.bot
+        if step.manager is None:
+            await store.announcement_mark_escalated(
+                occ.announcement_id, occ.occurrence_id, step.user_id, manager=None,
+                now_ms=self.svc.clock_ms(), message=None,
+                audit=bot.audit("announcement_escalation", "skipped", user_id=step.user_id,
+                                rule_id=step.rule_id, reason=step.reason,
+                                detail="no active manager in the directory"))
+            return
+        rec = staff.get(step.user_id)
+        who = f"{rec.display_name} ({step.user_id})" if rec else step.user_id
+        when = format_ms(row.sent_at, spec.timezone) if row.sent_at else "earlier"
+        md = (f"👀 {who} has not acknowledged **{spec.title}** (sent {when}, "
+              f"{row.reminders} reminder(s)). Could you follow up with them?")
+        try:
+            room, eid = await self._send_personal(
+                step.manager, md, ("escalation", occ.announcement_id, occ.occurrence_id,
+                                   step.user_id))
+        except (MatrixRequestError, EncryptionUnavailable) as e:
+            detail = NO_E2EE_REASON if isinstance(e, EncryptionUnavailable) else str(e)
+            await store.announcement_mark_escalated(
+                occ.announcement_id, occ.occurrence_id, step.user_id, manager=step.manager,
+                now_ms=self.svc.clock_ms(), message=None,
+                audit=bot.audit("announcement_escalation", "failed", user_id=step.user_id,
+                                rule_id=step.rule_id, reason=step.reason, detail=detail))
+            return
+        now = self.svc.clock_ms()
+        await store.announcement_mark_escalated(
+            occ.announcement_id, occ.occurrence_id, step.user_id, manager=step.manager,
+            now_ms=now,
+            message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
+                                        "escalation", step.manager, now),
+            audit=bot.audit("announcement_escalation", "applied", user_id=step.user_id,
+                            room_id=room, rule_id=step.rule_id,
+                            reason=f"{step.reason}; told {step.manager}", detail=eid))
+
+    def summary_markdown(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                         rows: Sequence[Any], stage: str) -> str:
+        s = summarise(rows)
+        failed = [r for r in rows if r.status == "failed"]
+        lines = [f"📊 **{spec.title}** — {stage}",
+                 f"`{occ.announcement_id}` / `{occ.occurrence_id}`: {s.line(spec.require_ack)}"]
+        for r in failed[:5]:
+            lines.append(f"- failed: {r.target}: {r.detail}")
+        if len(failed) > 5:
+            lines.append(f"- … {len(failed) - 5} more failed")
+        lines.append(f"Full report: `enclave announcements report {occ.announcement_id} "
+                     f"--occurrence {occ.occurrence_id}` or `!report {occ.announcement_id}`")
+        return "\n".join(lines)

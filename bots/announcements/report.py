@@ -1,0 +1,50 @@
+"""Reports of an occurrence: counts and one row per recipient (who, when). Pure."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import zoneinfo
+from collections.abc import Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+from bridge.directory.model import StaffRecord
+
+if TYPE_CHECKING:
+    from bridge.store.base import AnnouncementDelivery
+
+CSV_COLUMNS = ["recipient", "name", "department", "status", "delivered_at", "room_id",
+               "acknowledged_at", "ack_method", "reminders", "escalated_at", "escalated_to",
+               "detail"]
+
+
+def iso(ms: int | None, timezone: str = "UTC") -> str:
+    if ms is None:
+        return ""
+    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).astimezone(zoneinfo.ZoneInfo(timezone))
+    return t.isoformat(timespec="seconds")
+
+
+def report_rows(deliveries: Sequence[AnnouncementDelivery], staff: Mapping[str, StaffRecord],
+                timezone: str = "UTC") -> list[dict[str, Any]]:
+    """One row per target (people first, then explicit rooms), times as ISO 8601."""
+    out = []
+    ordered = sorted(deliveries, key=lambda d: (not d.target.startswith("@"), d.target))
+    for d in ordered:
+        rec = staff.get(d.target)
+        out.append({
+            "recipient": d.target, "name": rec.display_name if rec else "",
+            "department": (rec.department or "") if rec else "", "status": d.status,
+            "delivered_at": iso(d.sent_at, timezone), "room_id": d.room_id or "",
+            "acknowledged_at": iso(d.acked_at, timezone), "ack_method": d.ack_method or "",
+            "reminders": d.reminders, "escalated_at": iso(d.escalated_at, timezone),
+            "escalated_to": d.escalated_to or "", "detail": d.detail or "",
+        })
+    return out
+
+
+def write_csv(rows: Sequence[dict[str, Any]], out: IO[str]) -> None:
+    w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)

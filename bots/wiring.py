@@ -1,0 +1,104 @@
+"""Wire the bots into a running Enclave (called once from ``bridge.app.build_app``).
+
+:func:`build_bots` builds the shared bot services, registers each bot as an inbox handler
+and its action appliers with the executor, adds the webhook routes, and a ``cleanup_ctx``
+that starts the bots (after Enclave's own start-up) and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .announcements.bot import AnnouncementBot
+from .announcements.webhooks import Webhooks
+from .base import (
+    Bot,
+    BotMessage,
+    BotServices,
+    StaffDirectory,
+    bot_message_applier,
+    cancel_quietly,
+)
+from .onboarding import OnboardingBot
+from .sending import MessageSender, PlainSender, RoomEncryption, RoutingSender
+
+if TYPE_CHECKING:
+    from bridge.app import Services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BotsRuntime:
+    """The running bots (``app[BOTS]``): tests drive their ``tick()`` directly."""
+
+    services: BotServices
+    announcements: AnnouncementBot | None = None
+    onboarding: OnboardingBot | None = None
+    webhooks: Webhooks | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def bots(self) -> list[Bot]:
+        return [b for b in (self.announcements, self.onboarding) if b is not None]
+
+
+BOTS = web.AppKey("bots", BotsRuntime)
+
+
+def build_bot_services(svc: Services, *,
+                       encrypted_sender: MessageSender | None = None) -> BotServices:
+    """The services every bot shares; sends pick the E2EE sender for encrypted rooms."""
+    cfg = svc.config
+    encryption = RoomEncryption(svc.client)
+    sender = RoutingSender(PlainSender(svc.client), encryption, encrypted_sender)
+    return BotServices(
+        store=svc.store, client=svc.client, executor=svc.executor, metrics=svc.metrics,
+        clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
+        directory=StaffDirectory(svc.store), server_name=cfg.homeserver.server_name,
+        namespace_prefix=cfg.appservice.namespace_prefix,
+        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender)
+
+
+def build_bots(svc: Services, app: web.Application, *,
+               encrypted_sender: MessageSender | None = None) -> BotsRuntime | None:
+    """Build and register the configured bots; None when ``bots:`` configures none."""
+    cfg = svc.config.bots
+    if cfg is None or (cfg.announcements is None and cfg.onboarding is None):
+        return None
+    bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender)
+    svc.executor.register(BotMessage, bot_message_applier(bsvc.sender))
+    runtime = BotsRuntime(bsvc)
+    if cfg.announcements is not None:
+        ann = AnnouncementBot(bsvc, cfg.announcements)
+        ann.register_actions()
+        runtime.announcements = ann
+        if cfg.announcements.webhooks:
+            runtime.webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
+            runtime.webhooks.add_routes(app)
+    if cfg.onboarding is not None:
+        runtime.onboarding = OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
+    for bot in runtime.bots:
+        svc.inbox.handlers.append(bot)
+    app[BOTS] = runtime
+
+    async def run_bot(bot: Bot) -> None:
+        await svc.bootstrapped.wait()
+        await bot.start()
+        await bot.run()
+
+    async def bots_ctx(_: web.Application) -> AsyncIterator[None]:
+        runtime.tasks = [asyncio.create_task(run_bot(b), name=b.name) for b in runtime.bots]
+        yield
+        for b in runtime.bots:
+            await b.close()
+        await cancel_quietly(runtime.tasks)
+
+    app.cleanup_ctx.append(bots_ctx)
+    return runtime

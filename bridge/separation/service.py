@@ -1,0 +1,297 @@
+"""Separation at run time: the current policy, the gate's decider, the reactive handler,
+reconciliation and the direct-chat notices. Decisions come from :mod:`bridge.policy.separation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config.policy import PolicyConfig
+from ..gate.protocol import GateAnswer, GateRequest, GateRoom, thaw
+from ..matrix.client import MatrixClient, MatrixRequestError
+from ..matrix.executor import Executor, Outcome
+from ..metrics import Metrics
+from ..policy.actions import Action
+from ..policy.separation import (
+    Decision,
+    Finding,
+    NotifyUser,
+    RoomFacts,
+    SeparationPlan,
+    SeparationPolicy,
+    room_facts_from_invite,
+    room_facts_from_state,
+)
+from ..store import InboxEvent, Store
+
+log = logging.getLogger(__name__)
+
+NOTICE_COMPONENT = "separation-notice"
+DM_COMPONENT = "separation-dm"
+LEASE_NAME = "separation-reconcile"
+# the policy object is rebuilt at least this often, so guest expiry follows the clock
+REBUILD_MS = 30_000
+
+
+def gate_room_facts(room: GateRoom) -> RoomFacts:
+    """:class:`RoomFacts` from what the gate module read inside Synapse."""
+    creators = set(room.creators)
+    if room.creator:
+        creators.add(room.creator)
+    return RoomFacts(
+        room_id=room.room_id, room_version=room.room_version, creators=frozenset(creators),
+        class_state=room.room_class, aliases=tuple(room.aliases), name=room.name,
+        federate=room.federate, join_rule=room.join_rule, encrypted=room.encrypted,
+        is_direct=room.is_direct, members=dict(room.members), power=thaw(room.power),
+    )
+
+
+def answer(d: Decision, edits: dict[str, Any] | None = None) -> GateAnswer:
+    return GateAnswer(allow=d.allow, rule_id=d.rule_id, reason=d.reason, message=d.message,
+                      edits=edits)
+
+
+@dataclass
+class ReconcileResult:
+    plan: SeparationPlan
+    applied: int = 0
+    failed: list[tuple[Action, str]] = field(default_factory=list)
+    admin_calls: int = 0
+
+
+class SeparationService:
+    """Holds the running policy (swapped on reload) and serves every enforcement layer."""
+
+    def __init__(self, config: PolicyConfig, *, store: Store, client: MatrixClient,
+                 executor: Executor, metrics: Metrics, clock_ms: Callable[[], int],
+                 server_name: str, bot_user_id: str, admin_user_id: str,
+                 service_prefix: str):
+        self.config = config
+        self.store = store
+        self.client = client
+        self.executor = executor
+        self.metrics = metrics
+        self.clock_ms = clock_ms
+        self.server_name = server_name
+        self.bot_user_id = bot_user_id
+        self.admin_user_id = admin_user_id
+        self.service_prefix = service_prefix
+        self._policy: SeparationPolicy | None = None
+        self._built_at = 0
+        self._lock = asyncio.Lock()
+        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        executor.register(NotifyUser, self._apply_notice)
+
+    # -- the policy ------------------------------------------------------------------------
+    async def policy(self, *, fresh: bool = False) -> SeparationPolicy:
+        """The current policy object over the latest directory view."""
+        now = self.clock_ms()
+        if fresh or self._policy is None or now - self._built_at > REBUILD_MS:
+            async with self._lock:
+                if fresh or self._policy is None or now - self._built_at > REBUILD_MS:
+                    staff = await self.store.directory_view()
+                    self._policy = self.build(self.config, staff, now)
+                    self._built_at = now
+        assert self._policy is not None
+        return self._policy
+
+    def build(self, config: PolicyConfig, staff: Sequence[Any], now: int) -> SeparationPolicy:
+        return SeparationPolicy(config, staff, server_name=self.server_name,
+                                service_users=[self.bot_user_id, self.admin_user_id],
+                                service_prefix=self.service_prefix, now_ms=now)
+
+    def replace_config(self, config: PolicyConfig) -> None:
+        """Use a new (already validated) policy from now on."""
+        self.config = config
+        self._policy = None
+
+    def invalidate(self) -> None:
+        """The directory view changed: rebuild on next use."""
+        self._policy = None
+
+    # -- gate --------------------------------------------------------------------------------
+    async def decide_gate(self, req: GateRequest) -> GateAnswer:
+        """Answer one gate question with the same decisions the other layers use."""
+        p = await self.policy()
+        if req.check == "create_room":
+            c = p.decide_create_room(req.user, thaw(req.create) or {})
+            return answer(c.decision, c.edits if c.decision.allow else None)
+        if req.check == "user_search":
+            assert req.target is not None
+            return answer(p.decide_user_visible(req.user, req.target))
+        assert req.room is not None
+        facts = gate_room_facts(req.room)
+        if req.check == "invite":
+            assert req.target is not None
+            return answer(p.decide_invite(req.user, req.target, facts))
+        if req.check == "join":
+            return answer(p.decide_membership(req.user, facts.with_member(req.user, None)))
+        ev = thaw(req.event) or {}
+        return answer(p.decide_state_event(req.user, str(ev.get("type", "")),
+                                           str(ev.get("state_key", ""))))
+
+    # -- reactive ----------------------------------------------------------------------------
+    async def room_facts(self, room_id: str, event: dict[str, Any] | None = None) -> RoomFacts:
+        """The room as the homeserver has it now; an invite's stripped state for a remote
+        room this server is not in."""
+        state = await self.client.admin_room_state(room_id, admin=self.admin_user_id)
+        if state is None or not any(e.get("type") == "m.room.create" for e in state):
+            if event is not None:
+                return room_facts_from_invite(event)
+            return RoomFacts(room_id=room_id)
+        facts = room_facts_from_state(room_id, state)
+        if event is not None and event.get("type") == "m.room.member":
+            # the invitee of a room we are not (yet) in: the room as the invite shows it
+            pass
+        return facts
+
+    async def handle_event(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        """The inbox handler: membership changes policy does not allow are undone."""
+        if event.get("type") != "m.room.member":
+            return []
+        membership = (event.get("content") or {}).get("membership")
+        if membership not in ("invite", "join"):
+            return []
+        p = await self.policy()
+        if not p.config.enabled or not p.config.reactive:
+            return []
+        # Enclave's own users' memberships need no room read
+        if p.principal(event.get("state_key", "")).kind == "service":
+            return []
+        room_id = event.get("room_id") or meta.room_id or ""
+        facts = await self.room_facts(room_id, event)
+        actions = p.decide_event(event, facts)
+        for a in actions:
+            self.metrics.separation_enforced.labels(layer="reactive", kind=a.kind).inc()
+        return actions
+
+    # -- notices -----------------------------------------------------------------------------
+    async def _dm_room(self, user: str) -> str:
+        room = await self.store.component_get(DM_COMPONENT, user)
+        if room is not None:
+            return room
+        room = await self.client.create_room({
+            "is_direct": True, "invite": [user], "preset": "trusted_private_chat",
+            "name": "Enclave", "topic": "Notices from Enclave about company chat policy",
+        }, user_id=self.bot_user_id)
+        await self.store.component_put(DM_COMPONENT, user, room, self.clock_ms())
+        return room
+
+    async def _apply_notice(self, a: NotifyUser, key: str) -> Outcome:
+        if await self.store.component_get(NOTICE_COMPONENT, a.once_key) is not None:
+            return Outcome("applied", "already told")
+        try:
+            room = await self._dm_room(a.user)
+            # the txn id follows the incident: a retry, a restart or another layer telling
+            # the same thing is deduplicated by the homeserver
+            txn = "enclave-notice-" + hashlib.sha256(a.once_key.encode()).hexdigest()[:32]
+            eid = await self.client.send_event(
+                room, "m.room.message", {"msgtype": "m.notice", "body": a.body}, txn,
+                user_id=self.bot_user_id)
+        except MatrixRequestError as e:
+            return Outcome("failed", f"{e.status} {e.errcode}: {e.error}")
+        await self.store.component_put(NOTICE_COMPONENT, a.once_key, eid, self.clock_ms())
+        return Outcome("applied", eid)
+
+    # -- reconciliation ----------------------------------------------------------------------
+    async def scan(self, *, concurrency: int | None = None,
+                   rooms: Sequence[str] | None = None) -> tuple[list[RoomFacts], int]:
+        """Read every room (or the given ones) through the admin API; (facts, admin calls)."""
+        calls = 0
+        ids: list[str] = []
+        if rooms is None:
+            start: int | None = 0
+            while start is not None:
+                page, start = await self.client.admin_list_rooms(admin=self.admin_user_id,
+                                                                 start=start)
+                calls += 1
+                ids.extend(r["room_id"] for r in page if isinstance(r.get("room_id"), str))
+        else:
+            ids = list(rooms)
+        sem = asyncio.Semaphore(concurrency or self.config.reconcile.max_concurrency)
+        out: list[RoomFacts | None] = [None] * len(ids)
+
+        async def one(i: int, room_id: str) -> None:
+            nonlocal calls
+            async with sem:
+                state = await self.client.admin_room_state(room_id, admin=self.admin_user_id)
+                calls += 1
+            if state:
+                out[i] = room_facts_from_state(room_id, state)
+
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(ids)))
+        return [f for f in out if f is not None], calls
+
+    async def plan(self, *, rooms: Sequence[str] | None = None) -> ReconcileResult:
+        facts, calls = await self.scan(rooms=rooms)
+        p = await self.policy(fresh=True)
+        actions: list[Action] = []
+        findings: list[Finding] = []
+        for f in facts:
+            a, fs = p.diff_room(f)
+            actions.extend(a)
+            findings.extend(fs)
+        return ReconcileResult(SeparationPlan(actions, findings, len(facts)), admin_calls=calls)
+
+    @contextlib.asynccontextmanager
+    async def _lease(self) -> AsyncIterator[None]:
+        ttl = 120_000
+        if not await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
+                                              ttl):
+            raise RuntimeError("another Enclave process is reconciling separation right now")
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3000)
+                await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
+                                               ttl)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await self.store.release_lease(LEASE_NAME, self.lease_owner)
+
+    async def reconcile(self, *, apply: bool = True,
+                        rooms: Sequence[str] | None = None) -> ReconcileResult:
+        """Scan, diff and (with ``apply``) fix: one run at a time across processes."""
+        if not apply:
+            return await self.plan(rooms=rooms)
+        async with self._lease():
+            result = await self.plan(rooms=rooms)
+            run = f"separation:{self.clock_ms()}"
+            lanes: dict[str, list[tuple[int, Action]]] = {}
+            for i, a in enumerate(result.plan.actions):
+                lanes.setdefault(a.room_id or "", []).append((i, a))
+            sem = asyncio.Semaphore(self.config.reconcile.max_concurrency)
+
+            async def lane(items: list[tuple[int, Action]]) -> None:
+                for i, a in items:
+                    async with sem:
+                        o = await self.executor.run_direct(a, f"{run}:{i}", source="separation")
+                    if o.status == "applied":
+                        result.applied += 1
+                        self.metrics.separation_enforced.labels(layer="reconcile",
+                                                                kind=a.kind).inc()
+                    else:
+                        result.failed.append((a, o.detail))
+
+            await asyncio.gather(*(lane(items) for items in lanes.values()))
+            for f in result.plan.findings:
+                log.warning("separation finding [%s] %s %s: %s", f.rule_id, f.room_id,
+                            f.subject, f.message)
+            log.info("separation reconciled %d rooms: %d actions applied, %d failed, "
+                     "%d findings", result.plan.rooms, result.applied, len(result.failed),
+                     len(result.plan.findings))
+            return result

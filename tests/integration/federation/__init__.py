@@ -1,0 +1,1 @@
+"""End-to-end tests with two federating homeservers: corporate (Enclave) and personal."""
