@@ -271,6 +271,7 @@ async def build_app(
         inbox.handlers.append(FunctionHandler("separation", svc.separation.handle_event))
         if svc.directory is not None:
             svc.directory.on_view_change = svc.separation.invalidate
+            svc.directory.room_edits = svc.separation.managed_room_edits
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None

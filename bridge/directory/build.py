@@ -123,6 +123,13 @@ async def standalone_sync(loaded: LoadedConfig, secrets: dict[str, Secret], *,
                                         executor=executor, metrics=metrics, clock_ms=clock_ms)
             if sync is None:
                 raise LookupError("the configuration has no directory: section")
+            from ..separation.build import build_separation
+
+            separation = build_separation(loaded, store=store, client=client,
+                                          executor=executor, metrics=metrics,
+                                          clock_ms=clock_ms)
+            if separation is not None:  # as in the running service (app.py)
+                sync.room_edits = separation.managed_room_edits
             yield sync
     finally:
         await store.close()

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,9 @@ class DirectorySync:
         self.clock_ms = clock_ms
         # called when a run changed the directory view (separation rebuilds its policy)
         self.on_view_change: Callable[[], None] | None = None
+        # what separation adds to a managed room's createRoom body (its class state); the
+        # gate does not ask about Enclave's own users, so it is applied here
+        self.room_edits: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
         self.server_name = server_name
         self.bot_user_id = bot_user_id
         self.admin_user_id = admin_user_id
@@ -418,6 +421,8 @@ class DirectorySync:
             }
             if a.topic:
                 body["topic"] = a.topic
+            if self.room_edits is not None:
+                body = await self.room_edits(body)
             room_id = await self.client.create_room(body, user_id=self.bot_user_id)
         await self.store.save_managed_room(a.key, room_id, self.clock_ms())
         rooms[a.key] = room_id

@@ -461,8 +461,10 @@ class SeparationPolicy:
         rc = self.classify_room(facts, creator=creator)
         p = self.principal(creator)
         if p.kind == "service":
+            # Enclave's own rooms (managed rooms, notices) are classified like any other
             return CreateDecision(Decision(True, "builtin.enclave", "(built in)",
-                                           "Enclave's own user"), rc)
+                                           "Enclave's own user"), rc,
+                                  self.creation_edits(rc, request))
         invites = [u for u in request.get("invite") or [] if isinstance(u, str)]
         if rc.id != DM_CLASS:
             own = self.decide_admission(p, rc)
@@ -473,6 +475,12 @@ class SeparationPolicy:
             if not d.allow:
                 return CreateDecision(d, rc)
             facts = facts.with_member(invitee, "invite")
+        return CreateDecision(Decision(True, rc.rule_id, rc.path, f"class {rc.id}"), rc,
+                              self.creation_edits(rc, request))
+
+    def creation_edits(self, rc: RoomClass, request: Mapping[str, Any]) -> dict[str, Any]:
+        """What a createRoom request of class ``rc`` gets added: the class state,
+        ``m.federate: false`` and encryption as the class says."""
         initial = [{"type": CLASS_STATE_TYPE, "state_key": "",
                     "content": {"class": rc.id, "rule_id": rc.rule_id, "set_by": "gate"}}]
         creation: dict[str, Any] = {}
@@ -488,8 +496,7 @@ class SeparationPolicy:
         edits: dict[str, Any] = {"initial_state": initial}
         if creation:
             edits["creation_content"] = creation
-        return CreateDecision(Decision(True, rc.rule_id, rc.path, f"class {rc.id}"), rc,
-                              edits)
+        return edits
 
     # -- enforcement -----------------------------------------------------------------------
     def choose_remover(self, room: RoomFacts, target: str) -> str | None:
@@ -640,6 +647,12 @@ class SeparationPolicy:
                 d = None if a.allow else a
             if d is not None:
                 take_out(p, d)
+                if p.expired and p.guest is not None:
+                    # the sponsor hears once per room that their guest's access ended
+                    actions.extend(self.notice(
+                        p.guest.sponsor, d, f"guest-expired:{p.user_id}:{room.room_id}",
+                        f"Guest access for {p.user_id} ({p.guest.id}) has expired; Enclave "
+                        f"removed them from {room.name or room.room_id}."))
         # barriers among the staff who stay (unless the class is exempt)
         exempt = rc.id != DM_CLASS and not self._class(rc.id)[1].barriers
         for bi, bar in enumerate([] if exempt else self.config.barriers):
@@ -663,6 +676,24 @@ class SeparationPolicy:
                                         f"({len(sides[0])} and {len(sides[1])} members); "
                                         "reported, not changed (existing: report)"))
         return actions, findings
+
+
+def apply_edits(request: Mapping[str, Any], edits: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A createRoom body with gate edits merged (as the gate module merges them):
+    ``creation_content`` keys set, ``initial_state`` events replacing same type/state_key."""
+    body = dict(request)
+    if not edits:
+        return body
+    if edits.get("creation_content"):
+        body["creation_content"] = {**(body.get("creation_content") or {}),
+                                    **edits["creation_content"]}
+    if edits.get("initial_state"):
+        new = list(edits["initial_state"])
+        keys = {(e["type"], e.get("state_key", "")) for e in new}
+        body["initial_state"] = [
+            e for e in body.get("initial_state") or []
+            if (e.get("type"), e.get("state_key", "")) not in keys] + new
+    return body
 
 
 def diff_separation(policy: SeparationPolicy, rooms: Iterable[RoomFacts]) -> SeparationPlan:

@@ -27,6 +27,7 @@ from ..policy.separation import (
     RoomFacts,
     SeparationPlan,
     SeparationPolicy,
+    apply_edits,
     room_facts_from_invite,
     room_facts_from_state,
 )
@@ -137,6 +138,12 @@ class SeparationService:
         ev = thaw(req.event) or {}
         return answer(p.decide_state_event(req.user, str(ev.get("type", "")),
                                            str(ev.get("state_key", ""))))
+
+    async def managed_room_edits(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A managed room's createRoom body with its class state (directory sync's hook)."""
+        p = await self.policy()
+        c = p.decide_create_room(self.bot_user_id, body)
+        return apply_edits(body, c.edits)
 
     # -- reactive ----------------------------------------------------------------------------
     async def room_facts(self, room_id: str, event: dict[str, Any] | None = None) -> RoomFacts:

@@ -352,6 +352,9 @@ async def test_expired_guest_is_removed_by_reconciliation(sep: Setup) -> None:
     assert await membership(sep, room.room_id, gina.user_id) == "leave"
     audit = await sep.enclave.cli("audit", "--rule", "guest-gina", "--format", "json")
     assert '"kick"' in audit.stdout
+    # the sponsor is told
+    body = await read_notice(alice, sep.uid(BOT_LOCALPART), "Guest access")
+    assert gina.user_id in body and "guest-gina" in body
 
 
 async def test_explain_names_the_rule_and_its_line(sep: Setup) -> None:

@@ -393,8 +393,12 @@ def test_reconcile_removes_outsiders_expired_guests_and_the_second_barrier_side(
     ]
     rooms = [RoomFacts(**{**r.__dict__, "room_id": f"!r{i}"}) for i, r in enumerate(rooms)]
     plan = diff_separation(P, rooms)
-    removed = sorted((a.room_id, getattr(a, "user", None) or a.actor) for a in plan.actions)
+    removals = [a for a in plan.actions if not isinstance(a, NotifyUser)]
+    removed = sorted((a.room_id, getattr(a, "user", None) or a.actor) for a in removals)
     assert removed == [("!r1", EVE), ("!r2", OLD), ("!r3", DAVE), ("!r5", EVE)]
+    # the expired guest's sponsor is told, once per room
+    notes = [a for a in plan.actions if isinstance(a, NotifyUser)]
+    assert [(n.user, n.once_key) for n in notes] == [(ALICE, f"guest-expired:{OLD}:!r2")]
     assert [f.rule_id for f in plan.findings] == ["barrier-legal-ops"]
     assert plan.rooms == 6
 
@@ -455,3 +459,20 @@ def test_class_exempt_from_barriers_still_keeps_dms_apart() -> None:
     assert d.allow and d.rule_id == "class.company"
     assert p.diff_room(room("company", CAROL, DAVE)) == ([], [])
     assert not p.decide_invite(CAROL, DAVE, room(None, CAROL, is_direct=True)).allow
+
+
+def test_enclave_rooms_are_classified_too_and_edits_merge_like_the_gate() -> None:
+    from bridge.policy.separation import apply_edits
+
+    body = {"room_alias_name": "all-hands", "creation_content": {"type": "m.space"},
+            "initial_state": [{"type": CLASS_STATE_TYPE, "state_key": "",
+                               "content": {"class": "open"}},
+                              {"type": "m.room.history_visibility", "state_key": "",
+                               "content": {"history_visibility": "shared"}}]}
+    c = P.decide_create_room(BOT, body)
+    assert c.decision.rule_id == "builtin.enclave" and c.room_class.id == "internal"
+    merged = apply_edits(body, c.edits)
+    assert merged["creation_content"] == {"type": "m.space", "m.federate": False}
+    classes = [e for e in merged["initial_state"] if e["type"] == CLASS_STATE_TYPE]
+    assert [e["content"]["class"] for e in classes] == ["internal"]
+    assert len(merged["initial_state"]) == 2
