@@ -118,6 +118,9 @@ def cmd_registration(args: argparse.Namespace) -> int:
     cfg = loaded.config
     as_token = _token_for(loaded, cfg.appservice.as_token, "appservice.as_token", args.rotate)
     hs_token = _token_for(loaded, cfg.appservice.hs_token, "appservice.hs_token", args.rotate)
+    if cfg.gate is not None:
+        # the secret the gate module (homeserver.yaml secret_path) and Enclave share
+        _token_for(loaded, cfg.gate.secret, "gate.secret", args.rotate)
     reg = registration_dict(loaded, as_token, hs_token)
     out = Path(args.output)
     _write_private(out, (

@@ -122,6 +122,16 @@ def test_registration_regexes_match_the_right_users(config_dir: MakeConfig) -> N
     assert not everyone.match("@alice:corp.example.com.evil.org")
 
 
+def test_registration_writes_the_gate_secret_once(config_dir: MakeConfig) -> None:
+    cfg = config_dir(tokens=False, extra="gate:\n  secret: {file: secrets/gate_secret}\n")
+    run_registration(cfg)
+    secret = (cfg.parent / "secrets/gate_secret").read_text()
+    assert len(secret.strip()) > 40 and mode(cfg.parent / "secrets/gate_secret") == 0o600
+    run_registration(cfg)  # kept unless --rotate
+    assert (cfg.parent / "secrets/gate_secret").read_text() == secret
+    assert main(["validate", str(cfg)]) == EXIT_OK
+
+
 def test_registration_files_are_private(config_dir: MakeConfig) -> None:
     cfg = config_dir(tokens=False)
     run_registration(cfg)
