@@ -53,7 +53,7 @@ from .commands import (
 )
 from .markdown import message_content
 from .scheduling import JobState, Schedule, due_occurrences, format_ms
-from .sending import NO_E2EE_REASON, EncryptionUnavailable, MessageSender, RoomEncryption
+from .sending import MessageSender, RoomEncryption, SendRefused
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ def bot_message_applier(sender: MessageSender) -> Callable[[Any, str], Awaitable
         try:
             eid = await sender.send(action.room, action.content, txn_id=txn_id_for(key),
                                     sender=action.actor)
-        except EncryptionUnavailable:
-            return Outcome("failed", NO_E2EE_REASON)
+        except SendRefused as e:
+            return Outcome("failed", e.reason)
         return Outcome("applied", eid)
 
     return apply
@@ -136,6 +136,9 @@ class BotServices:
     namespace_prefix: str
     main_bot_user_id: str
     encrypted_sender: MessageSender | None = None
+    # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
+    # bots read commands and reactions in encrypted rooms (the E2EE side provides it)
+    decrypt: Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None
     # every bot's user id, so no bot answers another
     bot_user_ids: set[str] = field(default_factory=set)
 
@@ -321,6 +324,17 @@ class Bot:
             if room not in self.rooms:
                 return []
             return list(await self.on_reaction(event))
+        if etype == "m.room.encrypted" and self.svc.decrypt is not None:
+            await self._wait_ready()
+            if room not in self.rooms:
+                return []
+            clear = await self.svc.decrypt(self.user_id, room, event)
+            if clear is None or clear.get("type") not in ("m.room.message", "m.reaction"):
+                return []
+            # the envelope's sender, room and ids are what the homeserver vouches for
+            return await self.handle({**clear, "room_id": room, "sender": sender,
+                                      "event_id": event.get("event_id"),
+                                      "origin_server_ts": event.get("origin_server_ts")})
         return []
 
     async def _wait_ready(self) -> None:
@@ -627,10 +641,15 @@ class Waker:
 
     def start(self) -> None:
         self._scheduler.start()
-        self._scheduler.add_job(self.wake, "interval", seconds=self.poll_seconds,
+        self._scheduler.add_job(self._timer, "interval", seconds=self.poll_seconds,
                                 id=f"{self.name}-poll", coalesce=True, max_instances=1)
 
     def wake(self) -> None:
+        self.event.set()
+
+    async def _timer(self) -> None:
+        # a coroutine: APScheduler runs it on the event loop (a plain function would run in
+        # a worker thread, where setting an asyncio.Event is not safe)
         self.event.set()
 
     def at(self, when_ms: int | None) -> None:
@@ -641,7 +660,7 @@ class Waker:
 
         delay = max(0.0, (when_ms - self.clock_ms()) / 1000)
         run = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-        self._scheduler.add_job(self.wake, "date", run_date=run, id=f"{self.name}-at",
+        self._scheduler.add_job(self._timer, "date", run_date=run, id=f"{self.name}-at",
                                 replace_existing=True, misfire_grace_time=None)
 
     async def wait(self) -> None:

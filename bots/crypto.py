@@ -11,8 +11,8 @@ appservice user) gets one real device:
   A restart reuses them (checked with ``whoami``); an invalid token is replaced by logging
   in again *with the same device id*, so the device and its published keys survive.
 * **Keys.** nio's ``SqliteStore`` in ``store_dir`` keeps the Olm account, Olm sessions and
-  device lists. A background sync loop (device token) uploads one-time keys, receives
-  to-device messages and follows device-list changes.
+  device lists. A background sync loop (device token, no room data) keeps one-time keys
+  topped up and receives to-device messages (room keys for :meth:`EncryptedSender.decrypt`).
 * **Sending.** Before each message the room's members are read from the homeserver
   (``joined_members``), their device keys queried afresh, Olm sessions claimed and the room's
   Megolm session (re)shared when a member device lacks it or someone who has it left. The
@@ -43,6 +43,7 @@ from typing import Any
 
 import aiohttp
 
+from bots.sending import SendRefused
 from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
@@ -65,18 +66,15 @@ __all__ = [
 
 SESSION_FILE = "session.json"
 MESSAGE_TYPE = "m.room.message"
-# What the bot's own sync needs: membership and encryption state (to follow who is in its
-# encrypted rooms and whose devices change), to-device messages and key counts. Messages
-# reach the bot through the appservice; decrypting them here would only cost CPU.
+# What the bot's own sync needs: to-device messages (room keys from staff devices, Olm
+# session set-up), one-time-key counts and device-list changes, none of which a room filter
+# removes. No room at all: messages reach the bot through the appservice, and every send
+# reads the room's members and their devices afresh, so a bot in thousands of rooms does
+# not download and parse their traffic (or a huge first sync) for nothing.
 SYNC_FILTER: dict[str, Any] = {
     "presence": {"types": []},
     "account_data": {"types": []},
-    "room": {
-        "state": {"types": ["m.room.member", "m.room.encryption"], "lazy_load_members": False},
-        "timeline": {"types": ["m.room.member", "m.room.encryption"], "limit": 50},
-        "ephemeral": {"types": []},
-        "account_data": {"types": []},
-    },
+    "room": {"rooms": []},
 }
 
 _TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s'\"]+")
@@ -87,18 +85,21 @@ def _scrub(text: object) -> str:
     return _TOKEN_IN_URL.sub(r"\1<redacted>", str(text))
 
 
-class CannotEncrypt(Exception):
+class CannotEncrypt(SendRefused):
     """The bot cannot send an encrypted message to this room; nothing was sent.
 
-    ``users``: the members the reason is about (e.g. those without any device), for the
-    caller's audit record.
+    A :class:`~bots.sending.SendRefused`, so fan-out records the target as failed with the
+    reason. ``users``: the members the reason is about (e.g. those without any device), for
+    the audit record. ``transient``: the cause may pass by itself (the bot's device is not
+    ready yet), unlike a member without any device, which needs that person to sign in.
     """
 
-    def __init__(self, room_id: str, reason: str, *, users: Iterable[str] = ()):
-        self.room_id = room_id
+    def __init__(self, room_id: str, reason: str, *, users: Iterable[str] = (),
+                 transient: bool = False):
+        super().__init__(room_id, f"cannot encrypt: {reason}")
         self.reason = reason
         self.users = tuple(sorted(users))
-        super().__init__(f"cannot encrypt for {room_id}: {reason}")
+        self.transient = transient
 
 
 # -- pure decisions ------------------------------------------------------------------------------
@@ -271,7 +272,6 @@ class EncryptedSender:
         self._keys_lock = asyncio.Lock()
         self._claim_lock = asyncio.Lock()
         self._unreachable: dict[str, tuple[str, frozenset[Device]]] = {}
-        self._encrypted_rooms: set[str] = set()
         # set when a send gave up waiting for readiness: later sends fail at once instead of
         # each waiting ready_timeout again (a fan-out would otherwise take hours to fail)
         self._gave_up_waiting = False
@@ -483,26 +483,6 @@ class EncryptedSender:
             raise HomeserverUnavailable(f"device keys query failed: {_scrub(resp)}")
 
     # -- sending ----------------------------------------------------------------------------
-    async def is_encrypted(self, room_id: str) -> bool:
-        """Whether the room has ``m.room.encryption`` state (cached once seen: it stays).
-
-        Read with the appservice token as the bot; a room the bot cannot read is reported
-        as not encrypted, and the plain send will then fail on its own terms.
-        """
-        if room_id in self._encrypted_rooms:
-            return True
-        try:
-            state = await self._client.get_state(room_id, "m.room.encryption",
-                                                 user_id=self.user_id)
-        except MatrixRequestError as e:
-            if e.status == 403:
-                return False
-            raise
-        if state and state.get("algorithm"):
-            self._encrypted_rooms.add(room_id)
-            return True
-        return False
-
     async def send(self, room_id: str, content: dict, *, txn_id: str, sender: str) -> str:
         """Encrypt ``content`` (``m.room.message``) for every member device and send it.
 
@@ -517,7 +497,7 @@ class EncryptedSender:
         if not self._ready.is_set() and (self._gave_up_waiting or not await self.wait_ready()):
             self._gave_up_waiting = True
             raise CannotEncrypt(room_id, "the bot's E2EE device is not ready (sync has not "
-                                         f"caught up: {self._last_error})")
+                                         f"caught up: {self._last_error})", transient=True)
         lock = self._room_locks.setdefault(room_id, asyncio.Lock())
         async with lock:
             try:

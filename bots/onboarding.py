@@ -26,7 +26,7 @@ from .announcements.delivery import date_text
 from .announcements.spec import fill, person_variables
 from .base import Bot, BotServices, Waker, run_forever
 from .markdown import message_content
-from .sending import NO_E2EE_REASON, EncryptionUnavailable
+from .sending import SendRefused
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class OnboardingBot(Bot):
             eid = await self.svc.sender.send(
                 room, message_content(md), sender=self.user_id,
                 txn_id=txn_id_for(self.svc.installation_key(f"onboarding/welcome/{user}")))
-        except (MatrixRequestError, EncryptionUnavailable) as e:
-            detail = NO_E2EE_REASON if isinstance(e, EncryptionUnavailable) else str(e)
+        except (MatrixRequestError, SendRefused) as e:
+            detail = e.reason if isinstance(e, SendRefused) else str(e)
             await self.svc.store.add_audit(self.audit(
                 "onboarding_welcome", "failed", user_id=user, room_id=room,
                 rule_id="bots.onboarding.welcome", reason="newly provisioned", detail=detail))

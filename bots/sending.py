@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
-from bridge.matrix.client import MatrixClient
+from bridge.matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,22 @@ class MessageSender(Protocol):
                    sender: str) -> str: ...
 
 
-class EncryptionUnavailable(Exception):
+class SendRefused(Exception):
+    """A sender will not send to this room (retrying will not help); ``reason`` says why.
+
+    Fan-out records the target as failed with the reason (audit, report)."""
+
+    def __init__(self, room_id: str, reason: str):
+        self.room_id = room_id
+        self.reason = reason
+        super().__init__(f"{reason} ({room_id})")
+
+
+class EncryptionUnavailable(SendRefused):
     """The room is encrypted and no encrypting sender is configured."""
 
     def __init__(self, room_id: str):
-        self.room_id = room_id
-        super().__init__(f"{NO_E2EE_REASON} ({room_id})")
+        super().__init__(room_id, NO_E2EE_REASON)
 
 
 class PlainSender:
@@ -95,5 +105,14 @@ class RoutingSender:
         if await self.encryption.is_encrypted(room_id, as_user=sender):
             if self.encrypted is None:
                 raise EncryptionUnavailable(room_id)
-            return await self.encrypted.send(room_id, content, txn_id=txn_id, sender=sender)
+            try:
+                return await self.encrypted.send(room_id, content, txn_id=txn_id,
+                                                 sender=sender)
+            except (HomeserverUnavailable, MatrixRequestError, SendRefused):
+                raise
+            except Exception as e:
+                # the E2EE sender's own refusal (it cannot encrypt for this room): reported
+                # as a failed send with its reason, never sent in plaintext instead
+                raise SendRefused(room_id, f"cannot encrypt: {getattr(e, 'reason', e)}"
+                                  ) from e
         return await self.plain.send(room_id, content, txn_id=txn_id, sender=sender)

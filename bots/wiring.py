@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +52,13 @@ class BotsRuntime:
 BOTS = web.AppKey("bots", BotsRuntime)
 
 
-def build_bot_services(svc: Services, *,
-                       encrypted_sender: MessageSender | None = None) -> BotServices:
-    """The services every bot shares; sends pick the E2EE sender for encrypted rooms."""
+Decrypt = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None = None,
+                       decrypt: Decrypt | None = None) -> BotServices:
+    """The services every bot shares; sends pick the E2EE sender for encrypted rooms, and
+    ``decrypt`` (bot user, room, event) lets bots read commands in encrypted rooms."""
     cfg = svc.config
     encryption = RoomEncryption(svc.client)
     sender = RoutingSender(PlainSender(svc.client), encryption, encrypted_sender)
@@ -63,16 +67,45 @@ def build_bot_services(svc: Services, *,
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
         directory=StaffDirectory(svc.store), server_name=cfg.homeserver.server_name,
         namespace_prefix=cfg.appservice.namespace_prefix,
-        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender)
+        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender, decrypt=decrypt)
+
+
+def _encryption(svc: Services, cfg: Any) -> tuple[MessageSender, Decrypt, dict[str, Any]]:
+    """One E2EE device per bot (keys under ``bots.encryption.store_dir``), the sender that
+    picks the device of the sending bot, and a decrypt hook for commands in encrypted rooms."""
+    from .crypto import EncryptedSender, EncryptedSenders
+
+    conf = svc.config
+    root = svc.loaded.resolve(cfg.encryption.store_dir)
+    devices: dict[str, EncryptedSender] = {}
+    for section in (cfg.announcements, cfg.onboarding):
+        if section is None:
+            continue
+        localpart = conf.appservice.namespace_prefix + section.bot.localpart
+        user_id = f"@{localpart}:{conf.homeserver.server_name}"
+        devices[user_id] = EncryptedSender(
+            svc.client, homeserver_url=conf.homeserver.url, user_id=user_id,
+            store_dir=root / localpart, appservice_sender=conf.bot_user_id)
+
+    async def decrypt(bot_user: str, room_id: str,
+                      event: dict[str, Any]) -> dict[str, Any] | None:
+        device = devices.get(bot_user)
+        return await device.decrypt(room_id, event) if device is not None else None
+
+    return EncryptedSenders(devices.values()), decrypt, dict(devices)
 
 
 def build_bots(svc: Services, app: web.Application, *,
-               encrypted_sender: MessageSender | None = None) -> BotsRuntime | None:
+               encrypted_sender: MessageSender | None = None,
+               decrypt: Decrypt | None = None) -> BotsRuntime | None:
     """Build and register the configured bots; None when ``bots:`` configures none."""
     cfg = svc.config.bots
     if cfg is None or (cfg.announcements is None and cfg.onboarding is None):
         return None
-    bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender)
+    devices: dict[str, Any] = {}
+    if encrypted_sender is None and cfg.encryption.enabled:
+        encrypted_sender, decrypt, devices = _encryption(svc, cfg)
+    bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender, decrypt=decrypt)
     svc.executor.register(BotMessage, bot_message_applier(bsvc.sender))
     runtime = BotsRuntime(bsvc)
     if cfg.announcements is not None:
@@ -91,6 +124,10 @@ def build_bots(svc: Services, app: web.Application, *,
     async def run_bot(bot: Bot) -> None:
         await svc.bootstrapped.wait()
         await bot.start()
+        device = devices.get(bot.user_id)
+        if device is not None:
+            # after bot.start(): the bot's user must exist before its device logs in
+            await device.start()
         await bot.run()
 
     async def bots_ctx(_: web.Application) -> AsyncIterator[None]:
@@ -99,6 +136,8 @@ def build_bots(svc: Services, app: web.Application, *,
         for b in runtime.bots:
             await b.close()
         await cancel_quietly(runtime.tasks)
+        for device in devices.values():
+            await device.close()
 
     app.cleanup_ctx.append(bots_ctx)
     return runtime

@@ -36,7 +36,7 @@ from ..base import (
 from ..commands import CommandError, Permission, take_words
 from ..markdown import message_content
 from ..scheduling import occurrence_id, schedule_from_config
-from ..sending import EncryptionUnavailable
+from ..sending import SendRefused
 from .acks import decide_ack
 from .audience import Selection, count_by, parse_audience, select_audience
 from .delivery import FanOut, date_text
@@ -295,7 +295,7 @@ class AnnouncementBot(Bot):
             eid = await self.svc.sender.send(self.control_room,
                                               message_content(md, notice=True),
                                               txn_id=txn_id_for(key), sender=self.user_id)
-        except (MatrixRequestError, HomeserverUnavailable, EncryptionUnavailable) as e:
+        except (MatrixRequestError, HomeserverUnavailable, SendRefused) as e:
             log.warning("summary of %s/%s not posted: %s", occ.announcement_id,
                         occ.occurrence_id, e)
             await self.svc.store.add_audit(self.audit(

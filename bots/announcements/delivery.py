@@ -27,7 +27,7 @@ from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
 
 from ..markdown import message_content
 from ..scheduling import format_ms
-from ..sending import NO_E2EE_REASON, EncryptionUnavailable
+from ..sending import SendRefused
 from .acks import Escalate, Remind, decide_reminders, summarise
 from .spec import MARKER, AnnouncementSpec, compose
 
@@ -146,12 +146,15 @@ class FanOut:
     async def _failed(self, occ: AnnouncementOccurrence, targets: Sequence[str],
                       attempts: int, error: Exception, room: str | None) -> None:
         """Record a failed send; a permanent one (or too many) is final and audited."""
-        if isinstance(error, EncryptionUnavailable):
-            detail, final = NO_E2EE_REASON, True
+        if isinstance(error, SendRefused):
+            detail, final = error.reason, True
         elif isinstance(error, MatrixRequestError):
             detail = f"{error.status} {error.errcode}: {error.error}"
             final = error.status in PERMANENT or attempts + 1 >= MAX_ATTEMPTS
         else:
+            # unexpected: retried at the next pass, given up after MAX_ATTEMPTS
+            log.error("announcement %s/%s: unexpected %r", occ.announcement_id,
+                      occ.occurrence_id, error)
             detail, final = f"{type(error).__name__}: {error}", attempts + 1 >= MAX_ATTEMPTS
         audit = [self.bot.audit(
             "announcement_send", "failed" if final else "retry", user_id=t, room_id=room,
@@ -184,7 +187,7 @@ class FanOut:
             except HomeserverUnavailable as e:
                 await self._failed(occ, [user], attempts, e, room)
                 raise Unavailable(str(e)) from e
-            except (MatrixRequestError, EncryptionUnavailable) as e:
+            except Exception as e:  # a 4xx, a refusal (encryption), anything unexpected
                 await self._failed(occ, [user], attempts, e, room)
                 return
             now = self.svc.clock_ms()
@@ -262,7 +265,7 @@ class FanOut:
                 sender=bot.user_id)
         except HomeserverUnavailable as e:
             raise Unavailable(str(e)) from e
-        except (MatrixRequestError, EncryptionUnavailable) as e:
+        except Exception as e:
             for p in reach:
                 await self._failed(occ, [p], attempts[p], e, room)
             return
@@ -307,7 +310,7 @@ class FanOut:
             members = await self._members(room)
         except HomeserverUnavailable as e:
             raise Unavailable(str(e)) from e
-        except (MatrixRequestError, EncryptionUnavailable) as e:
+        except Exception as e:
             await self._failed(occ, [target], attempts, e, room)
             return
         now = self.svc.clock_ms()
@@ -327,7 +330,7 @@ class FanOut:
             event_id=eid, now_ms=now)
 
     # -- follow-ups ----------------------------------------------------------------------
-    async def follow_up(self, occ: AnnouncementOccurrence) -> int | None:
+    async def follow_up(self, occ: AnnouncementOccurrence, *, again: bool = True) -> int | None:
         """Send due reminders and escalations, close when finished; next due time."""
         store, now = self.svc.store, self.svc.clock_ms()
         spec = AnnouncementSpec.from_json(occ.spec)
@@ -354,12 +357,16 @@ class FanOut:
             if isinstance(r, BaseException):
                 log.error("follow-up of %s/%s failed: %r", occ.announcement_id,
                           occ.occurrence_id, r)
+        if again and (fu.reminders or fu.escalations):
+            # decide once more on what is recorded now: the last escalation closes it
+            return await self.follow_up(occ, again=False)
         if fu.close:
             await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
                                                 "closed", now)
             log.info("announcement %s/%s closed: %s", occ.announcement_id, occ.occurrence_id,
                      fu.close_reason)
-            if spec.require_ack:
+            if spec.follows_up or spec.expires_after_ms:
+                # the acknowledgements after the reminders (or at expiry)
                 await self.bot.post_summary(occ, spec, f"closed ({fu.close_reason})")
             return None
         return fu.next_due_ms
@@ -386,8 +393,8 @@ class FanOut:
             room, eid = await self._send_personal(
                 step.user_id, md, ("reminder", occ.announcement_id, occ.occurrence_id,
                                    step.user_id, str(step.number)), (row.room_id, row.event_id))
-        except (MatrixRequestError, EncryptionUnavailable) as e:
-            detail = NO_E2EE_REASON if isinstance(e, EncryptionUnavailable) else str(e)
+        except (MatrixRequestError, SendRefused) as e:
+            detail = e.reason if isinstance(e, SendRefused) else str(e)
             await self.svc.store.announcement_mark_reminded(
                 occ.announcement_id, occ.occurrence_id, step.user_id, count=step.number,
                 now_ms=self.svc.clock_ms(), message=None,
@@ -424,8 +431,8 @@ class FanOut:
             room, eid = await self._send_personal(
                 step.manager, md, ("escalation", occ.announcement_id, occ.occurrence_id,
                                    step.user_id))
-        except (MatrixRequestError, EncryptionUnavailable) as e:
-            detail = NO_E2EE_REASON if isinstance(e, EncryptionUnavailable) else str(e)
+        except (MatrixRequestError, SendRefused) as e:
+            detail = e.reason if isinstance(e, SendRefused) else str(e)
             await store.announcement_mark_escalated(
                 occ.announcement_id, occ.occurrence_id, step.user_id, manager=step.manager,
                 now_ms=self.svc.clock_ms(), message=None,

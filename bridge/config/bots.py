@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import zoneinfo
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -372,9 +373,19 @@ class OnboardingConfig(StrictModel):
         return _check_variables(v, PERSON_VARIABLES | frozenset({"date"}))
 
 
+class BotsEncryptionConfig(StrictModel):
+    """End-to-end encryption for the bots (Element encrypts DMs and private rooms)."""
+
+    enabled: bool = True
+    # each bot's device keys (and its device's access token, mode 0600) live here, one
+    # folder per bot; keep it across restarts and back it up with the database
+    store_dir: Path = Field(Path("crypto"), strict=False)
+
+
 class BotsConfig(StrictModel):
     announcements: AnnouncementsConfig | None = None
     onboarding: OnboardingConfig | None = None
+    encryption: BotsEncryptionConfig = BotsEncryptionConfig()
 
     @model_validator(mode="after")
     def _distinct(self) -> BotsConfig:

@@ -95,6 +95,69 @@ LOCAL_POLICY: dict[str, Any] = {
 }
 
 
+# What the local stack demonstrates of the bots: an announcement bot with a control room
+# (dave, it-admins, may `!announce`), a manual announcement that asks for acknowledgement
+# with a quick reminder and escalation, a weekday one to Engineering's read-only room, a
+# signed webhook; and an onboarding bot that welcomes everyone. DMs are invitations here
+# (accept them in Element), so nobody's room list changes behind their back.
+CONTROL_ROOM_ALIAS = "announcements-control"
+LOCAL_BOTS: dict[str, Any] = {
+    "announcements": {
+        "timezone": "Europe/Berlin",
+        "control": {"room": f"#{CONTROL_ROOM_ALIAS}:{SERVER_NAME}",
+                    "announce_groups": ["it-admins"], "confirm_within": "10m"},
+        "announcements": [
+            {"id": "welcome-to-enclave", "title": "Welcome to in-house chat",
+             "body": "Hello {first_name}! From today our chat runs on Enclave, on our own "
+                     "servers. Please read the [chat guidelines](https://example.com/chat) "
+                     "and acknowledge.",
+             "audience": {"all_staff": True}, "require_ack": True,
+             "reminders": {"after": "2m", "count": 1, "escalate_to_manager": True},
+             "expires_after": "1d"},
+            {"id": "engineering-standup", "title": "Stand-up in 15 minutes",
+             "body": "Daily stand-up at 09:45 in *Engineering general*.",
+             "schedule": {"cron": "30 9 * * mon-fri", "timezone": "Europe/Berlin"},
+             "audience": {"department": ["Engineering"]},
+             "delivery": {"mode": "room", "room": "engineering",
+                          "room_name": "Engineering announcements"}},
+        ],
+        "webhooks": [
+            {"id": "monitoring", "auth": {"type": "hmac",
+                                          "secret": {"file": "secrets/hook_monitoring"}},
+             "title": "Incident: {{alert.name}}", "body": "{{alert.summary}}",
+             "audience": {"groups": ["it-admins"]}, "require_ack": True,
+             "rate_limit": {"per_minute": 10, "burst": 5}},
+        ],
+        "dm": {"join": "invite"},
+    },
+    "onboarding": {
+        "message": "Welcome, {first_name}! This is your company chat; it stays in-house. "
+                   "Your department ({department}) has its own space:",
+        "links": [{"title": "Chat guidelines", "url": "https://example.com/chat"}],
+        "greet_existing": True, "poll_seconds": 10,
+        "dm": {"join": "invite"},
+    },
+}
+
+
+def ensure_control_room(hs: SynapseServer, as_token: str, owner: str) -> str:
+    """The announcements control room (created once, by ``owner``, with the bot invited)."""
+    alias = quote(f"#{CONTROL_ROOM_ALIAS}:{SERVER_NAME}")
+    try:
+        return hs.request("GET", f"/_matrix/client/v3/directory/room/{alias}",
+                          access_token=as_token)["room_id"]
+    except RuntimeError as e:
+        if "404" not in str(e):
+            raise
+    room = hs.request(
+        "POST", f"/_matrix/client/v3/createRoom?user_id={quote(owner)}",
+        {"name": "Announcements control", "room_alias_name": CONTROL_ROOM_ALIAS,
+         "topic": "!announce AUDIENCE TEXT, then !confirm (it-admins only). !help",
+         "preset": "private_chat", "invite": [f"@enclave_announce:{SERVER_NAME}"]},
+        access_token=as_token)
+    return room["room_id"]
+
+
 def gate_module_config(enclave_port: int, secret_path: Path) -> list[dict[str, Any]]:
     """The homeserver.yaml ``modules:`` entry that loads Enclave's gate."""
     return [{"module": "bridge.gate.module.EnclaveGate", "config": {
@@ -131,6 +194,7 @@ def write_enclave_config(state: Path, synapse_port: int, enclave_port: int,
         },
         "gate": {"secret": {"file": "secrets/gate_secret"}},
         "policy": LOCAL_POLICY,
+        "bots": LOCAL_BOTS,
     }
     path = state / "enclave.yaml"
     path.write_text(
@@ -220,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shared_secret = _secret_file(state / "secrets" / "registration_shared_secret")
     _secret_file(state / "secrets" / "gate_secret")
+    _secret_file(state / "secrets" / "hook_monitoring")
     config = write_enclave_config(state, args.synapse_port, args.enclave_port, args.directory)
     registration = state / "enclave-registration.yaml"
     subprocess.run(
@@ -257,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(f"http://127.0.0.1:{args.enclave_port}/ready", enclave, 60)
         people = wait_for_people(hs, args.directory, enclave, 60,
                                  f"http://127.0.0.1:{args.enclave_port}/ready")
+        ensure_control_room(hs, (state / "secrets" / "as_token").read_text().strip(),
+                            f"@dave:{SERVER_NAME}")
         print_banner(args, state, hs, enclave, people)
         while not stop_requested:
             if enclave.poll() is not None:
@@ -309,6 +376,12 @@ def print_banner(args: argparse.Namespace, state: Path, hs: SynapseServer,
         "  user directory; each is refused with the rule's id. Explain a decision:",
         f"  enclave explain invite @carol:{SERVER_NAME} @dave:{SERVER_NAME} -c "
         f"{state}/enclave.yaml",
+        "  Bots: 'Welcome' greets everyone by DM (accept its invitation). As dave, in",
+        "  'Announcements control': !announce department:Sales Hello Sales!  then !confirm.",
+        "  Send the sample announcement that asks for an acknowledgement (✅ or !ack;",
+        "  a reminder after 2 minutes, then the manager):",
+        f"  enclave announcements send welcome-to-enclave -c {state}/enclave.yaml",
+        f"  enclave announcements report welcome-to-enclave -c {state}/enclave.yaml",
         "  Edit the directory file (rename, move, disable someone): within a minute",
         "  Enclave applies it; or now: enclave sync --plan / --apply -c "
         f"{state}/enclave.yaml",

@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from bots.announcements.webhooks import sign
+from bridge.store import AuditFilter
 
 from .bots_helpers import (
     ANNOUNCE_BOT,
@@ -57,7 +58,9 @@ OPS = ["otto", "olga"]
 
 
 def bots_config(secrets: Path) -> dict[str, Any]:
-    return {"announcements": {
+    # encryption off: the encrypted room below shows the report without an E2EE sender
+    # (the E2EE path: test_bots_e2ee_announcement.py)
+    return {"encryption": {"enabled": False}, "announcements": {
         "poll_seconds": 0.5,
         "misfire_grace_seconds": 60,
         "timezone": "Europe/Berlin",
@@ -78,6 +81,9 @@ def bots_config(secrets: Path) -> dict[str, Any]:
             {"id": "hr", "auth": {"type": "token", "token": {"file": str(secrets / "token")}},
              "title": "{{headline}}", "body": "{{text}}", "audience": {"users": [uid("sam")]},
              "rate_limit": {"per_minute": 60, "burst": 2}},
+            {"id": "rooms", "auth": {"type": "token", "token": {"file": str(secrets / "token")}},
+             "title": "To the rooms", "body": "{{text}}", "require_ack": True,
+             "audience": {"rooms": ["#plain-room:corp.test", "#secret-room:corp.test"]}},
         ],
     }}
 
@@ -282,7 +288,8 @@ async def test_announce_refused_then_sent_by_the_permitted(
 
     async def delivered() -> Any:
         occs = await store.announcement_occurrences()
-        return occs if occs and occs[0].status == "delivered" else None
+        # acknowledgement asked, no reminders and no expiry: closed at once (acks still count)
+        return occs if occs and occs[0].status in ("delivered", "closed") else None
 
     (occ,) = await wait_until(delivered, within=30, what="the ad-hoc fan-out")
     assert occ.kind == "adhoc" and occ.created_by == uid("hanna")
@@ -341,12 +348,13 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
 
     async def delivered() -> Any:
         o = await store.announcement_occurrence("alerts", "alert-1")
-        return o if o is not None and o.status == "delivered" else None
+        # no acknowledgement asked: closed as soon as it is delivered
+        return o if o is not None and o.status in ("delivered", "closed") else None
 
     await wait_until(delivered, within=30, what="the webhook's fan-out")
     for u in OPS:
-        (room, _), = await announcement_copies(stack, uid(u), "alerts")
-        (msg,) = await bot_messages(stack, room)
+        (room, event_id), = await announcement_copies(stack, uid(u), "alerts")
+        (msg,) = [m for m in await bot_messages(stack, room) if m["event_id"] == event_id]
         assert msg["content"]["body"].startswith("### 📣 Alert: Disk full")
         assert r"db1 is at \*99%\*" in msg["content"]["body"]  # payload text, escaped
     for u in SALES:
@@ -371,3 +379,59 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
     for o in await store.announcement_occurrences(announcement_id="hr"):
         assert [d.target for d in await store.announcement_deliveries(
             "hr", o.occurrence_id)] == [uid("sam")]
+
+
+async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
+        stack: Stack, enclave: InProcessEnclave, staff: list[nio.AsyncClient]) -> None:
+    store = enclave.svc.store
+    otto, olga = await login(stack, "otto"), await login(stack, "olga")
+    staff.extend([otto, olga])
+    plain = await otto.room_create(alias="plain-room", name="plain", invite=[
+        ANNOUNCE_BOT, uid("olga")])
+    secret = await otto.room_create(alias="secret-room", name="secret", invite=[ANNOUNCE_BOT],
+                                    initial_state=[{"type": "m.room.encryption",
+                                                    "state_key": "", "content": {
+                                                        "algorithm": "m.megolm.v1.aes-sha2"}}])
+    assert isinstance(plain, nio.RoomCreateResponse) and isinstance(
+        secret, nio.RoomCreateResponse)
+    assert isinstance(await olga.join(plain.room_id), nio.JoinResponse)
+    body = json.dumps({"text": "Fire drill at 11:00"}).encode()
+    status, resp = await _post(f"http://127.0.0.1:{stack.as_port}/hooks/rooms", body,
+                               {"Authorization": "Bearer token-for-tests"})
+    assert (status, resp["rooms"], resp["recipients"]) == (202, 2, 0), resp
+
+    async def delivered() -> Any:
+        o = await store.announcement_occurrence("rooms", resp["occurrence"])
+        return o if o is not None and o.status in ("delivered", "closed") else None
+
+    await wait_until(delivered, within=30, what="the fan-out to the two rooms")
+    rows = {d.target: d for d in await store.announcement_deliveries(
+        "rooms", resp["occurrence"])}
+    # the plain room got it, and its members became recipients who can acknowledge
+    assert rows["#plain-room:corp.test"].status == "sent"
+    assert rows[uid("otto")].status == rows[uid("olga")].status == "sent"
+    (msg,) = [m for m in await bot_messages(stack, plain.room_id)
+              if m["event_id"] == rows["#plain-room:corp.test"].event_id]
+    assert "Fire drill at 11:00" in msg["content"]["body"]
+    # the encrypted room: not sent in plaintext, not skipped: failed, with the reason
+    bad = rows["#secret-room:corp.test"]
+    assert (bad.status, bad.detail) == ("failed", "encrypted room, no E2EE sender")
+    assert [m for m in await stack.room_messages(secret.room_id)
+            if m.get("sender") == ANNOUNCE_BOT] == []
+    audit = await store.query_audit(AuditFilter(rule_id="announcements.rooms",
+                                                outcome="failed"))
+    assert [(a["kind"], a["detail"]) for a in audit] == [
+        ("announcement_send", "encrypted room, no E2EE sender")]
+    # olga acknowledges in the plain room with a reaction
+    await sync(olga)
+    r = await olga.room_send(plain.room_id, "m.reaction", {"m.relates_to": {
+        "rel_type": "m.annotation", "event_id": msg["event_id"], "key": "✅"}})
+    assert isinstance(r, nio.RoomSendResponse), r
+
+    async def olga_acked() -> bool:
+        rows = {d.target: d for d in await store.announcement_deliveries(
+            "rooms", resp["occurrence"])}
+        return rows[uid("olga")].acked_at is not None
+
+    await wait_until(olga_acked, within=30, what="olga's acknowledgement")
+

@@ -153,7 +153,7 @@ async def test_encrypted_dm_announcement_is_decrypted_and_survives_restart(
         assert await sender.wait_ready(), "the bot's E2EE device never became ready"
         assert sender.logins == 1
         device = sender.device_id
-        assert await sender.is_encrypted(room)
+        assert await RoomEncryption(as_client).is_encrypted(room, as_user=bot)
         first_txn = f"ann-1.occ-1.{uuid.uuid4().hex}"
         first = await sender.send(room, announcement("Office closed on Friday"),
                                   txn_id=first_txn, sender=bot)
@@ -336,9 +336,10 @@ async def test_a_device_that_cannot_sync_refuses_sends_with_the_reason(
     await sender.start()
     try:
         for _ in range(2):
-            with pytest.raises(CannotEncrypt, match="not ready"):
+            with pytest.raises(CannotEncrypt, match="not ready") as refused:
                 await sender.send(room, announcement("x"), txn_id=uuid.uuid4().hex,
                                   sender=bot)
+            assert refused.value.transient
         assert not sender.ready
     finally:
         await sender.close()

@@ -16,6 +16,7 @@ from bots.crypto import (
     assess_coverage,
     decide_share,
 )
+from bots.sending import SendRefused
 
 BOT = "@bot:corp.test"
 ANN, BEN = "@ann:corp.test", "@ben:corp.test"
@@ -80,6 +81,8 @@ def test_cannot_encrypt_carries_room_reason_and_users():
     e = CannotEncrypt("!r", "members without any E2EE device", users=[BEN, ANN])
     assert e.room_id == "!r" and e.users == (ANN, BEN)
     assert "!r" in str(e) and "without any E2EE device" in str(e)
+    assert isinstance(e, SendRefused) and e.reason == "members without any E2EE device"
+    assert not e.transient
 
 
 def test_device_session_file_is_private_and_token_not_in_repr(tmp_path):
