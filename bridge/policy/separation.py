@@ -196,6 +196,9 @@ class SeparationPolicy:
             for s in p.servers:
                 self._partner_servers.setdefault(s, i)
         self._guests = {g.user: i for i, g in reversed(list(enumerate(config.guests)))}
+        # memo tables: a policy object lives for one policy + directory view + ``now``
+        self._principals: dict[str, Principal] = {}
+        self._sides: dict[tuple[int, str], frozenset[int]] = {}
         self._classify = [
             (i, r, re.compile(r.alias) if r.alias else None,
              re.compile(r.name) if r.name else None)
@@ -204,7 +207,15 @@ class SeparationPolicy:
 
     # -- principals ------------------------------------------------------------------------
     def principal(self, user_id: str) -> Principal:
-        """What policy makes of a user id."""
+        """What policy makes of a user id (memoised: the policy object is immutable)."""
+        p = self._principals.get(user_id)
+        if p is None:
+            if len(self._principals) > 200_000:
+                self._principals.clear()
+            p = self._principals[user_id] = self._principal(user_id)
+        return p
+
+    def _principal(self, user_id: str) -> Principal:
         local = _server(user_id) == self.server_name
         if local and (user_id in self.service_users or (
                 self.service_prefix and user_id[1:].startswith(self.service_prefix))):
@@ -259,15 +270,25 @@ class SeparationPolicy:
                         f"Enclave policy ({rule_id}): {human} Ask {contact} if you need an "
                         "exception.")
 
-    def _barrier_side(self, p: Principal, b: BarrierConfig) -> set[int]:
+    def _barrier_side(self, p: Principal, b: BarrierConfig, index: int = -1) -> frozenset[int]:
         if p.kind != "staff":
-            return set()
-        return {i for i, sel in enumerate(b.between) if matches(sel, p.staff)}
+            return frozenset()
+        key = (index, p.user_id)
+        if index >= 0 and key in self._sides:
+            return self._sides[key]
+        sides = frozenset(i for i, sel in enumerate(b.between) if matches(sel, p.staff))
+        if index >= 0:
+            self._sides[key] = sides
+        return sides
 
     def barrier_between(self, a: Principal, b: Principal) -> Decision | None:
         """The first barrier that keeps ``a`` and ``b`` apart, as a deny; else None."""
+        if a.kind != "staff" or b.kind != "staff":
+            return None  # barriers are between staff
         for i, bar in enumerate(self.config.barriers):
-            sa, sb = self._barrier_side(a, bar), self._barrier_side(b, bar)
+            sa, sb = self._barrier_side(a, bar, i), self._barrier_side(b, bar, i)
+            if not sa or not sb:
+                continue
             if (0 in sa and 1 in sb) or (1 in sa and 0 in sb):
                 return self._deny(bar.id, f"policy.barriers[{i}]", "barrier",
                                   f"{a.user_id} and {b.user_id} are kept apart by an "
@@ -660,7 +681,7 @@ class SeparationPolicy:
             for p in staff:
                 if p.user_id in gone:
                     continue
-                for s in self._barrier_side(p, bar):
+                for s in self._barrier_side(p, bar, bi):
                     sides[s].append(p)
             if not sides[0] or not sides[1]:
                 continue

@@ -60,6 +60,26 @@ def answer(d: Decision, edits: dict[str, Any] | None = None) -> GateAnswer:
                       edits=edits)
 
 
+def decide_gate(p: SeparationPolicy, req: GateRequest) -> GateAnswer:
+    """One gate question answered by the policy (no I/O: the module sent the room's facts)."""
+    if req.check == "create_room":
+        c = p.decide_create_room(req.user, thaw(req.create) or {})
+        return answer(c.decision, c.edits if c.decision.allow else None)
+    if req.check == "user_search":
+        assert req.target is not None
+        return answer(p.decide_user_visible(req.user, req.target))
+    assert req.room is not None
+    facts = gate_room_facts(req.room)
+    if req.check == "invite":
+        assert req.target is not None
+        return answer(p.decide_invite(req.user, req.target, facts))
+    if req.check == "join":
+        return answer(p.decide_membership(req.user, facts.with_member(req.user, None)))
+    ev = thaw(req.event) or {}
+    return answer(p.decide_state_event(req.user, str(ev.get("type", "")),
+                                       str(ev.get("state_key", ""))))
+
+
 @dataclass
 class ReconcileResult:
     plan: SeparationPlan
@@ -121,23 +141,7 @@ class SeparationService:
     # -- gate --------------------------------------------------------------------------------
     async def decide_gate(self, req: GateRequest) -> GateAnswer:
         """Answer one gate question with the same decisions the other layers use."""
-        p = await self.policy()
-        if req.check == "create_room":
-            c = p.decide_create_room(req.user, thaw(req.create) or {})
-            return answer(c.decision, c.edits if c.decision.allow else None)
-        if req.check == "user_search":
-            assert req.target is not None
-            return answer(p.decide_user_visible(req.user, req.target))
-        assert req.room is not None
-        facts = gate_room_facts(req.room)
-        if req.check == "invite":
-            assert req.target is not None
-            return answer(p.decide_invite(req.user, req.target, facts))
-        if req.check == "join":
-            return answer(p.decide_membership(req.user, facts.with_member(req.user, None)))
-        ev = thaw(req.event) or {}
-        return answer(p.decide_state_event(req.user, str(ev.get("type", "")),
-                                           str(ev.get("state_key", ""))))
+        return decide_gate(await self.policy(), req)
 
     async def managed_room_edits(self, body: dict[str, Any]) -> dict[str, Any]:
         """A managed room's createRoom body with its class state (directory sync's hook)."""
@@ -154,11 +158,7 @@ class SeparationService:
             if event is not None:
                 return room_facts_from_invite(event)
             return RoomFacts(room_id=room_id)
-        facts = room_facts_from_state(room_id, state)
-        if event is not None and event.get("type") == "m.room.member":
-            # the invitee of a room we are not (yet) in: the room as the invite shows it
-            pass
-        return facts
+        return room_facts_from_state(room_id, state)
 
     async def handle_event(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         """The inbox handler: membership changes policy does not allow are undone."""

@@ -39,9 +39,9 @@ ENCRYPTION_STATE = {"type": "m.room.encryption", "state_key": "",
 
 # -- helpers -----------------------------------------------------------------------------------
 @pytest.fixture
-async def as_client(shared_stack: Stack) -> AsyncIterator[MatrixClient]:
+async def as_client(stack: Stack) -> AsyncIterator[MatrixClient]:
     async with aiohttp.ClientSession() as session:
-        yield MatrixClient(session, shared_stack.synapse.base_url, shared_stack.as_token,
+        yield MatrixClient(session, stack.synapse.base_url, stack.as_token,
                            max_retries=3)
 
 
@@ -135,11 +135,10 @@ def announcement(text: str) -> dict[str, Any]:
 
 # -- tests -------------------------------------------------------------------------------------
 async def test_encrypted_dm_announcement_is_decrypted_and_survives_restart(
-    shared_stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+    stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    stack = shared_stack
     bot = await new_bot(stack, as_client)
     alice = await e2ee_staff(stack, "alice", tmp_path / "alice-store")
     staff.append(alice)
@@ -201,9 +200,8 @@ async def test_encrypted_dm_announcement_is_decrypted_and_survives_restart(
 
 
 async def test_rooms_it_cannot_encrypt_for_are_refused(
-    shared_stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+    stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
 ) -> None:
-    stack = shared_stack
     bot = await new_bot(stack, as_client)
     bob = await e2ee_staff(stack, "bob", tmp_path / "bob-store")
     staff.append(bob)
@@ -242,9 +240,8 @@ async def test_rooms_it_cannot_encrypt_for_are_refused(
 
 
 async def test_routing_encrypts_only_encrypted_rooms(
-    shared_stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+    stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
 ) -> None:
-    stack = shared_stack
     bot = await new_bot(stack, as_client)
     dave = await e2ee_staff(stack, "dave", tmp_path / "dave-store")
     staff.append(dave)
@@ -280,9 +277,8 @@ async def test_routing_encrypts_only_encrypted_rooms(
 
 
 async def test_a_device_added_after_the_first_message_gets_the_next_one(
-    shared_stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+    stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
 ) -> None:
-    stack = shared_stack
     bot = await new_bot(stack, as_client)
     laptop = await e2ee_staff(stack, "erin", tmp_path / "erin-laptop")
     staff.append(laptop)
@@ -321,11 +317,10 @@ async def test_a_device_added_after_the_first_message_gets_the_next_one(
 
 
 async def test_a_device_that_cannot_sync_refuses_sends_with_the_reason(
-    shared_stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+    stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
 ) -> None:
     """Login works (appservice API) but the device's own connection goes nowhere: it never
     becomes ready, and sends are refused, not sent in clear or dropped."""
-    stack = shared_stack
     bot = await new_bot(stack, as_client)
     frank = await e2ee_staff(stack, "frank", tmp_path / "frank-store")
     staff.append(frank)
