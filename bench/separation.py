@@ -601,6 +601,8 @@ async def run_reactive(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     await pg_admin(f"CREATE DATABASE \"{dbname}\" ENCODING 'UTF8' LC_COLLATE='C' "
                    "LC_CTYPE='C' TEMPLATE template0")
     pair = FederatedPair.create(root / "pair", corp_database=dsn)
+    for server in pair.servers:
+        server.log_level = args.synapse_log_level
     enclave: EnclaveProc | None = None
     try:
         directory = root / "directory.yaml"
@@ -628,8 +630,8 @@ async def run_reactive(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         token = as_token(config)
         async with aiohttp.ClientSession(json_serialize=None) as session:
             corp = MatrixClient(session, pair.corp.base_url, token, max_retries=3, timeout=60)
-            # background rooms: internal (not federated), ~12 staff each
-            per_room = min(12, len(staff))
+            # background rooms: internal (not federated), --room-members staff each
+            per_room = min(args.room_members, len(staff))
             bg_rooms: list[tuple[str, list[str]]] = []
             for k in range(args.background_rooms):
                 members = [staff[(k * per_room + j) % len(staff)] for j in range(per_room)]
@@ -1156,6 +1158,10 @@ def main() -> int:
     p.add_argument("--ext-rooms", type=int, default=5)
     p.add_argument("--background-rate", type=float, default=100.0, help="messages/s")
     p.add_argument("--background-rooms", type=int, default=4)
+    p.add_argument("--room-members", type=int, default=12,
+                   help="staff in each background room")
+    p.add_argument("--synapse-log-level", default="INFO",
+                   help="log level of both Synapses in part 1 (production default: INFO)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of background first")
     p.add_argument("--drain", type=float, default=60.0,
                    help="seconds to wait for the last removals")

@@ -125,8 +125,14 @@ class FanOut:
                 self._dm_one(occ, spec, p, staff.get(p), attempts[p], date, sem)
                 for p in people], return_exceptions=True)
             self._raise_first(results)
-        for room in rooms:
-            await self._room_target(occ, spec, room, attempts[room], date)
+        if rooms:
+            async def room_target(room: str) -> None:
+                async with sem:
+                    await self._room_target(occ, spec, room, attempts[room], date)
+
+            # explicit rooms are independent targets: as many in flight as DMs
+            self._raise_first(await asyncio.gather(
+                *[room_target(room) for room in rooms], return_exceptions=True))
 
     @staticmethod
     def _raise_first(results: Sequence[Any]) -> None:
