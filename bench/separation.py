@@ -828,6 +828,17 @@ def reactive_report(args: argparse.Namespace, rate: float, samples: list[Sample]
     return out
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN (an empty percentile) as null: the results file stays strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _count(items: Any) -> dict[str, int]:
     c: dict[str, int] = defaultdict(int)
     for x in items:
@@ -1085,8 +1096,8 @@ def targets(reactive: dict[str, Any] | None,
             if not r:
                 continue
             p99 = r["latency_ms"]["p99"]
-            met = (p99 == p99 and p99 <= TARGET_P99_MS and r["removed"] == r["samples"]
-                   and bg >= 0.95 * TARGET_BACKGROUND)
+            met = (p99 is not None and p99 == p99 and p99 <= TARGET_P99_MS
+                   and r["removed"] == r["samples"] and bg >= 0.95 * TARGET_BACKGROUND)
             out.append({"target": f"reactive {label.replace('_', ' -> ')}: p99 <= 1 s with "
                                   "100 events/s of background traffic, every one removed",
                         "value": f"p99 {fmt(p99)} ms, {r['removed']}/{r['samples']} removed, "
@@ -1235,9 +1246,9 @@ async def amain(args: argparse.Namespace, root: Path) -> int:
         reactive = reactive if reactive is not None else old.get("reactive")
         reconcile = reconcile if reconcile is not None else old.get("reconcile")
         RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps({"meta": meta, "reactive": reactive,
-                                       "reconcile": reconcile,
-                                       "targets": targets(reactive, reconcile)}, indent=2))
+        RESULTS.write_text(json.dumps(_json_safe({
+            "meta": meta, "reactive": reactive, "reconcile": reconcile,
+            "targets": targets(reactive, reconcile)}), indent=2, allow_nan=False))
         print(f"\nresults written to {RESULTS.relative_to(REPO)}")
     return 0
 
