@@ -234,7 +234,7 @@ class EncryptedSender:
     Call :meth:`start` once and :meth:`close` at shutdown.
 
     The user must be a namespace user, not the appservice's ``sender_localpart``: Synapse
-    refuses ``/sync`` to an appservice's sender (``NotImplementedError``, an HTTP 500), so
+    refuses ``/sync`` to an appservice's sender (it answers HTTP 500), so
     that identity cannot follow device lists or receive keys. Pass ``appservice_sender`` to
     have that mistake refused here rather than as a device that never becomes ready.
     """

@@ -99,9 +99,11 @@ class Debouncer:
 
 
 @contextlib.asynccontextmanager
-async def standalone_sync(loaded: LoadedConfig, secrets: dict[str, Secret], *,
-                          clock_ms: Callable[[], int]) -> AsyncIterator[DirectorySync]:
-    """A sync service with its own store and homeserver client (for the CLI)."""
+async def standalone_services(loaded: LoadedConfig, secrets: dict[str, Secret], *,
+                              clock_ms: Callable[[], int],
+                              ) -> AsyncIterator[tuple[Store, MatrixClient, Executor, Metrics]]:
+    """A store, homeserver client and executor of the CLI's own (no running service):
+    what ``enclave sync`` and ``enclave separation``/``explain`` build their service on."""
     from ..app import build_store
 
     cfg = loaded.config
@@ -119,17 +121,25 @@ async def standalone_sync(loaded: LoadedConfig, secrets: dict[str, Secret], *,
             executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
                                 metrics=metrics)
             executor.installation_id = iid
-            sync = build_directory_sync(loaded, secrets, store=store, client=client,
-                                        executor=executor, metrics=metrics, clock_ms=clock_ms)
-            if sync is None:
-                raise LookupError("the configuration has no directory: section")
-            from ..separation.build import build_separation
-
-            separation = build_separation(loaded, store=store, client=client,
-                                          executor=executor, metrics=metrics,
-                                          clock_ms=clock_ms)
-            if separation is not None:  # as in the running service (app.py)
-                sync.room_edits = separation.managed_room_edits
-            yield sync
+            yield store, client, executor, metrics
     finally:
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def standalone_sync(loaded: LoadedConfig, secrets: dict[str, Secret], *,
+                          clock_ms: Callable[[], int]) -> AsyncIterator[DirectorySync]:
+    """A sync service with its own store and homeserver client (for the CLI)."""
+    from ..separation.build import build_separation
+
+    async with standalone_services(loaded, secrets, clock_ms=clock_ms) as (
+            store, client, executor, metrics):
+        sync = build_directory_sync(loaded, secrets, store=store, client=client,
+                                    executor=executor, metrics=metrics, clock_ms=clock_ms)
+        if sync is None:
+            raise LookupError("the configuration has no directory: section")
+        separation = build_separation(loaded, store=store, client=client, executor=executor,
+                                      metrics=metrics, clock_ms=clock_ms)
+        if separation is not None:  # as in the running service (app.py)
+            sync.room_edits = separation.managed_room_edits
+        yield sync

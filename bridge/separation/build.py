@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
-
 from ..config import LoadedConfig, Secret
 from ..matrix.client import MatrixClient
 from ..matrix.executor import Executor
@@ -34,27 +32,12 @@ async def standalone_separation(loaded: LoadedConfig, secrets: dict[str, Secret]
                                 clock_ms: Callable[[], int],
                                 ) -> AsyncIterator[SeparationService]:
     """A separation service with its own store and homeserver client (for the CLI)."""
-    from ..app import build_store
+    from ..directory.build import standalone_services
 
-    cfg = loaded.config
-    store = build_store(loaded, secrets)
-    await store.open()
-    try:
-        await store.check_schema()
-        iid = await store.get_kv("installation_id") or ""
-        async with aiohttp.ClientSession(json_serialize=None) as session:
-            metrics = Metrics()
-            client = MatrixClient(
-                session, cfg.homeserver.url, secrets["appservice.as_token"].get(),
-                max_retries=cfg.homeserver.max_retries, timeout=cfg.homeserver.timeout_seconds,
-                on_rate_limited=metrics.rate_limited.inc)
-            executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
-                                metrics=metrics)
-            executor.installation_id = iid
-            svc = build_separation(loaded, store=store, client=client, executor=executor,
-                                   metrics=metrics, clock_ms=clock_ms)
-            if svc is None:
-                raise LookupError("the configuration has no policy: section")
-            yield svc
-    finally:
-        await store.close()
+    async with standalone_services(loaded, secrets, clock_ms=clock_ms) as (
+            store, client, executor, metrics):
+        svc = build_separation(loaded, store=store, client=client, executor=executor,
+                               metrics=metrics, clock_ms=clock_ms)
+        if svc is None:
+            raise LookupError("the configuration has no policy: section")
+        yield svc
