@@ -48,6 +48,21 @@ class Metrics:
         self.separation_enforced = Counter(
             "enclave_separation_enforced", "Separation actions decided by layer (reactive, "
             "reconcile) and action kind", ["layer", "kind"], registry=r)
+        self.archived_events = Counter(
+            "enclave_archived_events", "Events written to the compliance archive by path "
+            "(live, backfill)", ["path"], registry=r)
+        self.archived_media = Counter(
+            "enclave_archived_media", "Media files copied to the archive by outcome",
+            ["outcome"], registry=r)
+        self.purged_events = Counter(
+            "enclave_purged_events", "Events purged from the homeserver after archiving",
+            registry=r)
+        self.purge_step_seconds = Histogram(
+            "enclave_purge_step_seconds", "Duration of one bounded purge step on the homeserver",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
+        self.retention_last_success = Gauge(
+            "enclave_retention_last_success_timestamp_seconds",
+            "When a retention run last finished without failures", registry=r)
         self.gate_checks = Counter(
             "enclave_gate_checks", "Gate checks from the Synapse module by check and outcome "
             "(allow, deny, error, bad_request, unauthorized)", ["check", "outcome"],

@@ -22,6 +22,7 @@ from .bots import BotsConfig
 from .directory import DirectoryConfig
 from .gate import GateConfig
 from .policy import PolicyConfig
+from .retention import RetentionConfig, check_room_classes
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
 
@@ -169,6 +170,21 @@ class EnclaveConfig(StrictModel):
     gate: GateConfig | None = None
     bots: BotsConfig | None = None
     policy: PolicyConfig | None = None
+    # after policy: its validator reads the room classes
+    retention: RetentionConfig | None = None
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_classes(cls, v: RetentionConfig | None,
+                           info: ValidationInfo) -> RetentionConfig | None:
+        # A field validator (not a model one) and a located ValidationError, so an unknown
+        # class is reported at retention.classes[i].room_class and its line. Without a
+        # policy section there are no room classes to check against; with an invalid one,
+        # its own errors are reported instead.
+        policy = info.data.get("policy")
+        if v is not None and isinstance(policy, PolicyConfig):
+            check_room_classes(v, [c.id for c in policy.room_classes])
+        return v
 
     @property
     def bot_user_id(self) -> str:

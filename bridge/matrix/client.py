@@ -316,6 +316,93 @@ class MatrixClient:
                                   user_id=admin)
         return list(body.get("joined_rooms", []))
 
+    # -- retention: history, purge, media ----------------------------------------------
+    async def admin_room_messages(
+        self, room_id: str, *, admin: str, from_token: str | None = None, dir: str = "f",
+        limit: int = 1000,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of a room's timeline through the admin API (any room, member or not).
+
+        Without ``from_token`` a forward read starts at the room's beginning. Returns
+        (events, next token); the token is None at the end."""
+        query = {"dir": dir, "limit": str(limit)}
+        if from_token is not None:
+            query["from"] = from_token
+        body = await self.request("GET", f"/_synapse/admin/v1/rooms/{q(room_id)}/messages",
+                                  query=query, user_id=admin)
+        chunk = body.get("chunk") or []
+        end = body.get("end")
+        return list(chunk), (end if chunk and end else None)
+
+    async def admin_purge_history(self, room_id: str, *, admin: str, up_to_ts: int,
+                                  delete_local_events: bool = True) -> str:
+        """Start purging the room's history before ``up_to_ts``; returns the purge id."""
+        body = await self.request(
+            "POST", f"/_synapse/admin/v1/purge_history/{q(room_id)}", user_id=admin,
+            json={"purge_up_to_ts": up_to_ts, "delete_local_events": delete_local_events})
+        return str(body["purge_id"])
+
+    async def admin_purge_status(self, purge_id: str, *, admin: str) -> tuple[str, str | None]:
+        """(status, error) of a purge: active, complete or failed."""
+        body = await self.request(
+            "GET", f"/_synapse/admin/v1/purge_history_status/{q(purge_id)}", user_id=admin)
+        return str(body.get("status", "unknown")), body.get("error")
+
+    async def download_media(self, mxc: str, *, max_bytes: int) -> tuple[bytes, str | None]:
+        """The bytes and content type of ``mxc://server/id`` (authenticated media API).
+
+        Raises :class:`MatrixRequestError` (413 when larger than ``max_bytes``)."""
+        server, media_id = parse_mxc(mxc)
+        path = f"/_matrix/client/v1/media/download/{q(server)}/{q(media_id)}"
+        headers = {"Authorization": f"Bearer {self._as_token}"}
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._session.get(self.base_url + path, headers=headers,
+                                             timeout=self.timeout) as resp:
+                    if resp.status != 200:
+                        raw = await resp.read()
+                        body = _decode(raw)
+                        errcode = body.get("errcode", "M_UNKNOWN") if isinstance(
+                            body, dict) else "M_UNKNOWN"
+                        if resp.status >= 500 and attempt <= self.max_retries:
+                            await self._sleep(self._backoff(attempt))
+                            continue
+                        raise MatrixRequestError(resp.status, errcode,
+                                                 str(body.get("error", "")), "GET", path)
+                    if resp.content_length is not None and resp.content_length > max_bytes:
+                        raise MatrixRequestError(413, "M_TOO_LARGE",
+                                                 f"{resp.content_length} bytes", "GET", path)
+                    data = await resp.content.read(max_bytes + 1)
+                    if len(data) > max_bytes:
+                        raise MatrixRequestError(413, "M_TOO_LARGE", f"over {max_bytes} bytes",
+                                                 "GET", path)
+                    return data, resp.headers.get("Content-Type")
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if attempt > self.max_retries:
+                    raise HomeserverUnavailable(f"GET {path}: {type(e).__name__}: {e}") from e
+                await self._sleep(self._backoff(attempt))
+
+    async def admin_delete_media(self, mxc: str, *, admin: str) -> bool:
+        """Delete one local media item; False when the homeserver does not have it."""
+        server, media_id = parse_mxc(mxc)
+        try:
+            await self.request("DELETE", f"/_synapse/admin/v1/media/{q(server)}/{q(media_id)}",
+                               user_id=admin)
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def redact(self, room_id: str, event_id: str, txn_id: str, *,
+                     user_id: str | None = None, reason: str | None = None) -> str:
+        body = await self.request(
+            "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/redact/{q(event_id)}/{q(txn_id)}",
+            json={"reason": reason} if reason else {}, user_id=user_id)
+        return str(body.get("event_id", ""))
+
     async def resolve_alias(self, alias: str) -> str | None:
         """The room id of ``#alias:server``, or None if no room has it."""
         try:
@@ -353,6 +440,16 @@ class MatrixClient:
                   "admin": admin, "mac": mac.hexdigest(), "inhibit_login": True},
         )
         return body["user_id"]
+
+
+def parse_mxc(mxc: str) -> tuple[str, str]:
+    """('server', 'media id') of an ``mxc://`` URI; ValueError if it is not one."""
+    if not isinstance(mxc, str) or not mxc.startswith("mxc://"):
+        raise ValueError(f"not an mxc:// URI: {mxc!r}")
+    server, _, media_id = mxc[len("mxc://"):].partition("/")
+    if not server or not media_id or "/" in media_id:
+        raise ValueError(f"not an mxc:// URI: {mxc!r}")
+    return server, media_id
 
 
 def _decode(raw: bytes) -> Any:

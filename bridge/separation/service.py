@@ -108,6 +108,8 @@ class SeparationService:
         self._policy: SeparationPolicy | None = None
         self._built_at = 0
         self._lock = asyncio.Lock()
+        # more initial state for a new room of a class (retention adds m.room.retention)
+        self.creation_state: Callable[[str], list[dict[str, Any]]] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         executor.register(NotifyUser, self._apply_notice)
 
@@ -141,13 +143,26 @@ class SeparationService:
     # -- gate --------------------------------------------------------------------------------
     async def decide_gate(self, req: GateRequest) -> GateAnswer:
         """Answer one gate question with the same decisions the other layers use."""
-        return decide_gate(await self.policy(), req)
+        p = await self.policy()
+        if req.check == "create_room" and self.creation_state is not None:
+            c = p.decide_create_room(req.user, thaw(req.create) or {})
+            return answer(c.decision, self._with_extra_state(c) if c.decision.allow else None)
+        return decide_gate(p, req)
+
+    def _with_extra_state(self, c: Any) -> dict[str, Any] | None:
+        assert self.creation_state is not None
+        extra = self.creation_state(c.room_class.id)
+        if not extra:
+            return c.edits
+        edits = dict(c.edits or {})
+        edits["initial_state"] = [*(edits.get("initial_state") or []), *extra]
+        return edits
 
     async def managed_room_edits(self, body: dict[str, Any]) -> dict[str, Any]:
         """A managed room's createRoom body with its class state (directory sync's hook)."""
         p = await self.policy()
         c = p.decide_create_room(self.bot_user_id, body)
-        return apply_edits(body, c.edits)
+        return apply_edits(body, self._with_extra_state(c) if self.creation_state else c.edits)
 
     # -- reactive ----------------------------------------------------------------------------
     async def room_facts(self, room_id: str, event: dict[str, Any] | None = None) -> RoomFacts:

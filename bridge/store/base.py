@@ -182,6 +182,84 @@ class AnnouncementMessage:
     sent_at: int
 
 
+@dataclass(frozen=True)
+class ArchivedEvent:
+    """The index row of one archived event: where its JSON line is (segment, 1-based line)."""
+
+    event_id: str
+    room_id: str
+    sender: str | None
+    type: str
+    state_key: str | None
+    ts: int  # origin_server_ts
+    segment: str
+    line: int
+    archived_at: int
+    purged_at: int | None = None  # the homeserver's copy was purged then
+
+
+@dataclass(frozen=True)
+class ArchiveHead:
+    """The last committed manifest entry of a room's archive (count and chained hash)."""
+
+    room_id: str
+    entries: int
+    head: str
+    segment: str | None
+    segment_bytes: int
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class ArchivedMedia:
+    mxc: str
+    sha256: str
+    size: int
+    content_type: str | None
+    room_id: str
+    event_id: str | None
+    ts: int | None
+    archived_at: int
+    deleted_at: int | None = None
+
+
+@dataclass(frozen=True)
+class HoldRecord:
+    """A legal hold as stored (``bridge.retention`` converts it to the policy's ``Hold``).
+
+    Empty ``users`` / ``rooms``: any sender / any room."""
+
+    id: str
+    case_id: str
+    reason: str
+    placed_by: str
+    users: tuple[str, ...]
+    rooms: tuple[str, ...]
+    since_ms: int | None
+    until_ms: int | None
+    created_at: int
+    released_at: int | None = None
+    released_by: str | None = None
+
+
+@dataclass(frozen=True)
+class RetentionRoom:
+    room_id: str
+    room_class: str | None
+    override_ms: int | None  # a moderator's adjustment of the period
+    override_by: str | None
+    purged_up_to: int | None  # history before this origin_server_ts is purged
+    last_purge_at: int | None
+    notice_event_id: str | None
+    state_set_at: int | None
+    updated_at: int
+
+
+class ArchiveConflict(Exception):
+    """The archive head in the store is already at or past the head being committed
+    (a second writer on the same archive, or a stale one)."""
+
+
 class Store(ABC):
     """Durable state of one Enclave installation."""
 
@@ -480,3 +558,103 @@ class Store(ABC):
     async def announcement_messages_in_room(self, room_id: str,
                                             limit: int = 20) -> list[AnnouncementMessage]:
         """The bot's latest messages in a room, newest first."""
+
+    # -- retention -----------------------------------------------------------------------
+    @abstractmethod
+    async def archive_commit(self, events: Sequence[ArchivedEvent], head: ArchiveHead,
+                             media: Sequence[ArchivedMedia] = ()) -> int:
+        """Index archived events and media and move the room's head, in one commit.
+
+        Events already indexed and media already known (by mxc) are left as they are;
+        returns the events inserted. Raises :class:`ArchiveConflict` (writing nothing)
+        unless ``head.entries`` is past the stored head."""
+
+    @abstractmethod
+    async def archive_known(self, event_ids: Sequence[str]) -> set[str]:
+        """The ids among ``event_ids`` that are already indexed."""
+
+    @abstractmethod
+    async def archive_events_by_id(self, event_ids: Sequence[str]) -> list[ArchivedEvent]:
+        """The index rows of these events (unknown ids left out), in archive order."""
+
+    @abstractmethod
+    async def archive_head(self, room_id: str) -> ArchiveHead | None:
+        """The room's committed archive head, or None before its first entry."""
+
+    @abstractmethod
+    async def archive_heads(self) -> list[ArchiveHead]:
+        """Every room's archive head, in room id order."""
+
+    @abstractmethod
+    async def archive_query(
+        self, *, room_id: str | None = None, senders: Sequence[str] | None = None,
+        since_ms: int | None = None, until_ms: int | None = None,
+        include_purged: bool = True,
+        after: tuple[int, str, int] | tuple[int, str, int, str] | None = None,
+        limit: int = 10000,
+    ) -> list[ArchivedEvent]:
+        """Indexed events in (ts, segment, line, room id) order; since/until inclusive.
+
+        ``after``: keyset paging from the last row of the previous page, (ts, segment,
+        line) within one room, (ts, segment, line, room id) across rooms."""
+
+    @abstractmethod
+    async def archive_timestamps(self, room_id: str, *,
+                                 unpurged_only: bool = True) -> list[tuple[int, str | None]]:
+        """(origin_server_ts, sender) of the room's indexed events, in archive order."""
+
+    @abstractmethod
+    async def archive_rooms(self) -> dict[str, int]:
+        """Room id -> indexed events (purged ones included)."""
+
+    @abstractmethod
+    async def archive_segments(self, room_id: str) -> list[tuple[str, int, int, int]]:
+        """(segment, events, first ts, last ts) of the room's indexed segments, by name."""
+
+    @abstractmethod
+    async def archive_mark_purged(self, room_id: str, up_to_ts: int, now_ms: int) -> int:
+        """Mark the room's events with ts < ``up_to_ts`` purged; return how many changed."""
+
+    @abstractmethod
+    async def archive_drop_segment(self, room_id: str, segment: str,
+                                   head: ArchiveHead | None = None) -> int:
+        """Drop the index rows of a pruned segment (and move the head, same commit)."""
+
+    @abstractmethod
+    async def archive_media_get(self, mxc: str) -> ArchivedMedia | None: ...
+
+    @abstractmethod
+    async def archive_media_list(self, room_id: str | None = None, *,
+                                 sha256: str | None = None) -> list[ArchivedMedia]:
+        """Archived media (of one room, with one hash), by ts then mxc."""
+
+    @abstractmethod
+    async def archive_media_mark_deleted(self, mxcs: Sequence[str], now_ms: int) -> None:
+        """Mark media deleted from the homeserver (the archive's copy stays)."""
+
+    @abstractmethod
+    async def hold_add(self, hold: HoldRecord, audit: AuditRecord) -> bool:
+        """Insert a hold and its audit record in one commit; False if the id exists."""
+
+    @abstractmethod
+    async def hold_release(self, hold_id: str, by: str, now_ms: int,
+                           audit: AuditRecord) -> bool:
+        """Release an active hold (audit in the same commit); False if none was active."""
+
+    @abstractmethod
+    async def holds(self, *, include_released: bool = False) -> list[HoldRecord]:
+        """Holds by creation time (active ones only unless ``include_released``)."""
+
+    @abstractmethod
+    async def hold_get(self, hold_id: str) -> HoldRecord | None: ...
+
+    @abstractmethod
+    async def retention_room_get(self, room_id: str) -> RetentionRoom | None: ...
+
+    @abstractmethod
+    async def retention_room_put(self, room: RetentionRoom) -> None:
+        """Insert or replace the room's retention state."""
+
+    @abstractmethod
+    async def retention_rooms(self) -> list[RetentionRoom]:
+        """Every room's retention state, by room id."""

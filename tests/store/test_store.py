@@ -80,6 +80,15 @@ EXPECTED_TABLES = {
                                 "last_reminder_at", "escalated_at", "escalated_to"},
     "announcement_messages": {"event_id", "room_id", "announcement_id", "occurrence_id",
                               "kind", "target", "sent_at"},
+    "archive_events": {"event_id", "room_id", "sender", "type", "state_key", "ts", "segment",
+                       "line", "archived_at", "purged_at"},
+    "archive_heads": {"room_id", "entries", "head", "segment", "segment_bytes", "updated_at"},
+    "archive_media": {"mxc", "sha256", "size", "content_type", "room_id", "event_id", "ts",
+                      "archived_at", "deleted_at"},
+    "legal_holds": {"id", "case_id", "reason", "placed_by", "users", "rooms", "since_ms",
+                    "until_ms", "created_at", "released_at", "released_by"},
+    "retention_rooms": {"room_id", "room_class", "override_ms", "override_by", "purged_up_to",
+                        "last_purge_at", "notice_event_id", "state_set_at", "updated_at"},
 }
 JOURNAL_COLUMNS = {"seq", "txn_id", "body", "received_at"}
 

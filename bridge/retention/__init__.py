@@ -1,0 +1,1 @@
+"""Retention: archive, legal holds, purge and export."""

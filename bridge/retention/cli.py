@@ -1,0 +1,297 @@
+"""``enclave retention``, ``enclave hold``, ``enclave archive`` and ``enclave export``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import secrets as pysecrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..store import Store
+from ..store.base import HoldRecord
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 3
+
+
+def _cli() -> Any:
+    from .. import cli
+
+    return cli
+
+
+def _needs_retention(args: argparse.Namespace) -> tuple[Any, dict] | None:
+    cli = _cli()
+    loaded, secrets = cli._load(args)
+    if loaded.config.retention is None:
+        cli._err(f"enclave {args.cmd}: the configuration has no retention: section")
+        return None
+    return loaded, secrets
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- enclave retention --------------------------------------------------------------------
+def cmd_retention(args: argparse.Namespace) -> int:
+    from ..app import wall_clock_ms
+    from ..policy.retention import format_duration
+    from .build import standalone_retention
+
+    got = _needs_retention(args)
+    if got is None:
+        return EXIT_CONFIG
+    loaded, secrets = got
+
+    def progress(line: str) -> None:
+        if args.format != "json":
+            print("  " + line, flush=True)
+
+    async def go() -> int:
+        async with standalone_retention(loaded, secrets, clock_ms=wall_clock_ms) as svc:
+            try:
+                run = await svc.run(apply=args.apply, rooms=args.room or None,
+                                    progress=progress)
+            except RuntimeError as e:
+                _cli()._err(f"enclave retention: {e}")
+                return EXIT_ERROR
+        due = held = deferred = purged = 0
+        for rr in run.rooms:
+            p = rr.plan
+            if args.format == "json":
+                print(orjson.dumps({
+                    "room": rr.room_id, "error": rr.error, "read": rr.read,
+                    "archived": rr.archived, "purged": rr.purged,
+                    "media_deleted": rr.media_deleted,
+                    "steps": [{"up_to_ts": s.up_to_ts, "seconds": round(s.seconds, 3)}
+                              for s in rr.steps],
+                    "plan": None if p is None else {
+                        "keep": format_duration(p.period.keep_ms), "rule": p.rule_id,
+                        "due_events": p.due_events, "held_events": p.held_events,
+                        "deferred_events": p.deferred_events, "cutoff_ms": p.cutoff_ms,
+                        "windows": len(p.windows), "holds": list(p.hold_ids),
+                        "reason": p.reason}}).decode())
+            if p is not None:
+                due += p.due_events
+                held += p.held_events
+                deferred += p.deferred_events
+            purged += rr.purged
+            if args.format == "json":
+                continue
+            if rr.error:
+                print(f"{rr.room_id}: FAILED, nothing more purged: {rr.error}")
+            elif p is not None and (p.due_events or p.held_events or args.verbose):
+                print(f"{rr.room_id}: keep {format_duration(p.period.keep_ms)} "
+                      f"[{p.rule_id}] due {p.due_events}, held {p.held_events}, "
+                      f"deferred {p.deferred_events}, cutoff {_when(p.cutoff_ms) or '-'}, "
+                      f"{len(p.windows)} step(s)"
+                      + (f", holds {', '.join(p.hold_ids)}" if p.hold_ids else "")
+                      + (f"; purged {rr.purged}" if args.apply else ""))
+        for f in run.findings:
+            if args.format == "json":
+                print(orjson.dumps({"finding": f}).decode())
+            else:
+                print(f"finding: {f}")
+        if args.format != "json":
+            verb = "purged" if args.apply else "would purge"
+            print(f"{len(run.rooms)} rooms: {due} events due, {held} held, {deferred} kept "
+                  f"beside held ones; {verb} {purged if args.apply else due - deferred}; "
+                  f"{len(run.failed)} failed")
+        return EXIT_OK if not run.failed else EXIT_ERROR
+
+    return asyncio.run(go())
+
+
+# -- enclave hold -------------------------------------------------------------------------
+def cmd_hold(args: argparse.Namespace) -> int:
+    from ..app import wall_clock_ms
+    from ..policy.retention import validate_hold
+    from .service import hold_from_record
+
+    cli = _cli()
+    if _needs_retention(args) is None:
+        return EXIT_CONFIG
+
+    async def run(store: Store) -> int:
+        now = wall_clock_ms()
+        if args.hold_cmd == "add":
+            rec = HoldRecord(
+                id=args.id or f"hold-{pysecrets.token_hex(4)}", case_id=args.case,
+                reason=args.reason, placed_by=args.by, users=tuple(args.user or ()),
+                rooms=tuple(args.room or ()),
+                since_ms=cli.parse_time(args.since) if args.since else None,
+                until_ms=cli.parse_time(args.until) if args.until else None,
+                created_at=now)
+            try:
+                validate_hold(hold_from_record(rec))
+            except ValueError as e:
+                cli._err(f"enclave hold add: {e}")
+                return 2
+            audit = _hold_audit(rec, now, "hold_add", args.by, args.reason)
+            if not await store.hold_add(rec, audit):
+                cli._err(f"enclave hold add: a hold with id {rec.id!r} exists")
+                return EXIT_ERROR
+            print(f"placed hold {rec.id} (case {rec.case_id})")
+            return EXIT_OK
+        if args.hold_cmd == "release":
+            rec = await store.hold_get(args.id)
+            if rec is None or rec.released_at is not None:
+                cli._err(f"enclave hold release: no active hold {args.id!r}")
+                return EXIT_ERROR
+            audit = _hold_audit(rec, now, "hold_release", args.by, args.reason)
+            if not await store.hold_release(args.id, args.by, now, audit):
+                cli._err(f"enclave hold release: no active hold {args.id!r}")
+                return EXIT_ERROR
+            print(f"released hold {args.id}; its events follow the retention policy again")
+            return EXIT_OK
+        holds = await store.holds(include_released=args.all)
+        rows = [{"id": h.id, "case": h.case_id, "users": " ".join(h.users),
+                 "rooms": " ".join(h.rooms), "since": _when(h.since_ms),
+                 "until": _when(h.until_ms), "placed_by": h.placed_by,
+                 "placed": _when(h.created_at), "released": _when(h.released_at),
+                 "reason": h.reason} for h in holds]
+        cli._print_rows(rows, args.format, list(rows[0]) if rows else ["id"], "legal holds")
+        return EXIT_OK
+
+    return asyncio.run(cli._with_store(args, run))
+
+
+def _hold_audit(rec: HoldRecord, now: int, kind: str, by: str, reason: str) -> Any:
+    from ..store.base import AuditRecord
+
+    return AuditRecord(
+        ts=now, source="cli", kind=kind, outcome="applied", actor=by,
+        rule_id="builtin.legal_hold", reason=reason,
+        detail=(f"hold {rec.id} case {rec.case_id}: users={list(rec.users)} "
+                f"rooms={list(rec.rooms)} since={rec.since_ms} until={rec.until_ms}"))
+
+
+# -- enclave archive verify ---------------------------------------------------------------
+def cmd_archive(args: argparse.Namespace) -> int:
+    from ..app import wall_clock_ms
+    from .build import build_archive
+
+    cli = _cli()
+    got = _needs_retention(args)
+    if got is None:
+        return EXIT_CONFIG
+    loaded, _ = got
+
+    async def run(store: Store) -> int:
+        archive = build_archive(loaded, store, wall_clock_ms)
+        report = await archive.verify(args.room)
+        if args.format == "json":
+            print(orjson.dumps({
+                "ok": report.ok, "rooms": report.rooms, "entries": report.entries,
+                "events": report.events, "media": report.media,
+                "problems": [p.__dict__ for p in report.problems]}).decode())
+        else:
+            print(f"checked {report.rooms} rooms, {report.entries} manifest entries, "
+                  f"{report.events} events, {report.media} media files")
+            for p in report.problems:
+                where = f"entry {p.entry}" if p.entry is not None else "manifest"
+                print(f"BROKEN {p.room_id} at {where}: {p.kind}: {p.detail}")
+            print("archive OK" if report.ok else "archive FAILED verification")
+        return EXIT_OK if report.ok else EXIT_ERROR
+
+    return asyncio.run(cli._with_store(args, run))
+
+
+# -- enclave export -----------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..app import wall_clock_ms
+    from .build import build_archive
+    from .export import ExportRequest, export_archive
+
+    cli = _cli()
+    got = _needs_retention(args)
+    if got is None:
+        return EXIT_CONFIG
+    loaded, _ = got
+    formats = frozenset(f.strip() for f in args.formats.split(",") if f.strip())
+    unknown = formats - {"jsonl", "html", "eml"}
+    if unknown or not formats:
+        cli._err(f"enclave export: unknown format(s) {sorted(unknown)}; use jsonl,html,eml")
+        return 2
+
+    async def run(store: Store) -> int:
+        if args.hold and await store.hold_get(args.hold) is None:
+            cli._err(f"enclave export: no hold {args.hold!r}")
+            return EXIT_ERROR
+        archive = build_archive(loaded, store, wall_clock_ms)
+        req = ExportRequest(
+            rooms=tuple(args.room or ()), users=tuple(args.user or ()),
+            since_ms=cli.parse_time(args.since) if args.since else None,
+            until_ms=cli.parse_time(args.until) if args.until else None,
+            hold_id=args.hold, formats=formats)
+        report = await export_archive(archive, store, Path(args.out), req)
+        print(f"exported {report.events} events of {report.rooms} rooms and {report.media} "
+              f"media files to {report.out_dir} ({len(report.files)} files)")
+        return EXIT_OK
+
+    return asyncio.run(cli._with_store(args, run))
+
+
+def add_retention_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("retention", parents=[common],
+                       help="retention: show (--plan) or run (--apply) archive-then-purge")
+    mode = s.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--plan", action="store_true",
+                      help="rooms, due/held event counts, cutoffs; changes nothing")
+    mode.add_argument("--apply", action="store_true",
+                      help="archive what is missing, then purge in bounded steps (progress)")
+    s.add_argument("--room", action="append", metavar="ROOM_ID",
+                   help="only these rooms (repeatable); default: every room")
+    s.add_argument("--verbose", action="store_true", help="also rooms with nothing due")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(fn=cmd_retention)
+
+    s = sub.add_parser("hold", help="legal holds: add, list, release")
+    h = s.add_subparsers(dest="hold_cmd", required=True)
+    x = h.add_parser("add", parents=[common], help="place a legal hold")
+    x.add_argument("--case", required=True, help="case or matter id")
+    x.add_argument("--reason", required=True)
+    x.add_argument("--by", required=True, help="who places it (recorded in the audit log)")
+    x.add_argument("--user", action="append", help="held sender (repeatable)")
+    x.add_argument("--room", action="append", help="held room (repeatable)")
+    x.add_argument("--since", help="only events from this time (ISO date/time, or 30d ago)")
+    x.add_argument("--until", help="only events up to this time")
+    x.add_argument("--id", help="hold id (default: generated)")
+    x = h.add_parser("list", parents=[common], help="active holds (--all: released too)")
+    x.add_argument("--all", action="store_true")
+    x.add_argument("--format", choices=["table", "json"], default="table")
+    x = h.add_parser("release", parents=[common], help="release a hold")
+    x.add_argument("id")
+    x.add_argument("--by", required=True)
+    x.add_argument("--reason", default="released")
+    s.set_defaults(fn=cmd_hold)
+
+    s = sub.add_parser("archive", help="the compliance archive: verify its hash chain")
+    a = s.add_subparsers(dest="archive_cmd", required=True)
+    x = a.add_parser("verify", parents=[common],
+                     help="check every segment, media file and manifest link; exit 1 if broken")
+    x.add_argument("--room", help="only this room")
+    x.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(fn=cmd_archive)
+
+    s = sub.add_parser("export", parents=[common],
+                       help="eDiscovery export from the archive (JSON Lines, HTML, EML)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--room", action="append", help="room id (repeatable)")
+    s.add_argument("--user", action="append", help="sender (repeatable)")
+    s.add_argument("--since")
+    s.add_argument("--until")
+    s.add_argument("--hold", help="everything a legal hold covers")
+    s.add_argument("--formats", default="jsonl,html,eml", help="comma separated")
+    s.set_defaults(fn=cmd_export)
+
+
+def _unused() -> None:  # keep sys imported for callers that patch stdout
+    sys.stdout.flush()

@@ -1,0 +1,705 @@
+"""Retention as a running service: the live archive feed, archive-before-purge runs, legal
+holds and the period's visibility in rooms.
+
+Decisions (periods, cutoffs, windows, holds, adjustments) come from the pure
+:class:`~bridge.policy.retention.RetentionPolicy`; this module reads the homeserver and the
+archive, and carries the decisions out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config.retention import RetentionConfig
+from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
+from ..matrix.executor import Executor
+from ..metrics import Metrics
+from ..policy.actions import Action, Invite, Join, SendEvent, SetState
+from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
+from ..store import Store
+from ..store.base import AuditRecord, HoldRecord, RetentionRoom
+from .archive import ArchiveWriter
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "retention-purge"
+RETENTION_STATE = "m.room.retention"
+TOPIC_COMPONENT = "retention.topic"
+_COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
+_ADMIN_PAGE = 1000
+
+
+def hold_from_record(r: HoldRecord) -> Hold:
+    return Hold(id=r.id, case_id=r.case_id, reason=r.reason, placed_by=r.placed_by,
+                users=frozenset(r.users), rooms=frozenset(r.rooms), since_ms=r.since_ms,
+                until_ms=r.until_ms, created_at=r.created_at, released_at=r.released_at,
+                released_by=r.released_by)
+
+
+def media_refs(event: Mapping[str, Any]) -> list[str]:
+    """mxc:// URIs an event's content points at (file, thumbnail; plain or encrypted)."""
+    content = event.get("content")
+    if not isinstance(content, Mapping):
+        return []
+    out: list[str] = []
+
+    def take(v: Any) -> None:
+        if isinstance(v, str) and v.startswith("mxc://") and v not in out:
+            out.append(v)
+        elif isinstance(v, Mapping):
+            take(v.get("url"))
+
+    take(content.get("url"))
+    take(content.get("file"))
+    info = content.get("info")
+    if isinstance(info, Mapping):
+        take(info.get("thumbnail_url"))
+        take(info.get("thumbnail_file"))
+    return out
+
+
+@dataclass
+class PurgeStep:
+    up_to_ts: int
+    seconds: float
+    status: str
+
+
+@dataclass
+class RoomRun:
+    """What a retention run did (or would do) in one room."""
+
+    room_id: str
+    plan: PurgePlan | None = None
+    read: int = 0  # events read back through the admin API
+    archived: int = 0  # of those, missing from the archive and written now
+    media_archived: int = 0
+    steps: list[PurgeStep] = field(default_factory=list)
+    purged: int = 0
+    media_deleted: int = 0
+    error: str | None = None
+
+
+@dataclass
+class RetentionRun:
+    rooms: list[RoomRun] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    visibility: int = 0
+
+    @property
+    def failed(self) -> list[RoomRun]:
+        return [r for r in self.rooms if r.error is not None]
+
+
+class RetentionService:
+    """Archives every event it is given, purges what is due, and keeps holds."""
+
+    def __init__(self, config: RetentionConfig, *, store: Store, client: MatrixClient,
+                 executor: Executor, archive: ArchiveWriter, metrics: Metrics,
+                 clock_ms: Callable[[], int], server_name: str, bot_user_id: str,
+                 admin_user_id: str, service_prefix: str,
+                 classify: Callable[[str], Awaitable[str | None]] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.config = config
+        self.policy = RetentionPolicy(config)
+        self.store = store
+        self.client = client
+        self.executor = executor
+        self.archive = archive
+        self.metrics = metrics
+        self.clock_ms = clock_ms
+        self.server_name = server_name
+        self.bot_user_id = bot_user_id
+        self.admin_user_id = admin_user_id
+        self.service_prefix = service_prefix
+        self.classify = classify
+        self._sleep = sleep
+        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+
+    def replace_config(self, config: RetentionConfig) -> None:
+        self.config = config
+        self.policy = RetentionPolicy(config)
+
+    def is_service(self, user: str | None) -> bool:
+        if not user:
+            return False
+        local = user[1:].partition(":")[0]
+        return user.endswith(":" + self.server_name) and (
+            user in (self.bot_user_id, self.admin_user_id)
+            or local.startswith(self.service_prefix))
+
+    # -- periods and holds -------------------------------------------------------------
+    async def room_class(self, room_id: str) -> str | None:
+        if self.classify is None:
+            return None
+        return await self.classify(room_id)
+
+    async def period(self, room_id: str, room_class: str | None = None) -> Period:
+        if room_class is None:
+            room_class = await self.room_class(room_id)
+        row = await self.store.retention_room_get(room_id)
+        override = row.override_ms if row is not None else None
+        return self.policy.period_for(room_class, override_ms=override)
+
+    async def active_holds(self) -> list[Hold]:
+        return [hold_from_record(r) for r in await self.store.holds()]
+
+    async def add_hold(self, record: HoldRecord, *, source: str = "cli") -> bool:
+        """Place a legal hold; the audit record is written in the same commit."""
+        from ..policy.retention import validate_hold
+
+        validate_hold(hold_from_record(record))
+        audit = AuditRecord(
+            ts=self.clock_ms(), source=source, kind="hold_add", outcome="applied",
+            actor=record.placed_by, rule_id="builtin.legal_hold", reason=record.reason,
+            detail=(f"hold {record.id} case {record.case_id}: users={list(record.users)} "
+                    f"rooms={list(record.rooms)} since={record.since_ms} "
+                    f"until={record.until_ms}"))
+        return await self.store.hold_add(record, audit)
+
+    async def release_hold(self, hold_id: str, *, by: str, reason: str,
+                           source: str = "cli") -> bool:
+        audit = AuditRecord(ts=self.clock_ms(), source=source, kind="hold_release",
+                            outcome="applied", actor=by, rule_id="builtin.legal_hold",
+                            reason=reason, detail=f"hold {hold_id} released")
+        return await self.store.hold_release(hold_id, by, self.clock_ms(), audit)
+
+    # -- the live feed -----------------------------------------------------------------
+    async def handle_event(self, event: dict[str, Any], meta: Any) -> Sequence[Action]:
+        """The inbox handler: archive the event (and its media) before anything else.
+
+        An archive failure raises, so the inbox retries the event later: nothing is lost and
+        the archive's index keeps a retry from writing it twice."""
+        if not self.config.enabled:
+            return []
+        room_id = event.get("room_id") or getattr(meta, "room_id", "") or ""
+        if not room_id or not isinstance(event.get("event_id"), str):
+            return []
+        if getattr(meta, "kind", "pdu") != "pdu":
+            return []
+        res = await self.archive.append(room_id, [event])
+        self.metrics.archived_events.labels(path="live").inc(res.written)
+        await self.copy_media(room_id, [event])
+        actions: list[Action] = []
+        etype = event.get("type")
+        if etype == RETENTION_STATE and event.get("state_key") == "":
+            actions += await self.on_retention_state(room_id, event)
+        elif etype == "m.room.message":
+            body = (event.get("content") or {}).get("body")
+            if isinstance(body, str) and body.startswith("!retention"):
+                actions += await self.on_command(room_id, event, body)
+        return actions
+
+    async def copy_media(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> int:
+        """Copy media the events refer to into the archive; returns files copied.
+
+        A homeserver outage raises (the caller retries); media the homeserver refuses or no
+        longer has is logged and audited, and does not block the room."""
+        acfg = self.config.archive
+        if not acfg.media:
+            return 0
+        copied = 0
+        for ev in events:
+            for mxc in media_refs(ev):
+                if await self.archive.has_media(mxc):
+                    continue
+                try:
+                    parse_mxc(mxc)
+                    data, ctype = await self.client.download_media(
+                        mxc, max_bytes=acfg.max_media_bytes)
+                except (ValueError, MatrixRequestError) as e:
+                    self.metrics.archived_media.labels(outcome="unavailable").inc()
+                    log.warning("media %s of %s not archived: %s", mxc, ev.get("event_id"), e)
+                    await self.store.add_audit(AuditRecord(
+                        ts=self.clock_ms(), source="retention", kind="archive_media",
+                        outcome="failed", room_id=room_id, rule_id="builtin.archive",
+                        reason="media could not be copied", detail=f"{mxc}: {e}"))
+                    continue
+                await self.archive.put_media(room_id, str(ev.get("event_id")), mxc, data,
+                                             ctype, int(ev.get("origin_server_ts") or 0))
+                self.metrics.archived_media.labels(outcome="copied").inc()
+                copied += 1
+        return copied
+
+    # -- who can act in a room ---------------------------------------------------------
+    async def _room_state(self, room_id: str) -> list[dict[str, Any]]:
+        return await self.client.admin_room_state(room_id, admin=self.admin_user_id) or []
+
+    def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
+        """A joined local member able to send ``event_type`` state: the bot first, then the
+        most powerful; None if nobody can."""
+        members = {e.get("state_key"): (e.get("content") or {}).get("membership")
+                   for e in state if e.get("type") == "m.room.member"}
+        create = next((e for e in state if e.get("type") == "m.room.create"), {})
+        pl = next((e.get("content") or {} for e in state
+                   if e.get("type") == "m.room.power_levels"), None)
+        creators = {create.get("sender")} | set(
+            (create.get("content") or {}).get("additional_creators") or [])
+        v12 = str((create.get("content") or {}).get("room_version", "")) == "12"
+        if pl is None:
+            # no power levels: the creator has 100, everybody else 0
+            needed, users, default = 0, {u: 100 for u in creators if u}, 0
+        else:
+            needed = _int((pl.get("events") or {}).get(event_type),
+                          _int(pl.get("state_default"), 50))
+            users, default = pl.get("users") or {}, _int(pl.get("users_default"), 0)
+
+        def power(u: str) -> float:
+            if v12 and u in creators:
+                return float("inf")
+            return _int(users.get(u), default)
+
+        local = [u for u, m in members.items()
+                 if m == "join" and isinstance(u, str) and u.endswith(":" + self.server_name)]
+        ranked = sorted(local, key=lambda u: (u != self.bot_user_id, -power(u), u))
+        for u in ranked:
+            if power(u) >= needed:
+                return u
+        return None
+
+    # -- m.room.retention and adjustments ------------------------------------------------
+    async def on_retention_state(self, room_id: str, event: Mapping[str, Any]) -> list[Action]:
+        """Someone other than Enclave changed the retention state: put it back."""
+        sender = event.get("sender")
+        period = await self.period(room_id)
+        expected = self.policy.retention_state(period)
+        d = self.policy.decide_retention_event(
+            sender_is_service=self.is_service(sender), content=event.get("content") or {},
+            expected=expected)
+        if d.allow:
+            return []
+        actor = self._state_sender(await self._room_state(room_id), RETENTION_STATE)
+        if actor is None:
+            log.warning("retention state in %s changed by %s and nobody can put it back",
+                        room_id, sender)
+            await self.store.add_audit(AuditRecord(
+                ts=self.clock_ms(), source="retention", kind="set_state", outcome="failed",
+                room_id=room_id, user_id=sender, rule_id=d.rule_id, reason=d.reason,
+                detail="no local member with the power to revert m.room.retention"))
+            return []
+        return [SetState(rule_id=d.rule_id, reason=f"{d.reason} (changed by {sender})",
+                         actor=actor, room=room_id, event_type=RETENTION_STATE,
+                         content=dict(expected))]
+
+    async def on_command(self, room_id: str, event: Mapping[str, Any],
+                         body: str) -> list[Action]:
+        """``!retention`` shows the period; ``!retention 30d`` asks to change it."""
+        sender = str(event.get("sender", ""))
+        if self.is_service(sender):
+            return []
+        m = _COMMAND_RE.match(body.strip())
+        state = await self._room_state(room_id)
+        bot_joined = any(e.get("type") == "m.room.member" and e.get("state_key") ==
+                         self.bot_user_id and (e.get("content") or {}).get("membership") ==
+                         "join" for e in state)
+        room_class = await self.room_class(room_id)
+        period = await self.period(room_id, room_class)
+        reply: str
+        actions: list[Action] = []
+        if m is None or m.group(1) is None:
+            reply = self.policy.notice_text(period)
+        else:
+            try:
+                requested = parse_duration(m.group(1))
+            except ValueError as e:
+                requested, reply = None, f"Cannot read {m.group(1)!r}: {e}"
+            else:
+                d = self.policy.decide_adjustment(room_class, _power_of(state, sender),
+                                                  requested)
+                if d.allow:
+                    now = self.clock_ms()
+                    old = await self.store.retention_room_get(room_id)
+                    await self.store.retention_room_put(_room_row(
+                        old, room_id, room_class, now, override_ms=requested,
+                        override_by=sender))
+                    await self.store.add_audit(AuditRecord(
+                        ts=now, source="retention", kind="retention_adjust",
+                        outcome="applied", actor=sender, room_id=room_id, rule_id=d.rule_id,
+                        reason=d.reason, detail=f"period set to {m.group(1)}"))
+                    new_period = self.policy.period_for(room_class, override_ms=requested)
+                    actor = self._state_sender(state, RETENTION_STATE)
+                    if actor is not None and self.config.visibility.set_state:
+                        actions.append(SetState(
+                            rule_id=d.rule_id, reason=f"adjusted by {sender}", actor=actor,
+                            room=room_id, event_type=RETENTION_STATE,
+                            content=self.policy.retention_state(new_period)))
+                    reply = (f"{self.policy.notice_text(new_period)} (changed by {sender})")
+                else:
+                    reply = d.message or d.reason
+        if bot_joined:
+            actions.append(SendEvent(
+                rule_id="builtin.retention_command", reason="answer to !retention",
+                room=room_id, event_type="m.room.message",
+                content={"msgtype": "m.notice", "body": reply}))
+        return actions
+
+    # -- visibility ----------------------------------------------------------------------
+    async def ensure_visibility(self, room_id: str, period: Period,
+                                state: Sequence[Mapping[str, Any]], *,
+                                apply: bool) -> list[Action]:
+        """The actions that make the room show its period (state, notice or topic)."""
+        vis = self.config.visibility
+        actions: list[Action] = []
+        if not state:
+            return actions
+        current = next((e.get("content") or {} for e in state
+                        if e.get("type") == RETENTION_STATE and e.get("state_key") == ""), None)
+        expected = self.policy.retention_state(period)
+        if vis.set_state and (current or {}) != expected:
+            actor = self._state_sender(state, RETENTION_STATE)
+            if actor is not None:
+                actions.append(SetState(rule_id=period.rule_id, reason="show the period",
+                                        actor=actor, room=room_id, event_type=RETENTION_STATE,
+                                        content=dict(expected)))
+        text = self.policy.notice_text(period)
+        if vis.notice == "topic":
+            topic = next(((e.get("content") or {}).get("topic") for e in state
+                          if e.get("type") == "m.room.topic"), None) or ""
+            last = await self.store.component_get(TOPIC_COMPONENT, room_id)
+            lines = [ln for ln in topic.split("\n") if ln and ln != last and ln != text]
+            new_topic = "\n".join([*lines, text])
+            if new_topic != topic:
+                actor = self._state_sender(state, "m.room.topic")
+                if actor is not None:
+                    actions.append(SetState(rule_id=period.rule_id, reason="period in topic",
+                                            actor=actor, room=room_id,
+                                            event_type="m.room.topic",
+                                            content={"topic": new_topic}))
+                    if apply:
+                        await self.store.component_put(TOPIC_COMPONENT, room_id, text,
+                                                       self.clock_ms())
+        elif vis.notice == "message":
+            row = await self.store.retention_room_get(room_id)
+            said = await self.store.component_get("retention.notice", room_id)
+            if said != text:
+                members = {e.get("state_key"): (e.get("content") or {}).get("membership")
+                           for e in state if e.get("type") == "m.room.member"}
+                if members.get(self.bot_user_id) != "join":
+                    inviter = self._inviter(state)
+                    if inviter is None:
+                        return actions
+                    if members.get(self.bot_user_id) != "invite":
+                        actions.append(Invite(rule_id=period.rule_id,
+                                              reason="Enclave posts the retention notice",
+                                              actor=inviter, room=room_id,
+                                              user=self.bot_user_id))
+                    actions.append(Join(rule_id=period.rule_id,
+                                        reason="Enclave posts the retention notice",
+                                        actor=self.bot_user_id, room=room_id))
+                content: dict[str, Any] = {"msgtype": "m.notice", "body": text}
+                if row is not None and row.notice_event_id:
+                    content = {"msgtype": "m.notice", "body": "* " + text,
+                               "m.new_content": {"msgtype": "m.notice", "body": text},
+                               "m.relates_to": {"rel_type": "m.replace",
+                                                "event_id": row.notice_event_id}}
+                actions.append(SendEvent(rule_id=period.rule_id, reason="retention notice",
+                                         room=room_id, event_type="m.room.message",
+                                         content=content))
+        return actions
+
+    def _inviter(self, state: Sequence[Mapping[str, Any]]) -> str | None:
+        pl = next((e.get("content") or {} for e in state
+                   if e.get("type") == "m.room.power_levels"), {})
+        needed = _int(pl.get("invite"), 0)
+        members = [e.get("state_key") for e in state if e.get("type") == "m.room.member"
+                   and (e.get("content") or {}).get("membership") == "join"]
+        users, default = pl.get("users") or {}, _int(pl.get("users_default"), 0)
+        local = sorted((u for u in members if isinstance(u, str)
+                        and u.endswith(":" + self.server_name)),
+                       key=lambda u: (-_int(users.get(u), default), u))
+        for u in local:
+            if _int(users.get(u), default) >= needed:
+                return u
+        return None
+
+    async def _run_visibility(self, room_id: str, actions: Sequence[Action], run: str) -> int:
+        done = 0
+        text_sent: str | None = None
+        for i, a in enumerate(actions):
+            # the key follows the room and the text, so a rerun is deduplicated by Synapse
+            key = f"retention-vis:{room_id}:{a.kind}:{_digest(str(a.to_dict()))}"
+            o = await self.executor.run_direct(a, key, source="retention")
+            if o.status != "applied":
+                log.warning("retention visibility in %s: %s failed: %s", room_id, a.kind,
+                            o.detail)
+                return done
+            done += 1
+            if isinstance(a, SendEvent):
+                body = a.content.get("m.new_content", a.content).get("body")
+                text_sent = body
+                if "m.relates_to" not in a.content and o.detail.startswith("$"):
+                    old = await self.store.retention_room_get(room_id)
+                    await self.store.retention_room_put(_room_row(
+                        old, room_id, old.room_class if old else None, self.clock_ms(),
+                        notice_event_id=o.detail))
+        if text_sent is not None:
+            await self.store.component_put("retention.notice", room_id, text_sent,
+                                           self.clock_ms())
+        return done
+
+    # -- archive before purge ------------------------------------------------------------
+    async def backfill(self, room_id: str, up_to_ts: int, *,
+                       write: bool) -> tuple[int, list[tuple[int, str | None]]]:
+        """Read the room's history from its beginning through the admin API until past
+        ``up_to_ts``; archive what the archive lacks (``write``). Returns (read, missing).
+
+        Reading stops after the first page whose events are all at or after ``up_to_ts``,
+        so events a little out of timestamp order around the cutoff are archived too. Returns
+        (events read, (ts, sender) of those the archive lacked)."""
+        token: str | None = None
+        read = 0
+        lacked: list[tuple[int, str | None]] = []
+        while True:
+            chunk, token = await self.client.admin_room_messages(
+                room_id, admin=self.admin_user_id, from_token=token, limit=_ADMIN_PAGE)
+            events = [e for e in chunk if isinstance(e.get("event_id"), str)]
+            read += len(events)
+            known = await self.store.archive_known([e["event_id"] for e in events])
+            lacking = [e for e in events if e["event_id"] not in known]
+            lacked += [(int(e.get("origin_server_ts") or 0), e.get("sender")) for e in lacking]
+            if write and lacking:
+                for e in lacking:
+                    e.setdefault("room_id", room_id)
+                res = await self.archive.append(room_id, lacking)
+                self.metrics.archived_events.labels(path="backfill").inc(res.written)
+                await self.copy_media(room_id, lacking)
+                again = await self.store.archive_known([e["event_id"] for e in lacking])
+                if len(again) != len(lacking):
+                    raise RuntimeError(f"archive of {room_id} is missing "
+                                       f"{len(lacking) - len(again)} events after writing")
+            if token is None or not events or all(
+                    int(e.get("origin_server_ts") or 0) >= up_to_ts for e in events):
+                return read, lacked
+
+    async def plan_room(self, room_id: str, now: int, holds: Sequence[Hold], period: Period,
+                        extra: Sequence[tuple[int, str | None]] = ()) -> PurgePlan:
+        """The room's purge plan from the archive index (plus ``extra`` events a dry run
+        read but did not archive) and the holds."""
+        rows = sorted([*await self.store.archive_timestamps(room_id, unpurged_only=True),
+                       *extra], key=lambda r: r[0])
+        stamps = [ts for ts, _ in rows]
+        relevant = [h for h in holds if h.active()]
+        held: list[int] = []
+        hold_ids: set[str] = set()
+        for ts, sender in rows:
+            matched = [h.id for h in relevant if h.matches(room_id, sender, ts)]
+            if matched:
+                held.append(ts)
+                hold_ids.update(matched)
+        return self.policy.plan_purge(room_id, period, now, stamps, held, sorted(hold_ids),
+                                      self.config.purge.window_events)
+
+    async def rooms(self) -> list[str]:
+        """Every room the homeserver knows, and every room in the archive."""
+        out: set[str] = set(await self.store.archive_rooms())
+        start: int | None = 0
+        while start is not None:
+            page, start = await self.client.admin_list_rooms(admin=self.admin_user_id,
+                                                             start=start)
+            out.update(r["room_id"] for r in page if isinstance(r.get("room_id"), str))
+        return sorted(out)
+
+    async def _purge_step(self, room_id: str, up_to_ts: int) -> PurgeStep:
+        pcfg = self.config.purge
+        started = time.monotonic()
+        purge_id = await self.client.admin_purge_history(room_id, admin=self.admin_user_id,
+                                                         up_to_ts=up_to_ts)
+        while True:
+            status, error = await self.client.admin_purge_status(purge_id,
+                                                                 admin=self.admin_user_id)
+            if status in ("complete", "failed"):
+                break
+            if time.monotonic() - started > pcfg.step_timeout_seconds:
+                raise TimeoutError(f"purge {purge_id} of {room_id} still {status} after "
+                                   f"{pcfg.step_timeout_seconds:.0f}s")
+            await self._sleep(pcfg.poll_seconds)
+        seconds = time.monotonic() - started
+        self.metrics.purge_step_seconds.observe(seconds)
+        if status == "failed":
+            raise RuntimeError(f"purge {purge_id} of {room_id} failed: {error}")
+        return PurgeStep(up_to_ts, seconds, status)
+
+    async def run_room(self, room_id: str, *, apply: bool, now: int, holds: Sequence[Hold],
+                       progress: Callable[[str], None] | None = None) -> RoomRun:
+        """Plan (and with ``apply`` carry out) retention for one room: archive whatever is
+        missing, then purge in bounded steps up to the cutoff, then expired media."""
+        rr = RoomRun(room_id)
+        room_class = await self.room_class(room_id)
+        period = await self.period(room_id, room_class)
+        try:
+            due_before = None if period.keep_ms is None else now - period.keep_ms
+            lacked: list[tuple[int, str | None]] = []
+            if due_before is not None:
+                rr.read, lacked = await self.backfill(room_id, due_before, write=apply)
+            if apply:
+                rr.archived = len(lacked)
+                rr.plan = await self.plan_room(room_id, now, holds, period)
+            else:
+                rr.plan = await self.plan_room(room_id, now, holds, period, lacked)
+                if lacked:
+                    rr.plan = _with_unarchived(rr.plan, len(lacked))
+                return rr
+            for w in rr.plan.windows:
+                step = await self._purge_step(room_id, w)
+                rr.steps.append(step)
+                n = await self.store.archive_mark_purged(room_id, w, self.clock_ms())
+                rr.purged += n
+                self.metrics.purged_events.inc(n)
+                if progress is not None:
+                    progress(f"{room_id}: purged up to {w} ({rr.purged} events, "
+                             f"step {step.seconds:.2f}s)")
+                if self.config.purge.pause_seconds > 0:
+                    await self._sleep(self.config.purge.pause_seconds)
+            rr.media_deleted = await self.purge_media(room_id, period, now, holds)
+            if rr.steps or rr.media_deleted:
+                old = await self.store.retention_room_get(room_id)
+                await self.store.retention_room_put(_room_row(
+                    old, room_id, room_class, self.clock_ms(),
+                    purged_up_to=rr.plan.cutoff_ms, last_purge_at=self.clock_ms()))
+                await self.store.add_audit(AuditRecord(
+                    ts=self.clock_ms(), source="retention", kind="purge", outcome="applied",
+                    room_id=room_id, rule_id=period.rule_id, reason=rr.plan.reason,
+                    detail=(f"purged {rr.purged} events up to {rr.plan.cutoff_ms} in "
+                            f"{len(rr.steps)} steps; {rr.plan.held_events} held, "
+                            f"{rr.plan.deferred_events} deferred by holds "
+                            f"{list(rr.plan.hold_ids)}; media deleted {rr.media_deleted}")))
+        except (HomeserverUnavailable, MatrixRequestError, OSError, RuntimeError,
+                TimeoutError) as e:
+            # the archive write failed or the homeserver did: nothing more is purged here
+            rr.error = f"{type(e).__name__}: {e}"
+            log.error("retention of %s stopped: %s", room_id, rr.error)
+            await self.store.add_audit(AuditRecord(
+                ts=self.clock_ms(), source="retention", kind="purge", outcome="failed",
+                room_id=room_id, rule_id=period.rule_id, reason="retention run stopped",
+                detail=rr.error))
+        return rr
+
+    async def purge_media(self, room_id: str, period: Period, now: int,
+                          holds: Sequence[Hold]) -> int:
+        """Delete the room's local media whose period is over and that no hold covers;
+        only media that is safely in the archive."""
+        deleted = []
+        for m in await self.store.archive_media_list(room_id=room_id):
+            if m.deleted_at is not None or not m.mxc.startswith(f"mxc://{self.server_name}/"):
+                continue
+            if not self.policy.media_due(period, m.ts, now):
+                continue
+            if any(h.active() and h.matches(room_id, None, m.ts) and not h.users
+                   for h in holds):
+                continue
+            sender = await self._media_sender(m.event_id)
+            if any(h.active() and h.matches(room_id, sender, m.ts) for h in holds):
+                continue
+            await self.client.admin_delete_media(m.mxc, admin=self.admin_user_id)
+            deleted.append(m.mxc)
+        if deleted:
+            await self.store.archive_media_mark_deleted(deleted, self.clock_ms())
+        return len(deleted)
+
+    async def _media_sender(self, event_id: str | None) -> str | None:
+        if not event_id:
+            return None
+        rows = await self.store.archive_events_by_id([event_id])
+        return rows[0].sender if rows else None
+
+    @contextlib.asynccontextmanager
+    async def _lease(self) -> AsyncIterator[None]:
+        ttl = 120_000
+        if not await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
+                                              ttl):
+            raise RuntimeError("another Enclave process is running retention")
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3000)
+                await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
+                                               ttl)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self.store.release_lease(LEASE_NAME, self.lease_owner)
+
+    async def run(self, *, apply: bool, rooms: Sequence[str] | None = None,
+                  progress: Callable[[str], None] | None = None,
+                  visibility: bool = True) -> RetentionRun:
+        """A retention pass over every room (or ``rooms``): plan, or archive and purge."""
+        result = RetentionRun()
+        if not self.config.enabled:
+            result.findings.append("retention is disabled (retention.enabled: false)")
+            return result
+        ctx = self._lease() if apply else contextlib.nullcontext()
+        async with ctx:
+            holds = await self.active_holds()
+            now = self.clock_ms()
+            for room_id in rooms if rooms is not None else await self.rooms():
+                rr = await self.run_room(room_id, apply=apply, now=now, holds=holds,
+                                         progress=progress)
+                result.rooms.append(rr)
+                if visibility and rr.error is None:
+                    try:
+                        period = await self.period(room_id)
+                        state = await self._room_state(room_id)
+                        acts = await self.ensure_visibility(room_id, period, state,
+                                                            apply=apply)
+                        if apply and acts:
+                            result.visibility += await self._run_visibility(
+                                room_id, acts, "run") > 0
+                        elif acts:
+                            result.findings.append(
+                                f"{room_id}: would show the period "
+                                f"({', '.join(a.kind for a in acts)})")
+                    except (HomeserverUnavailable, MatrixRequestError) as e:
+                        result.findings.append(f"{room_id}: period not shown: {e}")
+        if apply and not result.failed:
+            self.metrics.retention_last_success.set(self.clock_ms() / 1000)
+        return result
+
+
+def _int(v: Any, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def _power_of(state: Sequence[Mapping[str, Any]], user: str) -> int:
+    pl = next((e.get("content") or {} for e in state
+               if e.get("type") == "m.room.power_levels"), None)
+    if pl is None:
+        create = next((e for e in state if e.get("type") == "m.room.create"), {})
+        return 100 if create.get("sender") == user else 0
+    return _int((pl.get("users") or {}).get(user), _int(pl.get("users_default"), 0))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _room_row(old: RetentionRoom | None, room_id: str, room_class: str | None, now: int,
+              **changes: Any) -> RetentionRoom:
+    base = dict(room_id=room_id, room_class=room_class, override_ms=None, override_by=None,
+                purged_up_to=None, last_purge_at=None, notice_event_id=None,
+                state_set_at=None, updated_at=now)
+    if old is not None:
+        base.update({k: getattr(old, k) for k in base if k not in ("updated_at",)})
+        if room_class is not None:
+            base["room_class"] = room_class
+    base.update(changes)
+    return RetentionRoom(**base)
+
+
+def _with_unarchived(plan: PurgePlan, missing: int) -> PurgePlan:
+    from dataclasses import replace
+
+    return replace(plan, reason=f"{plan.reason}; {missing} events will be archived first")

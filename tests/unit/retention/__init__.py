@@ -1,0 +1,1 @@
+"""Unit tests of retention: archive, holds, purge and export."""
