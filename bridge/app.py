@@ -22,6 +22,8 @@ from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestErr
 from .matrix.executor import Executor
 from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
 from .metrics import Metrics
+from .retention.build import build_retention, classifier_of
+from .retention.service import RetentionService
 from .separation.build import build_separation
 from .separation.service import SeparationService
 from .store import Store, open_store
@@ -67,6 +69,9 @@ class Services:
     separation: SeparationService | None = None
     # the last separation reconciliation: {"at": ms, "outcome": ..., ...}
     separation_status: dict[str, Any] = field(default_factory=dict)
+    retention: RetentionService | None = None
+    # the last scheduled retention run: {"at": ms, "outcome": ..., ...}
+    retention_status: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
@@ -188,8 +193,8 @@ async def _allow_without_policy(req: Any) -> Any:
 
 
 def reload_policy(svc: Services) -> tuple[bool, str]:
-    """Re-read the config file and use its ``policy:`` section; a file that fails
-    validation is refused and the running policy stays."""
+    """Re-read the config file and use its ``policy:`` and ``retention:`` sections; a file
+    that fails validation is refused and the running policy stays."""
     from .config import ConfigError, load_config
 
     if svc.loaded.path is None:
@@ -206,6 +211,8 @@ def reload_policy(svc: Services) -> tuple[bool, str]:
         log.error("policy reload refused: %s", msg)
         return False, msg
     svc.separation.replace_config(new.config.policy)
+    if svc.retention is not None and new.config.retention is not None:
+        svc.retention.replace_config(new.config.retention)
     log.info("policy reloaded from %s", svc.loaded.path)
     return True, "policy reloaded"
 
@@ -272,6 +279,15 @@ async def build_app(
         if svc.directory is not None:
             svc.directory.on_view_change = svc.separation.invalidate
             svc.directory.room_edits = svc.separation.managed_room_edits
+    svc.retention = build_retention(loaded, store=store, client=client, executor=executor,
+                                    metrics=metrics, clock_ms=clock_ms,
+                                    classify=classifier_of(svc.separation))
+    if svc.retention is not None:
+        retention = svc.retention
+        # archive first: what the other handlers do must not keep an event from the archive
+        inbox.handlers.insert(0, FunctionHandler("retention", retention.handle_event))
+        if svc.separation is not None:
+            svc.separation.creation_state = retention.creation_state
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
@@ -288,6 +304,7 @@ async def build_app(
             "admin": {"ok": svc.identity.admin_ready, "problem": svc.identity.admin_problem},
             "directory": svc.directory_status if svc.directory is not None else None,
             "separation": svc.separation_status if svc.separation is not None else None,
+            "retention": svc.retention_status if svc.retention is not None else None,
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -479,8 +496,53 @@ async def build_app(
         if scheduler.running:
             scheduler.shutdown(wait=False)
 
+    async def retention_run(reason: str) -> None:
+        assert svc.retention is not None
+        if not svc.identity.admin_ready:
+            log.warning("retention run (%s) skipped: %s", reason,
+                        svc.identity.admin_problem or "admin identity not ready yet")
+            return
+        status: dict[str, Any] = {"reason": reason}
+        try:
+            run = await svc.retention.run(apply=True)
+            status.update(outcome="ok" if not run.failed else "partial",
+                          rooms=len(run.rooms), failed=len(run.failed),
+                          purged=sum(r.purged for r in run.rooms),
+                          archived=sum(r.archived for r in run.rooms),
+                          media_deleted=sum(r.media_deleted for r in run.rooms))
+        except Exception as e:
+            status.update(outcome="error", error=f"{type(e).__name__}: {e}")
+            log.exception("retention run (%s) failed", reason)
+        status["at"] = clock_ms()
+        svc.retention_status = status
+
+    async def retention_ctx(_: web.Application) -> AsyncIterator[None]:
+        ret = svc.retention
+        if ret is None or not ret.config.enabled or ret.config.purge.interval_minutes <= 0:
+            yield
+            return
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler()
+        minutes = ret.config.purge.interval_minutes
+
+        async def first_run() -> None:
+            await svc.bootstrapped.wait()
+            await retention_run("start-up")
+            scheduler.add_job(retention_run, "interval", args=["scheduled"], minutes=minutes,
+                              id="retention-purge", max_instances=1, coalesce=True,
+                              misfire_grace_time=int(minutes * 60))
+            scheduler.start()
+
+        task = asyncio.create_task(first_run(), name="retention-first-run")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+
     app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx,
-                            separation_ctx])
+                            separation_ctx, retention_ctx])
     # bots (announcements, onboarding): registered last, so they stop before the store
     from bots.wiring import build_bots
 

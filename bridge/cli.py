@@ -774,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="make the running Enclave re-read its policy (like SIGHUP)")
     s.set_defaults(fn=cmd_reload)
     add_announcements_parser(sub, common)
+    from .retention.cli import add_retention_parsers
+
+    add_retention_parsers(sub, common)
     return p
 
 

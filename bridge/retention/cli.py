@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import datetime as dt
 import secrets as pysecrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +290,3 @@ def add_retention_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--hold", help="everything a legal hold covers")
     s.add_argument("--formats", default="jsonl,html,eml", help="comma separated")
     s.set_defaults(fn=cmd_export)
-
-
-def _unused() -> None:  # keep sys imported for callers that patch stdout
-    sys.stdout.flush()

@@ -138,6 +138,14 @@ class RetentionService:
             user in (self.bot_user_id, self.admin_user_id)
             or local.startswith(self.service_prefix))
 
+    def creation_state(self, room_class: str) -> list[dict[str, Any]]:
+        """Initial state a new room of ``room_class`` gets: its ``m.room.retention``."""
+        if not self.config.enabled or not self.config.visibility.set_state:
+            return []
+        period = self.policy.period_for(room_class)
+        return [{"type": RETENTION_STATE, "state_key": "",
+                 "content": dict(self.policy.retention_state(period))}]
+
     # -- periods and holds -------------------------------------------------------------
     async def room_class(self, room_id: str) -> str | None:
         if self.classify is None:
@@ -425,7 +433,7 @@ class RetentionService:
     async def _run_visibility(self, room_id: str, actions: Sequence[Action], run: str) -> int:
         done = 0
         text_sent: str | None = None
-        for i, a in enumerate(actions):
+        for a in actions:
             # the key follows the room and the text, so a rerun is deduplicated by Synapse
             key = f"retention-vis:{room_id}:{a.kind}:{_digest(str(a.to_dict()))}"
             o = await self.executor.run_direct(a, key, source="retention")
