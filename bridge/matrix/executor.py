@@ -18,6 +18,7 @@ from ..policy.actions import (
     Join,
     Kick,
     Leave,
+    Redact,
     SendEvent,
     SetState,
     action_from_dict,
@@ -124,6 +125,10 @@ class Executor:
                     await c.leave(action.room, user_id=actor, reason=action.reason)
                 case Kick():
                     await c.kick(action.room, action.user, user_id=actor, reason=action.reason)
+                case Redact():
+                    eid = await c.redact(action.room, action.event_id, txn_id_for(key),
+                                         user_id=actor, reason=action.reason)
+                    return Outcome("applied", eid)
                 case _:
                     return Outcome("failed", f"no executor for action kind {action.kind!r}")
         except MatrixRequestError as e:

@@ -102,6 +102,15 @@ class Leave(Action):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Redact(Action):
+    """Redact ``event_id`` in ``room`` as ``actor`` (its content is removed for everyone)."""
+
+    kind: ClassVar[str] = "redact"
+    room: str
+    event_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Kick(Action):
     kind: ClassVar[str] = "kick"
     room: str

@@ -61,13 +61,13 @@ def cmd_retention(args: argparse.Namespace) -> int:
             except RuntimeError as e:
                 _cli()._err(f"enclave retention: {e}")
                 return EXIT_ERROR
-        due = held = deferred = purged = 0
+        due = held = deferred = purged = would = redacted = 0
         for rr in run.rooms:
             p = rr.plan
             if args.format == "json":
                 print(orjson.dumps({
                     "room": rr.room_id, "error": rr.error, "read": rr.read,
-                    "archived": rr.archived, "purged": rr.purged,
+                    "archived": rr.archived, "purged": rr.purged, "redacted": rr.redacted,
                     "media_deleted": rr.media_deleted,
                     "steps": [{"up_to_ts": s.up_to_ts, "seconds": round(s.seconds, 3)}
                               for s in rr.steps],
@@ -81,7 +81,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
                 due += p.due_events
                 held += p.held_events
                 deferred += p.deferred_events
+                would += p.purge_events
             purged += rr.purged
+            redacted += rr.redacted
             if args.format == "json":
                 continue
             if rr.error:
@@ -92,7 +94,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
                       f"deferred {p.deferred_events}, cutoff {_when(p.cutoff_ms) or '-'}, "
                       f"{len(p.windows)} step(s)"
                       + (f", holds {', '.join(p.hold_ids)}" if p.hold_ids else "")
-                      + (f"; purged {rr.purged}" if args.apply else ""))
+                      + (f"; purged {rr.purged}, redacted {rr.redacted}" if args.apply
+                         else ""))
         for f in run.findings:
             if args.format == "json":
                 print(orjson.dumps({"finding": f}).decode())
@@ -101,8 +104,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
         if args.format != "json":
             verb = "purged" if args.apply else "would purge"
             print(f"{len(run.rooms)} rooms: {due} events due, {held} held, {deferred} kept "
-                  f"beside held ones; {verb} {purged if args.apply else due - deferred}; "
-                  f"{len(run.failed)} failed")
+                  f"beside held ones; {verb} {purged if args.apply else would}"
+                  + (f", redacted {redacted} kept beside held ones" if redacted else "")
+                  + f"; {len(run.failed)} failed")
         return EXIT_OK if not run.failed else EXIT_ERROR
 
     return asyncio.run(go())

@@ -24,7 +24,7 @@ from ..config.retention import RetentionConfig
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
 from ..metrics import Metrics
-from ..policy.actions import Action, Invite, Join, SendEvent, SetState
+from ..policy.actions import Action, Invite, Join, Redact, SendEvent, SetState
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LEASE_NAME = "retention-purge"
 RETENTION_STATE = "m.room.retention"
 TOPIC_COMPONENT = "retention.topic"
+REDACTED_COMPONENT = "retention.redacted"
 _COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
 _ADMIN_PAGE = 1000
 
@@ -86,6 +87,7 @@ class RoomRun:
     media_archived: int = 0
     steps: list[PurgeStep] = field(default_factory=list)
     purged: int = 0
+    redacted: int = 0  # due events a hold kept from the purge, whose content was redacted
     media_deleted: int = 0
     error: str | None = None
 
@@ -568,8 +570,10 @@ class RetentionService:
                              f"step {step.seconds:.2f}s)")
                 if self.config.purge.pause_seconds > 0:
                     await self._sleep(self.config.purge.pause_seconds)
+            if rr.plan.held_from_ms is not None and rr.plan.deferred_events:
+                rr.redacted = await self.redact_deferred(room_id, rr.plan, holds)
             rr.media_deleted = await self.purge_media(room_id, period, now, holds)
-            if rr.steps or rr.media_deleted:
+            if rr.steps or rr.media_deleted or rr.redacted:
                 old = await self.store.retention_room_get(room_id)
                 await self.store.retention_room_put(_room_row(
                     old, room_id, room_class, self.clock_ms(),
@@ -580,7 +584,8 @@ class RetentionService:
                     detail=(f"purged {rr.purged} events up to {rr.plan.cutoff_ms} in "
                             f"{len(rr.steps)} steps; {rr.plan.held_events} held, "
                             f"{rr.plan.deferred_events} deferred by holds "
-                            f"{list(rr.plan.hold_ids)}; media deleted {rr.media_deleted}")))
+                            f"{list(rr.plan.hold_ids)} ({rr.redacted} of them redacted now); "
+                            f"media deleted {rr.media_deleted}")))
         except (HomeserverUnavailable, MatrixRequestError, OSError, RuntimeError,
                 TimeoutError) as e:
             # the archive write failed or the homeserver did: nothing more is purged here
@@ -591,6 +596,62 @@ class RetentionService:
                 room_id=room_id, rule_id=period.rule_id, reason="retention run stopped",
                 detail=rr.error))
         return rr
+
+    async def redact_deferred(self, room_id: str, plan: PurgePlan,
+                              holds: Sequence[Hold]) -> int:
+        """Redact the due, unheld messages a hold keeps from the time-based purge.
+
+        Synapse purges everything before a timestamp, so a held event stops the purge and
+        the due events after it stay; redaction removes their content now (the archive has
+        it), and the purge takes the rest once the hold is released. State events are left:
+        redacting them would change the room. Each event is redacted once (a store marker
+        plus a transaction id per event)."""
+        assert plan.held_from_ms is not None and plan.due_before_ms is not None
+        rows = await self.store.archive_query(
+            room_id=room_id, since_ms=plan.held_from_ms, until_ms=plan.due_before_ms - 1,
+            include_purged=False)
+        state: list[dict[str, Any]] | None = None
+        done = 0
+        for r in rows:
+            if r.state_key is not None or r.type == "m.room.redaction":
+                continue
+            if any(h.active() and h.matches(room_id, r.sender, r.ts) for h in holds):
+                continue
+            if await self.store.component_get(REDACTED_COMPONENT, r.event_id) is not None:
+                continue
+            if state is None:
+                state = await self._room_state(room_id)
+            actor = self._redactor(state, r.sender)
+            if actor is None:
+                log.warning("retention: nobody in %s may redact %s", room_id, r.event_id)
+                continue
+            o = await self.executor.run_direct(
+                Redact(rule_id=plan.rule_id, reason="retention period over (kept from the "
+                       "purge by a legal hold on other events)", actor=actor, room=room_id,
+                       event_id=r.event_id),
+                f"retention-redact:{r.event_id}", source="retention")
+            if o.status != "applied":
+                log.warning("retention: redaction of %s failed: %s", r.event_id, o.detail)
+                continue
+            await self.store.component_put(REDACTED_COMPONENT, r.event_id, o.detail,
+                                           self.clock_ms())
+            done += 1
+        return done
+
+    def _redactor(self, state: Sequence[Mapping[str, Any]], sender: str | None) -> str | None:
+        """The event's own sender if local and joined (anyone may redact their own), else
+        the most powerful joined local member with the room's redact power."""
+        members = {e.get("state_key"): (e.get("content") or {}).get("membership")
+                   for e in state if e.get("type") == "m.room.member"}
+        if sender and sender.endswith(":" + self.server_name) and members.get(sender) == "join":
+            return sender
+        pl = next((e.get("content") or {} for e in state
+                   if e.get("type") == "m.room.power_levels"), {})
+        needed = _int(pl.get("redact"), 50)
+        best = sorted(((_power_of(state, u), u) for u, m in members.items()
+                       if m == "join" and isinstance(u, str)
+                       and u.endswith(":" + self.server_name)), reverse=True)
+        return best[0][1] if best and best[0][0] >= needed else None
 
     async def purge_media(self, room_id: str, period: Period, now: int,
                           holds: Sequence[Hold]) -> int:

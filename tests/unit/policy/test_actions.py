@@ -14,6 +14,7 @@ from bridge.policy.actions import (
     Join,
     Kick,
     Leave,
+    Redact,
     SendEvent,
     SetState,
     action_from_dict,
@@ -29,6 +30,8 @@ EXAMPLES: list[Action] = [
     Leave(rule_id="sep.dm", reason="external invite", room="!r", actor="@bob:x"),
     Kick(rule_id="sep.room", reason="not staff", room="!r", user="@eve:evil.org",
          actor="@enclave-admin:x"),
+    Redact(rule_id="retention-internal", reason="period over", room="!r", event_id="$e",
+           actor="@alice:x"),
 ]
 
 
