@@ -334,12 +334,19 @@ class MatrixClient:
         end = body.get("end")
         return list(chunk), (end if chunk and end else None)
 
-    async def admin_purge_history(self, room_id: str, *, admin: str, up_to_ts: int,
+    async def admin_purge_history(self, room_id: str, *, admin: str,
+                                  up_to_ts: int | None = None,
+                                  up_to_event_id: str | None = None,
                                   delete_local_events: bool = True) -> str:
-        """Start purging the room's history before ``up_to_ts``; returns the purge id."""
+        """Start purging the room's history before ``up_to_event_id`` (that event stays) or
+        else before ``up_to_ts``; returns the purge id."""
+        if (up_to_ts is None) == (up_to_event_id is None):
+            raise ValueError("give exactly one of up_to_ts and up_to_event_id")
+        point: dict[str, Any] = ({"purge_up_to_event_id": up_to_event_id}
+                                 if up_to_event_id is not None else {"purge_up_to_ts": up_to_ts})
         body = await self.request(
             "POST", f"/_synapse/admin/v1/purge_history/{q(room_id)}", user_id=admin,
-            json={"purge_up_to_ts": up_to_ts, "delete_local_events": delete_local_events})
+            json={**point, "delete_local_events": delete_local_events})
         return str(body["purge_id"])
 
     async def admin_purge_status(self, purge_id: str, *, admin: str) -> tuple[str, str | None]:

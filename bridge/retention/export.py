@@ -879,11 +879,10 @@ async def export_archive(
             if mxc is None or mxc in media_href:
                 continue
             record = await store.archive_media_get(mxc)
-            if record is None or record.deleted_at is not None:
+            # deleted_at: gone from the homeserver; the archive's copy is what we export
+            src = None if record is None else archive.media_path(record.sha256)
+            if record is None or src is None:
                 continue  # never archived, or pruned from the archive: link the mxc URI
-            src = archive.media_path(record.sha256)
-            if src is None:
-                continue
             rel = f"media/{record.sha256}"
             if record.sha256 not in media_copied:
                 if not await asyncio.to_thread(files.copy, rel, src, record.sha256):

@@ -36,6 +36,7 @@ LEASE_NAME = "retention-purge"
 RETENTION_STATE = "m.room.retention"
 TOPIC_COMPONENT = "retention.topic"
 REDACTED_COMPONENT = "retention.redacted"
+CREATOR_POWER = 2**53  # room version 12 creators: above any power level
 _COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
 _ADMIN_PAGE = 1000
 
@@ -250,24 +251,14 @@ class RetentionService:
         most powerful; None if nobody can."""
         members = {e.get("state_key"): (e.get("content") or {}).get("membership")
                    for e in state if e.get("type") == "m.room.member"}
-        create = next((e for e in state if e.get("type") == "m.room.create"), {})
         pl = next((e.get("content") or {} for e in state
                    if e.get("type") == "m.room.power_levels"), None)
-        creators = {create.get("sender")} | set(
-            (create.get("content") or {}).get("additional_creators") or [])
-        v12 = str((create.get("content") or {}).get("room_version", "")) == "12"
-        if pl is None:
-            # no power levels: the creator has 100, everybody else 0
-            needed, users, default = 0, {u: 100 for u in creators if u}, 0
-        else:
-            needed = _int((pl.get("events") or {}).get(event_type),
-                          _int(pl.get("state_default"), 50))
-            users, default = pl.get("users") or {}, _int(pl.get("users_default"), 0)
+        # no power levels: the creator has 100 and may send anything
+        needed = 0 if pl is None else _int((pl.get("events") or {}).get(event_type),
+                                           _int(pl.get("state_default"), 50))
 
-        def power(u: str) -> float:
-            if v12 and u in creators:
-                return float("inf")
-            return _int(users.get(u), default)
+        def power(u: str) -> int:
+            return _power_of(state, u)
 
         local = [u for u, m in members.items()
                  if m == "join" and isinstance(u, str) and u.endswith(":" + self.server_name)]
@@ -459,16 +450,16 @@ class RetentionService:
 
     # -- archive before purge ------------------------------------------------------------
     async def backfill(self, room_id: str, up_to_ts: int, *,
-                       write: bool) -> tuple[int, list[tuple[int, str | None]]]:
+                       write: bool) -> tuple[int, list[tuple[int, str | None, bool]]]:
         """Read the room's history from its beginning through the admin API until past
         ``up_to_ts``; archive what the archive lacks (``write``). Returns (read, missing).
 
         Reading stops after the first page whose events are all at or after ``up_to_ts``,
         so events a little out of timestamp order around the cutoff are archived too. Returns
-        (events read, (ts, sender) of those the archive lacked)."""
+        (events read, (ts, sender, is_state) of those the archive lacked)."""
         token: str | None = None
         read = 0
-        lacked: list[tuple[int, str | None]] = []
+        lacked: list[tuple[int, str | None, bool]] = []
         while True:
             chunk, token = await self.client.admin_room_messages(
                 room_id, admin=self.admin_user_id, from_token=token, limit=_ADMIN_PAGE)
@@ -476,7 +467,8 @@ class RetentionService:
             read += len(events)
             known = await self.store.archive_known([e["event_id"] for e in events])
             lacking = [e for e in events if e["event_id"] not in known]
-            lacked += [(int(e.get("origin_server_ts") or 0), e.get("sender")) for e in lacking]
+            lacked += [(int(e.get("origin_server_ts") or 0), e.get("sender"), "state_key" in e)
+                       for e in lacking]
             if write and lacking:
                 for e in lacking:
                     e.setdefault("room_id", room_id)
@@ -492,22 +484,26 @@ class RetentionService:
                 return read, lacked
 
     async def plan_room(self, room_id: str, now: int, holds: Sequence[Hold], period: Period,
-                        extra: Sequence[tuple[int, str | None]] = ()) -> PurgePlan:
-        """The room's purge plan from the archive index (plus ``extra`` events a dry run
-        read but did not archive) and the holds."""
-        rows = sorted([*await self.store.archive_timestamps(room_id, unpurged_only=True),
-                       *extra], key=lambda r: r[0])
-        stamps = [ts for ts, _ in rows]
+                        extra: Sequence[tuple[int, str | None, bool]] = ()) -> PurgePlan:
+        """The room's purge plan from the archive index (plus ``extra`` (ts, sender,
+        is_state) events a dry run read but did not archive) and the holds.
+
+        Only held messages stop the purge: the homeserver keeps state events through a
+        purge (they make up the room), so a held user's join does not hold the room."""
+        stamps = sorted([ts for ts, _ in await self.store.archive_timestamps(room_id)]
+                        + [ts for ts, _, _ in extra])
+        messages = [*await self.store.archive_timestamps(room_id, messages_only=True),
+                    *((ts, sender) for ts, sender, is_state in extra if not is_state)]
         relevant = [h for h in holds if h.active()]
         held: list[int] = []
         hold_ids: set[str] = set()
-        for ts, sender in rows:
+        for ts, sender in messages:
             matched = [h.id for h in relevant if h.matches(room_id, sender, ts)]
             if matched:
                 held.append(ts)
                 hold_ids.update(matched)
-        return self.policy.plan_purge(room_id, period, now, stamps, held, sorted(hold_ids),
-                                      self.config.purge.window_events)
+        return self.policy.plan_purge(room_id, period, now, stamps, sorted(held),
+                                      sorted(hold_ids), self.config.purge.window_events)
 
     async def rooms(self) -> list[str]:
         """Every room the homeserver knows, and every room in the archive."""
@@ -520,10 +516,23 @@ class RetentionService:
         return sorted(out)
 
     async def _purge_step(self, room_id: str, up_to_ts: int) -> PurgeStep:
+        """Purge the room's events with ts < ``up_to_ts``.
+
+        Synapse's ``purge_up_to_ts`` stops at the room's last event before the first event
+        of *any* room after that time (and measures received time), so it can keep a due
+        event; the step names the room's first event to keep instead, and Synapse purges
+        everything before it. With no later event in the archive the time is used (Synapse
+        keeps a room's last event in any case)."""
+        boundary = await self.store.archive_query(room_id=room_id, since_ms=up_to_ts,
+                                                  include_purged=False, limit=1)
         pcfg = self.config.purge
         started = time.monotonic()
-        purge_id = await self.client.admin_purge_history(room_id, admin=self.admin_user_id,
-                                                         up_to_ts=up_to_ts)
+        if boundary:
+            purge_id = await self.client.admin_purge_history(
+                room_id, admin=self.admin_user_id, up_to_event_id=boundary[0].event_id)
+        else:
+            purge_id = await self.client.admin_purge_history(
+                room_id, admin=self.admin_user_id, up_to_ts=up_to_ts)
         while True:
             status, error = await self.client.admin_purge_status(purge_id,
                                                                  admin=self.admin_user_id)
@@ -548,7 +557,7 @@ class RetentionService:
         period = await self.period(room_id, room_class)
         try:
             due_before = None if period.keep_ms is None else now - period.keep_ms
-            lacked: list[tuple[int, str | None]] = []
+            lacked: list[tuple[int, str | None, bool]] = []
             if due_before is not None:
                 rr.read, lacked = await self.backfill(room_id, due_before, write=apply)
             if apply:
@@ -743,10 +752,16 @@ def _int(v: Any, default: int) -> int:
 
 
 def _power_of(state: Sequence[Mapping[str, Any]], user: str) -> int:
+    """``user``'s power level; room version 12 creators outrank everyone (and are not in
+    the power levels' users)."""
+    create = next((e for e in state if e.get("type") == "m.room.create"), {})
+    ccontent = create.get("content") or {}
+    creators = {create.get("sender"), *(ccontent.get("additional_creators") or [])}
+    if str(ccontent.get("room_version", "")) == "12" and user in creators:
+        return CREATOR_POWER
     pl = next((e.get("content") or {} for e in state
                if e.get("type") == "m.room.power_levels"), None)
     if pl is None:
-        create = next((e for e in state if e.get("type") == "m.room.create"), {})
         return 100 if create.get("sender") == user else 0
     return _int((pl.get("users") or {}).get(user), _int(pl.get("users_default"), 0))
 

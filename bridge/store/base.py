@@ -599,9 +599,10 @@ class Store(ABC):
         line) within one room, (ts, segment, line, room id) across rooms."""
 
     @abstractmethod
-    async def archive_timestamps(self, room_id: str, *,
-                                 unpurged_only: bool = True) -> list[tuple[int, str | None]]:
-        """(origin_server_ts, sender) of the room's indexed events, in archive order."""
+    async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,
+                                 messages_only: bool = False) -> list[tuple[int, str | None]]:
+        """(origin_server_ts, sender) of the room's indexed events, in archive order;
+        ``messages_only``: only non-state events."""
 
     @abstractmethod
     async def archive_rooms(self) -> dict[str, int]:

@@ -903,11 +903,13 @@ class SQLStore(Store):
                                    *args, limit)
         return [ArchivedEvent(*tuple(r)) for r in rows]
 
-    async def archive_timestamps(self, room_id: str, *,
-                                 unpurged_only: bool = True) -> list[tuple[int, str | None]]:
+    async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,
+                                 messages_only: bool = False) -> list[tuple[int, str | None]]:
         sql = "SELECT ts, sender FROM archive_events WHERE room_id = ?"
         if unpurged_only:
             sql += " AND purged_at IS NULL"
+        if messages_only:
+            sql += " AND state_key IS NULL"
         rows = await self.db.fetch(sql + " ORDER BY ts, segment, line", room_id)
         return [(int(r[0]), r[1]) for r in rows]
 

@@ -123,11 +123,22 @@ async def test_archive_mark_purged(store: Store) -> None:
     assert await store.archive_mark_purged(R1, NOW + 3, NOW + 100) == 0  # already purged
     assert [ts for ts, _ in await store.archive_timestamps(R1)] == [NOW + 3, NOW + 4, NOW + 5]
     assert len(await store.archive_timestamps(R1, unpurged_only=False)) == 5
+
     rows = await store.archive_query(room_id=R1)
     assert [r.purged_at for r in rows] == [NOW + 99, NOW + 99, None, None, None]
     assert len(await store.archive_query(room_id=R1, include_purged=False)) == 3
     assert await store.archive_rooms() == {R1: 5, R2: 1}
     assert (await store.archive_query(room_id=R2))[0].purged_at is None
+
+async def test_archive_timestamps_of_messages_only(store: Store) -> None:
+    from dataclasses import replace
+
+    join = replace(aev(2), type="m.room.member", state_key=ALICE)
+    await store.archive_commit([aev(1), join, aev(3)], head())
+    assert await store.archive_timestamps(R1, messages_only=True) == [
+        (NOW + 1, ALICE), (NOW + 3, ALICE)]
+    assert len(await store.archive_timestamps(R1)) == 3
+
 
 
 async def test_archive_drop_segment(store: Store) -> None:
