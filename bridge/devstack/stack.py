@@ -95,6 +95,29 @@ LOCAL_POLICY: dict[str, Any] = {
 }
 
 
+# What the local stack demonstrates of retention: internal rooms keep 30 days, but a
+# moderator may shorten a room's period down to 2 minutes with `!retention 2m`; the purge
+# job runs every minute, archives first, and everything stays in the archive (state/archive)
+# for `enclave export`. The period shows as m.room.retention and a notice from Enclave.
+LOCAL_RETENTION: dict[str, Any] = {
+    "enabled": True,
+    "default": {"keep": "365d"},
+    "classes": [
+        {"id": "retention-internal", "room_class": "internal", "keep": "30d",
+         "adjustable_by": "moderators", "min": "2m", "max": "365d"},
+        {"id": "retention-finance", "room_class": "finance", "keep": "3650d",
+         "adjustable_by": "nobody"},
+        {"id": "retention-company", "room_class": "company", "keep": "365d",
+         "adjustable_by": "nobody"},
+    ],
+    "dms": {"id": "retention-dms", "keep": "365d"},
+    "archive": {"path": "archive", "keep": "forever"},
+    "purge": {"interval_minutes": 1, "window_events": 1000, "pause_seconds": 0.2},
+    "visibility": {"set_state": True, "notice": "message",
+                   "text": "Messages here are kept for {period}."},
+}
+
+
 # What the local stack demonstrates of the bots: an announcement bot with a control room
 # (dave, it-admins, may `!announce`), a manual announcement that asks for acknowledgement
 # with a quick reminder and escalation, a weekday one to Engineering's read-only room, a
@@ -194,6 +217,7 @@ def write_enclave_config(state: Path, synapse_port: int, enclave_port: int,
         },
         "gate": {"secret": {"file": "secrets/gate_secret"}},
         "policy": LOCAL_POLICY,
+        "retention": LOCAL_RETENTION,
         "bots": LOCAL_BOTS,
     }
     path = state / "enclave.yaml"
@@ -382,6 +406,12 @@ def print_banner(args: argparse.Namespace, state: Path, hs: SynapseServer,
         "  a reminder after 2 minutes, then the manager):",
         f"  enclave announcements send welcome-to-enclave -c {state}/enclave.yaml",
         f"  enclave announcements report welcome-to-enclave -c {state}/enclave.yaml",
+        "  Retention: every room shows its period (room settings, and Enclave's notice).",
+        "  In a room you created type !retention 2m; after 2-3 minutes the older messages",
+        "  are gone from the homeserver but kept in the archive. Export them, or hold them:",
+        f"  enclave export --room '!ROOM' --out /tmp/export -c {state}/enclave.yaml",
+        f"  enclave hold add --case DEMO-1 --reason demo --by you --user @carol:{SERVER_NAME}"
+        f" -c {state}/enclave.yaml   (then: enclave retention --plan, archive verify)",
         "  Edit the directory file (rename, move, disable someone): within a minute",
         "  Enclave applies it; or now: enclave sync --plan / --apply -c "
         f"{state}/enclave.yaml",

@@ -363,7 +363,9 @@ class RetentionService:
                                         actor=actor, room=room_id, event_type=RETENTION_STATE,
                                         content=dict(expected)))
         text = self.policy.notice_text(period)
-        if vis.notice == "topic":
+        # a direct chat gets the state only: a bot joining it would make it a group chat
+        notice = "none" if period.source == "dm" else vis.notice
+        if notice == "topic":
             topic = next(((e.get("content") or {}).get("topic") for e in state
                           if e.get("type") == "m.room.topic"), None) or ""
             last = await self.store.component_get(TOPIC_COMPONENT, room_id)
@@ -379,7 +381,7 @@ class RetentionService:
                     if apply:
                         await self.store.component_put(TOPIC_COMPONENT, room_id, text,
                                                        self.clock_ms())
-        elif vis.notice == "message":
+        elif notice == "message":
             row = await self.store.retention_room_get(room_id)
             said = await self.store.component_get("retention.notice", room_id)
             if said != text:
