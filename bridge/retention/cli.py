@@ -107,6 +107,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
                   f"beside held ones; {verb} {purged if args.apply else would}"
                   + (f", redacted {redacted} kept beside held ones" if redacted else "")
                   + f"; {len(run.failed)} failed")
+            if run.archive_pruned:
+                print(f"archive retention: {run.archive_pruned} sealed segments pruned")
         return EXIT_OK if not run.failed else EXIT_ERROR
 
     return asyncio.run(go())

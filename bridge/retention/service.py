@@ -98,6 +98,7 @@ class RetentionRun:
     rooms: list[RoomRun] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     visibility: int = 0
+    archive_pruned: int = 0  # archive segments deleted by the archive's own retention
 
     @property
     def failed(self) -> list[RoomRun]:
@@ -686,6 +687,36 @@ class RetentionService:
             await self.store.archive_media_mark_deleted(deleted, self.clock_ms())
         return len(deleted)
 
+    async def prune_archive(self, now: int, holds: Sequence[Hold],
+                            rooms: Sequence[str] | None = None) -> int:
+        """The archive's own retention: delete sealed segments whose events are past
+        ``archive.keep`` (or the class's ``archive_keep``) and can no longer be on the
+        homeserver. A segment is kept whole while any active hold could cover part of it
+        (its room and time range; a hold on users keeps the segments of their time too).
+        Returns segments pruned."""
+        pruned = 0
+        for room_id in rooms if rooms is not None else list(await self.store.archive_rooms()):
+            room_class = await self.room_class(room_id)
+            for seg in await self.archive.segments(room_id):
+                if not seg.sealed or seg.last_ts is None or seg.first_ts is None:
+                    continue
+                held = any(h.active() and (not h.rooms or room_id in h.rooms)
+                           and (h.since_ms is None or h.since_ms <= seg.last_ts)
+                           and (h.until_ms is None or h.until_ms >= seg.first_ts)
+                           for h in holds)
+                if not self.policy.decide_archive_prune(newest_ts=seg.last_ts,
+                                                        room_class=room_class, held=held,
+                                                        now_ms=now):
+                    continue
+                await self.archive.prune_segment(room_id, seg.name, "archive retention")
+                await self.store.add_audit(AuditRecord(
+                    ts=self.clock_ms(), source="retention", kind="archive_prune",
+                    outcome="applied", room_id=room_id, rule_id="retention.archive",
+                    reason="archive retention period over",
+                    detail=f"{seg.name}: {seg.events} events {seg.first_ts}..{seg.last_ts}"))
+                pruned += 1
+        return pruned
+
     async def _media_sender(self, event_id: str | None) -> str | None:
         if not event_id:
             return None
@@ -744,6 +775,12 @@ class RetentionService:
                                 f"({', '.join(a.kind for a in acts)})")
                     except (HomeserverUnavailable, MatrixRequestError) as e:
                         result.findings.append(f"{room_id}: period not shown: {e}")
+            if apply:
+                try:
+                    result.archive_pruned = await self.prune_archive(now, holds, rooms)
+                except (OSError, RuntimeError, ValueError) as e:
+                    result.findings.append(f"archive retention stopped: {e}")
+                    log.error("archive retention stopped: %s", e)
         if apply and not result.failed:
             self.metrics.retention_last_success.set(self.clock_ms() / 1000)
         return result
