@@ -7,7 +7,7 @@ import importlib
 import logging
 import secrets as pysecrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,6 +246,37 @@ async def _homeserver_ok(svc: Services) -> bool:
     return ok
 
 
+def _interval_job(svc: Services, job_id: str, minutes: float,
+                  run: Callable[[str], Awaitable[None]]) -> Callable[..., Any]:
+    """A ``cleanup_ctx`` that runs ``run("start-up")`` once Enclave is bootstrapped and then
+    every ``minutes`` (APScheduler; one run at a time, missed runs merged); 0: never."""
+
+    async def ctx(_: web.Application) -> AsyncIterator[None]:
+        if minutes <= 0:
+            yield
+            return
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler()
+
+        async def first_run() -> None:
+            await svc.bootstrapped.wait()
+            await run("start-up")
+            scheduler.add_job(run, "interval", args=["scheduled"], minutes=minutes,
+                              id=job_id, max_instances=1, coalesce=True,
+                              misfire_grace_time=int(minutes * 60))
+            scheduler.start()
+
+        task = asyncio.create_task(first_run(), name=f"{job_id}-first-run")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+
+    return ctx
+
+
 async def build_app(
     loaded: LoadedConfig,
     secrets: dict[str, Secret],
@@ -471,30 +502,8 @@ async def build_app(
         status["at"] = clock_ms()
         svc.separation_status = status
 
-    async def separation_ctx(_: web.Application) -> AsyncIterator[None]:
-        sep = svc.separation
-        if sep is None or sep.config.reconcile.interval_minutes <= 0:
-            yield
-            return
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        scheduler = AsyncIOScheduler()
-        minutes = sep.config.reconcile.interval_minutes
-
-        async def first_run() -> None:
-            await svc.bootstrapped.wait()
-            await separation_run("start-up")
-            scheduler.add_job(separation_run, "interval", args=["scheduled"], minutes=minutes,
-                              id="separation-reconcile", max_instances=1, coalesce=True,
-                              misfire_grace_time=int(minutes * 60))
-            scheduler.start()
-
-        task = asyncio.create_task(first_run(), name="separation-first-run")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if scheduler.running:
-            scheduler.shutdown(wait=False)
+    sep_minutes = svc.separation.config.reconcile.interval_minutes if svc.separation else 0
+    separation_ctx = _interval_job(svc, "separation-reconcile", sep_minutes, separation_run)
 
     async def retention_run(reason: str) -> None:
         assert svc.retention is not None
@@ -516,30 +525,10 @@ async def build_app(
         status["at"] = clock_ms()
         svc.retention_status = status
 
-    async def retention_ctx(_: web.Application) -> AsyncIterator[None]:
-        ret = svc.retention
-        if ret is None or not ret.config.enabled or ret.config.purge.interval_minutes <= 0:
-            yield
-            return
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        scheduler = AsyncIOScheduler()
-        minutes = ret.config.purge.interval_minutes
-
-        async def first_run() -> None:
-            await svc.bootstrapped.wait()
-            await retention_run("start-up")
-            scheduler.add_job(retention_run, "interval", args=["scheduled"], minutes=minutes,
-                              id="retention-purge", max_instances=1, coalesce=True,
-                              misfire_grace_time=int(minutes * 60))
-            scheduler.start()
-
-        task = asyncio.create_task(first_run(), name="retention-first-run")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if scheduler.running:
-            scheduler.shutdown(wait=False)
+    ret = svc.retention
+    ret_minutes = (ret.config.purge.interval_minutes
+                   if ret is not None and ret.config.enabled else 0)
+    retention_ctx = _interval_job(svc, "retention-purge", ret_minutes, retention_run)
 
     app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx,
                             separation_ctx, retention_ctx])

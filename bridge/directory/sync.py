@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from ..policy.directory import (
 )
 from ..policy.mapping import map_people
 from ..store import DirectoryRecord, Store
+from ..store.lease import held_lease
 from .model import DirectoryError, DirectorySnapshot, StaffRecord
 from .source import DirectorySource
 
@@ -216,31 +217,15 @@ class DirectorySync:
                         creators=frozenset(creators), join_rules=join_rules)
 
     # -- applying -------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[None]:
+    def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One applying run at a time across processes sharing the database (the CLI
         beside ``enclave run``); renewed while the run lasts, lost if its holder dies."""
         ttl = self.lease_ttl_ms
-        if not await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
-                                              ttl):
-            raise SyncRefused(["another directory sync is running on this database; try "
-                               f"again when it has finished (its lease lasts {ttl // 1000}s "
-                               "past its last renewal)"])
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(ttl / 3000)
-                await self.store.acquire_lease(LEASE_NAME, self.lease_owner,
-                                               self.clock_ms(), ttl)
-
-        task = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await self.store.release_lease(LEASE_NAME, self.lease_owner)
+        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms, ttl,
+                          lambda: SyncRefused([
+                              "another directory sync is running on this database; try "
+                              f"again when it has finished (its lease lasts {ttl // 1000}s "
+                              "past its last renewal)"]))
 
     async def run(self, *, apply: bool = True, force: bool = False,
                   progress: ProgressFn | None = None) -> SyncResult:

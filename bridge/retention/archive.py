@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,46 @@ class LocalArchive(ArchiveWriter):
             lock = self._locks[room_id] = asyncio.Lock()
         return lock
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, room_id: str, *, write: bool = True) -> AsyncIterator[None]:
+        """The room for this task alone, across processes too: ``enclave run``'s live feed
+        and a CLI run (``retention --apply``, ``archive verify``) share the archive. An
+        advisory file lock (``locks/<room>.lock``) beside the in-process lock; under it a
+        state cached by this process is checked against the store's head, since another
+        process may have written since. ``write=False`` (verification) goes on without the
+        file lock where the archive cannot be written."""
+        async with self._lock(room_id):
+            fd: int | None = None
+            path = self.root / "locks" / (room_dir_name(room_id) + ".lock")
+
+            def take() -> int:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(f)
+                    raise
+                return f
+
+            try:
+                fd = await asyncio.to_thread(take)
+            except OSError as e:
+                if write:
+                    raise ArchiveWriteError(f"archive of {room_id}: cannot lock {path}: {e}") \
+                        from e
+            try:
+                cached = self._rooms.get(room_id)
+                if cached is not None:
+                    head = await self.store.archive_head(room_id)
+                    if (head.entries if head else 0) != cached.entries or (
+                            head is not None and head.head != cached.head):
+                        self._rooms.pop(room_id, None)  # another process wrote: re-read
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)  # releases the flock
+
     # -- reconciliation on first touch -----------------------------------------------------
     async def _room(self, room_id: str) -> _Room:
         """The room's state; reconciles files and store the first time (caller holds the
@@ -567,7 +608,7 @@ class LocalArchive(ArchiveWriter):
             if other is not None and other != room_id:
                 raise ValueError(f"event {f[0]} belongs to {other}, not {room_id}")
             items[f[0]] = (f, canonical(dict(ev)) + b"\n")
-        async with self._lock(room_id):
+        async with self._exclusive(room_id):
             state = await self._room(room_id)
             known = await self.store.archive_known(list(items)) if items else set()
             fresh = [v for k, v in items.items() if k not in known]
@@ -609,7 +650,7 @@ class LocalArchive(ArchiveWriter):
     async def put_media(self, room_id: str, event_id: str | None, mxc: str, data: bytes,
                         content_type: str | None, ts: int | None) -> str:
         sha = hashlib.sha256(data).hexdigest()
-        async with self._lock(room_id):
+        async with self._exclusive(room_id):
             state = await self._room(room_id)
             existing = await self.store.archive_media_get(mxc)
             if existing is not None and self.media_path(existing.sha256) is not None:
@@ -655,7 +696,7 @@ class LocalArchive(ArchiveWriter):
         return row is not None and self.media_path(row.sha256) is not None
 
     async def prune_segment(self, room_id: str, segment: str, reason: str) -> int:
-        async with self._lock(room_id):
+        async with self._exclusive(room_id):
             state = await self._room(room_id)
             if segment in state.pruned:
                 return 0
@@ -710,7 +751,7 @@ class LocalArchive(ArchiveWriter):
         return result
 
     async def segments(self, room_id: str) -> list[SegmentInfo]:
-        async with self._lock(room_id):
+        async with self._exclusive(room_id):
             state = await self._room(room_id)
         stats = {s[0]: s for s in await self.store.archive_segments(room_id)}
         out = []
@@ -735,7 +776,7 @@ class LocalArchive(ArchiveWriter):
         problems: list[VerifyProblem] = []
         entries = events = media = 0
         for rid in rooms:
-            async with self._lock(rid):
+            async with self._exclusive(rid, write=False):
                 found, n, ev, md = await asyncio.to_thread(
                     self._verify_room, rid, heads.get(rid), counts.get(rid, 0))
             problems.extend(sorted(found, key=lambda p: (p.entry is None, p.entry or 0)))

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..policy.actions import Action, Invite, Join, Redact, SendEvent, SetState
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
+from ..store.lease import held_lease
 from .archive import ArchiveWriter
 
 log = logging.getLogger(__name__)
@@ -723,26 +724,9 @@ class RetentionService:
         rows = await self.store.archive_events_by_id([event_id])
         return rows[0].sender if rows else None
 
-    @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[None]:
-        ttl = 120_000
-        if not await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
-                                              ttl):
-            raise RuntimeError("another Enclave process is running retention")
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(ttl / 3000)
-                await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
-                                               ttl)
-
-        task = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await self.store.release_lease(LEASE_NAME, self.lease_owner)
+    def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms, 120_000,
+                          lambda: RuntimeError("another Enclave process is running retention"))
 
     async def run(self, *, apply: bool, rooms: Sequence[str] | None = None,
                   progress: Callable[[str], None] | None = None,

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..policy.separation import (
     room_facts_from_state,
 )
 from ..store import InboxEvent, Store
+from ..store.lease import held_lease
 
 log = logging.getLogger(__name__)
 
@@ -263,27 +264,10 @@ class SeparationService:
             findings.extend(fs)
         return ReconcileResult(SeparationPlan(actions, findings, len(facts)), admin_calls=calls)
 
-    @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[None]:
-        ttl = 120_000
-        if not await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
-                                              ttl):
-            raise RuntimeError("another Enclave process is reconciling separation right now")
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(ttl / 3000)
-                await self.store.acquire_lease(LEASE_NAME, self.lease_owner, self.clock_ms(),
-                                               ttl)
-
-        task = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await self.store.release_lease(LEASE_NAME, self.lease_owner)
+    def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms, 120_000,
+                          lambda: RuntimeError("another Enclave process is reconciling "
+                                               "separation right now"))
 
     async def reconcile(self, *, apply: bool = True,
                         rooms: Sequence[str] | None = None) -> ReconcileResult:

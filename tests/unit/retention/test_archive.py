@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -550,3 +551,20 @@ async def test_read_of_a_missing_or_moved_line_is_corrupt(archive: LocalArchive,
     seg(archive).unlink()
     with pytest.raises(ArchiveCorrupt, match="missing"):
         await archive.read(rows)
+
+
+async def test_two_writers_on_one_archive_take_turns(
+        make_archive: Callable[..., LocalArchive], store: Store) -> None:
+    """``enclave run`` and a CLI run share the archive: each sees what the other wrote
+    (the file lock and the store head), so nothing is overwritten and the chain holds."""
+    live, cli = make_archive(segment_max_bytes=2000), make_archive(segment_max_bytes=2000)
+    for n in range(1, 21):
+        writer = live if n % 3 else cli
+        await writer.append(ROOM, [ev(n)])
+    await asyncio.gather(*(w.append(ROOM, [ev(n)]) for n, w in
+                           zip(range(21, 41), [live, cli] * 10, strict=True)))
+    rows = await all_rows(store)
+    assert sorted(r.event_id for r in rows) == sorted(ev(n)["event_id"] for n in range(1, 41))
+    assert [e["event_id"] for e in await live.read(rows)] == [r.event_id for r in rows]
+    report = await make_archive().verify()
+    assert report.ok and report.events == 40, report.problems
