@@ -486,18 +486,21 @@ class RetentionService:
             if token is None or not events or all(
                     int(e.get("origin_server_ts") or 0) >= up_to_ts for e in events):
                 return read, lacked
+            if self.config.purge.pause_seconds > 0:
+                # reading back a big room is heavy for the homeserver too (bench/)
+                await self._sleep(self.config.purge.pause_seconds)
 
     async def plan_room(self, room_id: str, now: int, holds: Sequence[Hold], period: Period,
                         extra: Sequence[tuple[int, str | None, bool]] = ()) -> PurgePlan:
         """The room's purge plan from the archive index (plus ``extra`` (ts, sender,
         is_state) events a dry run read but did not archive) and the holds.
 
-        Only held messages stop the purge: the homeserver keeps state events through a
-        purge (they make up the room), so a held user's join does not hold the room."""
-        stamps = sorted([ts for ts, _ in await self.store.archive_timestamps(room_id)]
-                        + [ts for ts, _, _ in extra])
+        Only messages count: the homeserver keeps state events through a purge (they make
+        up the room), so they are never due, and a held user's join does not hold the
+        room."""
         messages = [*await self.store.archive_timestamps(room_id, messages_only=True),
                     *((ts, sender) for ts, sender, is_state in extra if not is_state)]
+        stamps = sorted(ts for ts, _ in messages)
         relevant = [h for h in holds if h.active()]
         held: list[int] = []
         hold_ids: set[str] = set()

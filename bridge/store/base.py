@@ -614,7 +614,8 @@ class Store(ABC):
 
     @abstractmethod
     async def archive_mark_purged(self, room_id: str, up_to_ts: int, now_ms: int) -> int:
-        """Mark the room's events with ts < ``up_to_ts`` purged; return how many changed."""
+        """Mark the room's non-state events with ts < ``up_to_ts`` purged (the homeserver
+        keeps state events through a purge); return how many changed."""
 
     @abstractmethod
     async def archive_drop_segment(self, room_id: str, segment: str,

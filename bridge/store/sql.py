@@ -927,7 +927,7 @@ class SQLStore(Store):
     async def archive_mark_purged(self, room_id: str, up_to_ts: int, now_ms: int) -> int:
         counts = await self.db.batch([(
             "UPDATE archive_events SET purged_at = ?"
-            " WHERE room_id = ? AND ts < ? AND purged_at IS NULL",
+            " WHERE room_id = ? AND ts < ? AND purged_at IS NULL AND state_key IS NULL",
             (now_ms, room_id, up_to_ts), False)])
         return counts[0]
 

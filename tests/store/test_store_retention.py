@@ -138,6 +138,10 @@ async def test_archive_timestamps_of_messages_only(store: Store) -> None:
     assert await store.archive_timestamps(R1, messages_only=True) == [
         (NOW + 1, ALICE), (NOW + 3, ALICE)]
     assert len(await store.archive_timestamps(R1)) == 3
+    # the homeserver keeps state events through a purge: they are not marked purged
+    assert await store.archive_mark_purged(R1, NOW + 10, NOW + 99) == 2
+    assert [(r.type, r.purged_at) for r in await store.archive_query(room_id=R1)] == [
+        ("m.room.message", NOW + 99), ("m.room.member", None), ("m.room.message", NOW + 99)]
 
 
 
