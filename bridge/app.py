@@ -246,10 +246,30 @@ async def _homeserver_ok(svc: Services) -> bool:
     return ok
 
 
+async def _job_status(svc: Services, what: str, reason: str,
+                      work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Run a scheduled job that needs Enclave's admin identity and return the status
+    ``/ready`` shows ({"reason", "outcome", ..., "at"}); None when it was skipped."""
+    if not svc.identity.admin_ready:
+        log.warning("%s (%s) skipped: %s", what, reason,
+                    svc.identity.admin_problem or "admin identity not ready yet")
+        return None
+    status: dict[str, Any] = {"reason": reason}
+    try:
+        status.update(await work())
+    except Exception as e:
+        status.update(outcome="error", error=f"{type(e).__name__}: {e}")
+        log.exception("%s (%s) failed", what, reason)
+    status["at"] = svc.clock_ms()
+    return status
+
+
 def _interval_job(svc: Services, job_id: str, minutes: float,
-                  run: Callable[[str], Awaitable[None]]) -> Callable[..., Any]:
-    """A ``cleanup_ctx`` that runs ``run("start-up")`` once Enclave is bootstrapped and then
-    every ``minutes`` (APScheduler; one run at a time, missed runs merged); 0: never."""
+                  run: Callable[[str], Awaitable[None]], *,
+                  at_start: bool = True) -> Callable[..., Any]:
+    """A ``cleanup_ctx`` that runs ``run("start-up")`` once Enclave is bootstrapped (unless
+    not ``at_start``) and then every ``minutes`` (APScheduler; one run at a time, missed
+    runs merged); 0: never."""
 
     async def ctx(_: web.Application) -> AsyncIterator[None]:
         if minutes <= 0:
@@ -261,7 +281,8 @@ def _interval_job(svc: Services, job_id: str, minutes: float,
 
         async def first_run() -> None:
             await svc.bootstrapped.wait()
-            await run("start-up")
+            if at_start:
+                await run("start-up")
             scheduler.add_job(run, "interval", args=["scheduled"], minutes=minutes,
                               id=job_id, max_instances=1, coalesce=True,
                               misfire_grace_time=int(minutes * 60))
@@ -486,49 +507,44 @@ async def build_app(
 
     async def separation_run(reason: str) -> None:
         assert svc.separation is not None
-        if not svc.identity.admin_ready:
-            log.warning("separation reconciliation (%s) skipped: %s", reason,
-                        svc.identity.admin_problem or "admin identity not ready yet")
-            return
-        status: dict[str, Any] = {"reason": reason}
-        try:
-            result = await svc.separation.reconcile(apply=True)
-            status.update(outcome="ok" if not result.failed else "partial",
-                          rooms=result.plan.rooms, applied=result.applied,
-                          failed=len(result.failed), findings=len(result.plan.findings))
-        except Exception as e:
-            status.update(outcome="error", error=f"{type(e).__name__}: {e}")
-            log.exception("separation reconciliation (%s) failed", reason)
-        status["at"] = clock_ms()
-        svc.separation_status = status
+        sep = svc.separation
+
+        async def reconcile() -> dict[str, Any]:
+            result = await sep.reconcile(apply=True)
+            return dict(outcome="ok" if not result.failed else "partial",
+                        rooms=result.plan.rooms, applied=result.applied,
+                        failed=len(result.failed), findings=len(result.plan.findings))
+
+        status = await _job_status(svc, "separation reconciliation", reason, reconcile)
+        if status is not None:
+            svc.separation_status = status
 
     sep_minutes = svc.separation.config.reconcile.interval_minutes if svc.separation else 0
     separation_ctx = _interval_job(svc, "separation-reconcile", sep_minutes, separation_run)
 
     async def retention_run(reason: str) -> None:
         assert svc.retention is not None
-        if not svc.identity.admin_ready:
-            log.warning("retention run (%s) skipped: %s", reason,
-                        svc.identity.admin_problem or "admin identity not ready yet")
-            return
-        status: dict[str, Any] = {"reason": reason}
-        try:
-            run = await svc.retention.run(apply=True)
-            status.update(outcome="ok" if not run.failed else "partial",
-                          rooms=len(run.rooms), failed=len(run.failed),
-                          purged=sum(r.purged for r in run.rooms),
-                          archived=sum(r.archived for r in run.rooms),
-                          media_deleted=sum(r.media_deleted for r in run.rooms))
-        except Exception as e:
-            status.update(outcome="error", error=f"{type(e).__name__}: {e}")
-            log.exception("retention run (%s) failed", reason)
-        status["at"] = clock_ms()
-        svc.retention_status = status
+        ret = svc.retention
+
+        async def purge() -> dict[str, Any]:
+            run = await ret.run(apply=True)
+            return dict(outcome="ok" if not run.failed else "partial",
+                        rooms=len(run.rooms), failed=len(run.failed),
+                        purged=sum(r.purged for r in run.rooms),
+                        archived=sum(r.archived for r in run.rooms),
+                        media_deleted=sum(r.media_deleted for r in run.rooms))
+
+        status = await _job_status(svc, "retention run", reason, purge)
+        if status is not None:
+            svc.retention_status = status
 
     ret = svc.retention
     ret_minutes = (ret.config.purge.interval_minutes
                    if ret is not None and ret.config.enabled else 0)
-    retention_ctx = _interval_job(svc, "retention-purge", ret_minutes, retention_run)
+    # not at start-up: a purge is never urgent, and reading every room back would slow
+    # the start (and the bots starting beside it)
+    retention_ctx = _interval_job(svc, "retention-purge", ret_minutes, retention_run,
+                                  at_start=False)
 
     app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx,
                             separation_ctx, retention_ctx])
