@@ -642,7 +642,8 @@ class Waker:
     def start(self) -> None:
         self._scheduler.start()
         self._scheduler.add_job(self._timer, "interval", seconds=self.poll_seconds,
-                                id=f"{self.name}-poll", coalesce=True, max_instances=1)
+                                id=f"{self.name}-poll", coalesce=True, max_instances=1,
+                                replace_existing=True)  # started again: a replica leads again
 
     def wake(self) -> None:
         self.event.set()

@@ -128,7 +128,8 @@ def build_bots(svc: Services, app: web.Application, *,
         if device is not None:
             # after bot.start(): the bot's user must exist before its device logs in
             await device.start()
-        await bot.run()
+        # the bot's own loop (schedules, greetings) runs on the leading replica only
+        await svc.leadership.while_leader(bot.run, on_stop=bot.close)
 
     async def bots_ctx(_: web.Application) -> AsyncIterator[None]:
         runtime.tasks = [asyncio.create_task(run_bot(b), name=b.name) for b in runtime.bots]

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .cluster import Leadership, replica_name
 from .config import LoadedConfig, Secret
 from .directory.build import Debouncer, build_directory_sync
 from .directory.sync import DirectorySync, SyncRefused
@@ -27,6 +28,7 @@ from .retention.service import RetentionService
 from .separation.build import build_separation
 from .separation.service import SeparationService
 from .store import Store, open_store
+from .store.single import SingleProcessLock
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Services:
     executor: Executor
     inbox: InboxProcessor
     clock_ms: Callable[[], int]
+    leadership: Leadership
     identity: IdentityState = field(default_factory=IdentityState)
     directory: DirectorySync | None = None
     # the last directory sync run: {"at": ms, "outcome": ok|partial|refused|error, ...}
@@ -267,31 +270,75 @@ async def _job_status(svc: Services, what: str, reason: str,
 def _interval_job(svc: Services, job_id: str, minutes: float,
                   run: Callable[[str], Awaitable[None]], *,
                   at_start: bool = True) -> Callable[..., Any]:
-    """A ``cleanup_ctx`` that runs ``run("start-up")`` once Enclave is bootstrapped (unless
-    not ``at_start``) and then every ``minutes`` (APScheduler; one run at a time, missed
-    runs merged); 0: never."""
+    """A ``cleanup_ctx`` for a scheduled job that runs on the leading replica only.
+
+    Every ``minutes`` (APScheduler; one run at a time, missed runs merged; 0: never) the
+    leader runs ``run("scheduled")``; the others skip. When this process becomes leader
+    (once Enclave is bootstrapped) it runs ``run("start-up")`` the first time if
+    ``at_start``, and ``run("takeover")`` whenever the last run by any replica (store
+    key ``job-last:<id>``) is older than the interval: a dead leader's jobs are not left
+    waiting for the next tick.
+    """
+    leadership = svc.leadership
+    last_key = f"job-last:{job_id}"
+
+    async def run_recorded(reason: str) -> None:
+        if not leadership.is_leader:
+            log.debug("%s (%s) skipped: another replica leads", job_id, reason)
+            return
+        # the start and end lines let an operator (and the replica tests) see which
+        # replica ran which job when
+        log.info("job %s (%s) starts on %s", job_id, reason, leadership.name)
+        try:
+            await run(reason)
+        finally:
+            log.info("job %s (%s) ends on %s", job_id, reason, leadership.name)
+        await svc.store.set_kv(last_key, str(svc.clock_ms()))
+
+    async def on_elected(first: bool) -> None:
+        await svc.bootstrapped.wait()
+        if first and at_start:
+            await run_recorded("start-up")
+            return
+        if minutes <= 0:
+            return
+        raw = await svc.store.get_kv(last_key)
+        if raw is None:
+            # never ran anywhere: the interval starts now (an at_start job ran above)
+            await svc.store.set_kv(last_key, str(svc.clock_ms()))
+        elif svc.clock_ms() - int(raw) >= minutes * 60_000:
+            await run_recorded("takeover")
 
     async def ctx(_: web.Application) -> AsyncIterator[None]:
-        if minutes <= 0:
+        if minutes <= 0 and not at_start:
             yield
             return
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         scheduler = AsyncIOScheduler()
+        tasks: set[asyncio.Task[None]] = set()
+        elected = {"count": 0}
 
-        async def first_run() -> None:
-            await svc.bootstrapped.wait()
-            if at_start:
-                await run("start-up")
-            scheduler.add_job(run, "interval", args=["scheduled"], minutes=minutes,
+        async def start_on_election() -> None:
+            elected["count"] += 1
+            task = asyncio.create_task(on_elected(elected["count"] == 1),
+                                       name=f"{job_id}-elected")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        leadership.on_elected.append(start_on_election)
+        if leadership.is_leader:
+            await start_on_election()  # elected before this context was entered
+        if minutes > 0:
+            scheduler.add_job(run_recorded, "interval", args=["scheduled"], minutes=minutes,
                               id=job_id, max_instances=1, coalesce=True,
                               misfire_grace_time=int(minutes * 60))
             scheduler.start()
-
-        task = asyncio.create_task(first_run(), name=f"{job_id}-first-run")
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        leadership.on_elected.remove(start_on_election)
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if scheduler.running:
             scheduler.shutdown(wait=False)
 
@@ -319,7 +366,13 @@ async def build_app(
     executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
                         metrics=metrics)
     inbox = InboxProcessor(store, executor, [], cfg.inbox, metrics, clock_ms)
-    svc = Services(loaded, secrets, store, metrics, session, client, executor, inbox, clock_ms)
+    leadership = Leadership(store, replica_name(cfg.cluster.replica_name), clock_ms,
+                            cfg.cluster.lease_ttl_seconds * 1000,
+                            on_change=lambda leader: metrics.leader.set(int(leader)),
+                            # SQLite: the store's lock already makes this the only process
+                            exclusive=store.dialect == "sqlite")
+    svc = Services(loaded, secrets, store, metrics, session, client, executor, inbox, clock_ms,
+                   leadership)
     for factory in [*load_handler_factories(cfg.inbox.handlers), *extra_handlers]:
         inbox.handlers.append(factory(svc))
     svc.directory = build_directory_sync(loaded, secrets, store=store, client=client,
@@ -334,6 +387,9 @@ async def build_app(
     svc.retention = build_retention(loaded, store=store, client=client, executor=executor,
                                     metrics=metrics, clock_ms=clock_ms,
                                     classify=classifier_of(svc.separation))
+    for job in (svc.directory, svc.separation, svc.retention):
+        if job is not None:
+            job.lease_ttl_ms = leadership.ttl_ms
     if svc.retention is not None:
         retention = svc.retention
         # archive first: what the other handlers do must not keep an event from the archive
@@ -357,6 +413,7 @@ async def build_app(
             "directory": svc.directory_status if svc.directory is not None else None,
             "separation": svc.separation_status if svc.separation is not None else None,
             "retention": svc.retention_status if svc.retention is not None else None,
+            "cluster": leadership.status(),
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -442,7 +499,16 @@ async def build_app(
             api.request_recovery_sweep()
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:
-        await store.open()
+        # a SQLite store has one writer process: a second `enclave run` is refused here
+        single = SingleProcessLock.for_store(store)
+        if single is not None:
+            single.acquire()
+        try:
+            await store.open()
+        except BaseException:
+            if single is not None:
+                single.release()
+            raise
         if migrate:
             applied = await store.migrate()
             if applied:
@@ -455,15 +521,23 @@ async def build_app(
         executor.installation_id = iid
         yield
         await store.close()
+        if single is not None:
+            single.release()
 
     async def session_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
         await session.close()
 
-    async def inbox_ctx(_: web.Application) -> AsyncIterator[None]:
-        await inbox.start()
+    async def leadership_ctx(_: web.Application) -> AsyncIterator[None]:
+        # the leader processes the inbox; every replica journals the homeserver's
+        # transactions, and the leader hears of those others took (PostgreSQL NOTIFY)
+        leadership.on_elected.append(inbox.start)
+        leadership.on_deposed.append(inbox.stop)
+        stop_watch = await store.watch_journal(inbox.notify)
+        await leadership.start()
         yield
-        await inbox.stop()
+        await leadership.stop()
+        await stop_watch()
 
     async def bootstrap_ctx(_: web.Application) -> AsyncIterator[None]:
         # after start-up, so the homeserver's ping reaches a listening socket
@@ -474,36 +548,16 @@ async def build_app(
             t.cancel()
         await asyncio.gather(task, sweeps, *background, return_exceptions=True)
 
-    async def directory_ctx(_: web.Application) -> AsyncIterator[None]:
-        if svc.directory is None or dcfg is None:
-            yield
-            return
+    async def scim_ctx(_: web.Application) -> AsyncIterator[None]:
         if scim is not None:
             await scim.load()  # what identity providers provisioned before, from the store
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        scheduler = AsyncIOScheduler()
-
-        async def first_run() -> None:
-            await svc.bootstrapped.wait()
-            if dcfg.sync_on_start:
-                await directory_run("start-up")
-            if dcfg.interval_minutes > 0:
-                # one run at a time; runs missed while one was going are merged into one
-                scheduler.add_job(directory_run, "interval", args=["scheduled"],
-                                  minutes=dcfg.interval_minutes, id="directory-sync",
-                                  max_instances=1, coalesce=True,
-                                  misfire_grace_time=int(dcfg.interval_minutes * 60))
-                scheduler.start()
-
-        task = asyncio.create_task(first_run(), name="directory-first-run")
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if scheduler.running:
-            scheduler.shutdown(wait=False)
         if scim_debounce is not None:
             await scim_debounce.close()
+
+    directory_ctx = _interval_job(
+        svc, "directory-sync", dcfg.interval_minutes if svc.directory and dcfg else 0,
+        directory_run, at_start=bool(svc.directory and dcfg and dcfg.sync_on_start))
 
     async def separation_run(reason: str) -> None:
         assert svc.separation is not None
@@ -520,7 +574,8 @@ async def build_app(
             svc.separation_status = status
 
     sep_minutes = svc.separation.config.reconcile.interval_minutes if svc.separation else 0
-    separation_ctx = _interval_job(svc, "separation-reconcile", sep_minutes, separation_run)
+    separation_ctx = _interval_job(svc, "separation-reconcile", sep_minutes, separation_run,
+                                   at_start=sep_minutes > 0)
 
     async def retention_run(reason: str) -> None:
         assert svc.retention is not None
@@ -546,8 +601,8 @@ async def build_app(
     retention_ctx = _interval_job(svc, "retention-purge", ret_minutes, retention_run,
                                   at_start=False)
 
-    app.cleanup_ctx.extend([session_ctx, store_ctx, inbox_ctx, bootstrap_ctx, directory_ctx,
-                            separation_ctx, retention_ctx])
+    app.cleanup_ctx.extend([session_ctx, store_ctx, leadership_ctx, bootstrap_ctx, scim_ctx,
+                            directory_ctx, separation_ctx, retention_ctx])
     # bots (announcements, onboarding): registered last, so they stop before the store
     from bots.wiring import build_bots
 

@@ -60,6 +60,9 @@ class Metrics:
         self.purge_step_seconds = Histogram(
             "enclave_purge_step_seconds", "Duration of one bounded purge step on the homeserver",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
+        self.leader = Gauge(
+            "enclave_leader", "1 while this replica leads (inbox processing, scheduled jobs, "
+            "bots' loops), else 0", registry=r)
         self.retention_last_success = Gauge(
             "enclave_retention_last_success_timestamp_seconds",
             "When a retention run last finished without failures", registry=r)

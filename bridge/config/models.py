@@ -160,12 +160,26 @@ class LoggingConfig(StrictModel):
     format: Literal["json", "text"] = "text"
 
 
+class ClusterConfig(StrictModel):
+    """Several replicas on one PostgreSQL database: one of them (the leader, a store lease)
+    processes the inbox and runs the scheduled jobs and bots' loops; every replica accepts
+    the homeserver's transactions. A dead leader is replaced within about
+    ``lease_ttl_seconds * 4/3``."""
+
+    lease_ttl_seconds: int = Field(30, ge=3, le=600)
+    replica_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Shown in /ready and logs; default: hostname:pid",
+    )
+
+
 class EnclaveConfig(StrictModel):
     homeserver: HomeserverConfig
     appservice: AppserviceConfig
     database: DatabaseConfig = DatabaseConfig()
     inbox: InboxConfig = InboxConfig()
     logging: LoggingConfig = LoggingConfig()
+    cluster: ClusterConfig = ClusterConfig()
     directory: DirectoryConfig | None = None
     gate: GateConfig | None = None
     bots: BotsConfig | None = None

@@ -178,7 +178,23 @@ class InboxProcessor:
         self._journal_wake.set()
         self._wake.set()
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._stopping
+
     async def start(self) -> None:
+        """Start processing (again, after :meth:`stop`: a replica that leads once more)."""
+        # What a previous run held in memory may be stale: another replica has processed
+        # since. Everything is read again from the database.
+        self._stopping = False
+        self._queues.clear()
+        self._owned.clear()
+        self._lane_retry_at.clear()
+        self._crashes.clear()
+        self._action_lanes.clear()
+        self._lanes_checked.clear()
+        self._event_retry_due = None
+        self._maybe_more = True
         # Actions committed before a crash but not applied: resume them first.
         pending = await self.store.pending_actions(None, STARTUP_ACTIONS)
         for a in pending:
@@ -209,6 +225,7 @@ class InboxProcessor:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = self._journal_task = None
 
     async def _run(self) -> None:
         while not self._stopping:

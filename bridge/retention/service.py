@@ -130,6 +130,7 @@ class RetentionService:
         self.classify = classify
         self._sleep = sleep
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease_ttl_ms = 120_000  # a running app sets the cluster's lease ttl
 
     def replace_config(self, config: RetentionConfig) -> None:
         self.config = config
@@ -728,7 +729,8 @@ class RetentionService:
         return rows[0].sender if rows else None
 
     def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms, 120_000,
+        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms,
+                          self.lease_ttl_ms,
                           lambda: RuntimeError("another Enclave process is running retention"))
 
     async def run(self, *, apply: bool, rooms: Sequence[str] | None = None,

@@ -112,6 +112,7 @@ class SeparationService:
         # more initial state for a new room of a class (retention adds m.room.retention)
         self.creation_state: Callable[[str], list[dict[str, Any]]] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease_ttl_ms = 120_000  # a running app sets the cluster's lease ttl
         executor.register(NotifyUser, self._apply_notice)
 
     # -- the policy ------------------------------------------------------------------------
@@ -265,7 +266,8 @@ class SeparationService:
         return ReconcileResult(SeparationPlan(actions, findings, len(facts)), admin_calls=calls)
 
     def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms, 120_000,
+        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms,
+                          self.lease_ttl_ms,
                           lambda: RuntimeError("another Enclave process is reconciling "
                                                "separation right now"))
 

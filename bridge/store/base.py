@@ -7,7 +7,7 @@ One interface, one schema, two engines (SQLite default, PostgreSQL). Callers dep
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -467,6 +467,17 @@ class Store(ABC):
     @abstractmethod
     async def release_lease(self, name: str, owner: str) -> None:
         """Give the lease up if ``owner`` holds it."""
+
+    async def watch_journal(self, on_append: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Call ``on_append`` when another process journals a transaction; return a stopper.
+
+        Only a shared engine (PostgreSQL: LISTEN/NOTIFY) needs it; by default nothing is
+        watched (one process writes a SQLite store)."""
+
+        async def stop() -> None:
+            return None
+
+        return stop
 
     # -- announcements -------------------------------------------------------------------
     @abstractmethod

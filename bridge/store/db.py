@@ -485,6 +485,13 @@ class PostgresDatabase(Database):
             raise DatabaseError("database is not open")
         return await self._pool.fetchval(_to_pg(sql), *args)
 
+    async def listen(self, channel: str, callback: Callable[[], None]) -> asyncpg.Connection:
+        """A dedicated connection that calls ``callback`` on every NOTIFY on ``channel``
+        (the pool's connections keep no session state: LISTEN lives on its own)."""
+        conn = await asyncpg.connect(self.dsn, password=self._password)
+        await conn.add_listener(channel, lambda *_: callback())
+        return conn
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()

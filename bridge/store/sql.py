@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -65,7 +68,11 @@ def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
     return out
 
 
+log = logging.getLogger(__name__)
+
 JOURNAL_FILE_VERSION = 1
+# PostgreSQL NOTIFY channel: a transaction was journaled (by any replica)
+JOURNAL_CHANNEL = "enclave_journal"
 _SQLITE_JOURNAL_DDL = """
 CREATE TABLE IF NOT EXISTS txn_journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -132,10 +139,48 @@ class SQLStore(Store):
         sql = ("INSERT INTO txn_journal (txn_id, body, received_at) VALUES (?, ?, ?) "
                "ON CONFLICT (txn_id) DO NOTHING")
         if isinstance(self.journal_db, PostgresDatabase):
+            # the NOTIFY (sent at commit, only for a new entry) wakes the leading replica
+            # when another replica took the transaction
             return await self.journal_db.fetchval_autocommit(
-                sql + " RETURNING 1", txn_id, body, now_ms) is not None
+                "WITH ins AS (" + sql + " RETURNING 1) SELECT 1 FROM ins, LATERAL "
+                f"(SELECT pg_notify('{JOURNAL_CHANNEL}', '')) AS n",
+                txn_id, body, now_ms) is not None
         counts = await self.journal_db.batch([(sql, (txn_id, body, now_ms), False)])
         return counts[0] != 0
+
+    async def watch_journal(self, on_append: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        if not isinstance(self.journal_db, PostgresDatabase):
+            return await super().watch_journal(on_append)
+        db = self.journal_db
+        state: dict[str, Any] = {"conn": None, "stop": False}
+
+        async def keep_listening() -> None:
+            # reconnects after a lost connection; meanwhile the leader polls (every second)
+            while not state["stop"]:
+                try:
+                    closed = asyncio.Event()
+                    conn = state["conn"] = await db.listen(JOURNAL_CHANNEL, on_append)
+                    conn.add_termination_listener(lambda _c, ev=closed: ev.set())
+                    on_append()  # anything appended while not listening
+                    await closed.wait()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("listening for journal notifications failed: %s", e)
+                await asyncio.sleep(1)
+
+        task = asyncio.create_task(keep_listening(), name="journal-listener")
+
+        async def stop() -> None:
+            state["stop"] = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            if state["conn"] is not None:
+                with contextlib.suppress(Exception):
+                    await state["conn"].close()
+
+        return stop
 
     async def journal_pending(self, limit: int) -> list[JournalEntry]:
         rows = await self.journal_db.fetch(

@@ -1,0 +1,185 @@
+"""Leadership among replicas on one store, the journal wake-up between replicas, and the
+single-process lock of a SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.cluster import LEADER_LEASE, Leadership
+from bridge.store.single import SingleProcessLock, StoreInUse
+
+from .conftest import MakeStore
+
+TTL_MS = 600
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def _pair(a_store, b_store, clock: Clock, log: list[str]) -> tuple[Leadership, Leadership]:
+    out = []
+    for name, st in (("a", a_store), ("b", b_store)):
+        ld = Leadership(st, name, clock, TTL_MS)
+
+        async def elected(n: str = name) -> None:
+            log.append(f"{n} elected")
+
+        async def deposed(n: str = name) -> None:
+            log.append(f"{n} deposed")
+
+        ld.on_elected.append(elected)
+        ld.on_deposed.append(deposed)
+        out.append(ld)
+    return out[0], out[1]
+
+
+async def test_one_leader_and_takeover_after_expiry(make_store: MakeStore) -> None:
+    clock, log = Clock(), []
+    a, b = _pair(await make_store(), await make_store(migrate=False), clock, log)
+    assert await a.campaign_once()
+    assert not await b.campaign_once()
+    assert await a.campaign_once()  # renewal
+    assert (a.is_leader, b.is_leader) == (True, False)
+    clock.now += TTL_MS - 1
+    assert not await b.campaign_once()  # not expired yet: a renewed at the previous step
+    clock.now += 2
+    assert await b.campaign_once()  # expired: taken over
+    assert not await a.campaign_once()  # a finds it lost, and stops
+    assert log == ["a elected", "b elected", "a deposed"]
+    assert b.status()["leader"] and not a.status()["leader"]
+
+
+async def test_clean_stop_hands_over_at_once(make_store: MakeStore) -> None:
+    clock, log = Clock(), []
+    a, b = _pair(await make_store(), await make_store(migrate=False), clock, log)
+    await a.start()
+    assert a.is_leader
+    await a.stop()
+    assert await b.campaign_once()  # no wait for the ttl
+    assert log == ["a elected", "a deposed", "b elected"]
+    await b.stop()
+
+
+async def test_leader_steps_down_when_it_cannot_renew(make_store: MakeStore) -> None:
+    clock, log = Clock(), []
+    store = await make_store()
+    a, _ = _pair(store, store, clock, log)
+    assert await a.campaign_once()
+
+    async def unreachable(*_a: object) -> bool:
+        raise OSError("connection refused")
+
+    store.acquire_lease = unreachable  # type: ignore[method-assign]
+    assert await a.campaign_once()  # a blip: still leading within the margin
+    await asyncio.sleep(TTL_MS * 0.8 / 1000)
+    assert not a.is_leader  # past the margin: no longer acting as leader...
+    assert not await a.campaign_once()  # ...and its work is stopped
+    assert log == ["a elected", "a deposed"]
+
+
+async def test_while_leader_runs_work_only_while_leading(make_store: MakeStore) -> None:
+    clock, log = Clock(), []
+    a, b = _pair(await make_store(), await make_store(migrate=False), clock, log)
+    runs: list[str] = []
+    stops: list[str] = []
+
+    async def work() -> None:
+        runs.append("start")
+        await asyncio.sleep(3600)
+
+    async def on_stop() -> None:
+        stops.append("stop")
+
+    task = asyncio.create_task(a.while_leader(work, on_stop))
+    await asyncio.sleep(0.05)
+    assert runs == []  # not leader yet
+    await a.campaign_once()
+    await asyncio.sleep(0.05)
+    assert runs == ["start"]
+    clock.now += TTL_MS + 1
+    assert await b.campaign_once()
+    await a.campaign_once()  # lost
+    await asyncio.sleep(0.05)
+    assert stops == ["stop"]
+    await b.stop()
+    await a.campaign_once()  # leads again: the work starts again
+    await asyncio.sleep(0.05)
+    assert runs == ["start", "start"]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_lease_rows_are_per_owner(make_store: MakeStore) -> None:
+    store = await make_store()
+    assert await store.acquire_lease(LEADER_LEASE, "x", 0, 100)
+    assert not await store.acquire_lease(LEADER_LEASE, "y", 99, 100)
+    await store.release_lease(LEADER_LEASE, "y")  # not y's: stays
+    assert not await store.acquire_lease(LEADER_LEASE, "y", 50, 100)
+    await store.release_lease(LEADER_LEASE, "x")
+    assert await store.acquire_lease(LEADER_LEASE, "y", 50, 100)
+
+
+async def test_journal_append_by_another_process_wakes_the_watcher(
+        make_store: MakeStore, db_url: str) -> None:
+    leader, other = await make_store(), await make_store(migrate=False)
+    woken = asyncio.Event()
+    stop = await leader.watch_journal(woken.set)
+    try:
+        await asyncio.sleep(0.2)
+        woken.clear()  # the watcher wakes once on (re)connecting
+        assert await other.journal_append("t1", b'{"events": []}', 1)
+        if db_url.startswith("sqlite"):
+            # one process per SQLite store: nothing to watch, nothing woken
+            await asyncio.sleep(0.2)
+            assert not woken.is_set()
+        else:
+            await asyncio.wait_for(woken.wait(), 5)
+            woken.clear()
+            assert not await other.journal_append("t1", b'{"events": []}', 2)  # duplicate
+            await asyncio.sleep(0.3)
+            assert not woken.is_set()  # a duplicate wakes nobody
+    finally:
+        await stop()
+
+
+def test_sqlite_store_serves_one_process(tmp_path: Path) -> None:
+    db = tmp_path / "enclave.db"
+    first = SingleProcessLock(db)
+    first.acquire()
+    with pytest.raises(StoreInUse, match="PostgreSQL"):
+        SingleProcessLock(db).acquire()
+    first.release()
+    again = SingleProcessLock(db)
+    again.acquire()  # released: free again
+    again.release()
+
+
+def test_sqlite_lock_dies_with_its_process(tmp_path: Path) -> None:
+    db = tmp_path / "enclave.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; "
+         "from bridge.store.single import SingleProcessLock as L; "
+         f"L(Path({str(db)!r})).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreInUse, match=f"pid {holder.pid}"):
+            SingleProcessLock(db).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = SingleProcessLock(db)
+    lock.acquire()  # SIGKILL left no stale lock
+    lock.release()
