@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 JOURNAL_FILE_VERSION = 1
 # PostgreSQL NOTIFY channel: a transaction was journaled (by any replica)
 JOURNAL_CHANNEL = "enclave_journal"
+# PostgreSQL advisory lock key held while migrating (any constant unique to Enclave)
+MIGRATION_LOCK = 0x456E636C
 _SQLITE_JOURNAL_DDL = """
 CREATE TABLE IF NOT EXISTS txn_journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -228,7 +230,11 @@ class SQLStore(Store):
         )
 
     async def migrate(self) -> list[int]:
+        pg = self.dialect == "postgres"
         async with self.db.transaction() as c:
+            if pg:
+                # replicas started together: one migrates, the others wait and find it done
+                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
             await c.execute(
                 "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)"
             )
@@ -241,6 +247,12 @@ class SQLStore(Store):
                 continue
             # one transaction per migration: a failure leaves the previous version intact
             async with self.db.transaction() as c:
+                if pg:
+                    await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
+                done = int(await c.fetchval("SELECT COALESCE(MAX(version), 0) "
+                                            "FROM enclave_schema") or 0)
+                if done >= version:
+                    continue  # another process applied it meanwhile
                 await c.execute_script(sql)
                 await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", version)
             applied.append(version)

@@ -183,3 +183,15 @@ def test_sqlite_lock_dies_with_its_process(tmp_path: Path) -> None:
     lock = SingleProcessLock(db)
     lock.acquire()  # SIGKILL left no stale lock
     lock.release()
+
+
+async def test_replicas_migrating_at_once_apply_each_migration_once(
+        make_store: MakeStore) -> None:
+    stores = [await make_store(migrate=False) for _ in range(3)]
+    results = await asyncio.gather(*(s.migrate() for s in stores))
+    applied = sorted(v for r in results for v in r)
+    latest = stores[0].latest_version
+    assert applied == list(range(1, latest + 1))  # each once, by whichever came first
+    for s in stores:
+        assert await s.schema_version() == latest
+        await s.check_schema()
