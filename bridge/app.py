@@ -532,7 +532,13 @@ async def build_app(
         # the leader processes the inbox; every replica journals the homeserver's
         # transactions, and the leader hears of those others took (PostgreSQL NOTIFY)
         leadership.on_elected.append(inbox.start)
-        leadership.on_deposed.append(inbox.stop)
+
+        async def stop_inbox() -> None:
+            # done before the lease can expire (the leader steps down at 3/4 of the ttl),
+            # so a successor never works beside a room worker finishing its event
+            await inbox.stop(grace_seconds=min(10.0, leadership.ttl_ms / 5000))
+
+        leadership.on_deposed.append(stop_inbox)
         stop_watch = await store.watch_journal(inbox.notify)
         await leadership.start()
         yield
