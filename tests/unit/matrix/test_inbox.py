@@ -541,3 +541,36 @@ async def test_crashed_worker_reads_its_room_again(store: Store) -> None:
         await r.settle()
     assert calls == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
     assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 5, "parked": 0}
+
+
+async def test_stopped_processor_starts_again_from_the_database(store: Store) -> None:
+    """A replica that stops leading and later leads again: what it held in memory is
+    dropped and everything still pending is read again; nothing is handled twice."""
+    seen: list[int] = []
+    gate = asyncio.Event()
+
+    async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
+        n = event["content"]["n"]
+        if n == 3:
+            await gate.wait()  # in hand when the processor stops
+        seen.append(n)
+        return [SendEvent(room=event["room_id"], event_type="m.room.message",
+                          content={"n": n}, rule_id="t", reason="r")]
+
+    await store.save_transaction("t1", [ev(i, "!r") for i in range(1, 6)], [], T0)
+    r = Running(store, handler, clock=Clock())
+    await r.proc.start()
+    await asyncio.sleep(0.2)
+    assert seen == [1, 2]
+    await r.proc.stop(grace_seconds=0.1)  # event 3 is cancelled mid-handler
+    assert not r.proc.running
+    await store.save_transaction("t2", [ev(6, "!r")], [], T0)
+    gate.set()
+    await r.proc.start()
+    assert r.proc.running
+    await r.settle()
+    await r.proc.stop()
+    assert seen == [1, 2, 3, 4, 5, 6]
+    applied = [payload["content"]["n"] for _, payload in r.executor.applied]
+    assert applied == [1, 2, 3, 4, 5, 6]  # each action once, in order
+    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 6, "parked": 0}
