@@ -9,6 +9,9 @@ VENV="${1:-.venv}"
 # (a private instance on loopback; the package's own daemon is not used).
 APT_PACKAGES=(slapd ldap-utils)
 python3 -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv)
+# pg_dump/pg_restore for deploy/backup and its tests (any installed version will do)
+command -v pg_dump >/dev/null 2>&1 && command -v pg_restore >/dev/null 2>&1 \
+  || APT_PACKAGES+=(postgresql-client)
 missing=()
 for pkg in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
