@@ -125,11 +125,21 @@ def build_bots(svc: Services, app: web.Application, *,
         await svc.bootstrapped.wait()
         await bot.start()
         device = devices.get(bot.user_id)
-        if device is not None:
-            # after bot.start(): the bot's user must exist before its device logs in
-            await device.start()
-        # the bot's own loop (schedules, greetings) runs on the leading replica only
-        await svc.leadership.while_leader(bot.run, on_stop=bot.close)
+
+        async def lead() -> None:
+            # Leader only: the bot's own loop (schedules, greetings) and its E2EE device,
+            # whose olm sessions must live in one process (replicas share the crypto store)
+            if device is not None:
+                # after bot.start(): the bot's user must exist before its device logs in
+                await device.start()
+            await bot.run()
+
+        async def stop() -> None:
+            await bot.close()
+            if device is not None:
+                await device.close()
+
+        await svc.leadership.while_leader(lead, on_stop=stop)
 
     async def bots_ctx(_: web.Application) -> AsyncIterator[None]:
         runtime.tasks = [asyncio.create_task(run_bot(b), name=b.name) for b in runtime.bots]
