@@ -7,7 +7,8 @@ Prints figures; asserts nothing about speed. Per replica count: a fresh database
 ``enclave run`` processes (``cluster:`` configured, a directory job every 3 s, no
 homeserver: the inbox processor needs none), and a load generator that, like Synapse, keeps
 ONE transaction in flight and sends each to the next replica in turn (what a round-robin
-balancer does). Reported: transactions/s and events/s accepted, p50/p99 time-to-answer, the
+balancer does), first as fast as it can (saturation), then paced at ``--rate`` events/s.
+Reported: transactions/s and events/s accepted, p50/p99 time-to-answer, the
 processing lag of every event (from the replica journaling it to the leader marking it done:
 p50/p99/max, read from the database), the time to drain after the load stops, and a check
 that every event was stored and processed exactly once. Then, with 2 replicas, the leader is
@@ -173,18 +174,28 @@ def run_cell(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             errors += status != 200 or answer.strip() != b"{}"
         elapsed = t1 - start
         stopped_ms = int(time.time() * 1000)
-        left = pending(dsn)
+        left = pending(dsn, args.size)
         drain_s = wait_for(lambda: pending(dsn) == 0, 600, "drained")
+        events, distinct, lag50, lag99, lagmax, not_done, txns_stored = lag_since(dsn, first_seq)
+        # paced: a steady rate below saturation, the lag an operator sees in normal load
+        mark = max_seq(dsn)
+        interval = args.size / args.rate
+        paced_lat: list[float] = []
+        t_start = time.perf_counter()
+        k = 0
+        while time.perf_counter() - t_start < args.paced_seconds:
+            due = t_start + k * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter()
+            clients[k % n].put_txn(*factory.next())
+            paced_lat.append(time.perf_counter() - t0)
+            k += 1
+        wait_for(lambda: pending(dsn) == 0, 600, "paced drained")
+        p_events, p_distinct, p50, p99, pmax, _, _ = lag_since(dsn, mark)
         for c in clients:
             c.close()
-        row = pg_query(dsn, """
-            SELECT COUNT(*), COUNT(DISTINCT event_id),
-                   percentile_cont(0.5) WITHIN GROUP (ORDER BY done_at - received_at),
-                   percentile_cont(0.99) WITHIN GROUP (ORDER BY done_at - received_at),
-                   MAX(done_at - received_at), COUNT(*) FILTER (WHERE status <> 'done'),
-                   (SELECT COUNT(*) FROM transactions)
-            FROM inbox WHERE seq > $1""", first_seq, fetch="fetchrow")
-        events, distinct, lag50, lag99, lagmax, not_done, txns_stored = row
         cell = {
             "replicas": n, "seconds": round(elapsed, 2), "txn_size": args.size,
             "transactions": sent_txns, "errors": errors,
@@ -199,6 +210,10 @@ def run_cell(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                              "not_done": not_done, "transactions_stored": txns_stored - warm_txns,
                              "transactions_sent": sent_txns},
             "stopped_at_ms": stopped_ms,
+            "paced": {"events_per_s": args.rate, "seconds": args.paced_seconds,
+                      "events": p_events, "distinct": p_distinct,
+                      "answer_ms_p99": round(pct(paced_lat, 99) * 1000, 2),
+                      "processing_lag_ms": {"p50": p50, "p99": p99, "max": pmax}},
         }
         if n == 2 and args.takeovers:
             cell["takeover"] = takeovers(replicas, args.takeovers, factory, hs_token, dsn)
@@ -210,9 +225,25 @@ def run_cell(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pg_query(PG_ADMIN_DSN, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
-def pending(dsn: str) -> int:
+def pending(dsn: str, txn_size: int = 1) -> int:
+    """Events not processed yet (a journaled transaction counts as ``txn_size`` events)."""
     return int(pg_query(dsn, "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') "
-                             "+ (SELECT COUNT(*) FROM txn_journal)", fetch="fetchval"))
+                             "+ (SELECT COUNT(*) FROM txn_journal) * $1", txn_size,
+                        fetch="fetchval"))
+
+
+def lag_since(dsn: str, seq: int) -> tuple[Any, ...]:
+    return tuple(pg_query(dsn, """
+        SELECT COUNT(*), COUNT(DISTINCT event_id),
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY done_at - received_at),
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY done_at - received_at),
+               MAX(done_at - received_at), COUNT(*) FILTER (WHERE status <> 'done'),
+               (SELECT COUNT(*) FROM transactions)
+        FROM inbox WHERE seq > $1""", seq, fetch="fetchrow"))
+
+
+def max_seq(dsn: str) -> int:
+    return int(pg_query(dsn, "SELECT COALESCE(MAX(seq), 0) FROM inbox", fetch="fetchval"))
 
 
 def takeovers(replicas: list[Replica], rounds: int, factory: TxnFactory, hs_token: str,
@@ -248,6 +279,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--size", type=int, default=20, help="events per transaction")
     ap.add_argument("--takeovers", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=2000,
+                    help="events/s of the paced run (below saturation)")
+    ap.add_argument("--paced-seconds", type=float, default=15)
     ap.add_argument("--json", action="store_true", help="write bench/results/replicas.json")
     args = ap.parse_args()
     import tempfile
@@ -264,6 +298,12 @@ def main() -> int:
                   f"{cell['processing_lag_ms']['p99']:.0f}/{cell['processing_lag_ms']['max']} "
                   f"ms; drained {cell['drain_s']} s after the load; exactly once: "
                   f"{cell['exactly_once']}", flush=True)
+            pc = cell["paced"]
+            print(f"  paced at {pc['events_per_s']:.0f} events/s for {pc['seconds']:.0f} s: "
+                  f"processing lag p50/p99/max {pc['processing_lag_ms']['p50']:.0f}/"
+                  f"{pc['processing_lag_ms']['p99']:.0f}/{pc['processing_lag_ms']['max']} ms, "
+                  f"answer p99 {pc['answer_ms_p99']} ms ({pc['events']} events, "
+                  f"{pc['distinct']} distinct)", flush=True)
             if "takeover" in cell:
                 lead = [t["leader_s"] for t in cell["takeover"]]
                 done = [t["processed_s"] for t in cell["takeover"]]
