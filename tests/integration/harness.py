@@ -15,6 +15,7 @@ The fixtures that use these live in conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -26,7 +27,7 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -523,6 +524,42 @@ class EnclaveProcess:
         return await wait_until(idle, within=within, interval=0.3,
                                 what=f"{min_applied} applied actions and an idle inbox",
                                 describe=describe)
+
+
+PG_ADMIN_DSN = os.environ.get(
+    "ENCLAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database (UTF-8, C collation: what Synapse requires, fine for
+    Enclave) on the machine's server; yields its DSN and drops it afterwards. Skips when the
+    server is unreachable, fails instead when ENCLAVE_REQUIRE_POSTGRES is set (CI)."""
+    psycopg2 = pytest.importorskip("psycopg2")
+
+    def admin() -> Any:
+        try:
+            conn = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
+        except psycopg2.OperationalError as e:
+            if os.environ.get("ENCLAVE_REQUIRE_POSTGRES"):
+                pytest.fail(f"PostgreSQL required but unreachable at {PG_ADMIN_DSN}: {e}")
+            pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {e}")
+        conn.autocommit = True
+        return conn
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conn = admin()
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE='C' "
+                    "LC_CTYPE='C' TEMPLATE template0")
+    conn.close()
+    try:
+        yield f"{PG_ADMIN_DSN.rpartition('/')[0]}/{name}"
+    finally:
+        conn = admin()
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
 
 
 async def ledger_enclave(

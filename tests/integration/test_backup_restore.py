@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import yaml
 
 from bridge.devstack.synapse import SynapseServer, free_port
 
-from .harness import appservice_port, nio, tail, wait_until
+from .harness import appservice_port, fresh_pg_database, nio, tail, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -438,38 +439,10 @@ async def test_backup_of_running_stack_restores_into_wiped_state(tmp_path: Path)
 
 
 # -- Enclave's database on PostgreSQL -------------------------------------------------------------
-PG_ADMIN_DSN = os.environ.get(
-    "ENCLAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _pg_admin() -> Any:
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        conn = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
-    except psycopg2.OperationalError as e:
-        if os.environ.get("ENCLAVE_REQUIRE_POSTGRES"):
-            pytest.fail(f"PostgreSQL required but unreachable at {PG_ADMIN_DSN}: {e}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {e}")
-    conn.autocommit = True
-    return conn
-
-
 @pytest.fixture
-def pg_database() -> Any:
-    admin = _pg_admin()
-    name = f"enclave_backup_{secrets.token_hex(6)}"
-    with admin.cursor() as cur:  # Synapse needs the C locale
-        cur.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' LC_COLLATE=\'C\' '
-                    "LC_CTYPE='C' TEMPLATE template0")
-    admin.close()
-    base, _, _ = PG_ADMIN_DSN.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        admin = _pg_admin()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def pg_database() -> Iterator[str]:
+    with fresh_pg_database("enclave_backup") as dsn:
+        yield dsn
 
 
 def _pg_exec(dsn: str, sql: str) -> list[tuple[Any, ...]]:

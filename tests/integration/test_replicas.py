@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-import os
 import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from .harness import (
     EnclaveProcess,
     Stack,
     appservice_port,
+    fresh_pg_database,
     nio,
     subprocess_env,
     wait_until,
@@ -43,8 +42,6 @@ from .test_delivery import assert_ledger_exactly_once, create_room, send_text
 
 pytestmark = pytest.mark.integration
 
-PG_ADMIN_DSN = os.environ.get(
-    "ENCLAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 TTL_SECONDS = 3
 JOB_MINUTES = 0.05  # the directory sync every 3 s: several runs per phase of the test
 ROOMS, PER_ROOM = 4, 25
@@ -53,24 +50,8 @@ ROOMS, PER_ROOM = 4, 25
 @pytest.fixture
 def enclave_pg() -> Iterator[str]:
     """A fresh PostgreSQL database for the replicas; dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
-    except psycopg2.OperationalError as e:
-        if os.environ.get("ENCLAVE_REQUIRE_POSTGRES"):
-            pytest.fail(f"PostgreSQL required but unreachable at {PG_ADMIN_DSN}: {e}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {e}")
-    admin.autocommit = True
-    name = f"enclave_replicas_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rpartition("/")[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("enclave_replicas") as dsn:
+        yield dsn
 
 
 def replica_config(stack: Stack, base: Path, name: str, port: int, dsn: str) -> Path:

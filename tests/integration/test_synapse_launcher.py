@@ -17,13 +17,9 @@ nio = pytest.importorskip("nio")
 
 from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
 
+from .harness import fresh_pg_database  # noqa: E402
+
 pytestmark = pytest.mark.integration
-
-# Admin connection used only to create and drop per-test databases.
-PG_ADMIN_DSN = os.environ.get(
-    "ENCLAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
 
 async def _wait_gone(pid: int, limit_s: float = 5) -> bool:
     """True once neither the process nor its process group exists any more."""
@@ -155,31 +151,8 @@ def test_failed_start_reports_log_tail(tmp_path: Path) -> None:
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """Create a fresh Synapse-compatible database; yield its DSN; drop it afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    from psycopg2 import sql
-
-    try:
-        admin = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=3)
-    except psycopg2.OperationalError as err:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {err}")
-    admin.autocommit = True
-    name = f"enclave_synapse_{uuid.uuid4().hex[:12]}"
-    user = admin.get_dsn_parameters()["user"]
-    try:
-        with admin.cursor() as cur:
-            cur.execute(
-                sql.SQL(
-                    "CREATE DATABASE {} ENCODING 'UTF8' LC_COLLATE='C' LC_CTYPE='C' "
-                    "TEMPLATE template0"
-                ).format(sql.Identifier(name))
-            )
-        yield f"postgresql://{user}@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-        admin.close()
+    with fresh_pg_database("enclave_synapse") as dsn:
+        yield dsn
 
 
 async def test_postgres_register_login_send_stop(tmp_path: Path, postgres_database: str) -> None:
