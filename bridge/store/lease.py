@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from .base import Store
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(RuntimeError):
+    """Another process took the lease while the block ran; the block was stopped."""
 
 
 @contextlib.asynccontextmanager
@@ -15,20 +22,46 @@ async def held_lease(store: Store, name: str, owner: str, clock_ms: Callable[[],
                      ttl_ms: int, busy: Callable[[], Exception]) -> AsyncIterator[None]:
     """Take lease ``name`` for ``owner`` or raise ``busy()``; renew it every third of its
     ttl while the block runs (a holder that dies loses it ``ttl_ms`` after its last
-    renewal), and release it on the way out."""
+    renewal), and release it on the way out.
+
+    If a renewal finds the lease taken by another process (this one could not renew it in
+    time), the block is cancelled and :class:`LeaseLost` raised: two runs never go on side
+    by side. A renewal that fails because the store does not answer is retried; the block's
+    own writes fail meanwhile.
+    """
     if not await store.acquire_lease(name, owner, clock_ms(), ttl_ms):
         raise busy()
+    body = asyncio.current_task()
+    lost = False
 
     async def renew() -> None:
+        nonlocal lost
         while True:
             await asyncio.sleep(ttl_ms / 3000)
-            await store.acquire_lease(name, owner, clock_ms(), ttl_ms)
+            try:
+                held = await store.acquire_lease(name, owner, clock_ms(), ttl_ms)
+            except Exception as e:
+                log.warning("lease %s: renewal failed (%s); retrying", name, e)
+                continue
+            if not held:
+                lost = True
+                log.error("lease %s: taken by another process; stopping this run", name)
+                if body is not None:
+                    body.cancel()
+                return
 
     task = asyncio.create_task(renew())
     try:
         yield
+    except asyncio.CancelledError:
+        if not lost:
+            raise
+        if body is not None:
+            body.uncancel()
+        raise LeaseLost(f"lease {name} was taken by another process during the run") from None
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        await store.release_lease(name, owner)
+        if not lost:
+            await store.release_lease(name, owner)

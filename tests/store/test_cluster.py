@@ -195,3 +195,37 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(
     for s in stores:
         assert await s.schema_version() == latest
         await s.check_schema()
+
+
+async def test_a_run_whose_lease_is_taken_is_stopped(make_store: MakeStore) -> None:
+    from bridge.store.lease import LeaseLost, held_lease
+
+    clock = Clock()
+    store, other = await make_store(), await make_store(migrate=False)
+    reached_end = False
+
+    async def run() -> None:
+        nonlocal reached_end
+        async with held_lease(store, "job", "me", clock, 300, lambda: RuntimeError("busy")):
+            clock.now += 10_000  # this process "froze": its lease expired meanwhile...
+            assert await other.acquire_lease("job", "them", clock.now, 60_000)  # ...taken
+            await asyncio.sleep(1)  # the renewal (every 0.1 s) finds it taken
+            reached_end = True
+
+    with pytest.raises(LeaseLost):
+        await run()
+    assert not reached_end
+    assert not await store.acquire_lease("job", "me", clock.now, 300)  # theirs, kept
+
+
+async def test_a_run_keeps_its_lease_through_renewals(make_store: MakeStore) -> None:
+    from bridge.store.lease import held_lease
+
+    clock = Clock()
+    store, other = await make_store(), await make_store(migrate=False)
+    async with held_lease(store, "job", "me", clock, 300, lambda: RuntimeError("busy")):
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            clock.now += 100  # renewed every 0.1 s: never expires
+            assert not await other.acquire_lease("job", "them", clock.now, 300)
+    assert await other.acquire_lease("job", "them", clock.now, 300)  # released at the end
