@@ -39,6 +39,7 @@ from ingest import (
     HTTPClient,
     TxnFactory,
     free_port,
+    percentile,
     pg_query,
     stop_process,
     wait_listening,
@@ -119,13 +120,6 @@ directory:
         return out
 
 
-def pct(vals: list[float], p: float) -> float:
-    if not vals:
-        return float("nan")
-    s = sorted(vals)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
-
-
 def wait_for(cond: Any, within: float, what: str) -> float:
     start = time.monotonic()
     while time.monotonic() - start < within:
@@ -201,8 +195,8 @@ def run_cell(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "transactions": sent_txns, "errors": errors,
             "transactions_per_s": round(sent_txns / elapsed, 1),
             "events_per_s": round(sent_txns * args.size / elapsed, 1),
-            "answer_ms": {"p50": round(pct(lat, 50) * 1000, 2),
-                          "p99": round(pct(lat, 99) * 1000, 2)},
+            "answer_ms": {"p50": round(percentile(sorted(lat), 50) * 1000, 2),
+                          "p99": round(percentile(sorted(lat), 99) * 1000, 2)},
             "processing_lag_ms": {"p50": lag50, "p99": lag99, "max": lagmax},
             "pending_at_stop": left, "drain_s": round(drain_s, 2),
             "processed_events_per_s": round(events / (elapsed + drain_s), 1),
@@ -212,7 +206,7 @@ def run_cell(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "stopped_at_ms": stopped_ms,
             "paced": {"events_per_s": args.rate, "seconds": args.paced_seconds,
                       "events": p_events, "distinct": p_distinct,
-                      "answer_ms_p99": round(pct(paced_lat, 99) * 1000, 2),
+                      "answer_ms_p99": round(percentile(sorted(paced_lat), 99) * 1000, 2),
                       "processing_lag_ms": {"p50": p50, "p99": p99, "max": pmax}},
         }
         if n == 2 and args.takeovers:
