@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+
+from bridge.store import Store, open_store
+
+
+async def new_store(path: Path) -> Store:
+    """A migrated SQLite store under ``path`` (a second call: the same database reopened,
+    as after a restart)."""
+    store = open_store("sqlite:///inbox.db", base_dir=path)
+    await store.open()
+    await store.migrate()
+    return store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await new_store(tmp_path)
+    yield s
+    await s.close()
 
 CONFIG_TEMPLATE = """\
 homeserver:

@@ -1,11 +1,10 @@
-"""Shared fixtures of the matrix unit tests: a real SQLite store, and a small scripted fake
-homeserver (aiohttp test server) for client and executor tests."""
+"""Shared fixtures of the matrix unit tests: a small scripted fake homeserver (aiohttp test
+server) for client and executor tests (the SQLite ``store`` fixture is tests/unit's)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,23 +13,8 @@ import pytest
 from aiohttp import web
 
 from bridge.matrix.client import MatrixClient
-from bridge.store import Store, open_store
 
 AS_TOKEN = "as-token-for-tests"
-
-
-async def new_store(path: Path) -> Store:
-    store = open_store("sqlite:///inbox.db", base_dir=path)
-    await store.open()
-    await store.migrate()
-    return store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await new_store(tmp_path)
-    yield s
-    await s.close()
 
 
 @dataclass

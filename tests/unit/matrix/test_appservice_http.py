@@ -16,7 +16,7 @@ from bridge.matrix.inbox import expand_journal
 from bridge.metrics import Metrics
 from bridge.store import Store
 
-from .conftest import new_store
+from ..conftest import new_store
 
 TOKEN = "hs-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

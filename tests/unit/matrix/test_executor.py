@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,22 +11,13 @@ from bridge.matrix.client import MatrixClient
 from bridge.matrix.executor import Executor, txn_id_for
 from bridge.metrics import Metrics
 from bridge.policy.actions import Action, Invite, Join, Kick, Leave, SendEvent, SetState
-from bridge.store import AuditFilter, NewEvent, Store, StoredAction, open_store
+from bridge.store import AuditFilter, NewEvent, Store, StoredAction
 
 from .conftest import FakeHomeserver, MakeClient
 
 BOT = "@enclave:corp.example.com"
 NOW = 1_700_000_000_000
 SERVER_ERROR = (502, {"errcode": "M_UNKNOWN", "error": "bad gateway"})
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store("sqlite:///x.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

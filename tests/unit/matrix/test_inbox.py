@@ -21,7 +21,7 @@ from bridge.metrics import Metrics
 from bridge.policy.actions import Action, SendEvent, action_from_dict
 from bridge.store import AuditFilter, InboxEvent, NewEvent, Store, StoredAction
 
-from .conftest import new_store
+from ..conftest import new_store
 
 T0 = 1_700_000_000_000
 

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from bridge.retention.archive import (
     parse_manifest,
     room_dir_name,
 )
-from bridge.store import Store, open_store
+from bridge.store import Store
 
 ROOM = "!room:corp.example.com"
 OTHER = "!other:corp.example.com"
@@ -37,15 +37,6 @@ def ev(n: int, room: str = ROOM, *, sender: str = "@alice:corp.example.com",
             "type": "m.room.message", "origin_server_ts": T0 + n,
             "content": {"msgtype": "m.text", "body": body or f"message {n}"},
             "unsigned": {"age": 5}, **extra}
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store("sqlite:///x.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ period go, and never one a hold could cover. No homeserver is involved in this p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from bridge.config.retention import RetentionConfig
 from bridge.metrics import Metrics
 from bridge.retention.archive import LocalArchive
 from bridge.retention.service import RetentionService
-from bridge.store import Store, open_store
+from bridge.store import Store
 from bridge.store.base import AuditRecord, HoldRecord
 
 ROOM = "!room:corp.example.com"
@@ -26,15 +25,6 @@ def ev(n: int, ts: int, sender: str = "@alice:corp.example.com") -> dict[str, An
     return {"event_id": f"$e{n}", "room_id": ROOM, "sender": sender,
             "type": "m.room.message", "origin_server_ts": ts,
             "content": {"msgtype": "m.text", "body": "x" * 200}}
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store("sqlite:///x.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 def service(store: Store, archive: LocalArchive, now: int) -> RetentionService:
