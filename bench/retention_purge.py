@@ -96,17 +96,14 @@ from separation import (  # noqa: E402  (the PG-backed Synapse + Enclave set-up 
     bounded,
     enclave_config,
     fmt,
-    make_registration,
     progress,
     q,
-    register_admin,
-    set_homeserver_url,
+    start_synapse_for,
     subprocess_env,
     summary,
 )
 
 from bridge.app import wall_clock_ms  # noqa: E402
-from bridge.config import check_secrets, load_config  # noqa: E402
 from bridge.devstack.synapse import SynapseServer  # noqa: E402
 from bridge.matrix.client import MatrixClient  # noqa: E402
 from bridge.retention.build import standalone_retention  # noqa: E402
@@ -296,14 +293,7 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     probe: Probe | None = None
     try:
         config = write_config(root, synapse, args)
-        registration = root / "enclave-registration.yaml"
-        await asyncio.to_thread(make_registration, config, registration, url=False)
-        synapse.app_service_config_files = [registration]
-        await asyncio.to_thread(synapse.start, 120)
-        set_homeserver_url(config, synapse.base_url)
-        await asyncio.to_thread(register_admin, synapse)
-        loaded = load_config(config)
-        secrets = check_secrets(loaded)
+        loaded, secrets = await start_synapse_for(config, synapse, root)
         await asyncio.to_thread(enclave_migrate, config)
         meter = CpuMeter({"synapse": lambda: synapse.pid,
                           "probe": lambda: probe.pid if probe else None}, dbname)

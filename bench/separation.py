@@ -324,6 +324,19 @@ def register_admin(server: SynapseServer) -> None:
         server.register_user(ADMIN_LOCALPART, "not-used-" + uuid.uuid4().hex, admin=True)
 
 
+async def start_synapse_for(config: Path, synapse: SynapseServer, root: Path) -> tuple[Any, Any]:
+    """Register Enclave (no push URL) with ``synapse``, start it, point the config at it
+    and make Enclave's admin identity; return the loaded config and its secrets."""
+    registration = root / "enclave-registration.yaml"
+    await asyncio.to_thread(make_registration, config, registration, url=False)
+    synapse.app_service_config_files = [registration]
+    await asyncio.to_thread(synapse.start, 120)
+    set_homeserver_url(config, synapse.base_url)
+    await asyncio.to_thread(register_admin, synapse)
+    loaded = load_config(config)
+    return loaded, check_secrets(loaded)
+
+
 class EnclaveProc:
     """``python -m bridge run -c CONFIG`` as in production."""
 
@@ -957,14 +970,7 @@ async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         config, _ = enclave_config(root, server_name=synapse.server_name,
                                    shared_secret=synapse.registration_shared_secret,
                                    directory=directory, policy=policy)
-        registration = root / "enclave-registration.yaml"
-        await asyncio.to_thread(make_registration, config, registration, url=False)
-        synapse.app_service_config_files = [registration]
-        await asyncio.to_thread(synapse.start, 120)
-        set_homeserver_url(config, synapse.base_url)
-        await asyncio.to_thread(register_admin, synapse)
-        loaded = load_config(config)
-        secrets = check_secrets(loaded)
+        loaded, secrets = await start_synapse_for(config, synapse, root)
         store = build_store(loaded, secrets)
         await store.open()
         await store.migrate()

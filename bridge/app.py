@@ -317,11 +317,9 @@ def _interval_job(svc: Services, job_id: str, minutes: float,
 
         scheduler = AsyncIOScheduler()
         tasks: set[asyncio.Task[None]] = set()
-        elected = {"count": 0}
 
         async def start_on_election() -> None:
-            elected["count"] += 1
-            task = asyncio.create_task(on_elected(elected["count"] == 1),
+            task = asyncio.create_task(on_elected(leadership.elections == 1),
                                        name=f"{job_id}-elected")
             tasks.add(task)
             task.add_done_callback(tasks.discard)

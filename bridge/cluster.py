@@ -192,8 +192,8 @@ class Leadership:
                         await task
                     if on_stop is not None:
                         await on_stop()
-            if task.done() and not task.cancelled() and task.exception() is None:
-                return  # the work finished on its own
-            if task.done() and not task.cancelled() and task.exception() is not None:
+            if task.cancelled():
+                continue  # stopped leading: wait to lead again
+            if task.exception() is not None:
                 log.error("leader-only work failed: %r", task.exception())
-                return
+            return  # the work ended on its own
