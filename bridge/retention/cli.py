@@ -68,6 +68,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
                 print(orjson.dumps({
                     "room": rr.room_id, "error": rr.error, "read": rr.read,
                     "archived": rr.archived, "purged": rr.purged, "redacted": rr.redacted,
+                    "not_redacted": rr.not_redacted,
+                    "not_redacted_reason": rr.not_redacted_reason,
                     "media_deleted": rr.media_deleted,
                     "steps": [{"up_to_ts": s.up_to_ts, "seconds": round(s.seconds, 3)}
                               for s in rr.steps],
@@ -95,7 +97,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
                       f"{len(p.windows)} step(s)"
                       + (f", holds {', '.join(p.hold_ids)}" if p.hold_ids else "")
                       + (f"; purged {rr.purged}, redacted {rr.redacted}" if args.apply
-                         else ""))
+                         else "")
+                      + (f"; {rr.not_redacted} NOT redacted: {rr.not_redacted_reason}"
+                         if rr.not_redacted else ""))
         for f in run.findings:
             if args.format == "json":
                 print(orjson.dumps({"finding": f}).decode())
