@@ -171,11 +171,54 @@ class RetentionService:
     async def active_holds(self) -> list[Hold]:
         return [hold_from_record(r) for r in await self.store.holds()]
 
+    async def unknown_hold_subjects(self, users: Sequence[str],
+                                    rooms: Sequence[str]) -> list[str]:
+        """What a hold names that nobody knows: a user neither the homeserver (deactivated
+        accounts included), the directory nor the archive (a remote sender) knows, a room
+        neither the homeserver nor the archive has. A typo must not place a hold that
+        leaves the real custodian unheld."""
+        problems: list[str] = []
+        if users:
+            known = {p.user_id for p in await self.store.directory_people()}
+            known |= {r.user_id for r in await self.store.directory_view()}
+            for u in users:
+                if u in known:
+                    continue
+                if u.endswith(":" + self.server_name):
+                    try:
+                        if await self.client.admin_get_user(u, admin=self.admin_user_id):
+                            continue
+                    except MatrixRequestError as e:
+                        if e.status != 400:  # 400: not a valid local user id
+                            raise
+                elif await self.store.archive_query(senders=[u], limit=1):
+                    continue
+                problems.append(f"unknown user {u!r}: not on the homeserver, in the "
+                                "directory or in the archive")
+        if rooms:
+            archived = await self.store.archive_rooms()
+            for r in rooms:
+                if r in archived:
+                    continue
+                state = None
+                try:
+                    state = await self.client.admin_room_state(r, admin=self.admin_user_id)
+                except MatrixRequestError as e:
+                    if e.status not in (400, 404):
+                        raise
+                if not state:
+                    problems.append(f"unknown room {r!r}: not on the homeserver or in the "
+                                    "archive")
+        return problems
+
     async def add_hold(self, record: HoldRecord, *, source: str = "cli") -> bool:
         """Place a legal hold; the audit record is written in the same commit."""
         from ..policy.retention import validate_hold
 
         validate_hold(hold_from_record(record))
+        problems = await self.unknown_hold_subjects(record.users, record.rooms)
+        if problems:
+            raise ValueError("; ".join(problems))
         audit = AuditRecord(
             ts=self.clock_ms(), source=source, kind="hold_add", outcome="applied",
             actor=record.placed_by, rule_id="builtin.legal_hold", reason=record.reason,

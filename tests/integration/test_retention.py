@@ -441,6 +441,32 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     assert "hold_add" in r.stdout and "hold_release" in r.stdout, r.stdout[-2000:]
 
 
+async def test_holds_and_exports_refuse_what_nobody_knows(ret: Setup) -> None:
+    r = await ret.cli("hold", "add", "--id", "typo", "--case", "CASE-9", "--reason", "x",
+                      "--by", "legal@corp", "--user", ret.uid("nosuchuser"))
+    assert r.returncode == 2 and "unknown user" in r.stderr, (r.returncode, r.stderr)
+    r = await ret.cli("hold", "add", "--id", "typo-room", "--case", "CASE-9", "--reason", "x",
+                      "--by", "legal@corp", "--room", "!unknown")
+    assert r.returncode == 2 and "unknown room" in r.stderr, (r.returncode, r.stderr)
+    r = await ret.cli("hold", "list", "--all", "--format", "json")
+    assert "typo" not in r.stdout, r.stdout
+    # a deactivated account is known: its history may well be what a case needs
+    gone = await ret.stack.new_staff("leaver")
+    await gone.close()
+    await ret.stack.hs("POST", f"/_synapse/admin/v1/deactivate/{q(gone.user_id)}",
+                       {"erase": False})
+    r = await ret.cli("hold", "add", "--id", "leaver", "--case", "CASE-9", "--reason", "x",
+                      "--by", "legal@corp", "--user", gone.user_id)
+    assert r.returncode == 0, r.stderr
+    r = await ret.cli("hold", "release", "leaver", "--by", "legal@corp")
+    assert r.returncode == 0, r.stderr
+    # an export of a room the archive does not know is an error, not an empty export
+    out_dir = ret.base / "export-unknown"
+    r = await ret.cli("export", "--room", "!unknown", "--out", str(out_dir))
+    assert r.returncode == 1 and "!unknown" in r.stderr, (r.returncode, r.stderr)
+    assert not (out_dir / "manifest.json").exists()
+
+
 async def test_a_purge_whose_boundary_event_is_gone_takes_the_next(ret: Setup) -> None:
     """The boundary event the archive names for a purge step may be gone from the homeserver
     (on a loaded machine an earlier step took it); here an operator purged it by hand. The
