@@ -319,7 +319,8 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
                                                 enclave: InProcessEnclave) -> None:
     store = enclave.svc.store
     base = f"http://127.0.0.1:{stack.as_port}/hooks"
-    payload = json.dumps({"alert": {"name": "Disk full", "summary": "db1 is at *99%*"}}
+    payload = json.dumps({"alert": {"name": "Disk full", "summary":
+                                    "db1 is at *99%*, see [click](https://evil.example)"}}
                          ).encode()
     json_ct = {"Content-Type": "application/json"}
     # bad, missing and wrong-secret signatures: 401, nothing stored
@@ -356,7 +357,12 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
         (room, event_id), = await announcement_copies(stack, uid(u), "alerts")
         (msg,) = [m for m in await bot_messages(stack, room) if m["event_id"] == event_id]
         assert msg["content"]["body"].startswith("### 📣 Alert: Disk full")
-        assert r"db1 is at \*99%\*" in msg["content"]["body"]  # payload text, escaped
+        # the payload is text: plain in body (no Markdown escapes), inert in the HTML
+        assert ("db1 is at *99%*, see [click](https://evil.example)"
+                in msg["content"]["body"]), msg["content"]["body"]
+        assert "\\" not in msg["content"]["body"], msg["content"]["body"]
+        html_body = msg["content"]["formatted_body"]
+        assert "*99%*" in html_body and "<em>" not in html_body and "<a " not in html_body
     for u in SALES:
         assert await announcement_copies(stack, uid(u), "alerts") == []
 
