@@ -121,7 +121,11 @@ async def standalone_services(loaded: LoadedConfig, secrets: dict[str, Secret], 
             executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
                                 metrics=metrics)
             executor.installation_id = iid
-            yield store, client, executor, metrics
+            try:
+                yield store, client, executor, metrics
+            finally:
+                # the admin's own session (user list) dies with the run: no token left over
+                await client.close_sessions()
     finally:
         await store.close()
 
