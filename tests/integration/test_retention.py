@@ -93,6 +93,7 @@ class Setup:
 
 def write_directory(path: Path) -> None:
     people = [{"id": str(3000 + i), "username": name, "display_name": name.title(),
+               "email": f"{name}.mail@example.com",
                "department": "Ops", "groups": ["ops"], "initial_password": f"pw-{name}"}
               for i, name in enumerate(PEOPLE)]
     path.write_text(yaml.safe_dump({"people": people}, sort_keys=False))
@@ -267,6 +268,23 @@ async def retention_apply(s: Setup, *rooms: str, config: Path | None = None,
     return [x for x in lines if "room" in x]  # findings are lines of their own
 
 
+def in_browser(page_path: Path, check: Any) -> Any:
+    """Open a transcript in headless Chromium (Debian's, driven by Playwright) and run
+    ``check(page)`` on it: what a reviewer's browser shows, not what the HTML source has."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(page_path.resolve().as_uri())
+            page.wait_for_load_state("load")
+            return check(page)
+        finally:
+            browser.close()
+
+
 async def media_served(s: Setup, who: str, mxc: str) -> bool:
     server, media_id = mxc.removeprefix("mxc://").split("/", 1)
     c = await s.staff(who)
@@ -341,9 +359,20 @@ async def test_events_and_media_are_archived_then_purged_and_exported(ret: Setup
     media = [f for f in manifest["files"] if f.startswith("media/")]
     assert media, manifest
     copied = next((out_dir / "media").iterdir())
-    assert copied.read_bytes() == PNG
-    html = next((out_dir / "rooms").glob("*/transcript.html")).read_text()
+    assert copied.read_bytes() == PNG and copied.suffix == ".png", copied
+    page_path = next((out_dir / "rooms").glob("*/transcript.html"))
+    html = page_path.read_text()
     assert "old bob 2" in html and "Alice" in html
+
+    def purged_shown(page: Any) -> tuple[bool, bool, bool]:
+        msg = page.locator(".msg", has_text="old bob 2")
+        return (msg.get_by_text("old bob 2").is_visible(),
+                msg.get_by_text("gone from the homeserver").is_visible(),
+                page.locator(".msg img").first.evaluate(
+                    "img => img.complete && img.naturalWidth > 0"))
+
+    # the archived text of a purged message, its mark, and the image (media/x.png) load
+    assert await asyncio.to_thread(in_browser, page_path, purged_shown) == (True, True, True)
     assert list((out_dir / "rooms").glob("*/eml/*.eml"))
 
     # a second run has nothing more to do
@@ -360,6 +389,7 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     a0 = await say(ret, "alice", mixed, "a0 before the held user")
     b1 = await say(ret, "bob", mixed, "b1 held")
     a2 = await say(ret, "alice", mixed, "a2 after a held one")
+    img, _ = await upload_image(ret, "alice", mixed)
     b3 = await say(ret, "bob", mixed, "b3 held")
     # the same in a room Enclave's bot is not in: it cannot redact there as itself
     nobot = await new_room(ret, "alice", "bob", name="user hold, no Enclave")
@@ -369,7 +399,7 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     held_room = await new_room(ret, "carol", name="room hold")
     c = [await say(ret, "carol", held_room, f"c{i} held by the room hold") for i in range(3)]
     last_old = time.time()
-    await wait_archived(ret, mixed, [a0, b1, a2, b3])
+    await wait_archived(ret, mixed, [a0, b1, a2, img, b3])
     await wait_archived(ret, held_room, c)
     await wait_archived(ret, nobot, [n2])
 
@@ -388,7 +418,7 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     plan = await ret.cli("retention", "--plan", "--room", mixed, "--room", held_room)
     assert plan.returncode == 0 and "hold-bob" in plan.stdout and "hold-room" in plan.stdout
     outs = {o["room"]: o for o in await retention_apply(ret, mixed, held_room, nobot)}
-    assert outs[mixed]["redacted"] == 1 and outs[mixed]["not_redacted"] == 0, outs[mixed]
+    assert outs[mixed]["redacted"] == 2 and outs[mixed]["not_redacted"] == 0, outs[mixed]
 
     left = await on_homeserver(ret, mixed)
     assert a0 not in left  # before the first held event: purged
@@ -400,7 +430,7 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     bot = ret.stack.bot_user_id
     redactions = [e for e in await room_events(ret, mixed) if e["type"] == "m.room.redaction"]
     assert [(e["sender"], e.get("redacts") or e["content"].get("redacts"))
-            for e in redactions] == [(bot, a2)], redactions
+            for e in redactions] == [(bot, a2), (bot, img)], redactions
     # where the bot is not in the room, nothing is done as anyone else: it is reported
     assert outs[nobot]["redacted"] == 0 and outs[nobot]["not_redacted"] == 1, outs[nobot]
     assert bot in outs[nobot]["not_redacted_reason"], outs[nobot]
@@ -416,14 +446,35 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     out_dir = ret.base / "export-redacted"
     r = await ret.cli("export", "--room", mixed, "--out", str(out_dir))
     assert r.returncode == 0, r.stderr
-    html_text = next((out_dir / "rooms").glob("*/transcript.html")).read_text()
+    page_path = next((out_dir / "rooms").glob("*/transcript.html"))
+    html_text = page_path.read_text()
     deleted = [ln for ln in html_text.split('<div class="body">') if ln.startswith(
         "message deleted by")]
-    assert len(deleted) == 1 and bot in deleted[0] and "@alice" not in deleted[0], deleted
+    assert len(deleted) == 2 and all(bot in d and "@alice" not in d for d in deleted), deleted
     mails = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
              for p in (out_dir / "rooms").glob("*/eml/*.eml")]
     redacted_mails = [m for m in mails if m["X-Matrix-Redacted-By"]]
-    assert [str(m["X-Matrix-Redacted-By"]) for m in redacted_mails] == [bot], redacted_mails
+    assert [str(m["X-Matrix-Redacted-By"]) for m in redacted_mails] == [bot, bot]
+    # From: the sender's directory email, not localpart@server
+    assert {m["From"].addresses[0].addr_spec for m in mails
+            if str(m["X-Matrix-Sender"]) == ret.uid("alice")} == {"alice.mail@example.com"}
+
+    def reviewer_sees(page: Any) -> dict[str, bool]:
+        a2_msg = page.locator(".msg", has_text="a2 after a held one")
+        b1_msg = page.locator(".msg", has_text="b1 held")
+        img_msg = page.locator(".msg.deleted").filter(has=page.locator("img"))
+        return {
+            # the archived text of the redacted message, visible without a click
+            "a2 text": a2_msg.get_by_text("a2 after a held one").is_visible(),
+            # the archived image of the redacted image message, shown and loaded
+            "image": img_msg.locator("img").is_visible() and img_msg.locator("img").evaluate(
+                "img => img.complete && img.naturalWidth > 0"),
+            # a held message is marked as such
+            "hold mark": b1_msg.get_by_text("legal hold hold-bob").is_visible(),
+        }
+
+    seen = await asyncio.to_thread(in_browser, page_path, reviewer_sees)
+    assert seen == {"a2 text": True, "image": True, "hold mark": True}, seen
     left_held = await on_homeserver(ret, held_room)
     assert all(left_held[e]["body"].startswith("c") for e in c)
 
