@@ -125,7 +125,11 @@ async def standalone_services(loaded: LoadedConfig, secrets: dict[str, Secret], 
                 yield store, client, executor, metrics
             finally:
                 # the admin's own session (user list) dies with the run: no token left over
-                await client.close_sessions()
+                # (bounded: a homeserver that is down must not hold the CLI's exit)
+                try:
+                    await asyncio.wait_for(client.close_sessions(), timeout=10)
+                except Exception as e:
+                    log.warning("the admin session was not logged out: %s", e)
     finally:
         await store.close()
 
