@@ -18,7 +18,8 @@ Three runs, each timed end to end (read LDAP, read the homeserver, diff, apply):
       quarter disabled), then a sync.
 
 Admin writes are counted for real: the sync's MatrixClient.request is wrapped, and every
-request that is not a GET (and not the admin's ``/login``) counts. Homeserver events are
+request that is not a GET (and not the admin's session ``/login`` and ``/logout``, which
+change no account, room or profile) counts. Homeserver events are
 ``SELECT count(*) FROM events`` on Synapse's database before and after each run, once the
 count stopped moving (deactivation parts rooms in the background). Prints figures and the
 targets, met or not; asserts nothing.
@@ -109,10 +110,12 @@ def pg_backend_cpu(dbname: str) -> float:
 
 
 _ID_SEGMENT = re.compile(r"/(%40|%21|%23|@|!|#)[^/]*")
+_EMAIL_SEGMENT = re.compile(r"(/threepid/email/users)/[^/]*")
 
 
 def endpoint(method: str, path: str) -> str:
     """``PUT /_synapse/admin/v2/users/{id}``: ids folded so requests group by endpoint."""
+    path = _EMAIL_SEGMENT.sub(r"\1/{address}", path)
     return f"{method} {_ID_SEGMENT.sub('/{id}', path)}"
 
 
@@ -132,7 +135,7 @@ class RequestMeter:
                 e = self.by_endpoint[endpoint(method, path)]
                 e[0] += 1
                 e[1] += time.perf_counter() - t0
-                if method != "GET" and not path.endswith("/login"):
+                if method != "GET" and not path.endswith(("/login", "/logout")):
                     self.writes += 1
 
         client.request = request

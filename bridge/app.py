@@ -524,6 +524,10 @@ async def build_app(
 
     async def session_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
+        try:  # shutting down: the homeserver may be gone, do not wait long for it
+            await asyncio.wait_for(client.close_sessions(), timeout=5)
+        except Exception as e:
+            log.info("admin session not logged out at shutdown: %s", e)
         await session.close()
 
     async def leadership_ctx(_: web.Application) -> AsyncIterator[None]:

@@ -327,7 +327,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
         pid = next((p for p, mu in result.users.items() if query in (
             p, mu.user_id, mu.localpart, mu.person.username)), None)
         if pid is None:
-            pid = next((p for p, r in result.known.items() if query in (p, r.user_id)), None)
+            # a deleted person: only what Enclave remembers (person id, Matrix id and so
+            # its localpart, which the username mapped to)
+            pid = next((p for p, r in result.known.items() if query in (
+                p, r.user_id, r.user_id[1:].partition(":")[0])), None)
         if pid is None:
             _err(f"enclave sync: no person {query!r} in the directory or in what Enclave "
                  "provisioned (give a person id, username or Matrix id)")

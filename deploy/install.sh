@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 
 # Debian packages the tests use: OpenLDAP's slapd and tools for the directory-sync tests
-# (a private instance on loopback; the package's own daemon is not used).
-APT_PACKAGES=(slapd ldap-utils)
+# (a private instance on loopback; the package's own daemon is not used), and Chromium,
+# which opens exported transcripts headless (driven by Playwright, no browser download).
+APT_PACKAGES=(slapd ldap-utils chromium)
 python3 -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv)
 # pg_dump/pg_restore for deploy/backup and its tests (any installed version will do)
 command -v pg_dump >/dev/null 2>&1 && command -v pg_restore >/dev/null 2>&1 \

@@ -54,10 +54,11 @@ def decide_reminders(spec: AnnouncementSpec, deliveries: Sequence[AnnouncementDe
     """Reminders and escalations due at ``now_ms`` for one delivered occurrence.
 
     Reminder *k* (1-based) is due ``k * after`` after the person's delivery; the
-    escalation one ``after`` past the last reminder. Nothing is due at or after expiry
-    (``expires_after`` from the occurrence's delivery). The occurrence closes when it needs
-    no acknowledgement, has expired, or has nothing left to follow up (acknowledgements
-    are still recorded after that)."""
+    escalation one ``after`` past the last reminder. A reminder whose send failed keeps its
+    place in the schedule (it is not counted as sent, and not retried at once). Nothing is
+    due at or after expiry (``expires_after`` from the occurrence's delivery). The
+    occurrence closes when it needs no acknowledgement, has expired, or has nothing left to
+    follow up (acknowledgements are still recorded after that)."""
     people = _people(deliveries)
     if not spec.require_ack:
         return FollowUp((), (), True, "no acknowledgement required", None)
@@ -84,10 +85,11 @@ def decide_reminders(spec: AnnouncementSpec, deliveries: Sequence[AnnouncementDe
             continue
         if after is None:
             continue
-        if d.reminders < spec.reminder_count:
-            due = d.sent_at + (d.reminders + 1) * after
+        tried = d.reminders + d.reminder_failures
+        if tried < spec.reminder_count:
+            due = d.sent_at + (tried + 1) * after
             if due <= now_ms:
-                reminders.append(Remind(d.target, d.reminders + 1))
+                reminders.append(Remind(d.target, tried + 1))
             else:
                 later(due)
         elif spec.escalate and d.escalated_at is None:
@@ -118,9 +120,11 @@ class Summary:
     failed: int
     pending: int
     acknowledged: int
-    reminded: int
-    escalated: int
+    reminded: int  # people with at least one reminder the homeserver accepted
+    escalated: int  # people whose manager was told (the message was accepted)
     rooms: int  # explicit target rooms
+    reminders_failed: int = 0  # people with a reminder whose send failed
+    escalations_failed: int = 0
 
     def line(self, require_ack: bool) -> str:
         text = (f"{self.recipients} recipient(s): {self.delivered} delivered, "
@@ -130,6 +134,10 @@ class Summary:
         if require_ack:
             text += (f"; {self.acknowledged} acknowledged, {self.reminded} reminded, "
                      f"{self.escalated} escalated")
+            if self.reminders_failed:
+                text += f"; reminder failed for {self.reminders_failed}"
+            if self.escalations_failed:
+                text += f"; escalation failed for {self.escalations_failed}"
         return text
 
 
@@ -143,8 +151,10 @@ def summarise(deliveries: Sequence[AnnouncementDelivery]) -> Summary:
         pending=sum(1 for d in people if d.status == "pending"),
         acknowledged=sum(1 for d in people if d.acked_at is not None),
         reminded=sum(1 for d in people if d.reminders > 0),
-        escalated=sum(1 for d in people if d.escalated_at is not None),
+        escalated=sum(1 for d in people if d.escalated),
         rooms=sum(1 for d in deliveries if not d.target.startswith("@")),
+        reminders_failed=sum(1 for d in people if d.reminder_failures > 0),
+        escalations_failed=sum(1 for d in people if d.escalation_error is not None),
     )
 
 

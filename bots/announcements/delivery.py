@@ -12,7 +12,6 @@ two hosts, or a restart while the old process still runs, never send twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -24,6 +23,7 @@ from bridge.directory.model import StaffRecord
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError, q
 from bridge.matrix.executor import txn_id_for
 from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
+from bridge.store.lease import LeaseLost, held_lease
 
 from ..markdown import message_content
 from ..scheduling import format_ms
@@ -47,6 +47,18 @@ class Unavailable(Exception):
     """The homeserver is away: stop this pass, the next one resumes."""
 
 
+class _LeaseBusy(Exception):
+    """Another process holds the occurrence's lease."""
+
+
+def _reminders_text(row: Any) -> str:
+    """The reminders the person got, as the homeserver accepted them."""
+    text = f"{row.reminders} reminder(s)"
+    if row.reminder_failures:
+        text += f", {row.reminder_failures} more could not be sent"
+    return text
+
+
 def date_text(ms: int, timezone: str) -> str:
     """{date} in messages: 'Tuesday 1 December 2026'."""
     import datetime as dt
@@ -66,43 +78,42 @@ class FanOut:
 
     # -- delivery ------------------------------------------------------------------------
     async def deliver(self, occ: AnnouncementOccurrence) -> bool:
-        """One pass over the occurrence's pending targets; True when none is left."""
+        """One pass over the occurrence's pending targets; True when none is left.
+
+        The pass holds the occurrence's lease (the shared helper renews it); if another
+        process takes it meanwhile, this pass is stopped and leaves the rest to that one."""
         store, now = self.svc.store, self.svc.clock_ms
         lease = f"announcement:{occ.announcement_id}/{occ.occurrence_id}"
-        if not await store.acquire_lease(lease, self.owner, now(), LEASE_TTL_MS):
+        try:
+            async with held_lease(store, lease, self.owner, now, LEASE_TTL_MS, _LeaseBusy):
+                return await self._deliver_held(occ, lease)
+        except _LeaseBusy:
             log.info("%s: another process is delivering it", lease)
             return False
-        renew = asyncio.create_task(self._renew(lease))
-        try:
-            if occ.status == "pending":
-                await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
-                                                    "delivering", now())
-            spec = AnnouncementSpec.from_json(occ.spec)
-            try:
-                await self._pass(occ, spec)
-            except Unavailable as e:
-                log.warning("%s: homeserver unavailable (%s); resuming later", lease, e)
-                return False
-            left = await store.announcement_deliveries(
-                occ.announcement_id, occ.occurrence_id, status="pending")
-            if left:
-                return False
-            await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
-                                                "delivered", now())
-            done = await store.announcement_occurrence(occ.announcement_id, occ.occurrence_id)
-            await self.bot.post_summary(done or occ, spec, "delivered")
-            return True
-        finally:
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renew
-            await store.release_lease(lease, self.owner)
+        except LeaseLost as e:
+            log.error("%s: %s; this pass stopped", lease, e)
+            return False
 
-    async def _renew(self, lease: str) -> None:
-        while True:
-            await asyncio.sleep(LEASE_TTL_MS / 3000)
-            await self.svc.store.acquire_lease(lease, self.owner, self.svc.clock_ms(),
-                                               LEASE_TTL_MS)
+    async def _deliver_held(self, occ: AnnouncementOccurrence, lease: str) -> bool:
+        store, now = self.svc.store, self.svc.clock_ms
+        if occ.status == "pending":
+            await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
+                                                "delivering", now())
+        spec = AnnouncementSpec.from_json(occ.spec)
+        try:
+            await self._pass(occ, spec)
+        except Unavailable as e:
+            log.warning("%s: homeserver unavailable (%s); resuming later", lease, e)
+            return False
+        left = await store.announcement_deliveries(
+            occ.announcement_id, occ.occurrence_id, status="pending")
+        if left:
+            return False
+        await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
+                                            "delivered", now())
+        done = await store.announcement_occurrence(occ.announcement_id, occ.occurrence_id)
+        await self.bot.post_summary(done or occ, spec, "delivered")
+        return True
 
     async def _pass(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec) -> None:
         store = self.svc.store
@@ -401,9 +412,10 @@ class FanOut:
                                    step.user_id, str(step.number)), (row.room_id, row.event_id))
         except (MatrixRequestError, SendRefused) as e:
             detail = e.reason if isinstance(e, SendRefused) else str(e)
+            # not counted as sent: the report shows it failed, and why
             await self.svc.store.announcement_mark_reminded(
                 occ.announcement_id, occ.occurrence_id, step.user_id, count=step.number,
-                now_ms=self.svc.clock_ms(), message=None,
+                now_ms=self.svc.clock_ms(), message=None, error=detail,
                 audit=self.bot.audit("announcement_reminder", "failed", user_id=step.user_id,
                                      rule_id=step.rule_id, reason=step.reason, detail=detail))
             return
@@ -432,7 +444,7 @@ class FanOut:
         who = f"{rec.display_name} ({step.user_id})" if rec else step.user_id
         when = format_ms(row.sent_at, spec.timezone) if row.sent_at else "earlier"
         md = (f"👀 {who} has not acknowledged **{spec.title}** (sent {when}, "
-              f"{row.reminders} reminder(s)). Could you follow up with them?")
+              f"{_reminders_text(row)}). Could you follow up with them?")
         try:
             room, eid = await self._send_personal(
                 step.manager, md, ("escalation", occ.announcement_id, occ.occurrence_id,
@@ -441,7 +453,7 @@ class FanOut:
             detail = e.reason if isinstance(e, SendRefused) else str(e)
             await store.announcement_mark_escalated(
                 occ.announcement_id, occ.occurrence_id, step.user_id, manager=step.manager,
-                now_ms=self.svc.clock_ms(), message=None,
+                now_ms=self.svc.clock_ms(), message=None, error=detail,
                 audit=bot.audit("announcement_escalation", "failed", user_id=step.user_id,
                                 rule_id=step.rule_id, reason=step.reason, detail=detail))
             return

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from bridge.store.base import AnnouncementDelivery
 
 CSV_COLUMNS = ["recipient", "name", "department", "status", "delivered_at", "room_id",
-               "acknowledged_at", "ack_method", "reminders", "escalated_at", "escalated_to",
-               "detail"]
+               "acknowledged_at", "ack_method", "reminders", "reminders_failed", "escalated_at",
+               "escalated_to", "detail"]
 
 
 def iso(ms: int | None, timezone: str = "UTC") -> str:
@@ -32,13 +32,23 @@ def report_rows(deliveries: Sequence[AnnouncementDelivery], staff: Mapping[str, 
     ordered = sorted(deliveries, key=lambda d: (not d.target.startswith("@"), d.target))
     for d in ordered:
         rec = staff.get(d.target)
+        # only what the homeserver accepted counts; failures are shown with their reason
+        detail = [d.detail] if d.detail else []
+        if d.reminder_failures:
+            detail.append(f"{d.reminder_failures} reminder(s) failed: {d.reminder_error}")
+        if d.escalation_error is not None:
+            detail.append(f"escalation to {d.escalated_to} failed: {d.escalation_error}")
+        elif d.escalated_at is not None and d.escalated_to is None:
+            detail.append("not escalated: no active manager in the directory")
         out.append({
             "recipient": d.target, "name": rec.display_name if rec else "",
             "department": (rec.department or "") if rec else "", "status": d.status,
             "delivered_at": iso(d.sent_at, timezone), "room_id": d.room_id or "",
             "acknowledged_at": iso(d.acked_at, timezone), "ack_method": d.ack_method or "",
-            "reminders": d.reminders, "escalated_at": iso(d.escalated_at, timezone),
-            "escalated_to": d.escalated_to or "", "detail": d.detail or "",
+            "reminders": d.reminders, "reminders_failed": d.reminder_failures,
+            "escalated_at": iso(d.escalated_at, timezone) if d.escalated else "",
+            "escalated_to": (d.escalated_to or "") if d.escalated else "",
+            "detail": "; ".join(detail),
         })
     return out
 

@@ -121,7 +121,15 @@ async def standalone_services(loaded: LoadedConfig, secrets: dict[str, Secret], 
             executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
                                 metrics=metrics)
             executor.installation_id = iid
-            yield store, client, executor, metrics
+            try:
+                yield store, client, executor, metrics
+            finally:
+                # the admin's own session (user list) dies with the run: no token left over
+                # (bounded: a homeserver that is down must not hold the CLI's exit)
+                try:
+                    await asyncio.wait_for(client.close_sessions(), timeout=10)
+                except Exception as e:
+                    log.warning("the admin session was not logged out: %s", e)
     finally:
         await store.close()
 

@@ -74,6 +74,8 @@ class SyncResult:
     # person id -> their Matrix user (mapped this run) and what Enclave remembered of them
     users: dict[str, Any] = field(default_factory=dict)
     known: dict[str, PersonRecord] = field(default_factory=dict)
+    # user id -> manager's user id in the view before this run (deleted people keep theirs)
+    remembered_managers: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -146,16 +148,20 @@ class DirectorySync:
             known={pid: r.user_id for pid, r in known.items()}, reserved=self.is_reserved,
         )
         view = await self.read_homeserver(known, snapshot)
+        last_view = await self.store.directory_view()
+        managers = {r.user_id: r.manager_user_id for r in last_view if r.manager_user_id}
         plan = diff_directory(
             snapshot, mapping.users, known, view, self.config, now_ms=self.clock_ms(),
             bot_user_id=self.bot_user_id, is_enclave_user=self.is_enclave_user,
             allow_initial_passwords=self.allow_initial_passwords,
+            remembered_managers=managers,
         )
         problems = check_safety(plan, snapshot, self.config, force=force)
         if problems:
             raise SyncRefused(problems)
         return SyncResult(plan=plan, snapshot=snapshot, refused_mappings=mapping.refused,
-                          users=dict(mapping.users), known=known)
+                          users=dict(mapping.users), known=known,
+                          remembered_managers=managers)
 
     async def read_homeserver(self, known: dict[str, PersonRecord],
                               snapshot: DirectorySnapshot) -> HomeserverView:
@@ -189,7 +195,24 @@ class DirectorySync:
             rids = await self.client.admin_joined_rooms(rec.user_id, admin=self.admin_user_id)
             vs = await asyncio.gather(*(self._room_view(r) for r in rids))
             leaver_rooms[rec.user_id] = [v for v in vs if v is not None]
-        return HomeserverView(accounts=accounts, rooms=rooms, leaver_rooms=leaver_rooms)
+        # who has the emails this run would give someone (one look-up per new address):
+        # the homeserver keeps one owner per address, and the diff must not take it away
+        wanted: set[str] = set()
+        for pid, p in snapshot.people.items():
+            email = (p.email or "").strip().lower()
+            rec = known.get(pid)
+            if email and not p.disabled and (rec is None or (rec.email or "").lower() != email):
+                wanted.add(email)
+        limit = asyncio.Semaphore(16)
+
+        async def owner(e: str) -> str | None:
+            async with limit:
+                return await self.client.admin_email_owner(e, admin=self.admin_user_id)
+
+        owners = await asyncio.gather(*(owner(e) for e in sorted(wanted)))
+        email_owners = {e: o for e, o in zip(sorted(wanted), owners, strict=True) if o}
+        return HomeserverView(accounts=accounts, rooms=rooms, leaver_rooms=leaver_rooms,
+                              email_owners=email_owners)
 
     async def _room_view(self, room_id: str) -> RoomView | None:
         state = await self.client.admin_room_state(room_id, admin=self.admin_user_id)
@@ -285,7 +308,8 @@ class DirectorySync:
         # the directory view first: who is staff follows the directory, not the accounts,
         # and separation must already know the people this run joins to rooms
         if await self.store.replace_directory_view(
-                staff_view(result.snapshot, result.users, result.known, self.clock_ms())):
+                staff_view(result.snapshot, result.users, result.known, self.clock_ms(),
+                           result.remembered_managers)):
             if self.on_view_change is not None:
                 self.on_view_change()
         by_phase: dict[int, list[tuple[int, Action]]] = {}
@@ -437,11 +461,13 @@ class DirectorySync:
 
 
 def staff_view(snapshot: DirectorySnapshot, users: dict[str, Any],
-               known: dict[str, PersonRecord], now_ms: int) -> list[StaffRecord]:
+               known: dict[str, PersonRecord], now_ms: int,
+               remembered_managers: dict[str, str] | None = None) -> list[StaffRecord]:
     """The directory view separation and bots read: every mapped person by user id.
 
     People the directory disables and remembered people it no longer lists are inactive
-    (leavers): policy treats them as nobody's staff any more.
+    (leavers): policy treats them as nobody's staff any more. A remembered person keeps
+    the manager the view had for them (a later run still hands their rooms over).
     """
     out: dict[str, StaffRecord] = {}
     by_person = {pid: m.user_id for pid, m in users.items()}
@@ -459,7 +485,8 @@ def staff_view(snapshot: DirectorySnapshot, users: dict[str, Any],
             out[r.user_id] = StaffRecord(
                 user_id=r.user_id, person_id=pid, active=False,
                 username=r.user_id[1:].split(":", 1)[0], display_name=r.displayname or "",
-                email=r.email, updated_at=now_ms)
+                email=r.email, updated_at=now_ms,
+                manager_user_id=(remembered_managers or {}).get(r.user_id))
     return sorted(out.values(), key=lambda r: r.user_id)
 
 

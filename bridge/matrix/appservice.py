@@ -38,13 +38,26 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def check_hs_token(
-    authorization: str | None, query_token: str | None, expected: bytes
+    authorization: str | list[str] | None, query_token: str | list[str] | None,
+    expected: bytes,
 ) -> web.Response | None:
     """Authenticate the homeserver: None if allowed, else the error response to send.
 
     Accepts ``Authorization: Bearer`` and the legacy ``access_token`` query parameter; if
-    both are present they must agree. Comparison is constant-time.
+    both are present they must agree. Comparison is constant-time. Lists are every value
+    the request carried: more than one header (or query token) is refused whatever they
+    hold, so a right token cannot vouch for a wrong one.
     """
+    if isinstance(authorization, list):
+        if len(authorization) > 1:
+            return error_response(401, "M_UNAUTHORIZED",
+                                  "More than one Authorization header")
+        authorization = authorization[0] if authorization else None
+    if isinstance(query_token, list):
+        if len(query_token) > 1:
+            return error_response(401, "M_UNAUTHORIZED",
+                                  "More than one access_token parameter")
+        query_token = query_token[0] if query_token else None
     header_token: str | None = None
     if authorization is not None:
         scheme, _, value = authorization.partition(" ")
@@ -138,8 +151,8 @@ class AppserviceAPI:
 
     def _auth(self, request: web.Request) -> web.Response | None:
         return check_hs_token(
-            request.headers.get("Authorization"), request.query.get("access_token"),
-            self._hs_token,
+            request.headers.getall("Authorization", []),
+            request.query.getall("access_token", []), self._hs_token,
         )
 
     async def _read_raw_json(self, request: web.Request) -> tuple[bytes, Any]:

@@ -240,6 +240,18 @@ class MatrixClient:
                 return None
             raise
 
+    async def admin_email_owner(self, address: str, *, admin: str) -> str | None:
+        """The local account that has this email address as a threepid, or None."""
+        try:
+            body = await self.request(
+                "GET", f"/_synapse/admin/v1/threepid/email/users/{q(address)}", user_id=admin)
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return None
+            raise
+        owner = body.get("user_id")
+        return owner if isinstance(owner, str) else None
+
     async def admin_put_user(self, target: str, body: dict[str, Any], *, admin: str) -> None:
         """Create or modify one account (``PUT /_synapse/admin/v2/users/{id}``)."""
         await self.request("PUT", f"/_synapse/admin/v2/users/{q(target)}", json=body,
@@ -259,6 +271,22 @@ class MatrixClient:
                       "initial_device_display_name": "Enclave admin API"})
             self._sessions[user_id] = body["access_token"]
         return self._sessions[user_id]
+
+    async def close_sessions(self) -> int:
+        """Log out every session :meth:`session_token` opened, so no admin access token
+        outlives the process that used it (a CLI run would otherwise leave one behind each
+        time). Returns how many were logged out; a failure is logged and the rest go on."""
+        done = 0
+        for user_id, token in list(self._sessions.items()):
+            try:
+                await self.request("POST", "/_matrix/client/v3/logout", json={},
+                                   access_token=token)
+                done += 1
+            except (MatrixRequestError, HomeserverUnavailable) as e:
+                if not (isinstance(e, MatrixRequestError) and e.status == 401):  # gone already
+                    log.warning("could not log out the session of %s: %s", user_id, e)
+            self._sessions.pop(user_id, None)
+        return done
 
     async def admin_list_users(self, *, admin: str, start: int = 0,
                                limit: int = 1000) -> tuple[list[dict[str, Any]], int | None]:

@@ -105,9 +105,11 @@ def check_container(body: Any) -> None:
     if "events" not in body:
         raise BadTransaction("'events' is missing")
     for key, _kind in SECTIONS:
-        section = body.get(key)
-        if section is not None and not isinstance(section, list):
-            raise BadTransaction(f"'{key}' must be a list")
+        # null is not an empty list: a homeserver (or anyone) sending it is refused, not
+        # acknowledged as a transaction that carried nothing
+        if key in body and not isinstance(body[key], list):
+            raise BadTransaction(f"'{key}' must be a list, not "
+                                 f"{'null' if body[key] is None else type(body[key]).__name__}")
 
 
 def parse_transaction(body: Any) -> ParsedTransaction:

@@ -176,6 +176,9 @@ class HomeserverView:
     rooms: Mapping[str, RoomView] = field(default_factory=dict)
     # joined rooms of people about to leave, by user id
     leaver_rooms: Mapping[str, Sequence[RoomView]] = field(default_factory=dict)
+    # lower-cased email -> the account that has it on the homeserver (asked for the emails
+    # this run would give someone; absent: nobody has it)
+    email_owners: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,19 +330,24 @@ def diff_directory(
     bot_user_id: str,
     is_enclave_user: Any = lambda _u: False,
     allow_initial_passwords: bool = False,
+    remembered_managers: Mapping[str, str] | None = None,
 ) -> SyncPlan:
     """Actions that make the homeserver match the directory.
 
     ``users``: every mapped person of ``snapshot`` (disabled ones too), by person id.
     ``known``: every person Enclave provisioned before, by person id. ``view``: the
     homeserver now. ``is_enclave_user(user_id)``: Enclave's own users (bot, admin,
-    namespace), which managed-room sync never removes. Pure: same input, same plan.
+    namespace), which managed-room sync never removes. ``remembered_managers``: user id ->
+    manager's user id from the last directory view, so a person deleted from the directory
+    still hands their rooms to their manager. Pure: same input, same plan.
     """
     actions: list[Action] = []
     findings: list[Finding] = []
     records: dict[str, PersonRecord] = {}
     leaving: set[str] = set()
     active: dict[str, MappedUser] = {}
+
+    refused_email = _refused_emails(users, known, view, findings)
 
     # joiners, movers (profile), rejoiners
     for pid, mu in sorted(users.items()):
@@ -350,6 +358,8 @@ def diff_directory(
         active[pid] = mu
         acct = view.accounts.get(mu.user_id)
         email = p.email or None
+        if pid in refused_email:
+            email = rec.email if rec is not None else None  # keeps what it had
         rec_new = PersonRecord(pid, mu.user_id, "active", email, mu.displayname)
         if acct is None:
             actions.append(CreateAccount(
@@ -420,7 +430,8 @@ def diff_directory(
         if acct is not None and not acct.deactivated:
             leaving.add(rec.user_id)
             why = "deleted from the directory" if gone else "disabled in the directory"
-            successor = _successor(pid, snapshot, users, active, config, bot_user_id)
+            successor = _successor(pid, snapshot, users, active, config, bot_user_id,
+                                   (remembered_managers or {}).get(rec.user_id))
             for room in view.leaver_rooms.get(rec.user_id, ()):
                 if _only_admin(room, rec.user_id):
                     actions.append(HandOverRoom(
@@ -480,14 +491,63 @@ def diff_directory(
                     active_people=active_records)
 
 
+def _email_key(email: str | None) -> str | None:
+    return email.strip().lower() if email and email.strip() else None
+
+
+def _refused_emails(users: Mapping[str, MappedUser], known: Mapping[str, PersonRecord],
+                    view: HomeserverView, findings: list[Finding]) -> set[str]:
+    """Person ids whose directory email must not be applied: another active entry claims
+    the same address and this person did not already have it, or another account has it
+    on the homeserver. The homeserver keeps one owner per address, so applying it would
+    take it away from its owner (and removing the new entry would leave nobody with it)."""
+    claims: dict[str, list[str]] = {}
+    for pid, mu in users.items():
+        key = _email_key(mu.person.email)
+        if key is not None and not mu.person.disabled:
+            claims.setdefault(key, []).append(pid)
+    refused: set[str] = set()
+    for key, pids in sorted(claims.items()):
+        had = [pid for pid in pids if _email_key((known.get(pid) or _NO_RECORD).email) == key]
+        for pid in sorted(pids):
+            mu = users[pid]
+            if len(pids) > 1 and (len(had) != 1 or had[0] != pid):
+                others = ", ".join(users[o].user_id for o in sorted(pids) if o != pid)
+                keeper = users[had[0]].user_id if len(had) == 1 else None
+                findings.append(Finding(
+                    "directory.email.duplicate", mu.user_id,
+                    f"directory email {mu.person.email} is also the email of {others}; not "
+                    "applied" + (f" ({keeper} keeps it)" if keeper else
+                                 " to anyone until the directory gives it to one person")))
+                refused.add(pid)
+                continue
+            owner = view.email_owners.get(key)
+            if owner is not None and owner != mu.user_id:
+                findings.append(Finding(
+                    "directory.email.taken", mu.user_id,
+                    f"directory email {mu.person.email} belongs to {owner} on the homeserver; "
+                    "not applied (the homeserver would take it away from them)"))
+                refused.add(pid)
+    return refused
+
+
+_NO_RECORD = PersonRecord("", "", "", None, None)
+
+
 def _successor(pid: str, snapshot: DirectorySnapshot, users: Mapping[str, MappedUser],
                active: Mapping[str, MappedUser], config: DirectoryConfig,
-               bot_user_id: str) -> str:
+               bot_user_id: str, remembered_manager: str | None = None) -> str:
+    """Who takes over a leaver's rooms: the first of ``leavers.successors`` that applies.
+    A person deleted from the directory is no longer in it: their manager is the one the
+    last directory view remembered (while that manager is active)."""
     person = snapshot.people.get(pid)
     for choice in config.leavers.successors:
         if choice == "bot":
             return bot_user_id
         if person is None:
+            if choice == "manager" and remembered_manager is not None and any(
+                    mu.user_id == remembered_manager for mu in active.values()):
+                return remembered_manager
             continue
         if choice == "manager" and person.manager in active:
             return active[person.manager].user_id

@@ -68,6 +68,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
                 print(orjson.dumps({
                     "room": rr.room_id, "error": rr.error, "read": rr.read,
                     "archived": rr.archived, "purged": rr.purged, "redacted": rr.redacted,
+                    "not_redacted": rr.not_redacted,
+                    "not_redacted_reason": rr.not_redacted_reason,
                     "media_deleted": rr.media_deleted,
                     "steps": [{"up_to_ts": s.up_to_ts, "seconds": round(s.seconds, 3)}
                               for s in rr.steps],
@@ -95,7 +97,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
                       f"{len(p.windows)} step(s)"
                       + (f", holds {', '.join(p.hold_ids)}" if p.hold_ids else "")
                       + (f"; purged {rr.purged}, redacted {rr.redacted}" if args.apply
-                         else ""))
+                         else "")
+                      + (f"; {rr.not_redacted} NOT redacted: {rr.not_redacted_reason}"
+                         if rr.not_redacted else ""))
         for f in run.findings:
             if args.format == "json":
                 print(orjson.dumps({"finding": f}).decode())
@@ -121,8 +125,29 @@ def cmd_hold(args: argparse.Namespace) -> int:
     from .service import hold_from_record
 
     cli = _cli()
-    if _needs_retention(args) is None:
+    got = _needs_retention(args)
+    if got is None:
         return EXIT_CONFIG
+    if args.hold_cmd == "add" and (args.user or args.room):
+        # who and what the hold names must exist: the homeserver and directory are asked
+        from .build import standalone_retention
+
+        loaded, secrets = got
+
+        async def check() -> list[str]:
+            async with standalone_retention(loaded, secrets, clock_ms=wall_clock_ms) as svc:
+                return await svc.unknown_hold_subjects(args.user or (), args.room or ())
+
+        try:
+            problems = asyncio.run(check())
+        except Exception as e:  # the homeserver cannot be asked: no hold on a guess
+            cli._err(f"enclave hold add: cannot check the hold's users and rooms: {e}")
+            return EXIT_ERROR
+        if problems:
+            for p in problems:
+                cli._err(f"enclave hold add: {p}")
+            cli._err("enclave hold add: no hold placed")
+            return 2
 
     async def run(store: Store) -> int:
         now = wall_clock_ms()
@@ -229,6 +254,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.hold and await store.hold_get(args.hold) is None:
             cli._err(f"enclave export: no hold {args.hold!r}")
+            return EXIT_ERROR
+        archived = await store.archive_rooms()
+        missing = [r for r in args.room or () if r not in archived]
+        if missing:
+            # like an unknown hold: an empty export would read as "nothing was said"
+            cli._err(f"enclave export: no archived room {', '.join(map(repr, missing))}")
             return EXIT_ERROR
         archive = build_archive(loaded, store, wall_clock_ms)
         req = ExportRequest(

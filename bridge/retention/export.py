@@ -9,7 +9,7 @@ Layout of an export directory::
     events.jsonl                       every selected event, per room in archive order
     rooms/<room>/transcript.html       one self-contained, readable page per room
     rooms/<room>/eml/0001-<event>.eml  one mail per message, for tools that ingest mail
-    media/<sha256>                     archived media referenced by the selected events
+    media/<sha256>.<ext>               archived media referenced by the selected events
     manifest.json                      the request, counts and the SHA-256 of every file
 
 The renderers (:func:`render_html`, :func:`render_eml`) are pure: they take the events and
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import html
+import mimetypes
 import re
 import shutil
 import time
@@ -34,12 +35,13 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 if TYPE_CHECKING:
+    from ..policy.retention import Hold
     from ..store.base import ArchivedEvent, Store
     from .archive import ArchiveWriter
 
@@ -52,7 +54,7 @@ PAGE = 1000  # index rows per archive_query page (and events per archive.read)
 SNIPPET = 120  # characters of a replied-to message quoted above a reply
 SUBJECT_WORDS = 8
 SUBJECT_CHARS = 70
-MEDIA_HREF_PREFIX = "../../media/"  # from rooms/<room>/transcript.html to media/<sha>
+MEDIA_HREF_PREFIX = "../../media/"  # from rooms/<room>/transcript.html to media/<sha>.<ext>
 
 
 # -- request / report -----------------------------------------------------------------------
@@ -289,6 +291,13 @@ main{max-width:920px;margin:0 auto;padding:12px 24px 48px}
 .edited{font-size:12px;color:#6b7785;font-style:italic}
 .deleted .body,.encrypted .body{font-style:italic;color:#8a6d3b}
 details{font-size:13px;color:#4a5560;margin-top:4px}
+.archived{margin-top:6px;padding:4px 8px;border-left:3px solid #c9a227;background:#fffbea}
+.archived-label{font-size:12px;font-weight:600;color:#8a6d3b}
+.archived .body{font-style:normal;color:#1d2329}
+.marks{margin-top:4px}.mark{display:inline-block;font-size:12px;font-weight:600;
+ padding:1px 6px;border-radius:3px;margin-right:6px}
+.mark.hold{background:#fde2e1;color:#8f1d18;border:1px solid #e8a29e}
+.mark.gone{background:#e8edf2;color:#37414b;border:1px solid #b8c2cc}
 .att{margin-top:4px;font-size:14px}.att img{display:block;max-width:360px;max-height:280px;
  margin-top:4px;border:1px solid #e3e6ea}
 .system{font-size:13px;color:#6b7785;margin:6px 4px}
@@ -299,7 +308,9 @@ details{font-size:13px;color:#4a5560;margin-top:4px}
 class _Room:
     """The relations among a room's events, computed once for the transcript."""
 
-    def __init__(self, events: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, events: Sequence[Mapping[str, Any]],
+                 marks: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> None:
+        self.marks = marks or {}
         self.by_id: dict[str, Mapping[str, Any]] = {}
         for ev in events:
             eid = _str(ev.get("event_id"))
@@ -498,11 +509,13 @@ def _message_html(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
         if reason:
             line += f": {reason}"
         parts.append(f'<div class="body">{html.escape(line)}</div>')
-        # The archive keeps what was said; an eDiscovery export must show it, marked.
+        # The archive keeps what was said; an eDiscovery export must show it, marked, and
+        # shown (not collapsed): a printout or a reviewer's first look must carry it
         if text.strip() or attachment_mxc(event):
-            parts.append("<details><summary>archived content before deletion</summary>"
+            parts.append('<div class="archived"><div class="archived-label">archived content '
+                         "before deletion</div>"
                          f'<div class="body">{html.escape(text)}</div>'
-                         f"{_attachment_html(event, media_href)}</details>")
+                         f"{_attachment_html(event, media_href)}</div>")
     elif etype == "m.room.encrypted":
         classes.append("encrypted")
         parts.append(f'<div class="body">{html.escape(ENCRYPTED_TEXT)}</div>')
@@ -527,6 +540,11 @@ def _message_html(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                                f' <span class="body">{html.escape(plain_text(ed))}</span></div>')
             parts.append("<details><summary>original text and earlier versions</summary>"
                          + "".join(history) + "</details>")
+    marks = room.marks.get(eid)
+    if marks:
+        parts.append('<div class="marks">' + "".join(
+            f'<span class="mark {html.escape(kind)}">{html.escape(text)}</span>'
+            for kind, text in marks) + "</div>")
     reactions = room.reactions.get(eid)
     if reactions:
         keyed: dict[str, list[str]] = defaultdict(list)
@@ -563,14 +581,18 @@ def render_html(
     since_ms: int | None = None,
     until_ms: int | None = None,
     generated_ms: int | None = None,
+    marks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
 ) -> str:
     """A self-contained HTML transcript of one room's events (given in archive order).
 
     ``names`` maps user ids to display names; ``media_href`` maps ``mxc://`` URIs to the
     (relative) links of copied media. Thread replies are indented under their root, edits
     show the latest text with the original kept, replies quote and link their parent.
-    ``generated_ms`` is passed in (no clock read here) and shown in the header."""
-    room = _Room(events)
+    ``generated_ms`` is passed in (no clock read here) and shown in the header. ``marks``:
+    event id -> (kind, text) labels shown on the message (``hold``: under a legal hold,
+    ``gone``: no longer on the homeserver). The archived text of deleted messages is shown,
+    not collapsed, so a printout carries it."""
+    room = _Room(events, marks)
     title = room_name or room_id
     blocks: list[str] = []
     for ev in room.top:
@@ -626,6 +648,20 @@ def _mail_parts(matrix_id: str) -> tuple[str, str]:
     return _ATEXT.sub("_", local) or "unknown", domain
 
 
+def _directory_address(display: str, email: str | None) -> Address | None:
+    """The sender's directory email as a mail address, or None if it is not a usable one."""
+    if not email:
+        return None
+    local, at, domain = email.strip().rpartition("@")
+    if not at or not local or _ATEXT.search(local.replace(".", "")) or not _DOMAIN.match(
+            domain):
+        return None
+    try:
+        return Address(display_name=display, username=local, domain=domain)
+    except (ValueError, IndexError):
+        return None
+
+
 def message_id(event_id: str) -> str:
     """A stable RFC 5322 Message-ID for an event id (reversible: non-atext is %-escaped)."""
     left = "".join(ch if not _ATEXT.match(ch) and ch != "%" else f"%{ord(ch):02X}"
@@ -654,21 +690,25 @@ def render_eml(
     attachment: tuple[bytes, str, str] | None,
     *,
     redaction: Mapping[str, Any] | None = None,
+    emails: Mapping[str, str] | None = None,
 ) -> bytes:
     """One message as an RFC 5322 mail (CRLF line ends) for mail-ingesting review tools.
 
-    From is the sender's display name with ``user@server`` as address; Message-ID comes from
-    the event id; replies and thread messages carry In-Reply-To/References so mail tools
-    thread them. ``attachment`` is (data, content type, file name) of the archived file.
-    ``redaction`` (the event that deleted this one) adds a note and a header; the archived
-    text is still included, as the archive kept it."""
+    From is the sender's display name with their directory email (``emails``: user id ->
+    email) as address, or ``user@server`` for people the directory does not know;
+    Message-ID comes from the event id; replies and thread messages carry
+    In-Reply-To/References so mail tools thread them. ``attachment`` is (data, content
+    type, file name) of the archived file. ``redaction`` (the event that deleted this one)
+    adds a note and a header; the archived text is still included, as the archive kept
+    it."""
     sender = _str(event.get("sender")) or "@unknown"
     local, domain = _mail_parts(sender)
     room_local, room_domain = _mail_parts(room_id)
     label = room_name or room_id
     msg = EmailMessage(policy=SMTP)
-    msg["From"] = Address(display_name=_header_text(names.get(sender) or sender),
-                          username=local, domain=domain)
+    display = _header_text(names.get(sender) or sender)
+    msg["From"] = _directory_address(display, (emails or {}).get(sender)) or Address(
+        display_name=display, username=local, domain=domain)
     msg["To"] = Address(display_name=_header_text(label), username=room_local,
                         domain=room_domain)
     ts = event.get("origin_server_ts")
@@ -710,6 +750,36 @@ def render_eml(
     return msg.as_bytes()
 
 
+def event_marks(room_id: str, rows: Sequence[ArchivedEvent],
+                holds: Sequence[Hold]) -> dict[str, list[tuple[str, str]]]:
+    """Labels a reviewer needs on each message: the active legal holds covering it, and
+    whether the homeserver no longer has it (purged; the archive's copy is what is shown).
+    Pure: the index rows and holds are given."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        marks = [("hold", f"legal hold {h.id} (case {h.case_id})") for h in holds
+                 if h.active() and h.matches(room_id, r.sender, r.ts)]
+        if r.purged_at is not None and r.state_key is None:
+            marks.append(("gone", "gone from the homeserver (purged "
+                                  f"{_readable_utc(r.purged_at)}); archived copy"))
+        if marks:
+            out[r.event_id] = marks
+    return out
+
+
+_EXT_RE = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
+
+
+def media_extension(content_type: str | None, filename: str | None) -> str:
+    """A file extension for an exported media file, so viewers open it: from the content
+    type (``image/png`` -> ``.png``), else from the sender's file name, else ``.bin``."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    ext = mimetypes.guess_extension(ctype) if ctype else None
+    if ext is None and filename:
+        ext = PurePosixPath(filename).suffix.lower() or None
+    return ext if ext is not None and _EXT_RE.match(ext) else ".bin"
+
+
 # -- orchestration --------------------------------------------------------------------------
 async def resolve_selection(store: Store, req: ExportRequest) -> Selection:
     """Combine the request with its hold (if any): the hold selects, the request narrows."""
@@ -741,6 +811,14 @@ async def resolve_selection(store: Store, req: ExportRequest) -> Selection:
     if since is not None and until is not None and since > until:
         empty = True
     return Selection(rooms, users, since, until, empty)
+
+
+async def directory_emails(store: Store) -> dict[str, str]:
+    """User id -> the person's directory email (the last directory view, then what Enclave
+    provisioned, so leavers keep theirs)."""
+    out = {r.user_id: r.email for r in await store.directory_people() if r.email}
+    out.update({r.user_id: r.email for r in await store.directory_view() if r.email})
+    return out
 
 
 async def _rows(store: Store, room_id: str, *, senders: Sequence[str] | None,
@@ -845,6 +923,10 @@ async def export_archive(
     files = _Files(out_dir)
     await asyncio.to_thread(files.check_empty)
 
+    from .service import hold_from_record
+
+    holds = [hold_from_record(h) for h in await store.holds()]
+    emails = await directory_emails(store)
     room_ids = list(sel.rooms) if sel.rooms else sorted(await store.archive_rooms())
     room_ids = sorted(dict.fromkeys(room_ids))
     senders = list(sel.users) or None
@@ -883,14 +965,16 @@ async def export_archive(
             src = None if record is None else archive.media_path(record.sha256)
             if record is None or src is None:
                 continue  # never archived, or pruned from the archive: link the mxc URI
-            rel = f"media/{record.sha256}"
+            fname, mimetype, _ = attachment_info(ev)
+            rel = media_copied.get(record.sha256) or (
+                f"media/{record.sha256}"
+                f"{media_extension(record.content_type or mimetype, fname)}")
             if record.sha256 not in media_copied:
                 if not await asyncio.to_thread(files.copy, rel, src, record.sha256):
                     continue  # damaged copy: link the mxc URI; `archive verify` reports it
                 media_copied[record.sha256] = rel
-            media_href[mxc] = MEDIA_HREF_PREFIX + record.sha256
+            media_href[mxc] = MEDIA_HREF_PREFIX + rel.removeprefix("media/")
             if "eml" in req.formats:
-                fname, mimetype, _ = attachment_info(ev)
                 data = await asyncio.to_thread(files.read, rel)
                 attachments[mxc] = (data, record.content_type or mimetype
                                     or "application/octet-stream", fname)
@@ -898,7 +982,8 @@ async def export_archive(
         room_dir = f"rooms/{safe_name(room_id)}"
         if "html" in req.formats:
             page = render_html(room_id, name, events, names, media_href,
-                               since_ms=sel.since_ms, until_ms=sel.until_ms, generated_ms=now)
+                               since_ms=sel.since_ms, until_ms=sel.until_ms, generated_ms=now,
+                               marks=event_marks(room_id, rows, holds))
             await asyncio.to_thread(files.write, f"{room_dir}/transcript.html", page.encode())
         if "eml" in req.formats:
             redactions: dict[str, Mapping[str, Any]] = {}
@@ -915,7 +1000,7 @@ async def export_archive(
                 mxc = attachment_mxc(ev)
                 mail = render_eml(room_id, name, ev, names,
                                   attachments.get(mxc) if mxc else None,
-                                  redaction=redactions.get(eid))
+                                  redaction=redactions.get(eid), emails=emails)
                 await asyncio.to_thread(
                     files.write, f"{room_dir}/eml/{n:04d}-{safe_name(eid)}.eml", mail)
         rooms_meta.append({

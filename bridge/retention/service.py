@@ -24,7 +24,7 @@ from ..config.retention import RetentionConfig
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
 from ..metrics import Metrics
-from ..policy.actions import Action, Invite, Join, Redact, SendEvent, SetState
+from ..policy.actions import Action, Join, Redact, SendEvent, SetState
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
@@ -40,6 +40,7 @@ REDACTED_COMPONENT = "retention.redacted"
 CREATOR_POWER = 2**53  # room version 12 creators: above any power level
 _COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
 _ADMIN_PAGE = 1000
+_BOUNDARY_TRIES = 50  # archived events tried as a purge boundary before using the time
 
 
 def hold_from_record(r: HoldRecord) -> Hold:
@@ -90,6 +91,8 @@ class RoomRun:
     steps: list[PurgeStep] = field(default_factory=list)
     purged: int = 0
     redacted: int = 0  # due events a hold kept from the purge, whose content was redacted
+    not_redacted: int = 0  # of those, left: Enclave could not redact them under its name
+    not_redacted_reason: str | None = None
     media_deleted: int = 0
     error: str | None = None
 
@@ -168,11 +171,54 @@ class RetentionService:
     async def active_holds(self) -> list[Hold]:
         return [hold_from_record(r) for r in await self.store.holds()]
 
+    async def unknown_hold_subjects(self, users: Sequence[str],
+                                    rooms: Sequence[str]) -> list[str]:
+        """What a hold names that nobody knows: a user neither the homeserver (deactivated
+        accounts included), the directory nor the archive (a remote sender) knows, a room
+        neither the homeserver nor the archive has. A typo must not place a hold that
+        leaves the real custodian unheld."""
+        problems: list[str] = []
+        if users:
+            known = {p.user_id for p in await self.store.directory_people()}
+            known |= {r.user_id for r in await self.store.directory_view()}
+            for u in users:
+                if u in known:
+                    continue
+                if u.endswith(":" + self.server_name):
+                    try:
+                        if await self.client.admin_get_user(u, admin=self.admin_user_id):
+                            continue
+                    except MatrixRequestError as e:
+                        if e.status != 400:  # 400: not a valid local user id
+                            raise
+                elif await self.store.archive_query(senders=[u], limit=1):
+                    continue
+                problems.append(f"unknown user {u!r}: not on the homeserver, in the "
+                                "directory or in the archive")
+        if rooms:
+            archived = await self.store.archive_rooms()
+            for r in rooms:
+                if r in archived:
+                    continue
+                state = None
+                try:
+                    state = await self.client.admin_room_state(r, admin=self.admin_user_id)
+                except MatrixRequestError as e:
+                    if e.status not in (400, 404):
+                        raise
+                if not state:
+                    problems.append(f"unknown room {r!r}: not on the homeserver or in the "
+                                    "archive")
+        return problems
+
     async def add_hold(self, record: HoldRecord, *, source: str = "cli") -> bool:
         """Place a legal hold; the audit record is written in the same commit."""
         from ..policy.retention import validate_hold
 
         validate_hold(hold_from_record(record))
+        problems = await self.unknown_hold_subjects(record.users, record.rooms)
+        if problems:
+            raise ValueError("; ".join(problems))
         audit = AuditRecord(
             ts=self.clock_ms(), source=source, kind="hold_add", outcome="applied",
             actor=record.placed_by, rule_id="builtin.legal_hold", reason=record.reason,
@@ -249,27 +295,44 @@ class RetentionService:
     async def _room_state(self, room_id: str) -> list[dict[str, Any]]:
         return await self.client.admin_room_state(room_id, admin=self.admin_user_id) or []
 
-    def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
-        """A joined local member able to send ``event_type`` state: the bot first, then the
-        most powerful; None if nobody can."""
+    def _service_actor(self, state: Sequence[Mapping[str, Any]], needed: int) -> str | None:
+        """Enclave's own joined user (its bot, else its admin) with at least ``needed``
+        power; None if neither is. Enclave never acts as a member of the room: what it does
+        appears under its own name, and what it cannot do that way is reported."""
         members = {e.get("state_key"): (e.get("content") or {}).get("membership")
                    for e in state if e.get("type") == "m.room.member"}
+        for u in (self.bot_user_id, self.admin_user_id):
+            if members.get(u) == "join" and _power_of(state, u) >= needed:
+                return u
+        return None
+
+    def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
+        """Enclave's bot (or admin) if joined with the power to send ``event_type`` state;
+        None otherwise."""
         pl = next((e.get("content") or {} for e in state
                    if e.get("type") == "m.room.power_levels"), None)
         # no power levels: the creator has 100 and may send anything
         needed = 0 if pl is None else _int((pl.get("events") or {}).get(event_type),
                                            _int(pl.get("state_default"), 50))
+        return self._service_actor(state, needed)
 
-        def power(u: str) -> int:
-            return _power_of(state, u)
+    @property
+    def _not_in_room(self) -> str:
+        return (f"neither {self.bot_user_id} nor {self.admin_user_id} is in the room with "
+                "the power to do it")
 
-        local = [u for u, m in members.items()
-                 if m == "join" and isinstance(u, str) and u.endswith(":" + self.server_name)]
-        ranked = sorted(local, key=lambda u: (u != self.bot_user_id, -power(u), u))
-        for u in ranked:
-            if power(u) >= needed:
-                return u
-        return None
+    def _bot_membership(self, state: Sequence[Mapping[str, Any]]) -> str | None:
+        return next(((e.get("content") or {}).get("membership") for e in state
+                     if e.get("type") == "m.room.member"
+                     and e.get("state_key") == self.bot_user_id), None)
+
+    def _bot_may_join(self, state: Sequence[Mapping[str, Any]]) -> bool:
+        """The bot may join on its own: someone invited it, or the room is public."""
+        if self._bot_membership(state) == "invite":
+            return True
+        rule = next(((e.get("content") or {}).get("join_rule") for e in state
+                     if e.get("type") == "m.room.join_rules"), None)
+        return rule == "public"
 
     # -- m.room.retention and adjustments ------------------------------------------------
     async def on_retention_state(self, room_id: str, event: Mapping[str, Any]) -> list[Action]:
@@ -284,12 +347,12 @@ class RetentionService:
             return []
         actor = self._state_sender(await self._room_state(room_id), RETENTION_STATE)
         if actor is None:
-            log.warning("retention state in %s changed by %s and nobody can put it back",
-                        room_id, sender)
+            log.warning("retention state in %s changed by %s and Enclave cannot put it "
+                        "back", room_id, sender)
             await self.store.add_audit(AuditRecord(
                 ts=self.clock_ms(), source="retention", kind="set_state", outcome="failed",
                 room_id=room_id, user_id=sender, rule_id=d.rule_id, reason=d.reason,
-                detail="no local member with the power to revert m.room.retention"))
+                detail=f"not reverted: {self._not_in_room}"))
             return []
         return [SetState(rule_id=d.rule_id, reason=f"{d.reason} (changed by {sender})",
                          actor=actor, room=room_id, event_type=RETENTION_STATE,
@@ -332,12 +395,14 @@ class RetentionService:
                         reason=d.reason, detail=f"period set to {m.group(1)}"))
                     new_period = self.policy.period_for(room_class, override_ms=requested)
                     actor = self._state_sender(state, RETENTION_STATE)
+                    reply = (f"{self.policy.notice_text(new_period)} (changed by {sender})")
                     if actor is not None and self.config.visibility.set_state:
                         actions.append(SetState(
                             rule_id=d.rule_id, reason=f"adjusted by {sender}", actor=actor,
                             room=room_id, event_type=RETENTION_STATE,
                             content=self.policy.retention_state(new_period)))
-                    reply = (f"{self.policy.notice_text(new_period)} (changed by {sender})")
+                    elif self.config.visibility.set_state:
+                        reply += f"; {RETENTION_STATE} not updated: {self._not_in_room}"
                 else:
                     reply = d.message or d.reason
         if bot_joined:
@@ -350,12 +415,23 @@ class RetentionService:
     # -- visibility ----------------------------------------------------------------------
     async def ensure_visibility(self, room_id: str, period: Period,
                                 state: Sequence[Mapping[str, Any]], *,
-                                apply: bool) -> list[Action]:
-        """The actions that make the room show its period (state, notice or topic)."""
+                                apply: bool, unable: list[str] | None = None) -> list[Action]:
+        """The actions that make the room show its period (state, notice or topic), all as
+        Enclave's bot or admin. What they cannot do in the room is appended to ``unable``
+        (a report), never done as one of the room's members."""
         vis = self.config.visibility
+        unable = unable if unable is not None else []
         actions: list[Action] = []
         if not state:
             return actions
+        if self._bot_membership(state) == "invite":
+            # someone invited Enclave's bot: it accepts, and acts with the power it was given
+            actions.append(Join(rule_id=period.rule_id, reason="invited; shows the period",
+                                actor=self.bot_user_id, room=room_id))
+            state = [e for e in state if not (e.get("type") == "m.room.member"
+                                              and e.get("state_key") == self.bot_user_id)]
+            state.append({"type": "m.room.member", "state_key": self.bot_user_id,
+                          "content": {"membership": "join"}})
         current = next((e.get("content") or {} for e in state
                         if e.get("type") == RETENTION_STATE and e.get("state_key") == ""), None)
         expected = self.policy.retention_state(period)
@@ -365,6 +441,8 @@ class RetentionService:
                 actions.append(SetState(rule_id=period.rule_id, reason="show the period",
                                         actor=actor, room=room_id, event_type=RETENTION_STATE,
                                         content=dict(expected)))
+            else:
+                unable.append(f"{RETENTION_STATE} not set: {self._not_in_room}")
         text = self.policy.notice_text(period)
         # a direct chat gets the state only: a bot joining it would make it a group chat
         notice = "none" if period.source == "dm" else vis.notice
@@ -376,7 +454,9 @@ class RetentionService:
             new_topic = "\n".join([*lines, text])
             if new_topic != topic:
                 actor = self._state_sender(state, "m.room.topic")
-                if actor is not None:
+                if actor is None:
+                    unable.append(f"period not put in the topic: {self._not_in_room}")
+                else:
                     actions.append(SetState(rule_id=period.rule_id, reason="period in topic",
                                             actor=actor, room=room_id,
                                             event_type="m.room.topic",
@@ -391,14 +471,13 @@ class RetentionService:
                 members = {e.get("state_key"): (e.get("content") or {}).get("membership")
                            for e in state if e.get("type") == "m.room.member"}
                 if members.get(self.bot_user_id) != "join":
-                    inviter = self._inviter(state)
-                    if inviter is None:
+                    # the bot joins only where it was invited or the room is open: Enclave
+                    # does not invite itself as a member (it would read "<member> invited
+                    # Enclave"); elsewhere the missing notice is reported by the caller
+                    if not self._bot_may_join(state):
+                        unable.append("retention notice not posted: Enclave's bot is not "
+                                      "in the room and not invited")
                         return actions
-                    if members.get(self.bot_user_id) != "invite":
-                        actions.append(Invite(rule_id=period.rule_id,
-                                              reason="Enclave posts the retention notice",
-                                              actor=inviter, room=room_id,
-                                              user=self.bot_user_id))
                     actions.append(Join(rule_id=period.rule_id,
                                         reason="Enclave posts the retention notice",
                                         actor=self.bot_user_id, room=room_id))
@@ -412,21 +491,6 @@ class RetentionService:
                                          room=room_id, event_type="m.room.message",
                                          content=content))
         return actions
-
-    def _inviter(self, state: Sequence[Mapping[str, Any]]) -> str | None:
-        pl = next((e.get("content") or {} for e in state
-                   if e.get("type") == "m.room.power_levels"), {})
-        needed = _int(pl.get("invite"), 0)
-        members = [e.get("state_key") for e in state if e.get("type") == "m.room.member"
-                   and (e.get("content") or {}).get("membership") == "join"]
-        users, default = pl.get("users") or {}, _int(pl.get("users_default"), 0)
-        local = sorted((u for u in members if isinstance(u, str)
-                        and u.endswith(":" + self.server_name)),
-                       key=lambda u: (-_int(users.get(u), default), u))
-        for u in local:
-            if _int(users.get(u), default) >= needed:
-                return u
-        return None
 
     async def _run_visibility(self, room_id: str, actions: Sequence[Action], run: str) -> int:
         done = 0
@@ -523,6 +587,43 @@ class RetentionService:
             out.update(r["room_id"] for r in page if isinstance(r.get("room_id"), str))
         return sorted(out)
 
+    async def _start_purge(self, room_id: str, up_to_ts: int) -> str:
+        """Start Synapse's purge of the room's events before ``up_to_ts``; its purge id.
+
+        The boundary is the archive's first unpurged event at or after the time. The
+        homeserver may no longer have it (an earlier purge took it: events of one
+        millisecond, or concurrent sends, are not ordered the same in the archive and in
+        the room's DAG; or an operator purged by hand): Synapse answers 404, the event is
+        marked gone in the archive index and the next one is tried. With no usable event
+        the time itself is used (Synapse keeps the room's last event in any case)."""
+        gone: list[str] = []
+        try:
+            after: tuple[int, str, int] | None = None
+            for _ in range(_BOUNDARY_TRIES):
+                rows = await self.store.archive_query(
+                    room_id=room_id, since_ms=up_to_ts, include_purged=False, after=after,
+                    limit=1)
+                if not rows:
+                    break
+                row = rows[0]
+                after = (row.ts, row.segment, row.line)
+                try:
+                    return await self.client.admin_purge_history(
+                        room_id, admin=self.admin_user_id, up_to_event_id=row.event_id)
+                except MatrixRequestError as e:
+                    if e.status != 404:
+                        raise
+                    log.info("retention: purge boundary %s of %s is gone from the "
+                             "homeserver (%s); trying the next event", row.event_id,
+                             room_id, e.error)
+                    if row.state_key is None:
+                        gone.append(row.event_id)
+            return await self.client.admin_purge_history(
+                room_id, admin=self.admin_user_id, up_to_ts=up_to_ts)
+        finally:
+            if gone:
+                await self.store.archive_mark_gone(room_id, gone, self.clock_ms())
+
     async def _purge_step(self, room_id: str, up_to_ts: int) -> PurgeStep:
         """Purge the room's events with ts < ``up_to_ts``.
 
@@ -531,16 +632,9 @@ class RetentionService:
         event; the step names the room's first event to keep instead, and Synapse purges
         everything before it. With no later event in the archive the time is used (Synapse
         keeps a room's last event in any case)."""
-        boundary = await self.store.archive_query(room_id=room_id, since_ms=up_to_ts,
-                                                  include_purged=False, limit=1)
         pcfg = self.config.purge
         started = time.monotonic()
-        if boundary:
-            purge_id = await self.client.admin_purge_history(
-                room_id, admin=self.admin_user_id, up_to_event_id=boundary[0].event_id)
-        else:
-            purge_id = await self.client.admin_purge_history(
-                room_id, admin=self.admin_user_id, up_to_ts=up_to_ts)
+        purge_id = await self._start_purge(room_id, up_to_ts)
         while True:
             status, error = await self.client.admin_purge_status(purge_id,
                                                                  admin=self.admin_user_id)
@@ -588,7 +682,8 @@ class RetentionService:
                 if self.config.purge.pause_seconds > 0:
                     await self._sleep(self.config.purge.pause_seconds)
             if rr.plan.held_from_ms is not None and rr.plan.deferred_events:
-                rr.redacted = await self.redact_deferred(room_id, rr.plan, holds)
+                rr.redacted, rr.not_redacted, rr.not_redacted_reason = (
+                    await self.redact_deferred(room_id, rr.plan, holds))
             rr.media_deleted = await self.purge_media(room_id, period, now, holds)
             if rr.steps or rr.media_deleted or rr.redacted:
                 old = await self.store.retention_room_get(room_id)
@@ -601,7 +696,9 @@ class RetentionService:
                     detail=(f"purged {rr.purged} events up to {rr.plan.cutoff_ms} in "
                             f"{len(rr.steps)} steps; {rr.plan.held_events} held, "
                             f"{rr.plan.deferred_events} deferred by holds "
-                            f"{list(rr.plan.hold_ids)} ({rr.redacted} of them redacted now); "
+                            f"{list(rr.plan.hold_ids)} ({rr.redacted} of them redacted now"
+                            + (f", {rr.not_redacted} not: {rr.not_redacted_reason}"
+                               if rr.not_redacted else "") + "); "
                             f"media deleted {rr.media_deleted}")))
         except (HomeserverUnavailable, MatrixRequestError, OSError, RuntimeError,
                 TimeoutError) as e:
@@ -615,20 +712,27 @@ class RetentionService:
         return rr
 
     async def redact_deferred(self, room_id: str, plan: PurgePlan,
-                              holds: Sequence[Hold]) -> int:
+                              holds: Sequence[Hold]) -> tuple[int, int, str | None]:
         """Redact the due, unheld messages a hold keeps from the time-based purge.
 
         Synapse purges everything before a timestamp, so a held event stops the purge and
         the due events after it stay; redaction removes their content now (the archive has
         it), and the purge takes the rest once the hold is released. State events are left:
         redacting them would change the room. Each event is redacted once (a store marker
-        plus a transaction id per event)."""
+        plus a transaction id per event).
+
+        Redactions are sent by Enclave's bot (or admin) only, so Synapse, the transcript and
+        the EML name Enclave as the redactor. Where neither is in the room with the redact
+        power (or the bot may join: invited, or a public room) the events are left and
+        reported. Returns (redacted, left, why they were left)."""
         assert plan.held_from_ms is not None and plan.due_before_ms is not None
         rows = await self.store.archive_query(
             room_id=room_id, since_ms=plan.held_from_ms, until_ms=plan.due_before_ms - 1,
             include_purged=False)
         state: list[dict[str, Any]] | None = None
-        done = 0
+        actor: str | None = None
+        done = left = 0
+        why: str | None = None
         for r in rows:
             if r.state_key is not None or r.type == "m.room.redaction":
                 continue
@@ -638,9 +742,9 @@ class RetentionService:
                 continue
             if state is None:
                 state = await self._room_state(room_id)
-            actor = self._redactor(state, r.sender)
+                actor, why = await self._redactor(room_id, state, plan.rule_id)
             if actor is None:
-                log.warning("retention: nobody in %s may redact %s", room_id, r.event_id)
+                left += 1
                 continue
             o = await self.executor.run_direct(
                 Redact(rule_id=plan.rule_id, reason="retention period over (kept from the "
@@ -649,26 +753,44 @@ class RetentionService:
                 f"retention-redact:{r.event_id}", source="retention")
             if o.status != "applied":
                 log.warning("retention: redaction of %s failed: %s", r.event_id, o.detail)
+                left += 1
+                why = why or o.detail
                 continue
             await self.store.component_put(REDACTED_COMPONENT, r.event_id, o.detail,
                                            self.clock_ms())
             done += 1
-        return done
+        if left:
+            log.warning("retention: %d due messages in %s left unredacted: %s", left,
+                        room_id, why)
+            await self.store.add_audit(AuditRecord(
+                ts=self.clock_ms(), source="retention", kind="redact", outcome="failed",
+                room_id=room_id, rule_id=plan.rule_id,
+                reason="due messages kept by a legal hold could not be redacted by Enclave",
+                detail=f"{left} messages left: {why}"))
+        return done, left, why
 
-    def _redactor(self, state: Sequence[Mapping[str, Any]], sender: str | None) -> str | None:
-        """The event's own sender if local and joined (anyone may redact their own), else
-        the most powerful joined local member with the room's redact power."""
-        members = {e.get("state_key"): (e.get("content") or {}).get("membership")
-                   for e in state if e.get("type") == "m.room.member"}
-        if sender and sender.endswith(":" + self.server_name) and members.get(sender) == "join":
-            return sender
+    async def _redactor(self, room_id: str, state: list[dict[str, Any]],
+                        rule_id: str) -> tuple[str | None, str | None]:
+        """Enclave's user that may redact others' events in the room, joining the bot first
+        where it may (invited, or a public room); (None, why) if there is none."""
         pl = next((e.get("content") or {} for e in state
-                   if e.get("type") == "m.room.power_levels"), {})
-        needed = _int(pl.get("redact"), 50)
-        best = sorted(((_power_of(state, u), u) for u, m in members.items()
-                       if m == "join" and isinstance(u, str)
-                       and u.endswith(":" + self.server_name)), reverse=True)
-        return best[0][1] if best and best[0][0] >= needed else None
+                   if e.get("type") == "m.room.power_levels"), None)
+        needed = 0 if pl is None else _int(pl.get("redact"), 50)
+        actor = self._service_actor(state, needed)
+        if actor is not None:
+            return actor, None
+        if self._bot_membership(state) != "join" and self._bot_may_join(state):
+            o = await self.executor.run_direct(
+                Join(rule_id=rule_id, reason="Enclave redacts due messages kept by a hold",
+                     actor=self.bot_user_id, room=room_id),
+                f"retention-join:{room_id}", source="retention")
+            if o.status == "applied":
+                state[:] = await self._room_state(room_id)
+                actor = self._service_actor(state, needed)
+                if actor is not None:
+                    return actor, None
+        return None, (f"neither {self.bot_user_id} nor {self.admin_user_id} is in the room "
+                      f"with the power to redact ({needed})")
 
     async def purge_media(self, room_id: str, period: Period, now: int,
                           holds: Sequence[Hold]) -> int:
@@ -753,8 +875,10 @@ class RetentionService:
                     try:
                         period = await self.period(room_id)
                         state = await self._room_state(room_id)
+                        unable: list[str] = []
                         acts = await self.ensure_visibility(room_id, period, state,
-                                                            apply=apply)
+                                                            apply=apply, unable=unable)
+                        result.findings += [f"{room_id}: {u}" for u in unable]
                         if apply and acts:
                             result.visibility += await self._run_visibility(
                                 room_id, acts, "run") > 0

@@ -167,6 +167,20 @@ class AnnouncementDelivery:
     last_reminder_at: int | None = None
     escalated_at: int | None = None
     escalated_to: str | None = None
+    reminder_failures: int = 0  # reminders whose send failed (not in ``reminders``)
+    reminder_error: str | None = None  # why the last failed reminder failed
+    escalation_error: str | None = None  # the escalation's message failed: why
+
+    @property
+    def escalated(self) -> bool:
+        """The manager was told: the homeserver accepted the escalation message."""
+        return (self.escalated_at is not None and self.escalated_to is not None
+                and self.escalation_error is None)
+
+    @property
+    def reminder_slots(self) -> int:
+        """Reminders tried so far, accepted or failed: the position in the schedule."""
+        return self.reminders + self.reminder_failures
 
 
 @dataclass(frozen=True)
@@ -546,16 +560,20 @@ class Store(ABC):
     async def announcement_mark_reminded(
         self, announcement_id: str, occurrence_id: str, user_id: str, *, count: int,
         now_ms: int, message: AnnouncementMessage | None, audit: AuditRecord | None,
+        error: str | None = None,
     ) -> None:
-        """The person got reminder number ``count``."""
+        """Reminder number ``count`` (its slot in the schedule) was sent to the person:
+        accepted by the homeserver (``error`` None, counted in ``reminders``) or failed
+        (counted in ``reminder_failures`` with ``error``). A repeat of a slot is ignored."""
 
     @abstractmethod
     async def announcement_mark_escalated(
         self, announcement_id: str, occurrence_id: str, user_id: str, *,
         manager: str | None, now_ms: int, message: AnnouncementMessage | None,
-        audit: AuditRecord | None,
+        audit: AuditRecord | None, error: str | None = None,
     ) -> None:
-        """The person's manager was told (``manager`` None: there was nobody to tell)."""
+        """The person's escalation is done: the manager was told (``manager`` None: there
+        was nobody to tell; ``error``: the message to the manager failed, and why)."""
 
     @abstractmethod
     async def announcement_save_message(self, message: AnnouncementMessage) -> None:
@@ -627,6 +645,12 @@ class Store(ABC):
     async def archive_mark_purged(self, room_id: str, up_to_ts: int, now_ms: int) -> int:
         """Mark the room's non-state events with ts < ``up_to_ts`` purged (the homeserver
         keeps state events through a purge); return how many changed."""
+
+    @abstractmethod
+    async def archive_mark_gone(self, room_id: str, event_ids: Sequence[str],
+                                now_ms: int) -> int:
+        """Mark these non-state events of the room purged: the homeserver no longer has
+        them (found gone while purging); return how many changed."""
 
     @abstractmethod
     async def archive_drop_segment(self, room_id: str, segment: str,

@@ -645,7 +645,8 @@ class SQLStore(Store):
                  " created_at, created_by, delivered_at, closed_at")
     _DEL_COLS = ("announcement_id, occurrence_id, target, status, room_id, event_id, detail,"
                  " attempts, sent_at, acked_at, ack_method, ack_event_id, reminders,"
-                 " last_reminder_at, escalated_at, escalated_to")
+                 " last_reminder_at, escalated_at, escalated_to, reminder_failures,"
+                 " reminder_error, escalation_error")
     _MSG_COLS = "event_id, room_id, announcement_id, occurrence_id, kind, target, sent_at"
     _INSERT_MSG = (f"INSERT INTO announcement_messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
                    " ON CONFLICT (event_id) DO NOTHING")
@@ -796,24 +797,28 @@ class SQLStore(Store):
     async def announcement_mark_reminded(
         self, announcement_id: str, occurrence_id: str, user_id: str, *, count: int,
         now_ms: int, message: AnnouncementMessage | None, audit: AuditRecord | None,
+        error: str | None = None,
     ) -> None:
+        counter = "reminders" if error is None else "reminder_failures"
         steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET reminders = ?, last_reminder_at = ?"
+            f"UPDATE announcement_deliveries SET {counter} = {counter} + 1,"
+            " last_reminder_at = ?, reminder_error = COALESCE(?, reminder_error)"
             " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND reminders < ?",
-            (count, now_ms, announcement_id, occurrence_id, user_id, count), False)]
+            " AND reminders + reminder_failures < ?",
+            (now_ms, error, announcement_id, occurrence_id, user_id, count), False)]
         await self.db.batch(steps + self._msg_steps(message, [audit] if audit else []))
 
     async def announcement_mark_escalated(
         self, announcement_id: str, occurrence_id: str, user_id: str, *,
         manager: str | None, now_ms: int, message: AnnouncementMessage | None,
-        audit: AuditRecord | None,
+        audit: AuditRecord | None, error: str | None = None,
     ) -> None:
         steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET escalated_at = ?, escalated_to = ?"
+            "UPDATE announcement_deliveries SET escalated_at = ?, escalated_to = ?,"
+            " escalation_error = ?"
             " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
             " AND escalated_at IS NULL",
-            (now_ms, manager, announcement_id, occurrence_id, user_id), False)]
+            (now_ms, manager, error, announcement_id, occurrence_id, user_id), False)]
         await self.db.batch(steps + self._msg_steps(message, [audit] if audit else []))
 
     async def announcement_save_message(self, message: AnnouncementMessage) -> None:
@@ -986,6 +991,17 @@ class SQLStore(Store):
             "UPDATE archive_events SET purged_at = ?"
             " WHERE room_id = ? AND ts < ? AND purged_at IS NULL AND state_key IS NULL",
             (now_ms, room_id, up_to_ts), False)])
+        return counts[0]
+
+    async def archive_mark_gone(self, room_id: str, event_ids: Sequence[str],
+                                now_ms: int) -> int:
+        if not event_ids:
+            return 0
+        marks = ", ".join("?" * len(event_ids))
+        counts = await self.db.batch([(
+            "UPDATE archive_events SET purged_at = ? WHERE room_id = ? AND event_id IN "
+            f"({marks}) AND purged_at IS NULL AND state_key IS NULL",
+            (now_ms, room_id, *event_ids), False)])
         return counts[0]
 
     async def archive_drop_segment(self, room_id: str, segment: str,

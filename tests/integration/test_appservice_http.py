@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from .harness import EnclaveProcess, Stack, metric
 
@@ -27,11 +28,15 @@ TXN_PATH = "/_matrix/app/v1/transactions/"
 
 async def call(enclave: EnclaveProcess, method: str, path: str, *, token: str | None = None,
                query_token: str | None = None, body: bytes | None = None,
+               tokens: tuple[str, ...] = (),
                ) -> tuple[int, str, Any]:
-    """One request on a fresh connection: (status, content type, decoded JSON body)."""
-    headers = {"Content-Type": "application/json"}
+    """One request on a fresh connection: (status, content type, decoded JSON body).
+    ``tokens``: one ``Authorization`` header each (a request may carry several)."""
+    headers = CIMultiDict({"Content-Type": "application/json"})
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    for t in tokens:
+        headers.add("Authorization", f"Bearer {t}")
     params = {"access_token": query_token} if query_token is not None else None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
             s.request(method, enclave.base_url + path, params=params, data=body,
@@ -92,6 +97,16 @@ async def test_bad_requests_get_json_errors_and_leave_enclave_running(
          400, "M_BAD_JSON"),
         ("events missing", "PUT", txn_path(), {"token": good, "body": enc({"ephemeral": []})},
          400, "M_BAD_JSON"),
+        ("events null", "PUT", txn_path(), {"token": good, "body": enc({"events": None})},
+         400, "M_BAD_JSON"),
+        ("ephemeral null", "PUT", txn_path(),
+         {"token": good, "body": enc({"events": [], "ephemeral": None})}, 400, "M_BAD_JSON"),
+        ("two headers, right one first", "PUT", txn_path(),
+         {"tokens": (good, "nope"), "body": enc({"events": [event()]})}, 401,
+         "M_UNAUTHORIZED"),
+        ("two headers, right one last", "PUT", txn_path(),
+         {"tokens": ("nope", good), "body": enc({"events": [event()]})}, 401,
+         "M_UNAUTHORIZED"),
         ("body is an array", "PUT", txn_path(), {"token": good, "body": enc([event()])}, 400,
          "M_BAD_JSON"),
         ("body too large", "PUT", txn_path(), {"token": good, "body": too_big}, 413,
@@ -107,6 +122,8 @@ async def test_bad_requests_get_json_errors_and_leave_enclave_running(
          "M_UNRECOGNIZED"),
     ]
     failures = []
+    refused_events = [json.loads(kw["body"])["events"][0]["event_id"]
+                      for what, _, _, kw, _, _ in cases if what.startswith("two headers")]
     for what, method, path, kw, want_status, want_errcode in cases:
         status, ctype, body = await call(enclave, method, path, **kw)
         ok = (status == want_status and ctype == "application/json" and isinstance(body, dict)
@@ -148,9 +165,12 @@ async def test_bad_requests_get_json_errors_and_leave_enclave_running(
                           (txn_id + "#%",)).fetchone()[0]
         stored = db.execute("SELECT COUNT(*) FROM inbox WHERE event_id = ?",
                             (good_event["event_id"],)).fetchone()[0]
+        refused_stored = db.execute(
+            "SELECT COUNT(*) FROM inbox WHERE event_id IN (?, ?)", refused_events).fetchone()[0]
     finally:
         db.close()
     assert (txns, stored) == (1, 1), f"transaction rows {txns}, inbox rows {stored}"
+    assert refused_stored == 0, "a transaction with two Authorization headers was stored"
     m = await enclave.metrics()
     assert metric(m, "enclave_transactions_total", result="duplicate") == 1
     assert metric(m, "enclave_events_quarantined_total") == 1

@@ -319,7 +319,8 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
                                                 enclave: InProcessEnclave) -> None:
     store = enclave.svc.store
     base = f"http://127.0.0.1:{stack.as_port}/hooks"
-    payload = json.dumps({"alert": {"name": "Disk full", "summary": "db1 is at *99%*"}}
+    payload = json.dumps({"alert": {"name": "Disk full", "summary":
+                                    "db1 is at *99%*, see [click](https://evil.example)"}}
                          ).encode()
     json_ct = {"Content-Type": "application/json"}
     # bad, missing and wrong-secret signatures: 401, nothing stored
@@ -356,7 +357,12 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
         (room, event_id), = await announcement_copies(stack, uid(u), "alerts")
         (msg,) = [m for m in await bot_messages(stack, room) if m["event_id"] == event_id]
         assert msg["content"]["body"].startswith("### 📣 Alert: Disk full")
-        assert r"db1 is at \*99%\*" in msg["content"]["body"]  # payload text, escaped
+        # the payload is text: plain in body (no Markdown escapes), inert in the HTML
+        assert ("db1 is at *99%*, see [click](https://evil.example)"
+                in msg["content"]["body"]), msg["content"]["body"]
+        assert "\\" not in msg["content"]["body"], msg["content"]["body"]
+        html_body = msg["content"]["formatted_body"]
+        assert "*99%*" in html_body and "<em>" not in html_body and "<a " not in html_body
     for u in SALES:
         assert await announcement_copies(stack, uid(u), "alerts") == []
 
@@ -435,3 +441,65 @@ async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
 
     await wait_until(olga_acked, within=30, what="olga's acknowledgement")
 
+
+
+async def test_a_failed_reminder_is_reported_as_failed_not_sent(
+        stack: Stack, enclave: InProcessEnclave) -> None:
+    """Sam's DM with the bot becomes encrypted after the announcement, and this Enclave has
+    no E2EE sender: his reminder is refused. The report counts only the reminders the
+    homeserver accepted and shows sam's failure with its reason; the escalation says what
+    he really got."""
+    bot = enclave.bots.announcements
+    assert bot is not None
+    store, clock = enclave.svc.store, enclave.clock
+    nine = next_nine_berlin(clock.t + 24 * HOUR)  # an occurrence of its own
+    clock.t = nine + 30_000
+    await bot.tick()
+    (occ,) = [o for o in await store.announcement_occurrences(announcement_id="sales-update")
+              if o.scheduled_at == nine]
+    rows = {r.target: r for r in await store.announcement_deliveries("sales-update",
+                                                                       occ.occurrence_id)}
+    assert all(r.status == "sent" for r in rows.values()), rows
+    sam_room = rows[uid("sam")].room_id
+    await stack.hs("PUT", f"/_matrix/client/v3/rooms/{sam_room}/state/m.room.encryption/",
+                   {"algorithm": "m.megolm.v1.aes-sha2"}, as_user=ANNOUNCE_BOT)
+
+    async def seen() -> bool:
+        return bot.svc.encryption.known(sam_room) is True
+
+    await wait_until(seen, within=30, what="Enclave seeing the DM's encryption")
+
+    clock.t = nine + HOUR + 60_000
+    await bot.tick()
+    clock.t = nine + 2 * HOUR + 120_000
+    await bot.tick()
+    got = {r.target: r for r in await store.announcement_deliveries("sales-update",
+                                                                      occ.occurrence_id)}
+    assert (got[uid("sam")].reminders, got[uid("sam")].reminder_failures) == (0, 1), got
+    assert (got[uid("sue")].reminders, got[uid("sue")].reminder_failures) == (1, 0), got
+    hanna_room = rows[uid("hanna")].room_id
+    told = [e["content"]["body"] for e in await bot_messages(stack, hanna_room)
+            if e["content"]["body"].startswith("👀")]
+    about_sam = [t for t in told if uid("sam") in t]
+    assert len(about_sam) == 1 and "0 reminder(s), 1 more could not be sent" in about_sam[0]
+
+    out = enclave.config.parent / "report-failed.csv"
+    res = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", "announcements", "report",
+                         "sales-update", "--occurrence", occ.occurrence_id, "--csv", str(out),
+                         "-c", str(enclave.config)],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    # hanna has no manager: her escalation told nobody, so it is not counted
+    assert ("3 recipient(s): 3 delivered, 0 failed, 0 pending; 0 acknowledged, 2 reminded, "
+            "2 escalated; reminder failed for 1") in res.stdout, res.stdout
+    table = {r["recipient"]: r for r in csv.DictReader(io.StringIO(out.read_text()))}
+    sam = table[uid("sam")]
+    assert (sam["reminders"], sam["reminders_failed"]) == ("0", "1"), sam
+    assert "reminder(s) failed: encrypted room, no E2EE sender" in sam["detail"], sam
+    assert table[uid("sue")]["reminders"] == "1" and table[uid("sue")]["detail"] == ""
+    hanna = table[uid("hanna")]
+    assert hanna["escalated_at"] == "" and "no active manager" in hanna["detail"], hanna
+    audit = await store.query_audit(AuditFilter(user_id=uid("sam")))
+    assert any(a["kind"] == "announcement_reminder" and a["outcome"] == "failed"
+               for a in audit), audit

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.policy
 import io
 import json
 import os
@@ -91,6 +93,7 @@ class Setup:
 
 def write_directory(path: Path) -> None:
     people = [{"id": str(3000 + i), "username": name, "display_name": name.title(),
+               "email": f"{name}.mail@example.com",
                "department": "Ops", "groups": ["ops"], "initial_password": f"pw-{name}"}
               for i, name in enumerate(PEOPLE)]
     path.write_text(yaml.safe_dump({"people": people}, sort_keys=False))
@@ -199,6 +202,35 @@ async def upload_image(s: Setup, who: str, room_id: str) -> tuple[str, str]:
     return resp.event_id, up.content_uri
 
 
+async def room_events(s: Setup, room_id: str) -> list[dict[str, Any]]:
+    """Every event of the room the homeserver still has, oldest first (admin API)."""
+    out: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        path = f"/_synapse/admin/v1/rooms/{q(room_id)}/messages?dir=f&limit=1000"
+        if token:
+            path += f"&from={q(token)}"
+        page = await s.stack.hs("GET", path)
+        out += page.get("chunk", [])
+        token = page.get("end")
+        if not page.get("chunk") or not token:
+            return out
+
+
+async def invite_enclave(s: Setup, who: str, room_id: str, power: int) -> None:
+    """``who`` (a member with the power) invites Enclave's bot and gives it ``power``: the
+    room's own people let Enclave in, under their own names."""
+    c = await s.staff(who)
+    bot = s.stack.bot_user_id
+    resp = await c.room_invite(room_id, bot)
+    assert isinstance(resp, nio.RoomInviteResponse), resp
+    pl = await s.stack.hs("GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state/"
+                                 "m.room.power_levels/", as_user=s.uid(who))
+    pl.setdefault("users", {})[bot] = power
+    put = await c.room_put_state(room_id, "m.room.power_levels", pl)
+    assert isinstance(put, nio.RoomPutStateResponse), put
+
+
 async def on_homeserver(s: Setup, room_id: str) -> dict[str, dict[str, Any]]:
     """The room's staff messages the homeserver still serves: event id -> content."""
     msgs = await s.stack.room_messages(room_id)
@@ -236,6 +268,23 @@ async def retention_apply(s: Setup, *rooms: str, config: Path | None = None,
     return [x for x in lines if "room" in x]  # findings are lines of their own
 
 
+def in_browser(page_path: Path, check: Any) -> Any:
+    """Open a transcript in headless Chromium (Debian's, driven by Playwright) and run
+    ``check(page)`` on it: what a reviewer's browser shows, not what the HTML source has."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(page_path.resolve().as_uri())
+            page.wait_for_load_state("load")
+            return check(page)
+        finally:
+            browser.close()
+
+
 async def media_served(s: Setup, who: str, mxc: str) -> bool:
     server, media_id = mxc.removeprefix("mxc://").split("/", 1)
     c = await s.staff(who)
@@ -262,6 +311,8 @@ async def test_new_rooms_carry_the_period_and_the_gate_refuses_moderators(ret: S
 
 async def test_events_and_media_are_archived_then_purged_and_exported(ret: Setup) -> None:
     room = await new_room(ret, "alice", "bob", name="purge me")
+    # invited by alice (under her name), Enclave's bot joins at the run and posts the notice
+    await invite_enclave(ret, "alice", room, 0)
     sent = []
     for i in range(3):
         sent.append(await say(ret, "alice", room, f"old alice {i}"))
@@ -308,9 +359,20 @@ async def test_events_and_media_are_archived_then_purged_and_exported(ret: Setup
     media = [f for f in manifest["files"] if f.startswith("media/")]
     assert media, manifest
     copied = next((out_dir / "media").iterdir())
-    assert copied.read_bytes() == PNG
-    html = next((out_dir / "rooms").glob("*/transcript.html")).read_text()
+    assert copied.read_bytes() == PNG and copied.suffix == ".png", copied
+    page_path = next((out_dir / "rooms").glob("*/transcript.html"))
+    html = page_path.read_text()
     assert "old bob 2" in html and "Alice" in html
+
+    def purged_shown(page: Any) -> tuple[bool, bool, bool]:
+        msg = page.locator(".msg", has_text="old bob 2")
+        return (msg.get_by_text("old bob 2").is_visible(),
+                msg.get_by_text("gone from the homeserver").is_visible(),
+                page.locator(".msg img").first.evaluate(
+                    "img => img.complete && img.naturalWidth > 0"))
+
+    # the archived text of a purged message, its mark, and the image (media/x.png) load
+    assert await asyncio.to_thread(in_browser, page_path, purged_shown) == (True, True, True)
     assert list((out_dir / "rooms").glob("*/eml/*.eml"))
 
     # a second run has nothing more to do
@@ -322,15 +384,24 @@ async def test_events_and_media_are_archived_then_purged_and_exported(ret: Setup
 
 async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> None:
     mixed = await new_room(ret, "alice", "bob", name="user hold")
+    # the room's creator lets Enclave in, with the power to redact
+    await invite_enclave(ret, "alice", mixed, 50)
     a0 = await say(ret, "alice", mixed, "a0 before the held user")
     b1 = await say(ret, "bob", mixed, "b1 held")
     a2 = await say(ret, "alice", mixed, "a2 after a held one")
+    img, _ = await upload_image(ret, "alice", mixed)
     b3 = await say(ret, "bob", mixed, "b3 held")
+    # the same in a room Enclave's bot is not in: it cannot redact there as itself
+    nobot = await new_room(ret, "alice", "bob", name="user hold, no Enclave")
+    await say(ret, "alice", nobot, "n0 before the held user")
+    await say(ret, "bob", nobot, "n1 held")
+    n2 = await say(ret, "alice", nobot, "n2 after a held one")
     held_room = await new_room(ret, "carol", name="room hold")
     c = [await say(ret, "carol", held_room, f"c{i} held by the room hold") for i in range(3)]
     last_old = time.time()
-    await wait_archived(ret, mixed, [a0, b1, a2, b3])
+    await wait_archived(ret, mixed, [a0, b1, a2, img, b3])
     await wait_archived(ret, held_room, c)
+    await wait_archived(ret, nobot, [n2])
 
     r = await ret.cli("hold", "add", "--id", "hold-bob", "--case", "CASE-1", "--reason",
                       "litigation", "--by", "legal@corp", "--user", ret.uid("bob"))
@@ -343,16 +414,67 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
 
     await wait_due(last_old)
     fresh = [await say(ret, "alice", mixed, "fresh"), await say(ret, "carol", held_room, "fr")]
+    await say(ret, "alice", nobot, "fresh")
     plan = await ret.cli("retention", "--plan", "--room", mixed, "--room", held_room)
     assert plan.returncode == 0 and "hold-bob" in plan.stdout and "hold-room" in plan.stdout
-    await retention_apply(ret, mixed, held_room)
+    outs = {o["room"]: o for o in await retention_apply(ret, mixed, held_room, nobot)}
+    assert outs[mixed]["redacted"] == 2 and outs[mixed]["not_redacted"] == 0, outs[mixed]
 
     left = await on_homeserver(ret, mixed)
     assert a0 not in left  # before the first held event: purged
     assert left[b1]["body"] == "b1 held" and left[b3]["body"] == "b3 held"
-    # after a held one: the homeserver cannot purge past it, so its content is redacted
+    # after a held one: the homeserver cannot purge past it, so its content is redacted,
+    # by Enclave's bot (never by the message's author or another member)
     assert "body" not in left.get(a2, {}), left.get(a2)
     assert fresh[0] in left
+    bot = ret.stack.bot_user_id
+    redactions = [e for e in await room_events(ret, mixed) if e["type"] == "m.room.redaction"]
+    assert [(e["sender"], e.get("redacts") or e["content"].get("redacts"))
+            for e in redactions] == [(bot, a2), (bot, img)], redactions
+    # where the bot is not in the room, nothing is done as anyone else: it is reported
+    assert outs[nobot]["redacted"] == 0 and outs[nobot]["not_redacted"] == 1, outs[nobot]
+    assert bot in outs[nobot]["not_redacted_reason"], outs[nobot]
+    nobot_events = await room_events(ret, nobot)
+    assert not [e for e in nobot_events if e["type"] == "m.room.redaction"]
+    assert not [e for e in nobot_events if e.get("state_key") == bot], "Enclave was invited"
+    assert (await on_homeserver(ret, nobot))[n2]["body"] == "n2 after a held one"
+    r = await ret.cli("audit", "--room", nobot, "--format", "json")
+    refused = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert any(a["kind"] == "redact" and a["outcome"] == "failed" and a["room_id"] == nobot
+               for a in refused), r.stdout[-2000:]
+    # the transcript and the EML name Enclave as the redactor
+    out_dir = ret.base / "export-redacted"
+    r = await ret.cli("export", "--room", mixed, "--out", str(out_dir))
+    assert r.returncode == 0, r.stderr
+    page_path = next((out_dir / "rooms").glob("*/transcript.html"))
+    html_text = page_path.read_text()
+    deleted = [ln for ln in html_text.split('<div class="body">') if ln.startswith(
+        "message deleted by")]
+    assert len(deleted) == 2 and all(bot in d and "@alice" not in d for d in deleted), deleted
+    mails = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+             for p in (out_dir / "rooms").glob("*/eml/*.eml")]
+    redacted_mails = [m for m in mails if m["X-Matrix-Redacted-By"]]
+    assert [str(m["X-Matrix-Redacted-By"]) for m in redacted_mails] == [bot, bot]
+    # From: the sender's directory email, not localpart@server
+    assert {m["From"].addresses[0].addr_spec for m in mails
+            if str(m["X-Matrix-Sender"]) == ret.uid("alice")} == {"alice.mail@example.com"}
+
+    def reviewer_sees(page: Any) -> dict[str, bool]:
+        a2_msg = page.locator(".msg", has_text="a2 after a held one")
+        b1_msg = page.locator(".msg", has_text="b1 held")
+        img_msg = page.locator(".msg.deleted").filter(has=page.locator("img"))
+        return {
+            # the archived text of the redacted message, visible without a click
+            "a2 text": a2_msg.get_by_text("a2 after a held one").is_visible(),
+            # the archived image of the redacted image message, shown and loaded
+            "image": img_msg.locator("img").is_visible() and img_msg.locator("img").evaluate(
+                "img => img.complete && img.naturalWidth > 0"),
+            # a held message is marked as such
+            "hold mark": b1_msg.get_by_text("legal hold hold-bob").is_visible(),
+        }
+
+    seen = await asyncio.to_thread(in_browser, page_path, reviewer_sees)
+    assert seen == {"a2 text": True, "image": True, "hold mark": True}, seen
     left_held = await on_homeserver(ret, held_room)
     assert all(left_held[e]["body"].startswith("c") for e in c)
 
@@ -368,6 +490,62 @@ async def test_holds_keep_exactly_their_events_until_released(ret: Setup) -> Non
     assert {a0, b1, a2, b3} <= set(ret.archived(mixed))
     r = await ret.cli("audit", "--format", "json")
     assert "hold_add" in r.stdout and "hold_release" in r.stdout, r.stdout[-2000:]
+
+
+async def test_holds_and_exports_refuse_what_nobody_knows(ret: Setup) -> None:
+    r = await ret.cli("hold", "add", "--id", "typo", "--case", "CASE-9", "--reason", "x",
+                      "--by", "legal@corp", "--user", ret.uid("nosuchuser"))
+    assert r.returncode == 2 and "unknown user" in r.stderr, (r.returncode, r.stderr)
+    r = await ret.cli("hold", "add", "--id", "typo-room", "--case", "CASE-9", "--reason", "x",
+                      "--by", "legal@corp", "--room", "!unknown")
+    assert r.returncode == 2 and "unknown room" in r.stderr, (r.returncode, r.stderr)
+    r = await ret.cli("hold", "list", "--all", "--format", "json")
+    assert "typo" not in r.stdout, r.stdout
+    # a deactivated account is known: its history may well be what a case needs
+    gone = await ret.stack.new_staff("leaver")
+    await gone.close()
+    await ret.stack.hs("POST", f"/_synapse/admin/v1/deactivate/{q(gone.user_id)}",
+                       {"erase": False})
+    r = await ret.cli("hold", "add", "--id", "leaver", "--case", "CASE-9", "--reason", "x",
+                      "--by", "legal@corp", "--user", gone.user_id)
+    assert r.returncode == 0, r.stderr
+    r = await ret.cli("hold", "release", "leaver", "--by", "legal@corp")
+    assert r.returncode == 0, r.stderr
+    # an export of a room the archive does not know is an error, not an empty export
+    out_dir = ret.base / "export-unknown"
+    r = await ret.cli("export", "--room", "!unknown", "--out", str(out_dir))
+    assert r.returncode == 1 and "!unknown" in r.stderr, (r.returncode, r.stderr)
+    assert not (out_dir / "manifest.json").exists()
+
+
+async def test_a_purge_whose_boundary_event_is_gone_takes_the_next(ret: Setup) -> None:
+    """The boundary event the archive names for a purge step may be gone from the homeserver
+    (on a loaded machine an earlier step took it); here an operator purged it by hand. The
+    run must pick the next event, not fail."""
+    room = await new_room(ret, "alice", name="boundary gone")
+    sent = [await say(ret, "alice", room, f"m{i}") for i in range(6)]
+    last_old = time.time()
+    await wait_archived(ret, room, sent)
+    # behind Enclave's back: everything before m4 goes (m3, the first step's boundary too)
+    resp = await ret.stack.hs("POST", f"/_synapse/admin/v1/purge_history/{q(room)}",
+                              {"purge_up_to_event_id": sent[4], "delete_local_events": True})
+
+    async def purged() -> bool:
+        st = await ret.stack.hs("GET",
+                                f"/_synapse/admin/v1/purge_history_status/{resp['purge_id']}")
+        return st["status"] == "complete"
+
+    await wait_until(purged, within=30, what="the hand-made purge")
+    assert not set(sent[:4]) & set(await on_homeserver(ret, room))
+    await wait_due(last_old)
+    fresh = await say(ret, "alice", room, "fresh")
+    [out] = await retention_apply(ret, room)  # exit 0: asserted by the helper
+    assert out["error"] is None and out["steps"], out
+    left = await on_homeserver(ret, room)
+    assert not set(sent) & set(left) and fresh in left, left
+    assert set(sent) <= set(ret.archived(room))
+    [again] = await retention_apply(ret, room)
+    assert again["error"] is None and again["plan"]["due_events"] == 0, again
 
 
 async def test_a_failing_archive_write_prevents_the_purge(ret: Setup) -> None:
@@ -407,10 +585,29 @@ async def test_a_moderator_changing_retention_is_reverted_without_the_gate(
     try:
         room = await new_room(ret, "alice", "bob", name="no gate")
         alice = await ret.staff("alice")
-        # without the gate the room starts without the state; a run shows the period
-        await retention_apply(ret, room)
         expected = {"max_lifetime": KEEP_SECONDS * 1000}
+        # without the gate the room starts without the state; Enclave's bot is not in the
+        # room, so a run reports that it cannot show the period (and does not set it as
+        # one of the members, nor invite itself as one)
+        r = await ret.cli("retention", "--apply", "--format", "json", "--room", room)
+        assert r.returncode == 0, r.stdout + r.stderr
+        findings = [json.loads(x)["finding"] for x in r.stdout.splitlines()
+                    if x.startswith('{"finding"')]
+        assert any("m.room.retention not set" in f for f in findings), r.stdout
+        assert await room_state(ret.stack, room, "m.room.retention") is None
+        assert not [e for e in await room_events(ret, room)
+                    if e.get("state_key") == ret.stack.bot_user_id]
+        # once alice lets Enclave in, a run shows the period under Enclave's name
+        await invite_enclave(ret, "alice", room, 100)
+        await retention_apply(ret, room)
         assert await room_state(ret.stack, room, "m.room.retention") == expected
+
+        async def state_sender() -> str | None:
+            st = await ret.stack.hs("GET", f"/_synapse/admin/v1/rooms/{q(room)}/state")
+            return next((e["sender"] for e in st["state"]
+                         if e["type"] == "m.room.retention"), None)
+
+        assert await state_sender() == ret.stack.bot_user_id
         resp = await alice.room_put_state(room, "m.room.retention",
                                           {"max_lifetime": 10 ** 12})
         assert isinstance(resp, nio.RoomPutStateResponse), resp
@@ -420,6 +617,7 @@ async def test_a_moderator_changing_retention_is_reverted_without_the_gate(
 
         await wait_until(reverted, within=30, what="the reactive revert",
                          describe=ret.enclave.describe)
+        assert await state_sender() == ret.stack.bot_user_id
         # moderators may adjust it within the class bounds, through Enclave
         await say(ret, "alice", room, "!retention 30s")
 
@@ -434,6 +632,7 @@ async def test_a_moderator_changing_retention_is_reverted_without_the_gate(
             said = [(e.get("content") or {}).get("body")
                     for e in await ret.stack.room_messages(room)]
             raise AssertionError(f"{e}\nthe room said: {said}") from None
+        assert await state_sender() == ret.stack.bot_user_id
         await say(ret, "bob", room, "!retention 1y")  # bob: no power, and out of bounds
         await asyncio.sleep(2)
         assert await room_state(ret.stack, room, "m.room.retention") == {

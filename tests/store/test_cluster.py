@@ -229,3 +229,41 @@ async def test_a_run_keeps_its_lease_through_renewals(make_store: MakeStore) -> 
             clock.now += 100  # renewed every 0.1 s: never expires
             assert not await other.acquire_lease("job", "them", clock.now, 300)
     assert await other.acquire_lease("job", "them", clock.now, 300)  # released at the end
+
+
+async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
+        make_store: MakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fan-out holds its occurrence's lease through the shared helper: a pass whose
+    lease another process took (this one froze past the ttl) is stopped, not finished."""
+    from types import SimpleNamespace
+
+    from bots.announcements import delivery
+    from bots.announcements.audience import Audience
+    from bots.announcements.spec import AnnouncementSpec
+    from bridge.store.base import AnnouncementOccurrence
+
+    monkeypatch.setattr(delivery, "LEASE_TTL_MS", 300)
+    clock = Clock()
+    store, other = await make_store(), await make_store(migrate=False)
+    bot = SimpleNamespace(svc=SimpleNamespace(store=store, clock_ms=clock))
+    fan = delivery.FanOut(bot)  # type: ignore[arg-type]
+    spec = AnnouncementSpec(title="T", body="B", audience=Audience(all_staff=True))
+    occ = AnnouncementOccurrence("a", "o", "manual", spec.to_json(), "delivering",
+                                 clock.now, clock.now)
+    lease = "announcement:a/o"
+    reached_end = False
+
+    async def slow_pass(occ: object, spec: object) -> None:
+        nonlocal reached_end
+        clock.now += 10_000  # froze past the ttl...
+        assert await other.acquire_lease(lease, "them", clock.now, 60_000)  # ...taken
+        await asyncio.sleep(1)  # the renewal (every 0.1 s) finds it taken
+        reached_end = True
+
+    monkeypatch.setattr(fan, "_pass", slow_pass)
+    assert await fan.deliver(occ) is False
+    assert not reached_end
+    assert not await store.acquire_lease(lease, fan.owner, clock.now, 300)  # theirs, kept
+    # with the lease held elsewhere, a pass does not start at all
+    monkeypatch.setattr(fan, "_pass", lambda *a: pytest.fail("delivered beside the holder"))
+    assert await fan.deliver(occ) is False

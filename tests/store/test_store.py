@@ -77,7 +77,8 @@ EXPECTED_TABLES = {
     "announcement_deliveries": {"announcement_id", "occurrence_id", "target", "status",
                                 "room_id", "event_id", "detail", "attempts", "sent_at",
                                 "acked_at", "ack_method", "ack_event_id", "reminders",
-                                "last_reminder_at", "escalated_at", "escalated_to"},
+                                "last_reminder_at", "escalated_at", "escalated_to",
+                                "reminder_failures", "reminder_error", "escalation_error"},
     "announcement_messages": {"event_id", "room_id", "announcement_id", "occurrence_id",
                               "kind", "target", "sent_at"},
     "archive_events": {"event_id", "room_id", "sender", "type", "state_key", "ts", "segment",
@@ -721,6 +722,20 @@ async def test_announcement_sent_failed_acked_reminded(store: Store):
     b = {d.target: d for d in await store.announcement_deliveries("policy", occ)}["@b:x"]
     assert (b.reminders, b.last_reminder_at, b.escalated_at, b.escalated_to) == (
         1, 50, 70, "@boss:x")
+    # a failed reminder takes its slot but is not counted as sent; its reason is kept
+    await store.announcement_mark_reminded("policy", occ, "@b:x", count=2, now_ms=75,
+                                           message=None, audit=None, error="403 refused")
+    await store.announcement_mark_reminded("policy", occ, "@b:x", count=2, now_ms=76,
+                                           message=None, audit=None)  # the slot is taken
+    await store.announcement_mark_escalated("policy", occ, "@a:x", manager="@boss:x",
+                                            now_ms=77, message=None, audit=None,
+                                            error="404 no room")
+    got = {d.target: d for d in await store.announcement_deliveries("policy", occ)}
+    b, a = got["@b:x"], got["@a:x"]
+    assert (b.reminders, b.reminder_failures, b.reminder_error, b.last_reminder_at) == (
+        1, 1, "403 refused", 75)
+    assert (a.escalated_at, a.escalated_to, a.escalation_error, a.escalated) == (
+        77, "@boss:x", "404 no room", False)
     # explicit-room members found when it was sent
     await store.announcement_add_targets("policy", occ, ["@m:x", "@n:x"], status="sent",
                                          room_id="!general", event_id="$g", now_ms=90)

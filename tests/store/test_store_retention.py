@@ -130,6 +130,22 @@ async def test_archive_mark_purged(store: Store) -> None:
     assert await store.archive_rooms() == {R1: 5, R2: 1}
     assert (await store.archive_query(room_id=R2))[0].purged_at is None
 
+async def test_archive_mark_gone(store: Store) -> None:
+    from dataclasses import replace
+
+    join = replace(aev(2), type="m.room.member", state_key=ALICE)
+    await store.archive_commit([aev(1), join, aev(3)], head())
+    await store.archive_commit([aev(3, R2)], head(R2))
+    ids = [aev(1).event_id, join.event_id, aev(3).event_id, aev(3, R2).event_id]
+    # only the room's messages: state events stay on the homeserver, other rooms untouched
+    assert await store.archive_mark_gone(R1, ids, NOW + 7) == 2
+    assert await store.archive_mark_gone(R1, ids, NOW + 8) == 0
+    assert await store.archive_mark_gone(R1, [], NOW + 8) == 0
+    assert [r.purged_at for r in await store.archive_query(room_id=R1)] == [
+        NOW + 7, None, NOW + 7]
+    assert (await store.archive_query(room_id=R2))[0].purged_at is None
+
+
 async def test_archive_timestamps_of_messages_only(store: Store) -> None:
     from dataclasses import replace
 

@@ -28,12 +28,16 @@ SPEC = AnnouncementSpec(title="Policy", body="Read it", audience=Audience(all_st
 
 
 def row(target: str, *, status: str = "sent", acked: bool = False, reminders: int = 0,
-        escalated: bool = False, sent_at: int | None = T0) -> AnnouncementDelivery:
+        escalated: bool = False, sent_at: int | None = T0, failures: int = 0,
+        escalation_error: str | None = None) -> AnnouncementDelivery:
     return AnnouncementDelivery(
         announcement_id="policy", occurrence_id="o", target=target, status=status,
         room_id="!dm", event_id="$e", sent_at=sent_at if status == "sent" else None,
         acked_at=T0 + 1 if acked else None, reminders=reminders,
-        escalated_at=T0 + 2 if escalated else None)
+        escalated_at=T0 + 2 if escalated else None,
+        escalated_to="@boss:x" if escalated else None, reminder_failures=failures,
+        reminder_error="403 M_FORBIDDEN: refused" if failures else None,
+        escalation_error=escalation_error)
 
 
 STAFF = {
@@ -129,3 +133,30 @@ def test_summarise_counts_people_and_rooms_apart() -> None:
     assert (s.recipients, s.delivered, s.failed, s.pending, s.acknowledged, s.reminded,
             s.escalated, s.rooms) == (5, 3, 1, 1, 1, 2, 1, 1)
     assert "1 acknowledged" in s.line(True) and "acknowledged" not in s.line(False)
+
+
+def test_a_failed_reminder_keeps_its_place_and_is_not_counted() -> None:
+    from bots.announcements.report import report_rows
+
+    # reminder 1 failed: it is not tried again at once; reminder 2 follows at its own time
+    failed = row("@a:x", failures=1)
+    fu = decide_reminders(SPEC, [failed], T0 + 25 * H, delivered_at=T0, staff=STAFF)
+    assert fu.reminders == () and fu.next_due_ms == T0 + 48 * H, fu
+    fu = decide_reminders(SPEC, [failed], T0 + 48 * H, delivered_at=T0, staff=STAFF)
+    assert fu.reminders == (Remind("@a:x", 2),), fu
+    # both failed: the escalation follows at its time
+    both = row("@a:x", failures=2)
+    fu = decide_reminders(SPEC, [both], T0 + 72 * H, delivered_at=T0, staff=STAFF)
+    assert fu.escalations == (Escalate("@a:x", "@boss:x"),), fu
+
+    s = summarise([failed, row("@b:x", reminders=1),
+                   row("@c:x", reminders=2, escalated=True, escalation_error="403 refused")])
+    assert (s.reminded, s.reminders_failed, s.escalated, s.escalations_failed) == (2, 1, 0, 1)
+    assert "1 reminded" not in s.line(True) and "reminder failed for 1" in s.line(True)
+    rows = {r["recipient"]: r for r in report_rows(
+        [failed, row("@c:x", reminders=2, escalated=True, escalation_error="403 refused")],
+        {})}
+    assert rows["@a:x"]["reminders"] == 0 and rows["@a:x"]["reminders_failed"] == 1
+    assert "reminder(s) failed: 403 M_FORBIDDEN: refused" in rows["@a:x"]["detail"]
+    assert rows["@c:x"]["escalated_at"] == "" and rows["@c:x"]["escalated_to"] == ""
+    assert "escalation to @boss:x failed: 403 refused" in rows["@c:x"]["detail"]

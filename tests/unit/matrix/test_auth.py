@@ -34,9 +34,18 @@ TOKEN = "hs-token-0123456789"
         pytest.param(f"Bearer {TOKEN}x", None, (403, "M_FORBIDDEN"), id="prefix-match"),
         pytest.param(f"Bearer {TOKEN[:-1]}", None, (403, "M_FORBIDDEN"), id="truncated"),
         pytest.param("Bearer hs-tökén", None, (403, "M_FORBIDDEN"), id="non-ascii"),
+        pytest.param([f"Bearer {TOKEN}", "Bearer wrong"], None, (401, "M_UNAUTHORIZED"),
+                     id="two-headers-right-first"),
+        pytest.param(["Bearer wrong", f"Bearer {TOKEN}"], None, (401, "M_UNAUTHORIZED"),
+                     id="two-headers-right-last"),
+        pytest.param([f"Bearer {TOKEN}"] * 2, None, (401, "M_UNAUTHORIZED"),
+                     id="two-equal-headers"),
+        pytest.param(None, [TOKEN, "wrong"], (401, "M_UNAUTHORIZED"), id="two-query-tokens"),
+        pytest.param([f"Bearer {TOKEN}"], [TOKEN], None, id="one-of-each-as-lists"),
+        pytest.param([], [], (401, "M_UNAUTHORIZED"), id="empty-lists"),
     ],
 )
-def test_check_hs_token(authorization: str | None, query: str | None,
+def test_check_hs_token(authorization: str | list[str] | None, query: str | list[str] | None,
                         expected: tuple[int, str] | None) -> None:
     resp = check_hs_token(authorization, query, TOKEN.encode())
     if expected is None:

@@ -220,6 +220,55 @@ def test_successor_choice(successors, expected) -> None:
     assert plan.actions[0].successor == expected
 
 
+@pytest.mark.parametrize(("remembered", "people", "expected"), [
+    ({uid("alice"): uid("boss")}, ["boss"], uid("boss")),  # remembered, active
+    ({}, ["boss"], BOT),  # nothing remembered: the next choice
+    ({uid("alice"): uid("boss")}, [], BOT),  # the manager left too
+])
+def test_a_deleted_leaver_hands_over_to_the_remembered_manager(remembered, people,
+                                                               expected) -> None:
+    only = room("!r", {uid("alice"): "join"}, {uid("alice"): 100}, creators=frozenset())
+    plan = run([person(p) for p in people], [rec("alice"), rec("boss")],
+               [acct("alice"), acct("boss")],
+               cfg=config(leavers={"successors": ["manager", "bot"]}),
+               leaver_rooms={uid("alice"): [only]}, remembered_managers=remembered)
+    (h,) = [a for a in plan.actions if isinstance(a, HandOverRoom)]
+    assert h.successor == expected
+
+
+def test_an_email_another_entry_has_is_refused_as_a_finding() -> None:
+    # ann has had it; a new entry (zed) and an existing one (bob) claim it too
+    ann, bob = person("ann", email="ann@corp.example.com"), person("bob")
+    zed = person("zed", email="ANN@corp.example.com")
+    bob2 = dataclasses.replace(bob, email="ann@corp.example.com")
+    plan = run([ann, bob2, zed], [rec("ann"), rec("bob")], [acct("ann"), acct("bob")])
+    creates = [a for a in plan.actions if isinstance(a, CreateAccount)]
+    assert [(a.user, a.email) for a in creates] == [(uid("zed"), None)]
+    assert not [a for a in plan.actions if isinstance(a, UpdateAccount)], plan.actions
+    dup = {f.subject: f.message for f in plan.findings
+           if f.rule_id == "directory.email.duplicate"}
+    assert set(dup) == {uid("bob"), uid("zed")} and f"({uid('ann')} keeps it)" in dup[uid("zed")]
+    # bob keeps his own email (his record does not change)
+    assert plan.records.get("id-bob", rec("bob")).email == "bob@corp.example.com"
+    # the new entry removed again: ann never lost it, nothing to do
+    plan = run([ann, bob], [rec("ann"), rec("bob")], [acct("ann"), acct("bob")])
+    assert plan.actions == () and plan.findings == ()
+
+
+def test_an_email_another_account_has_on_the_homeserver_is_refused() -> None:
+    zed = person("zed", email="root@corp.example.com")
+    snap_owner = {"root@corp.example.com": uid("root")}
+    cfg = config()
+    snap = DirectorySnapshot.build([zed], [])
+    mapped = map_people(snap.people.values(), cfg.mapping, HS, known={},
+                        reserved=lambda lp: False)
+    view = HomeserverView(accounts={}, email_owners=snap_owner)
+    plan = diff_directory(snap, mapped.users, {}, view, cfg, now_ms=NOW, bot_user_id=BOT)
+    assert [(a.kind, a.email) for a in plan.actions] == [("create_account", None)]
+    assert [(f.rule_id, f.subject) for f in plan.findings] == [
+        ("directory.email.taken", uid("zed"))]
+
+
 ROOMS = {
     "managed_rooms": [
         {"id": "dept", "kind": "space", "for_each": "department", "name": "{value}"},

@@ -16,8 +16,10 @@ from bridge.retention.export import (
     attachment_mxc,
     display_names,
     edit_target,
+    event_marks,
     is_attachment,
     iso_utc,
+    media_extension,
     membership_line,
     message_id,
     plain_text,
@@ -333,9 +335,11 @@ def test_html_redaction_encryption_membership_reactions() -> None:
     assert f'<div class="msg deleted" id="{anchor("$secret")}"' in page
     who = "Alice (@alice:corp.example.com)"
     assert f"{DELETED_TEXT} by {who} at 2024-05-01 10:40:00 UTC: leak" in b
-    body = b[:b.index("<details>")]
+    body = b[:b.index('<div class="archived">')]
     assert "oops secret" not in body
     assert "archived content before deletion" in b and "oops secret" in b
+    # shown, not collapsed: a printout carries the archived text
+    assert "<details>" not in b
     assert f'id="{anchor("$red")}"' not in page
     assert ENCRYPTED_TEXT in block(page, "$enc")
     assert "zzz" not in page
@@ -438,3 +442,58 @@ def test_eml_bad_content_type_falls_back() -> None:
     part = next(iter(msg.iter_attachments()))
     assert part.get_content_type() == "application/octet-stream"
     assert part.get_content() == b"data"
+
+
+def test_html_marks_held_and_purged_messages() -> None:
+    page = render(marks={"$hello": [("hold", "legal hold h1 (case C-1)"),
+                                    ("gone", "gone from the homeserver (purged x)")]})
+    b = block(page, "$hello")
+    assert '<span class="mark hold">legal hold h1 (case C-1)</span>' in b
+    assert '<span class="mark gone">gone from the homeserver (purged x)</span>' in b
+    assert 'class="mark' not in block(page, "$img")
+
+
+def test_event_marks_from_the_index_and_the_holds() -> None:
+    from bridge.policy.retention import Hold
+    from bridge.store.base import ArchivedEvent
+
+    def row(eid: str, sender: str, ts: int, purged: int | None) -> ArchivedEvent:
+        return ArchivedEvent(eid, ROOM, sender, "m.room.message", None, ts, "s", 1, ts,
+                             purged)
+
+    hold = Hold(id="h1", case_id="C-1", reason="r", placed_by="legal", users=frozenset(
+        {BOB}), rooms=frozenset(), since_ms=None, until_ms=None, created_at=T0)
+    released = Hold(id="h2", case_id="C-2", reason="r", placed_by="legal",
+                    users=frozenset(), rooms=frozenset({ROOM}), since_ms=None, until_ms=None,
+                    created_at=T0, released_at=T0 + 1, released_by="legal")
+    marks = event_marks(ROOM, [row("$a", ALICE, T0, T0 + 5), row("$b", BOB, T0, None),
+                               row("$c", ALICE, T0, None)], [hold, released])
+    assert marks["$a"] == [("gone", "gone from the homeserver (purged "
+                                    "2024-05-01 10:40:00 UTC); archived copy")]
+    assert marks["$b"] == [("hold", "legal hold h1 (case C-1)")]
+    assert "$c" not in marks
+
+
+@pytest.mark.parametrize(("ctype", "name", "ext"), [
+    ("image/png", "cat.png", ".png"),
+    ("image/jpeg; charset=x", None, ".jpg"),
+    (None, "report.PDF", ".pdf"),
+    ("application/x-unknown-thing", "notes.txt", ".txt"),
+    (None, "no-extension", ".bin"),
+    (None, "evil.ext/../x", ".bin"),
+    (None, None, ".bin"),
+])
+def test_media_extension(ctype: str | None, name: str | None, ext: str) -> None:
+    assert media_extension(ctype, name) == ext
+
+
+def test_eml_from_is_the_directory_email() -> None:
+    e = text("$hello", ALICE, "hi", ts=T0)
+    msg = parse(render_eml(ROOM, "Ops", e, {ALICE: "Alice Liddell"}, None,
+                           emails={ALICE: "alice.liddell@example.com"}))
+    assert msg["From"].addresses[0].addr_spec == "alice.liddell@example.com"
+    assert msg["From"].addresses[0].display_name == "Alice Liddell"
+    assert msg["X-Matrix-Sender"] == ALICE
+    # an address that is not one falls back to the Matrix id's parts
+    msg = parse(render_eml(ROOM, "Ops", e, {}, None, emails={ALICE: "not an address\r\n"}))
+    assert msg["From"].addresses[0].addr_spec == "alice@corp.example.com"
