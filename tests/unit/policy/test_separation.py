@@ -93,9 +93,10 @@ P = make_policy()
 
 def room(cls: str | None = None, *members: str, is_direct: bool | None = None,
          aliases: tuple[str, ...] = (), version: str = "12", creator: str | None = None,
-         power: dict | None = None) -> RoomFacts:
+         power: dict | None = None, history: str | None = "joined") -> RoomFacts:
     ms = {m: "join" for m in members}
-    return RoomFacts(room_id="!r", room_version=version, class_state=cls,
+    return RoomFacts(room_id="!r", room_version=version, class_state=cls, claimed_class=cls,
+                     history_visibility=history,
                      creators=frozenset({creator or (members[0] if members else ALICE)}),
                      aliases=aliases, is_direct=is_direct, members=ms,
                      power=power or {})
@@ -424,7 +425,8 @@ def test_room_facts_from_state() -> None:
         {"type": "m.room.encryption", "state_key": "", "content": {}},
     ]
     f = room_facts_from_state("!x", state)
-    assert f.creators == {ALICE, BOB} and f.class_state == "hr" and not f.federate
+    assert f.creators == {ALICE, BOB} and f.claimed_class == "hr" and not f.federate
+    assert f.class_state is None  # the state's claim is not Enclave's record
     assert f.members == {ALICE: "join", BOB: "invite"} and f.encrypted
     assert f.aliases == ("#a:corp.test", "#b:corp.test") and f.room_version == "12"
 
