@@ -956,6 +956,7 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
     aliases: list[str] = []
     name = join_rule = None
     encrypted = False
+    direct: bool | None = None
     power: Mapping[str, Any] = {}
     for ev in state:
         t, key, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
@@ -963,6 +964,8 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
             m = content.get("membership")
             if m in ("join", "invite", "knock"):
                 members[key] = m
+            if content.get("is_direct") is True:
+                direct = True  # an invitation (or a join keeping it) marked as a DM
         elif t == "m.room.create":
             version = str(content.get("room_version", "1"))
             federate = content.get("m.federate", True) is not False
@@ -996,7 +999,8 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
     return RoomFacts(room_id=room_id, room_version=version, creators=frozenset(creators),
                      claimed_class=claimed, claimed_grant=grant, history_visibility=history,
                      aliases=tuple(aliases), name=name, federate=federate,
-                     join_rule=join_rule, encrypted=encrypted, members=members, power=power)
+                     join_rule=join_rule, encrypted=encrypted, members=members, power=power,
+                     is_direct=direct)
 
 
 def room_facts_from_invite(event: Mapping[str, Any]) -> RoomFacts:
