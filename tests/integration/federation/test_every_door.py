@@ -191,11 +191,34 @@ async def invite_arrives(client: nio.AsyncClient, room_id: str, within: float = 
 
 
 async def texts(t: Trio, client: nio.AsyncClient, room_id: str) -> list[str]:
-    """Every message body ``client`` can read in ``room_id`` (GET /messages, backwards)."""
-    body = await t.request(client, "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/messages"
-                           "?dir=b&limit=100")
-    return [e["content"].get("body", "") for e in body["chunk"]
-            if e.get("type") == "m.room.message"]
+    """Every message body ``client`` can read in ``room_id``: GET /messages backwards, and
+    the room's timeline in a fresh initial sync. (A remote server's /messages may wait on
+    federation backfill; a timed-out read counts as nothing read only if the sync, which
+    shows a newly joined member the history it may see, shows nothing either.)"""
+    server = next(s for s in t.pair.servers if s.base_url == client.homeserver)
+    out: list[str] = []
+    try:
+        body = await asyncio.to_thread(
+            server.request, "GET",
+            f"/_matrix/client/v3/rooms/{q(room_id)}/messages?dir=b&limit=100", None,
+            client.access_token, timeout=10)
+        out += [e["content"].get("body", "") for e in body["chunk"]
+                if e.get("type") == "m.room.message"]
+    except (TimeoutError, RuntimeError) as e:
+        print(f"/messages for {client.user_id} in {room_id}: {e}")
+    fresh = nio.AsyncClient(client.homeserver, client.user_id)
+    fresh.access_token, fresh.user_id = client.access_token, client.user_id
+    try:
+        resp = await fresh.sync(timeout=0, full_state=True)
+        if isinstance(resp, nio.SyncResponse):
+            for section in (resp.rooms.join, resp.rooms.leave):
+                room = section.get(room_id)
+                for ev in room.timeline.events if room else ():
+                    if isinstance(ev, nio.RoomMessageText):
+                        out.append(ev.body)
+    finally:
+        await fresh.close()
+    return out
 
 
 # -- with the gate module ----------------------------------------------------------------------
