@@ -119,6 +119,7 @@ class RoomFacts:
     claimed_class: str | None = None
     claimed_grant: str | None = None
     history_visibility: str | None = None
+    predecessor: str | None = None  # the room this one replaced (a room upgrade)
 
     @property
     def known(self) -> bool:
@@ -957,6 +958,7 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
     name = join_rule = None
     encrypted = False
     direct: bool | None = None
+    predecessor: str | None = None
     power: Mapping[str, Any] = {}
     for ev in state:
         t, key, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
@@ -975,6 +977,9 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
             extra = content.get("additional_creators")
             if isinstance(extra, list):
                 creators.update(u for u in extra if isinstance(u, str))
+            pred = content.get("predecessor")
+            if isinstance(pred, dict) and isinstance(pred.get("room_id"), str):
+                predecessor = pred["room_id"]
         elif t == CLASS_STATE_TYPE and key == "":
             c, g = content.get("class"), content.get("grant")
             claimed = c if isinstance(c, str) else None
@@ -1000,7 +1005,7 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
                      claimed_class=claimed, claimed_grant=grant, history_visibility=history,
                      aliases=tuple(aliases), name=name, federate=federate,
                      join_rule=join_rule, encrypted=encrypted, members=members, power=power,
-                     is_direct=direct)
+                     is_direct=direct, predecessor=predecessor)
 
 
 def room_facts_from_invite(event: Mapping[str, Any]) -> RoomFacts:

@@ -243,6 +243,12 @@ class SeparationService:
         gives it now (rules, DM signals, default), never the one its state claims."""
         if facts.class_state is not None or not facts.known:
             return facts
+        inherited = await self.class_record(facts.predecessor) if facts.predecessor else None
+        if inherited is not None:
+            # a room upgrade keeps the class of the room it replaces
+            cls = await self.record_class(facts.room_id, inherited, "builtin.room_upgrade",
+                                          source)
+            return replace(facts, class_state=cls)
         rc = p.classify_room(facts)
         cls = await self.record_class(facts.room_id, rc.id, rc.rule_id, source)
         return replace(facts, class_state=cls)

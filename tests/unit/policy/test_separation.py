@@ -629,3 +629,19 @@ def test_notice_says_staff_left_when_the_invite_cannot_be_withdrawn() -> None:
     body = actions[1].body
     assert "could not withdraw" in body and "took you out of the room" in body
     assert "withdrew your invitation" not in body
+
+
+def test_room_facts_read_history_grant_predecessor_and_is_direct() -> None:
+    f = room_facts_from_state("!n", [
+        {"type": "m.room.create", "sender": BOB, "state_key": "",
+         "content": {"room_version": "12", "predecessor": {"room_id": "!old"}}},
+        {"type": CLASS_STATE_TYPE, "sender": BOB, "state_key": "",
+         "content": {"class": "external", "grant": "g-1"}},
+        {"type": HISTORY_STATE_TYPE, "sender": BOB, "state_key": "",
+         "content": {"history_visibility": "joined"}},
+        {"type": "m.room.member", "sender": BOB, "state_key": ALICE,
+         "content": {"membership": "invite", "is_direct": True}},
+    ])
+    assert (f.predecessor, f.claimed_class, f.claimed_grant, f.history_visibility) == (
+        "!old", "external", "g-1", "joined")
+    assert f.class_state is None and f.is_direct is True
