@@ -414,13 +414,23 @@ def leak_policy(partner_server: str) -> dict[str, Any]:
 
 
 async def _bodies(client: MatrixClient, room_id: str, prefix: str) -> list[str]:
-    """Message bodies starting with ``prefix`` that ``client`` (a user's token) can read."""
+    """Message bodies starting with ``prefix`` that ``client`` (a user's token) can read:
+    an initial sync of that room (joined or left: a member removed at once still sees what
+    they could read), which shows the timeline the server lets them see. (/messages is not
+    used: on a remote member's server it waits on federation backfill for many seconds.)"""
+    flt = json.dumps({"room": {"rooms": [room_id], "include_leave": True,
+                               "timeline": {"limit": 100}, "state": {"lazy_load_members": True}},
+                      "presence": {"types": []}, "account_data": {"types": []}})
     try:
-        body = await client.request("GET", f"/_matrix/client/v3/rooms/{q(room_id)}/messages",
-                                    query={"dir": "b", "limit": "100"})
+        body = await client.request("GET", "/_matrix/client/v3/sync",
+                                    query={"filter": flt, "timeout": "0"})
     except Exception:
         return []
-    return [e["content"]["body"] for e in body.get("chunk", [])
+    rooms = body.get("rooms") or {}
+    events = [e for section in ("join", "leave")
+              for e in ((rooms.get(section) or {}).get(room_id) or {}).get("timeline", {})
+              .get("events", [])]
+    return [e["content"]["body"] for e in events
             if e.get("type") == "m.room.message"
             and str((e.get("content") or {}).get("body", "")).startswith(prefix)]
 
@@ -540,11 +550,22 @@ async def run_leak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                           f"leakA{i}-{uuid.uuid4().hex[:6]}", user_id=owner)
                     try:
                         await pat.invite(rid, o_id)
-                        await o.request("POST", f"/_matrix/client/v3/join/{q(rid)}",
-                                        query={"server_name": corp_name}, json={})
-                        joined_ok += 1
-                    except Exception as e:  # refused, or already removed
+                    except Exception as e:
                         history_fail.append(str(e)[:120])
+                        continue
+                    # the outsider joins the instant its server has the invitation, and
+                    # again at once while the corporate server has not seen it yet
+                    for attempt in range(20):
+                        try:
+                            await o.request("POST", f"/_matrix/client/v3/join/{q(rid)}",
+                                            query={"server_name": corp_name}, json={})
+                            joined_ok += 1
+                            break
+                        except Exception as e:
+                            if attempt == 19:
+                                history_fail.append(str(e)[:120])
+                            await asyncio.sleep(0.05)
+                    else:
                         continue
                     seen = await _bodies(o, rid, "secret-A-")
                     if seen:
