@@ -345,6 +345,41 @@ async def test_gate_off_class_claimed_by_the_creator_is_reverted(door: Trio) -> 
     assert plan.returncode == 0 and "0 actions" in plan.stdout, plan.stdout + plan.stderr
 
 
+async def test_gate_off_history_is_kept_from_people_never_admitted(door: Trio) -> None:
+    bob = await door.staff("bob")
+    pat, eve = door.other("pat"), door.other("eve")
+    await pat.sync(timeout=0)
+    room = await bob.room_create(alias=f"ext-{os.urandom(3).hex()}", invite=[pat.user_id],
+                                 preset=nio.RoomPreset.public_chat,
+                                 power_level_override={"invite": 0})
+    assert isinstance(room, nio.RoomCreateResponse), room
+
+    async def joined_only() -> bool:  # no gate: Enclave sets it as the room is made
+        ev = await door.corp_state(room.room_id, "m.room.history_visibility")
+        return ev is not None and ev["content"]["history_visibility"] == "joined"
+
+    await wait_until(joined_only, within=30, what="history visibility 'joined'",
+                     describe=door.enclave.describe)
+    await invite_arrives(pat, room.room_id)
+    assert isinstance(await pat.join(room.room_id), nio.JoinResponse)
+    sent = await bob.room_send(room.room_id, "m.room.message",
+                               {"msgtype": "m.text", "body": SECRET})
+    assert isinstance(sent, nio.RoomSendResponse), sent
+    await eve.sync(timeout=0)
+    inv = await pat.room_invite(room.room_id, eve.user_id)
+    assert isinstance(inv, nio.RoomInviteResponse), inv
+    await invite_arrives(eve, room.room_id)
+    joined = await eve.join(room.room_id)
+    if isinstance(joined, nio.JoinResponse):
+        assert SECRET not in await texts(door, eve, room.room_id)
+    # a change by the staff member is put back too
+    put = await bob.room_put_state(room.room_id, "m.room.history_visibility",
+                                   {"history_visibility": "world_readable"})
+    assert isinstance(put, nio.RoomPutStateResponse), put
+    await wait_until(joined_only, within=30, what="history visibility put back",
+                     describe=door.enclave.describe)
+
+
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
     alice, bob = await door.staff("alice"), await door.staff("bob")
     await bob.sync(timeout=0)
