@@ -399,18 +399,10 @@ class EnclaveProc:
 
 # -- part 3: leak check -------------------------------------------------------------------------
 def leak_policy(partner_server: str) -> dict[str, Any]:
-    return {
-        "default_class": "internal",
-        "room_classes": [
-            {"id": "internal", "federate": False},
-            {"id": "external", "federate": True, "allow": {"partners": True}},
-        ],
-        "classify": [{"id": "cls-ext-alias", "room_class": "external", "alias": "^#ext-"}],
-        "partners": [{"id": "partner-co", "servers": [partner_server],
-                      "room_classes": ["external"]}],
-        "notify": {"enabled": False},
-        "reconcile": {"interval_minutes": 0},
-    }
+    """Part 1's policy, with every user of the partner's server a partner of ``external``."""
+    return {**reactive_policy(), "notify": {"enabled": False},
+            "partners": [{"id": "partner-co", "servers": [partner_server],
+                          "room_classes": ["external"]}]}
 
 
 async def _bodies(client: MatrixClient, room_id: str, prefix: str) -> list[str]:

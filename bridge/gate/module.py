@@ -50,6 +50,11 @@ real Synapse by tests/integration/test_gate_module.py):
   directory search; there is no message. Answers are cached per (requester, candidate) for
   ``user_search_cache_seconds`` (unreachable outcomes are not cached).
 
+A local user's join of a room this server has no state for (a remote room) reaches
+``user_may_join_room`` with no state at all: the module sends what Synapse says about an
+invitation (``invited``) and Enclave decides from what it remembers (the remote invitations
+it approved), not from the empty room.
+
 What Synapse does not ask modules about: server admins bypass the invite, join and
 state-event checks; the creator's own join at room creation is not a join check; the
 ``initial_state`` of createRoom is not a state-event check (the create_room check sees it).

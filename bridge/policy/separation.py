@@ -120,11 +120,13 @@ class RoomFacts:
     claimed_grant: str | None = None
     history_visibility: str | None = None
     predecessor: str | None = None  # the room this one replaced (a room upgrade)
+    # False: facts from an invitation's stripped state (a remote room's own claims)
+    hosted: bool = True
 
     @property
     def known(self) -> bool:
-        """Whether this server has the room's state at all (a create event)."""
-        return self.room_version is not None
+        """Whether this server has the room's state (a create event it stores itself)."""
+        return self.room_version is not None and self.hosted
 
     def current(self) -> list[str]:
         """Joined and invited users, in id order."""
@@ -1018,7 +1020,8 @@ def room_facts_from_invite(event: Mapping[str, Any]) -> RoomFacts:
     if isinstance(sender, str):
         members[sender] = "join"
     members[event.get("state_key", "")] = "invite"
-    return replace(facts, members=members, is_direct=bool(content.get("is_direct")) or None)
+    return replace(facts, members=members, is_direct=bool(content.get("is_direct")) or None,
+                   hosted=False)
 
 
 def room_facts_from_gate(room: Mapping[str, Any]) -> RoomFacts:

@@ -174,7 +174,10 @@ class SeparationService:
                                                         c.room_class.rule_id))
         if req.room is None:
             return decide_gate(p, req)
-        facts = await self.with_record(gate_room_facts(req.room))
+        facts = gate_room_facts(req.room)
+        if req.federated:  # a remote inviter's claims, not state this server holds
+            facts = replace(facts, hosted=False)
+        facts = await self.with_record(facts)
         approved = False
         if req.check == "join" and req.invited and not facts.known:
             approved = await self.store.component_get(
@@ -321,7 +324,7 @@ class SeparationService:
         if protected or membership == "invite" or target not in facts.creators:
             facts = await self.record_first_sight(p, facts, "reactive")
         actions = p.decide_event(event, facts)
-        if (membership == "invite" and not actions and not facts.known
+        if (membership == "invite" and not actions and not facts.hosted
                 and p.principal(target).local):
             # a remote room's invitation policy let stand: the join may follow
             await self._approve_invite(room_id, target, p.classify_room(facts).id)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bridge.devstack.federation import FederatedPair
 
 from ..directory_helpers import ADMIN_LOCALPART, ensure_enclave_admin
 from ..harness import BOT_LOCALPART, EnclaveProcess, Stack, nio, wait_until
-from .test_separation import q, write_directory
+from .conftest import separation_config, started_and_synced
+from .test_separation import q, read_notice, wait_left, write_directory
 
 pytestmark = pytest.mark.integration
 
@@ -137,15 +137,9 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
         directory = base / "directory.yaml"
         write_directory(directory)
         stack.write_enclave_config(t.config)
-        cfg = yaml.safe_load(t.config.read_text())
-        cfg["directory"] = {"source": {"type": "file", "path": str(directory),
-                                       "allow_initial_passwords": True},
-                            "interval_minutes": 0}
-        cfg["gate"] = {"secret": {"file": str(gate_secret)}}
-        cfg["policy"] = trio_policy(pair.partner.server_name)
         # retention with its defaults: it posts a notice into rooms (never into DMs)
-        cfg["retention"] = {}
-        t.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        separation_config(t.config, directory=directory, gate_secret=gate_secret,
+                          policy=trio_policy(pair.partner.server_name), retention={})
         enclave = EnclaveProcess(t.config, stack.as_port)
         t.enclave = enclave
         yield t
@@ -157,15 +151,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
 
 @pytest.fixture
 async def door(trio: Trio) -> AsyncIterator[Trio]:
-    if not trio.enclave.running:
-        await trio.enclave.start()
-
-        async def provisioned() -> bool:
-            _, body = await trio.enclave.get_json("/ready")
-            return (body.get("directory") or {}).get("outcome") == "ok"
-
-        await wait_until(provisioned, within=60, what="the first directory sync",
-                         describe=trio.enclave.describe)
+    await started_and_synced(trio.enclave)
     yield trio
     for c in trio.clients:
         with contextlib.suppress(Exception):
@@ -263,6 +249,10 @@ async def test_outsider_invited_by_a_partner_cannot_read_history(door: Trio) -> 
     assert isinstance(room, nio.RoomCreateResponse), room
     hv = await door.corp_state(room.room_id, "m.room.history_visibility")
     assert hv is not None and hv["content"]["history_visibility"] == "joined"
+    opened = await bob.room_put_state(room.room_id, "m.room.history_visibility",
+                                      {"history_visibility": "shared"})
+    assert isinstance(opened, nio.RoomPutStateError), opened
+    assert "builtin.history_visibility" in opened.message
     await invite_arrives(pat, room.room_id)
     assert isinstance(await pat.join(room.room_id), nio.JoinResponse)
     sent = await bob.room_send(room.room_id, "m.room.message",
@@ -378,6 +368,21 @@ async def test_gate_off_history_is_kept_from_people_never_admitted(door: Trio) -
     assert isinstance(put, nio.RoomPutStateResponse), put
     await wait_until(joined_only, within=30, what="history visibility put back",
                      describe=door.enclave.describe)
+
+
+async def test_gate_off_notice_says_staff_left_when_the_invite_stands(door: Trio) -> None:
+    # a trusted_private_chat makes the invitee a room v12 creator: nobody can withdraw the
+    # invitation, so Enclave takes the staff member out, and says so
+    bob = await door.staff("bob")
+    await bob.sync(timeout=0)
+    eve = door.other("eve")
+    dm = await bob.room_create(is_direct=True, invite=[eve.user_id],
+                               preset=nio.RoomPreset.trusted_private_chat)
+    assert isinstance(dm, nio.RoomCreateResponse), dm
+    await wait_left(bob, dm.room_id, within=30, describe=door.enclave.describe)
+    body = await read_notice(bob, door.uid(BOT_LOCALPART), eve.user_id)
+    assert "could not withdraw" in body and "took you out of the room" in body, body
+    assert "withdrew your invitation" not in body
 
 
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:

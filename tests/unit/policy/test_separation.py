@@ -645,3 +645,18 @@ def test_room_facts_read_history_grant_predecessor_and_is_direct() -> None:
     assert (f.predecessor, f.claimed_class, f.claimed_grant, f.history_visibility) == (
         "!old", "external", "g-1", "joined")
     assert f.class_state is None and f.is_direct is True
+
+
+def test_invite_facts_are_not_this_servers_state() -> None:
+    ev = member_event(PAT, BOB, "invite")
+    ev["unsigned"] = {"invite_room_state": [
+        {"type": "m.room.create", "sender": PAT, "state_key": "",
+         "content": {"room_version": "12"}},
+        {"type": CLASS_STATE_TYPE, "sender": PAT, "state_key": "",
+         "content": {"class": "external"}}]}
+    f = room_facts_from_invite(ev)
+    assert not f.known and f.room_version == "12" and f.class_state is None
+    # nothing is reverted in a room this server does not hold
+    assert P.diff_protected_state(f) == ([], [])
+    # the partner's own room is the partner's class, whatever its state claims
+    assert P.classify_room(f).id == "external" and P.decide_invite(PAT, BOB, f).allow
