@@ -180,8 +180,7 @@ class SeparationService:
         facts = await self.with_record(facts)
         approved = False
         if req.check == "join" and req.invited and not facts.known:
-            approved = await self.store.component_get(
-                INVITE_COMPONENT, f"{facts.room_id} {req.user}") is not None
+            approved = await self.invite_approved(facts.room_id, req.user)
         ans = decide_gate(p, req, facts=facts, invite_approved=approved)
         if req.check == "invite" and req.federated and ans.allow and req.target:
             await self._approve_invite(facts.room_id, req.target, p.classify_room(facts).id)
@@ -255,6 +254,11 @@ class SeparationService:
         rc = p.classify_room(facts)
         cls = await self.record_class(facts.room_id, rc.id, rc.rule_id, source)
         return replace(facts, class_state=cls)
+
+    async def invite_approved(self, room_id: str, user: str) -> bool:
+        """Whether policy let an invitation of ``user`` into remote ``room_id`` stand."""
+        return await self.store.component_get(INVITE_COMPONENT,
+                                              f"{room_id} {user}") is not None
 
     async def _approve_invite(self, room_id: str, user: str, room_class: str) -> None:
         await self.store.component_put(INVITE_COMPONENT, f"{room_id} {user}", room_class,

@@ -228,6 +228,9 @@ async def test_staff_cannot_join_an_outsiders_remote_room(door: Trio) -> None:
     assert "work secret" not in await texts(door, eve, room.room_id)
     members = await eve.joined_members(room.room_id)
     assert bob.user_id not in {m.user_id for m in members.members}
+    explain = await door.enclave.cli("explain", "join", bob.user_id, room.room_id)
+    assert "DENY" in explain.stdout and "builtin.unknown_remote_room" in explain.stdout, \
+        explain.stdout + explain.stderr
 
 
 async def test_partner_invitation_into_the_partners_room_is_joinable(door: Trio) -> None:
