@@ -128,6 +128,7 @@ class SeparationService:
         self._built_at = 0
         self._lock = asyncio.Lock()
         self._records: dict[str, str] = {}  # class records read so far (never change)
+        self._enclave_dms: set[str] | None = None  # rooms the bot opened as its DMs
         # more initial state for a new room of a class (retention adds m.room.retention)
         self.creation_state: Callable[[str], list[dict[str, Any]]] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -297,8 +298,11 @@ class SeparationService:
         return facts
 
     async def is_enclave_dm(self, room_id: str) -> bool:
-        """Whether the bot made ``room_id`` as its direct chat with someone."""
-        return room_id in (await self.store.component_list(DM_COMPONENT)).values()
+        """Whether the bot made ``room_id`` as its direct chat with someone (read once; the
+        bot's new DMs are recorded as ``dm`` when made, which every replica reads)."""
+        if self._enclave_dms is None:
+            self._enclave_dms = set((await self.store.component_list(DM_COMPONENT)).values())
+        return room_id in self._enclave_dms
 
     async def handle_event(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         """The inbox handler: membership changes policy does not allow are undone, and
