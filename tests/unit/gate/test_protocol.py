@@ -192,3 +192,12 @@ def test_request_is_frozen() -> None:
     req = GateRequest(check="user_search", user="@a:s", target="@b:s")
     with pytest.raises(AttributeError):
         req.user = "@x:s"  # type: ignore[misc]
+
+
+def test_join_says_whether_the_user_holds_an_invitation() -> None:
+    req = parse_gate_request(body(check="join", target=None, invited=True,
+                                  room={"room_id": "!remote"}))
+    assert req.invited is True and req.room is not None and req.room.room_version is None
+    assert parse_gate_request(body(check="join", target=None)).invited is False
+    with pytest.raises(GateProtocolError, match="invited must be true or false"):
+        parse_gate_request(body(check="join", target=None, invited="yes"))
