@@ -388,6 +388,24 @@ async def test_gate_off_notice_says_staff_left_when_the_invite_stands(door: Trio
     assert "withdrew your invitation" not in body
 
 
+async def test_gate_off_remote_join_is_undone_reactively(door: Trio) -> None:
+    # without the gate nothing can refuse the join before it exists (README, Not built):
+    # the reactive layer takes the staff member out and tells them
+    eve = door.other("eve")
+    alias = f"party-{os.urandom(3).hex()}"
+    room = await eve.room_create(alias=alias, visibility=nio.RoomVisibility.public,
+                                 preset=nio.RoomPreset.public_chat)
+    assert isinstance(room, nio.RoomCreateResponse), room
+    dave = await door.staff("dave")
+    await dave.sync(timeout=0)
+    answer = await join_via(door, dave, f"#{alias}:{door.pair.personal.server_name}",
+                            door.pair.personal.server_name)
+    assert answer.get("room_id") == room.room_id, answer
+    await wait_left(dave, room.room_id, within=30, describe=door.enclave.describe)
+    body = await read_notice(dave, door.uid(BOT_LOCALPART), "took you out of a room")
+    assert "class.internal" in body, body
+
+
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
     alice, bob = await door.staff("alice"), await door.staff("bob")
     await bob.sync(timeout=0)
