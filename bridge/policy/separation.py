@@ -545,6 +545,12 @@ class SeparationPolicy:
         where remote people can be present, history may not be made more visible than the
         class allows."""
         service = self.principal(sender).kind == "service"
+        if (event_type == CLASS_STATE_TYPE and room is not None and room.class_state
+                and (content or {}).get("class") == room.class_state):
+            # putting Enclave's record back (Enclave acts as a local member with the power
+            # when its own users are not in the room): nothing changes what policy reads
+            return Decision(True, CLASS_RECORD_RULE, "(built in)",
+                            "class state set to Enclave's record")
         if event_type in PROTECTED_STATE_TYPES and not service:
             return self._deny("builtin.protected_state", "(built in)",
                               f"{event_type} is managed by Enclave",

@@ -660,3 +660,16 @@ def test_invite_facts_are_not_this_servers_state() -> None:
     assert P.diff_protected_state(f) == ([], [])
     # the partner's own room is the partner's class, whatever its state claims
     assert P.classify_room(f).id == "external" and P.decide_invite(PAT, BOB, f).allow
+
+
+@pytest.mark.parametrize(("content", "allow"), [
+    ({"class": "external", "rule_id": "x", "set_by": "enclave"}, True),  # the record back
+    ({"class": "internal"}, False),
+    ({}, False),
+])
+def test_class_state_may_only_be_set_to_enclaves_record(content: dict, allow: bool) -> None:
+    # Enclave reverts as a local member when its own users are not in the room; the gate
+    # must let exactly that through
+    d = P.decide_state_event(BOB, CLASS_STATE_TYPE, "", content, room("external", BOB))
+    assert d.allow is allow
+    assert not P.decide_state_event(BOB, CLASS_STATE_TYPE, "", content, None).allow
