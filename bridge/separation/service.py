@@ -51,6 +51,7 @@ GRANT_COMPONENT = "separation-class-grant"
 # Invitations of local users into remote rooms that policy approved ("room user" -> class):
 # what lets a later join of a room this server has no state for through the gate.
 INVITE_COMPONENT = "separation-approved-invite"
+GRANT_TTL_MS = 86_400_000
 LEASE_NAME = "separation-reconcile"
 # the policy object is rebuilt at least this often, so guest expiry follows the clock
 REBUILD_MS = 30_000
@@ -224,7 +225,8 @@ class SeparationService:
             if e.get("type") == CLASS_STATE_TYPE and e.get("state_key", "") == "" else e
             for e in edits.get("initial_state") or []]
         await self.store.component_put(GRANT_COMPONENT, grant, json.dumps(
-            {"class": room_class, "rule_id": rule_id, "creator": creator}), self.clock_ms())
+            {"class": room_class, "rule_id": rule_id, "creator": creator,
+             "ts": self.clock_ms()}), self.clock_ms())
         return out
 
     async def with_record(self, facts: RoomFacts) -> RoomFacts:
@@ -255,6 +257,14 @@ class SeparationService:
         rc = p.classify_room(facts)
         cls = await self.record_class(facts.room_id, rc.id, rc.rule_id, source)
         return replace(facts, class_state=cls)
+
+    async def _prune_grants(self) -> None:
+        """Grants of rooms never made (Synapse refused the request after the gate said
+        yes) are dropped a day later; a room is seen within seconds of its creation."""
+        cutoff = self.clock_ms() - GRANT_TTL_MS
+        for grant, raw in (await self.store.component_list(GRANT_COMPONENT)).items():
+            if int(json.loads(raw).get("ts", 0)) < cutoff:
+                await self.store.component_delete(GRANT_COMPONENT, grant)
 
     async def invite_approved(self, room_id: str, user: str) -> bool:
         """Whether policy let an invitation of ``user`` into remote ``room_id`` stand."""
@@ -457,6 +467,7 @@ class SeparationService:
                         result.failed.append((a, o.detail))
 
             await asyncio.gather(*(lane(items) for items in lanes.values()))
+            await self._prune_grants()
             for f in result.plan.findings:
                 log.warning("separation finding [%s] %s %s: %s", f.rule_id, f.room_id,
                             f.subject, f.message)
