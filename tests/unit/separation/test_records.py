@@ -128,3 +128,15 @@ async def test_unused_grants_are_dropped_after_a_day(store: Store) -> None:
     now[0] += 86_400_001
     await svc._prune_grants()
     assert await store.component_list(GRANT_COMPONENT) == {}
+
+
+async def test_a_room_upgrade_keeps_its_predecessors_class(store: Store) -> None:
+    svc = await service(store)
+    p = await svc.policy()
+    await svc.record_class("!old", "external", "cls-ext", "gate")
+    new_state = state(BOB, {"class": "external"})
+    new_state[0]["content"]["predecessor"] = {"room_id": "!old"}
+    f = await svc.record_first_sight(
+        p, await svc.with_record(room_facts_from_state("!new", new_state)), "reactive")
+    # no alias on the new room: the rules alone would make it internal
+    assert f.class_state == "external" and await svc.class_record("!new") == "external"
