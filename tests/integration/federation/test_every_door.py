@@ -310,6 +310,22 @@ async def test_profiles_do_not_cross_the_boundary(door: Trio) -> None:
         await door.request(carol, "GET", f"/_matrix/client/v3/profile/{q(bob_id)}")
 
 
+async def test_class_in_initial_state_is_replaced_by_the_gate(door: Trio) -> None:
+    bob = await door.staff("bob")
+    room = await bob.room_create(name="Claims to be external", initial_state=[
+        {"type": "org.enclave.room_class", "state_key": "", "content": {"class": "external"}}])
+    assert isinstance(room, nio.RoomCreateResponse), room
+    ev = await door.corp_state(room.room_id, "org.enclave.room_class")
+    assert ev is not None and ev["content"]["class"] == "internal"
+    assert await class_line(door, room.room_id) == "internal"
+    inv = await bob.room_invite(room.room_id, door.other("pat").user_id)
+    assert isinstance(inv, nio.RoomInviteError) and "class.internal" in inv.message, inv
+
+
+async def test_dm_with_the_gate_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
+    await dm_is_recognised_and_the_bot_stays_out(door)
+
+
 # -- without the gate module -------------------------------------------------------------------
 async def test_gate_off_class_claimed_by_the_creator_is_reverted(door: Trio) -> None:
     await door.enclave.stop()
@@ -408,6 +424,12 @@ async def test_gate_off_remote_join_is_undone_reactively(door: Trio) -> None:
 
 
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
+    await dm_is_recognised_and_the_bot_stays_out(door)
+
+
+async def dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
+    """An encrypted DM between staff: recorded as a direct chat; reconciliation and a
+    retention run leave the bot out of it and send nothing in clear."""
     alice, bob = await door.staff("alice"), await door.staff("bob")
     await bob.sync(timeout=0)
     dm = await alice.room_create(is_direct=True, invite=[bob.user_id],
