@@ -397,6 +397,252 @@ class EnclaveProc:
                 self.proc.wait()
 
 
+# -- part 3: leak check -------------------------------------------------------------------------
+def leak_policy(partner_server: str) -> dict[str, Any]:
+    """Part 1's policy, with every user of the partner's server a partner of ``external``."""
+    return {**reactive_policy(), "notify": {"enabled": False},
+            "partners": [{"id": "partner-co", "servers": [partner_server],
+                          "room_classes": ["external"]}]}
+
+
+async def _bodies(client: MatrixClient, room_id: str, prefix: str) -> list[str]:
+    """Message bodies starting with ``prefix`` that ``client`` (a user's token) can read:
+    an initial sync of that room (joined or left: a member removed at once still sees what
+    they could read), which shows the timeline the server lets them see. (/messages is not
+    used: on a remote member's server it waits on federation backfill for many seconds.)"""
+    flt = json.dumps({"room": {"rooms": [room_id], "include_leave": True,
+                               "timeline": {"limit": 100}, "state": {"lazy_load_members": True}},
+                      "presence": {"types": []}, "account_data": {"types": []}})
+    try:
+        body = await client.request("GET", "/_matrix/client/v3/sync",
+                                    query={"filter": flt, "timeout": "0"})
+    except Exception:
+        return []
+    rooms = body.get("rooms") or {}
+    events = [e for section in ("join", "leave")
+              for e in ((rooms.get(section) or {}).get(room_id) or {}).get("timeline", {})
+              .get("events", [])]
+    return [e["content"]["body"] for e in events
+            if e.get("type") == "m.room.message"
+            and str((e.get("content") or {}).get("body", "")).startswith(prefix)]
+
+
+async def _removals_ms(corp: MatrixClient, admin: str, room_id: str,
+                       user_prefix: str, user_suffix: str = "") -> list[float]:
+    """For each join of a user matching ``user_prefix``/``user_suffix`` in ``room_id``
+    (corporate admin API), ms until the next leave/kick of that user: the reactive
+    layer's latency."""
+    try:
+        body = await corp.request("GET", f"/_synapse/admin/v1/rooms/{q(room_id)}/messages",
+                                  query={"dir": "f", "limit": "1000",
+                                         "filter": MEMBER_FILTER_EVENTS}, user_id=admin)
+    except Exception:
+        return []
+    joined: dict[str, int] = {}
+    out: list[float] = []
+    for e in body.get("chunk", []):
+        key = str(e.get("state_key"))
+        if e.get("type") != "m.room.member" or not key.startswith(user_prefix) \
+                or not key.endswith(user_suffix):
+            continue
+        m, who = (e.get("content") or {}).get("membership"), e["state_key"]
+        if m == "join":
+            joined[who] = e["origin_server_ts"]
+        elif m in ("leave", "ban") and who in joined:
+            out.append(e["origin_server_ts"] - joined.pop(who))
+    return out
+
+
+async def run_leak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Issue 15's leak check on three homeservers (corporate with Enclave and, unless
+    ``--leak-gate off``, the gate module; personal; a partner's): outsiders invited by a
+    remote partner into an external-class room join at once and read its history, and
+    staff join outsiders' remote rooms and send at once. Target: 0 messages readable or
+    delivered across the boundary."""
+    pair = FederatedPair.create(root / "trio", with_partner=True)
+    assert pair.partner is not None
+    for server in pair.servers:
+        server.log_level = args.synapse_log_level
+    enclave: EnclaveProc | None = None
+    gate = args.leak_gate == "on"
+    try:
+        directory = root / "directory.yaml"
+        names = write_people(directory, args.staff, lambda i: ["engineering"])
+        config, as_port = enclave_config(
+            root, server_name=pair.corp.server_name,
+            shared_secret=pair.corp.registration_shared_secret, directory=directory,
+            policy=leak_policy(pair.partner.server_name))
+        secret_file = root / "secrets" / "gate_secret"
+        secret_file.write_text(uuid.uuid4().hex + "\n")
+        cfg = yaml.safe_load(config.read_text())
+        cfg["gate"] = {"secret": {"file": str(secret_file)}}
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        corp_name = pair.corp.server_name
+        if gate:
+            pair.corp.extra_config["modules"] = [{
+                "module": "bridge.gate.module.EnclaveGate", "config": {
+                    "url": f"http://127.0.0.1:{as_port}", "secret_path": str(secret_file),
+                    "enclave_users": [f"@{BOT_LOCALPART}:{corp_name}",
+                                      f"@{ADMIN_LOCALPART}:{corp_name}"],
+                    "timeout_ms": 2000}}]
+        registration = root / "enclave-registration.yaml"
+        await asyncio.to_thread(make_registration, config, registration)
+        pair.corp.app_service_config_files = [registration]
+        t = time.monotonic()
+        await asyncio.to_thread(pair.start, 120)
+        progress(f"three homeservers up in {time.monotonic() - t:.1f}s (gate module "
+                 f"{'on' if gate else 'off'}); starting Enclave")
+        set_homeserver_url(config, pair.corp.base_url)
+        await asyncio.to_thread(register_admin, pair.corp)
+        enclave = EnclaveProc(config, as_port)
+        await enclave.start()
+        staff = [f"@{n}:{corp_name}" for n in names]
+        admin = f"@{ADMIN_LOCALPART}:{corp_name}"
+        token = as_token(config)
+        personal_name = pair.personal.server_name
+        async with aiohttp.ClientSession(json_serialize=None) as session:
+            corp = MatrixClient(session, pair.corp.base_url, token, max_retries=2, timeout=60)
+
+            def user_client(server: SynapseServer, tok: str) -> MatrixClient:
+                return MatrixClient(session, server.base_url, tok, max_retries=1, timeout=30)
+
+            pat_id, pat_tok = await asyncio.to_thread(pair.partner.register_user,
+                                                      f"pat-{uuid.uuid4().hex[:4]}", "pw")
+            pat = user_client(pair.partner, pat_tok)
+            prefix = f"@out-{uuid.uuid4().hex[:4]}"
+            outsiders = []
+            for k in range(args.leak_outsiders):
+                uid, tok = await asyncio.to_thread(
+                    pair.personal.register_user, f"{prefix[1:]}-{k}", "pw")
+                outsiders.append((uid, user_client(pair.personal, tok)))
+
+            # A: external-class rooms of staff with the partner in them (history as the
+            # gate's creation edits set it, or as the room was made without the gate)
+            lanes = min(args.leak_rooms, args.leak_attempts)
+            rooms = []
+            for k in range(lanes):
+                rid = await corp.create_room(
+                    {"preset": "public_chat", "name": f"ext leak {k}",
+                     "room_alias_name": f"ext-leak-{uuid.uuid4().hex[:6]}",
+                     "invite": [pat_id], "power_level_content_override": {"invite": 0}},
+                    user_id=staff[k % len(staff)])
+                await pat.request("POST", f"/_matrix/client/v3/join/{q(rid)}",
+                                  query={"server_name": corp_name}, json={})
+                rooms.append((rid, staff[k % len(staff)]))
+            readable, joined_ok = 0, 0
+            history_fail: list[str] = []
+
+            async def history_lane(k: int) -> None:
+                nonlocal readable, joined_ok
+                rid, owner = rooms[k]
+                for i in range(k, args.leak_attempts, lanes):
+                    o_id, o = outsiders[i % len(outsiders)]
+                    await corp.send_event(rid, "m.room.message",
+                                          {"msgtype": "m.text", "body": f"secret-A-{i}"},
+                                          f"leakA{i}-{uuid.uuid4().hex[:6]}", user_id=owner)
+                    try:
+                        await pat.invite(rid, o_id)
+                    except Exception as e:
+                        history_fail.append(str(e)[:120])
+                        continue
+                    # the outsider joins the instant its server has the invitation, and
+                    # again at once while the corporate server has not seen it yet
+                    for attempt in range(20):
+                        try:
+                            await o.request("POST", f"/_matrix/client/v3/join/{q(rid)}",
+                                            query={"server_name": corp_name}, json={})
+                            joined_ok += 1
+                            break
+                        except Exception as e:
+                            if attempt == 19:
+                                history_fail.append(str(e)[:120])
+                            await asyncio.sleep(0.05)
+                    else:
+                        continue
+                    seen = await _bodies(o, rid, "secret-A-")
+                    if seen:
+                        readable += 1
+                    # let the reactive removal land before this lane's next attempt
+                    for _ in range(100):
+                        m = await corp.get_state(rid, "m.room.member", o_id, user_id=owner)
+                        if (m or {}).get("membership") != "join":
+                            break
+                        await asyncio.sleep(0.05)
+
+            t = time.monotonic()
+            await asyncio.gather(*(history_lane(k) for k in range(lanes)))
+            history_s = time.monotonic() - t
+            kick_ms: list[float] = []
+            for rid, _ in rooms:
+                kick_ms += await _removals_ms(corp, admin, rid, prefix)
+            progress(f"history: {args.leak_attempts} attempts in {history_s:.1f}s, "
+                     f"{joined_ok} outsider joins, {readable} with history readable")
+
+            # B: staff join outsiders' remote rooms and send at once
+            party = []
+            for k in range(min(args.leak_rooms, len(outsiders))):
+                o = outsiders[k][1]
+                alias = f"party-{uuid.uuid4().hex[:6]}"
+                body = await o.request("POST", "/_matrix/client/v3/createRoom", json={
+                    "preset": "public_chat", "room_alias_name": alias,
+                    "visibility": "public"})
+                party.append((body["room_id"], f"#{alias}:{personal_name}", o))
+            joins = sends = 0
+            refusals: dict[str, int] = defaultdict(int)
+
+            async def join_lane(k: int) -> None:
+                nonlocal joins, sends
+                rid, alias, _ = party[k]
+                for i in range(k, args.leak_attempts, len(party)):
+                    who = staff[i % len(staff)]
+                    try:
+                        await corp.request("POST", f"/_matrix/client/v3/join/{q(alias)}",
+                                           query={"server_name": personal_name}, json={},
+                                           user_id=who)
+                        joins += 1
+                    except Exception as e:
+                        m = re.search(r"Enclave policy \(([^)]+)\)", str(e))
+                        refusals[m.group(1) if m else str(e)[:60]] += 1
+                    try:
+                        await corp.send_event(rid, "m.room.message",
+                                              {"msgtype": "m.text", "body": f"work-B-{i}"},
+                                              f"leakB{i}-{uuid.uuid4().hex[:6]}", user_id=who)
+                        sends += 1
+                    except Exception:
+                        pass
+
+            t = time.monotonic()
+            await asyncio.gather(*(join_lane(k) for k in range(len(party))))
+            join_s = time.monotonic() - t
+            await asyncio.sleep(3)  # what was sent has time to arrive
+            delivered = 0
+            leave_ms: list[float] = []
+            for rid, _, o in party:
+                delivered += len(await _bodies(o, rid, "work-B-"))
+                leave_ms += await _removals_ms(corp, admin, rid, "@", ":" + corp_name)
+            progress(f"remote joins: {args.leak_attempts} attempts in {join_s:.1f}s, "
+                     f"{joins} joined, {sends} sends accepted, {delivered} delivered")
+        return {
+            "setup": {"servers": "corporate (Enclave"
+                      + (" + gate module" if gate else ", no gate module")
+                      + "), personal, partner; SQLite; federation on loopback",
+                      "gate": gate, "staff": args.staff, "outsiders": args.leak_outsiders,
+                      "rooms": lanes, "attempts": args.leak_attempts},
+            "history": {"attempts": args.leak_attempts, "outsider_joined": joined_ok,
+                        "readable": readable, "seconds": history_s,
+                        "refused_examples": history_fail[:3],
+                        "reactive_removal_ms": summary(kick_ms)},
+            "remote_join": {"attempts": args.leak_attempts, "joined": joins,
+                            "sends_accepted": sends, "delivered": delivered,
+                            "refused_by_rule": dict(refusals), "seconds": join_s,
+                            "reactive_removal_ms": summary(leave_ms)},
+        }
+    finally:
+        if enclave is not None:
+            enclave.stop()
+        await asyncio.to_thread(pair.stop)
+
+
 # -- part 1: reactive ---------------------------------------------------------------------------
 def count_in_log(path: Path, needle: str) -> int:
     """How many lines of a Synapse log contain ``needle``."""
@@ -1126,6 +1372,27 @@ def targets(reactive: dict[str, Any] | None,
     return out
 
 
+def leak_targets(leak: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 15's target: nothing readable or delivered across the boundary."""
+    if not leak:
+        return []
+    h, j = leak["history"], leak["remote_join"]
+    gate = "with" if leak["setup"]["gate"] else "without"
+    return [
+        {"target": f"leak ({gate} the gate): history readable by outsiders a partner "
+                   "invited, who joined at once: 0",
+         "value": f"{h['readable']} of {h['attempts']} attempts ({h['outsider_joined']} "
+                  f"joined; removal p50 {fmt(h['reactive_removal_ms']['p50'])} ms, p99 "
+                  f"{fmt(h['reactive_removal_ms']['p99'])} ms)",
+         "met": h["readable"] == 0},
+        {"target": f"leak ({gate} the gate): staff messages delivered into outsiders' "
+                   "remote rooms: 0",
+         "value": f"{j['delivered']} of {j['attempts']} attempts ({j['joined']} joins "
+                  f"succeeded, {j['sends_accepted']} sends accepted)",
+         "met": j["delivered"] == 0},
+    ]
+
+
 def print_report(meta: dict[str, Any], reactive: dict[str, Any] | None,
                  reconcile: dict[str, Any] | None, tgts: list[dict[str, Any]]) -> None:
     print()
@@ -1218,8 +1485,10 @@ def print_report(meta: dict[str, Any], reactive: dict[str, Any] | None,
 async def amain(args: argparse.Namespace, root: Path) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     load0 = os.getloadavg()
-    reactive = reconcile = None
+    reactive = reconcile = leak = None
     try:
+        if args.part in ("all", "leak"):
+            leak = await run_leak(args, root / "leak")
         if args.part in ("all", "reactive"):
             reactive = await run_reactive(args, root / "reactive")
         if args.part in ("all", "reconcile"):
@@ -1239,10 +1508,11 @@ async def amain(args: argparse.Namespace, root: Path) -> int:
         "note": "2 shared cores: other programs' CPU during each window is in cpu."
                 "other_programs_cores",
     }
-    for part in (reactive, reconcile):
+    for part in (reactive, reconcile, leak):
         if part is not None:
             part["meta"] = meta
-    print_report(meta, reactive, reconcile, targets(reactive, reconcile))
+    tgts = targets(reactive, reconcile) + leak_targets(leak)
+    print_report(meta, reactive, reconcile, tgts)
     if not args.no_json:
         # a run of one part keeps the other part's last results (each carries its meta)
         old: dict[str, Any] = {}
@@ -1251,17 +1521,27 @@ async def amain(args: argparse.Namespace, root: Path) -> int:
                 old = json.loads(RESULTS.read_text())
         reactive = reactive if reactive is not None else old.get("reactive")
         reconcile = reconcile if reconcile is not None else old.get("reconcile")
+        leak = leak if leak is not None else old.get("leak")
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(_json_safe({
-            "meta": meta, "reactive": reactive, "reconcile": reconcile,
-            "targets": targets(reactive, reconcile)}), indent=2, allow_nan=False))
+            "meta": meta, "reactive": reactive, "reconcile": reconcile, "leak": leak,
+            "targets": targets(reactive, reconcile) + leak_targets(leak)}), indent=2,
+            allow_nan=False))
         print(f"\nresults written to {RESULTS.relative_to(REPO)}")
     return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "reactive", "reconcile"], default="all")
+    p.add_argument("--part", choices=["all", "reactive", "reconcile", "leak"], default="all")
+    p.add_argument("--leak-attempts", type=int, default=200,
+                   help="leak check: attempts of each kind (history, remote join)")
+    p.add_argument("--leak-rooms", type=int, default=10,
+                   help="leak check: rooms (and lanes) of each kind")
+    p.add_argument("--leak-outsiders", type=int, default=20)
+    p.add_argument("--leak-gate", choices=["on", "off"], default="on",
+                   help="leak check with the gate module loaded (on) or the reactive layer "
+                        "alone (off)")
     p.add_argument("--staff", type=int, default=50)
     p.add_argument("--samples", type=int, default=80, help="DM invites to be rejected")
     p.add_argument("--invite-rate", type=float, default=3.0, help="DM invites per second")
@@ -1301,7 +1581,7 @@ def main() -> int:
         args.staff, args.samples, args.kicks, args.rooms = 20, 20, 6, 200
         args.warmup = 2.0
     root = Path(tempfile.mkdtemp(prefix="enclave-separation-bench-"))
-    for part in ("reactive", "reconcile"):
+    for part in ("reactive", "reconcile", "leak"):
         (root / part).mkdir()
     return asyncio.run(amain(args, root))
 

@@ -520,7 +520,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 user, room = args.args
                 facts = await sep.room_facts(room)
                 show(f"join {room} as {user} ({p.principal(user).kind})",
-                     p.decide_membership(user, facts.with_member(user, None)))
+                     p.decide_join(user, facts,
+                                   invite_approved=await sep.invite_approved(room, user)))
                 return EXIT_OK
             if len(args.args) != 1:
                 _err("usage: enclave explain room !room")

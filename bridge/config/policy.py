@@ -68,6 +68,10 @@ class RoomClassConfig(StrictModel):
     # False: information barriers do not apply in rooms of this class (e.g. company-wide
     # announcement rooms); they still apply to direct chats
     barriers: bool = True
+    # federating classes only (remote people can be present): the most history a member
+    # may see, set at creation and kept (a change to something more visible is reverted).
+    # 'joined': only what was sent after they joined; 'invited': after their invitation.
+    history_visibility: Literal["joined", "invited"] = "joined"
 
     @field_validator("id")
     @classmethod
@@ -173,6 +177,10 @@ class DmConfig(StrictModel):
     # neither side is staff (e.g. a local account the directory does not list)
     non_staff: Verdict = "deny"
     exceptions: list[DmExceptionConfig] = Field(default_factory=list)
+    # the most history a member of a direct chat may see (kept like a class's):
+    # 'invited' lets the invitee read what was sent after their invitation, so a DM's
+    # first message is not lost; someone invited later still sees nothing from before
+    history_visibility: Literal["joined", "invited"] = "invited"
 
 
 class BarrierConfig(StrictModel):

@@ -10,6 +10,8 @@ federation mode:
   and ``corp_extra_config`` (e.g. ``{"modules": [...]}``).
 * ``personal`` — server name ``127.0.0.2:<fedport>``, bound to 127.0.0.2 (the whole of
   127.0.0.0/8 is loopback on Linux; no set-up needed).
+* ``partner`` (optional, ``with_partner=True``) — a third server, ``127.0.0.3:<fedport>``:
+  a partner company's homeserver, for policies that trust a whole server.
 
 IP-literal names with a port make each server connect straight to the other's TLS
 federation listener, with no well-known or SRV lookup. Every port is picked free, so a
@@ -34,10 +36,11 @@ from typing import Any
 
 from .synapse import SynapseServer, free_port
 
-__all__ = ["CORP_HOST", "PERSONAL_HOST", "FederatedPair"]
+__all__ = ["CORP_HOST", "PARTNER_HOST", "PERSONAL_HOST", "FederatedPair"]
 
 CORP_HOST = "127.0.0.1"
 PERSONAL_HOST = "127.0.0.2"
+PARTNER_HOST = "127.0.0.3"
 
 
 def _federating_server(
@@ -74,6 +77,7 @@ class FederatedPair:
     corp: SynapseServer
     personal: SynapseServer
     start_seconds: float | None = None
+    partner: SynapseServer | None = None
 
     @classmethod
     def create(
@@ -86,6 +90,7 @@ class FederatedPair:
         restrict_to_pair: bool = False,
         corp_database: str | None = None,
         personal_database: str | None = None,
+        with_partner: bool = False,
     ) -> FederatedPair:
         """Two unstarted servers under ``base_dir/corp`` and ``base_dir/personal``.
 
@@ -104,21 +109,30 @@ class FederatedPair:
             base_dir / "personal", PERSONAL_HOST, extra_config=personal_extra_config,
             app_service_config_files=(), whitelist=None, database=personal_database,
         )
+        partner = _federating_server(
+            base_dir / "partner", PARTNER_HOST, extra_config=None,
+            app_service_config_files=(), whitelist=None, database=None,
+        ) if with_partner else None
         if restrict_to_pair:
             names = [corp.server_name, personal.server_name]
-            corp.federation_whitelist = list(names)
-            personal.federation_whitelist = list(names)
-        return cls(corp=corp, personal=personal)
+            if partner is not None:
+                names.append(partner.server_name)
+            for server in (corp, personal, partner):
+                if server is not None:
+                    server.federation_whitelist = list(names)
+        return cls(corp=corp, personal=personal, partner=partner)
 
     @property
-    def servers(self) -> tuple[SynapseServer, SynapseServer]:
-        """``(corp, personal)``."""
+    def servers(self) -> tuple[SynapseServer, ...]:
+        """``(corp, personal)``, and the partner's server when there is one."""
+        if self.partner is not None:
+            return self.corp, self.personal, self.partner
         return self.corp, self.personal
 
     @property
     def running(self) -> bool:
-        """True while both servers run."""
-        return self.corp.running and self.personal.running
+        """True while every server runs."""
+        return all(s.running for s in self.servers)
 
     def start(self, timeout: float = 90) -> None:
         """Start both servers in parallel; block until both answer on their client port.
@@ -127,7 +141,7 @@ class FederatedPair:
         holds that server's log tail). ``start_seconds`` records the wall time taken.
         """
         began = time.monotonic()
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="synapse-start") as pool:
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="synapse-start") as pool:
             futures = [pool.submit(s.start, timeout) for s in self.servers]
             errors = [f.exception() for f in futures]
         failed = [e for e in errors if e is not None]
@@ -138,7 +152,7 @@ class FederatedPair:
 
     def stop(self) -> None:
         """Stop both servers (idempotent, in parallel: each may wait for a slow shutdown)."""
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="synapse-stop") as pool:
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="synapse-stop") as pool:
             for f in [pool.submit(s.stop) for s in self.servers]:
                 f.result()
 

@@ -251,10 +251,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 
 def wait_for_people(hs: SynapseServer, directory: Path, proc: subprocess.Popen[bytes],
-                    timeout: float, ready_url: str) -> list[dict[str, Any]]:
+                    timeout: float, ready_url: str, as_token: str) -> list[dict[str, Any]]:
     """Wait until Enclave's first directory sync has provisioned the sample people (their
-    profiles answer). Not by logging in: that would spend the login rate limit that the
-    people trying Element need."""
+    profiles answer, asked as each person through the appservice token: profiles answer
+    only signed-in people who share a room, or the person themselves). Not by logging in:
+    that would spend the login rate limit that the people trying Element need."""
     data = yaml.safe_load(directory.read_text()) or {}
     people = [p for p in data.get("people") or [] if not p.get("disabled")]
     deadline = time.monotonic() + timeout
@@ -276,7 +277,8 @@ def wait_for_people(hs: SynapseServer, directory: Path, proc: subprocess.Popen[b
             if proc.poll() is not None:
                 raise RuntimeError(f"Enclave exited with code {proc.returncode}")
             try:
-                hs.request("GET", f"/_matrix/client/v3/profile/{quote(user_id)}")
+                hs.request("GET", f"/_matrix/client/v3/profile/{quote(user_id)}"
+                           f"?user_id={quote(user_id)}", access_token=as_token)
                 break
             except RuntimeError:
                 if time.monotonic() > deadline:
@@ -344,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True,
         )
         wait_ready(f"http://127.0.0.1:{args.enclave_port}/ready", enclave, 60)
+        as_token = (state / "secrets" / "as_token").read_text().strip()
         people = wait_for_people(hs, args.directory, enclave, 60,
-                                 f"http://127.0.0.1:{args.enclave_port}/ready")
-        ensure_control_room(hs, (state / "secrets" / "as_token").read_text().strip(),
-                            f"@dave:{SERVER_NAME}")
+                                 f"http://127.0.0.1:{args.enclave_port}/ready", as_token)
+        ensure_control_room(hs, as_token, f"@dave:{SERVER_NAME}")
         print_banner(args, state, hs, enclave, people)
         while not stop_requested:
             if enclave.poll() is not None:

@@ -370,6 +370,12 @@ class SynapseServer:
             "bcrypt_rounds": 4,
             "presence": {"enabled": False},
             "url_preview_enabled": False,
+            # Separation: nobody reads the profile of someone they share no room with, and
+            # only signed-in users read profiles at all (as deploy/ tells production to)
+            "limit_profile_requests_to_users_who_share_rooms": True,
+            "require_auth_for_profile_requests": True,
+            # ... and other servers' users (personal contacts) not at all
+            "allow_profile_lookup_over_federation": False,
             "app_service_config_files": [
                 str(Path(p).resolve()) for p in self.app_service_config_files
             ],

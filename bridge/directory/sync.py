@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.directory import DirectoryConfig
@@ -32,6 +32,7 @@ from ..policy.directory import (
     CreateManagedRoom,
     DeactivateAccount,
     EraseAccount,
+    Finding,
     HandOverRoom,
     HomeserverView,
     PersonRecord,
@@ -43,9 +44,11 @@ from ..policy.directory import (
     diff_directory,
     slug,
 )
+from ..policy.lookalike import skeleton
 from ..policy.mapping import map_people
 from ..store import DirectoryRecord, Store
 from ..store.lease import held_lease
+from .lookalike import confusables_table
 from .model import DirectoryError, DirectorySnapshot, StaffRecord
 from .source import DirectorySource
 
@@ -143,11 +146,15 @@ class DirectorySync:
         records = await self.store.directory_people()
         known = {r.person_id: PersonRecord(r.person_id, r.user_id, r.status, r.email,
                                            r.displayname, r.deactivated_at) for r in records}
+        view = await self.read_homeserver(known, snapshot)
+        table = confusables_table()
         mapping = map_people(
             snapshot.people.values(), self.config.mapping, self.server_name,
             known={pid: r.user_id for pid, r in known.items()}, reserved=self.is_reserved,
+            reserved_names=self.reserved_localparts,
+            existing={u: a.displayname for u, a in view.accounts.items()},
+            skeleton=lambda s: skeleton(s, table),
         )
-        view = await self.read_homeserver(known, snapshot)
         last_view = await self.store.directory_view()
         managers = {r.user_id: r.manager_user_id for r in last_view if r.manager_user_id}
         plan = diff_directory(
@@ -156,6 +163,12 @@ class DirectorySync:
             allow_initial_passwords=self.allow_initial_passwords,
             remembered_managers=managers,
         )
+        if mapping.notes:
+            # silent changes of the mapping are reported like any other finding
+            plan = replace(plan, findings=plan.findings + tuple(
+                Finding("directory.mapping", mapping.users[pid].user_id
+                        if pid in mapping.users else pid, f"person {pid}: {note}")
+                for pid, note in mapping.notes))
         problems = check_safety(plan, snapshot, self.config, force=force)
         if problems:
             raise SyncRefused(problems)

@@ -50,6 +50,11 @@ real Synapse by tests/integration/test_gate_module.py):
   directory search; there is no message. Answers are cached per (requester, candidate) for
   ``user_search_cache_seconds`` (unreachable outcomes are not cached).
 
+A local user's join of a room this server has no state for (a remote room) reaches
+``user_may_join_room`` with no state at all: the module sends what Synapse says about an
+invitation (``invited``) and Enclave decides from what it remembers (the remote invitations
+it approved), not from the empty room.
+
 What Synapse does not ask modules about: server admins bypass the invite, join and
 state-event checks; the creator's own join at room creation is not a join check; the
 ``initial_state`` of createRoom is not a state-event check (the create_room check sees it).
@@ -107,7 +112,7 @@ CREATE_KEYS = ("preset", "is_direct", "invite", "room_alias_name", "name", "topi
 ROOM_STATE_TYPES: tuple[tuple[str, str | None], ...] = (
     ("m.room.create", ""), ("m.room.member", None), (CLASS_STATE_TYPE, ""),
     ("m.room.canonical_alias", ""), ("m.room.name", ""), ("m.room.join_rules", ""),
-    ("m.room.encryption", ""), ("m.room.power_levels", ""),
+    ("m.room.encryption", ""), ("m.room.power_levels", ""), ("m.room.history_visibility", ""),
 )
 # How long a createRoom's is_direct is remembered for the invites Synapse sends right after.
 DM_HINT_SECONDS = 30.0
@@ -222,6 +227,8 @@ def room_facts(room_id: str, state: Mapping[tuple[str, str], Mapping[str, Any]],
     if isinstance(extra, list | tuple):
         creators += [u for u in extra if isinstance(u, str) and u not in creators]
     room_class = content(CLASS_STATE_TYPE).get("class")
+    grant = content(CLASS_STATE_TYPE).get("grant")
+    history = content("m.room.history_visibility").get("history_visibility")
     alias_c = content("m.room.canonical_alias")
     aliases = [alias_c["alias"]] if isinstance(alias_c.get("alias"), str) else []
     alt = alias_c.get("alt_aliases")
@@ -244,6 +251,8 @@ def room_facts(room_id: str, state: Mapping[tuple[str, str], Mapping[str, Any]],
         "room_id": room_id, "room_version": version, "creator": creator,
         "creators": creators, "is_direct": is_direct,
         "class": room_class if isinstance(room_class, str) else None,
+        "class_grant": grant if isinstance(grant, str) else None,
+        "history": history if isinstance(history, str) else None,
         "aliases": aliases, "name": name if isinstance(name, str) else None,
         "federate": create.get("m.federate", True) is not False,
         "join_rule": join_rule if isinstance(join_rule, str) else (
@@ -531,9 +540,11 @@ class EnclaveGate:
         if user_id in self._config.enclave_users:
             return NOT_SPAM
         room = await self._room(room_id)
+        # a room this server does not know (no state) is judged by whether an invitation
+        # led here: Enclave remembers the invitations it approved
         return await self._decide_spam({
             "check": "join", "user": user_id, "target": None, "federated": False,
-            "room": room, "create": None, "event": None})
+            "room": room, "create": None, "event": None, "invited": bool(is_invited)})
 
     async def user_may_send_state_event(self, user_id: str, room_id: str, event_type: str,
                                         state_key: str, content: dict[str, Any]) -> Any:

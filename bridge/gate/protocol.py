@@ -9,7 +9,8 @@ Request (``POST /_enclave/gate/v1/check``)::
     {"check": "invite" | "join" | "create_room" | "state_event" | "user_search",
      "user": "@sender:server", "target": "@invitee:server" | null, "federated": false,
      "room": {...room facts...} | null, "create": {...createRoom body...} | null,
-     "event": {"type": ..., "state_key": ..., "content": {...}} | null}
+     "event": {"type": ..., "state_key": ..., "content": {...}} | null,
+     "invited": false}      # join checks: the user holds an invitation
 
 Answer: ``{"allow": bool, "rule_id": str, "reason": str, "message": str, "edits": {...} | null}``.
 
@@ -103,6 +104,9 @@ class GateRoom:
     creators: tuple[str, ...] = ()
     is_direct: bool | None = None
     room_class: str | None = None
+    # the one-time grant in the gate-set class state, and m.room.history_visibility
+    class_grant: str | None = None
+    history: str | None = None
     aliases: tuple[str, ...] = ()
     name: str | None = None
     federate: bool = True
@@ -121,6 +125,7 @@ class GateRoom:
             "room_id": self.room_id, "room_version": self.room_version,
             "creator": self.creator, "creators": list(self.creators),
             "is_direct": self.is_direct, "class": self.room_class,
+            "class_grant": self.class_grant, "history": self.history,
             "aliases": list(self.aliases), "name": self.name, "federate": self.federate,
             "join_rule": self.join_rule, "encrypted": self.encrypted,
             "members": dict(self.members), "power": thaw(self.power),
@@ -138,12 +143,14 @@ class GateRequest:
     room: GateRoom | None = None
     create: Mapping[str, Any] | None = None
     event: Mapping[str, Any] | None = None
+    # join checks: Synapse says the user holds an invitation to the room
+    invited: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The protocol's JSON object (what the module sends)."""
         return {
             "check": self.check, "user": self.user, "target": self.target,
-            "federated": self.federated,
+            "federated": self.federated, "invited": self.invited,
             "room": self.room.to_json() if self.room is not None else None,
             "create": thaw(self.create) if self.create is not None else None,
             "event": thaw(self.event) if self.event is not None else None,
@@ -308,6 +315,8 @@ def _room(obj: Any) -> GateRoom:
         creators=_str_list(obj, "creators", where),
         is_direct=_opt(obj, "is_direct", bool, where, "true/false"),
         room_class=_opt(obj, "class", str, where, "a string"),
+        class_grant=_opt(obj, "class_grant", str, where, "a string"),
+        history=_opt(obj, "history", str, where, "a string"),
         aliases=_str_list(obj, "aliases", where),
         name=_opt(obj, "name", str, where, "a string"),
         federate=_bool(obj, "federate", True, where),
@@ -362,6 +371,7 @@ def gate_request_from_obj(obj: Any) -> GateRequest:
     return GateRequest(
         check=cast(Check, check), user=user, target=target,
         federated=_bool(obj, "federated", False, ""), room=room,
+        invited=_bool(obj, "invited", False, ""),
         create=freeze(create) if create is not None else None, event=event,
     )
 

@@ -161,8 +161,11 @@ class MatrixClient:
             raise
 
     async def get_displayname(self, user_id: str) -> str | None:
+        # asked as the user themselves: a homeserver that limits profile look-ups to people
+        # who share a room still answers someone about their own profile
         try:
-            body = await self.request("GET", f"/_matrix/client/v3/profile/{q(user_id)}/displayname")
+            body = await self.request("GET", f"/_matrix/client/v3/profile/{q(user_id)}/displayname",
+                                      user_id=user_id)
         except MatrixRequestError as e:
             if e.status == 404:
                 return None

@@ -346,6 +346,9 @@ def diff_directory(
     records: dict[str, PersonRecord] = {}
     leaving: set[str] = set()
     active: dict[str, MappedUser] = {}
+    # accounts of directory people that Enclave does not take over: never touched at all
+    # (no room membership, no power, no kick when the entry goes)
+    not_adopted: set[str] = set()
 
     refused_email = _refused_emails(users, known, view, findings)
 
@@ -355,7 +358,6 @@ def diff_directory(
         rec = known.get(pid)
         if p.disabled:
             continue
-        active[pid] = mu
         acct = view.accounts.get(mu.user_id)
         email = p.email or None
         if pid in refused_email:
@@ -368,6 +370,7 @@ def diff_directory(
                 initial_password=p.initial_password if allow_initial_passwords else None,
             ))
             records[pid] = rec_new
+            active[pid] = mu
             continue
         if rec is None and acct.admin:
             # adopting it would hand a server admin's account to directory sync, which
@@ -376,19 +379,23 @@ def diff_directory(
                 "directory.adopt", mu.user_id,
                 "a server admin account of that name exists; not adopted for directory "
                 f"person {pid} (map the person elsewhere or remove the admin flag)"))
+            not_adopted.add(mu.user_id)
             continue
+        if rec is None and acct.deactivated and config.drift == "report" \
+                and not acct.erased:
+            findings.append(Finding(
+                "directory.adopt", mu.user_id,
+                "active in the directory; a deactivated account of that name exists "
+                "that Enclave never provisioned (drift: report)"))
+            not_adopted.add(mu.user_id)
+            continue
+        active[pid] = mu
         if acct.deactivated:
             if acct.erased:
                 findings.append(Finding(
                     "directory.rejoiner", mu.user_id,
                     "active in the directory but the account was erased; an erased account "
                     "cannot return (map this person to a new localpart)"))
-                continue
-            if rec is None and config.drift == "report":
-                findings.append(Finding(
-                    "directory.adopt", mu.user_id,
-                    "active in the directory; a deactivated account of that name exists "
-                    "that Enclave never provisioned (drift: report)"))
                 continue
             if rec is not None and rec.status == "active" and config.drift == "report":
                 findings.append(Finding(
@@ -462,8 +469,14 @@ def diff_directory(
     # homeserver itself (in the background), so they are never kicked
     leaving |= {u for u, a in view.accounts.items() if a.deactivated}
     wanted = desired_rooms(config.managed_rooms, active)
-    directory_users = {r.user_id for r in known.values()} | {
-        mu.user_id for mu in users.values()}
+    provisioned = {r.user_id for r in known.values()}
+    # a server admin Enclave never provisioned is the homeserver's, not the directory's
+    not_adopted |= {u for u, a in view.accounts.items() if a.admin and u not in provisioned}
+    directory_users = (provisioned | {mu.user_id for mu in users.values()}) - not_adopted
+
+    def untouched(u: str) -> bool:  # kept as they are in every managed room
+        return bool(is_enclave_user(u)) or u in not_adopted
+
     ordered = sorted(wanted.values(), key=lambda d: (d.parent_key is not None, d.key))
     for d in ordered:
         room = view.rooms.get(d.key)
@@ -480,11 +493,11 @@ def diff_directory(
             parent = view.rooms.get(d.parent_key) if d.parent_key else None
             through = (d.join_through_parent and parent is not None
                        and room.admits_members_of(parent.room_id))
-        actions.extend(_membership(d, room, leaving, directory_users, is_enclave_user,
-                                   config, findings, through_parent=through))
+        actions.extend(_membership(d, room, leaving, directory_users, untouched, config,
+                                   findings, through_parent=through))
         if room.room_id.startswith(MANAGED_REF):
             continue
-        actions.extend(_power(d, room, directory_users, is_enclave_user, config, findings))
+        actions.extend(_power(d, room, directory_users, untouched, config, findings))
 
     active_records = sum(1 for r in known.values() if r.status == "active")
     return SyncPlan(tuple(_order(actions)), tuple(findings), records,

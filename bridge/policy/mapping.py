@@ -8,6 +8,7 @@ only people without an account get a localpart from the template.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..directory.model import Person
+from .lookalike import reserved_lookalike
 
 if TYPE_CHECKING:
     # only for annotations: importing bridge.config at runtime runs its __init__, which
@@ -61,6 +63,8 @@ class MappingResult:
 
     users: dict[str, MappedUser]  # by person id
     refused: list[tuple[str, str]]  # (person id, reason) left out of this run
+    # (person id, what changed silently): a localpart cut to fit, a suffix added
+    notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def normalise_localpart(raw: str) -> str:
@@ -73,13 +77,16 @@ def normalise_localpart(raw: str) -> str:
     ``. _ - /`` are stripped, and the result is cut to :data:`MAX_LOCALPART` characters
     (stripping the edges again after the cut).
     """
+    return _uncut_localpart(raw)[:MAX_LOCALPART].strip(_EDGES)
+
+
+def _uncut_localpart(raw: str) -> str:
     s = raw.casefold().translate(_TRANSLITERATE)
     s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
     s = s.lower()
     s = _OUTSIDE.sub(".", s)
     s = _DOTS.sub(".", s)
-    s = s.strip(_EDGES)
-    return s[:MAX_LOCALPART].strip(_EDGES)
+    return s.strip(_EDGES)
 
 
 def template_fields(person: Person) -> dict[str, str]:
@@ -150,7 +157,10 @@ def _with_suffix(localpart: str, n: int) -> str:
 
 
 def map_people(people: Iterable[Person], config: MappingConfig, server_name: str, *,
-               known: Mapping[str, str], reserved: Callable[[str], bool]) -> MappingResult:
+               known: Mapping[str, str], reserved: Callable[[str], bool],
+               reserved_names: Iterable[str] = (),
+               existing: Mapping[str, str | None] | None = None,
+               skeleton: Callable[[str], str] | None = None) -> MappingResult:
     """Give every person a Matrix user id and display name.
 
     ``known`` maps person id -> user id already provisioned: those people keep that id
@@ -168,6 +178,15 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
     * ``refuse``: every new person whose localpart is taken or reserved, or shared with
       another new person, is refused with a reason naming the other person / user id.
 
+    Look-alikes (new people only; who has an account keeps it): a localpart that is, or
+    extends with a separator or digit, one of ``reserved_names`` (Enclave's own users:
+    ``enclave-2``, ``enclave-admin-2``) is refused in either mode, never suffixed into
+    one. With ``skeleton`` (the TR39 confusable skeleton), a localpart or display name
+    whose skeleton equals that of another account (``existing``: user id -> display name
+    of every account on the homeserver, plus everyone mapped) while the text differs is
+    refused, naming the account it imitates. Silent changes are reported in ``notes``: a
+    localpart cut to :data:`MAX_LOCALPART`, a suffix added.
+
     Disabled people are mapped like everyone else; the sync decides what to do with them.
     """
     by_id: dict[str, Person] = {}
@@ -182,6 +201,7 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
     }
     users: dict[str, MappedUser] = {}
     refused: list[tuple[str, str]] = []
+    notes: list[tuple[str, str]] = []
     new: list[tuple[Person, str]] = []
 
     def assign(p: Person, localpart: str, user_id: str | None = None) -> None:
@@ -195,8 +215,15 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
         if uid is not None:
             assign(p, _localpart_of(uid), uid)
             continue
-        lp = normalise_localpart(render_template(config.localpart_template, p))
-        if not lp:
+        rendered = render_template(config.localpart_template, p)
+        lp = normalise_localpart(rendered)
+        if lp and len(_uncut_localpart(rendered)) > MAX_LOCALPART:
+            notes.append((pid, f"localpart cut to {MAX_LOCALPART} characters: {lp!r}"))
+        look = reserved_lookalike(lp, reserved_names) if lp else None
+        if look is not None:
+            refused.append((pid, f"localpart {lp!r} imitates Enclave's own user "
+                                 f"@{look}:{server_name} (reserved prefix {look!r})"))
+        elif not lp:
             refused.append((pid, "localpart template gives an empty localpart"))
         elif _numeric(lp):
             refused.append((pid, f"localpart template gives the all-numeric localpart {lp!r}, "
@@ -231,6 +258,8 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
             for n in range(2, MAX_SUFFIX + 1):
                 cand = _with_suffix(lp, n)
                 if cand not in taken and not reserved(cand):
+                    notes.append((p.id, f"localpart {lp!r} is already "
+                                        f"{taken.get(lp, 'reserved')}; given {cand!r}"))
                     taken[cand] = f"person {p.id}"
                     assign(p, cand)
                     break
@@ -238,4 +267,46 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
                 refused.append((p.id, f"no free localpart: {lp!r} and {lp}-2 … "
                                       f"{lp}-{MAX_SUFFIX} are all taken or reserved"))
 
-    return MappingResult(users=dict(sorted(users.items())), refused=sorted(refused))
+    if skeleton is not None:
+        _refuse_confusables(users, known, existing or {}, skeleton, refused)
+    return MappingResult(users=dict(sorted(users.items())), refused=sorted(refused),
+                         notes=sorted(notes))
+
+
+def _refuse_confusables(users: dict[str, MappedUser], known: Mapping[str, str],
+                        existing: Mapping[str, str | None], skeleton: Callable[[str], str],
+                        refused: list[tuple[str, str]]) -> None:
+    """Refuse new people whose localpart or display name only looks like another account's
+    (equal TR39 skeletons, different text); earlier people in id order win."""
+    seen_lp: dict[str, tuple[str, str]] = {}  # skeleton -> (localpart, user id)
+    seen_dn: dict[str, tuple[str, str]] = {}  # skeleton -> (display name, user id)
+    for uid, dn in sorted(existing.items()):
+        seen_lp.setdefault(skeleton(_localpart_of(uid)), (_localpart_of(uid), uid))
+        if dn:
+            seen_dn.setdefault(skeleton(dn), (dn, uid))
+    new_people = set()
+    for pid, mu in sorted(users.items()):
+        if pid in known:
+            seen_lp.setdefault(skeleton(mu.localpart), (mu.localpart, mu.user_id))
+            seen_dn.setdefault(skeleton(mu.displayname), (mu.displayname, mu.user_id))
+        else:
+            new_people.add(pid)
+    for pid in sorted(new_people):
+        mu = users[pid]
+        why = None
+        lp_other = seen_lp.get(skeleton(mu.localpart))
+        dn_other = seen_dn.get(skeleton(mu.displayname))
+        if lp_other is not None and lp_other[0] != mu.localpart \
+                and lp_other[1] != mu.user_id:
+            why = (f"localpart {mu.localpart!r} looks like {lp_other[1]} "
+                   "(Unicode TR39 confusable)")
+        elif dn_other is not None and dn_other[0] != mu.displayname \
+                and dn_other[1] != mu.user_id:
+            why = (f"display name {mu.displayname!r} looks like {dn_other[0]!r} of "
+                   f"{dn_other[1]} (Unicode TR39 confusable)")
+        if why is not None:
+            del users[pid]
+            refused.append((pid, why))
+            continue
+        seen_lp.setdefault(skeleton(mu.localpart), (mu.localpart, mu.user_id))
+        seen_dn.setdefault(skeleton(mu.displayname), (mu.displayname, mu.user_id))

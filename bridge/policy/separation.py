@@ -13,12 +13,12 @@ staff, partner, guest, external); a room has a *class* (``dm`` for direct chats)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..directory.model import StaffRecord
-from .actions import Action, Kick, Leave
+from .actions import Action, Kick, Leave, SetState
 
 if TYPE_CHECKING:
     from ..config.policy import (
@@ -33,8 +33,17 @@ if TYPE_CHECKING:
 
 DM_CLASS = "dm"  # mirrors bridge.config.policy.DM_CLASS (not imported: keeps this pure)
 CLASS_STATE_TYPE = "org.enclave.room_class"
+HISTORY_STATE_TYPE = "m.room.history_visibility"
 # State only Enclave may change: the room's class, and retention (the retention issue).
 PROTECTED_STATE_TYPES = frozenset({CLASS_STATE_TYPE, "m.room.retention"})
+# How much history each m.room.history_visibility value shows, least first: a class that
+# requires one value also accepts the stricter ones.
+HISTORY_ORDER = {"joined": 0, "invited": 1, "shared": 2, "world_readable": 3}
+# Built-in rules (no YAML line): see README "Separation".
+UNKNOWN_ROOM_RULE = "builtin.unknown_remote_room"
+APPROVED_INVITE_RULE = "builtin.approved_invite"
+CLASS_RECORD_RULE = "builtin.class_record"
+HISTORY_RULE = "builtin.history_visibility"
 ENCRYPTION_CONTENT = {"algorithm": "m.megolm.v1.aes-sha2"}
 # Room versions whose creators have unlimited power and cannot be kicked.
 CREATOR_POWER_VERSIONS = frozenset({"12"})
@@ -103,6 +112,21 @@ class RoomFacts:
     is_direct: bool | None = None
     members: Mapping[str, str] = field(default_factory=dict)  # user -> join | invite | knock
     power: Mapping[str, Any] = field(default_factory=dict)
+    # What the room's own org.enclave.room_class state says. Anyone able to send state (or a
+    # remote server) can write it, so it never decides the class: ``class_state`` is
+    # Enclave's own record (filled by the service from its store). ``claimed_grant`` is the
+    # one-time grant the gate put into the class state at creation.
+    claimed_class: str | None = None
+    claimed_grant: str | None = None
+    history_visibility: str | None = None
+    predecessor: str | None = None  # the room this one replaced (a room upgrade)
+    # False: facts from an invitation's stripped state (a remote room's own claims)
+    hosted: bool = True
+
+    @property
+    def known(self) -> bool:
+        """Whether this server has the room's state (a create event it stores itself)."""
+        return self.room_version is not None and self.hosted
 
     def current(self) -> list[str]:
         """Joined and invited users, in id order."""
@@ -245,9 +269,11 @@ class SeparationPolicy:
             if room.class_state == DM_CLASS or room.class_state in self.classes:
                 return RoomClass(room.class_state, "room.class_state",
                                  f"room state {CLASS_STATE_TYPE}", "state")
-        if room.is_direct:
+        if is_direct_chat(room):
             return RoomClass(DM_CLASS, "room.is_direct", "policy.dms", "dm")
         creators = [creator] if creator else sorted(room.creators)
+        if pc := self._partner_room_class(creators):
+            return pc
         for i, rule, alias_re, name_re in self._classify:
             if alias_re is not None and not any(alias_re.search(a) for a in room.aliases):
                 continue
@@ -259,6 +285,29 @@ class SeparationPolicy:
             return RoomClass(rule.room_class, rule.id, f"policy.classify[{i}]", "rule")
         return RoomClass(self.config.default_class, "default_class", "policy.default_class",
                          "default")
+
+    def _partner_room_class(self, creators: Sequence[str]) -> RoomClass | None:
+        """A room made on a partner's server by the partner: the first federating class
+        the partner is admitted to (their rooms are theirs, so no local rule can name
+        them). None for any other room."""
+        if not creators or any(_server(c) == self.server_name for c in creators):
+            return None
+        p = self.principal(creators[0])
+        if p.kind != "partner" or p.partner is None:
+            return None
+        for c in p.partner.room_classes:
+            if c in self.classes and self.classes[c][1].federate:
+                return RoomClass(c, p.partner.id,
+                                 f"policy.partners[{p.partner_index}].room_classes", "partner")
+        return None
+
+    def required_history(self, rc: RoomClass) -> str | None:
+        """The m.room.history_visibility a room of this class must keep (or be stricter
+        than), or None where no remote person can ever be a member."""
+        if rc.id == DM_CLASS:
+            return self.config.dms.history_visibility
+        _, cls = self._class(rc.id)
+        return cls.history_visibility if cls.federate else None
 
     def _class(self, class_id: str) -> tuple[int, RoomClassConfig]:
         return self.classes.get(class_id) or self.classes[self.config.default_class]
@@ -447,6 +496,39 @@ class SeparationPolicy:
                                   "in it.")
         return own
 
+    def decide_join(self, user: str, room: RoomFacts, *,
+                    invite_approved: bool = False) -> Decision:
+        """May ``user`` join ``room`` now (the gate's join check)?
+
+        A room this server has no state for is hosted elsewhere and shows nothing policy
+        could judge (no members, no class): a local user joins it only through an
+        invitation Enclave approved, or when it is a partner's server's room (a room id
+        naming the server) of a class the user may be in. Anything else is refused: an
+        empty room would otherwise look like the default class.
+        """
+        if not self.config.enabled:
+            return Decision(True, "policy.enabled", "policy.enabled", "policy disabled")
+        p = self.principal(user)
+        if room.known or p.kind == "service" or not p.local:
+            return self.decide_membership(user, room.with_member(user, None))
+        if invite_approved:
+            return Decision(True, APPROVED_INVITE_RULE, "(built in)",
+                            "joins a remote room Enclave approved the invitation to")
+        host = room.room_id.split(":", 1)[1] if ":" in room.room_id else ""
+        pi = self._partner_servers.get(host)
+        if pi is not None:
+            pc = self._partner_room_class([f"@partner:{host}"])
+            if pc is not None:
+                d = self.decide_admission(p, pc)
+                if d.allow:
+                    return Decision(True, pc.rule_id, pc.path,
+                                    f"partner's room of class {pc.id}")
+                return d
+        return self._deny(UNKNOWN_ROOM_RULE, "(built in)", "unknown remote room",
+                          f"{room.room_id} is hosted on another server and nothing shows it "
+                          "is allowed for work accounts (no invitation Enclave approved, "
+                          "not a partner's room).")
+
     def decide_invite(self, inviter: str, invitee: str, room: RoomFacts) -> Decision:
         """May ``inviter`` invite ``invitee`` into ``room``? (The inviter counts as a member.)"""
         facts = room.with_member(inviter, "join").with_member(invitee, None)
@@ -456,14 +538,68 @@ class SeparationPolicy:
         """May ``searcher`` find ``candidate`` in user search: only people they may DM."""
         return self.decide_dm_pair(self.principal(searcher), self.principal(candidate))
 
-    def decide_state_event(self, sender: str, event_type: str, state_key: str) -> Decision:
-        """Protected state (room class, retention) is Enclave's alone to change."""
-        if event_type in PROTECTED_STATE_TYPES and self.principal(sender).kind != "service":
+    def decide_state_event(self, sender: str, event_type: str, state_key: str,
+                           content: Mapping[str, Any] | None = None,
+                           room: RoomFacts | None = None) -> Decision:
+        """Protected state (room class, retention) is Enclave's alone to change; in rooms
+        where remote people can be present, history may not be made more visible than the
+        class allows."""
+        service = self.principal(sender).kind == "service"
+        if (event_type == CLASS_STATE_TYPE and room is not None and room.class_state
+                and (content or {}).get("class") == room.class_state):
+            # putting Enclave's record back (Enclave acts as a local member with the power
+            # when its own users are not in the room): nothing changes what policy reads
+            return Decision(True, CLASS_RECORD_RULE, "(built in)",
+                            "class state set to Enclave's record")
+        if event_type in PROTECTED_STATE_TYPES and not service:
             return self._deny("builtin.protected_state", "(built in)",
                               f"{event_type} is managed by Enclave",
                               f"{event_type} is managed by Enclave and cannot be changed "
                               "by hand.")
+        if event_type == HISTORY_STATE_TYPE and state_key == "" and room is not None \
+                and not service:
+            required = self.required_history(self.classify_room(room))
+            value = (content or {}).get("history_visibility")
+            if required is not None and not history_within(value, required):
+                return self._deny(HISTORY_RULE, "(built in)",
+                                  f"history visibility {value!r} is more than {required!r}",
+                                  f"in this room history is visible to members only from "
+                                  f"when they were {required} (remote people can be "
+                                  "members).")
         return Decision(True, "builtin.state", "(built in)", "unprotected state")
+
+    def diff_protected_state(self, room: RoomFacts, rc: RoomClass | None = None,
+                             ) -> tuple[list[Action], list[Finding]]:
+        """State Enclave keeps: its class record as the class state (a claim that differs
+        is put back) and the class's history visibility. Set as a local member with the
+        power (Enclave's own users first); a finding when nobody can."""
+        if not self.config.enabled or not room.known:
+            return [], []
+        rc = rc or self.classify_room(room)
+        wanted: list[tuple[str, dict[str, Any], str, str]] = []
+        if room.class_state is not None and room.claimed_class != room.class_state:
+            wanted.append((CLASS_STATE_TYPE, class_content(room.class_state, rc.rule_id),
+                           CLASS_RECORD_RULE,
+                           f"class state says {room.claimed_class!r}; Enclave's record "
+                           f"says {room.class_state!r}"))
+        required = self.required_history(rc)
+        if required is not None and not history_within(room.history_visibility, required):
+            wanted.append((HISTORY_STATE_TYPE, {"history_visibility": required},
+                           HISTORY_RULE,
+                           f"history visibility {room.history_visibility or 'shared'!r} in "
+                           f"a {rc.id} room (at most {required!r})"))
+        actions: list[Action] = []
+        findings: list[Finding] = []
+        for etype, content, rule, why in wanted:
+            actor = state_actor(room, etype, self.server_name,
+                                prefer=lambda u: self.principal(u).kind == "service")
+            if actor is None:
+                findings.append(Finding(rule, room.room_id, etype,
+                                        f"{why}; no local member can set it"))
+                continue
+            actions.append(SetState(rule_id=rule, reason=why, actor=actor,
+                                    room=room.room_id, event_type=etype, content=content))
+        return actions, findings
 
     def decide_create_room(self, creator: str, request: Mapping[str, Any]) -> CreateDecision:
         """May ``creator`` create this room, and what must the gate add to the request?
@@ -504,6 +640,10 @@ class SeparationPolicy:
         ``m.federate: false`` and encryption as the class says."""
         initial = [{"type": CLASS_STATE_TYPE, "state_key": "",
                     "content": {"class": rc.id, "rule_id": rc.rule_id, "set_by": "gate"}}]
+        required = self.required_history(rc)
+        if required is not None:
+            initial.append({"type": HISTORY_STATE_TYPE, "state_key": "",
+                            "content": {"history_visibility": required}})
         creation: dict[str, Any] = {}
         if rc.id != DM_CLASS:
             _, cls = self._class(rc.id)
@@ -595,6 +735,11 @@ class SeparationPolicy:
         """
         if not self.config.enabled or not self.config.reactive:
             return []
+        if event.get("type") in (CLASS_STATE_TYPE, HISTORY_STATE_TYPE) \
+                and event.get("state_key") == "" \
+                and self.principal(str(event.get("sender", ""))).kind != "service":
+            # someone else's class or history state: put Enclave's back
+            return self.diff_protected_state(room)[0]
         if event.get("type") != "m.room.member" or not isinstance(event.get("state_key"), str):
             return []
         content = event.get("content") or {}
@@ -609,14 +754,21 @@ class SeparationPolicy:
             if d.allow:
                 return []
             facts = room.with_member(sender, "join").with_member(target, "invite")
-            actions, _ = self.remove(facts, target, d)
+            actions, cannot = self.remove(facts, target, d)
             if _server(target) == self.server_name:
                 actions += self.notice(target, d, f"invite:{room_id}:{target}",
                                        f"Enclave declined an invitation from {sender} for "
                                        "you.")
-            else:
+            elif cannot is None:
                 actions += self.notice(sender, d, f"invite:{room_id}:{target}",
                                        f"Enclave withdrew your invitation of {target}.")
+            else:
+                # e.g. the invitee is a room v12 creator: the invitation stands, so the
+                # staff leave the room instead, and the notice says exactly that
+                actions += self.notice(sender, d, f"invite:{room_id}:{target}",
+                                       f"Enclave could not withdraw your invitation of "
+                                       f"{target} (nobody here can remove them from the "
+                                       "room), so it took you out of the room instead.")
             return actions
         if membership == "join":
             facts = room.with_member(target, None)
@@ -635,8 +787,6 @@ class SeparationPolicy:
         if not self.config.enabled:
             return [], []
         rc = self.classify_room(room)
-        actions: list[Action] = []
-        findings: list[Finding] = []
         members = [self.principal(u) for u in room.current()]
         members = [m for m in members if m.kind != "service"]
         gone: set[str] = set()
@@ -648,6 +798,7 @@ class SeparationPolicy:
             if finding is not None:
                 findings.append(finding)
 
+        actions, findings = self.diff_protected_state(room, rc)
         if rc.id != DM_CLASS:
             _, cls = self._class(rc.id)
             if not cls.federate and room.federate and room.class_state is None:
@@ -699,6 +850,67 @@ class SeparationPolicy:
         return actions, findings
 
 
+def history_within(value: Any, required: str) -> bool:
+    """Whether history visibility ``value`` (None: unset, which means ``shared``) shows
+    no more than ``required``."""
+    v = value if isinstance(value, str) and value in HISTORY_ORDER else "shared"
+    return HISTORY_ORDER[v] <= HISTORY_ORDER[required]
+
+
+def class_content(room_class: str, rule_id: str) -> dict[str, Any]:
+    """The class state Enclave writes for its record (the gate's carries a grant too)."""
+    return {"class": room_class, "rule_id": rule_id, "set_by": "enclave"}
+
+
+def is_direct_chat(room: RoomFacts, *, invite_content: Mapping[str, Any] | None = None,
+                   enclave_dm: bool = False) -> bool:
+    """THE answer to "is this room a direct chat?" for every part of Enclave.
+
+    Enclave's record decides when there is one. Otherwise any of: ``is_direct`` on an
+    invitation (the room's, or ``invite_content``), a room Enclave's bot made as a DM
+    (``enclave_dm``: the bot's own notices, whose invites may not carry ``is_direct``), a
+    ``trusted_private_chat`` (room v12 ``additional_creators``: the invitee is a creator)
+    with at most two people, or an unnamed invite-only room with at most two people and
+    no alias. Nothing here needs the gate.
+    """
+    if room.class_state is not None:
+        return room.class_state == DM_CLASS
+    if room.is_direct or enclave_dm:
+        return True
+    if invite_content is not None and invite_content.get("is_direct") is True:
+        return True
+    people = room.current()
+    if len(people) > 2 or not room.known:
+        return False
+    if len(room.creators) == 2 and set(people) <= set(room.creators):
+        return True  # trusted_private_chat in room v12: both are creators
+    return (room.join_rule == "invite" and room.name is None and not room.aliases
+            and len(people) == 2)
+
+
+def state_actor(room: RoomFacts, event_type: str, server_name: str, *,
+                prefer: Callable[[str], bool] = lambda u: False) -> str | None:
+    """A joined local member able to send ``event_type`` state in ``room`` (``prefer``-ed
+    users first, then the most powerful), or None if nobody can."""
+    pl = room.power
+    v12 = room.room_version in CREATOR_POWER_VERSIONS
+    users = pl.get("users") or {}
+    default = _int(pl.get("users_default"), 0)
+    events = pl.get("events") or {}
+    needed = _int(events.get(event_type), _int(pl.get("state_default"), 50)) if pl else 0
+
+    def power(u: str) -> float:
+        if (v12 or not pl) and u in room.creators:
+            return float("inf")
+        return _int(users.get(u), default)
+
+    local = [u for u, m in room.members.items() if m == "join" and _server(u) == server_name]
+    for u in sorted(local, key=lambda u: (not prefer(u), -power(u), u)):
+        if power(u) >= needed:
+            return u
+    return None
+
+
 def apply_edits(request: Mapping[str, Any], edits: Mapping[str, Any] | None) -> dict[str, Any]:
     """A createRoom body with gate edits merged (as the gate module merges them):
     ``creation_content`` keys set, ``initial_state`` events replacing same type/state_key."""
@@ -747,10 +959,14 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
     creators: set[str] = set()
     version: str | None = None
     federate = True
-    class_state: str | None = None
+    claimed: str | None = None
+    grant: str | None = None
+    history: str | None = None
     aliases: list[str] = []
     name = join_rule = None
     encrypted = False
+    direct: bool | None = None
+    predecessor: str | None = None
     power: Mapping[str, Any] = {}
     for ev in state:
         t, key, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
@@ -758,6 +974,8 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
             m = content.get("membership")
             if m in ("join", "invite", "knock"):
                 members[key] = m
+            if content.get("is_direct") is True:
+                direct = True  # an invitation (or a join keeping it) marked as a DM
         elif t == "m.room.create":
             version = str(content.get("room_version", "1"))
             federate = content.get("m.federate", True) is not False
@@ -767,9 +985,16 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
             extra = content.get("additional_creators")
             if isinstance(extra, list):
                 creators.update(u for u in extra if isinstance(u, str))
+            pred = content.get("predecessor")
+            if isinstance(pred, dict) and isinstance(pred.get("room_id"), str):
+                predecessor = pred["room_id"]
         elif t == CLASS_STATE_TYPE and key == "":
-            c = content.get("class")
-            class_state = c if isinstance(c, str) else None
+            c, g = content.get("class"), content.get("grant")
+            claimed = c if isinstance(c, str) else None
+            grant = g if isinstance(g, str) else None
+        elif t == HISTORY_STATE_TYPE and key == "":
+            h = content.get("history_visibility")
+            history = h if isinstance(h, str) else None
         elif t == "m.room.canonical_alias" and key == "":
             if isinstance(content.get("alias"), str):
                 aliases.append(content["alias"])
@@ -785,9 +1010,10 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
         elif t == "m.room.power_levels" and key == "":
             power = content
     return RoomFacts(room_id=room_id, room_version=version, creators=frozenset(creators),
-                     class_state=class_state, aliases=tuple(aliases), name=name,
-                     federate=federate, join_rule=join_rule, encrypted=encrypted,
-                     members=members, power=power)
+                     claimed_class=claimed, claimed_grant=grant, history_visibility=history,
+                     aliases=tuple(aliases), name=name, federate=federate,
+                     join_rule=join_rule, encrypted=encrypted, members=members, power=power,
+                     is_direct=direct, predecessor=predecessor)
 
 
 def room_facts_from_invite(event: Mapping[str, Any]) -> RoomFacts:
@@ -800,7 +1026,8 @@ def room_facts_from_invite(event: Mapping[str, Any]) -> RoomFacts:
     if isinstance(sender, str):
         members[sender] = "join"
     members[event.get("state_key", "")] = "invite"
-    return replace(facts, members=members, is_direct=bool(content.get("is_direct")) or None)
+    return replace(facts, members=members, is_direct=bool(content.get("is_direct")) or None,
+                   hosted=False)
 
 
 def room_facts_from_gate(room: Mapping[str, Any]) -> RoomFacts:
@@ -810,7 +1037,8 @@ def room_facts_from_gate(room: Mapping[str, Any]) -> RoomFacts:
         creators.add(room["creator"])
     return RoomFacts(
         room_id=room.get("room_id") or "", room_version=room.get("room_version"),
-        creators=frozenset(creators), class_state=room.get("class"),
+        creators=frozenset(creators), claimed_class=room.get("class"),
+        claimed_grant=room.get("class_grant"), history_visibility=room.get("history"),
         aliases=tuple(room.get("aliases") or ()), name=room.get("name"),
         federate=room.get("federate", True) is not False, join_rule=room.get("join_rule"),
         encrypted=bool(room.get("encrypted")), is_direct=room.get("is_direct"),

@@ -445,7 +445,11 @@ class RetentionService:
                 unable.append(f"{RETENTION_STATE} not set: {self._not_in_room}")
         text = self.policy.notice_text(period)
         # a direct chat gets the state only: a bot joining it would make it a group chat
-        notice = "none" if period.source == "dm" else vis.notice
+        # (DMs are recognised by separation's is_direct_chat, through the room's class);
+        # and nothing is ever posted in clear into an encrypted room
+        encrypted = any(e.get("type") == "m.room.encryption" for e in state)
+        notice = "none" if period.source == "dm" or (encrypted and vis.notice == "message") \
+            else vis.notice
         if notice == "topic":
             topic = next(((e.get("content") or {}).get("topic") for e in state
                           if e.get("type") == "m.room.topic"), None) or ""

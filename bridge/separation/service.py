@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.policy import PolicyConfig
@@ -21,6 +23,8 @@ from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
 from ..policy.actions import Action
 from ..policy.separation import (
+    CLASS_STATE_TYPE,
+    DM_CLASS,
     Decision,
     Finding,
     NotifyUser,
@@ -38,6 +42,16 @@ log = logging.getLogger(__name__)
 
 NOTICE_COMPONENT = "separation-notice"
 DM_COMPONENT = "separation-dm"
+# Enclave's own record of each room's class (room id -> {"class", "rule_id", "source"}):
+# the only thing that decides a class once a room has one. Never taken from room state.
+CLASS_COMPONENT = "separation-room-class"
+# One-time grants the gate put into a new room's class state (grant -> class, creator):
+# the first room whose creator matches binds the grant into the record.
+GRANT_COMPONENT = "separation-class-grant"
+# Invitations of local users into remote rooms that policy approved ("room user" -> class):
+# what lets a later join of a room this server has no state for through the gate.
+INVITE_COMPONENT = "separation-approved-invite"
+GRANT_TTL_MS = 86_400_000
 LEASE_NAME = "separation-reconcile"
 # the policy object is rebuilt at least this often, so guest expiry follows the clock
 REBUILD_MS = 30_000
@@ -50,7 +64,8 @@ def gate_room_facts(room: GateRoom) -> RoomFacts:
         creators.add(room.creator)
     return RoomFacts(
         room_id=room.room_id, room_version=room.room_version, creators=frozenset(creators),
-        class_state=room.room_class, aliases=tuple(room.aliases), name=room.name,
+        claimed_class=room.room_class, claimed_grant=room.class_grant,
+        history_visibility=room.history, aliases=tuple(room.aliases), name=room.name,
         federate=room.federate, join_rule=room.join_rule, encrypted=room.encrypted,
         is_direct=room.is_direct, members=dict(room.members), power=thaw(room.power),
     )
@@ -61,8 +76,11 @@ def answer(d: Decision, edits: dict[str, Any] | None = None) -> GateAnswer:
                       edits=edits)
 
 
-def decide_gate(p: SeparationPolicy, req: GateRequest) -> GateAnswer:
-    """One gate question answered by the policy (no I/O: the module sent the room's facts)."""
+def decide_gate(p: SeparationPolicy, req: GateRequest, *, facts: RoomFacts | None = None,
+                invite_approved: bool = False) -> GateAnswer:
+    """One gate question answered by the policy (no I/O: the module sent the room's facts;
+    the service passes them with Enclave's class record, and whether a join follows an
+    invitation Enclave approved)."""
     if req.check == "create_room":
         c = p.decide_create_room(req.user, thaw(req.create) or {})
         return answer(c.decision, c.edits if c.decision.allow else None)
@@ -70,15 +88,16 @@ def decide_gate(p: SeparationPolicy, req: GateRequest) -> GateAnswer:
         assert req.target is not None
         return answer(p.decide_user_visible(req.user, req.target))
     assert req.room is not None
-    facts = gate_room_facts(req.room)
+    facts = facts or gate_room_facts(req.room)
     if req.check == "invite":
         assert req.target is not None
         return answer(p.decide_invite(req.user, req.target, facts))
     if req.check == "join":
-        return answer(p.decide_membership(req.user, facts.with_member(req.user, None)))
+        return answer(p.decide_join(req.user, facts, invite_approved=invite_approved))
     ev = thaw(req.event) or {}
     return answer(p.decide_state_event(req.user, str(ev.get("type", "")),
-                                       str(ev.get("state_key", ""))))
+                                       str(ev.get("state_key", "")),
+                                       ev.get("content") or {}, facts))
 
 
 @dataclass
@@ -109,6 +128,8 @@ class SeparationService:
         self._policy: SeparationPolicy | None = None
         self._built_at = 0
         self._lock = asyncio.Lock()
+        self._records: dict[str, str] = {}  # class records read so far (never change)
+        self._enclave_dms: set[str] | None = None  # rooms the bot opened as its DMs
         # more initial state for a new room of a class (retention adds m.room.retention)
         self.creation_state: Callable[[str], list[dict[str, Any]]] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -146,10 +167,113 @@ class SeparationService:
     async def decide_gate(self, req: GateRequest) -> GateAnswer:
         """Answer one gate question with the same decisions the other layers use."""
         p = await self.policy()
-        if req.check == "create_room" and self.creation_state is not None:
+        if req.check == "create_room":
             c = p.decide_create_room(req.user, thaw(req.create) or {})
-            return answer(c.decision, self._with_extra_state(c) if c.decision.allow else None)
-        return decide_gate(p, req)
+            if not c.decision.allow:
+                return answer(c.decision)
+            edits = self._with_extra_state(c) if self.creation_state is not None else c.edits
+            return answer(c.decision, await self._grant(edits, req.user, c.room_class.id,
+                                                        c.room_class.rule_id))
+        if req.room is None:
+            return decide_gate(p, req)
+        facts = gate_room_facts(req.room)
+        if req.federated:  # a remote inviter's claims, not state this server holds
+            facts = replace(facts, hosted=False)
+        facts = await self.with_record(facts)
+        approved = False
+        if req.check == "join" and req.invited and not facts.known:
+            approved = await self.invite_approved(facts.room_id, req.user)
+        ans = decide_gate(p, req, facts=facts, invite_approved=approved)
+        if req.check == "invite" and req.federated and ans.allow and req.target:
+            await self._approve_invite(facts.room_id, req.target, p.classify_room(facts).id)
+        return ans
+
+    # -- Enclave's record of room classes ----------------------------------------------------
+    async def class_record(self, room_id: str) -> str | None:
+        """The class Enclave recorded for ``room_id``, or None."""
+        if room_id in self._records:
+            return self._records[room_id]
+        raw = await self.store.component_get(CLASS_COMPONENT, room_id)
+        if raw is None:
+            return None
+        cls = str(json.loads(raw)["class"])
+        self._records[room_id] = cls
+        return cls
+
+    async def record_class(self, room_id: str, room_class: str, rule_id: str,
+                           source: str) -> str:
+        """Record ``room_class`` for ``room_id`` unless a record exists; the class in force."""
+        value = json.dumps({"class": room_class, "rule_id": rule_id, "source": source})
+        if await self.store.component_put_new(CLASS_COMPONENT, room_id, value,
+                                              self.clock_ms()):
+            log.info("separation: room %s recorded as class %s (%s, %s)", room_id,
+                     room_class, rule_id, source)
+            self._records[room_id] = room_class
+            return room_class
+        return await self.class_record(room_id) or room_class
+
+    async def _grant(self, edits: dict[str, Any] | None, creator: str, room_class: str,
+                     rule_id: str) -> dict[str, Any] | None:
+        """Put a one-time grant into the class state of a new room's edits, and keep it:
+        the room it shows up in (made by ``creator``) is then recorded as ``room_class``."""
+        if not edits:
+            return edits
+        grant = secrets.token_urlsafe(18)
+        out = dict(edits)
+        out["initial_state"] = [
+            {**e, "content": {**e["content"], "grant": grant}}
+            if e.get("type") == CLASS_STATE_TYPE and e.get("state_key", "") == "" else e
+            for e in edits.get("initial_state") or []]
+        await self.store.component_put(GRANT_COMPONENT, grant, json.dumps(
+            {"class": room_class, "rule_id": rule_id, "creator": creator,
+             "ts": self.clock_ms()}), self.clock_ms())
+        return out
+
+    async def with_record(self, facts: RoomFacts) -> RoomFacts:
+        """``facts`` with Enclave's class record as ``class_state`` (a grant in the room's
+        class state is bound first); the room's own class claim never counts."""
+        rec = await self.class_record(facts.room_id)
+        if rec is None and facts.claimed_grant and facts.known:
+            raw = await self.store.component_get(GRANT_COMPONENT, facts.claimed_grant)
+            grant = json.loads(raw) if raw is not None else None
+            if grant is not None and grant.get("creator") in facts.creators:
+                rec = await self.record_class(facts.room_id, grant["class"],
+                                              grant["rule_id"], "gate")
+                await self.store.component_delete(GRANT_COMPONENT, facts.claimed_grant)
+        return replace(facts, class_state=rec) if rec is not None else facts
+
+    async def record_first_sight(self, p: SeparationPolicy, facts: RoomFacts,
+                                 source: str) -> RoomFacts:
+        """A room this server hosts or shares with no record yet: record the class Enclave
+        gives it now (rules, DM signals, default), never the one its state claims."""
+        if facts.class_state is not None or not facts.known:
+            return facts
+        inherited = await self.class_record(facts.predecessor) if facts.predecessor else None
+        if inherited is not None:
+            # a room upgrade keeps the class of the room it replaces
+            cls = await self.record_class(facts.room_id, inherited, "builtin.room_upgrade",
+                                          source)
+            return replace(facts, class_state=cls)
+        rc = p.classify_room(facts)
+        cls = await self.record_class(facts.room_id, rc.id, rc.rule_id, source)
+        return replace(facts, class_state=cls)
+
+    async def _prune_grants(self) -> None:
+        """Grants of rooms never made (Synapse refused the request after the gate said
+        yes) are dropped a day later; a room is seen within seconds of its creation."""
+        cutoff = self.clock_ms() - GRANT_TTL_MS
+        for grant, raw in (await self.store.component_list(GRANT_COMPONENT)).items():
+            if int(json.loads(raw).get("ts", 0)) < cutoff:
+                await self.store.component_delete(GRANT_COMPONENT, grant)
+
+    async def invite_approved(self, room_id: str, user: str) -> bool:
+        """Whether policy let an invitation of ``user`` into remote ``room_id`` stand."""
+        return await self.store.component_get(INVITE_COMPONENT,
+                                              f"{room_id} {user}") is not None
+
+    async def _approve_invite(self, room_id: str, user: str, room_class: str) -> None:
+        await self.store.component_put(INVITE_COMPONENT, f"{room_id} {user}", room_class,
+                                       self.clock_ms())
 
     def _with_extra_state(self, c: Any) -> dict[str, Any] | None:
         assert self.creation_state is not None
@@ -164,7 +288,9 @@ class SeparationService:
         """A managed room's createRoom body with its class state (directory sync's hook)."""
         p = await self.policy()
         c = p.decide_create_room(self.bot_user_id, body)
-        return apply_edits(body, self._with_extra_state(c) if self.creation_state else c.edits)
+        edits = self._with_extra_state(c) if self.creation_state else c.edits
+        return apply_edits(body, await self._grant(edits, self.bot_user_id, c.room_class.id,
+                                                   c.room_class.rule_id))
 
     # -- reactive ----------------------------------------------------------------------------
     async def room_facts(self, room_id: str, event: dict[str, Any] | None = None) -> RoomFacts:
@@ -173,26 +299,53 @@ class SeparationService:
         state = await self.client.admin_room_state(room_id, admin=self.admin_user_id)
         if state is None or not any(e.get("type") == "m.room.create" for e in state):
             if event is not None:
-                return room_facts_from_invite(event)
-            return RoomFacts(room_id=room_id)
-        return room_facts_from_state(room_id, state)
+                return await self.with_record(room_facts_from_invite(event))
+            return await self.with_record(RoomFacts(room_id=room_id))
+        facts = await self.with_record(room_facts_from_state(room_id, state))
+        if facts.class_state is None and await self.is_enclave_dm(room_id):
+            facts = replace(facts, class_state=await self.record_class(
+                room_id, DM_CLASS, "builtin.enclave_dm", "enclave"))
+        return facts
+
+    async def is_enclave_dm(self, room_id: str) -> bool:
+        """Whether the bot made ``room_id`` as its direct chat with someone (read once; the
+        bot's new DMs are recorded as ``dm`` when made, which every replica reads)."""
+        if self._enclave_dms is None:
+            self._enclave_dms = set((await self.store.component_list(DM_COMPONENT)).values())
+        return room_id in self._enclave_dms
 
     async def handle_event(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
-        """The inbox handler: membership changes policy does not allow are undone."""
-        if event.get("type") != "m.room.member":
+        """The inbox handler: membership changes policy does not allow are undone, and
+        someone else's class or history state is put back."""
+        etype = event.get("type")
+        protected = etype in (CLASS_STATE_TYPE, "m.room.history_visibility")
+        if etype != "m.room.member" and not protected:
             return []
-        membership = (event.get("content") or {}).get("membership")
-        if membership not in ("invite", "join"):
+        content = event.get("content") or {}
+        membership = content.get("membership")
+        if not protected and membership not in ("invite", "join"):
             return []
         p = await self.policy()
         if not p.config.enabled or not p.config.reactive:
             return []
-        # Enclave's own users' memberships need no room read
-        if p.principal(event.get("state_key", "")).kind == "service":
+        # Enclave's own users' events need no room read
+        if p.principal(event.get("state_key", "") if not protected
+                       else event.get("sender", "")).kind == "service":
             return []
         room_id = event.get("room_id") or meta.room_id or ""
         facts = await self.room_facts(room_id, event)
+        target = event.get("state_key", "")
+        if membership == "invite" and content.get("is_direct") is True and \
+                facts.class_state is None:
+            facts = replace(facts, is_direct=True)
+        # the creator's own first join says nothing yet (a DM's invitation follows)
+        if protected or membership == "invite" or target not in facts.creators:
+            facts = await self.record_first_sight(p, facts, "reactive")
         actions = p.decide_event(event, facts)
+        if (membership == "invite" and not actions and not facts.hosted
+                and p.principal(target).local):
+            # a remote room's invitation policy let stand: the join may follow
+            await self._approve_invite(room_id, target, p.classify_room(facts).id)
         for a in actions:
             self.metrics.separation_enforced.labels(layer="reactive", kind=a.kind).inc()
         return actions
@@ -207,13 +360,23 @@ class SeparationService:
             "name": "Enclave", "topic": "Notices from Enclave about company chat policy",
         }, user_id=self.bot_user_id)
         await self.store.component_put(DM_COMPONENT, user, room, self.clock_ms())
+        await self.record_class(room, DM_CLASS, "builtin.enclave_dm", "enclave")
         return room
+
+    async def _encrypted(self, room_id: str) -> bool:
+        state = await self.client.admin_room_state(room_id, admin=self.admin_user_id) or []
+        return any(e.get("type") == "m.room.encryption" for e in state)
 
     async def _apply_notice(self, a: NotifyUser, key: str) -> Outcome:
         if await self.store.component_get(NOTICE_COMPONENT, a.once_key) is not None:
             return Outcome("applied", "already told")
         try:
             room = await self._dm_room(a.user)
+            if await self._encrypted(room):
+                # the bot has no keys here: a clear-text notice in an encrypted room is
+                # never sent, a fresh unencrypted DM is used instead
+                await self.store.component_delete(DM_COMPONENT, a.user)
+                room = await self._dm_room(a.user)
             # the txn id follows the incident: a retry, a restart or another layer telling
             # the same thing is deduplicated by the homeserver
             txn = "enclave-notice-" + hashlib.sha256(a.once_key.encode()).hexdigest()[:32]
@@ -249,17 +412,25 @@ class SeparationService:
                 state = await self.client.admin_room_state(room_id, admin=self.admin_user_id)
                 calls += 1
             if state:
-                out[i] = room_facts_from_state(room_id, state)
+                out[i] = await self.with_record(room_facts_from_state(room_id, state))
 
         await asyncio.gather(*(one(i, r) for i, r in enumerate(ids)))
         return [f for f in out if f is not None], calls
 
-    async def plan(self, *, rooms: Sequence[str] | None = None) -> ReconcileResult:
+    async def plan(self, *, rooms: Sequence[str] | None = None,
+                   record: bool = False) -> ReconcileResult:
         facts, calls = await self.scan(rooms=rooms)
         p = await self.policy(fresh=True)
         actions: list[Action] = []
         findings: list[Finding] = []
         for f in facts:
+            if f.class_state is None:
+                # a room without Enclave's record (from before Enclave, or made while the
+                # gate was off): the class Enclave gives it, recorded when applying
+                if record:
+                    f = await self.record_first_sight(p, f, "reconcile")
+                else:
+                    f = replace(f, class_state=p.classify_room(f).id)
             a, fs = p.diff_room(f)
             actions.extend(a)
             findings.extend(fs)
@@ -277,7 +448,7 @@ class SeparationService:
         if not apply:
             return await self.plan(rooms=rooms)
         async with self._lease():
-            result = await self.plan(rooms=rooms)
+            result = await self.plan(rooms=rooms, record=True)
             run = f"separation:{self.clock_ms()}"
             lanes: dict[str, list[tuple[int, Action]]] = {}
             for i, a in enumerate(result.plan.actions):
@@ -296,6 +467,7 @@ class SeparationService:
                         result.failed.append((a, o.detail))
 
             await asyncio.gather(*(lane(items) for items in lanes.values()))
+            await self._prune_grants()
             for f in result.plan.findings:
                 log.warning("separation finding [%s] %s %s: %s", f.rule_id, f.room_id,
                             f.subject, f.message)

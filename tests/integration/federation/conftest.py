@@ -30,15 +30,17 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.devstack.federation import FederatedPair
 from bridge.devstack.synapse import SynapseServer
 
 from ..directory_helpers import ensure_enclave_admin
-from ..harness import EnclaveProcess, Stack, nio
+from ..harness import EnclaveProcess, Stack, nio, wait_until
 
 NewUser = Callable[[str], Awaitable[nio.AsyncClient]]
 
@@ -187,6 +189,34 @@ async def wait_message(client: nio.AsyncClient, room_id: str, body: str, *,
         return None
 
     return await sync_until(client, probe, within=within, what=f"{body!r} in {room_id}")
+
+
+def separation_config(config: Path, *, directory: Path, gate_secret: Path,
+                      policy: dict[str, Any], **sections: Any) -> None:
+    """Add a file directory source, the gate secret, ``policy`` and any other sections to
+    the Enclave config a harness Stack wrote at ``config``."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["directory"] = {"source": {"type": "file", "path": str(directory),
+                                   "allow_initial_passwords": True},
+                        "interval_minutes": 0}
+    cfg["gate"] = {"secret": {"file": str(gate_secret)}}
+    cfg["policy"] = policy
+    cfg.update(sections)
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+async def started_and_synced(enclave: EnclaveProcess) -> None:
+    """Start Enclave if it is not running and wait for its first directory sync."""
+    if enclave.running:
+        return
+    await enclave.start()
+
+    async def provisioned() -> bool:
+        _, body = await enclave.get_json("/ready")
+        return (body.get("directory") or {}).get("outcome") == "ok"
+
+    await wait_until(provisioned, within=60, what="the first directory sync",
+                     describe=enclave.describe)
 
 
 def enclave_inbox_events(enclave: EnclaveProcess, room_id: str) -> list[dict[str, Any]]:

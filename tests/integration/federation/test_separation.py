@@ -27,6 +27,7 @@ from bridge.devstack.federation import FederatedPair
 
 from ..directory_helpers import ADMIN_LOCALPART, ensure_enclave_admin
 from ..harness import BOT_LOCALPART, EnclaveProcess, Stack, nio, wait_until
+from .conftest import separation_config, started_and_synced
 
 pytestmark = pytest.mark.integration
 
@@ -147,16 +148,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         directory = base / "directory.yaml"
         write_directory(directory)
         stack.write_enclave_config(s.config)
-        cfg = yaml.safe_load(s.config.read_text())
         s.guest_expires = time.time() + GUEST_SECONDS
-        cfg["directory"] = {"source": {"type": "file", "path": str(directory),
-                                       "allow_initial_passwords": True},
-                            "interval_minutes": 0}
-        cfg["gate"] = {"secret": {"file": str(gate_secret)}}
-        cfg["policy"] = policy(None, s.outsiders["pat"][0], s.outsiders["gina"][0],
-                               datetime.fromtimestamp(s.guest_expires, UTC),
-                               s.uid("alice"))
-        s.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        separation_config(s.config, directory=directory, gate_secret=gate_secret,
+                          policy=policy(None, s.outsiders["pat"][0], s.outsiders["gina"][0],
+                                        datetime.fromtimestamp(s.guest_expires, UTC),
+                                        s.uid("alice")))
         enclave = EnclaveProcess(s.config, stack.as_port)
         s.enclave = enclave
         yield s
@@ -168,15 +164,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 @pytest.fixture
 async def sep(setup: Setup) -> AsyncIterator[Setup]:
-    if not setup.enclave.running:
-        await setup.enclave.start()
-
-        async def provisioned() -> bool:
-            _, body = await setup.enclave.get_json("/ready")
-            return (body.get("directory") or {}).get("outcome") == "ok"
-
-        await wait_until(provisioned, within=60, what="the first directory sync",
-                         describe=setup.enclave.describe)
+    await started_and_synced(setup.enclave)
     yield setup
     for c in setup.clients:
         with contextlib.suppress(Exception):

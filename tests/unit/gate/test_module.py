@@ -108,7 +108,8 @@ def test_room_facts_from_state_is_a_valid_protocol_room() -> None:
 
     assert facts == {
         "room_id": "!r", "room_version": "12", "creator": "@c:s", "creators": ["@c:s", "@d:s"],
-        "is_direct": None, "class": "internal", "aliases": ["#a:s", "#b:s"], "name": "Plans",
+        "is_direct": None, "class": "internal", "class_grant": None, "history": None,
+        "aliases": ["#a:s", "#b:s"], "name": "Plans",
         "federate": False, "join_rule": "knock", "encrypted": True,
         "members": {"@c:s": "join", "@d:s": "invite", "@k:s": "knock"},
         "power": {"users": {"@c:s": 100}, "kick": 50},

@@ -19,6 +19,7 @@ from bridge.gate.protocol import (
 ROOM: dict[str, Any] = {
     "room_id": "!abc", "room_version": "12", "creator": "@c:corp.test",
     "creators": ["@c:corp.test", "@d:corp.test"], "is_direct": True, "class": "internal",
+    "class_grant": "g1", "history": "joined",
     "aliases": ["#a:corp.test"], "name": "Plans", "federate": False, "join_rule": "invite",
     "encrypted": True, "members": {"@c:corp.test": "join", "@e:ext.test": "invite"},
     "power": {"users": {"@c:corp.test": 100}, "kick": 50},
@@ -28,7 +29,7 @@ ROOM: dict[str, Any] = {
 def body(**fields: Any) -> bytes:
     base: dict[str, Any] = {"check": "invite", "user": "@c:corp.test",
                             "target": "@e:ext.test", "federated": False, "room": ROOM,
-                            "create": None, "event": None}
+                            "create": None, "event": None, "invited": False}
     base.update(fields)
     return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
 
@@ -191,3 +192,12 @@ def test_request_is_frozen() -> None:
     req = GateRequest(check="user_search", user="@a:s", target="@b:s")
     with pytest.raises(AttributeError):
         req.user = "@x:s"  # type: ignore[misc]
+
+
+def test_join_says_whether_the_user_holds_an_invitation() -> None:
+    req = parse_gate_request(body(check="join", target=None, invited=True,
+                                  room={"room_id": "!remote"}))
+    assert req.invited is True and req.room is not None and req.room.room_version is None
+    assert parse_gate_request(body(check="join", target=None)).invited is False
+    with pytest.raises(GateProtocolError, match="invited must be true or false"):
+        parse_gate_request(body(check="join", target=None, invited="yes"))

@@ -457,3 +457,20 @@ def test_admin_account_not_adopted_is_reported_and_not_remembered() -> None:
     plan = run([person("root", display_name="Root Renamed")], [rec("root")],
                [acct("root", admin=True)])
     assert [a.kind for a in plan.actions] == ["update_account"]
+
+
+@pytest.mark.parametrize("deleted", [False, True])
+def test_not_adopted_admin_is_never_touched_by_room_sync(deleted: bool) -> None:
+    # an entry whose uid maps onto an existing server admin ("ädmin" -> "admin"): reported
+    # as not adopted, so no invite/join into managed rooms, and no kick when it goes
+    cfg = config(**{"managed_rooms": ROOMS["managed_rooms"][:2]})
+    people = [person("ann")] + ([] if deleted else [person("admin", username="ädmin")])
+    rooms = _synced_rooms({uid("ann"): "join", uid("admin"): "join"})
+    plan = run(people, [rec("ann")], [acct("ann"), acct("admin", admin=True)], cfg=cfg,
+               rooms=rooms)
+    touched = [a for a in plan.actions if uid("admin") in (
+        getattr(a, "user", None), a.actor)]
+    assert touched == []
+    if not deleted:
+        assert [(f.rule_id, f.subject) for f in plan.findings] == [
+            ("directory.adopt", uid("admin"))]

@@ -321,3 +321,61 @@ def test_displayname_template_is_used_by_map_people() -> None:
     result = run([ADA], displayname_template="{display_name} – {title}")
     assert result.users["7"] == MappedUser(ADA, "@alovelace:corp.example.com", "alovelace",
                                            "Ada King Lovelace – Analyst")
+
+
+# -- look-alikes (issue 15) --------------------------------------------------------------------
+def _skeleton(s: str) -> str:
+    from bridge.directory.lookalike import confusables_table
+    from bridge.policy.lookalike import skeleton
+
+    return skeleton(s, confusables_table())
+
+
+ENCLAVE = ("enclave", "enclave-admin")
+EXISTING = {f"@admin:{SERVER}": "Admin", f"@alice:{SERVER}": "Alice Smith",
+            f"@enclave:{SERVER}": "Enclave", f"@enclave-admin:{SERVER}": None}
+
+
+def lookalike_run(people: list[Person], collision: str = "suffix") -> MappingResult:
+    return map_people(people, MappingConfig(collision=collision), SERVER,
+                      known={"id-alice": f"@alice:{SERVER}"},
+                      reserved=lambda lp: lp in ENCLAVE, reserved_names=ENCLAVE,
+                      existing=EXISTING, skeleton=_skeleton)
+
+
+@pytest.mark.parametrize("collision", ["suffix", "refuse"])
+@pytest.mark.parametrize(("username", "display", "reason"), [
+    ("enclave", "Enclave", "imitates Enclave's own user @enclave:"),  # would be enclave-2
+    ("enclave-2", "Support", "reserved prefix 'enclave'"),
+    ("enclave-admin-2", "Admin Two", "reserved prefix 'enclave-admin'"),
+    ("enclave.bot", "Bot", "reserved prefix 'enclave'"),
+    ("adrnin", "Adrnin", "looks like @admin:"),  # rn / m
+    ("a1ice", "Ally", "looks like @alice:"),  # 1 / l
+    ("alicia", "Аlice Smith", "looks like 'Alice Smith'"),  # Cyrillic А in the display name
+])
+def test_lookalikes_are_refused_with_a_reason(collision: str, username: str, display: str,
+                                              reason: str) -> None:
+    r = lookalike_run([person("id-alice", "alice", "Alice Smith"),
+                       person("id-x", username, display)], collision)
+    assert "id-x" not in r.users
+    [(pid, why)] = r.refused
+    assert pid == "id-x" and reason in why, why
+
+
+def test_lookalike_check_leaves_ordinary_names_alone() -> None:
+    r = lookalike_run([person("id-alice", "alice", "Alice Smith"),
+                       person("id-b", "bob", "Bob Jones"), person("id-e", "enclaveteam",
+                                                                  "Enclave Team"),
+                       person("id-c", "alice.smith", "Alice Smithers")])
+    assert set(r.users) == {"id-alice", "id-b", "id-e", "id-c"} and r.refused == []
+
+
+def test_silent_changes_are_reported() -> None:
+    long = "x" * 70
+    r = lookalike_run([person("id-alice", "alice", "Alice Smith"),
+                       person("id-l", long, "Long Name"),
+                       person("id-d1", "dan", "Dan One"), person("id-d2", "dan", "Dan Two")])
+    notes = dict(r.notes)
+    assert notes["id-l"] == f"localpart cut to {MAX_LOCALPART} characters: {'x' * 64!r}"
+    assert "'dan' is already person id-d1; given 'dan-2'" in notes["id-d2"]
+    assert "id-d1" not in notes

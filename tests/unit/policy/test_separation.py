@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -9,13 +10,16 @@ import yaml
 
 from bridge.config.policy import PolicyConfig
 from bridge.directory.model import StaffRecord
-from bridge.policy.actions import Kick, Leave
+from bridge.policy.actions import Kick, Leave, SetState
 from bridge.policy.separation import (
     CLASS_STATE_TYPE,
+    HISTORY_STATE_TYPE,
     NotifyUser,
     RoomFacts,
     SeparationPolicy,
+    class_content,
     diff_separation,
+    is_direct_chat,
     room_facts_from_invite,
     room_facts_from_state,
 )
@@ -93,9 +97,10 @@ P = make_policy()
 
 def room(cls: str | None = None, *members: str, is_direct: bool | None = None,
          aliases: tuple[str, ...] = (), version: str = "12", creator: str | None = None,
-         power: dict | None = None) -> RoomFacts:
+         power: dict | None = None, history: str | None = "joined") -> RoomFacts:
     ms = {m: "join" for m in members}
-    return RoomFacts(room_id="!r", room_version=version, class_state=cls,
+    return RoomFacts(room_id="!r", room_version=version, class_state=cls, claimed_class=cls,
+                     history_visibility=history,
                      creators=frozenset({creator or (members[0] if members else ALICE)}),
                      aliases=aliases, is_direct=is_direct, members=ms,
                      power=power or {})
@@ -424,7 +429,8 @@ def test_room_facts_from_state() -> None:
         {"type": "m.room.encryption", "state_key": "", "content": {}},
     ]
     f = room_facts_from_state("!x", state)
-    assert f.creators == {ALICE, BOB} and f.class_state == "hr" and not f.federate
+    assert f.creators == {ALICE, BOB} and f.claimed_class == "hr" and not f.federate
+    assert f.class_state is None  # the state's claim is not Enclave's record
     assert f.members == {ALICE: "join", BOB: "invite"} and f.encrypted
     assert f.aliases == ("#a:corp.test", "#b:corp.test") and f.room_version == "12"
 
@@ -476,3 +482,194 @@ def test_enclave_rooms_are_classified_too_and_edits_merge_like_the_gate() -> Non
     classes = [e for e in merged["initial_state"] if e["type"] == CLASS_STATE_TYPE]
     assert [e["content"]["class"] for e in classes] == ["internal"]
     assert len(merged["initial_state"]) == 2
+
+
+# -- every door (issue 15) ---------------------------------------------------------------------
+UNKNOWN = RoomFacts(room_id="!party")  # a remote room this server has no state for
+
+
+@pytest.mark.parametrize(("user", "room_id", "approved", "allow", "rule"), [
+    (BOB, "!party", False, False, "builtin.unknown_remote_room"),
+    (BOB, "!party:personal.example", False, False, "builtin.unknown_remote_room"),
+    (BOB, "!party", True, True, "builtin.approved_invite"),
+    (BOB, "!deal:acme.example", False, True, "partner-acme"),  # a partner's server's room
+    (FRANK, "!deal:acme.example", False, False, "class.external"),  # not staff
+    (BOT, "!party", False, True, "builtin.enclave"),
+])
+def test_join_of_a_room_the_server_does_not_know(user: str, room_id: str, approved: bool,
+                                                 allow: bool, rule: str) -> None:
+    d = P.decide_join(user, RoomFacts(room_id=room_id), invite_approved=approved)
+    assert (d.allow, d.rule_id) == (allow, rule)
+    if not allow:
+        assert rule in d.message and "#it-help" in d.message
+
+
+def test_join_of_a_known_room_is_the_membership_decision() -> None:
+    known = room("external", ALICE, PAT)
+    assert P.decide_join(BOB, known) == P.decide_membership(BOB, known)
+    assert P.decide_join(BOB, room("internal", ALICE, EVE)).allow is False
+
+
+def test_class_claimed_in_state_is_not_the_class() -> None:
+    forged = RoomFacts(room_id="!f", room_version="12", creators=frozenset({BOB}),
+                       claimed_class="external", members={BOB: "join"})
+    assert P.classify_room(forged).id == "internal"  # the default, not the claim
+    d = P.decide_invite(BOB, PAT, forged)
+    assert not d.allow and d.rule_id == "class.internal.federate"
+    # Enclave's record decides
+    assert P.classify_room(replace(forged, class_state="external")).id == "external"
+
+
+@pytest.mark.parametrize(("creators", "expected"), [
+    ((PAT,), "external"),  # a partner's own room: the partner's federating class
+    ((EVE,), "internal"),  # an outsider's room: the default (which refuses them)
+    ((BOB,), "internal"),  # a local creator: local rules
+])
+def test_remote_rooms_are_classed_by_their_creator(creators: tuple[str, ...],
+                                                   expected: str) -> None:
+    facts = RoomFacts(room_id="!x", room_version="12", creators=frozenset(creators),
+                      members={creators[0]: "join"})
+    assert P.classify_room(facts).id == expected
+
+
+@pytest.mark.parametrize(("facts", "content", "direct"), [
+    (RoomFacts(room_id="!d", is_direct=True), None, True),
+    (RoomFacts(room_id="!d", room_version="12", creators=frozenset({BOB}),
+               members={BOB: "join"}), {"is_direct": True}, True),
+    # trusted_private_chat in v12: both are creators
+    (RoomFacts(room_id="!d", room_version="12", creators=frozenset({BOB, EVE}),
+               join_rule="invite", name="Chat", members={BOB: "join", EVE: "invite"}),
+     None, True),
+    # an unnamed invite-only room of two
+    (RoomFacts(room_id="!d", room_version="12", creators=frozenset({BOB}),
+               join_rule="invite", members={BOB: "join", ALICE: "join"}), None, True),
+    # named, or three people, or public: not a DM
+    (RoomFacts(room_id="!d", room_version="12", creators=frozenset({BOB}), name="Plans",
+               join_rule="invite", members={BOB: "join", ALICE: "join"}), None, False),
+    (RoomFacts(room_id="!d", room_version="12", creators=frozenset({BOB}),
+               join_rule="invite", members={BOB: "join", ALICE: "join", CAROL: "invite"}),
+     None, False),
+    (RoomFacts(room_id="!d", room_version="12", creators=frozenset({BOB}),
+               join_rule="public", members={BOB: "join", ALICE: "join"}), None, False),
+    # Enclave's record wins either way
+    (RoomFacts(room_id="!d", class_state="internal", is_direct=True), None, False),
+    (RoomFacts(room_id="!d", class_state="dm"), None, True),
+])
+def test_is_direct_chat(facts: RoomFacts, content: dict | None, direct: bool) -> None:
+    assert is_direct_chat(facts, invite_content=content) is direct
+
+
+def test_bot_dm_is_direct_even_without_is_direct() -> None:
+    facts = RoomFacts(room_id="!n", room_version="12", creators=frozenset({BOT}),
+                      name="Enclave", join_rule="invite", members={BOT: "join"})
+    assert not is_direct_chat(facts) and is_direct_chat(facts, enclave_dm=True)
+
+
+def test_creation_edits_set_history_visibility_where_remote_people_can_be() -> None:
+    ext = P.decide_create_room(BOB, {"room_alias_name": "ext-deal"})
+    hist = [e for e in ext.edits["initial_state"] if e["type"] == HISTORY_STATE_TYPE]
+    assert hist == [{"type": HISTORY_STATE_TYPE, "state_key": "",
+                     "content": {"history_visibility": "joined"}}]
+    internal = P.decide_create_room(BOB, {"name": "Roadmap"})
+    assert not [e for e in internal.edits["initial_state"] if e["type"] == HISTORY_STATE_TYPE]
+    dm = P.decide_create_room(BOB, {"is_direct": True, "invite": [ALICE]})
+    assert [e["content"] for e in dm.edits["initial_state"]
+            if e["type"] == HISTORY_STATE_TYPE] == [{"history_visibility": "invited"}]
+
+
+@pytest.mark.parametrize(("cls", "value", "allow"), [
+    ("external", "shared", False), ("external", "world_readable", False),
+    ("external", "invited", False), ("external", "joined", True),
+    ("internal", "shared", True), ("internal", "world_readable", True),
+    (None, "shared", True),  # no class record, default internal
+])
+def test_history_visibility_is_protected_in_federating_classes(cls: str | None, value: str,
+                                                               allow: bool) -> None:
+    d = P.decide_state_event(BOB, HISTORY_STATE_TYPE, "", {"history_visibility": value},
+                             room(cls, BOB, PAT))
+    assert d.allow is allow
+    if not allow:
+        assert d.rule_id == "builtin.history_visibility"
+
+
+def test_reconcile_puts_back_class_and_history_state() -> None:
+    facts = replace(room("external", BOB, PAT, history="shared"), claimed_class="internal",
+                    power={"users": {BOB: 100}})
+    actions, findings = P.diff_room(facts)
+    sets = {(a.event_type, str(a.content)) for a in actions if isinstance(a, SetState)}
+    assert (CLASS_STATE_TYPE, str(class_content("external", "room.class_state"))) in sets
+    assert (HISTORY_STATE_TYPE, str({"history_visibility": "joined"})) in sets
+    assert all(a.actor == BOB for a in actions) and findings == []
+    # nobody local with the power: reported, not acted on
+    weak = replace(facts, room_version="10", power={"users": {PAT: 100}, "state_default": 50})
+    actions, findings = P.diff_room(weak)
+    assert not [a for a in actions if isinstance(a, SetState)]
+    assert {f.rule_id for f in findings} == {"builtin.class_record",
+                                             "builtin.history_visibility"}
+
+
+def test_reactive_reverts_someone_elses_class_state() -> None:
+    ev = {"type": CLASS_STATE_TYPE, "state_key": "", "sender": BOB, "room_id": "!r",
+          "content": {"class": "internal"}}
+    facts = replace(room("external", BOB), claimed_class="internal")
+    [a] = P.decide_event(ev, facts)
+    assert isinstance(a, SetState) and a.content["class"] == "external"
+    # Enclave's own change is left alone
+    assert P.decide_event({**ev, "sender": BOT}, facts) == []
+
+
+def test_notice_says_staff_left_when_the_invite_cannot_be_withdrawn() -> None:
+    # the invitee is a room v12 creator (additional_creators): nobody can kick them
+    facts = RoomFacts(room_id="!r", room_version="12", creators=frozenset({BOB, EVE}),
+                      class_state="internal", claimed_class="internal",
+                      members={BOB: "join"})
+    actions = P.decide_event(member_event(BOB, EVE, "invite"), facts)
+    assert [type(a) for a in actions] == [Leave, NotifyUser]
+    assert actions[0].actor == BOB
+    body = actions[1].body
+    assert "could not withdraw" in body and "took you out of the room" in body
+    assert "withdrew your invitation" not in body
+
+
+def test_room_facts_read_history_grant_predecessor_and_is_direct() -> None:
+    f = room_facts_from_state("!n", [
+        {"type": "m.room.create", "sender": BOB, "state_key": "",
+         "content": {"room_version": "12", "predecessor": {"room_id": "!old"}}},
+        {"type": CLASS_STATE_TYPE, "sender": BOB, "state_key": "",
+         "content": {"class": "external", "grant": "g-1"}},
+        {"type": HISTORY_STATE_TYPE, "sender": BOB, "state_key": "",
+         "content": {"history_visibility": "joined"}},
+        {"type": "m.room.member", "sender": BOB, "state_key": ALICE,
+         "content": {"membership": "invite", "is_direct": True}},
+    ])
+    assert (f.predecessor, f.claimed_class, f.claimed_grant, f.history_visibility) == (
+        "!old", "external", "g-1", "joined")
+    assert f.class_state is None and f.is_direct is True
+
+
+def test_invite_facts_are_not_this_servers_state() -> None:
+    ev = member_event(PAT, BOB, "invite")
+    ev["unsigned"] = {"invite_room_state": [
+        {"type": "m.room.create", "sender": PAT, "state_key": "",
+         "content": {"room_version": "12"}},
+        {"type": CLASS_STATE_TYPE, "sender": PAT, "state_key": "",
+         "content": {"class": "external"}}]}
+    f = room_facts_from_invite(ev)
+    assert not f.known and f.room_version == "12" and f.class_state is None
+    # nothing is reverted in a room this server does not hold
+    assert P.diff_protected_state(f) == ([], [])
+    # the partner's own room is the partner's class, whatever its state claims
+    assert P.classify_room(f).id == "external" and P.decide_invite(PAT, BOB, f).allow
+
+
+@pytest.mark.parametrize(("content", "allow"), [
+    ({"class": "external", "rule_id": "x", "set_by": "enclave"}, True),  # the record back
+    ({"class": "internal"}, False),
+    ({}, False),
+])
+def test_class_state_may_only_be_set_to_enclaves_record(content: dict, allow: bool) -> None:
+    # Enclave reverts as a local member when its own users are not in the room; the gate
+    # must let exactly that through
+    d = P.decide_state_event(BOB, CLASS_STATE_TYPE, "", content, room("external", BOB))
+    assert d.allow is allow
+    assert not P.decide_state_event(BOB, CLASS_STATE_TYPE, "", content, None).allow
