@@ -1,0 +1,159 @@
+// A staff member's client with Element's own crypto (matrix-js-sdk + its Rust crypto, in
+// Element's "only devices signed by their owner" mode), driven by the integration tests.
+//
+// Protocol: one JSON request per line on stdin ({"id", "cmd", ...args}); one JSON answer
+// per line on stdout ({"id", "ok": true, ...} or {"id", "ok": false, "error"}). Everything
+// the SDK logs goes to stderr, so stdout carries only answers.
+//
+// Commands:
+//   login {base_url, user_id, password, device_name}  sign in, start the Rust crypto, set up
+//        the user's own cross-signing (as Element does for a new account), start syncing;
+//        invites are accepted as they come
+//   events {room_id?}         timeline events as the client sees them (cleartext type and
+//        content once decrypted; decryption_failure: the SDK's reason code while it cannot)
+//   rooms                     joined and invited room ids
+//   send {room_id, body}      an m.text message (encrypted if the room is)
+//   react {room_id, event_id, key}   an m.reaction annotation
+//   trust {user_id, device_id?}      how this client sees that user's identity and device
+//   stop
+import "fake-indexeddb/auto";
+import readline from "node:readline";
+
+// matrix-js-sdk 43 asks for Node >= 22; on Node 20 only this is missing (used when sending)
+if (!Promise.withResolvers) {
+  Promise.withResolvers = function withResolvers() {
+    let resolve, reject;
+    const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
+    return { promise, resolve, reject };
+  };
+}
+for (const level of ["log", "info", "debug", "warn", "trace"]) {
+  console[level] = (...args) => process.stderr.write(args.map(String).join(" ") + "\n");
+}
+
+const sdk = await import("matrix-js-sdk");
+const { OnlySignedDevicesIsolationMode } = await import("matrix-js-sdk/lib/crypto-api/index.js");
+const { logger } = await import("matrix-js-sdk/lib/logger.js");
+logger.setLevel?.(process.env.E2EE_CLIENT_LOG || "warn");
+
+let client = null;
+
+function eventView(roomId, ev) {
+  return {
+    room_id: roomId,
+    event_id: ev.getId(),
+    sender: ev.getSender(),
+    type: ev.getType(),
+    content: ev.getContent(),
+    encrypted: ev.isEncrypted(),
+    decryption_failure: ev.isDecryptionFailure() ? String(ev.decryptionFailureReason) : null,
+  };
+}
+
+async function waitPrepared(c) {
+  if (c.getSyncState() === "PREPARED" || c.getSyncState() === "SYNCING") return;
+  await new Promise((resolve, reject) => {
+    const onSync = (state, _prev, data) => {
+      if (state === "PREPARED" || state === "SYNCING") { c.off(sdk.ClientEvent.Sync, onSync); resolve(); }
+      if (state === "ERROR") { c.off(sdk.ClientEvent.Sync, onSync); reject(new Error(String(data?.error))); }
+    };
+    c.on(sdk.ClientEvent.Sync, onSync);
+  });
+}
+
+const handlers = {
+  async login({ base_url, user_id, password, device_name }) {
+    const anon = sdk.createClient({ baseUrl: base_url });
+    const resp = await anon.loginRequest({
+      type: "m.login.password", identifier: { type: "m.id.user", user: user_id }, password,
+      initial_device_display_name: device_name || "Element (test)",
+    });
+    client = sdk.createClient({
+      baseUrl: base_url, userId: resp.user_id, deviceId: resp.device_id, accessToken: resp.access_token,
+    });
+    await client.initRustCrypto({ useIndexedDB: false });
+    const crypto = client.getCrypto();
+    crypto.setDeviceIsolationMode(new OnlySignedDevicesIsolationMode());
+    // Element sets up cross-signing for a new account at first sign-in
+    await crypto.bootstrapCrossSigning({
+      authUploadDeviceSigningKeys: async (makeRequest) => {
+        await makeRequest({ type: "m.login.password", identifier: { type: "m.id.user", user: user_id }, password });
+      },
+    });
+    client.on(sdk.RoomMemberEvent.Membership, (_ev, member) => {
+      if (member.userId === client.getUserId() && member.membership === "invite") {
+        client.joinRoom(member.roomId).catch((e) => console.warn("join failed", member.roomId, e));
+      }
+    });
+    await client.startClient({ initialSyncLimit: 100 });
+    await waitPrepared(client);
+    return { user_id: resp.user_id, device_id: resp.device_id };
+  },
+
+  async rooms() {
+    const rooms = client.getRooms();
+    return {
+      joined: rooms.filter((r) => r.getMyMembership() === "join").map((r) => r.roomId),
+      invited: rooms.filter((r) => r.getMyMembership() === "invite").map((r) => r.roomId),
+    };
+  },
+
+  async events({ room_id }) {
+    const rooms = room_id ? [client.getRoom(room_id)].filter(Boolean) : client.getRooms();
+    const out = [];
+    for (const room of rooms) {
+      for (const ev of room.getLiveTimeline().getEvents()) out.push(eventView(room.roomId, ev));
+    }
+    return { events: out };
+  },
+
+  async send({ room_id, body }) {
+    const r = await client.sendEvent(room_id, "m.room.message", { msgtype: "m.text", body });
+    return { event_id: r.event_id };
+  },
+
+  async react({ room_id, event_id, key }) {
+    const r = await client.sendEvent(room_id, "m.reaction", {
+      "m.relates_to": { rel_type: "m.annotation", event_id, key },
+    });
+    return { event_id: r.event_id };
+  },
+
+  async trust({ user_id, device_id }) {
+    const crypto = client.getCrypto();
+    const devices = await crypto.getUserDeviceInfo([user_id], true);
+    const user = await crypto.getUserVerificationStatus(user_id);
+    const out = {
+      known: user.known, needs_user_approval: user.needsUserApproval,
+      cross_signing_verified: user.isCrossSigningVerified(),
+      devices: [...(devices.get(user_id)?.keys() ?? [])],
+    };
+    if (device_id) {
+      const d = await crypto.getDeviceVerificationStatus(user_id, device_id);
+      out.device = d && { signed_by_owner: d.signedByOwner, cross_signing_verified: d.crossSigningVerified };
+    }
+    return out;
+  },
+
+  async stop() {
+    if (client) client.stopClient();
+    setTimeout(() => process.exit(0), 50);
+    return {};
+  },
+};
+
+const rl = readline.createInterface({ input: process.stdin });
+rl.on("line", async (line) => {
+  let req;
+  try { req = JSON.parse(line); } catch { return; }
+  const answer = (body) => process.stdout.write(JSON.stringify({ id: req.id, ...body }) + "\n");
+  try {
+    const handler = handlers[req.cmd];
+    if (!handler) throw new Error(`unknown command ${req.cmd}`);
+    if (req.cmd !== "login" && !client) throw new Error("not logged in");
+    answer({ ok: true, ...(await handler(req)) });
+  } catch (e) {
+    answer({ ok: false, error: `${e?.name || "Error"}: ${e?.message || e}` });
+  }
+});
+rl.on("close", () => { if (client) client.stopClient(); process.exit(0); });

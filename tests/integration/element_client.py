@@ -1,0 +1,109 @@
+"""Element's crypto as a staff client: ``tests/e2ee_client/client.mjs`` (matrix-js-sdk with
+its Rust crypto, device isolation "only devices signed by their owner", as Element since
+April 2026) run by Node and driven over JSON lines.
+
+``deploy/install.sh`` installs its npm packages (pinned by ``package-lock.json``) into
+``tests/e2ee_client/node_modules``; :func:`element_client_available` says why not when
+Node or the packages are missing, so the tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+CLIENT_DIR = Path(__file__).resolve().parents[1] / "e2ee_client"
+SCRIPT = CLIENT_DIR / "client.mjs"
+
+
+def element_client_available() -> str | None:
+    """None when the Node client can run, else why not."""
+    if shutil.which("node") is None:
+        return "node is not installed (deploy/install.sh installs it)"
+    if not (CLIENT_DIR / "node_modules" / "matrix-js-sdk").is_dir():
+        return f"npm packages missing: run deploy/install.sh (npm ci in {CLIENT_DIR})"
+    return None
+
+
+class ElementClient:
+    """One Node process = one signed-in staff device with Element's crypto."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path):
+        self._proc = proc
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self.stderr_path = stderr_path
+        self.user_id = ""
+        self.device_id = ""
+
+    @classmethod
+    async def start(cls, log_dir: Path) -> ElementClient:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stderr_path = log_dir / f"element-client-{id(log_dir)}-{len(list(log_dir.iterdir()))}.log"
+        err = stderr_path.open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(SCRIPT), cwd=str(CLIENT_DIR), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=err, limit=64 * 1024 * 1024)
+        err.close()
+        return cls(proc, stderr_path)
+
+    async def call(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+        """Send one command; its answer (raises with the client's error and log tail)."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        async with self._lock:
+            rid = next(self._ids)
+            self._proc.stdin.write(json.dumps({"id": rid, "cmd": cmd, **args}).encode() + b"\n")
+            await self._proc.stdin.drain()
+            while True:
+                line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+                if not line:
+                    raise RuntimeError(f"element client exited during {cmd}: {self.log_tail()}")
+                answer = json.loads(line)
+                if answer.get("id") == rid:
+                    break
+        if not answer.get("ok"):
+            raise RuntimeError(f"element client {cmd}: {answer.get('error')}")
+        return answer
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    async def login(self, base_url: str, user_id: str, password: str,
+                    device_name: str = "Element (test)") -> str:
+        r = await self.call("login", timeout=120, base_url=base_url, user_id=user_id,
+                            password=password, device_name=device_name)
+        self.user_id, self.device_id = r["user_id"], r["device_id"]
+        return self.device_id
+
+    async def events(self, room_id: str | None = None) -> list[dict[str, Any]]:
+        return (await self.call("events", room_id=room_id))["events"]
+
+    async def rooms(self) -> dict[str, list[str]]:
+        return await self.call("rooms")
+
+    async def send(self, room_id: str, body: str) -> str:
+        return (await self.call("send", room_id=room_id, body=body))["event_id"]
+
+    async def react(self, room_id: str, event_id: str, key: str) -> str:
+        return (await self.call("react", room_id=room_id, event_id=event_id,
+                                key=key))["event_id"]
+
+    async def trust(self, user_id: str, device_id: str | None = None) -> dict[str, Any]:
+        return await self.call("trust", user_id=user_id, device_id=device_id)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.call("stop"), 5)
+        with contextlib.suppress(ProcessLookupError):
+            if self._proc.returncode is None:
+                self._proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._proc.wait(), 5)

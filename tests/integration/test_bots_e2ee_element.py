@@ -1,0 +1,167 @@
+"""Encrypted announcements read by Element's own crypto (matrix-js-sdk + Rust crypto, device
+isolation "only devices signed by their owner": Element's mode since April 2026).
+
+Against a real Synapse: a newly provisioned person signs in with that client just before the
+announcement; the first and every later message of the new encrypted DM decrypt; the person's
+encrypted ✅ reaction and encrypted ``!ack`` are both recorded in the report; after a restart
+of Enclave the bot keeps its cross-signing identity (no "identity changed") and its messages
+still decrypt. matrix-nio (the other tests' client) applies none of Element's rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bots.announcements.service import make_occurrence, spec_for
+
+from .bots_helpers import ANNOUNCE_BOT, Clock, InProcessEnclave, person, uid, write_bots_config
+from .element_client import ElementClient, element_client_available
+from .harness import Stack, wait_until
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(element_client_available() is not None,
+                                 reason=str(element_client_available()))]
+
+PEOPLE = [person("n1", "nora", "Legal")]
+
+
+def bots(store_dir: Path) -> dict:
+    note = {"title": "Policy", "require_ack": True, "audience": {"department": ["Legal"]}}
+    return {
+        "encryption": {"enabled": True, "store_dir": str(store_dir)},
+        "announcements": {
+            "poll_seconds": 0.5,
+            "dm": {"encrypted": True},
+            "announcements": [
+                {**note, "id": "policy-1", "body": "Hello {first_name}: read policy one."},
+                {**note, "id": "policy-2", "body": "Hello {first_name}: read policy two."},
+                {**note, "id": "policy-3", "body": "Hello {first_name}: read policy three."},
+            ],
+        },
+    }
+
+
+@pytest.fixture
+async def element(tmp_path: Path) -> AsyncIterator[ElementClient]:
+    client = await ElementClient.start(tmp_path / "node")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def announce(enclave: InProcessEnclave, announcement_id: str) -> None:
+    svc = enclave.svc
+    cfg = svc.config.bots.announcements
+    spec = spec_for(next(a for a in cfg.announcements if a.id == announcement_id),
+                    cfg.timezone)
+    now = enclave.clock()
+    created, _ = await make_occurrence(
+        svc.store, await svc.store.directory_view(), announcement_id=announcement_id,
+        occurrence_id="o1", kind="manual", spec=spec, scheduled_at=now, created_by="test",
+        now_ms=now)
+    assert created
+    enclave.bots.announcements.waker.wake()
+
+
+async def bot_message(element: ElementClient, text: str) -> dict[str, Any]:
+    """Wait for the bot's message containing ``text`` as the Element client sees it, and
+    until it is decrypted (or the client gives a final reason it cannot be)."""
+    last: dict[str, Any] = {}
+
+    async def shown() -> dict[str, Any] | None:
+        nonlocal last
+        for ev in await element.events():
+            if ev["sender"] != ANNOUNCE_BOT or not ev["encrypted"]:
+                continue
+            last = ev
+            if text in str(ev["content"].get("body", "")):
+                return ev
+        return None
+
+    try:
+        return await wait_until(shown, within=60, interval=0.5,
+                                what=f"Element decrypting the bot's '{text}'")
+    except AssertionError:
+        raise AssertionError(f"not decrypted; last bot event seen: {last}\n"
+                             f"{element.log_tail()}") from None
+
+
+async def delivery(enclave: InProcessEnclave, announcement_id: str, user: str,
+                   *, acked: bool = False) -> Any:
+    async def row() -> Any:
+        rows = await enclave.svc.store.announcement_deliveries(announcement_id, "o1")
+        found = [r for r in rows if r.target == user and r.status != "pending"]
+        if found and (not acked or found[0].acked_at is not None):
+            return found[0]
+        return None
+
+    return await wait_until(row, within=60, what=f"{announcement_id} delivery to {user}"
+                            + (" acknowledged" if acked else ""))
+
+
+async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded(
+        stack: Stack, element: ElementClient, tmp_path: Path) -> None:
+    config = write_bots_config(stack, tmp_path / "enclave", PEOPLE,
+                               bots=bots(tmp_path / "crypto"))
+    clock = Clock()
+    enclave = InProcessEnclave(config, stack.as_port, clock)
+    await enclave.start()
+    try:
+        await enclave.wait_directory()
+        await enclave.wait_bots_ready()
+        # newly provisioned: signs in (and sets up cross-signing, as Element does) just now
+        await element.login(stack.synapse.base_url, uid("nora"), "pw-nora")
+        await announce(enclave, "policy-1")
+
+        first = await bot_message(element, "read policy one")
+        assert first["decryption_failure"] is None
+        row = await delivery(enclave, "policy-1", uid("nora"))
+        assert row.status == "sent", row
+        room = first["room_id"]
+        # the first message the bot sent in the new DM is that announcement
+        bot_msgs = [e for e in await element.events(room) if e["sender"] == ANNOUNCE_BOT
+                    and e["type"] == "m.room.message"]
+        assert bot_msgs[0]["event_id"] == first["event_id"]
+
+        # the bot's device is signed by its owner in Element's eyes
+        device = enclave.bots.services.encrypted_sender._by_user[ANNOUNCE_BOT].device_id
+        trust = await element.trust(ANNOUNCE_BOT, device)
+        assert trust["device"]["signed_by_owner"] is True, trust
+        assert trust["needs_user_approval"] is False
+
+        # an encrypted ✅ on the first, an encrypted !ack on the second: both recorded
+        await element.react(room, first["event_id"], "✅")
+        acked = await delivery(enclave, "policy-1", uid("nora"), acked=True)
+        assert acked.ack_method == "reaction"
+
+        await announce(enclave, "policy-2")
+        second = await bot_message(element, "read policy two")
+        assert second["room_id"] == room and second["decryption_failure"] is None
+        await element.send(room, "!ack")
+        acked2 = await delivery(enclave, "policy-2", uid("nora"), acked=True)
+        assert acked2.ack_method == "command"
+        await bot_message(element, "Acknowledged")  # the bot's encrypted reply, readable
+    finally:
+        await enclave.stop()
+
+    # a restart keeps the identity: same device, same keys, no "identity changed"
+    enclave = InProcessEnclave(config, stack.as_port, clock)
+    await enclave.start()
+    try:
+        await enclave.wait_bots_ready()
+        sender = enclave.bots.services.encrypted_sender._by_user[ANNOUNCE_BOT]
+        assert await sender.wait_ready(60)
+        assert sender.device_id == device
+        await announce(enclave, "policy-3")
+        third = await bot_message(element, "read policy three")
+        assert third["decryption_failure"] is None
+        trust = await element.trust(ANNOUNCE_BOT, device)
+        assert trust["needs_user_approval"] is False and trust["device"]["signed_by_owner"]
+        assert (await delivery(enclave, "policy-3", uid("nora"))).status == "sent"
+    finally:
+        await enclave.stop()
