@@ -85,7 +85,8 @@ def _encryption(svc: Services, cfg: Any) -> tuple[MessageSender, Decrypt, dict[s
         user_id = f"@{localpart}:{conf.homeserver.server_name}"
         devices[user_id] = EncryptedSender(
             svc.client, homeserver_url=conf.homeserver.url, user_id=user_id,
-            store_dir=root / localpart, appservice_sender=conf.bot_user_id)
+            store_dir=root / localpart, appservice_sender=conf.bot_user_id,
+            require_signed_devices=cfg.encryption.require_signed_devices)
 
     async def decrypt(bot_user: str, room_id: str,
                       event: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,20 @@ class ElementClient:
         self.device_id = ""
 
     @classmethod
-    async def start(cls, log_dir: Path) -> ElementClient:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        stderr_path = log_dir / f"element-client-{id(log_dir)}-{len(list(log_dir.iterdir()))}.log"
-        err = stderr_path.open("wb")
+    async def start(cls, log_dir: Path, name: str = "element") -> ElementClient:
+        def open_log() -> tuple[Path, Any]:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+            return path, path.open("wb")
+
+        stderr_path, err = await asyncio.to_thread(open_log)
         proc = await asyncio.create_subprocess_exec(
             "node", str(SCRIPT), cwd=str(CLIENT_DIR), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=err, limit=64 * 1024 * 1024)
         err.close()
         return cls(proc, stderr_path)
 
-    async def call(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+    async def call(self, cmd: str, within: float = 60.0, **args: Any) -> dict[str, Any]:
         """Send one command; its answer (raises with the client's error and log tail)."""
         assert self._proc.stdin is not None and self._proc.stdout is not None
         async with self._lock:
@@ -60,7 +64,7 @@ class ElementClient:
             self._proc.stdin.write(json.dumps({"id": rid, "cmd": cmd, **args}).encode() + b"\n")
             await self._proc.stdin.drain()
             while True:
-                line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+                line = await asyncio.wait_for(self._proc.stdout.readline(), within)
                 if not line:
                     raise RuntimeError(f"element client exited during {cmd}: {self.log_tail()}")
                 answer = json.loads(line)
@@ -78,7 +82,7 @@ class ElementClient:
 
     async def login(self, base_url: str, user_id: str, password: str,
                     device_name: str = "Element (test)") -> str:
-        r = await self.call("login", timeout=120, base_url=base_url, user_id=user_id,
+        r = await self.call("login", within=120, base_url=base_url, user_id=user_id,
                             password=password, device_name=device_name)
         self.user_id, self.device_id = r["user_id"], r["device_id"]
         return self.device_id

@@ -13,7 +13,15 @@ import pytest
 
 from bots.announcements.service import make_occurrence, spec_for
 
-from .bots_helpers import ANNOUNCE_BOT, Clock, InProcessEnclave, person, uid, write_bots_config
+from .bots_helpers import (
+    ANNOUNCE_BOT,
+    Clock,
+    InProcessEnclave,
+    cross_sign,
+    person,
+    uid,
+    write_bots_config,
+)
 from .harness import Stack, nio, wait_until
 
 pytestmark = pytest.mark.integration
@@ -58,6 +66,7 @@ async def e2ee_login(stack: Stack, username: str, store: Path) -> nio.AsyncClien
     resp = await client.login(f"pw-{username}", device_name="erin's laptop")
     assert isinstance(resp, nio.LoginResponse), resp
     assert isinstance(await client.keys_upload(), nio.KeysUploadResponse)
+    await cross_sign(client)  # as Element does: the bots count only owner-signed devices
     await client.sync(timeout=0, full_state=True)
     return client
 

@@ -55,6 +55,7 @@ async def element(tmp_path: Path) -> AsyncIterator[ElementClient]:
 
 
 async def announce(enclave: InProcessEnclave, announcement_id: str) -> None:
+    enclave.clock.t += 60_000  # each later than the last: `!ack` means the latest
     svc = enclave.svc
     cfg = svc.config.bots.announcements
     spec = spec_for(next(a for a in cfg.announcements if a.id == announcement_id),
