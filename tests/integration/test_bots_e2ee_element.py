@@ -18,24 +18,30 @@ import pytest
 
 from bots.announcements.service import make_occurrence, spec_for
 
-from .bots_helpers import ANNOUNCE_BOT, Clock, InProcessEnclave, person, uid, write_bots_config
+from .bots_helpers import NAMESPACE, Clock, InProcessEnclave, person, uid, write_bots_config
 from .element_client import ElementClient, element_client_available
-from .harness import Stack, wait_until
+from .harness import SERVER_NAME, Stack, wait_until
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(element_client_available() is not None,
                                  reason=str(element_client_available()))]
 
-PEOPLE = [person("n1", "nora", "Legal")]
+# one person and one bot user per test case: a case must find no identity of the other's
+PEOPLE = {"invite": person("n1", "nora", "Legal"), "auto": person("n2", "nick", "Legal")}
 
 
-def bots(store_dir: Path) -> dict:
+def bot_id(join: str) -> str:
+    return f"@{NAMESPACE}ann-{join}:{SERVER_NAME}"
+
+
+def bots(store_dir: Path, join: str) -> dict:
     note = {"title": "Policy", "require_ack": True, "audience": {"department": ["Legal"]}}
     return {
         "encryption": {"enabled": True, "store_dir": str(store_dir)},
         "announcements": {
             "poll_seconds": 0.5,
-            "dm": {"encrypted": True},
+            "bot": {"localpart": f"ann-{join}", "displayname": "Announcements"},
+            "dm": {"encrypted": True, "join": join},
             "announcements": [
                 {**note, "id": "policy-1", "body": "Hello {first_name}: read policy one."},
                 {**note, "id": "policy-2", "body": "Hello {first_name}: read policy two."},
@@ -69,7 +75,8 @@ async def announce(enclave: InProcessEnclave, announcement_id: str) -> None:
     enclave.bots.announcements.waker.wake()
 
 
-async def bot_message(element: ElementClient, text: str) -> dict[str, Any]:
+async def bot_message(element: ElementClient, bot: str, text: str,
+                      within: float = 60) -> dict[str, Any]:
     """Wait for the bot's message containing ``text`` as the Element client sees it, and
     until it is decrypted (or the client gives a final reason it cannot be)."""
     last: dict[str, Any] = {}
@@ -77,7 +84,7 @@ async def bot_message(element: ElementClient, text: str) -> dict[str, Any]:
     async def shown() -> dict[str, Any] | None:
         nonlocal last
         for ev in await element.events():
-            if ev["sender"] != ANNOUNCE_BOT or not ev["encrypted"]:
+            if ev["sender"] != bot or not ev["encrypted"]:
                 continue
             last = ev
             if text in str(ev["content"].get("body", "")):
@@ -85,7 +92,7 @@ async def bot_message(element: ElementClient, text: str) -> dict[str, Any]:
         return None
 
     try:
-        return await wait_until(shown, within=60, interval=0.5,
+        return await wait_until(shown, within=within, interval=0.5,
                                 what=f"Element decrypting the bot's '{text}'")
     except AssertionError:
         raise AssertionError(f"not decrypted; last bot event seen: {last}\n"
@@ -105,10 +112,23 @@ async def delivery(enclave: InProcessEnclave, announcement_id: str, user: str,
                             + (" acknowledged" if acked else ""))
 
 
+# "auto" (the default): Enclave joins the person to the DM before the first message.
+# "invite": the person's client joins after the first message was sent. The room key does
+# reach the invitee now (it did not before), but Element's client only starts fetching the
+# bot's device keys when it joins, decrypts the message in that same sync and gives up for
+# good with UNKNOWN_SENDER_DEVICE (matrix-js-sdk drops such events from its retry list):
+# a known limitation (README), kept here so a change of either side shows.
+@pytest.mark.parametrize("join", [
+    "auto",
+    pytest.param("invite", marks=pytest.mark.xfail(
+        strict=True, reason="Element decrypts the first message of a DM joined after it was "
+                            "sent before it knows the bot's device (UNKNOWN_SENDER_DEVICE)")),
+])
 async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded(
-        stack: Stack, element: ElementClient, tmp_path: Path) -> None:
-    config = write_bots_config(stack, tmp_path / "enclave", PEOPLE,
-                               bots=bots(tmp_path / "crypto"))
+        stack: Stack, element: ElementClient, tmp_path: Path, join: str) -> None:
+    me, bot = PEOPLE[join]["username"], bot_id(join)
+    config = write_bots_config(stack, tmp_path / "enclave", [PEOPLE[join]],
+                               bots=bots(tmp_path / "crypto", join))
     clock = Clock()
     enclave = InProcessEnclave(config, stack.as_port, clock)
     await enclave.start()
@@ -116,37 +136,38 @@ async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded
         await enclave.wait_directory()
         await enclave.wait_bots_ready()
         # newly provisioned: signs in (and sets up cross-signing, as Element does) just now
-        await element.login(stack.synapse.base_url, uid("nora"), "pw-nora")
+        await element.login(stack.synapse.base_url, uid(me), f"pw-{me}")
         await announce(enclave, "policy-1")
 
-        first = await bot_message(element, "read policy one")
+        first = await bot_message(element, bot, "read policy one",
+                                  within=60 if join == "auto" else 20)
         assert first["decryption_failure"] is None
-        row = await delivery(enclave, "policy-1", uid("nora"))
+        row = await delivery(enclave, "policy-1", uid(me))
         assert row.status == "sent", row
         room = first["room_id"]
         # the first message the bot sent in the new DM is that announcement
-        bot_msgs = [e for e in await element.events(room) if e["sender"] == ANNOUNCE_BOT
+        bot_msgs = [e for e in await element.events(room) if e["sender"] == bot
                     and e["type"] == "m.room.message"]
         assert bot_msgs[0]["event_id"] == first["event_id"]
 
         # the bot's device is signed by its owner in Element's eyes
-        device = enclave.bots.services.encrypted_sender._by_user[ANNOUNCE_BOT].device_id
-        trust = await element.trust(ANNOUNCE_BOT, device)
+        device = enclave.bots.services.encrypted_sender._by_user[bot].device_id
+        trust = await element.trust(bot, device)
         assert trust["device"]["signed_by_owner"] is True, trust
         assert trust["needs_user_approval"] is False
 
         # an encrypted ✅ on the first, an encrypted !ack on the second: both recorded
         await element.react(room, first["event_id"], "✅")
-        acked = await delivery(enclave, "policy-1", uid("nora"), acked=True)
+        acked = await delivery(enclave, "policy-1", uid(me), acked=True)
         assert acked.ack_method == "reaction"
 
         await announce(enclave, "policy-2")
-        second = await bot_message(element, "read policy two")
+        second = await bot_message(element, bot, "read policy two")
         assert second["room_id"] == room and second["decryption_failure"] is None
         await element.send(room, "!ack")
-        acked2 = await delivery(enclave, "policy-2", uid("nora"), acked=True)
+        acked2 = await delivery(enclave, "policy-2", uid(me), acked=True)
         assert acked2.ack_method == "command"
-        await bot_message(element, "Acknowledged")  # the bot's encrypted reply, readable
+        await bot_message(element, bot, "Acknowledged")  # the bot's encrypted reply, readable
     finally:
         await enclave.stop()
 
@@ -155,14 +176,14 @@ async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded
     await enclave.start()
     try:
         await enclave.wait_bots_ready()
-        sender = enclave.bots.services.encrypted_sender._by_user[ANNOUNCE_BOT]
+        sender = enclave.bots.services.encrypted_sender._by_user[bot]
         assert await sender.wait_ready(60)
         assert sender.device_id == device
         await announce(enclave, "policy-3")
-        third = await bot_message(element, "read policy three")
+        third = await bot_message(element, bot, "read policy three")
         assert third["decryption_failure"] is None
-        trust = await element.trust(ANNOUNCE_BOT, device)
+        trust = await element.trust(bot, device)
         assert trust["needs_user_approval"] is False and trust["device"]["signed_by_owner"]
-        assert (await delivery(enclave, "policy-3", uid("nora"))).status == "sent"
+        assert (await delivery(enclave, "policy-3", uid(me))).status == "sent"
     finally:
         await enclave.stop()
