@@ -5,10 +5,15 @@
 // per line on stdout ({"id", "ok": true, ...} or {"id", "ok": false, "error"}). Everything
 // the SDK logs goes to stderr, so stdout carries only answers.
 //
+// Every command may name the client it is for ("client": any string, default "default"),
+// so one process can hold many signed-in devices (the fan-out benchmark).
+//
 // Commands:
 //   login {base_url, user_id, password, device_name}  sign in, start the Rust crypto, set up
 //        the user's own cross-signing (as Element does for a new account), start syncing;
-//        invites are accepted as they come
+//        invites are accepted as they come. Instead of a password: {device_id,
+//        access_token} of a session made elsewhere (the first cross-signing upload needs no
+//        interactive auth, MSC3967)
 //   events {room_id?}         timeline events as the client sees them (cleartext type and
 //        content once decrypted; decryption_failure: the SDK's reason code while it cannot)
 //   rooms                     joined and invited room ids
@@ -36,7 +41,7 @@ const { OnlySignedDevicesIsolationMode } = await import("matrix-js-sdk/lib/crypt
 const { logger } = await import("matrix-js-sdk/lib/logger.js");
 logger.setLevel?.(process.env.E2EE_CLIENT_LOG || "warn");
 
-let client = null;
+const clients = new Map();
 
 function eventView(roomId, ev) {
   return {
@@ -62,13 +67,14 @@ async function waitPrepared(c) {
 }
 
 const handlers = {
-  async login({ base_url, user_id, password, device_name }) {
-    const anon = sdk.createClient({ baseUrl: base_url });
-    const resp = await anon.loginRequest({
-      type: "m.login.password", identifier: { type: "m.id.user", user: user_id }, password,
-      initial_device_display_name: device_name || "Element (test)",
-    });
-    client = sdk.createClient({
+  async login({ base_url, user_id, password, device_name, device_id, access_token }, name) {
+    const resp = password === undefined || password === null
+      ? { user_id, device_id, access_token }
+      : await sdk.createClient({ baseUrl: base_url }).loginRequest({
+        type: "m.login.password", identifier: { type: "m.id.user", user: user_id }, password,
+        initial_device_display_name: device_name || "Element (test)",
+      });
+    const client = sdk.createClient({
       baseUrl: base_url, userId: resp.user_id, deviceId: resp.device_id, accessToken: resp.access_token,
     });
     await client.initRustCrypto({ useIndexedDB: false });
@@ -77,7 +83,7 @@ const handlers = {
     // Element sets up cross-signing for a new account at first sign-in
     await crypto.bootstrapCrossSigning({
       authUploadDeviceSigningKeys: async (makeRequest) => {
-        await makeRequest({ type: "m.login.password", identifier: { type: "m.id.user", user: user_id }, password });
+        await makeRequest(password ? { type: "m.login.password", identifier: { type: "m.id.user", user: user_id }, password } : null);
       },
     });
     client.on(sdk.RoomMemberEvent.Membership, (_ev, member) => {
@@ -87,10 +93,11 @@ const handlers = {
     });
     await client.startClient({ initialSyncLimit: 100 });
     await waitPrepared(client);
+    clients.set(name, client);
     return { user_id: resp.user_id, device_id: resp.device_id };
   },
 
-  async rooms() {
+  async rooms(_req, _name, client) {
     const rooms = client.getRooms();
     return {
       joined: rooms.filter((r) => r.getMyMembership() === "join").map((r) => r.roomId),
@@ -98,7 +105,7 @@ const handlers = {
     };
   },
 
-  async events({ room_id }) {
+  async events({ room_id }, _name, client) {
     const rooms = room_id ? [client.getRoom(room_id)].filter(Boolean) : client.getRooms();
     const out = [];
     for (const room of rooms) {
@@ -107,19 +114,19 @@ const handlers = {
     return { events: out };
   },
 
-  async send({ room_id, body }) {
+  async send({ room_id, body }, _name, client) {
     const r = await client.sendEvent(room_id, "m.room.message", { msgtype: "m.text", body });
     return { event_id: r.event_id };
   },
 
-  async react({ room_id, event_id, key }) {
+  async react({ room_id, event_id, key }, _name, client) {
     const r = await client.sendEvent(room_id, "m.reaction", {
       "m.relates_to": { rel_type: "m.annotation", event_id, key },
     });
     return { event_id: r.event_id };
   },
 
-  async trust({ user_id, device_id }) {
+  async trust({ user_id, device_id }, _name, client) {
     const crypto = client.getCrypto();
     const devices = await crypto.getUserDeviceInfo([user_id], true);
     const user = await crypto.getUserVerificationStatus(user_id);
@@ -136,7 +143,7 @@ const handlers = {
   },
 
   async stop() {
-    if (client) client.stopClient();
+    for (const c of clients.values()) c.stopClient();
     setTimeout(() => process.exit(0), 50);
     return {};
   },
@@ -150,10 +157,12 @@ rl.on("line", async (line) => {
   try {
     const handler = handlers[req.cmd];
     if (!handler) throw new Error(`unknown command ${req.cmd}`);
-    if (req.cmd !== "login" && !client) throw new Error("not logged in");
-    answer({ ok: true, ...(await handler(req)) });
+    const name = req.client || "default";
+    const client = clients.get(name);
+    if (req.cmd !== "login" && req.cmd !== "stop" && !client) throw new Error(`client ${name} not logged in`);
+    answer({ ok: true, ...(await handler(req, name, client)) });
   } catch (e) {
     answer({ ok: false, error: `${e?.name || "Error"}: ${e?.message || e}` });
   }
 });
-rl.on("close", () => { if (client) client.stopClient(); process.exit(0); });
+rl.on("close", () => { for (const c of clients.values()) c.stopClient(); process.exit(0); });

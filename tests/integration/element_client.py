@@ -32,15 +32,47 @@ def element_client_available() -> str | None:
 
 
 class ElementClient:
-    """One Node process = one signed-in staff device with Element's crypto."""
+    """One Node process holding signed-in staff devices with Element's crypto: one by
+    default; :meth:`device` gives further ones (named) in the same process."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path):
+    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path,
+                 name: str = "default", parent: ElementClient | None = None):
         self._proc = proc
-        self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1) if parent is None else parent._ids
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = (
+            {} if parent is None else parent._pending)
+        self._reader: asyncio.Task[None] | None = None if parent is None else parent._reader
+        self._parent = parent
+        self.name = name
         self.stderr_path = stderr_path
         self.user_id = ""
         self.device_id = ""
+
+    def device(self, name: str) -> ElementClient:
+        """Another device (log it in with :meth:`login`) in the same Node process."""
+        self._ensure_reader()
+        return ElementClient(self._proc, self.stderr_path, name, parent=self)
+
+    def _ensure_reader(self) -> None:
+        root = self._parent or self
+        if root._reader is None:
+            root._reader = asyncio.create_task(root._read())
+        self._reader = root._reader
+
+    async def _read(self) -> None:
+        assert self._proc.stdout is not None
+        while True:
+            line = await self._proc.stdout.readline()
+            if not line:
+                break
+            answer = json.loads(line)
+            fut = self._pending.pop(answer.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(answer)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"element client exited: {self.log_tail()}"))
+        self._pending.clear()
 
     @classmethod
     async def start(cls, log_dir: Path, name: str = "element") -> ElementClient:
@@ -58,18 +90,18 @@ class ElementClient:
 
     async def call(self, cmd: str, within: float = 60.0, **args: Any) -> dict[str, Any]:
         """Send one command; its answer (raises with the client's error and log tail)."""
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        async with self._lock:
-            rid = next(self._ids)
-            self._proc.stdin.write(json.dumps({"id": rid, "cmd": cmd, **args}).encode() + b"\n")
-            await self._proc.stdin.drain()
-            while True:
-                line = await asyncio.wait_for(self._proc.stdout.readline(), within)
-                if not line:
-                    raise RuntimeError(f"element client exited during {cmd}: {self.log_tail()}")
-                answer = json.loads(line)
-                if answer.get("id") == rid:
-                    break
+        assert self._proc.stdin is not None
+        self._ensure_reader()
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._proc.stdin.write(json.dumps({"id": rid, "cmd": cmd, "client": self.name,
+                                           **args}).encode() + b"\n")
+        await self._proc.stdin.drain()
+        try:
+            answer = await asyncio.wait_for(fut, within)
+        finally:
+            self._pending.pop(rid, None)
         if not answer.get("ok"):
             raise RuntimeError(f"element client {cmd}: {answer.get('error')}")
         return answer
@@ -80,10 +112,14 @@ class ElementClient:
         except OSError:
             return ""
 
-    async def login(self, base_url: str, user_id: str, password: str,
-                    device_name: str = "Element (test)") -> str:
-        r = await self.call("login", within=120, base_url=base_url, user_id=user_id,
-                            password=password, device_name=device_name)
+    async def login(self, base_url: str, user_id: str, password: str | None = None,
+                    device_name: str = "Element (test)", *, device_id: str | None = None,
+                    access_token: str | None = None) -> str:
+        """Sign in with a password, or take over a session made elsewhere (device id and
+        access token); either way set up cross-signing and start syncing."""
+        r = await self.call("login", within=300, base_url=base_url, user_id=user_id,
+                            password=password, device_name=device_name, device_id=device_id,
+                            access_token=access_token)
         self.user_id, self.device_id = r["user_id"], r["device_id"]
         return self.device_id
 
@@ -104,8 +140,14 @@ class ElementClient:
         return await self.call("trust", user_id=user_id, device_id=device_id)
 
     async def close(self) -> None:
+        """Stop the Node process (every device in it)."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.call("stop"), 5)
+        root = self._parent or self
+        if root._reader is not None:
+            root._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await root._reader
         with contextlib.suppress(ProcessLookupError):
             if self._proc.returncode is None:
                 self._proc.kill()
