@@ -93,6 +93,9 @@ __all__ = [
 ]
 
 SESSION_FILE = "session.json"
+# first keys of room sessions, for invited members when they join (secret, 0600)
+FIRST_KEYS_FILE = "invitee_keys.json"
+MEGOLM = "m.megolm.v1.aes-sha2"
 MESSAGE_TYPE = "m.room.message"
 # What the bot's own sync needs: to-device messages (room keys from staff devices, Olm
 # session set-up), one-time-key counts and device-list changes, none of which a room filter
@@ -144,6 +147,8 @@ class SessionView:
     shared_with: frozenset[Device]
     # devices that could not get this session when it was shared (no Olm session possible)
     unreachable: frozenset[Device] = frozenset()
+    # invited members whose devices get this session's first key when they join
+    for_invited: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,8 @@ def _required(members: Mapping[str, frozenset[str]], own_user: str) -> frozenset
 
 
 def decide_share(
-    members: Mapping[str, frozenset[str]], own_user: str, session: SessionView | None
+    members: Mapping[str, frozenset[str]], own_user: str, session: SessionView | None,
+    invited: frozenset[str] = frozenset(),
 ) -> ShareDecision:
     """Decide whether the room key must be shared (and the current one replaced).
 
@@ -185,6 +191,9 @@ def decide_share(
     A shared session is reused only while every member device has it (or could not get it
     when it was shared) and nobody outside the room holds it; otherwise it is replaced,
     because a shared Megolm session cannot be taken back from someone who left.
+    ``invited``: invited members. Their devices get a session's first key when they join
+    (so they read every message sent while they were invited); a session started before
+    someone was invited is replaced, since its first key is no longer at hand.
     """
     if session is None or not session.shared:
         return ShareDecision(True, False, "no room key shared yet")
@@ -197,6 +206,9 @@ def decide_share(
     if missing:
         users = sorted({u for u, _ in missing})
         return ShareDecision(True, True, f"new devices or members: {', '.join(users)}")
+    new_invitees = sorted(invited - session.for_invited)
+    if new_invitees:
+        return ShareDecision(True, True, f"new invited members: {', '.join(new_invitees)}")
     return ShareDecision(False, False, "room key already shared with every member device")
 
 
@@ -358,6 +370,8 @@ class EncryptedSender:
         self._keys_lock = asyncio.Lock()
         self._claim_lock = asyncio.Lock()
         self._unreachable: dict[str, tuple[str, frozenset[Device]]] = {}
+        # room -> session id -> {"key": first session key, "invited": [users]}
+        self._first_keys: dict[str, dict[str, dict[str, Any]]] = {}
         # set when a send gave up waiting for readiness: later sends fail at once instead of
         # each waiting ready_timeout again (a fan-out would otherwise take hours to fail)
         self._gave_up_waiting = False
@@ -489,6 +503,7 @@ class EncryptedSender:
             session = await self._check_token(session)
         session.save(path)
         self._session = session
+        self._first_keys = await asyncio.to_thread(self._load_first_keys)
 
         config = nio.AsyncClientConfig(
             encryption_enabled=True, store_sync_tokens=True, pickle_key=session.pickle_key,
@@ -810,24 +825,30 @@ class EncryptedSender:
             raise HomeserverUnavailable(f"members of {room_id}: {e}") from e
         if membership.get(self.user_id) != "join":
             raise CannotEncrypt(room_id, "the bot is not joined to the room")
-        # Invited members get the key too: a DM's invitee joins to read the first message
-        # (Element shares with invitees as well when history is visible to them).
+        # The key goes to joined members now; invited members get the session's first key
+        # when they join (share_on_join). Sent to an invitee up front, Element's client would
+        # try the message the moment it joins, before it has fetched the bot's device, fail
+        # with "sender device not known" and never try again; arriving after the join, the
+        # key makes it retry.
+        joined = {u for u, state in membership.items() if state == "join"}
+        invited = frozenset(u for u, state in membership.items() if state == "invite")
         for user in tuple(room.users):
-            if user not in membership:
+            if user not in joined:
                 room.remove_member(user)
-        for user, state in membership.items():
-            room.add_member(user, None, None, invited=state == "invite")
+        for user in joined:
+            room.add_member(user, None, None)
         room.members_synced = True
         # Ask for the members' devices on every send instead of trusting the sync loop to
         # have seen each device-list change already: a device added a second ago still
         # gets the key. One small query per message; announcements are worth it.
         c.olm.users_for_key_query.update(membership)
         await self._query_keys()
-        members = {u: frozenset(d.id for d in c.device_store.active_user_devices(u))
-                   for u in membership}
-        signed = (await self._signed_devices([u for u in members if u != self.user_id])
+        everyone = {u: frozenset(d.id for d in c.device_store.active_user_devices(u))
+                    for u in membership}
+        signed = (await self._signed_devices([u for u in everyone if u != self.user_id])
                   if self.require_signed_devices else None)
-        before = assess_coverage(members, self.user_id, frozenset(), signed)
+        # invited members too: each needs a (signed) device to get the key when they join
+        before = assess_coverage(everyone, self.user_id, frozenset(), signed)
         if before.no_devices:
             raise CannotEncrypt(room_id, "members without any E2EE device (they never signed "
                                          "in with an encrypting client): "
@@ -839,7 +860,8 @@ class EncryptedSender:
                                 + ", ".join(sorted(before.unsigned_users))
                                 + " (they need to sign in with Element, or verify a session)",
                                 users=before.unsigned_users)
-        decision = decide_share(members, self.user_id, self._session_view(room_id))
+        members = {u: devs for u, devs in everyone.items() if u in joined}
+        decision = decide_share(members, self.user_id, self._session_view(room_id), invited)
         if not decision.share:
             return
         log.info("sharing room key for %s: %s", room_id, decision.reason)
@@ -855,6 +877,8 @@ class EncryptedSender:
         cover = assess_coverage(members, self.user_id, shared_with, signed)
         if session is not None:
             self._unreachable[room_id] = (session.id, cover.unreached_devices)
+            if invited and session.message_index == 0:
+                await self._keep_first_key(room_id, session.id, session.session_key, invited)
         if cover.unreached_users:
             what = "signed device" if signed is not None else "device"
             raise CannotEncrypt(room_id, f"could not share the room key with any {what} of: "
@@ -892,10 +916,98 @@ class EncryptedSender:
         if session is None:
             return None
         sid, unreachable = self._unreachable.get(room_id, ("", frozenset()))
+        kept = self._first_keys.get(room_id, {}).get(session.id, {})
         return SessionView(
             session_id=session.id, shared=bool(session.shared), expired=bool(session.expired),
             shared_with=frozenset(session.users_shared_with),
-            unreachable=unreachable if sid == session.id else frozenset())
+            unreachable=unreachable if sid == session.id else frozenset(),
+            for_invited=frozenset(kept.get("invited", ())))
+
+    # -- invitees --------------------------------------------------------------------------
+    def _load_first_keys(self) -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            raw = json.loads((self.store_dir / FIRST_KEYS_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s (%s): invitees of earlier messages will not "
+                        "get their keys", FIRST_KEYS_FILE, type(e).__name__)
+            return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def _save_first_keys(self) -> None:
+        path = self.store_dir / FIRST_KEYS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(self._first_keys, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    async def _keep_first_key(self, room_id: str, session_id: str, key: str,
+                              invited: frozenset[str]) -> None:
+        """Keep a new session's first key for the room's invitees (written before the
+        message goes out: a restart in between still lets them read it)."""
+        self._first_keys.setdefault(room_id, {})[session_id] = {"key": key,
+                                                                "invited": sorted(invited)}
+        await asyncio.to_thread(self._save_first_keys)
+
+    async def share_on_join(self, room_id: str, user_id: str) -> int:
+        """``user_id`` joined ``room_id``: send the first key of every session they were
+        invited to read to their devices (Olm, to-device). Returns the devices reached.
+
+        Raises (the inbox retries the join event later) when the device is not ready or
+        the homeserver is unavailable."""
+        kept = self._first_keys.get(room_id, {})
+        wanted = [(sid, e["key"]) for sid, e in kept.items() if user_id in e.get("invited", ())]
+        if not wanted:
+            return 0
+        if not self._ready.is_set() and not await self.wait_ready():
+            raise HomeserverUnavailable(f"E2EE device of {self.user_id} not ready: "
+                                        f"{self._last_error}")
+        c = self._nio
+        lock = self._room_locks.setdefault(room_id, asyncio.Lock())
+        async with lock:
+            c.olm.users_for_key_query.add(user_id)
+            await self._query_keys()
+            devices = [d for d in c.device_store.active_user_devices(user_id)
+                       if d.id != self.device_id]
+            missing = [d.id for d in devices if c.olm.session_store.get(d.curve25519) is None]
+            if missing:
+                async with self._claim_lock:
+                    await c.keys_claim({user_id: missing})
+            reached = 0
+            for sid, key in wanted:
+                content = {"algorithm": MEGOLM, "room_id": room_id, "session_id": sid,
+                           "session_key": key}
+                messages: dict[str, Any] = {}
+                for d in devices:
+                    olm_session = c.olm.session_store.get(d.curve25519)
+                    if olm_session is not None:
+                        messages[d.id] = c.olm._olm_encrypt(olm_session, d, "m.room_key",
+                                                            content)
+                if not messages:
+                    log.warning("room %s: no device of %s could get the key of session %s "
+                                "(no one-time key)", room_id, user_id, sid)
+                    continue
+                await self._client.request(
+                    "PUT", "/_matrix/client/v3/sendToDevice/m.room.encrypted/"
+                           + q(f"enclave-join-{secrets.token_hex(8)}"),
+                    json={"messages": {user_id: messages}}, user_id=self.user_id,
+                    query={"device_id": self.device_id or ""})
+                reached += len(messages)
+            for sid, _ in wanted:
+                entry = kept[sid]
+                entry["invited"] = [u for u in entry["invited"] if u != user_id]
+                if not entry["invited"]:
+                    del kept[sid]
+            if not kept:
+                self._first_keys.pop(room_id, None)
+            await asyncio.to_thread(self._save_first_keys)
+        log.info("room %s: %s joined; first keys of %d session(s) sent to %d device(s)",
+                 room_id, user_id, len(wanted), reached)
+        return reached
 
 
 class EncryptedSenders:

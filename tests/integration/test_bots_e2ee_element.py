@@ -113,17 +113,10 @@ async def delivery(enclave: InProcessEnclave, announcement_id: str, user: str,
 
 
 # "auto" (the default): Enclave joins the person to the DM before the first message.
-# "invite": the person's client joins after the first message was sent. The room key does
-# reach the invitee now (it did not before), but Element's client only starts fetching the
-# bot's device keys when it joins, decrypts the message in that same sync and gives up for
-# good with UNKNOWN_SENDER_DEVICE (matrix-js-sdk drops such events from its retry list):
-# a known limitation (README), kept here so a change of either side shows.
-@pytest.mark.parametrize("join", [
-    "auto",
-    pytest.param("invite", marks=pytest.mark.xfail(
-        strict=True, reason="Element decrypts the first message of a DM joined after it was "
-                            "sent before it knows the bot's device (UNKNOWN_SENDER_DEVICE)")),
-])
+# "invite": the person's client joins after the first message was sent; the bot gives their
+# devices the room key when it sees the join (sent up front, Element would try the message
+# at the join before it knows the bot's device and give up: UNKNOWN_SENDER_DEVICE).
+@pytest.mark.parametrize("join", ["auto", "invite"])
 async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded(
         stack: Stack, element: ElementClient, tmp_path: Path, join: str) -> None:
     me, bot = PEOPLE[join]["username"], bot_id(join)
@@ -139,8 +132,7 @@ async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded
         await element.login(stack.synapse.base_url, uid(me), f"pw-{me}")
         await announce(enclave, "policy-1")
 
-        first = await bot_message(element, bot, "read policy one",
-                                  within=60 if join == "auto" else 20)
+        first = await bot_message(element, bot, "read policy one")
         assert first["decryption_failure"] is None
         row = await delivery(enclave, "policy-1", uid(me))
         assert row.status == "sent", row
