@@ -96,6 +96,11 @@ SESSION_FILE = "session.json"
 # first keys of room sessions, for invited members when they join (secret, 0600)
 FIRST_KEYS_FILE = "invitee_keys.json"
 MEGOLM = "m.megolm.v1.aes-sha2"
+# Wait this long after someone joins before sending them the room keys: Element's client
+# fetches the bot's device keys only after the join, and a key that arrives before that is
+# tried at once, fails with "sender device not known" and is never tried again (measured
+# with matrix-js-sdk 43: the key came ≈0.2 s after the join, the key query after it).
+JOIN_KEY_DELAY_S = 3.0
 MESSAGE_TYPE = "m.room.message"
 # What the bot's own sync needs: to-device messages (room keys from staff devices, Olm
 # session set-up), one-time-key counts and device-list changes, none of which a room filter
@@ -372,6 +377,8 @@ class EncryptedSender:
         self._unreachable: dict[str, tuple[str, frozenset[Device]]] = {}
         # room -> session id -> {"key": first session key, "invited": [users]}
         self._first_keys: dict[str, dict[str, dict[str, Any]]] = {}
+        self.join_key_delay = JOIN_KEY_DELAY_S
+        self._join_tasks: set[asyncio.Task[None]] = set()
         # set when a send gave up waiting for readiness: later sends fail at once instead of
         # each waiting ready_timeout again (a fan-out would otherwise take hours to fail)
         self._gave_up_waiting = False
@@ -419,11 +426,13 @@ class EncryptedSender:
 
     async def close(self) -> None:
         """Stop the sync loop and close nio's connection and store."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, *self._join_tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = None
+        self._join_tasks.clear()
         await self.close_device()
         self._ready.clear()
 
@@ -448,6 +457,7 @@ class EncryptedSender:
                 await self._sync_once(0 if not self._ready.is_set() else self.sync_timeout_ms)
                 if not self._ready.is_set():
                     await self._ensure_cross_signing()
+                    self._resume_first_keys()
                     log.info("E2EE device %s of %s ready", self.device_id, self.user_id)
                 self._ready.set()
                 self._gave_up_waiting = False
@@ -952,6 +962,64 @@ class EncryptedSender:
         self._first_keys.setdefault(room_id, {})[session_id] = {"key": key,
                                                                 "invited": sorted(invited)}
         await asyncio.to_thread(self._save_first_keys)
+
+    def member_joined(self, room_id: str, user_id: str) -> None:
+        """Someone joined one of the bot's rooms: if they were invited to read messages,
+        send them the keys a little later (:data:`JOIN_KEY_DELAY_S`), in the background.
+        A restart before that is covered by the sweep at the next start."""
+        kept = self._first_keys.get(room_id, {})
+        if any(user_id in e.get("invited", ()) for e in kept.values()):
+            task = asyncio.create_task(self._share_later(room_id, user_id),
+                                       name=f"e2ee-join-keys {room_id} {user_id}")
+            self._join_tasks.add(task)
+            task.add_done_callback(self._join_tasks.discard)
+
+    async def _share_later(self, room_id: str, user_id: str) -> None:
+        await asyncio.sleep(self.join_key_delay)
+        delay = 1.0
+        for attempt in range(5):
+            try:
+                await self.share_on_join(room_id, user_id)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("room %s: keys for %s not sent yet (%s); attempt %d of 5",
+                            room_id, user_id, _scrub(e), attempt + 1)
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    def _resume_first_keys(self) -> None:
+        """At start: invitees who joined while the bot was away get their keys; the kept
+        keys of rooms they left are dropped (in the background)."""
+        if self._first_keys:
+            task = asyncio.create_task(self._sweep_first_keys(), name="e2ee-join-keys sweep")
+            self._join_tasks.add(task)
+            task.add_done_callback(self._join_tasks.discard)
+
+    async def _sweep_first_keys(self) -> None:
+        changed = False
+        for room_id in list(self._first_keys):
+            try:
+                membership = await self._members(room_id)
+            except (MatrixRequestError, HomeserverUnavailable) as e:
+                log.info("room %s: members not read for the invitee keys (%s)", room_id, e)
+                continue
+            for entry in self._first_keys.get(room_id, {}).values():
+                gone = [u for u in entry["invited"] if u not in membership]
+                if gone:
+                    entry["invited"] = [u for u in entry["invited"] if u not in gone]
+                    changed = True
+            kept = self._first_keys.get(room_id, {})
+            for sid in [sid for sid, e in kept.items() if not e["invited"]]:
+                del kept[sid]
+            if not kept:
+                self._first_keys.pop(room_id, None)
+            for user, state in membership.items():
+                if state == "join":
+                    self.member_joined(room_id, user)
+        if changed:
+            await asyncio.to_thread(self._save_first_keys)
 
     async def share_on_join(self, room_id: str, user_id: str) -> int:
         """``user_id`` joined ``room_id``: send the first key of every session they were

@@ -103,7 +103,7 @@ def _encryption(svc: Services, cfg: Any
     async def member_joined(bot_user: str, room_id: str, user_id: str) -> None:
         device = devices.get(bot_user)
         if device is not None:
-            await device.share_on_join(room_id, user_id)
+            device.member_joined(room_id, user_id)
 
     return EncryptedSenders(devices.values()), decrypt, member_joined, dict(devices)
 

@@ -157,3 +157,18 @@ def test_device_session_remembers_how_the_device_authenticates(tmp_path: Path):
     del raw["auth"]
     path.write_text(json.dumps(raw))
     assert DeviceSession.load(path).auth == "token"
+
+
+def test_new_invitees_replace_a_session_whose_first_key_they_would_lack():
+    from bots.crypto import SessionView, decide_share
+
+    members = {BOT: frozenset({"B"}), ANN: frozenset({"A1"})}
+    shared = SessionView("S1", True, False, frozenset({(ANN, "A1")}),
+                         for_invited=frozenset({"@ben:corp.test"}))
+    # the invitee the session was kept for: reuse
+    assert not decide_share(members, BOT, shared, frozenset({"@ben:corp.test"})).share
+    # someone invited since the session started: a new session (its first key is kept)
+    d = decide_share(members, BOT, shared, frozenset({"@ben:corp.test", "@cy:corp.test"}))
+    assert d.share and d.rotate and "@cy:corp.test" in d.reason
+    # no invitees at all: unchanged behaviour
+    assert not decide_share(members, BOT, shared).share
