@@ -32,10 +32,13 @@ appservice user) gets one real device:
   (``rate_limited: false``), and with a device id Synapse keeps the transaction id in its
   database, so a resend with the same ``txn_id`` (after a crash of either side) returns the
   first event instead of creating a second one.
-* **Who gets the key.** Joined *and invited* members (a DM's invitee reads the first
-  message once they join). With ``require_signed_devices`` (Element's rule, the default) a
-  member counts as reached only through a device signed by its owner's cross-signing key,
-  checked cryptographically from the homeserver's key query.
+* **Who gets the key.** Joined members at once. Invited members (a DM's invitee) get the
+  first key of each session started while they were invited a few seconds after they join
+  (:meth:`EncryptedSender.member_joined`; kept in ``invitee_keys.json``, 0600, until then):
+  Element tries a message at the join and gives up for good if the key is there but it has
+  not fetched the bot's device yet. With ``require_signed_devices`` (Element's rule, the
+  default) a member counts as reached only through a device signed by its owner's
+  cross-signing key, checked cryptographically from the homeserver's key query.
 * **Refusal, not silence.** A room the bot cannot encrypt for (not joined, a member with
   no device, a member with no device signed by its owner, a member none of whose (signed)
   devices got the key, device not ready in time) raises :class:`CannotEncrypt` with the
