@@ -356,11 +356,11 @@ class Bot:
         if target != self.user_id:
             if membership in ("leave", "ban") and self._dm_of_room.get(room) == target:
                 await self.forget_dm(room, target)
-            if membership == "join" and isinstance(target, str) \
-                    and self.svc.member_joined is not None:
-                await self._wait_ready()
-                if room in self.rooms:
-                    await self.svc.member_joined(self.user_id, room, target)
+            # no waiting for readiness here: joins all over the server pass by; one seen
+            # before the bot (and its E2EE device) is up is covered by the device's sweep
+            if membership == "join" and isinstance(target, str) and self.ready.is_set() \
+                    and room in self.rooms and self.svc.member_joined is not None:
+                await self.svc.member_joined(self.user_id, room, target)
             return []
         if membership == "join":
             self.rooms.add(room)
