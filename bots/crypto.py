@@ -99,10 +99,11 @@ SESSION_FILE = "session.json"
 # first keys of room sessions, for invited members when they join (secret, 0600)
 FIRST_KEYS_FILE = "invitee_keys.json"
 MEGOLM = "m.megolm.v1.aes-sha2"
-# Wait this long after someone joins before sending them the room keys: Element's client
-# fetches the bot's device keys only after the join, and a key that arrives before that is
-# tried at once, fails with "sender device not known" and is never tried again (measured
-# with matrix-js-sdk 43: the key came ≈0.2 s after the join, the key query after it).
+# Give clients this long after they join (or after the bot's device keys or signatures
+# changed) before sending them a room key: Element's client fetches the bot's device keys
+# only once it shares a room with it (or hears of a change), and a key that arrives before
+# that is tried at once, fails with "sender device not known" and is never tried again
+# (measured with matrix-js-sdk 43: the key came ≈0.2 s after the join, the key query after).
 JOIN_KEY_DELAY_S = 3.0
 MESSAGE_TYPE = "m.room.message"
 # What the bot's own sync needs: to-device messages (room keys from staff devices, Olm
@@ -243,6 +244,15 @@ def assess_coverage(
         and all((u, d) in unreached_devices for d in counted(u, devs))
     )
     return Coverage(no_devices, unreached_users, unreached_devices, unsigned_users)
+
+
+def join_settle_wait(join_ts_ms: Iterable[int], now_ms: int, delay_ms: int) -> float:
+    """Seconds to wait before sharing a room key so that every member has been joined for
+    ``delay_ms`` (their clients fetch the bot's device meanwhile); 0 when all have."""
+    latest = max(join_ts_ms, default=None)
+    if latest is None:
+        return 0.0
+    return max(0, min(delay_ms, latest + delay_ms - now_ms)) / 1000
 
 
 # -- the device's identity on disk ---------------------------------------------------------------
@@ -711,6 +721,9 @@ class EncryptedSender:
             raise RuntimeError(f"signing device {self.device_id}: {body['failures']}")
         log.info("E2EE device %s of %s signed by its cross-signing key", self.device_id,
                  self.user_id)
+        # staff clients refetch the bot's keys when told of the change: a room key sent
+        # before they did would come from a device they cannot place yet
+        await asyncio.sleep(self.join_key_delay)
 
     async def _sync_once(self, timeout_ms: int) -> None:
         import nio
@@ -828,7 +841,7 @@ class EncryptedSender:
         room.encrypted = True
         c.encrypted_rooms.add(room_id)
         try:
-            membership = await self._members(room_id)
+            membership, joined_at = await self._members(room_id)
         except MatrixRequestError as e:
             if created:
                 c.rooms.pop(room_id, None)
@@ -878,6 +891,11 @@ class EncryptedSender:
         if not decision.share:
             return
         log.info("sharing room key for %s: %s", room_id, decision.reason)
+        wait = join_settle_wait((ts for u, ts in joined_at.items() if u != self.user_id),
+                                int(time.time() * 1000), int(self.join_key_delay * 1000))
+        if wait:
+            # someone joined just now (a new DM): let their client fetch the bot's device
+            await asyncio.sleep(wait)
         if decision.rotate:
             c.invalidate_outbound_session(room_id)
         async with self._claim_lock:
@@ -902,18 +920,22 @@ class EncryptedSender:
             log.warning("room %s: room key not shared with devices %s (members have other "
                         "devices that got it)", room_id, sorted(cover.unreached_devices))
 
-    async def _members(self, room_id: str) -> dict[str, str]:
-        """user id -> ``join`` or ``invite``, read from the homeserver as the bot."""
+    async def _members(self, room_id: str) -> tuple[dict[str, str], dict[str, int]]:
+        """(user id -> ``join`` or ``invite``, joined user id -> when their membership
+        event was sent), read from the homeserver as the bot."""
         body = await self._client.request(
             "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/members",
             query={"not_membership": "leave"}, user_id=self.user_id)
         out: dict[str, str] = {}
+        joined_at: dict[str, int] = {}
         for ev in body.get("chunk") or []:
             state = (ev.get("content") or {}).get("membership")
             user = ev.get("state_key")
             if isinstance(user, str) and state in ("join", "invite"):
                 out[user] = state
-        return out
+                if state == "join" and isinstance(ev.get("origin_server_ts"), int):
+                    joined_at[user] = ev["origin_server_ts"]
+        return out, joined_at
 
     async def _signed_devices(self, users: list[str]) -> dict[str, frozenset[str]]:
         """user -> their devices signed by their own cross-signing key (verified here)."""
@@ -1004,7 +1026,7 @@ class EncryptedSender:
         changed = False
         for room_id in list(self._first_keys):
             try:
-                membership = await self._members(room_id)
+                membership, _ = await self._members(room_id)
             except (MatrixRequestError, HomeserverUnavailable) as e:
                 log.info("room %s: members not read for the invitee keys (%s)", room_id, e)
                 continue

@@ -172,3 +172,16 @@ def test_new_invitees_replace_a_session_whose_first_key_they_would_lack():
     assert d.share and d.rotate and "@cy:corp.test" in d.reason
     # no invitees at all: unchanged behaviour
     assert not decide_share(members, BOT, shared).share
+
+
+@pytest.mark.parametrize(("joins", "now", "expected"), [
+    ([], 10_000, 0.0),                 # nobody else joined: no wait
+    ([1_000], 10_000, 0.0),            # joined long ago
+    ([9_000], 10_000, 2.0),            # joined 1 s ago: 2 s more of the 3 s
+    ([1_000, 9_500], 10_000, 2.5),     # the latest joiner counts
+    ([12_000], 10_000, 3.0),           # a clock ahead of ours: never more than the delay
+])
+def test_room_key_waits_until_every_member_has_been_joined_a_while(joins, now, expected):
+    from bots.crypto import join_settle_wait
+
+    assert join_settle_wait(joins, now, 3_000) == expected
