@@ -17,6 +17,8 @@
 //   events {room_id?}         timeline events as the client sees them (cleartext type and
 //        content once decrypted; decryption_failure: the SDK's reason code while it cannot)
 //   rooms                     joined and invited room ids
+//   create_room {invite, name?}      a private room, encrypted as Element makes them
+//   members {room_id}         user id -> membership
 //   send {room_id, body}      an m.text message (encrypted if the room is)
 //   react {room_id, event_id, key}   an m.reaction annotation
 //   trust {user_id, device_id?}      how this client sees that user's identity and device
@@ -112,6 +114,21 @@ const handlers = {
       for (const ev of room.getLiveTimeline().getEvents()) out.push(eventView(room.roomId, ev));
     }
     return { events: out };
+  },
+
+  async create_room({ invite, name }, _name, client) {
+    const r = await client.createRoom({
+      preset: "private_chat", name, invite: invite || [],
+      initial_state: [{ type: "m.room.encryption", state_key: "", content: { algorithm: "m.megolm.v1.aes-sha2" } }],
+    });
+    return { room_id: r.room_id };
+  },
+
+  async members({ room_id }, _name, client) {
+    const room = client.getRoom(room_id);
+    const out = {};
+    for (const m of room ? room.getMembers() : []) out[m.userId] = m.membership;
+    return { members: out };
   },
 
   async send({ room_id, body }, _name, client) {

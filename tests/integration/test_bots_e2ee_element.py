@@ -34,13 +34,13 @@ def bot_id(join: str) -> str:
     return f"@{NAMESPACE}ann-{join}:{SERVER_NAME}"
 
 
-def bots(store_dir: Path, join: str) -> dict:
+def bots(store_dir: Path, join: str, localpart: str | None = None) -> dict:
     note = {"title": "Policy", "require_ack": True, "audience": {"department": ["Legal"]}}
     return {
         "encryption": {"enabled": True, "store_dir": str(store_dir)},
         "announcements": {
             "poll_seconds": 0.5,
-            "bot": {"localpart": f"ann-{join}", "displayname": "Announcements"},
+            "bot": {"localpart": localpart or f"ann-{join}", "displayname": "Announcements"},
             "dm": {"encrypted": True, "join": join},
             "announcements": [
                 {**note, "id": "policy-1", "body": "Hello {first_name}: read policy one."},
@@ -177,5 +177,33 @@ async def test_element_reads_every_message_of_a_new_dm_and_its_acks_are_recorded
         trust = await element.trust(bot, device)
         assert trust["needs_user_approval"] is False and trust["device"]["signed_by_owner"]
         assert (await delivery(enclave, "policy-3", uid(me))).status == "sent"
+    finally:
+        await enclave.stop()
+
+
+async def test_element_command_in_an_encrypted_room_staff_created(
+        stack: Stack, element: ElementClient, tmp_path: Path) -> None:
+    """Element shares the keys of a staff member's encrypted command with the bot's
+    (cross-signed) device in a room the staff member made; the bot's answer decrypts."""
+    who = person("n3", "nell", "Legal")
+    config = write_bots_config(stack, tmp_path / "enclave", [who],
+                               bots=bots(tmp_path / "crypto", "auto", "ann-cmd"))
+    enclave = InProcessEnclave(config, stack.as_port, Clock())
+    await enclave.start()
+    try:
+        await enclave.wait_directory()
+        await enclave.wait_bots_ready()
+        bot = bot_id("cmd")
+        assert await enclave.bots.services.encrypted_sender._by_user[bot].wait_ready(60)
+        await element.login(stack.synapse.base_url, uid("nell"), "pw-nell")
+        room = await element.create_room([bot], name="nell and the bot")
+
+        async def bot_joined() -> bool:
+            return (await element.members(room)).get(bot) == "join"
+
+        await wait_until(bot_joined, within=60, what="the bot joining nell's room")
+        await element.send(room, "!help")
+        reply = await bot_message(element, bot, "!ack")  # the help lists the commands
+        assert reply["room_id"] == room and reply["decryption_failure"] is None
     finally:
         await enclave.stop()
