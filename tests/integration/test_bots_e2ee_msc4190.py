@@ -5,6 +5,7 @@ through the appservice alone, cross-signed, readable by a staff client."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from bots.crypto import CannotEncrypt, EncryptedSender
+from bots.crypto import SESSION_FILE, CannotEncrypt, EncryptedSender
 from bridge.matrix.client import MatrixClient
 
 from .harness import Stack, nio
@@ -85,3 +86,47 @@ async def test_device_made_and_used_through_the_appservice_when_login_is_refused
         await sender.close()
     ev = await decrypted(hana, room, event_id)
     assert isinstance(ev, nio.RoomMessageText) and ev.body == "through MSC4190"
+
+
+async def test_a_device_whose_token_died_is_adopted_through_the_appservice(
+    msc4190_stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+) -> None:
+    """A device from before MSC4190 (its own token) whose token is no longer valid: the
+    login it would use is refused now, so the same device is taken over through the
+    appservice; its keys and the bot's identity stay."""
+    stack = msc4190_stack
+    bot = await new_bot(stack, as_client)
+    ivy = await e2ee_staff(stack, "ivy", tmp_path / "ivy-store")
+    staff.append(ivy)
+    room = await encrypted_dm(ivy, bot, as_client)
+    store = tmp_path / "crypto" / "bot"
+
+    def make() -> EncryptedSender:
+        return EncryptedSender(as_client, homeserver_url=stack.synapse.base_url, user_id=bot,
+                               store_dir=store, ready_timeout=60)
+
+    first = make()
+    await first.start()
+    try:
+        assert await first.wait_ready()
+        device = first.device_id
+    finally:
+        await first.close()
+    # what a device from before looks like: its own (now invalid) token
+    session_file = store / SESSION_FILE
+    raw = json.loads(session_file.read_text())
+    session_file.write_text(json.dumps({**raw, "auth": "token", "access_token": "revoked"}))
+
+    again = make()
+    await again.start()
+    try:
+        assert await again.wait_ready()
+        assert again.device_id == device and again.auth == "appservice"
+        assert again.identity is not None and again.identity.action == "reuse"
+        event_id = await again.send(room, announcement("same device"),
+                                    txn_id=uuid.uuid4().hex, sender=bot)
+    finally:
+        await again.close()
+    assert json.loads(session_file.read_text())["auth"] == "appservice"
+    ev = await decrypted(ivy, room, event_id)
+    assert isinstance(ev, nio.RoomMessageText) and ev.body == "same device"
