@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml deploy/install.sh
+$(VENV)/.installed: pyproject.toml deploy/install.sh tests/e2ee_client/package-lock.json
 	bash deploy/install.sh $(VENV)
 	touch $@
 

@@ -139,6 +139,9 @@ class BotServices:
     # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
     # bots read commands and reactions in encrypted rooms (the E2EE side provides it)
     decrypt: Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None
+    # (bot user id, room id, user id) when someone joins one of the bot's rooms: the E2EE
+    # side sends them the keys of messages sent while they were invited
+    member_joined: Callable[[str, str, str], Awaitable[None]] | None = None
     # every bot's user id, so no bot answers another
     bot_user_ids: set[str] = field(default_factory=set)
 
@@ -353,6 +356,11 @@ class Bot:
         if target != self.user_id:
             if membership in ("leave", "ban") and self._dm_of_room.get(room) == target:
                 await self.forget_dm(room, target)
+            # no waiting for readiness here: joins all over the server pass by; one seen
+            # before the bot (and its E2EE device) is up is covered by the device's sweep
+            if membership == "join" and isinstance(target, str) and self.ready.is_set() \
+                    and room in self.rooms and self.svc.member_joined is not None:
+                await self.svc.member_joined(self.user_id, room, target)
             return []
         if membership == "join":
             self.rooms.add(room)

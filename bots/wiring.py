@@ -55,8 +55,12 @@ BOTS = web.AppKey("bots", BotsRuntime)
 Decrypt = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
+MemberJoined = Callable[[str, str, str], Awaitable[None]]
+
+
 def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None = None,
-                       decrypt: Decrypt | None = None) -> BotServices:
+                       decrypt: Decrypt | None = None,
+                       member_joined: MemberJoined | None = None) -> BotServices:
     """The services every bot shares; sends pick the E2EE sender for encrypted rooms, and
     ``decrypt`` (bot user, room, event) lets bots read commands in encrypted rooms."""
     cfg = svc.config
@@ -67,12 +71,15 @@ def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None 
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
         directory=StaffDirectory(svc.store), server_name=cfg.homeserver.server_name,
         namespace_prefix=cfg.appservice.namespace_prefix,
-        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender, decrypt=decrypt)
+        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender, decrypt=decrypt,
+        member_joined=member_joined)
 
 
-def _encryption(svc: Services, cfg: Any) -> tuple[MessageSender, Decrypt, dict[str, Any]]:
+def _encryption(svc: Services, cfg: Any
+                ) -> tuple[MessageSender, Decrypt, MemberJoined, dict[str, Any]]:
     """One E2EE device per bot (keys under ``bots.encryption.store_dir``), the sender that
-    picks the device of the sending bot, and a decrypt hook for commands in encrypted rooms."""
+    picks the device of the sending bot, a decrypt hook for commands in encrypted rooms, and
+    a join hook that gives a new member the keys of messages sent while they were invited."""
     from .crypto import EncryptedSender, EncryptedSenders
 
     conf = svc.config
@@ -85,14 +92,20 @@ def _encryption(svc: Services, cfg: Any) -> tuple[MessageSender, Decrypt, dict[s
         user_id = f"@{localpart}:{conf.homeserver.server_name}"
         devices[user_id] = EncryptedSender(
             svc.client, homeserver_url=conf.homeserver.url, user_id=user_id,
-            store_dir=root / localpart, appservice_sender=conf.bot_user_id)
+            store_dir=root / localpart, appservice_sender=conf.bot_user_id,
+            require_signed_devices=cfg.encryption.require_signed_devices)
 
     async def decrypt(bot_user: str, room_id: str,
                       event: dict[str, Any]) -> dict[str, Any] | None:
         device = devices.get(bot_user)
         return await device.decrypt(room_id, event) if device is not None else None
 
-    return EncryptedSenders(devices.values()), decrypt, dict(devices)
+    async def member_joined(bot_user: str, room_id: str, user_id: str) -> None:
+        device = devices.get(bot_user)
+        if device is not None:
+            device.member_joined(room_id, user_id)
+
+    return EncryptedSenders(devices.values()), decrypt, member_joined, dict(devices)
 
 
 def build_bots(svc: Services, app: web.Application, *,
@@ -103,9 +116,11 @@ def build_bots(svc: Services, app: web.Application, *,
     if cfg is None or (cfg.announcements is None and cfg.onboarding is None):
         return None
     devices: dict[str, Any] = {}
+    member_joined: MemberJoined | None = None
     if encrypted_sender is None and cfg.encryption.enabled:
-        encrypted_sender, decrypt, devices = _encryption(svc, cfg)
-    bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender, decrypt=decrypt)
+        encrypted_sender, decrypt, member_joined, devices = _encryption(svc, cfg)
+    bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender, decrypt=decrypt,
+                              member_joined=member_joined)
     svc.executor.register(BotMessage, bot_message_applier(bsvc.sender))
     runtime = BotsRuntime(bsvc)
     if cfg.announcements is not None:

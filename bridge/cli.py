@@ -68,6 +68,9 @@ def registration_dict(loaded: LoadedConfig, as_token: str, hs_token: str) -> dic
             "aliases": [{"exclusive": False, "regex": f"#.*:{server}$"}],
             "rooms": [{"exclusive": False, "regex": "!.*"}],
         },
+        # MSC4190: the bots create their E2EE devices as the appservice and act as them
+        # with the AS token (they do so wherever the homeserver allows it, flag or not)
+        **({"io.element.msc4190": True} if cfg.appservice.msc4190 else {}),
     }
 
 
@@ -697,6 +700,46 @@ def add_announcements_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(fn=cmd_announcements)
 
 
+# -- bots ---------------------------------------------------------------------------------
+def cmd_bots(args: argparse.Namespace) -> int:
+    """``enclave bots reset-identity BOT``: replace a bot's cross-signing identity at its
+    next start (the fix for a lost or conflicting key directory)."""
+    from bots.cross_signing import request_reset
+
+    loaded, _ = _load(args, secrets=False)
+    cfg = loaded.config
+    bots_cfg = cfg.bots
+    sections = [s for s in (bots_cfg.announcements, bots_cfg.onboarding)
+                if s is not None] if bots_cfg is not None else []
+    prefix, server = cfg.appservice.namespace_prefix, cfg.homeserver.server_name
+    by_name: dict[str, str] = {}
+    for section in sections:
+        localpart = prefix + section.bot.localpart
+        for name in (section.bot.localpart, localpart, f"@{localpart}:{server}"):
+            by_name[name] = localpart
+    localpart = by_name.get(args.bot)
+    if localpart is None or bots_cfg is None or not bots_cfg.encryption.enabled:
+        _err(f"enclave bots: no bot with an E2EE device named {args.bot!r} (configured: "
+             + (", ".join(sorted({f"@{v}:{server}" for v in by_name.values()})) or "none")
+             + ")")
+        return EXIT_USAGE
+    store_dir = loaded.resolve(bots_cfg.encryption.store_dir) / localpart
+    request_reset(store_dir)
+    print(f"reset requested for @{localpart}:{server}: its next start (the leading replica) "
+          f"makes and publishes a new cross-signing identity (old keys kept aside in "
+          f"{store_dir}); staff clients show 'identity changed' for the bot once")
+    return EXIT_OK
+
+
+def add_bots_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("bots", help="bots: reset a bot's cross-signing identity")
+    b = s.add_subparsers(dest="bots_cmd", required=True)
+    x = b.add_parser("reset-identity", parents=[common],
+                     help="replace a bot's cross-signing identity at its next start")
+    x.add_argument("bot", help="the bot's user id or localpart (e.g. announce)")
+    s.set_defaults(fn=cmd_bots)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enclave", description=__doc__.split("\n")[0])
     default_cfg = os.environ.get("ENCLAVE_CONFIG", "config.yaml")
@@ -778,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="make the running Enclave re-read its policy (like SIGHUP)")
     s.set_defaults(fn=cmd_reload)
     add_announcements_parser(sub, common)
+    add_bots_parser(sub, common)
     from .retention.cli import add_retention_parsers
 
     add_retention_parsers(sub, common)

@@ -9,6 +9,9 @@ VENV="${1:-.venv}"
 # (a private instance on loopback; the package's own daemon is not used), and Chromium,
 # which opens exported transcripts headless (driven by Playwright, no browser download).
 APT_PACKAGES=(slapd ldap-utils chromium)
+# Node + npm for the E2EE tests' staff client with Element's own crypto (matrix-js-sdk)
+command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 python3 -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv)
 # pg_dump/pg_restore for deploy/backup and its tests (any installed version will do)
 command -v pg_dump >/dev/null 2>&1 && command -v pg_restore >/dev/null 2>&1 \
@@ -42,4 +45,11 @@ fi
 "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import bridge, synapse, nio, mautrix" \
   || { echo "error: Python packages did not install" >&2; exit 1; }
+# The E2EE tests' Element client: matrix-js-sdk (Rust crypto) + fake-indexeddb, pinned by
+# tests/e2ee_client/package-lock.json, into that folder's node_modules (git-ignored).
+if [ ! -d tests/e2ee_client/node_modules/matrix-js-sdk ] \
+   || [ tests/e2ee_client/package-lock.json -nt tests/e2ee_client/node_modules ]; then
+  (cd tests/e2ee_client && npm ci --no-audit --no-fund --loglevel=error) \
+    || { echo "error: npm ci in tests/e2ee_client failed" >&2; exit 1; }
+fi
 echo "installed into $VENV"

@@ -380,6 +380,9 @@ class BotsEncryptionConfig(StrictModel):
     # each bot's device keys (and its device's access token, mode 0600) live here, one
     # folder per bot; keep it across restarts and back it up with the database
     store_dir: Path = Field(Path("crypto"), strict=False)
+    # Element's rule (MSC4153): a person counts as reached only through a device signed by
+    # their own cross-signing key; off: any device of theirs will do (legacy clients)
+    require_signed_devices: bool = True
 
 
 class BotsConfig(StrictModel):

@@ -67,6 +67,10 @@ class AppserviceConfig(StrictModel):
     admin_localpart: str = Field("enclave-admin", validate_default=True)
     bot_displayname: str = "Enclave"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # write `io.element.msc4190: true` (appservice device management) into the registration:
+    # needed where the homeserver delegates auth (next-gen auth / MAS). The homeserver then
+    # refuses appservice logins, which Enclave's admin listings still use (README, E2EE)
+    msc4190: bool = False
 
     @field_validator("bot_localpart", "admin_localpart", "namespace_prefix")
     @classmethod

@@ -70,6 +70,12 @@ class MatrixClient:
         self._on_rate_limited = on_rate_limited
         self._sessions: dict[str, str] = {}
 
+    @property
+    def appservice_token(self) -> str:
+        """The AS token, for a client acting as an appservice device (a bot's E2EE device
+        with MSC4190). A secret: never log it."""
+        return self._as_token
+
     async def request(
         self,
         method: str,

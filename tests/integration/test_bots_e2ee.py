@@ -23,11 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bots.cross_signing import KEYS_FILE, RESET_FILE, owner_signed_devices
 from bots.crypto import SESSION_FILE, CannotEncrypt, EncryptedSender, EncryptedSenders
 from bots.sending import PlainSender, RoomEncryption, RoutingSender
 from bridge.devstack.synapse import free_port
 from bridge.matrix.client import MatrixClient
 
+from .bots_helpers import cross_sign
 from .harness import Stack, nio
 
 pytestmark = pytest.mark.integration
@@ -46,8 +48,9 @@ async def as_client(stack: Stack) -> AsyncIterator[MatrixClient]:
 
 
 async def e2ee_staff(stack: Stack, name: str, store: Path, *,
-                     existing: str | None = None) -> nio.AsyncClient:
-    """A freshly registered user signed in with an encrypting nio client (keys uploaded);
+                     existing: str | None = None, cross_signed: bool = True) -> nio.AsyncClient:
+    """A freshly registered user signed in with an encrypting nio client (keys uploaded,
+    device signed by the user's cross-signing key unless ``cross_signed`` is False);
     ``existing``: a further device of that earlier client's user instead."""
     if existing is None:
         localpart = f"{name}-{uuid.uuid4().hex[:6]}"
@@ -62,9 +65,26 @@ async def e2ee_staff(stack: Stack, name: str, store: Path, *,
     assert isinstance(login, nio.LoginResponse), login
     up = await client.keys_upload()
     assert isinstance(up, nio.KeysUploadResponse), up
+    if cross_signed:
+        await cross_sign(client)  # as Element does: the bots count only owner-signed devices
     first = await client.sync(timeout=0, full_state=True)
     assert isinstance(first, nio.SyncResponse), first
     return client
+
+
+async def published_master(as_client: MatrixClient, user: str) -> str | None:
+    """The master cross-signing key the homeserver publishes for ``user``."""
+    body = await as_client.request("POST", "/_matrix/client/v3/keys/query",
+                                   json={"device_keys": {user: []}})
+    keys = ((body.get("master_keys") or {}).get(user) or {}).get("keys") or {}
+    return next(iter(keys.values()), None)
+
+
+async def device_cross_signed(as_client: MatrixClient, user: str, device: str) -> bool:
+    """Whether ``device`` is signed by its owner, checked as a staff client would."""
+    body = await as_client.request("POST", "/_matrix/client/v3/keys/query",
+                                   json={"device_keys": {user: []}})
+    return device in owner_signed_devices(body, user)
 
 
 async def stack_register(stack: Stack, localpart: str, password: str) -> str:
@@ -150,8 +170,11 @@ async def test_encrypted_dm_announcement_is_decrypted_and_survives_restart(
     await sender.start()
     try:
         assert await sender.wait_ready(), "the bot's E2EE device never became ready"
-        assert sender.logins == 1
+        # created as the appservice (MSC4190), no login and no token of its own
+        assert sender.logins == 0 and sender.auth == "appservice"
         device = sender.device_id
+        master = await published_master(as_client, bot)
+        assert master is not None and await device_cross_signed(as_client, bot, device)
         assert await RoomEncryption(as_client).is_encrypted(room, as_user=bot)
         first_txn = f"ann-1.occ-1.{uuid.uuid4().hex}"
         first = await sender.send(room, announcement("Office closed on Friday"),
@@ -168,7 +191,9 @@ async def test_encrypted_dm_announcement_is_decrypted_and_survives_restart(
     # what is on disk: the session file is the owner's alone, and no log line has the token
     session_file = store_dir / SESSION_FILE
     assert stat.S_IMODE(session_file.stat().st_mode) == 0o600
-    token = json.loads(session_file.read_text())["access_token"]
+    assert stat.S_IMODE((store_dir / KEYS_FILE).stat().st_mode) == 0o600
+    assert json.loads(session_file.read_text())["access_token"] == ""
+    token = stack.as_token
     assert token not in caplog.text
     assert any(p.suffix == ".db" for p in store_dir.iterdir()), "no nio store written"
 
@@ -180,6 +205,9 @@ async def test_encrypted_dm_announcement_is_decrypted_and_survives_restart(
         assert await again.wait_ready()
         assert again.device_id == device
         assert again.logins == 0
+        # the same cross-signing identity: nothing for staff clients to re-approve
+        assert again.identity is not None and again.identity.action == "reuse"
+        assert await published_master(as_client, bot) == master
         second = await again.send(room, announcement("Reminder: office closed on Friday"),
                                   txn_id=f"ann-1.occ-2.{uuid.uuid4().hex}", sender=bot)
         # the first message again, same transaction id, after the restart: no new event
@@ -228,6 +256,17 @@ async def test_rooms_it_cannot_encrypt_for_are_refused(
             await sender.send(room, announcement("hello"), txn_id=uuid.uuid4().hex,
                               sender=bot)
         assert no_device.value.users == (carol,)
+
+        # a member whose only device is not signed by its owner: Element's rule
+        legacy = await e2ee_staff(stack, "lee", tmp_path / "lee-store", cross_signed=False)
+        staff.append(legacy)
+        room2 = await encrypted_dm(bob, bot, as_client)
+        await as_client.invite(room2, legacy.user_id, user_id=bob.user_id)
+        await as_client.join(room2, user_id=legacy.user_id)
+        with pytest.raises(CannotEncrypt, match="no device signed by its owner") as unsigned:
+            await sender.send(room2, announcement("hello"), txn_id=uuid.uuid4().hex,
+                              sender=bot)
+        assert unsigned.value.users == (legacy.user_id,)
 
         # another bot identity has no device here
         with pytest.raises(CannotEncrypt, match="no E2EE device for sender"):
@@ -341,3 +380,62 @@ async def test_a_device_that_cannot_sync_refuses_sends_with_the_reason(
     assert await bot_events(stack, room, "m.room.encrypted", bot) == []
     assert await bot_events(stack, room, "m.room.message", bot) == []
 
+
+
+async def test_login_fallback_lost_identity_reported_and_explicit_reset(
+    stack: Stack, as_client: MatrixClient, staff: list, tmp_path: Path,
+) -> None:
+    """Without MSC4190 device creation the device comes from the appservice login and is
+    cross-signed the same way; a lost key directory is reported (sends refused with the
+    fix), never silently replaced; an explicit reset replaces the identity."""
+    bot = await new_bot(stack, as_client)
+    gail = await e2ee_staff(stack, "gail", tmp_path / "gail-store")
+    staff.append(gail)
+    room = await encrypted_dm(gail, bot, as_client)
+
+    def make(store_dir: Path) -> EncryptedSender:
+        return EncryptedSender(as_client, homeserver_url=stack.synapse.base_url, user_id=bot,
+                               store_dir=store_dir, ready_timeout=60, appservice_devices=False)
+
+    sender = make(tmp_path / "crypto" / "bot")
+    await sender.start()
+    try:
+        assert await sender.wait_ready()
+        assert sender.logins == 1 and sender.auth == "token"
+        assert await device_cross_signed(as_client, bot, sender.device_id)
+        master = await published_master(as_client, bot)
+        first = await sender.send(room, announcement("one"), txn_id=uuid.uuid4().hex,
+                                  sender=bot)
+    finally:
+        await sender.close()
+    assert getattr(await decrypted(gail, room, first), "body", None) == "one"
+
+    # the key directory is lost (a new, empty one): the published identity is not replaced
+    lost = make(tmp_path / "crypto" / "bot-restored-empty")
+    await lost.start()
+    try:
+        assert not await lost.wait_ready(5)
+        assert lost.identity is not None and lost.identity.action == "lost"
+        with pytest.raises(CannotEncrypt, match="reset-identity") as refused:
+            await lost.send(room, announcement("x"), txn_id=uuid.uuid4().hex, sender=bot)
+        assert not refused.value.transient
+        assert await published_master(as_client, bot) == master
+    finally:
+        await lost.close()
+
+    # the explicit fix: a reset request replaces the identity at the next start
+    (tmp_path / "crypto" / "bot-restored-empty" / RESET_FILE).write_text("reset\n")
+    reset = make(tmp_path / "crypto" / "bot-restored-empty")
+    await reset.start()
+    try:
+        assert await reset.wait_ready()
+        assert reset.identity is not None and reset.identity.action == "replace"
+        new_master = await published_master(as_client, bot)
+        assert new_master not in (None, master)
+        assert await device_cross_signed(as_client, bot, reset.device_id)
+        assert not (tmp_path / "crypto" / "bot-restored-empty" / RESET_FILE).exists()
+        second = await reset.send(room, announcement("two"), txn_id=uuid.uuid4().hex,
+                                  sender=bot)
+    finally:
+        await reset.close()
+    assert getattr(await decrypted(gail, room, second), "body", None) == "two"

@@ -13,12 +13,21 @@ import pytest
 
 from bots.announcements.service import make_occurrence, spec_for
 
-from .bots_helpers import ANNOUNCE_BOT, Clock, InProcessEnclave, person, uid, write_bots_config
+from .bots_helpers import (
+    ANNOUNCE_BOT,
+    Clock,
+    InProcessEnclave,
+    cross_sign,
+    person,
+    uid,
+    write_bots_config,
+)
 from .harness import Stack, nio, wait_until
 
 pytestmark = pytest.mark.integration
 
-PEOPLE = [person("e1", "erin", "Sales"), person("e2", "ezra", "Sales")]
+PEOPLE = [person("e1", "erin", "Sales"), person("e2", "ezra", "Sales"),
+          person("e3", "ivan", "Sales")]
 
 
 def bots(store_dir: Path) -> dict:
@@ -50,7 +59,8 @@ async def enclave(stack: Stack, tmp_path: Path) -> AsyncIterator[InProcessEnclav
         await e.stop()
 
 
-async def e2ee_login(stack: Stack, username: str, store: Path) -> nio.AsyncClient:
+async def e2ee_login(stack: Stack, username: str, store: Path, *,
+                     cross_signed: bool = True) -> nio.AsyncClient:
     await asyncio.to_thread(store.mkdir, parents=True, exist_ok=True)
     config = nio.AsyncClientConfig(encryption_enabled=True, store=nio.store.SqliteStore)
     client = nio.AsyncClient(stack.synapse.base_url, uid(username), store_path=str(store),
@@ -58,6 +68,8 @@ async def e2ee_login(stack: Stack, username: str, store: Path) -> nio.AsyncClien
     resp = await client.login(f"pw-{username}", device_name="erin's laptop")
     assert isinstance(resp, nio.LoginResponse), resp
     assert isinstance(await client.keys_upload(), nio.KeysUploadResponse)
+    if cross_signed:
+        await cross_sign(client)  # as Element does: the bots count only owner-signed devices
     await client.sync(timeout=0, full_state=True)
     return client
 
@@ -65,6 +77,9 @@ async def e2ee_login(stack: Stack, username: str, store: Path) -> nio.AsyncClien
 async def test_encrypted_dm_announcement_is_decrypted_by_the_recipient(
         stack: Stack, enclave: InProcessEnclave, tmp_path: Path) -> None:
     erin = await e2ee_login(stack, "erin", tmp_path / "erin-store")
+    # ivan's client encrypts but never set up cross-signing: Element would not show him
+    # anything from the bot's device, so his delivery is not counted as sent
+    ivan = await e2ee_login(stack, "ivan", tmp_path / "ivan-store", cross_signed=False)
     try:
         svc = enclave.svc
         cfg = svc.config.bots.announcements
@@ -74,7 +89,7 @@ async def test_encrypted_dm_announcement_is_decrypted_by_the_recipient(
             svc.store, await svc.store.directory_view(), announcement_id="enc-note",
             occurrence_id="manual-1", kind="manual", spec=spec, scheduled_at=now,
             created_by="test", now_ms=now)
-        assert created and set(sel.users) == {uid("erin"), uid("ezra")}
+        assert created and set(sel.users) == {uid("erin"), uid("ezra"), uid("ivan")}
         enclave.bots.announcements.waker.wake()
 
         async def decrypted() -> str | None:
@@ -99,5 +114,15 @@ async def test_encrypted_dm_announcement_is_decrypted_by_the_recipient(
 
         (row,) = await wait_until(ezra_reported, within=60, what="ezra's failed delivery")
         assert "without any E2EE device" in row.detail and uid("ezra") in row.detail
+        async def settled() -> dict | None:
+            rows = {r.target: r for r in await svc.store.announcement_deliveries(
+                "enc-note", "manual-1")}
+            return rows if all(r.status != "pending" for r in rows.values()) else None
+
+        rows = await wait_until(settled, within=60, what="every delivery settled")
+        assert rows[uid("erin")].status == "sent"
+        assert rows[uid("ivan")].status == "failed"
+        assert "no device signed by its owner" in rows[uid("ivan")].detail
     finally:
         await erin.close()
+        await ivan.close()

@@ -107,6 +107,14 @@ def test_registration_content(config_dir: MakeConfig) -> None:
     assert len(reg["as_token"]) >= 40
 
 
+def test_registration_enables_msc4190_device_management_when_configured(
+        config_dir: MakeConfig) -> None:
+    cfg = config_dir(tokens=False)
+    assert "io.element.msc4190" not in run_registration(cfg)
+    cfg.write_text(cfg.read_text().replace("appservice:\n", "appservice:\n  msc4190: true\n", 1))
+    assert run_registration(cfg)["io.element.msc4190"] is True
+
+
 def test_registration_regexes_match_the_right_users(config_dir: MakeConfig) -> None:
     import re
 
@@ -345,3 +353,16 @@ def test_parse_time(value: str, expected: int) -> None:
 def test_parse_time_rejects(value: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_time(value, now=NOW)
+
+
+# -- bots ---------------------------------------------------------------------------------
+def test_bots_reset_identity_leaves_a_marker_for_the_next_start(
+        config_dir: MakeConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config_dir(extra="bots:\n  announcements: {}\n")
+    assert main(["bots", "reset-identity", "announce", "-c", str(cfg)]) == EXIT_OK
+    marker = cfg.parent / "crypto" / "enclave_announce" / "cross_signing.reset"
+    assert marker.exists() and mode(marker) == 0o600
+    assert "identity changed" in capsys.readouterr().out
+    # an unknown bot changes nothing and says which ones exist
+    assert main(["bots", "reset-identity", "nobody", "-c", str(cfg)]) == 2  # usage
+    assert "@enclave_announce:corp.example.com" in capsys.readouterr().err
