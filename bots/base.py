@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 from bridge.config.bots import BotIdentityConfig, DmConfig
 from bridge.directory.model import StaffRecord
+from bridge.kernel.power import user_level_in_state
 from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
@@ -446,24 +447,11 @@ class Bot:
                           actor=self.user_id, rule_id=rule_id, reason=reason)
 
     async def power_of(self, room_id: str, user_id: str) -> int:
-        """``user_id``'s power level in a room the bot is in (room v12 creators: 1000)."""
+        """``user_id``'s power level in a room the bot is in (the kernel's one rule: room
+        v12+ creators outrank every level)."""
         state = await self.svc.client.request(
             "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state", user_id=self.user_id)
-        levels: dict[str, Any] = {}
-        for ev in state:
-            if ev.get("type") == "m.room.create" and ev.get("state_key") == "":
-                c = ev.get("content") or {}
-                v = str(c.get("room_version", "1"))
-                if v.isdigit() and int(v) >= 12 and (
-                        ev.get("sender") == user_id
-                        or user_id in (c.get("additional_creators") or [])):
-                    return 1000
-            if ev.get("type") == "m.room.power_levels" and ev.get("state_key") == "":
-                levels = ev.get("content") or {}
-        users = levels.get("users") or {}
-        if user_id in users:
-            return int(users[user_id])
-        return int(levels.get("users_default", 0))
+        return user_level_in_state(state, user_id)
 
     # -- DMs -----------------------------------------------------------------------------
     def is_dm(self, room_id: str) -> bool:

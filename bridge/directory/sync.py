@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.directory import DirectoryConfig
+from ..kernel.power import creators_of
 from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
@@ -233,7 +234,8 @@ class DirectorySync:
             return None
         members: dict[str, str] = {}
         power: dict[str, Any] = {}
-        creators: set[str] = set()
+        creators: frozenset[str] = frozenset()
+        version: str | None = None
         join_rules: dict[str, Any] = {}
         for ev in state:
             t, sk, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
@@ -244,13 +246,10 @@ class DirectorySync:
             elif t == "m.room.join_rules" and sk == "":
                 join_rules = content
             elif t == "m.room.create" and sk == "":
-                # room v12 creators (sender + additional_creators) have unlimited power
-                if str(content.get("room_version", "1")) in ("12",) or content.get(
-                        "additional_creators") is not None:
-                    creators.add(ev.get("sender", ""))
-                    creators.update(content.get("additional_creators") or [])
+                creators = creators_of(ev)
+                version = str(content.get("room_version", "1"))
         return RoomView(room_id=room_id, members=members, power_levels=power,
-                        creators=frozenset(creators), join_rules=join_rules)
+                        creators=creators, join_rules=join_rules, room_version=version)
 
     # -- applying -------------------------------------------------------------------------
     def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:

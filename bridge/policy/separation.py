@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..directory.model import StaffRecord
+from ..kernel.power import creators_have_unlimited_power, kick_level, state_level, user_level
 from .actions import Action, Kick, Leave, SetState
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ APPROVED_INVITE_RULE = "builtin.approved_invite"
 CLASS_RECORD_RULE = "builtin.class_record"
 HISTORY_RULE = "builtin.history_visibility"
 ENCRYPTION_CONTENT = {"algorithm": "m.megolm.v1.aes-sha2"}
-# Room versions whose creators have unlimited power and cannot be kicked.
-CREATOR_POWER_VERSIONS = frozenset({"12"})
 
 Kind = Literal["service", "staff", "partner", "guest", "external"]
 # when a direct chat is not allowed, the less trusted side leaves
@@ -666,24 +665,20 @@ class SeparationPolicy:
         Enclave acts as any local user through the appservice. Room version 12 creators have
         unlimited power and cannot be kicked at all.
         """
-        v12 = room.room_version in CREATOR_POWER_VERSIONS
-        if v12 and target in room.creators:
+        if target in room.creators and creators_have_unlimited_power(room.room_version):
             return None
         pl = room.power
-        users = pl.get("users") or {}
-        default = _int(pl.get("users_default"), 0)
-        kick = _int(pl.get("kick"), 50)
+        kick = kick_level(pl)
 
-        def power(u: str) -> float:
-            if v12 and u in room.creators:
-                return float("inf")
-            return _int(users.get(u), default)
+        def power(u: str) -> int:
+            return user_level(u, pl or None, room_version=room.room_version,
+                              creators=room.creators)
 
         target_power = power(target)
         local_joined = [u for u, m in room.members.items()
                         if m == "join" and _server(u) == self.server_name and u != target]
 
-        def rank(u: str) -> tuple[int, float, str]:
+        def rank(u: str) -> tuple[int, int, str]:
             kind = self.principal(u).kind
             return (0 if kind == "service" else 1, -power(u), u)
 
@@ -892,17 +887,11 @@ def state_actor(room: RoomFacts, event_type: str, server_name: str, *,
                 prefer: Callable[[str], bool] = lambda u: False) -> str | None:
     """A joined local member able to send ``event_type`` state in ``room`` (``prefer``-ed
     users first, then the most powerful), or None if nobody can."""
-    pl = room.power
-    v12 = room.room_version in CREATOR_POWER_VERSIONS
-    users = pl.get("users") or {}
-    default = _int(pl.get("users_default"), 0)
-    events = pl.get("events") or {}
-    needed = _int(events.get(event_type), _int(pl.get("state_default"), 50)) if pl else 0
+    pl = room.power or None  # facts hold {} when the room has no power levels
+    needed = state_level(pl, event_type)
 
-    def power(u: str) -> float:
-        if (v12 or not pl) and u in room.creators:
-            return float("inf")
-        return _int(users.get(u), default)
+    def power(u: str) -> int:
+        return user_level(u, pl, room_version=room.room_version, creators=room.creators)
 
     local = [u for u, m in room.members.items() if m == "join" and _server(u) == server_name]
     for u in sorted(local, key=lambda u: (not prefer(u), -power(u), u)):
@@ -940,16 +929,6 @@ def diff_separation(policy: SeparationPolicy, rooms: Iterable[RoomFacts]) -> Sep
         actions.extend(a)
         findings.extend(f)
     return SeparationPlan(actions, findings, n)
-
-
-def _int(v: Any, default: int) -> int:
-    if isinstance(v, bool):
-        return default
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and re.fullmatch(r"-?\d+", v):
-        return int(v)
-    return default
 
 
 # -- facts from the homeserver ---------------------------------------------------------------

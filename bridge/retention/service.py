@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.retention import RetentionConfig
+from ..kernel.power import power_context, redact_level, state_level, user_level_in_state
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
 from ..metrics import Metrics
@@ -37,7 +38,6 @@ LEASE_NAME = "retention-purge"
 RETENTION_STATE = "m.room.retention"
 TOPIC_COMPONENT = "retention.topic"
 REDACTED_COMPONENT = "retention.redacted"
-CREATOR_POWER = 2**53  # room version 12 creators: above any power level
 _COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
 _ADMIN_PAGE = 1000
 _BOUNDARY_TRIES = 50  # archived events tried as a purge boundary before using the time
@@ -302,18 +302,15 @@ class RetentionService:
         members = {e.get("state_key"): (e.get("content") or {}).get("membership")
                    for e in state if e.get("type") == "m.room.member"}
         for u in (self.bot_user_id, self.admin_user_id):
-            if members.get(u) == "join" and _power_of(state, u) >= needed:
+            if members.get(u) == "join" and user_level_in_state(state, u) >= needed:
                 return u
         return None
 
     def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
         """Enclave's bot (or admin) if joined with the power to send ``event_type`` state;
         None otherwise."""
-        pl = next((e.get("content") or {} for e in state
-                   if e.get("type") == "m.room.power_levels"), None)
         # no power levels: the creator has 100 and may send anything
-        needed = 0 if pl is None else _int((pl.get("events") or {}).get(event_type),
-                                           _int(pl.get("state_default"), 50))
+        needed = state_level(power_context(state)[0], event_type)
         return self._service_actor(state, needed)
 
     @property
@@ -381,7 +378,7 @@ class RetentionService:
             except ValueError as e:
                 requested, reply = None, f"Cannot read {m.group(1)!r}: {e}"
             else:
-                d = self.policy.decide_adjustment(room_class, _power_of(state, sender),
+                d = self.policy.decide_adjustment(room_class, user_level_in_state(state, sender),
                                                   requested)
                 if d.allow:
                     now = self.clock_ms()
@@ -777,9 +774,7 @@ class RetentionService:
                         rule_id: str) -> tuple[str | None, str | None]:
         """Enclave's user that may redact others' events in the room, joining the bot first
         where it may (invited, or a public room); (None, why) if there is none."""
-        pl = next((e.get("content") or {} for e in state
-                   if e.get("type") == "m.room.power_levels"), None)
-        needed = 0 if pl is None else _int(pl.get("redact"), 50)
+        needed = redact_level(power_context(state)[0])
         actor = self._service_actor(state, needed)
         if actor is not None:
             return actor, None
@@ -901,25 +896,6 @@ class RetentionService:
         if apply and not result.failed:
             self.metrics.retention_last_success.set(self.clock_ms() / 1000)
         return result
-
-
-def _int(v: Any, default: int) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else default
-
-
-def _power_of(state: Sequence[Mapping[str, Any]], user: str) -> int:
-    """``user``'s power level; room version 12 creators outrank everyone (and are not in
-    the power levels' users)."""
-    create = next((e for e in state if e.get("type") == "m.room.create"), {})
-    ccontent = create.get("content") or {}
-    creators = {create.get("sender"), *(ccontent.get("additional_creators") or [])}
-    if str(ccontent.get("room_version", "")) == "12" and user in creators:
-        return CREATOR_POWER
-    pl = next((e.get("content") or {} for e in state
-               if e.get("type") == "m.room.power_levels"), None)
-    if pl is None:
-        return 100 if create.get("sender") == user else 0
-    return _int((pl.get("users") or {}).get(user), _int(pl.get("users_default"), 0))
 
 
 def _digest(text: str) -> str:
