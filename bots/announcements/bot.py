@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 from bridge.config.bots import AnnouncementConfig, AnnouncementsConfig
+from bridge.kernel.durations import parse_duration_seconds
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import Outcome, txn_id_for
 from bridge.policy.actions import Action
@@ -418,10 +419,8 @@ class AnnouncementBot(Bot):
                 if w == "--title":
                     title = value[0]
                 else:
-                    from bridge.config.bots import parse_duration
-
                     try:
-                        remind_after = int(parse_duration(value[0]))
+                        remind_after = int(parse_duration_seconds(value[0]))
                     except ValueError as e:
                         raise CommandError(str(e)) from None
                     require_ack = True

@@ -41,7 +41,7 @@ def _when(ms: int | None) -> str:
 # -- enclave retention --------------------------------------------------------------------
 def cmd_retention(args: argparse.Namespace) -> int:
     from ..app import wall_clock_ms
-    from ..policy.retention import format_duration
+    from ..kernel.durations import format_duration_ms
     from .build import standalone_retention
 
     got = _needs_retention(args)
@@ -74,7 +74,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
                     "steps": [{"up_to_ts": s.up_to_ts, "seconds": round(s.seconds, 3)}
                               for s in rr.steps],
                     "plan": None if p is None else {
-                        "keep": format_duration(p.period.keep_ms), "rule": p.rule_id,
+                        "keep": format_duration_ms(p.period.keep_ms), "rule": p.rule_id,
                         "due_events": p.due_events, "held_events": p.held_events,
                         "deferred_events": p.deferred_events, "cutoff_ms": p.cutoff_ms,
                         "windows": len(p.windows), "holds": list(p.hold_ids),
@@ -91,7 +91,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
             if rr.error:
                 print(f"{rr.room_id}: FAILED, nothing more purged: {rr.error}")
             elif p is not None and (p.due_events or p.held_events or args.verbose):
-                print(f"{rr.room_id}: keep {format_duration(p.period.keep_ms)} "
+                print(f"{rr.room_id}: keep {format_duration_ms(p.period.keep_ms)} "
                       f"[{p.rule_id}] due {p.due_events}, held {p.held_events}, "
                       f"deferred {p.deferred_events}, cutoff {_when(p.cutoff_ms) or '-'}, "
                       f"{len(p.windows)} step(s)"

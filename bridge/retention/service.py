@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.retention import RetentionConfig
+from ..kernel.durations import parse_duration_ms
 from ..kernel.power import power_context, redact_level, state_level, user_level_in_state
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
 from ..metrics import Metrics
 from ..policy.actions import Action, Join, Redact, SendEvent, SetState
-from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
+from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
 from ..store.lease import held_lease
@@ -374,7 +375,7 @@ class RetentionService:
             reply = self.policy.notice_text(period)
         else:
             try:
-                requested = parse_duration(m.group(1))
+                requested = parse_duration_ms(m.group(1))
             except ValueError as e:
                 requested, reply = None, f"Cannot read {m.group(1)!r}: {e}"
             else:
