@@ -40,6 +40,18 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..kernel.relations import (
+    content_of,
+    edit_target,
+    is_redacted,
+    is_thread_fallback,
+    redaction_target,
+    relates_to,
+    reply_to,
+    strip_reply_fallback,
+    thread_root,
+)
+
 if TYPE_CHECKING:
     from ..policy.retention import Hold
     from ..store.base import ArchivedEvent, Store
@@ -96,59 +108,13 @@ class Selection:
 
 
 # -- small helpers over event JSON (pure) ---------------------------------------------------
-def _content(event: Mapping[str, Any]) -> Mapping[str, Any]:
-    c = event.get("content")
-    return c if isinstance(c, Mapping) else {}
-
-
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _relation(event: Mapping[str, Any]) -> Mapping[str, Any]:
-    rel = _content(event).get("m.relates_to")
-    return rel if isinstance(rel, Mapping) else {}
-
-
-def reply_to(event: Mapping[str, Any]) -> str | None:
-    """The event id this event replies to (``m.in_reply_to``), thread fallbacks included."""
-    irt = _relation(event).get("m.in_reply_to")
-    return _str(irt.get("event_id")) if isinstance(irt, Mapping) else None
-
-
-def is_reply_fallback(event: Mapping[str, Any]) -> bool:
-    """True when ``m.in_reply_to`` is only a thread's fallback for clients without threads."""
-    return _relation(event).get("is_falling_back") is True
-
-
-def thread_root(event: Mapping[str, Any]) -> str | None:
-    """The root event id when this event is in a thread (``rel_type`` ``m.thread``)."""
-    rel = _relation(event)
-    return _str(rel.get("event_id")) if rel.get("rel_type") == "m.thread" else None
-
-
-def edit_target(event: Mapping[str, Any]) -> str | None:
-    """The event id this event edits (``rel_type`` ``m.replace``)."""
-    rel = _relation(event)
-    return _str(rel.get("event_id")) if rel.get("rel_type") == "m.replace" else None
-
-
-def redaction_target(event: Mapping[str, Any]) -> str | None:
-    """The event id an ``m.room.redaction`` removes (top level, or content from room v11)."""
-    if event.get("type") != "m.room.redaction":
-        return None
-    return _str(event.get("redacts")) or _str(_content(event).get("redacts"))
-
-
-def is_redacted(event: Mapping[str, Any]) -> bool:
-    """True when the event arrived already redacted (read back after a deletion)."""
-    unsigned = event.get("unsigned")
-    return isinstance(unsigned, Mapping) and "redacted_because" in unsigned
-
-
 def attachment_mxc(event: Mapping[str, Any]) -> str | None:
     """The ``mxc://`` URI of the event's file: ``content.url`` or ``content.file.url``."""
-    content = _content(event)
+    content = content_of(event)
     url = _str(content.get("url"))
     if url is None and isinstance(content.get("file"), Mapping):
         url = _str(content["file"].get("url"))
@@ -161,29 +127,16 @@ def is_attachment(event: Mapping[str, Any]) -> bool:
         return False
     if event.get("type") == "m.sticker":
         return True
-    return _content(event).get("msgtype") in ATTACHMENT_MSGTYPES
+    return content_of(event).get("msgtype") in ATTACHMENT_MSGTYPES
 
 
 def attachment_info(event: Mapping[str, Any]) -> tuple[str, str | None, int | None]:
     """(file name, mimetype, size) as the event states them (file name falls back to body)."""
-    content = _content(event)
+    content = content_of(event)
     info = content.get("info") if isinstance(content.get("info"), Mapping) else {}
     name = _str(content.get("filename")) or _str(content.get("body")) or "attachment"
     size = info.get("size")
     return name, _str(info.get("mimetype")), size if isinstance(size, int) else None
-
-
-def _strip_reply_fallback(body: str) -> str:
-    # Replies made by older clients quote the parent as "> " lines and a blank line.
-    lines = body.split("\n")
-    if not lines or not lines[0].startswith("> "):
-        return body
-    i = 0
-    while i < len(lines) and lines[i].startswith(">"):
-        i += 1
-    if i < len(lines) and lines[i] == "":
-        return "\n".join(lines[i + 1:])
-    return body
 
 
 def plain_text(event: Mapping[str, Any]) -> str:
@@ -191,7 +144,7 @@ def plain_text(event: Mapping[str, Any]) -> str:
     fallback removed; for an edit, the new text; for an encrypted event, a fixed note."""
     if event.get("type") == "m.room.encrypted":
         return ENCRYPTED_TEXT
-    content = _content(event)
+    content = content_of(event)
     if edit_target(event) is not None and isinstance(content.get("m.new_content"), Mapping):
         new = _str(content["m.new_content"].get("body"))
         if new is not None:
@@ -199,8 +152,8 @@ def plain_text(event: Mapping[str, Any]) -> str:
     body = _str(content.get("body")) or ""
     if edit_target(event) is not None and body.startswith("* "):
         return body[2:]
-    if reply_to(event) is not None and not is_reply_fallback(event):
-        body = _strip_reply_fallback(body)
+    if reply_to(event) is not None and not is_thread_fallback(event):
+        body = strip_reply_fallback(body)
     return body
 
 
@@ -214,7 +167,7 @@ def display_names(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         if ev.get("type") != "m.room.member":
             continue
         user = _str(ev.get("state_key"))
-        name = _str(_content(ev).get("displayname"))
+        name = _str(content_of(ev).get("displayname"))
         if user and name and name.strip():
             names[user] = name.strip()
     return names
@@ -228,9 +181,9 @@ def room_name(events: Sequence[Mapping[str, Any]]) -> str | None:
         if ev.get("state_key") != "":
             continue
         if ev.get("type") == "m.room.name":
-            name = _str(_content(ev).get("name")) or None
+            name = _str(content_of(ev).get("name")) or None
         elif ev.get("type") == "m.room.canonical_alias":
-            alias = _str(_content(ev).get("alias")) or None
+            alias = _str(content_of(ev).get("alias")) or None
     return name or alias
 
 
@@ -337,7 +290,7 @@ class _Room:
                 if eid not in self.redactions:
                     self.edits[target].append(ev)
                 continue
-            rel = _relation(ev)
+            rel = relates_to(ev)
             if (ev.get("type") == "m.reaction" and rel.get("rel_type") == "m.annotation"
                     and _str(rel.get("event_id")) in self.by_id):
                 if eid not in self.redactions:
@@ -368,7 +321,7 @@ def _who(user: str | None, names: Mapping[str, str]) -> str:
 
 def membership_line(event: Mapping[str, Any], names: Mapping[str, str]) -> str:
     """One readable line for an ``m.room.member`` event (plain text, not escaped)."""
-    content = _content(event)
+    content = content_of(event)
     unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), Mapping) else {}
     prev = unsigned.get("prev_content") or event.get("prev_content") or {}
     prev = prev if isinstance(prev, Mapping) else {}
@@ -407,7 +360,7 @@ def system_line(event: Mapping[str, Any], names: Mapping[str, str]) -> str | Non
     etype = event.get("type")
     if "state_key" not in event or etype in MESSAGE_TYPES:
         return None
-    content = _content(event)
+    content = content_of(event)
     by = _who(_str(event.get("sender")), names)
     if etype == "m.room.member":
         return membership_line(event, names)
@@ -439,7 +392,7 @@ def _attachment_html(event: Mapping[str, Any], media_href: Mapping[str, str]) ->
                 f"</a>{detail_html} <span class=\"uid\">not in the archive: "
                 f"{html.escape(mxc)}</span></div>")
     img = ""
-    kind = _content(event).get("msgtype")
+    kind = content_of(event).get("msgtype")
     if kind == "m.image" or event.get("type") == "m.sticker":
         img = f'<img src="{html.escape(href)}" alt="{html.escape(name)}" loading="lazy">'
     return (f'<div class="att">Attachment: <a href="{html.escape(href)}" '
@@ -462,7 +415,7 @@ def _message_html(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                   media_href: Mapping[str, str], *, in_thread: bool) -> str:
     eid = _str(event.get("event_id")) or ""
     etype = event.get("type")
-    content = _content(event)
+    content = content_of(event)
     classes = ["msg"]
     parts: list[str] = []
     redaction = room.redactions.get(eid)
@@ -479,7 +432,7 @@ def _message_html(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                  f"{html.escape(eid)}</a></div>")
 
     parent = reply_to(event)
-    if parent is not None and not is_reply_fallback(event):
+    if parent is not None and not is_thread_fallback(event):
         target = room.by_id.get(parent)
         if target is not None:
             who = html.escape(names.get(_str(target.get("sender")) or "", "")
@@ -503,7 +456,7 @@ def _message_html(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
         classes.append("deleted")
         by = redaction or event["unsigned"]["redacted_because"]
         by = by if isinstance(by, Mapping) else {}
-        reason = _str(_content(by).get("reason"))
+        reason = _str(content_of(by).get("reason"))
         line = (f"{DELETED_TEXT} by {_who(_str(by.get('sender')), names)} "
                 f"at {_readable_utc(by.get('origin_server_ts'))}")
         if reason:
@@ -549,7 +502,7 @@ def _message_html(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
     if reactions:
         keyed: dict[str, list[str]] = defaultdict(list)
         for r in reactions:
-            key = _str(_relation(r).get("key")) or "?"
+            key = _str(relates_to(r).get("key")) or "?"
             keyed[key].append(_who(_str(r.get("sender")), names))
         line = "; ".join(f"{k} {', '.join(v)}" for k, v in keyed.items())
         parts.append(f'<div class="reactions">Reactions: {html.escape(line)}</div>')
@@ -732,7 +685,7 @@ def render_eml(
     text = plain_text(event)
     if redaction is not None:
         msg["X-Matrix-Redacted-By"] = _header_text(_str(redaction.get("sender")) or "?")
-        reason = _str(_content(redaction).get("reason"))
+        reason = _str(content_of(redaction).get("reason"))
         note = (f"[{DELETED_TEXT} by {_str(redaction.get('sender')) or '?'} at "
                 f"{iso_utc(redaction.get('origin_server_ts'))}{': ' + reason if reason else ''};"
                 " archived content follows]\n\n")
