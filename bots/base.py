@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from bridge.config.bots import BotIdentityConfig, DmConfig
 from bridge.directory.model import StaffRecord
 from bridge.kernel.power import user_level_in_state
+from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
@@ -242,17 +243,18 @@ class Bot:
 
     async def start(self) -> None:
         """Make the identity exist and learn the bot's rooms; retried until it works."""
-        delay = 1.0
+        attempt = 0
         while True:
             try:
                 await self.ensure_identity()
                 await self.load_rooms()
                 break
             except (HomeserverUnavailable, MatrixRequestError) as e:
+                attempt += 1
+                delay = RECONNECT.delay(attempt)
                 log.warning("%s: start-up incomplete (%s); retry in %.0fs", self.user_id, e,
                             delay)
                 await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
         self.ready.set()
         log.info("%s ready (%d rooms)", self.user_id, len(self.rooms))
 

@@ -18,6 +18,7 @@ from .cluster import Leadership, replica_name
 from .config import LoadedConfig, Secret
 from .directory.build import Debouncer, build_directory_sync
 from .directory.sync import DirectorySync, SyncRefused
+from .kernel.retry import RECONNECT
 from .matrix.appservice import AppserviceAPI, json_errors
 from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 from .matrix.executor import Executor
@@ -110,17 +111,18 @@ class Bootstrap:
         self.svc = svc
 
     async def run_forever(self) -> None:
-        delay = 1.0
+        attempt = 0
         while True:
             try:
                 await self.run_once()
                 self.svc.bootstrapped.set()
                 return
             except (HomeserverUnavailable, MatrixRequestError, aiohttp.ClientError) as e:
+                attempt += 1
+                delay = RECONNECT.delay(attempt)
                 log.warning("start-up against the homeserver incomplete (%s); retry in %.0fs",
                             e, delay)
                 await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
 
     async def run_once(self) -> None:
         svc, cfg = self.svc, self.svc.config

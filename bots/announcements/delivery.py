@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +20,7 @@ from bridge.directory.model import StaffRecord
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError, q
 from bridge.matrix.executor import txn_id_for
 from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
-from bridge.store.lease import LeaseLost, held_lease
+from bridge.store.lease import LeaseLost, held_lease, new_lease_owner
 
 from ..markdown import message_content
 from ..scheduling import format_ms
@@ -74,7 +71,7 @@ class FanOut:
     def __init__(self, bot: AnnouncementBot):
         self.bot = bot
         self.svc = bot.svc
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = new_lease_owner()
 
     # -- delivery ------------------------------------------------------------------------
     async def deliver(self, occ: AnnouncementOccurrence) -> bool:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,7 +46,7 @@ from ..policy.directory import (
 from ..policy.lookalike import skeleton
 from ..policy.mapping import map_people
 from ..store import DirectoryRecord, Store
-from ..store.lease import held_lease
+from ..store.lease import held_lease, new_lease_owner
 from .lookalike import confusables_table
 from .model import DirectoryError, DirectorySnapshot, StaffRecord
 from .source import DirectorySource
@@ -117,7 +115,7 @@ class DirectorySync:
         self.allow_initial_passwords = allow_initial_passwords
         self._lock = asyncio.Lock()
         self._managed: dict[str, str] | None = None
-        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_owner = new_lease_owner()
         self.lease_ttl_ms = LEASE_TTL_MS
         executor.register(CreateAccount, self._apply_create)
         executor.register(UpdateAccount, self._apply_update)

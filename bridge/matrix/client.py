@@ -19,6 +19,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from ..kernel.retry import Backoff, retry_after_seconds
+
 log = logging.getLogger(__name__)
 
 
@@ -128,7 +130,7 @@ class MatrixClient:
                     self._on_rate_limited()
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path}: still rate limited")
-                asked = _retry_after(body, retry_after_header)
+                asked = retry_after_seconds(body, retry_after_header)
                 # 0 is a valid answer ("retry now"): only fall back when none was given
                 delay = asked if asked is not None else self._backoff(attempt)
                 log.info("rate limited on %s, waiting %.2fs as asked", path, delay)
@@ -142,8 +144,9 @@ class MatrixClient:
             raise MatrixRequestError(status, errcode, error, method, path)
 
     def _backoff(self, attempt: int) -> float:
-        base = min(self.backoff_max, self.backoff_initial * (2 ** (attempt - 1)))
-        return base * (0.75 + random.random() / 2)  # jitter so replicas do not stampede
+        # jitter so replicas do not stampede
+        return Backoff(self.backoff_initial, self.backoff_max, jitter=True).delay(
+            attempt, random.random())
 
     # -- client-server API ---------------------------------------------------------------
     async def versions(self) -> dict[str, Any]:
@@ -505,11 +508,3 @@ def _decode(raw: bytes) -> Any:
         return {"errcode": "M_UNKNOWN", "error": raw[:200].decode("utf-8", "replace")}
 
 
-def _retry_after(body: Any, header: str | None) -> float | None:
-    if isinstance(body, dict):
-        ms = body.get("retry_after_ms")
-        if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0:
-            return min(ms / 1000.0, 3600.0)
-    if header and header.isdigit():
-        return min(float(header), 3600.0)
-    return None

@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from ..policy.actions import Action, Join, Redact, SendEvent, SetState
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
-from ..store.lease import held_lease
+from ..store.lease import held_lease, new_lease_owner
 from .archive import ArchiveWriter
 
 log = logging.getLogger(__name__)
@@ -133,7 +131,7 @@ class RetentionService:
         self.service_prefix = service_prefix
         self.classify = classify
         self._sleep = sleep
-        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease_owner = new_lease_owner()
         self.lease_ttl_ms = 120_000  # a running app sets the cluster's lease ttl
 
     def replace_config(self, config: RetentionConfig) -> None:
