@@ -38,7 +38,6 @@ from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
     MatrixRequestError,
-    q,
 )
 from bridge.matrix.executor import Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
@@ -266,21 +265,14 @@ class Bot:
             await c.set_displayname(self.user_id, self.identity.displayname)
         if self.identity.avatar_url:
             try:
-                body = await c.request("GET", f"/_matrix/client/v3/profile/{q(self.user_id)}"
-                                              "/avatar_url")
-                current = body.get("avatar_url")
+                current = await c.get_avatar_url(self.user_id)
             except MatrixRequestError:
                 current = None
             if current != self.identity.avatar_url:
-                await c.request("PUT", f"/_matrix/client/v3/profile/{q(self.user_id)}"
-                                       "/avatar_url",
-                                json={"avatar_url": self.identity.avatar_url},
-                                user_id=self.user_id)
+                await c.set_avatar_url(self.user_id, self.identity.avatar_url)
 
     async def load_rooms(self) -> None:
-        body = await self.svc.client.request("GET", "/_matrix/client/v3/joined_rooms",
-                                             user_id=self.user_id)
-        self.rooms = set(body.get("joined_rooms", []))
+        self.rooms = set(await self.svc.client.joined_rooms(self.user_id))
         for key, user in (await self.storage.list("dmroom:")).items():
             self._dm_of_room[key.removeprefix("dmroom:")] = user
 
@@ -451,8 +443,7 @@ class Bot:
     async def power_of(self, room_id: str, user_id: str) -> int:
         """``user_id``'s power level in a room the bot is in (the kernel's one rule: room
         v12+ creators outrank every level)."""
-        state = await self.svc.client.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state", user_id=self.user_id)
+        state = await self.svc.client.room_state(room_id, user_id=self.user_id)
         return user_level_in_state(state, user_id)
 
     # -- DMs -----------------------------------------------------------------------------
@@ -528,19 +519,13 @@ class Bot:
         """Put the room in the person's ``m.direct`` (clients list it under people):
         a client that accepts an invite does this itself; an automatic join does not."""
         c = self.svc.client
-        path = f"/_matrix/client/v3/user/{q(user_id)}/account_data/m.direct"
         try:
-            try:
-                current = await c.request("GET", path, user_id=user_id)
-            except MatrixRequestError as e:
-                if e.status != 404:
-                    raise
-                current = {}
+            current = await c.get_account_data(user_id, "m.direct") or {}
             rooms = list(current.get(self.user_id) or [])
             if room_id in rooms:
                 return
             current[self.user_id] = [*rooms, room_id]
-            await c.request("PUT", path, json=current, user_id=user_id)
+            await c.set_account_data(user_id, "m.direct", current)
         except MatrixRequestError as e:
             log.info("could not mark %s as a DM of %s: %s", room_id, user_id, e)
 

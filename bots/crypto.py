@@ -574,17 +574,14 @@ class EncryptedSender:
         await self._client.request("PUT", f"/_matrix/client/v3/devices/{q(device_id)}",
                                    json={"display_name": self.device_name},
                                    user_id=self.user_id)
-        who = await self._client.request("GET", "/_matrix/client/v3/account/whoami",
-                                         user_id=self.user_id, query={"device_id": device_id})
+        who = await self._client.whoami(self.user_id, device_id=device_id)
         if who.get("device_id") != device_id:
             raise MatrixRequestError(501, "M_UNRECOGNIZED",
                                      "appservice device masquerading not supported")
 
     async def _check_appservice_device(self, session: DeviceSession) -> DeviceSession:
         try:
-            await self._client.request(
-                "GET", f"/_matrix/client/v3/devices/{q(session.device_id)}",
-                user_id=self.user_id)
+            await self._client.get_device(session.device_id, user_id=self.user_id)
         except MatrixRequestError as e:
             if e.status != 404:
                 raise
@@ -623,8 +620,7 @@ class EncryptedSender:
 
     async def _check_token(self, session: DeviceSession) -> DeviceSession:
         try:
-            who = await self._client.request("GET", "/_matrix/client/v3/account/whoami",
-                                             access_token=session.access_token)
+            who = await self._client.whoami(access_token=session.access_token)
         except MatrixRequestError as e:
             if e.status != 401:
                 raise
@@ -925,12 +921,11 @@ class EncryptedSender:
     async def _members(self, room_id: str) -> tuple[dict[str, str], dict[str, int]]:
         """(user id -> ``join`` or ``invite``, joined user id -> when their membership
         event was sent), read from the homeserver as the bot."""
-        body = await self._client.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/members",
-            query={"not_membership": "leave"}, user_id=self.user_id)
+        chunk = await self._client.room_members(room_id, user_id=self.user_id,
+                                                not_membership="leave")
         out: dict[str, str] = {}
         joined_at: dict[str, int] = {}
-        for ev in body.get("chunk") or []:
+        for ev in chunk:
             state = (ev.get("content") or {}).get("membership")
             user = ev.get("state_key")
             if isinstance(user, str) and state in ("join", "invite"):

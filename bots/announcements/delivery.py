@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bridge.directory.model import StaffRecord
-from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError, q
+from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
 from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
 from bridge.store.lease import LeaseLost, held_lease, new_lease_owner
@@ -296,10 +296,9 @@ class FanOut:
         self.svc.metrics.actions.labels(kind="announcement_send", outcome="applied").inc()
 
     async def _members(self, room: str) -> dict[str, str]:
-        body = await self.svc.client.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(room)}/members", user_id=self.bot.user_id)
+        chunk = await self.svc.client.room_members(room, user_id=self.bot.user_id)
         return {e["state_key"]: (e.get("content") or {}).get("membership", "")
-                for e in body.get("chunk", []) if e.get("type") == "m.room.member"}
+                for e in chunk if e.get("type") == "m.room.member"}
 
     async def _room_target(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
                            target: str, attempts: int, date: str) -> None:

@@ -29,6 +29,14 @@ COPIES = [
 ]
 
 
+def test_bots_call_client_methods_not_raw_gets() -> None:
+    """What the bots read from the homeserver goes through MatrixClient methods."""
+    raw = re.compile(r'request\(\s*"GET"')
+    found = [str(p.relative_to(ROOT)) for p in (ROOT / "bots").rglob("*.py")
+             if raw.search(p.read_text())]
+    assert found == []
+
+
 @pytest.mark.parametrize(("what", "pattern", "allowed"), COPIES, ids=[c[0] for c in COPIES])
 def test_rule_written_once(what: str, pattern: str, allowed: set[str]) -> None:
     rx = re.compile(pattern)
