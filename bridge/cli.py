@@ -27,6 +27,7 @@ import yaml
 
 from .config import ConfigError, LoadedConfig, check_secrets, load_config
 from .config.models import SecretRef
+from .kernel.timestamps import iso_utc, readable_utc
 from .store import AuditFilter, DatabaseError, SchemaError, Store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
@@ -200,9 +201,7 @@ def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
 
 
 def _fmt_ts(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return readable_utc(ms)
 
 
 def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], title: str) -> None:
@@ -631,8 +630,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
                      "bots.announcements.announcements")
                 return EXIT_USAGE
             now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-            occ_id = args.occurrence or "manual-" + dt.datetime.fromtimestamp(
-                now / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            occ_id = args.occurrence or "manual-" + iso_utc(now)
             created, sel = await make_occurrence(
                 store, await store.directory_view(), announcement_id=a.id,
                 occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,

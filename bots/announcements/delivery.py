@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bridge.directory.model import StaffRecord
+from bridge.kernel.timestamps import local_datetime
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
 from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
@@ -58,10 +59,7 @@ def _reminders_text(row: Any) -> str:
 
 def date_text(ms: int, timezone: str) -> str:
     """{date} in messages: 'Tuesday 1 December 2026'."""
-    import datetime as dt
-    import zoneinfo
-
-    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).astimezone(zoneinfo.ZoneInfo(timezone))
+    t = local_datetime(ms, timezone)
     return f"{t:%A} {t.day} {t:%B %Y}"
 
 

@@ -17,7 +17,6 @@ import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..kernel.durations import (  # noqa: F401  (re-exported: the constants policy callers use)
@@ -29,6 +28,7 @@ from ..kernel.durations import (  # noqa: F401  (re-exported: the constants poli
     YEAR_MS,
     format_duration_ms,
 )
+from ..kernel.timestamps import iso_utc
 
 if TYPE_CHECKING:  # importing bridge.config at run time would pull in its YAML loader
     from ..config.models import RetentionConfig
@@ -56,9 +56,7 @@ def _outside(keep: int | None, lo: int | None, hi: int | None) -> bool:
 
 
 def _ts(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ms, "-")
 
 
 # -- results ---------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import secrets as pysecrets
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from ..kernel.timestamps import readable_utc
 from ..store import Store
 from ..store.base import HoldRecord
 
@@ -33,9 +33,7 @@ def _needs_retention(args: argparse.Namespace) -> tuple[Any, dict] | None:
 
 
 def _when(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return readable_utc(ms)
 
 
 # -- enclave retention --------------------------------------------------------------------

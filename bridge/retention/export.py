@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -51,6 +50,7 @@ from ..kernel.relations import (
     strip_reply_fallback,
     thread_root,
 )
+from ..kernel.timestamps import iso_utc, readable_utc, utc_datetime
 
 if TYPE_CHECKING:
     from ..policy.retention import Hold
@@ -187,17 +187,8 @@ def room_name(events: Sequence[Mapping[str, Any]]) -> str | None:
     return name or alias
 
 
-def iso_utc(ts_ms: int | None) -> str:
-    """``2024-05-01T12:30:00Z`` (second precision, UTC); ``?`` when unknown."""
-    if not isinstance(ts_ms, int):
-        return "?"
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _readable_utc(ts_ms: int | None) -> str:
-    if not isinstance(ts_ms, int):
-        return "?"
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return readable_utc(ts_ms, "?") + (" UTC" if isinstance(ts_ms, int) else "")
 
 
 def anchor(event_id: str) -> str:
@@ -666,7 +657,7 @@ def render_eml(
                         domain=room_domain)
     ts = event.get("origin_server_ts")
     ts = ts if isinstance(ts, int) else 0
-    msg["Date"] = format_datetime(datetime.fromtimestamp(ts / 1000, tz=UTC))
+    msg["Date"] = format_datetime(utc_datetime(ts))
     msg["Subject"] = _subject(label, event)
     event_id = _str(event.get("event_id")) or ""
     msg["Message-ID"] = message_id(event_id)

@@ -25,6 +25,7 @@ COPIES = [
     ("retry_after_ms reading", r'\.get\("retry_after_ms"\)', {"bridge/kernel/retry.py"}),
     ("reply fallback stripping", r'def _?strip_reply_fallback', {"bridge/kernel/relations.py"}),
     ("duration parser without its unit", r'def parse_duration\(', set()),
+    ("timestamp conversion", r'fromtimestamp\(\s*\w+ / 1000', {"bridge/kernel/timestamps.py"}),
     ("m.in_reply_to reading", r'\.get\("m\.in_reply_to"\)', {"bridge/kernel/relations.py"}),
 ]
 
