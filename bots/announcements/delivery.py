@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bridge.directory.model import StaffRecord
+from bridge.kernel.membership import memberships
 from bridge.kernel.timestamps import local_datetime
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
@@ -294,9 +295,7 @@ class FanOut:
         self.svc.metrics.actions.labels(kind="announcement_send", outcome="applied").inc()
 
     async def _members(self, room: str) -> dict[str, str]:
-        chunk = await self.svc.client.room_members(room, user_id=self.bot.user_id)
-        return {e["state_key"]: (e.get("content") or {}).get("membership", "")
-                for e in chunk if e.get("type") == "m.room.member"}
+        return memberships(await self.svc.client.room_members(room, user_id=self.bot.user_id))
 
     async def _room_target(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
                            target: str, attempts: int, date: str) -> None:

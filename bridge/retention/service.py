@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config.retention import RetentionConfig
 from ..kernel.durations import parse_duration_ms
+from ..kernel.membership import membership_of, memberships
 from ..kernel.power import power_context, redact_level, state_level, user_level_in_state
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
@@ -298,8 +299,7 @@ class RetentionService:
         """Enclave's own joined user (its bot, else its admin) with at least ``needed``
         power; None if neither is. Enclave never acts as a member of the room: what it does
         appears under its own name, and what it cannot do that way is reported."""
-        members = {e.get("state_key"): (e.get("content") or {}).get("membership")
-                   for e in state if e.get("type") == "m.room.member"}
+        members = memberships(state)
         for u in (self.bot_user_id, self.admin_user_id):
             if members.get(u) == "join" and user_level_in_state(state, u) >= needed:
                 return u
@@ -318,9 +318,7 @@ class RetentionService:
                 "the power to do it")
 
     def _bot_membership(self, state: Sequence[Mapping[str, Any]]) -> str | None:
-        return next(((e.get("content") or {}).get("membership") for e in state
-                     if e.get("type") == "m.room.member"
-                     and e.get("state_key") == self.bot_user_id), None)
+        return membership_of(state, self.bot_user_id)
 
     def _bot_may_join(self, state: Sequence[Mapping[str, Any]]) -> bool:
         """The bot may join on its own: someone invited it, or the room is public."""
@@ -362,9 +360,7 @@ class RetentionService:
             return []
         m = _COMMAND_RE.match(body.strip())
         state = await self._room_state(room_id)
-        bot_joined = any(e.get("type") == "m.room.member" and e.get("state_key") ==
-                         self.bot_user_id and (e.get("content") or {}).get("membership") ==
-                         "join" for e in state)
+        bot_joined = membership_of(state, self.bot_user_id) == "join"
         room_class = await self.room_class(room_id)
         period = await self.period(room_id, room_class)
         reply: str
@@ -468,9 +464,7 @@ class RetentionService:
             row = await self.store.retention_room_get(room_id)
             said = await self.store.component_get("retention.notice", room_id)
             if said != text:
-                members = {e.get("state_key"): (e.get("content") or {}).get("membership")
-                           for e in state if e.get("type") == "m.room.member"}
-                if members.get(self.bot_user_id) != "join":
+                if membership_of(state, self.bot_user_id) != "join":
                     # the bot joins only where it was invited or the room is open: Enclave
                     # does not invite itself as a member (it would read "<member> invited
                     # Enclave"); elsewhere the missing notice is reported by the caller
