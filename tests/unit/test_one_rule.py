@@ -26,6 +26,7 @@ COPIES = [
     ("reply fallback stripping", r'def _?strip_reply_fallback', {"bridge/kernel/relations.py"}),
     ("duration parser without its unit", r'def parse_duration\(', set()),
     ("timestamp conversion", r'fromtimestamp\(\s*\w+ / 1000', {"bridge/kernel/timestamps.py"}),
+    ("manual HTML escaping (the transcript template autoescapes)", r'html\.escape\(', set()),
     ("m.in_reply_to reading", r'\.get\("m\.in_reply_to"\)', {"bridge/kernel/relations.py"}),
 ]
 

@@ -16,7 +16,7 @@ from bridge.kernel.relations import (
     strip_reply_fallback,
     thread_root,
 )
-from bridge.retention.export import plain_text
+from bridge.retention.events import plain_text
 
 
 def ev(rel: Any = None, **top: Any) -> dict[str, Any]:
