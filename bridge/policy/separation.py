@@ -18,7 +18,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..directory.model import StaffRecord
-from ..kernel.power import creators_have_unlimited_power, kick_level, state_level, user_level
+from ..kernel.power import (
+    creators_have_unlimited_power,
+    creators_of,
+    kick_level,
+    state_level,
+    user_level,
+)
 from .actions import Action, Kick, Leave, SetState
 
 if TYPE_CHECKING:
@@ -958,12 +964,7 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
         elif t == "m.room.create":
             version = str(content.get("room_version", "1"))
             federate = content.get("m.federate", True) is not False
-            sender = ev.get("sender")
-            if isinstance(sender, str):
-                creators.add(sender)
-            extra = content.get("additional_creators")
-            if isinstance(extra, list):
-                creators.update(u for u in extra if isinstance(u, str))
+            creators.update(creators_of(ev))
             pred = content.get("predecessor")
             if isinstance(pred, dict) and isinstance(pred.get("room_id"), str):
                 predecessor = pred["room_id"]
