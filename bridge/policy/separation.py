@@ -798,7 +798,11 @@ class SeparationPolicy:
         if membership == "invite" and self.principal(target).kind == "service":
             if content.get("is_direct") and room.is_direct is None:
                 room = replace(room, is_direct=True)
-            return self.enclave_invited(room, target)
+            join = self.enclave_invited(room, target)
+            if not join:
+                return []
+            # once in, it puts back what it could not before (state set at creation)
+            return join + self.diff_protected_state(room.with_member(target, "join"))[0]
         if membership == "invite":
             if content.get("is_direct") and room.is_direct is None:
                 room = replace(room, is_direct=True)
@@ -977,6 +981,20 @@ def is_direct_chat(room: RoomFacts, *, invite_content: Mapping[str, Any] | None 
         return True  # trusted_private_chat in room v12: both are creators
     return (room.join_rule == "invite" and room.name is None and not room.aliases
             and len(people) == 2)
+
+
+def federation_whitelist(config: PolicyConfig, server_name: str) -> list[str]:
+    """The servers the corporate homeserver may federate with for separation to hold
+    without the gate module (Synapse's ``federation_domain_whitelist``): its own, and those
+    of the policy's partners (their servers and users) and guests. Without the gate nothing
+    refuses a staff member's join of a room hosted elsewhere before it happens; this list
+    makes Synapse refuse every server the policy does not name."""
+    servers = [server_name]
+    for p in config.partners:
+        servers += p.servers
+        servers += [_server(u) for u in p.users]
+    servers += [_server(g.user) for g in config.guests]
+    return list(dict.fromkeys(s for s in servers if s))
 
 
 def apply_edits(request: Mapping[str, Any], edits: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -405,6 +405,14 @@ def test_bot_joins_group_rooms_it_is_invited_into(facts: RoomFacts, joins: bool)
                              actor=BOT, room="!r")] if joins else [])
 
 
+def test_bot_joining_puts_back_what_it_could_not_before() -> None:
+    facts = replace(room("external", BOB, creator=BOB, history="shared",
+                         power={"users": {BOT: 100}}), claimed_class="internal")
+    actions = P.decide_event(member_event(BOB, BOT, "invite"), facts)
+    assert [(type(a), a.actor) for a in actions] == [(Join, BOT), (SetState, BOT),
+                                                     (SetState, BOT)]
+
+
 def test_a_local_users_own_membership_is_done_for_them_and_says_so() -> None:
     d = P.decide_membership(FRANK, room("internal", ALICE))
     [leave], finding = P.remove(room("internal", ALICE, FRANK), FRANK, d)
