@@ -999,8 +999,17 @@ def federation_whitelist(config: PolicyConfig, server_name: str) -> list[str]:
 
 def apply_edits(request: Mapping[str, Any], edits: Mapping[str, Any] | None) -> dict[str, Any]:
     """A createRoom body with gate edits merged (as the gate module merges them):
-    ``creation_content`` keys set, ``initial_state`` events replacing same type/state_key."""
+    ``creation_content`` keys set, ``initial_state`` events replacing same type/state_key,
+    ``invite`` added, ``power_users`` into ``power_level_content_override`` (room version 12,
+    Synapse's default, where creators are not listed; the module handles older versions)."""
     body = dict(request)
+    if edits and edits.get("invite"):
+        current = list(body.get("invite") or [])
+        body["invite"] = current + [u for u in edits["invite"] if u not in current]
+    if edits and edits.get("power_users"):
+        override = dict(body.get("power_level_content_override") or {})
+        override["users"] = {**(override.get("users") or {}), **edits["power_users"]}
+        body["power_level_content_override"] = override
     if not edits:
         return body
     if edits.get("creation_content"):

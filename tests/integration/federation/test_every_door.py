@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.devstack.federation import FederatedPair
 
@@ -504,6 +505,54 @@ async def test_gate_off_remote_join_is_undone_reactively(door: Trio) -> None:
 
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
     await dm_is_recognised_and_the_bot_stays_out(door)
+
+
+async def test_gate_off_generated_whitelist_refuses_joins_of_outsiders_rooms(
+        door: Trio) -> None:
+    """Without the gate, Synapse's federation_domain_whitelist (written from the policy by
+    ``enclave registration --homeserver-snippet``) refuses a staff join of a room on a
+    personal server before it happens; the partner's server still federates. Last: it
+    leaves the corporate server restricted."""
+    out = door.config.parent
+    r = await door.enclave.cli("registration", "-o", str(out / "registration-check.yaml"),
+                               "--homeserver-snippet", str(out / "homeserver-snippet.yaml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    snippet = yaml.safe_load((out / "homeserver-snippet.yaml").read_text())
+    assert door.pair.partner is not None
+    allowed = [door.corp_name, door.pair.partner.server_name]
+    assert snippet["federation_domain_whitelist"] == allowed
+    eve, pat = door.other("eve"), door.other("pat")
+    alias = f"party-{os.urandom(3).hex()}"
+    party = await eve.room_create(alias=alias, visibility=nio.RoomVisibility.public,
+                                  preset=nio.RoomPreset.public_chat)
+    assert isinstance(party, nio.RoomCreateResponse), party
+    await door.enclave.stop()
+    door.pair.corp.extra_config["federation_domain_whitelist"] = (
+        snippet["federation_domain_whitelist"])
+    await asyncio.to_thread(door.pair.corp.restart)
+    await door.enclave.start()
+    dave = await door.staff("dave")
+    personal = door.pair.personal.server_name
+    answer = await join_via(door, dave, f"#{alias}:{personal}", personal)
+    assert "room_id" not in answer, answer  # refused by Synapse, nothing to undo
+    answer = await join_via(door, dave, party.room_id, personal)
+    assert "room_id" not in answer, answer
+    assert await door.corp_membership(party.room_id, dave.user_id) is None
+    # the partner still federates: invited into an external room, they join and read
+    bob = await door.staff("bob")
+    await pat.sync(timeout=0)
+    room = await bob.room_create(alias=f"ext-{os.urandom(3).hex()}", invite=[pat.user_id])
+    assert isinstance(room, nio.RoomCreateResponse), room
+    await invite_arrives(pat, room.room_id)
+    assert isinstance(await pat.join(room.room_id), nio.JoinResponse)
+    sent = await bob.room_send(room.room_id, "m.room.message",
+                               {"msgtype": "m.text", "body": "hello partner"})
+    assert isinstance(sent, nio.RoomSendResponse), sent
+
+    async def partner_reads() -> bool:
+        return "hello partner" in await texts(door, pat, room.room_id)
+
+    await wait_until(partner_reads, within=30, what="the partner reading the message")
 
 
 async def dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
