@@ -568,8 +568,8 @@ class SeparationPolicy:
         service = self.principal(sender).kind == "service"
         if (event_type == CLASS_STATE_TYPE and room is not None and room.class_state
                 and (content or {}).get("class") == room.class_state):
-            # putting Enclave's record back (Enclave acts as a local member with the power
-            # when its own users are not in the room): nothing changes what policy reads
+            # putting Enclave's record back (by anyone, e.g. a room admin fixing a finding):
+            # nothing changes what policy reads
             return Decision(True, CLASS_RECORD_RULE, "(built in)",
                             "class state set to Enclave's record")
         if event_type in PROTECTED_STATE_TYPES and not service:
@@ -1035,16 +1035,6 @@ def diff_separation(policy: SeparationPolicy, rooms: Iterable[RoomFacts]) -> Sep
         actions.extend(a)
         findings.extend(f)
     return SeparationPlan(actions, findings, n)
-
-
-def _int(v: Any, default: int) -> int:
-    if isinstance(v, bool):
-        return default
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and re.fullmatch(r"-?\d+", v):
-        return int(v)
-    return default
 
 
 # -- facts from the homeserver ---------------------------------------------------------------

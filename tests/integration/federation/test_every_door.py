@@ -95,8 +95,10 @@ class Trio:
         return next((e for e in state["state"] if e["type"] == "m.room.member"
                      and e["state_key"] == user), None)
 
-    async def audit(self, rule: str) -> list[dict[str, Any]]:
-        r = await self.enclave.cli("audit", "--rule", rule, "--format", "json")
+    async def audit(self, *filters: str) -> list[dict[str, Any]]:
+        """Audit records as JSON: ``audit("RULE")`` or ``audit("--room", ID)``."""
+        args = filters if filters[0].startswith("--") else ("--rule", *filters)
+        r = await self.enclave.cli("audit", *args, "--format", "json")
         assert r.returncode == 0, r.stdout + r.stderr
         return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
 
@@ -501,6 +503,10 @@ async def test_gate_off_remote_join_is_undone_reactively(door: Trio) -> None:
     await wait_left(dave, room.room_id, within=30, describe=door.enclave.describe)
     body = await read_notice(dave, door.uid(BOT_LOCALPART), "took you out of a room")
     assert "class.internal" in body, body
+    # the one thing Enclave does as the user (their own membership), and the record says so
+    leave = [r for r in await door.audit("--room", room.room_id) if r["kind"] == "leave"]
+    assert leave and leave[0]["actor"] == dave.user_id, leave
+    assert f"done for {dave.user_id} by Enclave (their own membership)" in leave[0]["reason"]
 
 
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
