@@ -614,7 +614,7 @@ class SeparationPolicy:
         pw = room.power_view
         for etype, content, rule, why in wanted:
             needed = pw.needed_state(etype)
-            actor = enclave_actor(room.members, pw, self.enclave_users, needed)
+            actor = enclave_actor(room.members, pw, self.acting_users(room), needed)
             if actor is None:
                 findings.append(Finding(rule, room.room_id, etype,
                                         f"{why}; Enclave has no power to set it here, not "
@@ -699,8 +699,16 @@ class SeparationPolicy:
         version 12 creators have unlimited power and cannot be kicked at all.
         """
         pw = room.power_view
-        return enclave_actor(room.members, pw, self.enclave_users, pw.needed("kick"),
+        return enclave_actor(room.members, pw, self.acting_users(room), pw.needed("kick"),
                              target=target)
+
+    def acting_users(self, room: RoomFacts) -> tuple[str, ...]:
+        """Who may act for Enclave in ``room``, in order: its bot, its admin, then its other
+        service users (its bots) that are members (e.g. a room one of them made)."""
+        others = sorted(u for u in room.members if u not in self.service_users
+                        and _server(u) == self.server_name
+                        and self.principal(u).kind == "service")
+        return self.enclave_users + tuple(others)
 
     def power_fix(self, needed: int) -> str:
         """How an operator gives Enclave what it lacks in a room."""
@@ -865,7 +873,7 @@ class SeparationPolicy:
         pw = room.power_view
         needed = max(pw.needed("kick"), pw.needed_state(HISTORY_STATE_TYPE),
                      pw.needed_state(CLASS_STATE_TYPE))
-        if enclave_actor(room.members, pw, self.enclave_users, needed) is not None:
+        if enclave_actor(room.members, pw, self.acting_users(room), needed) is not None:
             return []
         return [Finding(ENCLAVE_POWER_RULE, room.room_id, self.enclave_users[0],
                         f"Enclave has no power in this {rc.id} room: it cannot remove "

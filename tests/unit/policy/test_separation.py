@@ -413,6 +413,15 @@ def test_bot_joining_puts_back_what_it_could_not_before() -> None:
                                                      (SetState, BOT)]
 
 
+def test_enclaves_other_bots_act_in_rooms_they_made() -> None:
+    announce = u("enclave_announce")
+    facts = room("internal", announce, ALICE, EVE, creator=announce)
+    assert P.choose_remover(facts, EVE) == announce
+    assert P.diff_enclave_power(facts, P.classify_room(facts)) == []
+    # a member is never chosen, however powerful
+    assert P.acting_users(facts) == (BOT, announce)
+
+
 def test_a_local_users_own_membership_is_done_for_them_and_says_so() -> None:
     d = P.decide_membership(FRANK, room("internal", ALICE))
     [leave], finding = P.remove(room("internal", ALICE, FRANK), FRANK, d)
