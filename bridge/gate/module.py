@@ -45,7 +45,8 @@ real Synapse by tests/integration/test_gate_module.py):
 * ``on_create_room`` (third-party rules): raising ``SynapseError`` is the documented way;
   any other exception would become "Room creation forbidden with these parameters". An
   allowed answer may carry ``edits`` that are merged into the request before the room is
-  made (``creation_content`` keys, ``initial_state`` events replacing same type/state_key).
+  made (``creation_content`` keys, ``initial_state`` events replacing same type/state_key,
+  ``invite`` users added, ``power_users`` levels added to the room's first power levels).
 * ``check_username_for_spam``: ``True`` hides the candidate from the requester's user
   directory search; there is no message. Answers are cached per (requester, candidate) for
   ``user_search_cache_seconds`` (unreachable outcomes are not cached).
