@@ -19,7 +19,6 @@ CREATOR_POWER = 2**53
 PRIVILEGED_CREATOR_VERSIONS = frozenset({"org.matrix.hydra.11"})
 # Spec defaults when the power levels event lacks a key.
 DEFAULT_STATE_LEVEL = 50
-DEFAULT_KICK_LEVEL = 50
 NO_POWER_LEVELS_CREATOR = 100
 
 
@@ -68,11 +67,17 @@ def state_level(power_levels: Mapping[str, Any] | None, event_type: str) -> int:
                        level_value(power_levels.get("state_default"), DEFAULT_STATE_LEVEL))
 
 
-def kick_level(power_levels: Mapping[str, Any] | None) -> int:
-    """The level needed to kick (50 when unset)."""
+# Levels of the actions that have one (the spec: kick/ban/redact 50, invite 0) when the power
+# levels do not name them, or the room has none (unlike ``state_default``, which is 0 then).
+ACTION_DEFAULTS = {"kick": 50, "ban": 50, "redact": 50, "invite": 0}
+
+
+def action_level(power_levels: Mapping[str, Any] | None, action: str) -> int:
+    """The level ``kick``, ``ban``, ``redact`` or ``invite`` needs."""
+    default = ACTION_DEFAULTS[action]
     if power_levels is None:
-        return DEFAULT_KICK_LEVEL
-    return level_value(power_levels.get("kick"), DEFAULT_KICK_LEVEL)
+        return default
+    return level_value(power_levels.get(action), default)
 
 
 def creators_of(create_event: Mapping[str, Any]) -> frozenset[str]:
@@ -117,9 +122,3 @@ def user_level_in_state(state: Sequence[Mapping[str, Any]], user: str) -> int:
     pl, version, creators = power_context(state)
     return user_level(user, pl, room_version=version, creators=creators)
 
-
-def redact_level(power_levels: Mapping[str, Any] | None) -> int:
-    """The level needed to redact others' events (50 when unset, 0 without power levels)."""
-    if power_levels is None:
-        return 0
-    return level_value(power_levels.get("redact"), DEFAULT_STATE_LEVEL)

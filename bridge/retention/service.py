@@ -21,11 +21,11 @@ from typing import Any
 from ..config.retention import RetentionConfig
 from ..kernel.durations import parse_duration_ms
 from ..kernel.membership import membership_of, memberships
-from ..kernel.power import power_context, redact_level, state_level, user_level_in_state
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
 from ..metrics import Metrics
 from ..policy.actions import Action, Join, Redact, SendEvent, SetState
+from ..policy.power import RoomPower, enclave_actor
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
@@ -297,20 +297,15 @@ class RetentionService:
 
     def _service_actor(self, state: Sequence[Mapping[str, Any]], needed: int) -> str | None:
         """Enclave's own joined user (its bot, else its admin) with at least ``needed``
-        power; None if neither is. Enclave never acts as a member of the room: what it does
-        appears under its own name, and what it cannot do that way is reported."""
-        members = memberships(state)
-        for u in (self.bot_user_id, self.admin_user_id):
-            if members.get(u) == "join" and user_level_in_state(state, u) >= needed:
-                return u
-        return None
+        power; None if neither is (:func:`bridge.policy.power.enclave_actor`, the rule
+        separation follows too). What it cannot do that way is reported."""
+        return enclave_actor(memberships(state), RoomPower.from_state(state),
+                             (self.bot_user_id, self.admin_user_id), needed)
 
     def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
         """Enclave's bot (or admin) if joined with the power to send ``event_type`` state;
         None otherwise."""
-        # no power levels: the creator has 100 and may send anything
-        needed = state_level(power_context(state)[0], event_type)
-        return self._service_actor(state, needed)
+        return self._service_actor(state, RoomPower.from_state(state).needed_state(event_type))
 
     @property
     def _not_in_room(self) -> str:
@@ -373,8 +368,8 @@ class RetentionService:
             except ValueError as e:
                 requested, reply = None, f"Cannot read {m.group(1)!r}: {e}"
             else:
-                d = self.policy.decide_adjustment(room_class, user_level_in_state(state, sender),
-                                                  requested)
+                power = RoomPower.from_state(state).of(sender)
+                d = self.policy.decide_adjustment(room_class, power, requested)
                 if d.allow:
                     now = self.clock_ms()
                     old = await self.store.retention_room_get(room_id)
@@ -767,7 +762,7 @@ class RetentionService:
                         rule_id: str) -> tuple[str | None, str | None]:
         """Enclave's user that may redact others' events in the room, joining the bot first
         where it may (invited, or a public room); (None, why) if there is none."""
-        needed = redact_level(power_context(state)[0])
+        needed = RoomPower.from_state(state).needed("redact")
         actor = self._service_actor(state, needed)
         if actor is not None:
             return actor, None
