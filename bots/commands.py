@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.directory.model import StaffRecord
+from bridge.kernel.power import CREATOR_POWER
 from bridge.kernel.relations import strip_reply_fallback
 
 COMMAND_RE = re.compile(r"^!([A-Za-z][A-Za-z0-9_-]*)(?:[ \t]+(.*))?$", re.DOTALL)
@@ -105,7 +106,8 @@ def decide_permission(perm: Permission, sender: str, staff: StaffRecord | None,
         if hit:
             return PermissionDecision(True, f"member of {', '.join(hit)}")
     if perm.min_power is not None and power is not None and power >= perm.min_power:
-        return PermissionDecision(True, f"power level {power} >= {perm.min_power}")
+        shown = "unlimited (a room creator)" if power >= CREATOR_POWER else power
+        return PermissionDecision(True, f"power level {shown} >= {perm.min_power}")
     needs: list[str] = []
     if perm.groups:
         needs.append("membership of " + " or ".join(perm.groups))
