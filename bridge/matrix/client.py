@@ -58,6 +58,7 @@ class MatrixClient:
         timeout: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_rate_limited: Callable[[], None] | None = None,
+        on_unreachable: Callable[[], None] | None = None,
     ):
         self._session = session
         self.base_url = base_url.rstrip("/")
@@ -68,6 +69,8 @@ class MatrixClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._sleep = sleep
         self._on_rate_limited = on_rate_limited
+        # told of every connection failure (the completeness check dates homeserver outages)
+        self.on_unreachable = on_unreachable
         self._sessions: dict[str, str] = {}
 
     async def request(
@@ -104,6 +107,8 @@ class MatrixClient:
                     status = resp.status
                     retry_after_header = resp.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if self.on_unreachable is not None:
+                    self.on_unreachable()
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path}: {type(e).__name__}: {e}") from e
                 delay = self._backoff(attempt)
