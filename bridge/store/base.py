@@ -623,12 +623,14 @@ class Store(ABC):
         since_ms: int | None = None, until_ms: int | None = None,
         include_purged: bool = True,
         after: tuple[int, str, int] | tuple[int, str, int, str] | None = None,
-        limit: int = 10000,
+        limit: int = 10000, archive_order: bool = False,
     ) -> list[ArchivedEvent]:
         """Indexed events in (ts, segment, line, room id) order; since/until inclusive.
 
         ``after``: keyset paging from the last row of the previous page, (ts, segment,
-        line) within one room, (ts, segment, line, room id) across rooms."""
+        line) within one room, (ts, segment, line, room id) across rooms.
+        ``archive_order`` (one room only): in the order of the room's archive, i.e. its hash
+        chain (segment, line), and ``after`` is (0, segment, line)."""
 
     @abstractmethod
     async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,

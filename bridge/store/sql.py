@@ -979,8 +979,10 @@ class SQLStore(Store):
         since_ms: int | None = None, until_ms: int | None = None,
         include_purged: bool = True,
         after: tuple[int, str, int] | tuple[int, str, int, str] | None = None,
-        limit: int = 10000,
+        limit: int = 10000, archive_order: bool = False,
     ) -> list[ArchivedEvent]:
+        if archive_order and room_id is None:
+            raise ValueError("archive order is a room's order: give room_id")
         where: list[str] = []
         args: list[Any] = []
         if room_id is not None:
@@ -1001,16 +1003,20 @@ class SQLStore(Store):
             where.append("purged_at IS NULL")
         if after is not None:
             # row values: SQLite >= 3.15 and PostgreSQL compare them lexicographically
-            if len(after) == 4:
+            if archive_order:
+                where.append("(segment, line) > (?, ?)")
+                args.extend(after[1:3])
+            elif len(after) == 4:
                 where.append("(ts, segment, line, room_id) > (?, ?, ?, ?)")
             else:
                 where.append("(ts, segment, line) > (?, ?, ?)")
-            args.extend(after)
+            if not archive_order:
+                args.extend(after)
         sql = f"SELECT {self._AEV_COLS} FROM archive_events"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = await self.db.fetch(sql + " ORDER BY ts, segment, line, room_id LIMIT ?",
-                                   *args, limit)
+        order = "segment, line" if archive_order else "ts, segment, line, room_id"
+        rows = await self.db.fetch(sql + f" ORDER BY {order} LIMIT ?", *args, limit)
         return [ArchivedEvent(*tuple(r)) for r in rows]
 
     async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,
