@@ -145,6 +145,19 @@ class MatrixClient:
         return base * (0.75 + random.random() / 2)  # jitter so replicas do not stampede
 
     # -- client-server API ---------------------------------------------------------------
+    async def room_stream_position(self, user_id: str) -> str | None:
+        """The homeserver's current position in its stream of room events (all rooms), from
+        an empty ``/sync`` as ``user_id``: the first part of ``next_batch``. It moves
+        whenever any room gets an event; None if the answer has no token. ``user_id`` must
+        not be the appservice's sender: Synapse refuses it /sync."""
+        empty = orjson.dumps({"room": {"rooms": []}, "presence": {"types": []},
+                              "account_data": {"types": []}}).decode()
+        body = await self.request("GET", "/_matrix/client/v3/sync", user_id=user_id,
+                                  query={"timeout": "0", "filter": empty,
+                                         "set_presence": "offline"})
+        token = body.get("next_batch") if isinstance(body, dict) else None
+        return token.split("_", 1)[0] if isinstance(token, str) and token else None
+
     async def versions(self) -> dict[str, Any]:
         return await self.request("GET", "/_matrix/client/versions", auth=False)
 

@@ -62,7 +62,8 @@ class CompletenessCheck:
     """Runs on the leader: one check every ``timing.interval_ms`` (see the module doc)."""
 
     def __init__(self, store: Store, client: MatrixClient, metrics: Metrics, *,
-                 admin_user_id: str, bound_seconds: float, clock_ms: Callable[[], int],
+                 admin_user_id: str, bound_seconds: float,
+                 clock_ms: Callable[[], int],
                  on_recovered: Callable[[], None],
                  admin_ready: Callable[[], bool] = lambda: True,
                  timing: Timing | None = None):
@@ -84,6 +85,9 @@ class CompletenessCheck:
         self.recovered_total = 0
         self.rooms = 0
         self.checks = 0
+        self.quiet_checks = 0  # checks that found the room stream where it was
+        self._position: str | None = None  # the room stream position the last check saw
+        self._unsettled: set[str] = set()  # rooms whose cursor could not reach the end
         metrics.completeness_lag.set_function(lambda: self.lag_seconds())
 
     # -- what /ready and /metrics show ---------------------------------------------------
@@ -101,8 +105,9 @@ class CompletenessCheck:
             "lag_seconds": round(lag, 1),
             "oldest_gap_seconds": round(self.oldest_gap_ms / 1000, 1),
             "recovered": self.recovered_total,
-            "rooms": self.rooms,
+            "rooms_read": self.rooms,
             "checks": self.checks,
+            "quiet_checks": self.quiet_checks,
             "error": self.last_error,
         }
 
@@ -162,10 +167,20 @@ class CompletenessCheck:
         """Read every room forward from its cursor; recover what the push missed. Returns
         how many events were recovered."""
         started = self.clock_ms()
+        # Where the homeserver's room stream is now (one cheap request): if no room got an
+        # event since the last complete check, only the rooms it left unsettled are read.
+        try:
+            position = await self.client.room_stream_position(self.admin)
+        except (MatrixRequestError, HomeserverUnavailable) as e:
+            # without it every room is read: slower, never less complete
+            log.warning("completeness check: no room stream position (%s)", e)
+            position = None
+        else:
+            self._homeserver_answered()
+        quiet = position is not None and position == self._position
         await self.store.component_put_new(COMPONENT, SINCE_KEY, str(self.started_ms), started)
         since_ms = int(await self.store.component_get(COMPONENT, SINCE_KEY) or self.started_ms)
-        rooms = await self._rooms()
-        self._homeserver_answered()
+        rooms = sorted(self._unsettled) if quiet else await self._rooms()
         cursors = await self.store.component_list(COMPONENT, CURSOR_PREFIX)
         recovered, gap = 0, 0
         waiting: set[str] = set()
@@ -173,15 +188,22 @@ class CompletenessCheck:
         # without flooding the homeserver
         slots = asyncio.Semaphore(ROOM_CONCURRENCY)
 
-        async def one(room: str) -> tuple[int, int, set[str]]:
+        async def one(room: str) -> tuple[int, int, set[str], bool]:
             async with slots:
                 return await self._check_room(room, cursors.get(CURSOR_PREFIX + room),
                                               since_ms)
 
-        for n, room_gap, room_waiting in await asyncio.gather(*(one(r) for r in rooms)):
+        unsettled: set[str] = set()
+        results = await asyncio.gather(*(one(r) for r in rooms))
+        for room, (n, room_gap, room_waiting, settled) in zip(rooms, results, strict=True):
             recovered += n
             gap = max(gap, room_gap)
             waiting |= room_waiting
+            if not settled:
+                unsettled.add(room)
+        self._unsettled = unsettled
+        self._position = position
+        self.quiet_checks += 1 if quiet else 0
         # forget first-seen times of events no longer waiting
         self._first_seen = {e: t for e, t in self._first_seen.items() if e in waiting}
         self.oldest_gap_ms = gap
@@ -219,7 +241,9 @@ class CompletenessCheck:
                 return token
 
     async def _check_room(self, room: str, cursor: str | None,
-                          since_ms: int) -> tuple[int, int, set[str]]:
+                          since_ms: int) -> tuple[int, int, set[str], bool]:
+        """Read one room forward from its cursor. Returns (recovered, oldest waiting age,
+        waiting event ids, settled: the cursor reached the room's end)."""
         if cursor is None:
             cursor = await self._start_cursor(room, since_ms)
         token, new_cursor, advancing = cursor, cursor, True
@@ -256,7 +280,7 @@ class CompletenessCheck:
         if new_cursor is not None and new_cursor != cursor:
             await self.store.component_put(COMPONENT, CURSOR_PREFIX + room, new_cursor,
                                            self.clock_ms())
-        return recovered, gap, waiting
+        return recovered, gap, waiting, advancing
 
     async def _recover(self, room: str, events: list[dict[str, Any]], now: int) -> int:
         margin = self.timing.grace_ms + self.timing.interval_ms
