@@ -190,8 +190,16 @@ class CompletenessCheck:
 
         async def one(room: str) -> tuple[int, int, set[str], bool]:
             async with slots:
-                return await self._check_room(room, cursors.get(CURSOR_PREFIX + room),
-                                              since_ms)
+                try:
+                    return await self._check_room(room, cursors.get(CURSOR_PREFIX + room),
+                                                  since_ms)
+                except MatrixRequestError as e:
+                    if e.status not in (400, 403, 404):
+                        raise
+                    # e.g. a room deleted meanwhile: it has nothing left to deliver, and
+                    # one such room must not stop the check of the others
+                    log.info("completeness check: room %s not readable (%s)", room, e)
+                    return 0, 0, set(), True
 
         unsettled: set[str] = set()
         results = await asyncio.gather(*(one(r) for r in rooms))
