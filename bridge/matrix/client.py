@@ -71,6 +71,8 @@ class MatrixClient:
         self._on_rate_limited = on_rate_limited
         # told of every connection failure (the completeness check dates homeserver outages)
         self.on_unreachable = on_unreachable
+        self._sync_nonce = 0
+        self._sync_salt = f"{random.getrandbits(48):x}"  # differs per process
         self._sessions: dict[str, str] = {}
 
     async def request(
@@ -150,8 +152,13 @@ class MatrixClient:
         an empty ``/sync`` as ``user_id``: the first part of ``next_batch``. It moves
         whenever any room gets an event; None if the answer has no token. ``user_id`` must
         not be the appservice's sender: Synapse refuses it /sync."""
+        # The nonce makes each request new to Synapse's sync response cache (keyed by the
+        # filter among others, kept 2 minutes): a cached answer would show an old position.
+        self._sync_nonce += 1
+        nonce = f"{self._sync_salt}-{self._sync_nonce}"
         empty = orjson.dumps({"room": {"rooms": []}, "presence": {"types": []},
-                              "account_data": {"types": []}}).decode()
+                              "account_data": {"types": []},
+                              "org.enclave.nonce": nonce}).decode()
         body = await self.request("GET", "/_matrix/client/v3/sync", user_id=user_id,
                                   query={"timeout": "0", "filter": empty,
                                          "set_presence": "offline"})
