@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
 import time
 from collections import Counter
@@ -42,7 +43,8 @@ from .harness import (
 
 pytestmark = pytest.mark.integration
 
-BOUND = 10.0  # seconds: grace 1.7 s, a check every 3.3 s
+BOUND = 15.0  # seconds: grace 2.5 s, a check every 5 s (2 shared cores: processing the
+# recovered backlog with a ledger send per event takes several seconds under load)
 OFF = os.environ.get("ENCLAVE_E2E_COMPLETENESS_OFF") == "1"
 SENDERS = 4
 
@@ -119,7 +121,7 @@ async def homeserver_has(stack: Stack, rooms: list[str]) -> dict[str, list[dict[
 async def assert_complete(stack: Stack, enclave: EnclaveProcess, store_url: str,
                           ledger_room: str, rooms: list[str], *,
                           not_before_ms: dict[str, int] | None = None,
-                          within: float = 90) -> dict[str, Any]:
+                          within: float = BOUND + 30) -> dict[str, Any]:
     """Every event the homeserver has in ``rooms``: in the ledger exactly once, and
     processed within BOUND of max(its creation, ``not_before_ms``)."""
     has = await homeserver_has(stack, rooms)
@@ -226,23 +228,36 @@ async def test_synapse_stopped_mid_stream_loses_nothing(
 ) -> None:
     """Senders busy; Synapse is stopped (SIGTERM) or killed (SIGKILL) mid-stream and
     started again; senders keep going. The events Synapse held in memory for the
-    appservice are never pushed: the completeness check recovers them."""
+    appservice are never pushed: the completeness check recovers them.
+
+    Synapse holds events in memory while a transaction to the appservice is in flight
+    (one at a time). Enclave answers in milliseconds, so with a handful of senders that
+    queue is usually empty at the stop (the issue saw 1–9 events lost in 3 of 5 runs at a
+    steady load); to make the stop find events there every time, Enclave is paused
+    (SIGSTOP) for the moment before it, as a busy Enclave would be, and resumed after."""
     stack = crash_stack
     enclave, ledger_room = await start_enclave(stack, enclave_factory, store_url)
     clients, rooms = await staff_rooms(stack, staff)
     senders = Senders(clients, rooms)
     senders.start()
+    assert enclave.proc is not None
     try:
         await senders.wait_sent(60)
-        if how == "sigterm":
-            await asyncio.to_thread(stack.synapse.stop)
-        else:
-            await asyncio.to_thread(stack.synapse.kill)
+        os.kill(enclave.proc.pid, signal.SIGSTOP)
+        try:
+            await senders.wait_sent(senders.ok + 8)  # persisted, queued for the push
+            if how == "sigterm":
+                await asyncio.to_thread(stack.synapse.stop)
+            else:
+                await asyncio.to_thread(stack.synapse.kill)
+        finally:
+            os.kill(enclave.proc.pid, signal.SIGCONT)
         await asyncio.to_thread(stack.synapse.start)
         await senders.wait_sent(senders.ok + 60)
     finally:
         await senders.stop()
     result = await assert_complete(stack, enclave, store_url, ledger_room, rooms)
+    assert result["recovered"] >= 1  # the stop did drop events: the check found them
     assert result["ready"]["error"] is None
     assert await enclave.stop() == 0, enclave.describe()
 
