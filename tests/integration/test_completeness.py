@@ -47,6 +47,7 @@ BOUND = 15.0  # seconds: grace 2.5 s, a check every 5 s (2 shared cores: process
 # recovered backlog with a ledger send per event takes several seconds under load)
 OFF = os.environ.get("ENCLAVE_E2E_COMPLETENESS_OFF") == "1"
 SENDERS = 4
+CYCLES = 3
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +174,10 @@ class Senders:
     homeserver cut off is retried (it may or may not have been persisted: the truth is read
     from the homeserver afterwards)."""
 
-    def __init__(self, clients: list[nio.AsyncClient], rooms: list[str]):
+    def __init__(self, clients: list[nio.AsyncClient], rooms: list[str], *,
+                 pause: float = 0.0):
         self.clients, self.rooms = clients, rooms
+        self.pause = pause  # between one sender's messages
         self.ok = 0
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,6 +194,8 @@ class Senders:
                 continue
             if isinstance(resp, nio.RoomSendResponse):
                 self.ok += 1
+                if self.pause:
+                    await asyncio.sleep(self.pause)
             else:
                 await asyncio.sleep(0.2)
 
@@ -266,26 +271,30 @@ async def test_enclave_killed_during_synapse_catch_up_loses_nothing(
     crash_stack: Stack, enclave_factory: Callable[..., EnclaveProcess],
     staff: list[nio.AsyncClient], store_url: str,
 ) -> None:
-    """Senders busy; Enclave is SIGKILLed, restarted while Synapse holds a backlog, and
-    SIGKILLed again while Synapse is catching up (its recoverer strands events created in
-    that window); started again. Every event is processed once, within the bound of its
-    creation or (created while Enclave was down) of Enclave's last start."""
+    """Senders busy throughout; CYCLES times: Enclave is SIGKILLed, restarted while
+    Synapse holds a backlog, SIGKILLed again while Synapse is catching up, started again,
+    and Synapse finishes its catch-up with the senders still busy (its recoverer strands
+    an event created as it finishes: README "Known issues"; a race, so several cycles).
+    Every event is processed once, within the bound of its creation or (created while
+    Enclave was down) of Enclave's last start."""
     stack = crash_stack
     enclave, ledger_room = await start_enclave(stack, enclave_factory, store_url)
     clients, rooms = await staff_rooms(stack, staff)
-    senders = Senders(clients, rooms)
+    senders = Senders(clients, rooms, pause=0.2)  # about 20 messages/s
     senders.start()
     try:
         await senders.wait_sent(40)
-        assert await enclave.kill() == -9
-        await senders.wait_sent(senders.ok + 80)  # a backlog for Synapse to catch up
-        await enclave.start()
-        await asyncio.sleep(0.3)  # Synapse is pushing its backlog now
-        assert await enclave.kill() == -9
-        await senders.wait_sent(senders.ok + 30)
-        await enclave.start()
-        started_ms = int(time.time() * 1000)
-        await senders.wait_sent(senders.ok + 80)  # busy through the catch-up
+        for _ in range(CYCLES):
+            assert await enclave.kill() == -9
+            await senders.wait_sent(senders.ok + 60)  # a backlog for Synapse to catch up
+            await enclave.start()
+            await asyncio.sleep(0.3)  # Synapse is pushing its backlog now
+            assert await enclave.kill() == -9
+            await senders.wait_sent(senders.ok + 20)
+            await enclave.start()
+            started_ms = int(time.time() * 1000)
+            await stack.wait_as_up()  # the catch-up finished, senders busy through it
+            await senders.wait_sent(senders.ok + 20)
     finally:
         await senders.stop()
     has = await homeserver_has(stack, rooms)
