@@ -8,8 +8,12 @@ A real Synapse (SQLite) and a real ``enclave run`` (no handlers: an event is pro
 soon as the inbox takes it), ``inbox.completeness.bound_seconds: --bound``. Staff send
 ``--rate`` messages/s, round robin over ``--rooms`` rooms, for ``--minutes``; every
 ``--restart-every`` seconds Synapse is stopped (SIGTERM, or SIGKILL with ``--stop kill``)
-and started again. Sends that fail while it is down are not retried: the truth is what
-the homeserver HAS afterwards (every room read back through the admin API).
+and started again, Enclave paused (SIGSTOP) for ``--pause-before-stop`` seconds before
+the stop: Synapse keeps one transaction in flight to the appservice and holds newer events
+in memory, and a stop drops those (element-hq/synapse#11637); an Enclave that answers in
+milliseconds rarely has any queued at the moment of the stop, a busy one does. Sends that
+fail while it is down are not retried: the truth is what the homeserver HAS afterwards
+(every room read back through the admin API).
 
 Reported (prints figures, asserts nothing about speed):
 
@@ -277,8 +281,18 @@ async def run(args: argparse.Namespace, root: Path, db_url: str) -> dict[str, An
 
             async def restart() -> None:
                 t0 = time.monotonic()
-                await asyncio.to_thread(setup.synapse.kill if args.stop == "kill"
-                                        else setup.synapse.stop)
+                paused = args.pause_before_stop > 0 and setup.proc is not None
+                if paused:
+                    # a busy Enclave: Synapse's one transaction in flight waits, the
+                    # events created meanwhile wait in its memory, and the stop drops them
+                    setup.proc.send_signal(signal.SIGSTOP)
+                    await asyncio.sleep(args.pause_before_stop)
+                try:
+                    await asyncio.to_thread(setup.synapse.kill if args.stop == "kill"
+                                            else setup.synapse.stop)
+                finally:
+                    if paused:
+                        setup.proc.send_signal(signal.SIGCONT)
                 await asyncio.to_thread(setup.synapse.start, 120)
                 restarts.append(time.monotonic() - t0)
                 progress(f"Synapse restarted ({args.stop}) in {restarts[-1]:.1f}s; "
@@ -351,6 +365,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=20)
     ap.add_argument("--restart-every", type=float, default=60)
     ap.add_argument("--stop", choices=["term", "kill"], default="term")
+    ap.add_argument("--pause-before-stop", type=float, default=0.5,
+                    help="pause Enclave (SIGSTOP) this long before each stop, as a busy "
+                         "Enclave would be, so the stop finds events queued in Synapse's "
+                         "memory (0: plain restarts, which with an idle Enclave rarely "
+                         "drop any)")
     ap.add_argument("--rooms", type=int, default=10)
     ap.add_argument("--bound", type=float, default=60)
     ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
@@ -379,6 +398,7 @@ def main() -> int:
     r = res["processed_minus_created_recovered_s"]
     a = res["processed_minus_created_all_s"]
     print(f"\nCompleteness under Synapse restarts ({args.stop}, every {args.restart_every:.0f}s, "
+          f"Enclave paused {args.pause_before_stop:g}s before each, "
           f"{args.minutes:g} min at {args.rate:g} msg/s, bound {args.bound:g}s, "
           f"{args.store} store{', CHECK OFF' if args.off else ''})")
     print(f"  homeserver has {res['homeserver_has']} messages ({res['send_failed_while_down']} "
