@@ -60,6 +60,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from _common import PG_ADMIN_DSN, git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
+from separation import pct, progress  # noqa: E402
 
 from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
 
@@ -67,17 +68,6 @@ SERVER = "corp.test"
 BOT = "enclave"
 ADMIN = "enclave-admin"
 ENCLAVE_USERS = (f"@{BOT}:{SERVER}", f"@{ADMIN}:{SERVER}")
-
-
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
 def dist(values: list[float]) -> dict[str, Any]:
