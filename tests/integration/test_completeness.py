@@ -297,6 +297,10 @@ async def test_enclave_killed_during_synapse_catch_up_loses_nothing(
             await senders.wait_sent(senders.ok + 20)
             await enclave.start()
             started_ms = int(time.time() * 1000)
+            # the restarted process (a new pid, default name) leads at once, on both
+            # engines: it does not wait out its dead predecessor's lease
+            _status, ready = await enclave.get_json("/ready")
+            assert ready["cluster"]["leader"] is True, ready["cluster"]
             await stack.wait_as_up()  # the catch-up finished, senders busy through it
             await senders.wait_sent(senders.ok + 20)
     finally:
