@@ -115,6 +115,9 @@ class MatrixClient:
             headers["Content-Type"] = "application/json"
         url = self.base_url + path
         attempt = 0
+        # an earlier attempt may have been applied: it got past connecting (the answer was
+        # lost or a 5xx); a refused connection sent nothing and needs no read-back
+        maybe_applied = False
         while True:
             attempt += 1
             try:
@@ -125,6 +128,7 @@ class MatrixClient:
                     status = resp.status
                     retry_after_header = resp.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                maybe_applied = maybe_applied or not isinstance(e, aiohttp.ClientConnectorError)
                 if self.on_unreachable is not None:
                     self.on_unreachable()
                 if attempt > self.max_retries:
@@ -133,7 +137,8 @@ class MatrixClient:
                 log.warning("homeserver unreachable (%s), retry %d in %.1fs", type(e).__name__,
                             attempt, delay)
                 await self._sleep(delay)
-                if before_resend is not None and (found := await before_resend()) is not None:
+                if (maybe_applied and before_resend is not None
+                        and (found := await before_resend()) is not None):
                     return found
                 continue
             body = _decode(raw)
@@ -156,6 +161,7 @@ class MatrixClient:
             if status >= 500:
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path} -> {status} {errcode}: {error}")
+                maybe_applied = True
                 await self._sleep(self._backoff(attempt))
                 if before_resend is not None and (found := await before_resend()) is not None:
                     return found
