@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import orjson
@@ -53,9 +54,11 @@ def _staff_from_row(row: tuple[Any, ...]) -> StaffRecord:
         manager_user_id=row[9], groups=frozenset(orjson.loads(row[10])), updated_at=row[11])
 
 
-def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every numbered migration of the dialect, in order."""
-    folder = resources.files("bridge.store") / "migrations" / dialect
+def load_migrations(dialect: str, root: Traversable | None = None,
+                    ) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every numbered migration of the dialect, in order
+    (``root``: a migrations folder with one sub-folder per engine; default Enclave's)."""
+    folder = (root or resources.files("bridge.store") / "migrations") / dialect
     out = []
     for entry in folder.iterdir():
         m = _MIGRATION_RE.match(entry.name)
@@ -96,12 +99,16 @@ class SQLStore(Store):
     """``journal_db``: where raw transactions are journaled; a separate SQLite file, so the
     homeserver's answer never waits behind the inbox's writes (PostgreSQL: the same db)."""
 
-    def __init__(self, db: Database, journal_db: Database | None = None):
+    def __init__(self, db: Database, journal_db: Database | None = None, *,
+                 extra_migrations: Sequence[Any] = ()):
         self.db = db
         self.journal_db = journal_db if journal_db is not None else db
         self.dialect = db.dialect
         self._migrations = load_migrations(db.dialect)
         self.latest_version = self._migrations[-1][0]
+        # extensions' own schemas (bridge.extension.MigrationSet), versioned apart
+        self._components = [(m, load_migrations(db.dialect, m.folder))
+                            for m in extra_migrations]
 
     @property
     def _separate_journal(self) -> bool:
@@ -256,7 +263,73 @@ class SQLStore(Store):
                 await c.execute_script(sql)
                 await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", version)
             applied.append(version)
+        for mset, migrations in self._components:
+            await self._migrate_component(mset, migrations)
         return applied
+
+    async def component_version(self, component: str) -> int:
+        """The schema version of an extension's own tables (0: none yet)."""
+        exists_sql = (
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' "
+            "AND name = 'enclave_schema_components'"
+            if self.dialect == "sqlite"
+            else "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = "
+                 "current_schema() AND table_name = 'enclave_schema_components'"
+        )
+        (row,) = await self.db.fetch(exists_sql)
+        if not row[0]:
+            return 0
+        (row,) = await self.db.fetch(
+            "SELECT MAX(version) FROM enclave_schema_components WHERE component = ?",
+            component)
+        return int(row[0] or 0)
+
+    async def _has(self, c: Any, table: str, column: str | None) -> bool:
+        if self.dialect == "sqlite":
+            rows = await c.fetch(f"PRAGMA table_info({table})")
+            names = {r[1] for r in rows}
+        else:
+            rows = await c.fetch(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?", table)
+            names = {r[0] for r in rows}
+        return bool(names) and (column is None or column in names)
+
+    async def _migrate_component(self, mset: Any,
+                                 migrations: list[tuple[int, str, str]]) -> None:
+        pg = self.dialect == "postgres"
+        async with self.db.transaction() as c:
+            if pg:
+                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
+            await c.execute("CREATE TABLE IF NOT EXISTS enclave_schema_components "
+                            "(component TEXT NOT NULL, version INTEGER NOT NULL)")
+        latest = migrations[-1][0] if migrations else 0
+        current = await self.component_version(mset.component)
+        if current > latest:
+            raise self._too_new_component(mset.component, current, latest)
+        adopted = {v: (t, col) for v, t, col in mset.adopted}
+        for version, _name, sql in migrations:
+            if version <= current:
+                continue
+            async with self.db.transaction() as c:
+                if pg:
+                    await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
+                done = int(await c.fetchval(
+                    "SELECT COALESCE(MAX(version), 0) FROM enclave_schema_components "
+                    "WHERE component = ?", mset.component) or 0)
+                if done >= version:
+                    continue  # another process applied it meanwhile
+                # an earlier release made these tables with Enclave's own migrations:
+                # record them as applied instead of creating them twice
+                if not (version in adopted and await self._has(c, *adopted[version])):
+                    await c.execute_script(sql)
+                await c.execute("INSERT INTO enclave_schema_components (component, version) "
+                                "VALUES (?, ?)", mset.component, version)
+
+    def _too_new_component(self, component: str, current: int, latest: int) -> SchemaError:
+        return SchemaError(
+            f"the database's {component} tables are at schema version {current}, newer "
+            f"than this Enclave's {component} (knows up to {latest}): upgrade it instead")
 
     async def check_schema(self) -> None:
         current = await self.schema_version()
@@ -267,6 +340,15 @@ class SQLStore(Store):
                 f"the database is at schema version {current}; this Enclave needs "
                 f"{self.latest_version}: run 'enclave migrate'"
             )
+        for mset, migrations in self._components:
+            latest = migrations[-1][0] if migrations else 0
+            have = await self.component_version(mset.component)
+            if have > latest:
+                raise self._too_new_component(mset.component, have, latest)
+            if have < latest:
+                raise SchemaError(
+                    f"the database's {mset.component} tables are at schema version {have}; "
+                    f"this Enclave needs {latest}: run 'enclave migrate'")
 
     # -- inbox ---------------------------------------------------------------------------
     async def save_transaction(
