@@ -54,6 +54,7 @@ from .commands import (
 from .markdown import message_content
 from .scheduling import JobState, Schedule, due_occurrences, format_ms
 from .sending import MessageSender, RoomEncryption, SendRefused
+from .store import AnnouncementStore
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class BotServices:
     server_name: str
     namespace_prefix: str
     main_bot_user_id: str
+    # the bots' own tables (announcements), on the same database as ``store``
+    announcements: AnnouncementStore
     encrypted_sender: MessageSender | None = None
     # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
     # bots read commands and reactions in encrypted rooms (the E2EE side provides it)

@@ -14,6 +14,8 @@ from typing import Any
 from bridge.clikit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
 from bridge.store import Store
 
+from .store import AnnouncementStore
+
 
 def cmd_announcements(args: argparse.Namespace) -> int:
     """``enclave announcements list | report ID | send ID`` (store and config only)."""
@@ -30,7 +32,9 @@ def cmd_announcements(args: argparse.Namespace) -> int:
     configured = {a.id: a for a in acfg.announcements} if acfg is not None else {}
     tz = acfg.timezone if acfg is not None else "UTC"
 
-    async def run(store: Store) -> int:
+    async def run(core: Store) -> int:
+        # the bots' own tables, on the database of the core store (the audit, the directory)
+        store = AnnouncementStore(core.db)
         if args.ann_cmd == "list":
             occs = await store.announcement_occurrences()
             latest: dict[str, Any] = {}
@@ -74,7 +78,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
             occ_id = args.occurrence or "manual-" + dt.datetime.fromtimestamp(
                 now / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             created, sel = await make_occurrence(
-                store, await store.directory_view(), announcement_id=a.id,
+                store, await core.directory_view(), announcement_id=a.id,
                 occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,
                 created_by=f"cli:{os.environ.get('USER', '?')}", now_ms=now)
             if not created:
@@ -97,7 +101,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
         deliveries = await store.announcement_deliveries(occ.announcement_id,
                                                          occ.occurrence_id)
         spec = AnnouncementSpec.from_json(occ.spec)
-        staff = {r.user_id: r for r in await store.directory_view()}
+        staff = {r.user_id: r for r in await core.directory_view()}
         rows = report_rows(deliveries, staff, tz)
         summary = summarise(deliveries)
         head = (f"{occ.announcement_id} / {occ.occurrence_id}: {spec.title} ({occ.kind}, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from bridge.extension import Extension, Plugin
+from bridge.extension import Extension, MigrationSet, Plugin
 
 if TYPE_CHECKING:
     from bridge.root import Root
@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 class BotsExtension(Extension):
     name = "bots"
     config_sections = ("bots",)
+
+    def migrations(self) -> MigrationSet:
+        from .store import MIGRATIONS
+
+        return MIGRATIONS
 
     def add_cli(self, sub: Any, common: argparse.ArgumentParser) -> None:
         from .cli import add_announcements_parser, add_bots_parser

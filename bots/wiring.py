@@ -30,6 +30,7 @@ from .base import (
 )
 from .onboarding import OnboardingBot
 from .sending import MessageSender, PlainSender, RoomEncryption, RoutingSender
+from .store import AnnouncementStore
 
 if TYPE_CHECKING:
     from bridge.root import Services
@@ -74,7 +75,8 @@ def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None 
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
         directory=StaffDirectory(svc.store), server_name=cfg.homeserver.server_name,
         namespace_prefix=cfg.appservice.namespace_prefix,
-        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender, decrypt=decrypt,
+        main_bot_user_id=cfg.bot_user_id, announcements=AnnouncementStore(svc.store.db),
+        encrypted_sender=encrypted_sender, decrypt=decrypt,
         member_joined=member_joined)
 
 

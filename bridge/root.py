@@ -27,11 +27,17 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .cluster import Leadership, replica_name
-from .config import LoadedConfig, Secret
+from .config import ConfigError, LoadedConfig, Secret
 from .directory.debounce import Debouncer
 from .directory.source import DirectorySource
 from .directory.sync import DirectorySync, SyncRefused
-from .extension import Extension, Plugin, ScheduledJob, discover_extensions
+from .extension import (
+    ENTRY_POINT_GROUP,
+    Extension,
+    Plugin,
+    ScheduledJob,
+    discover_extensions,
+)
 from .matrix.client import MatrixClient
 from .matrix.executor import Executor
 from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
@@ -115,9 +121,9 @@ class Root:
         claimed = {s for ext in self.extensions for s in ext.config_sections}
         for section in ("bots",):
             if getattr(self.config, section, None) is not None and section not in claimed:
-                raise RuntimeError(
-                    f"the configuration has a {section}: section but no installed extension "
-                    "handles it (install matrix-enclave with its bots: pip install -e .)")
+                raise ConfigError(str(self.loaded.path or "(in memory)"), [
+                    f"{section}: no installed extension handles this section (entry point "
+                    f"group {ENTRY_POINT_GROUP}; after a checkout: pip install -e .)"])
 
     # -- the store, the homeserver, the executor ------------------------------------------
     @cached_property

@@ -15,9 +15,6 @@ import orjson
 
 from ..directory.model import StaffRecord
 from .base import (
-    AnnouncementDelivery,
-    AnnouncementMessage,
-    AnnouncementOccurrence,
     ArchiveConflict,
     ArchivedEvent,
     ArchivedMedia,
@@ -56,15 +53,23 @@ def _staff_from_row(row: tuple[Any, ...]) -> StaffRecord:
 
 def load_migrations(dialect: str, root: Traversable | None = None,
                     ) -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every numbered migration of the dialect, in order
-    (``root``: a migrations folder with one sub-folder per engine; default Enclave's)."""
-    folder = (root or resources.files("bridge.store") / "migrations") / dialect
-    out = []
-    for entry in folder.iterdir():
-        m = _MIGRATION_RE.match(entry.name)
-        if m:
-            out.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    out.sort()
+    """(version, name, sql) for every numbered migration of the dialect, in order.
+
+    ``root``: a migrations folder (default Enclave's own) with a sub-folder per engine
+    (``sqlite``, ``postgres``) and optionally ``common`` for migrations written once for
+    both; an engine's own file of the same number replaces the common one.
+    """
+    base = root or resources.files("bridge.store") / "migrations"
+    found: dict[int, tuple[str, str]] = {}
+    for sub in ("common", dialect):
+        folder = base / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = _MIGRATION_RE.match(entry.name)
+            if m:
+                found[int(m.group(1))] = (entry.name, entry.read_text(encoding="utf-8"))
+    out = [(v, name, sql) for v, (name, sql) in sorted(found.items())]
     for i, (version, name, _) in enumerate(out, start=1):
         if version != i:
             raise RuntimeError(f"migration numbering has a gap at {name}")
@@ -93,6 +98,15 @@ _AUDIT_COLS = "ts, source, actor, kind, user_id, room_id, rule_id, reason, outco
 def _audit_row(r: AuditRecord) -> tuple[Any, ...]:
     return (r.ts, r.source, r.actor, r.kind, r.user_id, r.room_id, r.rule_id, r.reason,
             r.outcome, r.detail)
+
+
+def audit_steps(records: Sequence[AuditRecord]) -> list[Step]:
+    """The batch step that writes ``records`` to the audit log: for stores on the same
+    database (extensions) that audit in the transaction of their own writes."""
+    if not records:
+        return []
+    return [(f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             [_audit_row(a) for a in records], True)]
 
 
 class SQLStore(Store):
@@ -721,202 +735,6 @@ class SQLStore(Store):
         await self.db.batch([(
             "DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner), False)])
 
-
-    # -- announcements -------------------------------------------------------------------
-    _OCC_COLS = ("announcement_id, occurrence_id, kind, spec, status, scheduled_at,"
-                 " created_at, created_by, delivered_at, closed_at")
-    _DEL_COLS = ("announcement_id, occurrence_id, target, status, room_id, event_id, detail,"
-                 " attempts, sent_at, acked_at, ack_method, ack_event_id, reminders,"
-                 " last_reminder_at, escalated_at, escalated_to, reminder_failures,"
-                 " reminder_error, escalation_error")
-    _MSG_COLS = "event_id, room_id, announcement_id, occurrence_id, kind, target, sent_at"
-    _INSERT_MSG = (f"INSERT INTO announcement_messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                   " ON CONFLICT (event_id) DO NOTHING")
-
-    @staticmethod
-    def _msg_row(m: AnnouncementMessage) -> tuple[Any, ...]:
-        return (m.event_id, m.room_id, m.announcement_id, m.occurrence_id, m.kind, m.target,
-                m.sent_at)
-
-    def _msg_steps(self, message: AnnouncementMessage | None,
-                   audit: Sequence[AuditRecord]) -> list[Step]:
-        steps: list[Step] = []
-        if message is not None:
-            steps.append((self._INSERT_MSG, self._msg_row(message), False))
-        if audit:
-            steps.append((f"INSERT INTO audit ({_AUDIT_COLS})"
-                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          [_audit_row(a) for a in audit], True))
-        return steps
-
-    async def announcement_create(self, occ: AnnouncementOccurrence,
-                                  targets: Sequence[str]) -> bool:
-        o = occ
-        steps: list[Step] = [
-            (f"INSERT INTO announcement_occurrences ({self._OCC_COLS})"
-             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-             " ON CONFLICT (announcement_id, occurrence_id) DO NOTHING",
-             (o.announcement_id, o.occurrence_id, o.kind, o.spec, o.status, o.scheduled_at,
-              o.created_at, o.created_by, o.delivered_at, o.closed_at), False)]
-        if targets:
-            steps.append((
-                "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
-                " status, attempts, reminders) VALUES (?, ?, ?, 'pending', 0, 0)"
-                " ON CONFLICT DO NOTHING",
-                [(o.announcement_id, o.occurrence_id, t) for t in dict.fromkeys(targets)],
-                True))
-        counts = await self.db.batch(steps, require_first=True)
-        return counts[0] == 1
-
-    async def announcement_occurrence(self, announcement_id: str,
-                                      occurrence_id: str) -> AnnouncementOccurrence | None:
-        rows = await self.db.fetch(
-            f"SELECT {self._OCC_COLS} FROM announcement_occurrences"
-            " WHERE announcement_id = ? AND occurrence_id = ?", announcement_id, occurrence_id)
-        return AnnouncementOccurrence(*tuple(rows[0])) if rows else None
-
-    async def announcement_occurrences(
-        self, *, announcement_id: str | None = None, statuses: Sequence[str] | None = None,
-    ) -> list[AnnouncementOccurrence]:
-        where, args = [], []
-        if announcement_id is not None:
-            where.append("announcement_id = ?")
-            args.append(announcement_id)
-        if statuses:
-            where.append("status IN (" + ", ".join("?" for _ in statuses) + ")")
-            args.extend(statuses)
-        sql = f"SELECT {self._OCC_COLS} FROM announcement_occurrences"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = await self.db.fetch(sql + " ORDER BY created_at, occurrence_id", *args)
-        return [AnnouncementOccurrence(*tuple(r)) for r in rows]
-
-    async def announcement_set_status(self, announcement_id: str, occurrence_id: str,
-                                      status: str, now_ms: int) -> None:
-        stamp = {"delivered": ", delivered_at = COALESCE(delivered_at, ?)",
-                 "closed": ", closed_at = COALESCE(closed_at, ?)"}.get(status, "")
-        args: tuple[Any, ...] = (status, now_ms) if stamp else (status,)
-        await self.db.batch([(
-            f"UPDATE announcement_occurrences SET status = ?{stamp}"
-            " WHERE announcement_id = ? AND occurrence_id = ?",
-            (*args, announcement_id, occurrence_id), False)])
-
-    async def announcement_deliveries(
-        self, announcement_id: str, occurrence_id: str, *, status: str | None = None,
-    ) -> list[AnnouncementDelivery]:
-        sql = (f"SELECT {self._DEL_COLS} FROM announcement_deliveries"
-               " WHERE announcement_id = ? AND occurrence_id = ?")
-        args: list[Any] = [announcement_id, occurrence_id]
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
-        rows = await self.db.fetch(sql + " ORDER BY target", *args)
-        return [AnnouncementDelivery(*tuple(r)) for r in rows]
-
-    async def announcement_add_targets(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        status: str, room_id: str | None, event_id: str | None, now_ms: int,
-    ) -> None:
-        if not targets:
-            return
-        sent_at = now_ms if status == "sent" else None
-        await self.db.batch([(
-            "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
-            " status, room_id, event_id, attempts, sent_at, reminders)"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, 0) ON CONFLICT DO NOTHING",
-            [(announcement_id, occurrence_id, t, status, room_id, event_id, sent_at)
-             for t in dict.fromkeys(targets)], True)])
-
-    async def announcement_mark_sent(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        room_id: str, event_id: str, now_ms: int, message: AnnouncementMessage | None,
-        audit: Sequence[AuditRecord] = (),
-    ) -> None:
-        if not targets and message is None and not audit:
-            return
-        steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET status = 'sent', room_id = ?, event_id = ?,"
-            " detail = NULL, attempts = attempts + 1, sent_at = ?"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?",
-            [(room_id, event_id, now_ms, announcement_id, occurrence_id, t) for t in targets],
-            True)] if targets else []
-        await self.db.batch(steps + self._msg_steps(message, audit))
-
-    async def announcement_mark_failed(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        detail: str, final: bool, audit: Sequence[AuditRecord] = (),
-    ) -> None:
-        if not targets:
-            return
-        status = "failed" if final else "pending"
-        steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET status = ?, detail = ?,"
-            " attempts = attempts + 1"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND status <> 'sent'",
-            [(status, detail, announcement_id, occurrence_id, t) for t in targets], True)]
-        await self.db.batch(steps + self._msg_steps(None, audit))
-
-    async def announcement_record_ack(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *, at_ms: int,
-        method: str, event_id: str | None, room_id: str | None = None,
-    ) -> bool:
-        steps: list[Step] = []
-        if room_id is not None:
-            steps.append((
-                "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
-                " status, room_id, attempts, reminders) VALUES (?, ?, ?, 'sent', ?, 0, 0)"
-                " ON CONFLICT DO NOTHING",
-                (announcement_id, occurrence_id, user_id, room_id), False))
-        steps.append((
-            "UPDATE announcement_deliveries SET acked_at = ?, ack_method = ?, ack_event_id = ?"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND acked_at IS NULL",
-            (at_ms, method, event_id, announcement_id, occurrence_id, user_id), False))
-        counts = await self.db.batch(steps)
-        return counts[-1] == 1
-
-    async def announcement_mark_reminded(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *, count: int,
-        now_ms: int, message: AnnouncementMessage | None, audit: AuditRecord | None,
-        error: str | None = None,
-    ) -> None:
-        counter = "reminders" if error is None else "reminder_failures"
-        steps: list[Step] = [(
-            f"UPDATE announcement_deliveries SET {counter} = {counter} + 1,"
-            " last_reminder_at = ?, reminder_error = COALESCE(?, reminder_error)"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND reminders + reminder_failures < ?",
-            (now_ms, error, announcement_id, occurrence_id, user_id, count), False)]
-        await self.db.batch(steps + self._msg_steps(message, [audit] if audit else []))
-
-    async def announcement_mark_escalated(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *,
-        manager: str | None, now_ms: int, message: AnnouncementMessage | None,
-        audit: AuditRecord | None, error: str | None = None,
-    ) -> None:
-        steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET escalated_at = ?, escalated_to = ?,"
-            " escalation_error = ?"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND escalated_at IS NULL",
-            (now_ms, manager, error, announcement_id, occurrence_id, user_id), False)]
-        await self.db.batch(steps + self._msg_steps(message, [audit] if audit else []))
-
-    async def announcement_save_message(self, message: AnnouncementMessage) -> None:
-        await self.db.batch([(self._INSERT_MSG, self._msg_row(message), False)])
-
-    async def announcement_message(self, event_id: str) -> AnnouncementMessage | None:
-        rows = await self.db.fetch(
-            f"SELECT {self._MSG_COLS} FROM announcement_messages WHERE event_id = ?", event_id)
-        return AnnouncementMessage(*tuple(rows[0])) if rows else None
-
-    async def announcement_messages_in_room(self, room_id: str,
-                                            limit: int = 20) -> list[AnnouncementMessage]:
-        rows = await self.db.fetch(
-            f"SELECT {self._MSG_COLS} FROM announcement_messages WHERE room_id = ?"
-            " ORDER BY sent_at DESC, event_id DESC LIMIT ?", room_id, limit)
-        return [AnnouncementMessage(*tuple(r)) for r in rows]
 
     # -- retention -----------------------------------------------------------------------
     _AEV_COLS = ("event_id, room_id, sender, type, state_key, ts, segment, line, archived_at,"
