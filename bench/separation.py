@@ -496,6 +496,7 @@ async def run_leak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         await enclave.start()
         staff = [f"@{n}:{corp_name}" for n in names]
         admin = f"@{ADMIN_LOCALPART}:{corp_name}"
+        enclave_bot = f"@{BOT_LOCALPART}:{corp_name}"
         token = as_token(config)
         personal_name = pair.personal.server_name
         async with aiohttp.ClientSession(json_serialize=None) as session:
@@ -519,11 +520,16 @@ async def run_leak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             lanes = min(args.leak_rooms, args.leak_attempts)
             rooms = []
             for k in range(lanes):
+                # Enclave's bot in with power (what the gate's edits give; without the gate
+                # the room's admin must, README "Without the gate")
                 rid = await corp.create_room(
                     {"preset": "public_chat", "name": f"ext leak {k}",
                      "room_alias_name": f"ext-leak-{uuid.uuid4().hex[:6]}",
-                     "invite": [pat_id], "power_level_content_override": {"invite": 0}},
+                     "invite": [pat_id, enclave_bot],
+                     "power_level_content_override": {"invite": 0,
+                                                      "users": {enclave_bot: 100}}},
                     user_id=staff[k % len(staff)])
+                await corp.join(rid, user_id=enclave_bot)
                 await pat.request("POST", f"/_matrix/client/v3/join/{q(rid)}",
                                   query={"server_name": corp_name}, json={})
                 rooms.append((rid, staff[k % len(staff)]))
@@ -896,11 +902,16 @@ async def run_reactive(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 bg_rooms.append((room, members))
             # external-class rooms for the kick path (public, federating)
             ext_rooms = []
+            # (no gate: the creator brings Enclave's bot in with power, so it can kick)
+            enclave_bot = f"@{BOT_LOCALPART}:{corp_name}"
             for k in range(args.ext_rooms * len(args.rates)):
                 ext_rooms.append(await corp.create_room(
                     {"preset": "public_chat", "name": f"ext {k}",
-                     "room_alias_name": f"ext-bench-{uuid.uuid4().hex[:6]}-{k}"},
+                     "room_alias_name": f"ext-bench-{uuid.uuid4().hex[:6]}-{k}",
+                     "invite": [enclave_bot],
+                     "power_level_content_override": {"users": {enclave_bot: 100}}},
                     user_id=staff[k % len(staff)]))
+                await corp.join(ext_rooms[-1], user_id=enclave_bot)
             outsiders = []
             for k in range(args.outsiders):
                 uid, tok = await asyncio.to_thread(
@@ -1132,6 +1143,7 @@ async def make_rooms(client: MatrixClient, staff: list[str], n_staff: int, rooms
                      ) -> dict[str, Any]:
     """``rooms`` rooms of 3 staff; some violating; returns what was made and expected."""
     tenth = max(1, n_staff // 10)
+    bot = f"@{BOT_LOCALPART}:{server_name}"
     research, trading = staff[:tenth], staff[tenth:2 * tenth]
     eng = staff[2 * tenth:]
     n_viol = round(rooms * violation_pct / 100)
@@ -1178,6 +1190,9 @@ async def make_rooms(client: MatrixClient, staff: list[str], n_staff: int, rooms
             plain = {k: v for k, v in body.items() if k != "invite"}
             body = apply_edits(body, policy.decide_create_room(creator, plain).edits)
         room = await client.create_room(body, user_id=creator)
+        if bot in body.get("invite", ()):
+            # the gate invited Enclave's bot with power; it joins on the invitation
+            await client.join(room, user_id=bot)
         # an invite is a membership the scan reads and decides like a join; joining every
         # room would double the set-up (here Synapse spends ~100 ms CPU on a createRoom and
         # ~70 ms on a join), so the violators and every tenth room's members join
@@ -1197,7 +1212,8 @@ async def make_rooms(client: MatrixClient, staff: list[str], n_staff: int, rooms
     kinds = _count(p[3] for p in plan)
     return {"rooms": len(ids), "by_kind": dict(kinds), "seconds": time.monotonic() - t0,
             "expected_actions": kinds.get("unlisted", 0) + kinds.get("barrier", 0),
-            "expected_findings": kinds.get("pre-enclave", 0)}
+            # a pre-Enclave room federates and Enclave has no power in it: two findings
+            "expected_findings": 2 * kinds.get("pre-enclave", 0)}
 
 
 async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:

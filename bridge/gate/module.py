@@ -45,7 +45,8 @@ real Synapse by tests/integration/test_gate_module.py):
 * ``on_create_room`` (third-party rules): raising ``SynapseError`` is the documented way;
   any other exception would become "Room creation forbidden with these parameters". An
   allowed answer may carry ``edits`` that are merged into the request before the room is
-  made (``creation_content`` keys, ``initial_state`` events replacing same type/state_key).
+  made (``creation_content`` keys, ``initial_state`` events replacing same type/state_key,
+  ``invite`` users added, ``power_users`` levels added to the room's first power levels).
 * ``check_username_for_spam``: ``True`` hides the candidate from the requester's user
   directory search; there is no message. Answers are cached per (requester, candidate) for
   ``user_search_cache_seconds`` (unreachable outcomes are not cached).
@@ -116,6 +117,8 @@ ROOM_STATE_TYPES: tuple[tuple[str, str | None], ...] = (
 )
 # How long a createRoom's is_direct is remembered for the invites Synapse sends right after.
 DM_HINT_SECONDS = 30.0
+# room versions whose creators outrank everyone (mirrors bridge.policy.power)
+CREATOR_POWER_VERSIONS = frozenset({"12"})
 _CONFIG_KEYS = frozenset({"url", "secret", "secret_path", "timeout_ms", "on_unreachable",
                           "protected_state_types", "enclave_users",
                           "user_search_cache_seconds"})
@@ -305,8 +308,17 @@ def read_answer(body: bytes) -> dict[str, Any]:
             raise BadAnswer(f"'{key}' is not a string")
     edits = obj.get("edits")
     if edits is not None:
-        if not isinstance(edits, dict) or set(edits) - {"creation_content", "initial_state"}:
+        if not isinstance(edits, dict) or set(edits) - {"creation_content", "initial_state",
+                                                         "invite", "power_users"}:
             raise BadAnswer("'edits' has unknown keys")
+        inv = edits.get("invite")
+        if inv is not None and not (isinstance(inv, list)
+                                    and all(isinstance(u, str) for u in inv)):
+            raise BadAnswer("'edits.invite' is not a list of user ids")
+        pu = edits.get("power_users")
+        if pu is not None and not (isinstance(pu, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in pu.values())):
+            raise BadAnswer("'edits.power_users' is not an object of power levels")
         cc = edits.get("creation_content")
         if cc is not None and not isinstance(cc, dict):
             raise BadAnswer("'edits.creation_content' is not an object")
@@ -335,8 +347,17 @@ def refusal_fields(answer: Mapping[str, Any]) -> dict[str, Any]:
             "org.enclave.reason": answer.get("reason") or ""}
 
 
-def apply_create_edits(config: dict[str, Any], edits: Mapping[str, Any]) -> None:
-    """Merge Enclave's edits into a createRoom body, in place."""
+def apply_create_edits(config: dict[str, Any], edits: Mapping[str, Any], *,
+                       creator: str = "", creator_power: bool = False) -> None:
+    """Merge Enclave's edits into a createRoom body, in place.
+
+    ``power_users`` go into the power levels the room starts with: the ``initial_state``
+    power levels event if the request has one, else ``power_level_content_override``.
+    Synapse replaces the default ``users`` with an override's whole, so the levels the room
+    would have had are kept: the creator's 100 (``creator_power`` False: before room
+    version 12; in v12 creators must not be listed) and, for ``trusted_private_chat``, the
+    invitees' 100 (in v12 they are creators).
+    """
     cc = edits.get("creation_content")
     if cc:
         merged = dict(config.get("creation_content") or {})
@@ -351,6 +372,34 @@ def apply_create_edits(config: dict[str, Any], edits: Mapping[str, Any]) -> None
                 if not (isinstance(e, Mapping)
                         and (e.get("type"), e.get("state_key", "")) in keys)]
         config["initial_state"] = kept + added
+    invite = [u for u in edits.get("invite") or [] if isinstance(u, str)]
+    if invite:
+        current = [u for u in config.get("invite") or [] if isinstance(u, str)]
+        config["invite"] = current + [u for u in invite if u not in current]
+    power = edits.get("power_users")
+    if power:
+        _add_power_users(config, dict(power), creator, creator_power)
+
+
+def _add_power_users(config: dict[str, Any], power: dict[str, int], creator: str,
+                     creator_power: bool) -> None:
+    for e in config.get("initial_state") or []:
+        if isinstance(e, dict) and e.get("type") == "m.room.power_levels" \
+                and e.get("state_key", "") == "" and isinstance(e.get("content"), dict):
+            users = dict(e["content"].get("users") or {})
+            users.update(power)  # Enclave's own users' power is Enclave's to set
+            e["content"] = {**e["content"], "users": users}
+            return
+    override = dict(config.get("power_level_content_override") or {})
+    users = dict(override.get("users") or {})
+    if "users" not in override and not creator_power:
+        users[creator] = 100
+        if config.get("preset") == "trusted_private_chat":
+            users.update({u: 100 for u in config.get("invite") or []
+                          if isinstance(u, str) and u not in power})
+    users.update(power)
+    override["users"] = users
+    config["power_level_content_override"] = override
 
 
 def protected_in(initial_state: Any, protected: Iterable[str]) -> list[str]:
@@ -602,6 +651,17 @@ class EnclaveGate:
             self._search_cache[key] = (now + ttl, hidden)
         return hidden
 
+    def _creator_power(self, config: Mapping[str, Any]) -> bool:
+        """Whether the room being created is of a version whose creators outrank everyone
+        (v12: they must not be listed in the power levels' users)."""
+        version = config.get("room_version")
+        if not isinstance(version, str):
+            try:  # the server's default room version (not in the public module API)
+                version = self._api._hs.config.server.default_room_version.identifier
+            except AttributeError:
+                version = "12"  # Synapse's default since 1.135
+        return version in CREATOR_POWER_VERSIONS
+
     # -- third-party rules callback -----------------------------------------------------------
     async def on_create_room(self, requester: Any, config: dict[str, Any],
                              is_requester_admin: bool) -> None:
@@ -631,7 +691,8 @@ class EnclaveGate:
             fields = refusal_fields(answer)
             raise SynapseError(403, fields.pop("error"), Codes.FORBIDDEN, fields)
         if answer.get("edits"):
-            apply_create_edits(config, answer["edits"])
+            apply_create_edits(config, answer["edits"], creator=user,
+                               creator_power=self._creator_power(config))
         if config.get("is_direct") is True:
             expires = time.monotonic() + DM_HINT_SECONDS
             for invitee in config.get("invite") or []:

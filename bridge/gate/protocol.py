@@ -49,7 +49,7 @@ CHECKS: frozenset[str] = frozenset({"invite", "join", "create_room", "state_even
                                     "user_search"})
 MEMBERSHIPS: frozenset[str] = frozenset({"join", "invite", "knock"})
 CLASS_STATE_TYPE = "org.enclave.room_class"
-EDIT_KEYS = frozenset({"creation_content", "initial_state"})
+EDIT_KEYS = frozenset({"creation_content", "initial_state", "invite", "power_users"})
 
 # Loose on purpose: historical user ids contain characters the current grammar forbids.
 _USER_ID_RE = re.compile(r"^@[^:\s]+:\S+$")
@@ -164,7 +164,8 @@ class GateAnswer:
 
     ``edits`` (only on an allowed ``create_room``): ``creation_content`` keys the module
     merges into the request, ``initial_state`` events it appends (replacing any the user
-    gave with the same type and state key).
+    gave with the same type and state key), ``invite`` users it adds to the invitations
+    and ``power_users`` levels it adds to the room's power levels (Enclave's bot).
     """
 
     allow: bool
@@ -209,6 +210,16 @@ def _check_edits(edits: Mapping[str, Any]) -> None:
     cc = edits.get("creation_content")
     if cc is not None and not isinstance(cc, Mapping):
         raise ValueError("edits.creation_content must be an object")
+    inv = edits.get("invite")
+    if inv is not None and (isinstance(inv, str | bytes) or not isinstance(inv, Sequence)
+                            or not all(isinstance(u, str) and _USER_ID_RE.match(u)
+                                       for u in inv)):
+        raise ValueError("edits.invite must be a list of user ids")
+    pu = edits.get("power_users")
+    if pu is not None and not (isinstance(pu, Mapping) and all(
+            isinstance(u, str) and _USER_ID_RE.match(u) and isinstance(v, int)
+            and not isinstance(v, bool) for u, v in pu.items())):
+        raise ValueError("edits.power_users must map user ids to power levels")
     init = edits.get("initial_state")
     if init is None:
         return

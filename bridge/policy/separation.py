@@ -13,12 +13,13 @@ staff, partner, guest, external); a room has a *class* (``dm`` for direct chats)
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..directory.model import StaffRecord
-from .actions import Action, Kick, Leave, SetState
+from .actions import Action, Join, Kick, Leave, SetState
+from .power import ENCLAVE_POWER, RoomPower, enclave_actor
 
 if TYPE_CHECKING:
     from ..config.policy import (
@@ -45,8 +46,8 @@ APPROVED_INVITE_RULE = "builtin.approved_invite"
 CLASS_RECORD_RULE = "builtin.class_record"
 HISTORY_RULE = "builtin.history_visibility"
 ENCRYPTION_CONTENT = {"algorithm": "m.megolm.v1.aes-sha2"}
-# Room versions whose creators have unlimited power and cannot be kicked.
-CREATOR_POWER_VERSIONS = frozenset({"12"})
+# Enclave's own users lack the power in a room to do what policy requires there.
+ENCLAVE_POWER_RULE = "builtin.enclave_power"
 
 Kind = Literal["service", "staff", "partner", "guest", "external"]
 # when a direct chat is not allowed, the less trusted side leaves
@@ -124,6 +125,11 @@ class RoomFacts:
     hosted: bool = True
 
     @property
+    def power_view(self) -> RoomPower:
+        """The room's power facts (:mod:`bridge.policy.power`)."""
+        return RoomPower(self.power or None, self.room_version, self.creators)
+
+    @property
     def known(self) -> bool:
         """Whether this server has the room's state (a create event it stores itself)."""
         return self.room_version is not None and self.hosted
@@ -153,6 +159,19 @@ class NotifyUser(Action):
     user: str
     body: str
     once_key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotDone(Action):
+    """What policy requires in a room and Enclave cannot do under its own name there (it
+    never acts as a member instead): recorded as a ``not_done`` audit record, logged as a
+    finding for operators and counted (``enclave_separation_enforced{kind="not_done"}``).
+    ``message`` says why and how to fix it."""
+
+    kind: ClassVar[str] = "not_done"
+    room: str
+    user: str | None = None  # whom it concerned (the member to remove), if anyone
+    message: str
 
 
 @dataclass(frozen=True)
@@ -209,7 +228,9 @@ class SeparationPolicy:
         self.server_name = server_name
         self.now_ms = now_ms
         self.staff = {r.user_id: r for r in staff}
-        self.service_users = frozenset(service_users)
+        # ordered: Enclave acts as the first of them (its bot, then its admin) with power
+        self.enclave_users = tuple(dict.fromkeys(service_users))
+        self.service_users = frozenset(self.enclave_users)
         self.service_prefix = service_prefix
         self.classes = {c.id: (i, c) for i, c in enumerate(config.room_classes)}
         self._partner_users: dict[str, int] = {}
@@ -547,8 +568,8 @@ class SeparationPolicy:
         service = self.principal(sender).kind == "service"
         if (event_type == CLASS_STATE_TYPE and room is not None and room.class_state
                 and (content or {}).get("class") == room.class_state):
-            # putting Enclave's record back (Enclave acts as a local member with the power
-            # when its own users are not in the room): nothing changes what policy reads
+            # putting Enclave's record back (by anyone, e.g. a room admin fixing a finding):
+            # nothing changes what policy reads
             return Decision(True, CLASS_RECORD_RULE, "(built in)",
                             "class state set to Enclave's record")
         if event_type in PROTECTED_STATE_TYPES and not service:
@@ -571,8 +592,8 @@ class SeparationPolicy:
     def diff_protected_state(self, room: RoomFacts, rc: RoomClass | None = None,
                              ) -> tuple[list[Action], list[Finding]]:
         """State Enclave keeps: its class record as the class state (a claim that differs
-        is put back) and the class's history visibility. Set as a local member with the
-        power (Enclave's own users first); a finding when nobody can."""
+        is put back) and the class's history visibility. Set by Enclave's own user with the
+        power (bot, else admin); a finding when neither can (never set as a member)."""
         if not self.config.enabled or not room.known:
             return [], []
         rc = rc or self.classify_room(room)
@@ -590,12 +611,14 @@ class SeparationPolicy:
                            f"a {rc.id} room (at most {required!r})"))
         actions: list[Action] = []
         findings: list[Finding] = []
+        pw = room.power_view
         for etype, content, rule, why in wanted:
-            actor = state_actor(room, etype, self.server_name,
-                                prefer=lambda u: self.principal(u).kind == "service")
+            needed = pw.needed_state(etype)
+            actor = enclave_actor(room.members, pw, self.acting_users(room), needed)
             if actor is None:
                 findings.append(Finding(rule, room.room_id, etype,
-                                        f"{why}; no local member can set it"))
+                                        f"{why}; Enclave has no power to set it here, not "
+                                        f"done as a member. Fix: {self.power_fix(needed)}"))
                 continue
             actions.append(SetState(rule_id=rule, reason=why, actor=actor,
                                     room=room.room_id, event_type=etype, content=content))
@@ -605,7 +628,9 @@ class SeparationPolicy:
         """May ``creator`` create this room, and what must the gate add to the request?
 
         Edits: Enclave's class state, ``m.federate: false`` for non-federating classes and
-        an ``m.room.encryption`` event where the class requires encryption.
+        an ``m.room.encryption`` event where the class requires encryption; in a group room
+        (not a DM) made by anyone but Enclave, ``invite`` and ``power_users`` that bring
+        Enclave's bot in with power :data:`~bridge.policy.power.ENCLAVE_POWER`.
         """
         is_direct = bool(request.get("is_direct"))
         alias_name = request.get("room_alias_name")
@@ -632,8 +657,15 @@ class SeparationPolicy:
             if not d.allow:
                 return CreateDecision(d, rc)
             facts = facts.with_member(invitee, "invite")
+        edits = self.creation_edits(rc, request)
+        if rc.id != DM_CLASS and self.enclave_users:
+            # Enclave's bot is invited with power into every group room made through the
+            # gate, so what policy later requires there is done under Enclave's own name
+            bot = self.enclave_users[0]
+            edits["invite"] = [bot]
+            edits["power_users"] = {bot: ENCLAVE_POWER}
         return CreateDecision(Decision(True, rc.rule_id, rc.path, f"class {rc.id}"), rc,
-                              self.creation_edits(rc, request))
+                              edits)
 
     def creation_edits(self, rc: RoomClass, request: Mapping[str, Any]) -> dict[str, Any]:
         """What a createRoom request of class ``rc`` gets added: the class state,
@@ -661,61 +693,84 @@ class SeparationPolicy:
 
     # -- enforcement -----------------------------------------------------------------------
     def choose_remover(self, room: RoomFacts, target: str) -> str | None:
-        """A local member Enclave can act as who is able to kick ``target``, or None.
+        """Enclave's own user (bot, else admin) that can kick ``target``, or None.
 
-        Enclave acts as any local user through the appservice. Room version 12 creators have
-        unlimited power and cannot be kicked at all.
+        Never a member of the room (:func:`bridge.policy.power.enclave_actor`). Room
+        version 12 creators have unlimited power and cannot be kicked at all.
         """
-        v12 = room.room_version in CREATOR_POWER_VERSIONS
-        if v12 and target in room.creators:
-            return None
-        pl = room.power
-        users = pl.get("users") or {}
-        default = _int(pl.get("users_default"), 0)
-        kick = _int(pl.get("kick"), 50)
+        pw = room.power_view
+        return enclave_actor(room.members, pw, self.acting_users(room), pw.needed("kick"),
+                             target=target)
 
-        def power(u: str) -> float:
-            if v12 and u in room.creators:
-                return float("inf")
-            return _int(users.get(u), default)
+    def acting_users(self, room: RoomFacts) -> tuple[str, ...]:
+        """Who may act for Enclave in ``room``, in order: its bot, its admin, then its other
+        service users (its bots) that are members (e.g. a room one of them made)."""
+        others = sorted(u for u in room.members if u not in self.service_users
+                        and _server(u) == self.server_name
+                        and self.principal(u).kind == "service")
+        return self.enclave_users + tuple(others)
 
-        target_power = power(target)
-        local_joined = [u for u, m in room.members.items()
-                        if m == "join" and _server(u) == self.server_name and u != target]
-
-        def rank(u: str) -> tuple[int, float, str]:
-            kind = self.principal(u).kind
-            return (0 if kind == "service" else 1, -power(u), u)
-
-        for u in sorted(local_joined, key=rank):
-            pw = power(u)
-            if pw >= kick and pw > target_power:
-                return u
-        return None
+    def power_fix(self, needed: int) -> str:
+        """How an operator gives Enclave what it lacks in a room."""
+        bot = self.enclave_users[0] if self.enclave_users else "Enclave's bot"
+        return f"invite {bot} and give it power {max(needed, 1)} (e.g. {ENCLAVE_POWER})"
 
     def remove(self, room: RoomFacts, user: str, decision: Decision,
                ) -> tuple[list[Action], Finding | None]:
-        """Actions that take ``user`` out of ``room`` (reject/leave as a local user, else
-        kick as a local member with the power to); a finding if nobody can."""
+        """Actions that take ``user`` out of ``room``; a finding where Enclave cannot.
+
+        A local user's own membership (rejecting the invitation, leaving) is the one thing
+        Enclave does AS that user, through the appservice: Synapse has no other way, and the
+        reason says it was done for them by Enclave under the rule. Anyone else is kicked by
+        Enclave's own user with the power; where it has none, nothing is done as a member
+        of the room: a finding says why and how to fix it (a :class:`NotDone` in the
+        reactive layer). A room v12 creator cannot be kicked by anyone, and Enclave's bot is
+        not in direct chats, so there the local staff leave instead (their own membership).
+        """
         reason = f"{decision.reason}: {decision.describe()}"
         if _server(user) == self.server_name:
-            return [Leave(rule_id=decision.rule_id, reason=reason, actor=user,
-                          room=room.room_id)], None
+            return [Leave(rule_id=decision.rule_id, actor=user, room=room.room_id,
+                          reason=f"done for {user} by Enclave (their own membership) under "
+                                 f"{decision.rule_id}: {reason}")], None
         remover = self.choose_remover(room, user)
         if remover is not None:
             return [Kick(rule_id=decision.rule_id, reason=reason, actor=remover,
                          room=room.room_id, user=user)], None
-        # nobody can remove them (a v12 creator, or no local member with the power):
-        # the local staff leave instead, so work and the outsider no longer share the room
+        bot = self.enclave_users[0] if self.enclave_users else None
+        if bot is not None and room.members.get(bot) == "invite":
+            # invited (by the gate's creation edits) and not joined yet: it accepts first
+            joined = room.with_member(bot, "join")
+            join = self.enclave_invited(joined, bot)
+            if join and self.choose_remover(joined, user) == bot:
+                return [*join, Kick(rule_id=decision.rule_id, reason=reason, actor=bot,
+                                    room=room.room_id, user=user)], None
+        pw = room.power_view
+        if pw.removable(user) and self.classify_room(room).id != DM_CLASS:
+            needed = max(pw.needed("kick"), pw.of(user) + 1)
+            return [], Finding(ENCLAVE_POWER_RULE, room.room_id, user,
+                               f"{user} must go ({decision.rule_id}) but Enclave has no "
+                               f"power to kick in this room; not done as a member. Fix: "
+                               f"{self.power_fix(needed)}")
+        # nobody can remove them (a v12 creator), or a direct chat (Enclave's bot stays out
+        # of those): the local staff leave instead, so work and the outsider no longer
+        # share the room
         actions: list[Action] = [
-            Leave(rule_id=decision.rule_id, reason=f"{reason} (cannot remove {user})",
-                  actor=u, room=room.room_id)
+            Leave(rule_id=decision.rule_id, actor=u, room=room.room_id,
+                  reason=f"done for {u} by Enclave (their own membership) under "
+                         f"{decision.rule_id}: {reason} (cannot remove {user})")
             for u in room.current() if _server(u) == self.server_name
             and self.principal(u).kind != "service"
         ]
         return actions, Finding(decision.rule_id, room.room_id, user,
-                                f"cannot remove {user} (creator or no local member with "
-                                f"kick power); {len(actions)} local member(s) leave instead")
+                                f"cannot remove {user} (a room creator, or a direct chat "
+                                f"Enclave is not in); {len(actions)} local member(s) leave "
+                                "instead")
+
+    def not_done(self, findings: Sequence[Finding]) -> list[Action]:
+        """The reactive layer's record of findings: one :class:`NotDone` each."""
+        return [NotDone(rule_id=f.rule_id, reason=f.message, room=f.room_id,
+                        user=f.subject if f.subject.startswith("@") else None,
+                        message=f.message) for f in findings]
 
     def notice(self, user: str, decision: Decision, once_key: str, what: str) -> list[Action]:
         """A once-only DM to ``user`` (a local staff member) about a refusal, if enabled."""
@@ -739,7 +794,8 @@ class SeparationPolicy:
                 and event.get("state_key") == "" \
                 and self.principal(str(event.get("sender", ""))).kind != "service":
             # someone else's class or history state: put Enclave's back
-            return self.diff_protected_state(room)[0]
+            actions, findings = self.diff_protected_state(room)
+            return actions + self.not_done(findings)
         if event.get("type") != "m.room.member" or not isinstance(event.get("state_key"), str):
             return []
         content = event.get("content") or {}
@@ -747,6 +803,14 @@ class SeparationPolicy:
         target, sender = event["state_key"], event.get("sender", "")
         room_id = room.room_id
         event_id = event.get("event_id", "")
+        if membership == "invite" and self.principal(target).kind == "service":
+            if content.get("is_direct") and room.is_direct is None:
+                room = replace(room, is_direct=True)
+            join = self.enclave_invited(room, target)
+            if not join:
+                return []
+            # once in, it puts back what it could not before (state set at creation)
+            return join + self.diff_protected_state(room.with_member(target, "join"))[0]
         if membership == "invite":
             if content.get("is_direct") and room.is_direct is None:
                 room = replace(room, is_direct=True)
@@ -762,6 +826,13 @@ class SeparationPolicy:
             elif cannot is None:
                 actions += self.notice(sender, d, f"invite:{room_id}:{target}",
                                        f"Enclave withdrew your invitation of {target}.")
+            elif cannot.rule_id == ENCLAVE_POWER_RULE:
+                actions += self.not_done([cannot])
+                actions += self.notice(sender, d, f"invite:{room_id}:{target}",
+                                       f"Enclave could not withdraw your invitation of "
+                                       f"{target}: it has no power in this room. Your IT "
+                                       "administrators have been told; please withdraw "
+                                       "the invitation yourself.")
             else:
                 # e.g. the invitee is a room v12 creator: the invitation stands, so the
                 # staff leave the room instead, and the notice says exactly that
@@ -775,12 +846,38 @@ class SeparationPolicy:
             d = self.decide_membership(target, facts)
             if d.allow:
                 return []
-            actions, _ = self.remove(room.with_member(target, "join"), target, d)
+            actions, cannot = self.remove(room.with_member(target, "join"), target, d)
+            if cannot is not None and cannot.rule_id == ENCLAVE_POWER_RULE:
+                actions += self.not_done([cannot])
             if _server(target) == self.server_name:
                 actions += self.notice(target, d, f"join:{room_id}:{target}:{event_id}",
                                        "Enclave took you out of a room you joined.")
             return actions
         return []
+
+    def enclave_invited(self, room: RoomFacts, user: str) -> list[Action]:
+        """Enclave's bot invited into a room (by the gate's creation edits, or by someone):
+        it joins a group room of this server, so it can act there under its own name; never
+        a direct chat (it would make it a group) nor a room hosted elsewhere."""
+        if (not self.enclave_users or user != self.enclave_users[0] or not room.known
+                or self.classify_room(room).id == DM_CLASS):
+            return []
+        return [Join(rule_id=ENCLAVE_POWER_RULE, actor=user, room=room.room_id,
+                     reason="invited into a group room: Enclave acts there as itself")]
+
+    def diff_enclave_power(self, room: RoomFacts, rc: RoomClass) -> list[Finding]:
+        """A group room where Enclave's own users cannot kick and put its state back (made
+        without the gate, or before Enclave): reported with the fix."""
+        if rc.id == DM_CLASS or not room.known or not self.enclave_users:
+            return []
+        pw = room.power_view
+        needed = max(pw.needed("kick"), pw.needed_state(HISTORY_STATE_TYPE),
+                     pw.needed_state(CLASS_STATE_TYPE))
+        if enclave_actor(room.members, pw, self.acting_users(room), needed) is not None:
+            return []
+        return [Finding(ENCLAVE_POWER_RULE, room.room_id, self.enclave_users[0],
+                        f"Enclave has no power in this {rc.id} room: it cannot remove "
+                        f"anyone or put its state back here. Fix: {self.power_fix(needed)}")]
 
     def diff_room(self, room: RoomFacts) -> tuple[list[Action], list[Finding]]:
         """Reconciliation of one room: who must go, and what to report."""
@@ -799,6 +896,9 @@ class SeparationPolicy:
                 findings.append(finding)
 
         actions, findings = self.diff_protected_state(room, rc)
+        bot = self.enclave_users[0] if self.enclave_users else None
+        if bot is not None and room.members.get(bot) == "invite":
+            actions.extend(self.enclave_invited(room, bot))
         if rc.id != DM_CLASS:
             _, cls = self._class(rc.id)
             if not cls.federate and room.federate and room.class_state is None:
@@ -847,6 +947,9 @@ class SeparationPolicy:
                                         f"room mixes both sides of barrier {bar.id} "
                                         f"({len(sides[0])} and {len(sides[1])} members); "
                                         "reported, not changed (existing: report)"))
+        if not any(f.rule_id == ENCLAVE_POWER_RULE for f in findings) and not any(
+                isinstance(a, Join) for a in actions):
+            findings.extend(self.diff_enclave_power(room, rc))
         return actions, findings
 
 
@@ -888,33 +991,33 @@ def is_direct_chat(room: RoomFacts, *, invite_content: Mapping[str, Any] | None 
             and len(people) == 2)
 
 
-def state_actor(room: RoomFacts, event_type: str, server_name: str, *,
-                prefer: Callable[[str], bool] = lambda u: False) -> str | None:
-    """A joined local member able to send ``event_type`` state in ``room`` (``prefer``-ed
-    users first, then the most powerful), or None if nobody can."""
-    pl = room.power
-    v12 = room.room_version in CREATOR_POWER_VERSIONS
-    users = pl.get("users") or {}
-    default = _int(pl.get("users_default"), 0)
-    events = pl.get("events") or {}
-    needed = _int(events.get(event_type), _int(pl.get("state_default"), 50)) if pl else 0
-
-    def power(u: str) -> float:
-        if (v12 or not pl) and u in room.creators:
-            return float("inf")
-        return _int(users.get(u), default)
-
-    local = [u for u, m in room.members.items() if m == "join" and _server(u) == server_name]
-    for u in sorted(local, key=lambda u: (not prefer(u), -power(u), u)):
-        if power(u) >= needed:
-            return u
-    return None
+def federation_whitelist(config: PolicyConfig, server_name: str) -> list[str]:
+    """The servers the corporate homeserver may federate with for separation to hold
+    without the gate module (Synapse's ``federation_domain_whitelist``): its own, and those
+    of the policy's partners (their servers and users) and guests. Without the gate nothing
+    refuses a staff member's join of a room hosted elsewhere before it happens; this list
+    makes Synapse refuse every server the policy does not name."""
+    servers = [server_name]
+    for p in config.partners:
+        servers += p.servers
+        servers += [_server(u) for u in p.users]
+    servers += [_server(g.user) for g in config.guests]
+    return list(dict.fromkeys(s for s in servers if s))
 
 
 def apply_edits(request: Mapping[str, Any], edits: Mapping[str, Any] | None) -> dict[str, Any]:
     """A createRoom body with gate edits merged (as the gate module merges them):
-    ``creation_content`` keys set, ``initial_state`` events replacing same type/state_key."""
+    ``creation_content`` keys set, ``initial_state`` events replacing same type/state_key,
+    ``invite`` added, ``power_users`` into ``power_level_content_override`` (room version 12,
+    Synapse's default, where creators are not listed; the module handles older versions)."""
     body = dict(request)
+    if edits and edits.get("invite"):
+        current = list(body.get("invite") or [])
+        body["invite"] = current + [u for u in edits["invite"] if u not in current]
+    if edits and edits.get("power_users"):
+        override = dict(body.get("power_level_content_override") or {})
+        override["users"] = {**(override.get("users") or {}), **edits["power_users"]}
+        body["power_level_content_override"] = override
     if not edits:
         return body
     if edits.get("creation_content"):
@@ -940,16 +1043,6 @@ def diff_separation(policy: SeparationPolicy, rooms: Iterable[RoomFacts]) -> Sep
         actions.extend(a)
         findings.extend(f)
     return SeparationPlan(actions, findings, n)
-
-
-def _int(v: Any, default: int) -> int:
-    if isinstance(v, bool):
-        return default
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and re.fullmatch(r"-?\d+", v):
-        return int(v)
-    return default
 
 
 # -- facts from the homeserver ---------------------------------------------------------------

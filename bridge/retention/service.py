@@ -25,6 +25,7 @@ from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestEr
 from ..matrix.executor import Executor
 from ..metrics import Metrics
 from ..policy.actions import Action, Join, Redact, SendEvent, SetState
+from ..policy.power import RoomPower, enclave_actor, members_from_state
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
@@ -37,7 +38,6 @@ LEASE_NAME = "retention-purge"
 RETENTION_STATE = "m.room.retention"
 TOPIC_COMPONENT = "retention.topic"
 REDACTED_COMPONENT = "retention.redacted"
-CREATOR_POWER = 2**53  # room version 12 creators: above any power level
 _COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
 _ADMIN_PAGE = 1000
 _BOUNDARY_TRIES = 50  # archived events tried as a purge boundary before using the time
@@ -298,24 +298,15 @@ class RetentionService:
 
     def _service_actor(self, state: Sequence[Mapping[str, Any]], needed: int) -> str | None:
         """Enclave's own joined user (its bot, else its admin) with at least ``needed``
-        power; None if neither is. Enclave never acts as a member of the room: what it does
-        appears under its own name, and what it cannot do that way is reported."""
-        members = {e.get("state_key"): (e.get("content") or {}).get("membership")
-                   for e in state if e.get("type") == "m.room.member"}
-        for u in (self.bot_user_id, self.admin_user_id):
-            if members.get(u) == "join" and _power_of(state, u) >= needed:
-                return u
-        return None
+        power; None if neither is (:func:`bridge.policy.power.enclave_actor`, the rule
+        separation follows too). What it cannot do that way is reported."""
+        return enclave_actor(members_from_state(state), RoomPower.from_state(state),
+                             (self.bot_user_id, self.admin_user_id), needed)
 
     def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
         """Enclave's bot (or admin) if joined with the power to send ``event_type`` state;
         None otherwise."""
-        pl = next((e.get("content") or {} for e in state
-                   if e.get("type") == "m.room.power_levels"), None)
-        # no power levels: the creator has 100 and may send anything
-        needed = 0 if pl is None else _int((pl.get("events") or {}).get(event_type),
-                                           _int(pl.get("state_default"), 50))
-        return self._service_actor(state, needed)
+        return self._service_actor(state, RoomPower.from_state(state).needed_state(event_type))
 
     @property
     def _not_in_room(self) -> str:
@@ -382,8 +373,8 @@ class RetentionService:
             except ValueError as e:
                 requested, reply = None, f"Cannot read {m.group(1)!r}: {e}"
             else:
-                d = self.policy.decide_adjustment(room_class, _power_of(state, sender),
-                                                  requested)
+                power = RoomPower.from_state(state).of(sender)
+                d = self.policy.decide_adjustment(room_class, power, requested)
                 if d.allow:
                     now = self.clock_ms()
                     old = await self.store.retention_room_get(room_id)
@@ -778,9 +769,7 @@ class RetentionService:
                         rule_id: str) -> tuple[str | None, str | None]:
         """Enclave's user that may redact others' events in the room, joining the bot first
         where it may (invited, or a public room); (None, why) if there is none."""
-        pl = next((e.get("content") or {} for e in state
-                   if e.get("type") == "m.room.power_levels"), None)
-        needed = 0 if pl is None else _int(pl.get("redact"), 50)
+        needed = RoomPower.from_state(state).needed("redact")
         actor = self._service_actor(state, needed)
         if actor is not None:
             return actor, None
@@ -902,25 +891,6 @@ class RetentionService:
         if apply and not result.failed:
             self.metrics.retention_last_success.set(self.clock_ms() / 1000)
         return result
-
-
-def _int(v: Any, default: int) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else default
-
-
-def _power_of(state: Sequence[Mapping[str, Any]], user: str) -> int:
-    """``user``'s power level; room version 12 creators outrank everyone (and are not in
-    the power levels' users)."""
-    create = next((e for e in state if e.get("type") == "m.room.create"), {})
-    ccontent = create.get("content") or {}
-    creators = {create.get("sender"), *(ccontent.get("additional_creators") or [])}
-    if str(ccontent.get("room_version", "")) == "12" and user in creators:
-        return CREATOR_POWER
-    pl = next((e.get("content") or {} for e in state
-               if e.get("type") == "m.room.power_levels"), None)
-    if pl is None:
-        return 100 if create.get("sender") == user else 0
-    return _int((pl.get("users") or {}).get(user), _int(pl.get("users_default"), 0))
 
 
 def _digest(text: str) -> str:

@@ -27,6 +27,7 @@ from ..policy.separation import (
     DM_CLASS,
     Decision,
     Finding,
+    NotDone,
     NotifyUser,
     RoomFacts,
     SeparationPlan,
@@ -36,6 +37,7 @@ from ..policy.separation import (
     room_facts_from_state,
 )
 from ..store import InboxEvent, Store
+from ..store.base import AuditRecord
 from ..store.lease import held_lease
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ class SeparationService:
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.lease_ttl_ms = lease_ttl_ms  # the root passes the cluster's lease ttl
         executor.register(NotifyUser, self._apply_notice)
+        executor.register(NotDone, self._apply_not_done)
 
     # -- the policy ------------------------------------------------------------------------
     async def policy(self, *, fresh: bool = False) -> SeparationPolicy:
@@ -330,9 +333,11 @@ class SeparationService:
         p = await self.policy()
         if not p.config.enabled or not p.config.reactive:
             return []
-        # Enclave's own users' events need no room read
+        # Enclave's own users' events need no room read, but for an invitation of its bot
+        # (it joins group rooms to act there as itself)
         if p.principal(event.get("state_key", "") if not protected
-                       else event.get("sender", "")).kind == "service":
+                       else event.get("sender", "")).kind == "service" and not (
+                membership == "invite" and event.get("state_key") == self.bot_user_id):
             return []
         room_id = event.get("room_id") or meta.room_id or ""
         facts = await self.room_facts(room_id, event)
@@ -351,6 +356,23 @@ class SeparationService:
         for a in actions:
             self.metrics.separation_enforced.labels(layer="reactive", kind=a.kind).inc()
         return actions
+
+    # -- what Enclave could not do -------------------------------------------------------------
+    async def _apply_not_done(self, a: NotDone, key: str) -> Outcome:
+        """A finding of the reactive layer: told to operators (a warning in the log, the
+        ``not_done`` metric) and, through the executor, a ``not_done`` audit record."""
+        log.warning("separation finding [%s] %s %s: %s", a.rule_id, a.room,
+                    a.user or "", a.message)
+        return Outcome("not_done", a.message)
+
+    async def _audit_findings(self, findings: Sequence[Finding]) -> None:
+        """Reconciliation's findings, each an audit record of what was not done and why."""
+        for f in findings:
+            await self.store.add_audit(AuditRecord(
+                ts=self.clock_ms(), source="separation", kind="finding", outcome="not_done",
+                actor=self.bot_user_id, user_id=f.subject if f.subject.startswith("@") else None,
+                room_id=f.room_id, rule_id=f.rule_id, reason=f.message))
+            self.metrics.separation_enforced.labels(layer="reconcile", kind="not_done").inc()
 
     # -- notices -----------------------------------------------------------------------------
     async def _dm_room(self, user: str) -> str:
@@ -473,6 +495,7 @@ class SeparationService:
             for f in result.plan.findings:
                 log.warning("separation finding [%s] %s %s: %s", f.rule_id, f.room_id,
                             f.subject, f.message)
+            await self._audit_findings(result.plan.findings)
             log.info("separation reconciled %d rooms: %d actions applied, %d failed, "
                      "%d findings", result.plan.rooms, result.applied, len(result.failed),
                      len(result.plan.findings))

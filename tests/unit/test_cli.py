@@ -140,6 +140,31 @@ def test_registration_writes_the_gate_secret_once(config_dir: MakeConfig) -> Non
     assert main(["validate", str(cfg)]) == EXIT_OK
 
 
+def test_registration_writes_the_homeserver_snippet_from_the_policy(
+        config_dir: MakeConfig) -> None:
+    policy = ("policy:\n"
+              "  room_classes: [{id: internal, federate: false},\n"
+              "                 {id: external, allow: {partners: true, guests: true}}]\n"
+              "  partners:\n"
+              "    - {id: acme, servers: [acme.example, acme-2.example],"
+              " room_classes: [external]}\n"
+              "    - {id: solo, users: ['@pat:pat.example'], room_classes: [external]}\n"
+              "  guests:\n"
+              "    - {id: gina, user: '@gina:gina.example', sponsor: '@alice:corp.example.com',"
+              " expires: 2030-01-01, room_classes: [external]}\n")
+    cfg = config_dir(extra=policy)
+    run_registration(cfg, "--homeserver-snippet", str(cfg.parent / "snippet.yaml"))
+    snippet = yaml.safe_load((cfg.parent / "snippet.yaml").read_text())
+    assert snippet["federation_domain_whitelist"] == [
+        "corp.example.com", "acme.example", "acme-2.example", "pat.example", "gina.example"]
+    assert snippet["allow_profile_lookup_over_federation"] is False
+    # without a policy there is nothing to whitelist: the profile limits only
+    plain = config_dir()
+    run_registration(plain, "--homeserver-snippet", str(plain.parent / "s.yaml"))
+    assert "federation_domain_whitelist" not in yaml.safe_load(
+        (plain.parent / "s.yaml").read_text())
+
+
 def test_registration_files_are_private(config_dir: MakeConfig) -> None:
     cfg = config_dir(tokens=False)
     run_registration(cfg)

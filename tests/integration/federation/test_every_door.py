@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.devstack.federation import FederatedPair
 
@@ -86,6 +88,19 @@ class Trio:
             return None
         return next((e["content"].get("membership") for e in state["state"]
                      if e["type"] == "m.room.member" and e["state_key"] == user), None)
+
+    async def member_event(self, room_id: str, user: str) -> dict[str, Any] | None:
+        """``user``'s current m.room.member event in a corporate room (with its sender)."""
+        state = await self.corp("GET", f"/_synapse/admin/v1/rooms/{q(room_id)}/state")
+        return next((e for e in state["state"] if e["type"] == "m.room.member"
+                     and e["state_key"] == user), None)
+
+    async def audit(self, *filters: str) -> list[dict[str, Any]]:
+        """Audit records as JSON: ``audit("RULE")`` or ``audit("--room", ID)``."""
+        args = filters if filters[0].startswith("--") else ("--rule", *filters)
+        r = await self.enclave.cli("audit", *args, "--format", "json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
 
     def gate_module(self) -> list[dict[str, Any]]:
         return [{"module": "bridge.gate.module.EnclaveGate", "config": {
@@ -326,6 +341,39 @@ async def test_dm_with_the_gate_is_recognised_and_the_bot_stays_out(door: Trio) 
     await dm_is_recognised_and_the_bot_stays_out(door)
 
 
+async def test_staff_room_brings_enclaves_bot_in_and_the_bot_kicks(door: Trio) -> None:
+    """The gate's creation edits invite Enclave's bot with power into a staff member's
+    group room; an outsider wrongly present (a remote join, which Synapse never asks the
+    gate about) is kicked BY THE BOT, not by the room's creator."""
+    bob = await door.staff("bob")
+    alias = f"ext-kick-{os.urandom(3).hex()}"
+    room = await bob.room_create(alias=alias, visibility=nio.RoomVisibility.public,
+                                 preset=nio.RoomPreset.public_chat)
+    assert isinstance(room, nio.RoomCreateResponse), room
+    bot = door.uid(BOT_LOCALPART)
+
+    async def bot_joined() -> bool:
+        return await door.corp_membership(room.room_id, bot) == "join"
+
+    await wait_until(bot_joined, within=30, what="Enclave's bot joined",
+                     describe=door.enclave.describe)
+    pl = await door.corp_state(room.room_id, "m.room.power_levels")
+    assert pl is not None and pl["content"]["users"].get(bot) == 100, pl
+    eve = door.other("eve")
+    corp = door.corp_name
+    answer = await join_via(door, eve, f"#{alias}:{corp}", corp)
+    assert answer.get("room_id") == room.room_id, answer
+
+    async def kicked() -> bool:
+        ev = await door.member_event(room.room_id, eve.user_id)
+        return ev is not None and ev["content"]["membership"] == "leave"
+
+    await wait_until(kicked, within=30, what="the outsider removed",
+                     describe=door.enclave.describe)
+    ev = await door.member_event(room.room_id, eve.user_id)
+    assert ev is not None and ev["sender"] == bot, ev  # not bob, the all-powerful creator
+
+
 # -- without the gate module -------------------------------------------------------------------
 async def test_gate_off_class_claimed_by_the_creator_is_reverted(door: Trio) -> None:
     await door.enclave.stop()
@@ -340,23 +388,52 @@ async def test_gate_off_class_claimed_by_the_creator_is_reverted(door: Trio) -> 
     assert isinstance(room, nio.RoomCreateResponse), room
     inv = await bob.room_invite(room.room_id, pat.user_id)
     assert isinstance(inv, nio.RoomInviteResponse), inv  # no gate: the invite happens
+    bot = door.uid(BOT_LOCALPART)
+
+    # Enclave is not in bob's room (no gate: no creation edits): it cannot put its class
+    # back nor withdraw the invitation, and does neither as bob (who could). It records
+    # what it did not do, with the fix.
+    async def reported() -> bool:
+        return any(r["outcome"] == "not_done" and r["room_id"] == room.room_id
+                   for r in await door.audit("builtin.enclave_power"))
+
+    await wait_until(reported, within=30, what="the not_done audit record",
+                     describe=door.enclave.describe)
+    [nd] = [r for r in await door.audit("builtin.enclave_power")
+            if r["room_id"] == room.room_id]
+    assert f"invite {bot} and give it power" in nd["reason"], nd
+    assert any(r["outcome"] == "not_done" and r["room_id"] == room.room_id
+               for r in await door.audit("builtin.class_record"))
+    cls = await door.corp_state(room.room_id, "org.enclave.room_class")
+    assert cls is not None and cls["sender"] == bob.user_id  # nothing sent as bob
+    assert cls["content"]["class"] == "external"
+    assert await door.corp_membership(room.room_id, pat.user_id) == "invite"
+    assert await class_line(door, room.room_id) == "internal"  # Enclave's record decides
+    plan = await door.enclave.cli("separation", "--plan", "--room", room.room_id)
+    assert "builtin.enclave_power" in plan.stdout and bot in plan.stdout, plan.stdout
+
+    # the fix: the room's admin brings Enclave's bot in with power; it joins and acts
+    pl = await door.corp_state(room.room_id, "m.room.power_levels")
+    assert pl is not None
+    users = {**pl["content"].get("users", {}), bot: 100}
+    put = await bob.room_put_state(room.room_id, "m.room.power_levels",
+                                   {**pl["content"], "users": users})
+    assert isinstance(put, nio.RoomPutStateResponse), put
+    assert isinstance(await bob.room_invite(room.room_id, bot), nio.RoomInviteResponse)
 
     async def reverted() -> bool:
         ev = await door.corp_state(room.room_id, "org.enclave.room_class")
         return ev is not None and ev["content"].get("class") == "internal"
 
-    await wait_until(reverted, within=30, what="Enclave's class put back",
+    await wait_until(reverted, within=30, what="Enclave's class put back by its bot",
                      describe=door.enclave.describe)
-
-    async def partner_out() -> bool:
-        return await door.corp_membership(room.room_id, pat.user_id) in ("leave", None)
-
-    await wait_until(partner_out, within=30, what="the partner's invitation withdrawn",
-                     describe=door.enclave.describe)
-    assert await class_line(door, room.room_id) == "internal"
-    audit = await door.enclave.cli("audit", "--rule", "builtin.class_record", "--format",
-                                   "json")
-    assert '"set_state"' in audit.stdout, audit.stdout
+    cls = await door.corp_state(room.room_id, "org.enclave.room_class")
+    assert cls is not None and cls["sender"] == bot, cls
+    applied = await door.enclave.cli("separation", "--apply", "--room", room.room_id)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    ev = await door.member_event(room.room_id, pat.user_id)
+    assert ev is not None and ev["content"]["membership"] == "leave", ev
+    assert ev["sender"] == bot, ev  # the invitation withdrawn by Enclave's bot
     plan = await door.enclave.cli("separation", "--plan", "--room", room.room_id)
     assert plan.returncode == 0 and "0 actions" in plan.stdout, plan.stdout + plan.stderr
 
@@ -365,9 +442,12 @@ async def test_gate_off_history_is_kept_from_people_never_admitted(door: Trio) -
     bob = await door.staff("bob")
     pat, eve = door.other("pat"), door.other("eve")
     await pat.sync(timeout=0)
-    room = await bob.room_create(alias=f"ext-{os.urandom(3).hex()}", invite=[pat.user_id],
-                                 preset=nio.RoomPreset.public_chat,
-                                 power_level_override={"invite": 0})
+    bot = door.uid(BOT_LOCALPART)
+    # without the gate a room is Enclave's to guard only where its bot is in with power
+    # (README: without the gate): bob brings it in
+    room = await bob.room_create(alias=f"ext-{os.urandom(3).hex()}",
+                                 invite=[pat.user_id, bot], preset=nio.RoomPreset.public_chat,
+                                 power_level_override={"invite": 0, "users": {bot: 100}})
     assert isinstance(room, nio.RoomCreateResponse), room
 
     async def joined_only() -> bool:  # no gate: Enclave sets it as the room is made
@@ -376,6 +456,8 @@ async def test_gate_off_history_is_kept_from_people_never_admitted(door: Trio) -
 
     await wait_until(joined_only, within=30, what="history visibility 'joined'",
                      describe=door.enclave.describe)
+    hv = await door.corp_state(room.room_id, "m.room.history_visibility")
+    assert hv is not None and hv["sender"] == bot, hv
     await invite_arrives(pat, room.room_id)
     assert isinstance(await pat.join(room.room_id), nio.JoinResponse)
     sent = await bob.room_send(room.room_id, "m.room.message",
@@ -421,10 +503,62 @@ async def test_gate_off_remote_join_is_undone_reactively(door: Trio) -> None:
     await wait_left(dave, room.room_id, within=30, describe=door.enclave.describe)
     body = await read_notice(dave, door.uid(BOT_LOCALPART), "took you out of a room")
     assert "class.internal" in body, body
+    # the one thing Enclave does as the user (their own membership), and the record says so
+    leave = [r for r in await door.audit("--room", room.room_id) if r["kind"] == "leave"]
+    assert leave and leave[0]["actor"] == dave.user_id, leave
+    assert f"done for {dave.user_id} by Enclave (their own membership)" in leave[0]["reason"]
 
 
 async def test_gate_off_dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:
     await dm_is_recognised_and_the_bot_stays_out(door)
+
+
+async def test_gate_off_generated_whitelist_refuses_joins_of_outsiders_rooms(
+        door: Trio) -> None:
+    """Without the gate, Synapse's federation_domain_whitelist (written from the policy by
+    ``enclave registration --homeserver-snippet``) refuses a staff join of a room on a
+    personal server before it happens; the partner's server still federates. Last: it
+    leaves the corporate server restricted."""
+    out = door.config.parent
+    r = await door.enclave.cli("registration", "-o", str(out / "registration-check.yaml"),
+                               "--homeserver-snippet", str(out / "homeserver-snippet.yaml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    snippet = yaml.safe_load((out / "homeserver-snippet.yaml").read_text())
+    assert door.pair.partner is not None
+    allowed = [door.corp_name, door.pair.partner.server_name]
+    assert snippet["federation_domain_whitelist"] == allowed
+    eve, pat = door.other("eve"), door.other("pat")
+    alias = f"party-{os.urandom(3).hex()}"
+    party = await eve.room_create(alias=alias, visibility=nio.RoomVisibility.public,
+                                  preset=nio.RoomPreset.public_chat)
+    assert isinstance(party, nio.RoomCreateResponse), party
+    await door.enclave.stop()
+    door.pair.corp.extra_config["federation_domain_whitelist"] = (
+        snippet["federation_domain_whitelist"])
+    await asyncio.to_thread(door.pair.corp.restart)
+    await door.enclave.start()
+    dave = await door.staff("dave")
+    personal = door.pair.personal.server_name
+    answer = await join_via(door, dave, f"#{alias}:{personal}", personal)
+    assert "room_id" not in answer, answer  # refused by Synapse, nothing to undo
+    answer = await join_via(door, dave, party.room_id, personal)
+    assert "room_id" not in answer, answer
+    assert await door.corp_membership(party.room_id, dave.user_id) is None
+    # the partner still federates: invited into an external room, they join and read
+    bob = await door.staff("bob")
+    await pat.sync(timeout=0)
+    room = await bob.room_create(alias=f"ext-{os.urandom(3).hex()}", invite=[pat.user_id])
+    assert isinstance(room, nio.RoomCreateResponse), room
+    await invite_arrives(pat, room.room_id)
+    assert isinstance(await pat.join(room.room_id), nio.JoinResponse)
+    sent = await bob.room_send(room.room_id, "m.room.message",
+                               {"msgtype": "m.text", "body": "hello partner"})
+    assert isinstance(sent, nio.RoomSendResponse), sent
+
+    async def partner_reads() -> bool:
+        return "hello partner" in await texts(door, pat, room.room_id)
+
+    await wait_until(partner_reads, within=30, what="the partner reading the message")
 
 
 async def dm_is_recognised_and_the_bot_stays_out(door: Trio) -> None:

@@ -226,6 +226,40 @@ def test_edits_on_a_bare_request() -> None:
     assert config == {"creation_content": {"m.federate": False}}
 
 
+BOT = "@enclave:corp.test"
+
+
+@pytest.mark.parametrize(("config", "creator_power", "users"), [
+    # before v12 Synapse needs the creator in an override's users (it replaces them whole)
+    pytest.param({}, False, {"@bob:corp.test": 100, BOT: 100}, id="v10"),
+    # v12: creators must not be listed
+    pytest.param({}, True, {BOT: 100}, id="v12"),
+    pytest.param({"preset": "trusted_private_chat", "invite": ["@al:corp.test"]}, False,
+                 {"@bob:corp.test": 100, "@al:corp.test": 100, BOT: 100},
+                 id="v10-trusted-invitees-keep-ops"),
+    pytest.param({"power_level_content_override": {"users": {"@bob:corp.test": 50},
+                                                   "kick": 0}}, False,
+                 {"@bob:corp.test": 50, BOT: 100}, id="own-override-kept"),
+])
+def test_power_users_edit(config: dict[str, Any], creator_power: bool,
+                          users: dict[str, int]) -> None:
+    apply_create_edits(config, {"invite": [BOT], "power_users": {BOT: 100}},
+                       creator="@bob:corp.test", creator_power=creator_power)
+    assert config["power_level_content_override"]["users"] == users
+    assert config["invite"][-1] == BOT and config["invite"].count(BOT) == 1
+
+
+def test_power_users_edit_goes_into_an_initial_power_levels_event() -> None:
+    pl = {"type": "m.room.power_levels", "state_key": "",
+          "content": {"users": {"@bob:corp.test": 100, BOT: 0}, "kick": 50}}
+    config: dict[str, Any] = {"initial_state": [pl], "invite": [BOT]}
+    apply_create_edits(config, {"invite": [BOT], "power_users": {BOT: 100}},
+                       creator="@bob:corp.test")
+    assert config["initial_state"][0]["content"] == {
+        "users": {"@bob:corp.test": 100, BOT: 100}, "kick": 50}
+    assert "power_level_content_override" not in config and config["invite"] == [BOT]
+
+
 def test_protected_types_in_initial_state() -> None:
     protected = {"org.enclave.room_class", "m.room.retention"}
     assert protected_in([{"type": "m.room.retention", "content": {}},

@@ -168,6 +168,12 @@ def test_answer_json_shapes() -> None:
     ({"allow": True, "edits": {"creation_content": []}}, "creation_content must be"),
     ({"allow": True, "edits": {"initial_state": {"type": "x"}}}, "must be a list"),
     ({"allow": True, "edits": {"initial_state": [{"type": "x"}]}}, "initial_state[0]"),
+    ({"allow": True, "edits": {"invite": "@enclave:corp.test"}}, "invite must be"),
+    ({"allow": True, "edits": {"invite": ["enclave"]}}, "invite must be"),
+    ({"allow": True, "edits": {"power_users": {"@enclave:corp.test": "100"}}},
+     "power_users must"),
+    ({"allow": True, "edits": {"power_users": {"@enclave:corp.test": True}}},
+     "power_users must"),
 ])
 def test_answers_that_make_no_sense_are_refused(kwargs: dict[str, Any], says: str) -> None:
     with pytest.raises(ValueError) as err:

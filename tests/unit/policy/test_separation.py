@@ -10,10 +10,11 @@ import yaml
 
 from bridge.config.policy import PolicyConfig
 from bridge.directory.model import StaffRecord
-from bridge.policy.actions import Kick, Leave, SetState
+from bridge.policy.actions import Join, Kick, Leave, SetState
 from bridge.policy.separation import (
     CLASS_STATE_TYPE,
     HISTORY_STATE_TYPE,
+    NotDone,
     NotifyUser,
     RoomFacts,
     SeparationPolicy,
@@ -261,6 +262,23 @@ def test_create_internal_room_gets_no_federation_and_class_state() -> None:
     assert c.edits["initial_state"][0]["content"]["class"] == "internal"
 
 
+@pytest.mark.parametrize(("creator", "request_", "bot_in"), [
+    pytest.param(BOB, {"name": "Plans"}, True, id="group-room"),
+    pytest.param(BOB, {"room_alias_name": "ext-acme", "invite": [PAT]}, True,
+                 id="external-room"),
+    pytest.param(ALICE, {"is_direct": True, "invite": [BOB]}, False, id="dm"),
+    pytest.param(BOT, {"name": "Managed"}, False, id="enclaves-own-room"),
+])
+def test_group_rooms_bring_enclaves_bot_in_with_power(creator: str, request_: dict,
+                                                      bot_in: bool) -> None:
+    c = P.decide_create_room(creator, request_)
+    assert c.decision.allow and c.edits is not None
+    if bot_in:
+        assert c.edits["invite"] == [BOT] and c.edits["power_users"] == {BOT: 100}
+    else:
+        assert "invite" not in c.edits and "power_users" not in c.edits
+
+
 def test_create_external_room_by_alias_federates() -> None:
     c = P.decide_create_room(BOB, {"room_alias_name": "ext-acme", "invite": [PAT]})
     assert c.decision.allow and c.room_class.id == "external"
@@ -344,18 +362,72 @@ def test_reactive_allows_staff_dm() -> None:
     assert P.decide_event(ev, room(None, ALICE)) == []
 
 
-def test_reactive_kicks_remote_joiner_as_local_creator_v12() -> None:
-    facts = room("internal", ALICE, EVE, creator=ALICE)
+def test_reactive_kicks_remote_joiner_as_enclaves_bot_never_as_the_creator_v12() -> None:
+    facts = room("internal", ALICE, BOT, EVE, creator=ALICE, power={"users": {BOT: 100}})
     actions = P.decide_event(member_event(EVE, EVE, "join"), facts)
     assert actions == [Kick(rule_id="class.internal.federate", reason=actions[0].reason,
-                            actor=ALICE, room="!r", user=EVE)]
+                            actor=BOT, room="!r", user=EVE)]
+    # the creator could kick (unlimited power in v12), Enclave could not: nothing is done
+    # as her; the reactive layer records what it could not do, with the fix
+    bare = room("internal", ALICE, EVE, creator=ALICE)
+    actions = P.decide_event(member_event(EVE, EVE, "join"), bare)
+    assert [type(a) for a in actions] == [NotDone]
+    assert actions[0].rule_id == "builtin.enclave_power" and actions[0].user == EVE
+    assert f"invite {BOT} and give it power 50" in actions[0].message
 
 
 def test_reactive_withdraws_staff_invite_of_external_and_tells_the_inviter() -> None:
-    facts = room("internal", BOB, creator=BOB)
+    facts = room("internal", BOB, BOT, creator=BOB, power={"users": {BOT: 100}})
     actions = P.decide_event(member_event(BOB, EVE, "invite"), facts)
-    assert isinstance(actions[0], Kick) and actions[0].user == EVE and actions[0].actor == BOB
+    assert isinstance(actions[0], Kick) and actions[0].user == EVE and actions[0].actor == BOT
     assert isinstance(actions[1], NotifyUser) and actions[1].user == BOB
+    # without Enclave's power the invitation stands: reported, and the inviter is told
+    actions = P.decide_event(member_event(BOB, EVE, "invite"), room("internal", BOB))
+    assert [type(a) for a in actions] == [NotDone, NotifyUser]
+    assert "no power in this room" in actions[1].body
+
+
+def test_invited_bot_joins_then_kicks() -> None:
+    facts = replace(room("internal", BOB, EVE, creator=BOB, power={"users": {BOT: 100}}),
+                    members={BOB: "join", EVE: "join", BOT: "invite"})
+    actions = P.decide_event(member_event(EVE, EVE, "join"), facts)
+    assert [(type(a), a.actor) for a in actions] == [(Join, BOT), (Kick, BOT)]
+
+
+@pytest.mark.parametrize(("facts", "joins"), [
+    pytest.param(room("internal", BOB, creator=BOB), True, id="group-room"),
+    pytest.param(room(None, BOB, ALICE, is_direct=True), False, id="dm"),
+    pytest.param(replace(room("internal", BOB), hosted=False), False, id="remote-room"),
+])
+def test_bot_joins_group_rooms_it_is_invited_into(facts: RoomFacts, joins: bool) -> None:
+    actions = P.decide_event(member_event(BOB, BOT, "invite"), facts)
+    assert actions == ([Join(rule_id="builtin.enclave_power", reason=actions[0].reason,
+                             actor=BOT, room="!r")] if joins else [])
+
+
+def test_bot_joining_puts_back_what_it_could_not_before() -> None:
+    facts = replace(room("external", BOB, creator=BOB, history="shared",
+                         power={"users": {BOT: 100}}), claimed_class="internal")
+    actions = P.decide_event(member_event(BOB, BOT, "invite"), facts)
+    assert [(type(a), a.actor) for a in actions] == [(Join, BOT), (SetState, BOT),
+                                                     (SetState, BOT)]
+
+
+def test_enclaves_other_bots_act_in_rooms_they_made() -> None:
+    announce = u("enclave_announce")
+    facts = room("internal", announce, ALICE, EVE, creator=announce)
+    assert P.choose_remover(facts, EVE) == announce
+    assert P.diff_enclave_power(facts, P.classify_room(facts)) == []
+    # a member is never chosen, however powerful
+    assert P.acting_users(facts) == (BOT, announce)
+
+
+def test_a_local_users_own_membership_is_done_for_them_and_says_so() -> None:
+    d = P.decide_membership(FRANK, room("internal", ALICE))
+    [leave], finding = P.remove(room("internal", ALICE, FRANK), FRANK, d)
+    assert isinstance(leave, Leave) and leave.actor == FRANK and finding is None
+    assert leave.reason.startswith(f"done for {FRANK} by Enclave (their own membership) "
+                                   f"under {d.rule_id}")
 
 
 def test_remote_creator_cannot_be_kicked_so_local_staff_leave() -> None:
@@ -366,12 +438,17 @@ def test_remote_creator_cannot_be_kicked_so_local_staff_leave() -> None:
     assert finding is not None and "cannot remove" in finding.message
 
 
-def test_kicker_needs_power_in_older_room_versions() -> None:
-    pl = {"users": {BOB: 100, ALICE: 0}, "kick": 50}
-    facts = room("internal", ALICE, BOB, EVE, version="10", power=pl)
-    assert P.choose_remover(facts, EVE) == BOB
-    weak = room("internal", ALICE, EVE, version="10", power={"users": {EVE: 100}})
-    assert P.choose_remover(weak, EVE) is None
+def test_kicker_is_enclave_with_power_never_a_member() -> None:
+    pl = {"users": {BOB: 100, ALICE: 0, BOT: 50}, "kick": 50}
+    facts = room("internal", ALICE, BOB, BOT, EVE, version="10", power=pl)
+    assert P.choose_remover(facts, EVE) == BOT
+    # bob has the power, Enclave does not: nobody is chosen
+    facts = room("internal", ALICE, BOB, BOT, EVE, version="10",
+                 power={"users": {BOB: 100, BOT: 0}})
+    assert P.choose_remover(facts, EVE) is None
+    weak = room("internal", ALICE, BOT, EVE, version="10",
+                power={"users": {EVE: 100, BOT: 100}})
+    assert P.choose_remover(weak, EVE) is None  # not more than the target
 
 
 def test_bot_is_preferred_as_kicker() -> None:
@@ -396,15 +473,19 @@ def test_reconcile_removes_outsiders_expired_guests_and_the_second_barrier_side(
         room("internal", LENA, OTTO),  # barrier with existing: report
         room(None, BOB, EVE, is_direct=True),  # staff-external DM: the outsider goes
     ]
+    # Enclave's bot is in the group rooms with power (the gate's creation edits)
+    rooms = [r if r.is_direct else replace(r, members={**r.members, BOT: "join"},
+                                           power={"users": {BOT: 100}}) for r in rooms]
     rooms = [RoomFacts(**{**r.__dict__, "room_id": f"!r{i}"}) for i, r in enumerate(rooms)]
     plan = diff_separation(P, rooms)
     removals = [a for a in plan.actions if not isinstance(a, NotifyUser)]
     removed = sorted((a.room_id, getattr(a, "user", None) or a.actor) for a in removals)
-    assert removed == [("!r1", EVE), ("!r2", OLD), ("!r3", DAVE), ("!r5", EVE)]
+    # in the DM Enclave's bot is absent, so the staff member leaves (their own membership)
+    assert removed == [("!r1", EVE), ("!r2", OLD), ("!r3", DAVE), ("!r5", BOB)]
     # the expired guest's sponsor is told, once per room
     notes = [a for a in plan.actions if isinstance(a, NotifyUser)]
     assert [(n.user, n.once_key) for n in notes] == [(ALICE, f"guest-expired:{OLD}:!r2")]
-    assert [f.rule_id for f in plan.findings] == ["barrier-legal-ops"]
+    assert [f.rule_id for f in plan.findings] == ["barrier-legal-ops", "dms.staff_external"]
     assert plan.rooms == 6
 
 
@@ -412,7 +493,9 @@ def test_reconcile_reports_federating_internal_rooms_from_before_enclave() -> No
     facts = RoomFacts(room_id="!old", room_version="10", members={ALICE: "join"},
                       federate=True)
     plan = diff_separation(P, [facts])
-    assert [f.rule_id for f in plan.findings] == ["class.internal.federate"]
+    # and Enclave has no power there (made before Enclave): reported with the fix
+    assert [f.rule_id for f in plan.findings] == ["class.internal.federate",
+                                                  "builtin.enclave_power"]
 
 
 def test_room_facts_from_state() -> None:
@@ -463,7 +546,8 @@ def test_class_exempt_from_barriers_still_keeps_dms_apart() -> None:
     p = make_policy(room_classes=classes)
     d = p.decide_invite(ALICE, DAVE, room("company", ALICE, CAROL))
     assert d.allow and d.rule_id == "class.company"
-    assert p.diff_room(room("company", CAROL, DAVE)) == ([], [])
+    assert p.diff_room(room("company", CAROL, DAVE, BOT,
+                            power={"users": {BOT: 100}})) == ([], [])
     assert not p.decide_invite(CAROL, DAVE, room(None, CAROL, is_direct=True)).allow
 
 
@@ -593,27 +677,34 @@ def test_history_visibility_is_protected_in_federating_classes(cls: str | None, 
 
 
 def test_reconcile_puts_back_class_and_history_state() -> None:
-    facts = replace(room("external", BOB, PAT, history="shared"), claimed_class="internal",
-                    power={"users": {BOB: 100}})
+    facts = replace(room("external", BOB, PAT, BOT, history="shared"),
+                    claimed_class="internal", power={"users": {BOB: 100, BOT: 100}})
     actions, findings = P.diff_room(facts)
     sets = {(a.event_type, str(a.content)) for a in actions if isinstance(a, SetState)}
     assert (CLASS_STATE_TYPE, str(class_content("external", "room.class_state"))) in sets
     assert (HISTORY_STATE_TYPE, str({"history_visibility": "joined"})) in sets
-    assert all(a.actor == BOB for a in actions) and findings == []
-    # nobody local with the power: reported, not acted on
-    weak = replace(facts, room_version="10", power={"users": {PAT: 100}, "state_default": 50})
+    assert all(a.actor == BOT for a in actions) and findings == []
+    # bob (a member) has the power, Enclave does not: reported with the fix, not done as bob
+    weak = replace(facts, room_version="10", power={"users": {BOB: 100, BOT: 10},
+                                                    "state_default": 50})
     actions, findings = P.diff_room(weak)
     assert not [a for a in actions if isinstance(a, SetState)]
     assert {f.rule_id for f in findings} == {"builtin.class_record",
-                                             "builtin.history_visibility"}
+                                             "builtin.history_visibility",
+                                             "builtin.enclave_power"}
+    assert all(f"invite {BOT} and give it power 50" in f.message for f in findings)
 
 
 def test_reactive_reverts_someone_elses_class_state() -> None:
     ev = {"type": CLASS_STATE_TYPE, "state_key": "", "sender": BOB, "room_id": "!r",
           "content": {"class": "internal"}}
-    facts = replace(room("external", BOB), claimed_class="internal")
+    facts = replace(room("external", BOB, BOT, power={"users": {BOT: 100}}),
+                    claimed_class="internal")
     [a] = P.decide_event(ev, facts)
-    assert isinstance(a, SetState) and a.content["class"] == "external"
+    assert isinstance(a, SetState) and a.content["class"] == "external" and a.actor == BOT
+    # bob (the v12 creator) could put it back; Enclave cannot here: recorded, not done
+    [nd] = P.decide_event(ev, replace(room("external", BOB), claimed_class="internal"))
+    assert isinstance(nd, NotDone) and nd.rule_id == "builtin.class_record"
     # Enclave's own change is left alone
     assert P.decide_event({**ev, "sender": BOT}, facts) == []
 

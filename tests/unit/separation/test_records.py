@@ -5,6 +5,7 @@ invitation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -83,8 +84,13 @@ async def test_a_claimed_class_is_never_recorded(store: Store) -> None:
     forged = room_facts_from_state("!f", state(BOB, {"class": "external"}))
     f = await svc.record_first_sight(p, await svc.with_record(forged), "reactive")
     assert f.class_state == "internal" and await svc.class_record("!f") == "internal"
+    actions, findings = p.diff_protected_state(f)
+    # bob (the v12 creator) could put it back; Enclave is not in the room: reported
+    assert actions == [] and [x.rule_id for x in findings] == ["builtin.class_record"]
+    bot = f"@enclave:{S}"
+    f = replace(f, members={**f.members, bot: "join"}, power={"users": {bot: 100}})
     actions, _ = p.diff_protected_state(f)
-    assert [a.content["class"] for a in actions] == ["internal"]  # put back, as bob
+    assert [(a.content["class"], a.actor) for a in actions] == [("internal", bot)]
 
 
 @pytest.mark.parametrize(("invited", "approved", "allow"), [
