@@ -228,19 +228,31 @@ class SQLStore(Store):
         async with self.db.transaction() as c:
             await c.fetchval("SELECT 1")
 
-    async def schema_version(self) -> int:
+    async def _table_exists(self, name: str) -> bool:
         # A read only: read-only commands (inbox status, audit) must not take the writer
-        # away from a running Enclave. migrate() creates the table.
+        # away from a running Enclave. migrate() creates the version tables.
         exists_sql = (
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'enclave_schema'"
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?"
             if self.dialect == "sqlite"
             else "SELECT COUNT(*) FROM information_schema.tables "
-                 "WHERE table_schema = current_schema() AND table_name = 'enclave_schema'"
+                 "WHERE table_schema = current_schema() AND table_name = ?"
         )
-        (row,) = await self.db.fetch(exists_sql)
-        if not row[0]:
+        (row,) = await self.db.fetch(exists_sql, name)
+        return bool(row[0])
+
+    async def schema_version(self) -> int:
+        if not await self._table_exists("enclave_schema"):
             return 0
         (row,) = await self.db.fetch("SELECT MAX(version) FROM enclave_schema")
+        return int(row[0] or 0)
+
+    async def component_version(self, component: str) -> int:
+        """The schema version of an extension's own tables (0: none yet)."""
+        if not await self._table_exists("enclave_schema_components"):
+            return 0
+        (row,) = await self.db.fetch(
+            "SELECT MAX(version) FROM enclave_schema_components WHERE component = ?",
+            component)
         return int(row[0] or 0)
 
     def _too_new(self, current: int) -> SchemaError:
@@ -250,53 +262,57 @@ class SQLStore(Store):
             "older release against it"
         )
 
-    async def migrate(self) -> list[int]:
+    async def _apply(self, migrations: Sequence[tuple[int, str, str]], current: int,
+                     component: str | None,
+                     adopted: dict[int, tuple[str, str | None]]) -> list[int]:
+        """Run the migrations newer than ``current``, one transaction each (a failure
+        leaves the previous version intact); ``component``: an extension's, versioned in
+        ``enclave_schema_components`` (None: Enclave's own, in ``enclave_schema``)."""
         pg = self.dialect == "postgres"
-        async with self.db.transaction() as c:
-            if pg:
-                # replicas started together: one migrates, the others wait and find it done
-                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
-            await c.execute(
-                "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)"
-            )
-        current = await self.schema_version()
-        if current > self.latest_version:
-            raise self._too_new(current)
+        if component is None:
+            done_sql, record_sql, key = (
+                "SELECT COALESCE(MAX(version), 0) FROM enclave_schema",
+                "INSERT INTO enclave_schema (version) VALUES (?)", ())
+        else:
+            done_sql, record_sql, key = (
+                "SELECT COALESCE(MAX(version), 0) FROM enclave_schema_components "
+                "WHERE component = ?",
+                "INSERT INTO enclave_schema_components (component, version) VALUES (?, ?)",
+                (component,))
         applied = []
-        for version, _name, sql in self._migrations:
+        for version, _name, sql in migrations:
             if version <= current:
                 continue
-            # one transaction per migration: a failure leaves the previous version intact
             async with self.db.transaction() as c:
                 if pg:
                     await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
-                done = int(await c.fetchval("SELECT COALESCE(MAX(version), 0) "
-                                            "FROM enclave_schema") or 0)
-                if done >= version:
+                if int(await c.fetchval(done_sql, *key) or 0) >= version:
                     continue  # another process applied it meanwhile
-                await c.execute_script(sql)
-                await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", version)
+                # an earlier release made these tables with Enclave's own migrations:
+                # record them as applied instead of creating them twice
+                if not (version in adopted and await self._has(c, *adopted[version])):
+                    await c.execute_script(sql)
+                await c.execute(record_sql, *key, version)
             applied.append(version)
+        return applied
+
+    async def _create_version_table(self, ddl: str) -> None:
+        async with self.db.transaction() as c:
+            if self.dialect == "postgres":
+                # replicas started together: one migrates, the others wait and find it done
+                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
+            await c.execute(ddl)
+
+    async def migrate(self) -> list[int]:
+        await self._create_version_table(
+            "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)")
+        current = await self.schema_version()
+        if current > self.latest_version:
+            raise self._too_new(current)
+        applied = await self._apply(self._migrations, current, None, {})
         for mset, migrations in self._components:
             await self._migrate_component(mset, migrations)
         return applied
-
-    async def component_version(self, component: str) -> int:
-        """The schema version of an extension's own tables (0: none yet)."""
-        exists_sql = (
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' "
-            "AND name = 'enclave_schema_components'"
-            if self.dialect == "sqlite"
-            else "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = "
-                 "current_schema() AND table_name = 'enclave_schema_components'"
-        )
-        (row,) = await self.db.fetch(exists_sql)
-        if not row[0]:
-            return 0
-        (row,) = await self.db.fetch(
-            "SELECT MAX(version) FROM enclave_schema_components WHERE component = ?",
-            component)
-        return int(row[0] or 0)
 
     async def _has(self, c: Any, table: str, column: str | None) -> bool:
         if self.dialect == "sqlite":
@@ -311,34 +327,15 @@ class SQLStore(Store):
 
     async def _migrate_component(self, mset: Any,
                                  migrations: list[tuple[int, str, str]]) -> None:
-        pg = self.dialect == "postgres"
-        async with self.db.transaction() as c:
-            if pg:
-                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
-            await c.execute("CREATE TABLE IF NOT EXISTS enclave_schema_components "
-                            "(component TEXT NOT NULL, version INTEGER NOT NULL)")
+        await self._create_version_table(
+            "CREATE TABLE IF NOT EXISTS enclave_schema_components "
+            "(component TEXT NOT NULL, version INTEGER NOT NULL)")
         latest = migrations[-1][0] if migrations else 0
         current = await self.component_version(mset.component)
         if current > latest:
             raise self._too_new_component(mset.component, current, latest)
-        adopted = {v: (t, col) for v, t, col in mset.adopted}
-        for version, _name, sql in migrations:
-            if version <= current:
-                continue
-            async with self.db.transaction() as c:
-                if pg:
-                    await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
-                done = int(await c.fetchval(
-                    "SELECT COALESCE(MAX(version), 0) FROM enclave_schema_components "
-                    "WHERE component = ?", mset.component) or 0)
-                if done >= version:
-                    continue  # another process applied it meanwhile
-                # an earlier release made these tables with Enclave's own migrations:
-                # record them as applied instead of creating them twice
-                if not (version in adopted and await self._has(c, *adopted[version])):
-                    await c.execute_script(sql)
-                await c.execute("INSERT INTO enclave_schema_components (component, version) "
-                                "VALUES (?, ?)", mset.component, version)
+        await self._apply(migrations, current, mset.component,
+                          {v: (t, col) for v, t, col in mset.adopted})
 
     def _too_new_component(self, component: str, current: int, latest: int) -> SchemaError:
         return SchemaError(
