@@ -170,5 +170,4 @@ def build_bots(svc: Services, *, encrypted_sender: MessageSender | None = None,
         for device in devices.values():
             await device.close()
 
-    return Plugin(handlers=runtime.bots, mount=mount, lifetime=bots_ctx,
-                  extra={"runtime": runtime})
+    return Plugin(handlers=runtime.bots, mount=mount, lifetime=bots_ctx)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from importlib.resources.abc import Traversable
 from typing import TYPE_CHECKING, Any
@@ -59,7 +59,7 @@ class MigrationSet:
     adopted: Sequence[tuple[int, str, str | None]] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plugin:
     """What an extension adds to a running Enclave."""
 
@@ -69,7 +69,6 @@ class Plugin:
     mount: Callable[[web.Application], None] | None = None
     # an aiohttp cleanup context: started after Enclave's own, stopped before them
     lifetime: Callable[[web.Application], AsyncIterator[None]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Extension:
