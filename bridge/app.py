@@ -154,15 +154,23 @@ async def _homeserver_ok(svc: Services) -> bool:
     ident = svc.identity
     if time.monotonic() - ident.homeserver_checked_at < 5:
         return ident.homeserver_reachable
+    error: str | None = None
     try:
         async with svc.session.get(
             svc.client.base_url + "/_matrix/client/versions",
             timeout=aiohttp.ClientTimeout(total=2),
         ) as resp:
             ok = resp.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        ok = False
+            if not ok:
+                error = f"GET /_matrix/client/versions answered {resp.status}"
+    except TimeoutError:
+        ok, error = False, "no answer within 2 s"
+    except (aiohttp.ClientError, OSError) as e:
+        ok, error = False, f"{type(e).__name__}: {e}"
     ident.homeserver_reachable, ident.homeserver_checked_at = ok, time.monotonic()
+    ident.homeserver_error = error
+    if not ok and svc.completeness is not None:
+        svc.completeness.homeserver_unreachable()
     return ok
 
 
@@ -263,6 +271,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
     cfg, secrets = svc.config, svc.secrets
     store, client, inbox, leadership = svc.store, svc.client, svc.inbox, svc.leadership
     jobs, plugins = svc.jobs, svc.plugins
+    _ = svc.completeness  # built now: the client tells it of outages from the first request
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
@@ -274,13 +283,16 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
         return {
             "ready": store_ok and hs_ok,
             "store": {"ok": store_ok, "error": store_err, "engine": store.dialect},
-            "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url},
+            "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url,
+                           "error": None if hs_ok else svc.identity.homeserver_error},
             "bot": svc.identity.bot_ready,
             "admin": {"ok": svc.identity.admin_ready, "problem": svc.identity.admin_problem},
             "directory": svc.directory_status if svc.directory is not None else None,
             "separation": svc.separation_status if svc.separation is not None else None,
             "retention": svc.retention_status if svc.retention is not None else None,
             "cluster": leadership.status(),
+            "completeness": (svc.completeness.status() if svc.completeness is not None
+                             else None),
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -361,7 +373,19 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
         leadership.on_deposed.append(stop_inbox)
         stop_watch = await store.watch_journal(inbox.notify)
         await leadership.start()
+        checking: asyncio.Task[None] | None = None
+        if svc.completeness is not None:
+            check = svc.completeness
+
+            async def check_while_leading() -> None:
+                await check.run_forever(svc.bootstrapped.wait)
+
+            checking = asyncio.create_task(leadership.while_leader(check_while_leading),
+                                           name="completeness-check")
         yield
+        if checking is not None:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
         await leadership.stop()
         await stop_watch()
 

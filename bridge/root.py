@@ -39,6 +39,7 @@ from .extension import (
     discover_extensions,
 )
 from .matrix.client import MatrixClient
+from .matrix.completeness import CompletenessCheck
 from .matrix.executor import Executor
 from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
 from .metrics import Metrics
@@ -64,6 +65,7 @@ class IdentityState:
 
     homeserver_reachable: bool = False
     homeserver_checked_at: float = 0.0
+    homeserver_error: str | None = None
     bot_ready: bool = False
     admin_ready: bool = False
     admin_problem: str | None = None
@@ -151,7 +153,27 @@ class Root:
         return MatrixClient(
             self.session, hs.url, self.secrets["appservice.as_token"].get(),
             max_retries=hs.max_retries, timeout=hs.timeout_seconds,
-            on_rate_limited=self.metrics.rate_limited.inc)
+            on_rate_limited=self.metrics.rate_limited.inc,
+            on_unreachable=self._homeserver_unreachable)
+
+    def _homeserver_unreachable(self) -> None:
+        # the completeness check dates homeserver outages; only a running Enclave has one
+        # (a CLI command's failing request must not build the inbox to tell it)
+        check = self.__dict__.get("completeness")
+        if check is not None:
+            check.homeserver_unreachable()
+
+    @cached_property
+    def completeness(self) -> CompletenessCheck | None:
+        """The inbox's completeness check, or None when ``inbox.completeness`` is off."""
+        cfg = self.config
+        if not cfg.inbox.completeness.enabled:
+            return None
+        return CompletenessCheck(
+            self.store, self.client, self.metrics, admin_user_id=cfg.admin_user_id,
+            bound_seconds=cfg.inbox.completeness.bound_seconds, clock_ms=self.clock_ms,
+            on_recovered=lambda: self.inbox.notify(),
+            admin_ready=lambda: self.identity.admin_ready)
 
     def installation_id(self) -> str:
         """This database's id (read when the store opened; "" before)."""

@@ -96,6 +96,11 @@ class InboxStore(Protocol):
 
     async def inbox_stats(self) -> dict[str, Any]: ...
 
+    async def inbox_known(self, event_ids: Sequence[str]) -> set[str]: ...
+
+    async def save_recovered(self, txn_id: str, events: Sequence[NewEvent],
+                             audit: AuditRecord, now_ms: int) -> int: ...
+
 
 @runtime_checkable
 class OutboxStore(Protocol):
@@ -145,6 +150,11 @@ class LeaseStore(Protocol):
     async def acquire_lease(self, name: str, owner: str, now_ms: int, ttl_ms: int) -> bool: ...
 
     async def release_lease(self, name: str, owner: str) -> None: ...
+
+    async def lease_holder(self, name: str) -> tuple[str, int] | None: ...
+
+    async def take_over_lease(self, name: str, dead_owner: str, owner: str, now_ms: int,
+                              ttl_ms: int) -> bool: ...
 
 
 @runtime_checkable
@@ -197,7 +207,7 @@ class ArchiveIndexStore(Protocol):
         since_ms: int | None = None, until_ms: int | None = None,
         include_purged: bool = True,
         after: tuple[int, str, int] | tuple[int, str, int, str] | None = None,
-        limit: int = 10000,
+        limit: int = 10000, archive_order: bool = False,
     ) -> list[ArchivedEvent]: ...
 
     async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,
