@@ -183,6 +183,7 @@ class Root:
     def executor(self) -> Executor:
         return Executor(self.client, self.store, bot_user_id=self.config.bot_user_id,
                         clock_ms=self.clock_ms, metrics=self.metrics,
+                        admin_user_id=self.config.admin_user_id,
                         installation_id=self.installation_id)
 
     @cached_property
