@@ -10,7 +10,7 @@ from bridge.directory.model import StaffRecord
 from bridge.kernel.timestamps import local_datetime
 
 if TYPE_CHECKING:
-    from bridge.store.base import AnnouncementDelivery
+    from ..store import AnnouncementDelivery
 
 CSV_COLUMNS = ["recipient", "name", "department", "status", "delivered_at", "room_id",
                "acknowledged_at", "ack_method", "reminders", "reminders_failed", "escalated_at",

@@ -17,7 +17,7 @@ import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..kernel.durations import (  # noqa: F401  (re-exported: the constants policy callers use)
     DAY_MS,
@@ -30,8 +30,20 @@ from ..kernel.durations import (  # noqa: F401  (re-exported: the constants poli
 )
 from ..kernel.timestamps import iso_utc
 
-if TYPE_CHECKING:  # importing bridge.config at run time would pull in its YAML loader
-    from ..config.models import RetentionConfig
+
+class RetentionSettings(Protocol):
+    """What the policy reads of the ``retention:`` section
+    (``bridge.config.retention.RetentionConfig``). Not imported, not even for type checks:
+    the config imports this module (durations, rule ids), and policy stays below config."""
+
+    enabled: bool
+    classes: Sequence[Any]
+    dms: Any
+    default: Any
+    adjust_power: int
+    visibility: Any
+    media: Any
+    archive: Any
 
 DM_CLASS = "dm"  # mirrors bridge.config.policy.DM_CLASS (not imported: keeps this pure)
 RETENTION_STATE_TYPE = "m.room.retention"
@@ -180,7 +192,7 @@ class PurgePlan:
 class RetentionPolicy:
     """The ``retention:`` config: periods, adjustments, purge plans. Immutable; reuse it."""
 
-    def __init__(self, config: RetentionConfig):
+    def __init__(self, config: RetentionSettings):
         self.config = config
         self._classes = {c.room_class: (i, c) for i, c in enumerate(config.classes)}
 
