@@ -19,8 +19,6 @@ from bridge.extension import Extension, Plugin, ScheduledJob, discover_extension
 from bridge.matrix.inbox import FunctionHandler
 from bridge.root import Root
 
-CHECKOUT = str(Path(__file__).resolve().parents[2])  # the top folder of the checkout
-
 ROOT = Path(__file__).resolve().parents[2]
 
 POLICY_AND_RETENTION = """\
@@ -158,7 +156,7 @@ async def test_the_root_builds_each_service_once_in_an_explicit_order(
         config_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # the configured handler is named by module path, as an operator's would be: the
     # checkout's top folder must be importable however pytest was started
-    monkeypatch.syspath_prepend(CHECKOUT)
+    monkeypatch.syspath_prepend(str(ROOT))
     loaded = load_config(config_dir(extra=POLICY_AND_RETENTION))
     ext = ThirdPartyBot()
     root = Root(loaded, check_secrets(loaded), extensions=[ext])
