@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.policy.test_purity import ROOT, violations
+from ..policy.test_purity import ROOT, violations
 
 KERNEL_MODULES = sorted((ROOT / "bridge" / "kernel").rglob("*.py"))
 
