@@ -20,6 +20,7 @@ from .directory.build import Debouncer, build_directory_sync
 from .directory.sync import DirectorySync, SyncRefused
 from .matrix.appservice import AppserviceAPI, json_errors
 from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+from .matrix.completeness import CompletenessCheck
 from .matrix.executor import Executor
 from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
 from .metrics import Metrics
@@ -43,6 +44,7 @@ class IdentityState:
 
     homeserver_reachable: bool = False
     homeserver_checked_at: float = 0.0
+    homeserver_error: str | None = None
     bot_ready: bool = False
     admin_ready: bool = False
     admin_problem: str | None = None
@@ -75,6 +77,7 @@ class Services:
     retention: RetentionService | None = None
     # the last scheduled retention run: {"at": ms, "outcome": ..., ...}
     retention_status: dict[str, Any] = field(default_factory=dict)
+    completeness: CompletenessCheck | None = None
 
     @property
     def config(self) -> Any:
@@ -237,15 +240,23 @@ async def _homeserver_ok(svc: Services) -> bool:
     ident = svc.identity
     if time.monotonic() - ident.homeserver_checked_at < 5:
         return ident.homeserver_reachable
+    error: str | None = None
     try:
         async with svc.session.get(
             svc.client.base_url + "/_matrix/client/versions",
             timeout=aiohttp.ClientTimeout(total=2),
         ) as resp:
             ok = resp.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        ok = False
+            if not ok:
+                error = f"GET /_matrix/client/versions answered {resp.status}"
+    except TimeoutError:
+        ok, error = False, "no answer within 2 s"
+    except (aiohttp.ClientError, OSError) as e:
+        ok, error = False, f"{type(e).__name__}: {e}"
     ident.homeserver_reachable, ident.homeserver_checked_at = ok, time.monotonic()
+    ident.homeserver_error = error
+    if not ok and svc.completeness is not None:
+        svc.completeness.homeserver_unreachable()
     return ok
 
 
@@ -395,6 +406,13 @@ async def build_app(
         if svc.separation is not None:
             svc.separation.creation_state = retention.creation_state
 
+    if cfg.inbox.completeness.enabled:
+        svc.completeness = check = CompletenessCheck(
+            store, client, metrics, admin_user_id=cfg.admin_user_id,
+            bound_seconds=cfg.inbox.completeness.bound_seconds, clock_ms=clock_ms,
+            on_recovered=inbox.notify, admin_ready=lambda: svc.identity.admin_ready)
+        client.on_unreachable = check.homeserver_unreachable
+
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
         try:
@@ -405,13 +423,16 @@ async def build_app(
         return {
             "ready": store_ok and hs_ok,
             "store": {"ok": store_ok, "error": store_err, "engine": store.dialect},
-            "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url},
+            "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url,
+                           "error": None if hs_ok else svc.identity.homeserver_error},
             "bot": svc.identity.bot_ready,
             "admin": {"ok": svc.identity.admin_ready, "problem": svc.identity.admin_problem},
             "directory": svc.directory_status if svc.directory is not None else None,
             "separation": svc.separation_status if svc.separation is not None else None,
             "retention": svc.retention_status if svc.retention is not None else None,
             "cluster": leadership.status(),
+            "completeness": (svc.completeness.status() if svc.completeness is not None
+                             else None),
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -543,7 +564,19 @@ async def build_app(
         leadership.on_deposed.append(stop_inbox)
         stop_watch = await store.watch_journal(inbox.notify)
         await leadership.start()
+        checking: asyncio.Task[None] | None = None
+        if svc.completeness is not None:
+            check = svc.completeness
+
+            async def check_while_leading() -> None:
+                await check.run_forever(svc.bootstrapped.wait)
+
+            checking = asyncio.create_task(leadership.while_leader(check_while_leading),
+                                           name="completeness-check")
         yield
+        if checking is not None:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
         await leadership.stop()
         await stop_watch()
 

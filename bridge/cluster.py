@@ -30,6 +30,10 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 LEADER_LEASE = "leader"
+# store component and key prefix: a replica's pid namespace (by name), to judge whether
+# it died
+COMPONENT = "cluster"
+PIDNS_KEY = "pidns:"
 # the leader steps down when its last successful renewal is older than this part of the ttl
 STEP_DOWN_FRACTION = 0.75
 
@@ -37,6 +41,39 @@ STEP_DOWN_FRACTION = 0.75
 def replica_name(configured: str | None) -> str:
     """The name this process goes by in leases, logs and ``/ready``."""
     return configured or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace (``/proc/self/ns/pid``), or None where unreadable."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def dead_local_owner(owner: str, owner_pidns: str | None, *, hostname: str, my_pid: int,
+                     my_pidns: str | None, alive: Callable[[int], bool] = pid_alive) -> bool:
+    """Whether lease ``owner`` is a default-named replica (``host:pid``) of THIS machine
+    whose process is gone: same host name, same pid namespace (recorded when it was
+    elected; replicas in other containers that share a host name are never judged), and
+    no process with its pid. Such a holder cannot renew: its lease may be taken at once."""
+    host, sep, pid_s = owner.rpartition(":")
+    if not sep or host != hostname or not pid_s.isdigit():
+        return False
+    pid = int(pid_s)
+    if pid == my_pid or my_pidns is None or owner_pidns != my_pidns:
+        return False
+    return not alive(pid)
 
 
 class Leadership:
@@ -144,8 +181,36 @@ class Leadership:
         if self._on_change is not None:
             self._on_change(leader)
 
+    async def _take_over_from_dead_local(self) -> None:
+        """A process restarted after a crash under a new default name (``host:pid``) takes
+        the lease of its dead predecessor on the same machine at once instead of waiting
+        out the ttl (with nothing processed meanwhile)."""
+        try:
+            holder = await self.store.lease_holder(LEADER_LEASE)
+            if holder is None or holder[0] == self.owner:
+                return
+            dead = holder[0]
+            recorded = await self.store.component_get(COMPONENT, PIDNS_KEY + dead)
+            if not dead_local_owner(dead, recorded, hostname=socket.gethostname(),
+                                    my_pid=os.getpid(), my_pidns=pid_namespace()):
+                return
+            if await self.store.take_over_lease(LEADER_LEASE, dead, self.owner,
+                                                self.clock_ms(), self.ttl_ms):
+                log.warning("replica %s takes the leader lease of %s at once: that process "
+                            "of this machine is gone", self.name, dead)
+                await self.store.component_delete(COMPONENT, PIDNS_KEY + dead)
+        except Exception as e:  # the normal campaign still runs
+            log.warning("could not check the leader lease's holder: %s", e)
+
     async def start(self) -> None:
         """First attempt now (so start-up knows its role), then every sixth of the ttl."""
+        if not self.exclusive:
+            ns = pid_namespace()
+            if ns is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.component_put(COMPONENT, PIDNS_KEY + self.owner, ns,
+                                                   self.clock_ms())
+            await self._take_over_from_dead_local()
         await self.campaign_once()
         self._task = asyncio.create_task(self._run(), name="leader-campaign")
 
@@ -167,6 +232,9 @@ class Leadership:
                 if not self.exclusive:
                     with contextlib.suppress(Exception):
                         await self.store.release_lease(LEADER_LEASE, self.owner)
+            if not self.exclusive:
+                with contextlib.suppress(Exception):
+                    await self.store.component_delete(COMPONENT, PIDNS_KEY + self.owner)
 
     async def while_leader(self, work: Callable[[], Awaitable[Any]],
                            on_stop: Callable[[], Awaitable[None]] | None = None) -> None:

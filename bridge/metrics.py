@@ -74,3 +74,15 @@ class Metrics:
             "enclave_gate_decide_seconds", "Time to decide one gate check",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1),
             registry=r)
+        self.events_recovered = Counter(
+            "enclave_events_recovered", "Events the homeserver has but never pushed, put into "
+            "the inbox by the completeness check, by cause (homeserver_restart, "
+            "enclave_downtime, not_pushed)", ["cause"], registry=r)
+        self.completeness_gap = Gauge(
+            "enclave_completeness_oldest_gap_seconds",
+            "Age of the oldest event the homeserver had and the inbox did not, at the last "
+            "completeness check (0: none)", registry=r)
+        self.completeness_lag = Gauge(
+            "enclave_completeness_lag_seconds",
+            "Seconds since the start of the last complete completeness check (events newer "
+            "than that are not verified yet)", registry=r)

@@ -128,6 +128,19 @@ class DatabaseConfig(StrictModel):
         return v
 
 
+class CompletenessConfig(StrictModel):
+    """The completeness check (README, "Nothing silently lost"): the leader reads every
+    room's new events through the homeserver's admin API and puts into the inbox what the
+    appservice push never delivered."""
+
+    enabled: bool = Field(True, description="Needs Synapse's admin API (Enclave's admin "
+                                            "identity); off for other homeservers")
+    bound_seconds: float = Field(
+        60.0, ge=3, le=3600,
+        description="Every event processed within this many seconds of its creation while "
+                    "Enclave and the homeserver run: recover after a sixth, check every third")
+
+
 class InboxConfig(StrictModel):
     room_concurrency: int = Field(16, ge=1, le=1000)
     batch_size: int = Field(500, ge=1, le=10000)
@@ -139,9 +152,12 @@ class InboxConfig(StrictModel):
         description="Extra handler factories as 'module:callable' (extension point)",
     )
     recovery_sweeps_seconds: list[float] = Field(
-        default_factory=lambda: [30.0, 300.0],
-        description="After start-up, make the homeserver re-run its recovery at these delays",
+        default_factory=list,
+        description="After start-up, make the homeserver re-run its recovery at these delays "
+                    "(for homeservers without Synapse's admin API; the completeness check "
+                    "replaces them)",
     )
+    completeness: CompletenessConfig = CompletenessConfig()
 
     @field_validator("recovery_sweeps_seconds")
     @classmethod

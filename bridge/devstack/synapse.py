@@ -594,6 +594,17 @@ class SynapseServer:
         if proc is not None:
             _terminate(proc, timeout)
 
+    def kill(self) -> None:
+        """SIGKILL Synapse's process group (a crash: nothing is flushed) and reap it."""
+        proc, finalizer = self._proc, self._finalizer
+        self._proc = self._finalizer = None
+        if finalizer is not None:
+            finalizer.detach()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
     def restart(self) -> None:
         """Stop and start again on the same port, database and base directory."""
         self.stop()

@@ -58,6 +58,7 @@ class MatrixClient:
         timeout: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_rate_limited: Callable[[], None] | None = None,
+        on_unreachable: Callable[[], None] | None = None,
     ):
         self._session = session
         self.base_url = base_url.rstrip("/")
@@ -68,6 +69,10 @@ class MatrixClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._sleep = sleep
         self._on_rate_limited = on_rate_limited
+        # told of every connection failure (the completeness check dates homeserver outages)
+        self.on_unreachable = on_unreachable
+        self._sync_nonce = 0
+        self._sync_salt = f"{random.getrandbits(48):x}"  # differs per process
         self._sessions: dict[str, str] = {}
 
     @property
@@ -110,6 +115,8 @@ class MatrixClient:
                     status = resp.status
                     retry_after_header = resp.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if self.on_unreachable is not None:
+                    self.on_unreachable()
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path}: {type(e).__name__}: {e}") from e
                 delay = self._backoff(attempt)
@@ -146,6 +153,24 @@ class MatrixClient:
         return base * (0.75 + random.random() / 2)  # jitter so replicas do not stampede
 
     # -- client-server API ---------------------------------------------------------------
+    async def room_stream_position(self, user_id: str) -> str | None:
+        """The homeserver's current position in its stream of room events (all rooms), from
+        an empty ``/sync`` as ``user_id``: the first part of ``next_batch``. It moves
+        whenever any room gets an event; None if the answer has no token. ``user_id`` must
+        not be the appservice's sender: Synapse refuses it /sync."""
+        # The nonce makes each request new to Synapse's sync response cache (keyed by the
+        # filter among others, kept 2 minutes): a cached answer would show an old position.
+        self._sync_nonce += 1
+        nonce = f"{self._sync_salt}-{self._sync_nonce}"
+        empty = orjson.dumps({"room": {"rooms": []}, "presence": {"types": []},
+                              "account_data": {"types": []},
+                              "org.enclave.nonce": nonce}).decode()
+        body = await self.request("GET", "/_matrix/client/v3/sync", user_id=user_id,
+                                  query={"timeout": "0", "filter": empty,
+                                         "set_presence": "offline"})
+        token = body.get("next_batch") if isinstance(body, dict) else None
+        return token.split("_", 1)[0] if isinstance(token, str) and token else None
+
     async def versions(self) -> dict[str, Any]:
         return await self.request("GET", "/_matrix/client/versions", auth=False)
 

@@ -829,7 +829,7 @@ async def _rows(store: Store, room_id: str, *, senders: Sequence[str] | None,
     while True:
         page = await store.archive_query(
             room_id=room_id, senders=senders, since_ms=since_ms, until_ms=until_ms,
-            include_purged=True, after=after, limit=PAGE,
+            include_purged=True, after=after, limit=PAGE, archive_order=True,
         )
         out.extend(page)
         if len(page) < PAGE:
@@ -911,10 +911,13 @@ async def export_archive(
 ) -> ExportReport:
     """Export the selected archived events to ``out_dir`` (which must be empty or absent).
 
-    Rooms are exported in room id order, each room's events in archive order
-    (ts, segment, line). Display names and the room name come from all of the room's
-    archived member/name events, also those outside the selection. Media of selected events
-    is copied when the archive holds it (verified against its SHA-256)."""
+    Rooms are exported in room id order, each room's events in archive order: the order
+    of the room's hash chain (segment, line), i.e. the order Enclave received and archived
+    them, which ``archive verify`` proves. Not by ``origin_server_ts``: that is the
+    sending server's clock, which can be wrong or forged. Display names and the room name
+    come from all of the room's archived member/name events, also those outside the
+    selection. Media of selected events is copied when the archive holds it (verified
+    against its SHA-256)."""
     unknown = set(req.formats) - FORMATS
     if unknown or not req.formats:
         raise ValueError(f"unknown export formats {sorted(unknown)}; use {sorted(FORMATS)}")

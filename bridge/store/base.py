@@ -340,6 +340,17 @@ class Store(ABC):
         """
 
     @abstractmethod
+    async def inbox_known(self, event_ids: Sequence[str]) -> set[str]:
+        """The ids among ``event_ids`` that are already in the inbox (any status)."""
+
+    @abstractmethod
+    async def save_recovered(self, txn_id: str, events: Sequence[NewEvent],
+                             audit: AuditRecord, now_ms: int) -> int:
+        """Put events the homeserver never pushed into the inbox, with their audit record,
+        in one commit; an event id already there is skipped. Returns how many went in
+        (the audit record is written only when some did)."""
+
+    @abstractmethod
     async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
         """Pending events, oldest first, of rooms whose oldest pending event is due."""
 
@@ -482,6 +493,16 @@ class Store(ABC):
     async def release_lease(self, name: str, owner: str) -> None:
         """Give the lease up if ``owner`` holds it."""
 
+    @abstractmethod
+    async def lease_holder(self, name: str) -> tuple[str, int] | None:
+        """``(owner, expires_at)`` of lease ``name``, or None when nobody holds it."""
+
+    @abstractmethod
+    async def take_over_lease(self, name: str, dead_owner: str, owner: str, now_ms: int,
+                              ttl_ms: int) -> bool:
+        """Give lease ``name`` to ``owner`` if ``dead_owner`` still holds it (expired or
+        not); True if ``owner`` now holds it. Only for a holder known to be dead."""
+
     async def watch_journal(self, on_append: Callable[[], None]) -> Callable[[], Awaitable[None]]:
         """Call ``on_append`` when another process journals a transaction; return a stopper.
 
@@ -620,12 +641,14 @@ class Store(ABC):
         since_ms: int | None = None, until_ms: int | None = None,
         include_purged: bool = True,
         after: tuple[int, str, int] | tuple[int, str, int, str] | None = None,
-        limit: int = 10000,
+        limit: int = 10000, archive_order: bool = False,
     ) -> list[ArchivedEvent]:
         """Indexed events in (ts, segment, line, room id) order; since/until inclusive.
 
         ``after``: keyset paging from the last row of the previous page, (ts, segment,
-        line) within one room, (ts, segment, line, room id) across rooms."""
+        line) within one room, (ts, segment, line, room id) across rooms.
+        ``archive_order`` (one room only): in the order of the room's archive, i.e. its hash
+        chain (segment, line), and ``after`` is (0, segment, line)."""
 
     @abstractmethod
     async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,

@@ -308,6 +308,48 @@ class SQLStore(Store):
         counts = await self.db.batch(steps, require_first=True)
         return counts[0] != 0
 
+    async def inbox_known(self, event_ids: Sequence[str]) -> set[str]:
+        ids = list(dict.fromkeys(event_ids))
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            rows = await self.db.fetch(
+                "SELECT event_id FROM inbox WHERE event_id IN ("
+                + ", ".join("?" * len(part)) + ")", *part)
+            known.update(r[0] for r in rows)
+        return known
+
+    async def save_recovered(self, txn_id: str, events: Sequence[NewEvent],
+                             audit: AuditRecord, now_ms: int) -> int:
+        async with self.db.transaction() as c:
+            ids = [e.event_id for e in events if e.event_id]
+            known: set[str] = set()
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                rows = await c.fetch("SELECT event_id FROM inbox WHERE event_id IN ("
+                                     + ", ".join("?" * len(part)) + ")", *part)
+                known.update(r[0] for r in rows)
+            new = [e for e in dict((e.event_id, e) for e in events).values()
+                   if e.event_id and e.event_id not in known]
+            if not new:
+                return 0
+            await c.execute(
+                "INSERT INTO transactions (txn_id, received_at, event_count, quarantined) "
+                "VALUES (?, ?, ?, 0) ON CONFLICT (txn_id) DO NOTHING",
+                txn_id, now_ms, len(new))
+            # one statement per row: the inbox seq follows the given (room) order
+            for e in new:
+                await c.execute(
+                    "INSERT INTO inbox (txn_id, event_id, room_id, kind, type, sender, "
+                    "origin_server_ts, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    txn_id, e.event_id, e.room_id, e.kind, e.type, e.sender,
+                    e.origin_server_ts, e.body, now_ms)
+            await c.execute(
+                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                *_audit_row(audit))
+            return len(new)
+
     async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
         # A room whose head event waits for a retry blocks the rest of that room only.
         rows = await self.db.fetch(
@@ -639,6 +681,17 @@ class SQLStore(Store):
         await self.db.batch([(
             "DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner), False)])
 
+    async def lease_holder(self, name: str) -> tuple[str, int] | None:
+        rows = await self.db.fetch("SELECT owner, expires_at FROM leases WHERE name = ?", name)
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    async def take_over_lease(self, name: str, dead_owner: str, owner: str, now_ms: int,
+                              ttl_ms: int) -> bool:
+        counts = await self.db.batch([(
+            "UPDATE leases SET owner = ?, expires_at = ? WHERE name = ? AND owner = ?",
+            (owner, now_ms + ttl_ms, name, dead_owner), False)])
+        return counts[0] == 1
+
 
     # -- announcements -------------------------------------------------------------------
     _OCC_COLS = ("announcement_id, occurrence_id, kind, spec, status, scheduled_at,"
@@ -931,8 +984,10 @@ class SQLStore(Store):
         since_ms: int | None = None, until_ms: int | None = None,
         include_purged: bool = True,
         after: tuple[int, str, int] | tuple[int, str, int, str] | None = None,
-        limit: int = 10000,
+        limit: int = 10000, archive_order: bool = False,
     ) -> list[ArchivedEvent]:
+        if archive_order and room_id is None:
+            raise ValueError("archive order is a room's order: give room_id")
         where: list[str] = []
         args: list[Any] = []
         if room_id is not None:
@@ -953,16 +1008,20 @@ class SQLStore(Store):
             where.append("purged_at IS NULL")
         if after is not None:
             # row values: SQLite >= 3.15 and PostgreSQL compare them lexicographically
-            if len(after) == 4:
+            if archive_order:
+                where.append("(segment, line) > (?, ?)")
+                args.extend(after[1:3])
+            elif len(after) == 4:
                 where.append("(ts, segment, line, room_id) > (?, ?, ?, ?)")
             else:
                 where.append("(ts, segment, line) > (?, ?, ?)")
-            args.extend(after)
+            if not archive_order:
+                args.extend(after)
         sql = f"SELECT {self._AEV_COLS} FROM archive_events"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = await self.db.fetch(sql + " ORDER BY ts, segment, line, room_id LIMIT ?",
-                                   *args, limit)
+        order = "segment, line" if archive_order else "ts, segment, line, room_id"
+        rows = await self.db.fetch(sql + f" ORDER BY {order} LIMIT ?", *args, limit)
         return [ArchivedEvent(*tuple(r)) for r in rows]
 
     async def archive_timestamps(self, room_id: str, *, unpurged_only: bool = True,

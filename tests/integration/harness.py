@@ -349,6 +349,29 @@ class Stack:
                 out.append((txn_id, eid, sender[0][0] if sender else "?"))
         return out
 
+    def stored_for_appservice(self) -> list[str]:
+        """Event ids Synapse keeps in stored appservice transactions (to be sent by its
+        recoverer; stranded if the appservice is marked up)."""
+        out: list[str] = []
+        for (event_ids,) in self._hs_db(
+                "SELECT event_ids FROM application_services_txns WHERE as_id = ?",
+                APPSERVICE_ID):
+            out.extend(json.loads(event_ids))
+        return out
+
+    def set_as_state_up(self) -> None:
+        """With Synapse stopped: mark Enclave up in its database, so no recoverer sends
+        the stored transactions at the next start (the state Synapse's recovery race
+        leaves behind: a stranded transaction)."""
+        assert not self.synapse.running, "stop Synapse first"
+        db = sqlite3.connect(self.synapse.base_dir / "homeserver.db", timeout=10)
+        try:
+            db.execute("UPDATE application_services_state SET state = 'up' WHERE as_id = ?",
+                       (APPSERVICE_ID,))
+            db.commit()
+        finally:
+            db.close()
+
     def stranded_report(self) -> str:
         user_events = [s for s in self.stranded() if s[2] != self.bot_user_id]
         if not user_events:

@@ -64,7 +64,16 @@ async def test_metrics_and_readiness_follow_the_homeserver(
     staff.append(erin)
     created = await erin.room_create(name="metrics")
     assert isinstance(created, nio.RoomCreateResponse), created
-    await enclave.wait_idle(min_applied=0)
+
+    async def room_in_and_idle() -> bool:
+        # a room creation is ≥ 5 events, pushed in one or more transactions: wait for all
+        # of them, not for the first moment nothing is pending
+        m = await enclave.metrics()
+        return (metric(m, "enclave_inbox_events", status="done") >= 5
+                and metric(m, "enclave_inbox_events", status="pending") == 0)
+
+    await wait_until(room_in_and_idle, within=30, what="the new room's events processed",
+                     describe=enclave.describe)
 
     async with aiohttp.ClientSession() as s, s.get(enclave.base_url + "/metrics") as resp:
         assert resp.status == 200
@@ -101,6 +110,8 @@ async def test_metrics_and_readiness_follow_the_homeserver(
     body = await wait_until(not_ready, within=20, what="/ready to answer 503",
                             describe=enclave.describe)
     assert body["ready"] is False and body["homeserver"]["ok"] is False, body
+    # the homeserver's error is named, not just "not ok"
+    assert "Cannot connect" in (body["homeserver"]["error"] or ""), body
     assert body["store"]["ok"] is True, body
     assert await enclave.get_json("/health") == (200, {"status": "ok"})
     async with aiohttp.ClientSession() as s, s.get(enclave.base_url + "/metrics") as resp:
@@ -109,10 +120,13 @@ async def test_metrics_and_readiness_follow_the_homeserver(
     # And back.
     await asyncio.to_thread(stack.synapse.start)
 
-    async def is_ready() -> bool:
-        status, _ = await enclave.get_json("/ready")
-        return status == 200
+    async def is_ready() -> dict | None:
+        status, body = await enclave.get_json("/ready")
+        return body if status == 200 else None
 
-    await wait_until(is_ready, within=30, what="/ready to answer 200 again",
-                     describe=enclave.describe)
+    body = await wait_until(is_ready, within=30, what="/ready to answer 200 again",
+                            describe=enclave.describe)
+    assert body["homeserver"]["error"] is None, body
+    # the completeness check reports its lag against its bound
+    assert body["completeness"]["bound_seconds"] == 60, body
     assert await enclave.stop() == 0, enclave.describe()

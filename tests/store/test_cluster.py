@@ -4,13 +4,15 @@ single-process lock of a SQLite store."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bridge.cluster import LEADER_LEASE, Leadership
+from bridge.cluster import LEADER_LEASE, Leadership, dead_local_owner, pid_namespace
 from bridge.store.single import SingleProcessLock, StoreInUse
 
 from .conftest import MakeStore
@@ -267,3 +269,54 @@ async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
     # with the lease held elsewhere, a pass does not start at all
     monkeypatch.setattr(fan, "_pass", lambda *a: pytest.fail("delivered beside the holder"))
     assert await fan.deliver(occ) is False
+
+
+@pytest.mark.parametrize(("owner", "recorded_ns", "alive", "expected"), [
+    ("box:4242", "pid:[1]", False, True),     # this machine, same namespace, process gone
+    ("box:4242", "pid:[1]", True, False),     # still running
+    ("box:4242", "pid:[2]", False, False),    # another container sharing the host name
+    ("box:4242", None, False, False),         # namespace never recorded: cannot tell
+    ("other:4242", "pid:[1]", False, False),  # another machine
+    ("box:77", "pid:[1]", False, False),      # this very process
+    ("enclave-0", "pid:[1]", False, False),   # a configured name: never judged
+    ("box:x12", "pid:[1]", False, False),
+])
+def test_dead_local_owner(owner: str, recorded_ns: str | None, alive: bool,
+                          expected: bool) -> None:
+    assert dead_local_owner(owner, recorded_ns, hostname="box", my_pid=77,
+                            my_pidns="pid:[1]", alive=lambda _pid: alive) is expected
+
+
+async def test_restarted_process_takes_its_dead_predecessors_lease_at_once(
+    make_store: MakeStore,
+) -> None:
+    """SIGKILL leaves the lease with ``host:<old pid>``; the process started after it (new
+    pid, default name) leads at once instead of waiting out the ttl."""
+    if pid_namespace() is None:
+        pytest.skip("no /proc/self/ns/pid here")
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await dead.wait()
+    host = socket.gethostname()
+    clock = Clock()
+    first = Leadership(await make_store(), f"{host}:{dead.pid}", clock, 30_000)
+    await first.start()  # records its namespace and leads
+    assert first.is_leader
+    first._task.cancel()  # "SIGKILL": no release, the lease stays for 30 s
+    second = Leadership(await make_store(migrate=False), f"{host}:{os.getpid()}", clock,
+                        30_000)
+    await second.start()
+    try:
+        assert second.is_leader
+    finally:
+        await second.stop()
+    # a live holder of another name is never taken over
+    third = Leadership(await make_store(migrate=False), f"{host}:{os.getpid()}", clock,
+                       30_000)
+    other = Leadership(await make_store(migrate=False), "enclave-1", clock, 30_000)
+    await other.start()
+    await third.start()
+    try:
+        assert other.is_leader and not third.is_leader
+    finally:
+        await third.stop()
+        await other.stop()

@@ -749,3 +749,38 @@ async def test_announcement_sent_failed_acked_reminded(store: Store):
     assert [x.event_id for x in await store.announcement_messages_in_room("!general")] == ["$g"]
     assert (await store.announcement_message("$g")).room_id == "!general"
 
+
+
+async def test_recovered_events_join_the_inbox_once_with_their_audit(store: Store):
+    """The completeness check's write: new events in the given order with ONE audit record,
+    in one commit; an event id already in the inbox (pushed meanwhile) is skipped; nothing
+    new: no audit record either. A push of a recovered event later is dropped."""
+    await store.save_transaction("t1", [ev(1, "!r", event_id="$a")], [], 1000)
+    assert await store.inbox_known(["$a", "$b", "$c"]) == {"$a"}
+    audit = AuditRecord(ts=2000, source="completeness", kind="events_recovered",
+                        outcome="recovered", room_id="!r", rule_id="completeness.recover",
+                        reason="2 events")
+    batch = [ev(1, "!r", event_id="$a"), ev(2, "!r", event_id="$b"),
+             ev(3, "!r", event_id="$c")]
+    n = await store.save_recovered("recovered:x", batch, audit, 2000)
+    assert n == 2
+    assert await store.inbox_known(["$a", "$b", "$c"]) == {"$a", "$b", "$c"}
+    due = await store.fetch_due_events(3000, 10)
+    assert [(e.event_id, e.txn_id) for e in due] == [
+        ("$a", "t1"), ("$b", "recovered:x"), ("$c", "recovered:x")]
+    assert await store.save_recovered("recovered:y", [ev(2, "!r", event_id="$b")], audit, 2500) == 0
+    rows = await store.query_audit(AuditFilter(room_id="!r"))
+    assert [r["kind"] for r in rows] == ["events_recovered"]
+    # the homeserver's push of a recovered event comes late: stored once
+    assert await store.save_transaction("t2", [ev(3, "!r", event_id="$c")], [], 4000)
+    assert len(await store.fetch_due_events(5000, 10)) == 3
+
+
+async def test_lease_take_over_only_from_the_named_holder(store: Store):
+    assert await store.lease_holder("leader") is None
+    assert await store.acquire_lease("leader", "host:1", 1000, 30_000)
+    assert await store.lease_holder("leader") == ("host:1", 31_000)
+    assert not await store.take_over_lease("leader", "host:9", "host:2", 2000, 30_000)
+    assert await store.take_over_lease("leader", "host:1", "host:2", 2000, 30_000)
+    assert await store.lease_holder("leader") == ("host:2", 32_000)
+    assert not await store.acquire_lease("leader", "host:1", 3000, 30_000)

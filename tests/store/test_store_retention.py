@@ -235,3 +235,20 @@ async def test_archive_index_survives_a_restart(make_store: MakeStore) -> None:
     s2 = await make_store()
     assert await s2.archive_head(R1) == head()
     assert await s2.holds() == [hold()]
+
+
+async def test_archive_query_in_archive_order(store: Store) -> None:
+    """One room in the order of its hash chain (segment, line), keyset-paged."""
+    await store.archive_commit([
+        aev(1, ts=NOW + 30, line=1), aev(2, ts=NOW + 10, line=2),
+        aev(3, ts=NOW + 20, segment="seg-000002.jsonl", line=1),
+        aev(4, ts=NOW + 5, segment="seg-000002.jsonl", line=2)], head())
+    rows = await store.archive_query(room_id=R1, archive_order=True)
+    assert [r.event_id for r in rows] == [aev(n).event_id for n in (1, 2, 3, 4)]
+    page1 = await store.archive_query(room_id=R1, archive_order=True, limit=3)
+    last = page1[-1]
+    page2 = await store.archive_query(room_id=R1, archive_order=True,
+                                      after=(last.ts, last.segment, last.line))
+    assert page1 + page2 == rows
+    with pytest.raises(ValueError):
+        await store.archive_query(archive_order=True)

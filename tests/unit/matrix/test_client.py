@@ -215,3 +215,19 @@ async def test_shared_secret_register_mac(fake_hs: FakeHomeserver,
     expected = hmac.new(b"s3cret", b"n0nce\x00adm\x00pw\x00admin", hashlib.sha1).hexdigest()
     assert body["mac"] == expected and body["admin"] is True
     assert "Authorization" not in fake_hs.seen[1].headers
+
+
+async def test_room_stream_position_is_never_a_cached_sync(
+        fake_hs: FakeHomeserver, make_matrix_client: MakeClient) -> None:
+    """Synapse caches a /sync answer for 2 minutes by its request (filter included): each
+    position request must be a new one, or a quiet-looking cached position would hide new
+    events from the completeness check."""
+    fake_hs.on("GET", "/_matrix/client/v3/sync", (200, {"next_batch": "s41_7_0_1"}),
+               (200, {"next_batch": "s42_7_0_1"}))
+    client = make_matrix_client()
+    assert await client.room_stream_position("@admin:x") == "s41"
+    assert await client.room_stream_position("@admin:x") == "s42"
+    filters = [seen.query["filter"] for seen in fake_hs.seen]
+    assert len(set(filters)) == 2
+    assert all(seen.query["user_id"] == "@admin:x" and seen.query["timeout"] == "0"
+               for seen in fake_hs.seen)
