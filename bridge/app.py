@@ -373,7 +373,8 @@ async def build_app(
         on_rate_limited=metrics.rate_limited.inc,
     )
     executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
-                        metrics=metrics)
+                        metrics=metrics,
+                        admin_user_id=cfg.admin_user_id)
     inbox = InboxProcessor(store, executor, [], cfg.inbox, metrics, clock_ms)
     leadership = Leadership(store, replica_name(cfg.cluster.replica_name), clock_ms,
                             cfg.cluster.lease_ttl_seconds * 1000,

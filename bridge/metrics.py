@@ -28,6 +28,9 @@ class Metrics:
             registry=r)
         self.actions = Counter(
             "enclave_actions", "Actions by kind and outcome", ["kind", "outcome"], registry=r)
+        self.resends_avoided = Counter(
+            "enclave_resends_avoided",
+            "Resends skipped: the read-back found the earlier attempt's event", registry=r)
         self.rate_limited = Counter(
             "enclave_homeserver_rate_limited", "429 answers received (and honoured)", registry=r)
         self.inbox_events = Gauge(

@@ -119,7 +119,8 @@ async def standalone_services(loaded: LoadedConfig, secrets: dict[str, Secret], 
                 max_retries=cfg.homeserver.max_retries, timeout=cfg.homeserver.timeout_seconds,
                 on_rate_limited=metrics.rate_limited.inc)
             executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
-                                metrics=metrics)
+                                metrics=metrics,
+                                admin_user_id=cfg.admin_user_id)
             executor.installation_id = iid
             try:
                 yield store, client, executor, metrics

@@ -61,6 +61,12 @@ class MatrixClient:
         on_unreachable: Callable[[], None] | None = None,
     ):
         self._session = session
+        # aiohttp (>= 3.10) silently resends a PUT once when the server closed the
+        # connection without an answer: a resend of a send whose outcome is unknown that
+        # would bypass the read-back before a resend (``before_resend``). Every retry is
+        # made here instead; aiohttp offers no public switch for this.
+        if hasattr(session, "_retry_connection"):
+            session._retry_connection = False
         self.base_url = base_url.rstrip("/")
         self._as_token = as_token
         self.max_retries = max_retries
@@ -91,10 +97,14 @@ class MatrixClient:
         query: dict[str, str] | None = None,
         auth: bool = True,
         access_token: str | None = None,
+        before_resend: Callable[[], Awaitable[Any]] | None = None,
     ) -> Any:
         """Send one request with retries; return the decoded JSON body.
 
-        ``access_token`` replaces the appservice token (a user's own session)."""
+        ``access_token`` replaces the appservice token (a user's own session).
+        ``before_resend`` runs before each resend after an unknown outcome (connection
+        error, timeout, 5xx: the homeserver may have applied it); a non-None result is
+        returned as the body instead of sending again."""
         params = dict(query or {})
         if user_id is not None:
             params["user_id"] = user_id
@@ -105,6 +115,9 @@ class MatrixClient:
             headers["Content-Type"] = "application/json"
         url = self.base_url + path
         attempt = 0
+        # an earlier attempt may have been applied: it got past connecting (the answer was
+        # lost or a 5xx); a refused connection sent nothing and needs no read-back
+        maybe_applied = False
         while True:
             attempt += 1
             try:
@@ -115,6 +128,7 @@ class MatrixClient:
                     status = resp.status
                     retry_after_header = resp.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                maybe_applied = maybe_applied or not isinstance(e, aiohttp.ClientConnectorError)
                 if self.on_unreachable is not None:
                     self.on_unreachable()
                 if attempt > self.max_retries:
@@ -123,6 +137,9 @@ class MatrixClient:
                 log.warning("homeserver unreachable (%s), retry %d in %.1fs", type(e).__name__,
                             attempt, delay)
                 await self._sleep(delay)
+                if (maybe_applied and before_resend is not None
+                        and (found := await before_resend()) is not None):
+                    return found
                 continue
             body = _decode(raw)
             if 200 <= status < 300:
@@ -144,7 +161,10 @@ class MatrixClient:
             if status >= 500:
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path} -> {status} {errcode}: {error}")
+                maybe_applied = True
                 await self._sleep(self._backoff(attempt))
+                if before_resend is not None and (found := await before_resend()) is not None:
+                    return found
                 continue
             raise MatrixRequestError(status, errcode, error, method, path)
 
@@ -212,11 +232,13 @@ class MatrixClient:
     async def send_event(
         self, room_id: str, event_type: str, content: dict[str, Any], txn_id: str,
         *, user_id: str | None = None,
+        before_resend: Callable[[], Awaitable[Any]] | None = None,
     ) -> str:
-        """Send with a caller-chosen transaction id: a retry of the same id is deduplicated."""
+        """Send with a caller-chosen transaction id: a retry of the same id is deduplicated
+        by the same Synapse process (see ``request`` for ``before_resend``)."""
         body = await self.request(
             "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(event_type)}/{q(txn_id)}",
-            json=content, user_id=user_id,
+            json=content, user_id=user_id, before_resend=before_resend,
         )
         return body["event_id"]
 
@@ -466,10 +488,15 @@ class MatrixClient:
         return True
 
     async def redact(self, room_id: str, event_id: str, txn_id: str, *,
-                     user_id: str | None = None, reason: str | None = None) -> str:
+                     user_id: str | None = None, reason: str | None = None,
+                     extra: dict[str, Any] | None = None,
+                     before_resend: Callable[[], Awaitable[Any]] | None = None) -> str:
+        content: dict[str, Any] = dict(extra or {})
+        if reason:
+            content["reason"] = reason
         body = await self.request(
             "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/redact/{q(event_id)}/{q(txn_id)}",
-            json={"reason": reason} if reason else {}, user_id=user_id)
+            json=content, user_id=user_id, before_resend=before_resend)
         return str(body.get("event_id", ""))
 
     async def resolve_alias(self, alias: str) -> str | None:

@@ -23,10 +23,17 @@ from ..policy.actions import (
     SetState,
     action_from_dict,
 )
+from ..policy.resend import ACTION_KEY, decide_resend, read_back_done
 from ..store import AuditRecord, Store, StoredAction
 from .client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 
 log = logging.getLogger(__name__)
+
+# Read-back before a resend: how far back to look. Enclave's clock and the homeserver's
+# may differ a little; the event count bounds the cost in a busy room.
+READ_BACK_MAX_EVENTS = 500
+READ_BACK_PAGE = 100
+READ_BACK_SKEW_MS = 5 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,13 @@ class Executor:
     """Turns :class:`Action` objects into client/admin API calls."""
 
     def __init__(self, client: MatrixClient, store: Store, *, bot_user_id: str,
-                 clock_ms: Callable[[], int], metrics: Metrics):
+                 clock_ms: Callable[[], int], metrics: Metrics,
+                 admin_user_id: str | None = None):
         self.client = client
         self.store = store
         self.bot_user_id = bot_user_id
+        # reads a room's timeline back before a resend (admin API: any room, member or not)
+        self.admin_user_id = admin_user_id or bot_user_id
         self.clock_ms = clock_ms
         self.metrics = metrics
         # Set once the store is open (see app.py). Part of every send's transaction id:
@@ -99,8 +109,62 @@ class Executor:
         prefix = f"{self.installation_id}/" if self.installation_id else ""
         return f"{prefix}action:{action_id}"
 
-    async def apply(self, action: Action, key: str) -> Outcome:
-        """Apply one action. Raises :class:`HomeserverUnavailable` when worth retrying later."""
+    async def _find_sent(self, room: str, event_type: str, key: str, sender: str,
+                         since_ts: int | None) -> str | None:
+        """The id of an event an earlier attempt of ``key`` stored in ``room``, if any.
+
+        Reads backwards from the room's end: back to ``since_ts`` (the first attempt; None
+        when unknown) or at most READ_BACK_MAX_EVENTS events. Raises HomeserverUnavailable
+        when the homeserver cannot answer: the caller must not send blind."""
+        token: str | None = None
+        seen = 0
+        while seen < READ_BACK_MAX_EVENTS:
+            try:
+                events, token = await self.client.admin_room_messages(
+                    room, admin=self.admin_user_id, from_token=token, dir="b",
+                    limit=min(READ_BACK_PAGE, READ_BACK_MAX_EVENTS - seen))
+            except MatrixRequestError as e:
+                # the admin API refused (no admin rights, room unknown): sending again
+                # risks a double, dropping the action would lose it; a double is the lesser
+                log.warning("cannot read %s back before resending %s (%s %s): sending",
+                            room, key, e.status, e.errcode)
+                return None
+            seen += len(events)
+            decision = decide_resend(events, key=key, sender=sender, event_type=event_type)
+            if not decision.resend:
+                self.metrics.resends_avoided.inc()
+                log.warning("not resending %s: %s (%s)", key, decision.reason, decision.rule_id)
+                return decision.event_id
+            if token is None or read_back_done(events, since_ts=since_ts,
+                                               skew_ms=READ_BACK_SKEW_MS):
+                break
+        return None
+
+    async def _send_once(self, room: str, event_type: str, key: str, sender: str,
+                         resend: bool,
+                         send: Callable[[Callable[[], Awaitable[Any]]], Awaitable[str]]) -> str:
+        """Send an event carrying ``key`` exactly once across homeserver restarts.
+
+        Before any resend whose earlier outcome is unknown (``resend``: an earlier run of
+        this action failed without an answer; or the client's own retry after a connection
+        error, timeout or 5xx) the room is read back and an event found there is the
+        answer. A 4xx refusal is a known outcome and never comes here."""
+        since = self.clock_ms()
+
+        async def before_resend() -> dict[str, Any] | None:
+            eid = await self._find_sent(room, event_type, key, sender, since)
+            return {"event_id": eid} if eid else None
+
+        if resend:
+            eid = await self._find_sent(room, event_type, key, sender, None)
+            if eid:
+                return eid
+        return await send(before_resend)
+
+    async def apply(self, action: Action, key: str, *, resend: bool = False) -> Outcome:
+        """Apply one action. Raises :class:`HomeserverUnavailable` when worth retrying later.
+
+        ``resend``: an earlier attempt of this key may have reached the homeserver."""
         c = self.client
         try:
             action = await self._resolve_room(action)
@@ -110,10 +174,17 @@ class Executor:
             actor = action.actor or self.bot_user_id
             match action:
                 case SendEvent():
-                    eid = await c.send_event(action.room, action.event_type, action.content,
-                                             txn_id_for(key), user_id=actor)
+                    ev = action
+                    content = {**ev.content, ACTION_KEY: key}
+                    eid = await self._send_once(
+                        ev.room, ev.event_type, key, actor, resend,
+                        lambda hook: c.send_event(ev.room, ev.event_type, content,
+                                                  txn_id_for(key), user_id=actor,
+                                                  before_resend=hook))
                     return Outcome("applied", eid)
                 case SetState():
+                    # no read-back: Synapse answers a state send identical to the current
+                    # state (same sender, type, key, content) with the existing event
                     eid = await c.send_state(action.room, action.event_type, action.state_key,
                                              action.content, user_id=actor)
                     return Outcome("applied", eid)
@@ -126,8 +197,15 @@ class Executor:
                 case Kick():
                     await c.kick(action.room, action.user, user_id=actor, reason=action.reason)
                 case Redact():
-                    eid = await c.redact(action.room, action.event_id, txn_id_for(key),
-                                         user_id=actor, reason=action.reason)
+                    # a second redaction of the same event is stored as a second
+                    # m.room.redaction event (harmless to the target, but doubled): same
+                    # read-back as a send
+                    rd = action
+                    eid = await self._send_once(
+                        rd.room, "m.room.redaction", key, actor, resend,
+                        lambda hook: c.redact(rd.room, rd.event_id, txn_id_for(key),
+                                              user_id=actor, reason=rd.reason,
+                                              extra={ACTION_KEY: key}, before_resend=hook))
                     return Outcome("applied", eid)
                 case _:
                     return Outcome("failed", f"no executor for action kind {action.kind!r}")
@@ -166,7 +244,10 @@ class Executor:
             return True
         attempts = stored.attempts + 1
         try:
-            outcome = await self.apply(action, self.action_key(stored.id))
+            # attempts > 0: an earlier run ended without a final answer (homeserver
+            # unavailable, or a crash recorded as such), so it may have been applied
+            outcome = await self.apply(action, self.action_key(stored.id),
+                                       resend=stored.attempts > 0)
         except Exception as e:
             # HomeserverUnavailable, or anything unexpected (e.g. a 200 without the
             # event_id we read): retry later with the same key, park after max_attempts.

@@ -112,8 +112,8 @@ async def test_connection_error_then_recovery(fake_hs: FakeHomeserver,
                                               sleeps: Sleeps) -> None:
     fake_hs.on("GET", PATH, DROP, DROP, OK)  # the connection is cut twice, then it answers
     assert await make_matrix_client().whoami() == {"user_id": "@enclave:x"}
-    # aiohttp itself may retry a dropped keep-alive connection once without our backoff
-    assert 1 <= len(sleeps) <= 2
+    # every resend is ours, with backoff (aiohttp's own hidden resend is switched off)
+    assert len(sleeps) == 2
     assert all(0.375 <= d <= 1.25 for d in sleeps)
     assert len(fake_hs.seen) == 3
 
@@ -231,3 +231,47 @@ async def test_room_stream_position_is_never_a_cached_sync(
     assert len(set(filters)) == 2
     assert all(seen.query["user_id"] == "@admin:x" and seen.query["timeout"] == "0"
                for seen in fake_hs.seen)
+
+
+@pytest.mark.parametrize(
+    ("replies", "reads", "sent", "answer"),
+    [
+        # the answer lost: read back before the resend; found -> no second send
+        ([DROP, (200, {"event_id": "$2"})], [{"event_id": "$1"}], 1, "$1"),
+        # read back, nothing there -> resend
+        ([DROP, (200, {"event_id": "$2"})], [None], 2, "$2"),
+        # a 5xx may have been applied too
+        ([(502, {}), (200, {"event_id": "$2"})], [None], 2, "$2"),
+        # a 4xx-free first answer: no read-back at all
+        ([(200, {"event_id": "$1"})], [], 1, "$1"),
+    ],
+    ids=["dropped-found", "dropped-not-found", "5xx", "answered"],
+)
+async def test_before_resend_runs_before_each_resend_of_an_unknown_outcome(
+    fake_hs: FakeHomeserver, make_matrix_client: MakeClient, replies: list[Any],
+    reads: list[Any], sent: int, answer: str,
+) -> None:
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", *replies)
+    asked: list[int] = []
+    answers = list(reads)
+
+    async def before_resend() -> Any:
+        asked.append(1)
+        return answers.pop(0)
+
+    eid = await make_matrix_client().send_event("!r", "m.notice", {}, "t1",
+                                                before_resend=before_resend)
+    assert (eid, len(fake_hs.seen), len(asked)) == (answer, sent, len(reads))
+
+
+async def test_refused_connection_needs_no_read_back(make_matrix_client: MakeClient) -> None:
+    # nothing reached the homeserver: no read-back (it would only wait on the same outage)
+    client = make_matrix_client(base_url=f"http://127.0.0.1:{closed_port()}", max_retries=2)
+    asked: list[int] = []
+
+    async def before_resend() -> Any:
+        asked.append(1)
+
+    with pytest.raises(HomeserverUnavailable):
+        await client.send_event("!r", "m.notice", {}, "t1", before_resend=before_resend)
+    assert asked == []

@@ -10,7 +10,8 @@ import pytest
 from bridge.matrix.client import MatrixClient
 from bridge.matrix.executor import Executor, txn_id_for
 from bridge.metrics import Metrics
-from bridge.policy.actions import Action, Invite, Join, Kick, Leave, SendEvent, SetState
+from bridge.policy.actions import Action, Invite, Join, Kick, Leave, Redact, SendEvent, SetState
+from bridge.policy.resend import ACTION_KEY
 from bridge.store import AuditFilter, NewEvent, Store, StoredAction
 
 from .conftest import FakeHomeserver, MakeClient
@@ -54,7 +55,7 @@ KICK = Kick(rule_id="separation.external", reason="not directory staff", room="!
         pytest.param(SendEvent(rule_id="r", reason="x", room="!r", event_type="m.room.message",
                                content={"body": "hi"}),
                      "PUT", "/_matrix/client/v3/rooms/!r/send/m.room.message/", BOT,
-                     {"body": "hi"}, id="send"),
+                     {"body": "hi", ACTION_KEY: "action:1"}, id="send"),
         pytest.param(SetState(rule_id="r", reason="x", room="!r", event_type="m.room.topic",
                               content={"topic": "t"}, actor="@alice:corp.example.com"),
                      "PUT", "/_matrix/client/v3/rooms/!r/state/m.room.topic/",
@@ -108,6 +109,7 @@ async def test_send_txn_id_is_stable_per_action(fake_hs: FakeHomeserver, store: 
                                                 executor: Executor) -> None:
     fake_hs.on("PUT", "/_matrix/client/v3/rooms/", SERVER_ERROR, (200, {"event_id": "$1"}),
                (200, {"event_id": "$2"}))
+    fake_hs.on("GET", "/_synapse/admin/v1/rooms/!r/messages", (200, {"chunk": []}))
     send = SendEvent(rule_id="r", reason="x", room="!r", event_type="m.notice")
     first, second = await stored(store, send, send)
     assert await executor.run_stored(first, max_attempts=5) is False  # 502: stays pending
@@ -115,7 +117,7 @@ async def test_send_txn_id_is_stable_per_action(fake_hs: FakeHomeserver, store: 
     assert again.id == first.id and again.attempts == 1
     assert await executor.run_stored(again, max_attempts=5) is True
     assert await executor.run_stored(second, max_attempts=5) is True
-    txns = [s.path.rsplit("/", 1)[1] for s in fake_hs.seen]
+    txns = [s.path.rsplit("/", 1)[1] for s in fake_hs.seen if s.method == "PUT"]
     assert txns[0] == txns[1] == txn_id_for(f"action:{first.id}")
     assert txns[2] == txn_id_for(f"action:{second.id}") != txns[0]
 
@@ -247,3 +249,114 @@ def test_action_key_differs_between_installations() -> None:
     assert a.action_key(7) != b.action_key(7)
     assert txn_id_for(a.action_key(7)) != txn_id_for(b.action_key(7))
     assert a.action_key(7) == a.action_key(7)
+
+
+# -- exactly once across a homeserver restart: read back before a resend ----------------
+
+DROP = (0, {})  # the fake cuts the connection: the answer is lost, the outcome unknown
+MESSAGES = "/_synapse/admin/v1/rooms/!r/messages"
+ADMIN = "@admin:corp.example.com"
+
+
+def stored_event(key: str, *, sender: str = BOT, event_type: str = "m.notice",
+                 event_id: str = "$first") -> dict[str, Any]:
+    return {"type": event_type, "sender": sender, "event_id": event_id,
+            "origin_server_ts": NOW, "content": {"body": "hi", ACTION_KEY: key}}
+
+
+def puts(fake_hs: FakeHomeserver) -> list[str]:
+    return [s.path for s in fake_hs.seen if s.method == "PUT"]
+
+
+@pytest.mark.parametrize("retries", [0, 2], ids=["next-attempt", "client-retry"])
+async def test_resend_after_lost_answer_finds_the_event_and_does_not_send_again(
+    fake_hs: FakeHomeserver, store: Store, make_matrix_client: MakeClient, retries: int,
+) -> None:
+    # the homeserver stored the event, then restarted before answering (its in-memory
+    # transaction ids are gone: a second PUT would store a second event, "$second")
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", DROP, (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, (200, {"chunk": [
+        stored_event("action:1", event_id="$first"), {"type": "m.room.message"}],
+        "end": "t1"}))
+    ex = Executor(make_matrix_client(max_retries=retries), store, bot_user_id=BOT,
+                  clock_ms=lambda: NOW, metrics=Metrics(), admin_user_id=ADMIN)
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice", content={"body": "hi"}))
+    if retries == 0:  # the first run ends without an answer; the next one reads back
+        assert await ex.run_stored(sa, max_attempts=5) is False
+        (sa,) = await store.pending_actions(None, 10)
+    assert await ex.run_stored(sa, max_attempts=5) is True
+    assert len(puts(fake_hs)) == 1, "sent again although the event is in the room"
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["outcome"], rec["detail"]) == ("applied", "$first")
+    read = next(s for s in fake_hs.seen if s.method == "GET")
+    assert (read.query["dir"], read.query["user_id"]) == ("b", ADMIN)
+    assert ex.metrics.resends_avoided._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    "found",
+    [pytest.param([], id="nothing-there"),
+     pytest.param([stored_event("action:1", sender="@mallory:corp.example.com")],
+                  id="someone-else-forged-the-key"),
+     pytest.param([stored_event("action:2")], id="another-action"),
+     pytest.param([stored_event("action:1", event_type="m.room.message")], id="other-type")],
+)
+async def test_resend_when_the_read_back_finds_no_earlier_attempt(
+    fake_hs: FakeHomeserver, store: Store, make_matrix_client: MakeClient,
+    found: list[dict[str, Any]],
+) -> None:
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", DROP, (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, (200, {"chunk": found}))
+    ex = Executor(make_matrix_client(max_retries=1), store, bot_user_id=BOT,
+                  clock_ms=lambda: NOW, metrics=Metrics())
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice"))
+    assert await ex.run_stored(sa, max_attempts=5) is True
+    assert len(puts(fake_hs)) == 2
+    (rec,) = await store.query_audit(AuditFilter())
+    assert rec["detail"] == "$second"
+
+
+async def test_refused_send_is_not_read_back(fake_hs: FakeHomeserver, store: Store,
+                                            executor: Executor) -> None:
+    # a 4xx is a known outcome (nothing stored): no read-back, no resend
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/",
+               (403, {"errcode": "M_FORBIDDEN", "error": "not in room"}))
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice"))
+    assert await executor.run_stored(sa, max_attempts=5) is True
+    assert [s.method for s in fake_hs.seen] == ["PUT"]
+
+
+async def test_read_back_unavailable_keeps_the_action_pending(
+    fake_hs: FakeHomeserver, store: Store, executor: Executor,
+) -> None:
+    # the homeserver answers nothing at all: neither send blind nor give up
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", DROP, (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, SERVER_ERROR)
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice"))
+    assert await executor.run_stored(sa, max_attempts=5) is False
+    (sa,) = await store.pending_actions(None, 10)
+    assert await executor.run_stored(sa, max_attempts=5) is False
+    assert len(puts(fake_hs)) == 1
+    assert await action_status(store) == {"pending": 1}
+
+
+async def test_redaction_resend_finds_the_earlier_redaction(
+    fake_hs: FakeHomeserver, store: Store, make_matrix_client: MakeClient,
+) -> None:
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", DROP, (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, (200, {"chunk": [
+        {**stored_event("action:1", event_type="m.room.redaction", event_id="$red"),
+         "redacts": "$bad"}]}))
+    ex = Executor(make_matrix_client(max_retries=1), store, bot_user_id=BOT,
+                  clock_ms=lambda: NOW, metrics=Metrics())
+    (sa,) = await stored(store, Redact(rule_id="r", reason="spam", room="!r",
+                                       event_id="$bad"))
+    assert await ex.run_stored(sa, max_attempts=5) is True
+    (put,) = [s for s in fake_hs.seen if s.method == "PUT"]
+    assert put.body == {"reason": "spam", ACTION_KEY: "action:1"}
+    (rec,) = await store.query_audit(AuditFilter())
+    assert rec["detail"] == "$red"
