@@ -7,7 +7,7 @@
 Everything is fresh per run: a private slapd loaded with ``generate_directory_ldif`` (N
 people, D departments), a Synapse on a fresh PostgreSQL database on 127.0.0.1:5432 (dropped at
 the end) that knows Enclave's registration, and Enclave's store on SQLite in a temp dir. The
-sync is Enclave's own :class:`DirectorySync` (the CLI's ``standalone_sync``), in this process.
+sync is Enclave's own :class:`DirectorySync` (built by the CLI's composition root), in this process.
 
 Three runs, each timed end to end (read LDAP, read the homeserver, diff, apply):
 
@@ -56,7 +56,6 @@ sys.path.insert(0, str(REPO))
 
 from _common import git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
 
-from bridge.app import build_store, wall_clock_ms  # noqa: E402
 from bridge.config import check_secrets, load_config  # noqa: E402
 from bridge.devstack.slapd import (  # noqa: E402
     SlapdServer,
@@ -65,8 +64,8 @@ from bridge.devstack.slapd import (  # noqa: E402
 )
 from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
 from bridge.directory import sync as sync_mod  # noqa: E402
-from bridge.directory.build import standalone_sync  # noqa: E402
 from bridge.directory.sync import DirectorySync, SyncResult  # noqa: E402
+from bridge.root import Root  # noqa: E402
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SERVER_NAME = "corp.test"
@@ -311,7 +310,7 @@ class BenchStack:
                  "inhibit_login": True}, as_token)
         # Enclave's store, migrated (the CLI's path)
         loaded = load_config(self.config)
-        store = build_store(loaded, check_secrets(loaded))
+        store = Root(loaded, check_secrets(loaded)).store
         await store.open()
         await store.migrate()
         await store.close()
@@ -435,7 +434,9 @@ async def timed_run(stack: BenchStack, label: str) -> dict[str, Any]:
 async def open_sync(config: Path) -> Any:
     loaded = load_config(config)
     secrets = check_secrets(loaded)
-    async with standalone_sync(loaded, secrets, clock_ms=wall_clock_ms) as sync:
+    async with Root(loaded, secrets).opened() as _root:
+        sync = _root.directory
+        assert sync is not None
         yield sync
 
 

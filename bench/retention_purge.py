@@ -28,7 +28,7 @@ use), then ``--settle`` seconds of quiet.
 
 Enclave does NOT run as a process: its :class:`~bridge.retention.service.RetentionService`
 is built in this process the way ``enclave retention --apply`` builds it
-(``standalone_retention``), with an SQLite store and the archive in the bench's temp dir,
+(``bridge.root.Root``), with an SQLite store and the archive in the bench's temp dir,
 and a ``retention:`` section of ``default: {keep: 1s}``, no visibility (no state, no
 notice), no media copies, ``purge.window_events`` ``--window-events``, ``pause_seconds``
 ``--pause``, ``poll_seconds`` ``--poll``. Since no appservice transactions reach it, the
@@ -103,11 +103,10 @@ from separation import (  # noqa: E402  (the PG-backed Synapse + Enclave set-up 
     summary,
 )
 
-from bridge.app import wall_clock_ms  # noqa: E402
 from bridge.devstack.synapse import SynapseServer  # noqa: E402
 from bridge.matrix.client import MatrixClient  # noqa: E402
-from bridge.retention.build import standalone_retention  # noqa: E402
 from bridge.retention.service import PurgeStep  # noqa: E402
+from bridge.root import Root  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "retention_purge.json"
 TARGET_RATIO = 1.2
@@ -343,7 +342,9 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         await quiet("baseline")
         marks: dict[str, float] = {}
         steps_at: list[tuple[float, float]] = []
-        async with standalone_retention(loaded, secrets, clock_ms=wall_clock_ms) as svc:
+        async with Root(loaded, secrets).opened() as _root:
+            svc = _root.retention
+            assert svc is not None
             requests = RequestMeter(svc.client)
             inner_backfill, inner_step = svc.backfill, svc._purge_step
             snaps: dict[str, dict[str, float]] = {}
@@ -406,7 +407,7 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "setup": {"synapse": "PostgreSQL (fresh database), appservice without URL, "
                                  "devstack test rate limits (wide open)",
                       "enclave": "not a process: RetentionService in the bench process "
-                                 "(standalone_retention); SQLite store, local archive",
+                                 "(the composition root); SQLite store, local archive",
                       "live_archive_path": "not exercised (no appservice transactions): the "
                                            "run's backfill archives every event",
                       "room": room, "probe_user": probe_user, "probe_room": probe_room},

@@ -55,7 +55,7 @@ policy: half hold a local account the directory does not list (``unlisted_local_
 external``), half mix both sides of an information barrier whose ``existing: remove``
 applies; 0.5 % are "from before Enclave" (federating internal rooms: a finding, no action).
 Measured, with Enclave's :class:`~bridge.separation.service.SeparationService` built as the
-CLI builds it (``standalone_separation``): ``plan`` (scan + diff), ``enclave separation
+CLI builds it (``bridge.root.Root``): ``plan`` (scan + diff), ``enclave separation
 --plan`` as a subprocess (the operator's command, process start included), ``apply``, and a
 re-plan that must find nothing. Every homeserver request is counted and timed by endpoint.
 """
@@ -93,14 +93,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from _common import git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
 
-from bridge.app import build_store, wall_clock_ms  # noqa: E402
 from bridge.config import check_secrets, load_config  # noqa: E402
 from bridge.devstack.federation import FederatedPair  # noqa: E402
 from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
-from bridge.directory.build import standalone_sync  # noqa: E402
 from bridge.matrix.client import MatrixClient  # noqa: E402
 from bridge.policy.separation import apply_edits  # noqa: E402
-from bridge.separation.build import standalone_separation  # noqa: E402
+from bridge.root import Root  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "separation.json"
 BOT_LOCALPART = "enclave"
@@ -1233,11 +1231,13 @@ async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                    shared_secret=synapse.registration_shared_secret,
                                    directory=directory, policy=policy)
         loaded, secrets = await start_synapse_for(config, synapse, root)
-        store = build_store(loaded, secrets)
+        store = Root(loaded, secrets).store
         await store.open()
         await store.migrate()
         await store.close()
-        async with standalone_sync(loaded, secrets, clock_ms=wall_clock_ms) as sync:
+        async with Root(loaded, secrets).opened() as _root:
+            sync = _root.directory
+            assert sync is not None
             await sync.client.register_appservice_user(BOT_LOCALPART)
             res = await sync.run(apply=True)
             if res.failed:
@@ -1254,7 +1254,9 @@ async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 await pg_admin("ANALYZE", dsn)
 
         async with aiohttp.ClientSession(json_serialize=None) as session, \
-                standalone_separation(loaded, secrets, clock_ms=wall_clock_ms) as svc0:
+                Root(loaded, secrets).opened() as root0:
+            svc0 = root0.separation
+            assert svc0 is not None
             setup_client = MatrixClient(session, synapse.base_url, as_token(config),
                                         max_retries=5, timeout=120)
             made = await make_rooms(setup_client, staff, args.staff, args.rooms,
@@ -1267,7 +1269,9 @@ async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         await asyncio.sleep(2.0)  # let Synapse's background work from the set-up settle
         meter = CpuMeter({"synapse": lambda: synapse.pid}, dbname)
         runs: dict[str, Any] = {}
-        async with standalone_separation(loaded, secrets, clock_ms=wall_clock_ms) as svc:
+        async with Root(loaded, secrets).opened() as _root:
+            svc = _root.separation
+            assert svc is not None
             req = RequestMeter(svc.client)
             scan_s = [0.0]
             inner_scan = svc.scan

@@ -42,6 +42,7 @@ from bridge.matrix.executor import Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
 from bridge.policy.actions import Action, Join, Leave
 from bridge.store import AuditRecord, InboxEvent, Store
+from bridge.store.domains import DirectoryStore, KVStore
 
 from .commands import (
     CommandError,
@@ -54,6 +55,7 @@ from .commands import (
 from .markdown import message_content
 from .scheduling import JobState, Schedule, due_occurrences, format_ms
 from .sending import MessageSender, RoomEncryption, SendRefused
+from .store import AnnouncementStore
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class StaffDirectory:
     """The directory view (what the last directory sync knew), cached for a few seconds:
     a command or a reaction must not read the whole table each time."""
 
-    def __init__(self, store: Store, ttl_seconds: float = 5.0):
+    def __init__(self, store: DirectoryStore, ttl_seconds: float = 5.0):
         self.store = store
         self.ttl = ttl_seconds
         self._at = -1e9
@@ -135,6 +137,8 @@ class BotServices:
     server_name: str
     namespace_prefix: str
     main_bot_user_id: str
+    # the bots' own tables (announcements), on the same database as ``store``
+    announcements: AnnouncementStore
     encrypted_sender: MessageSender | None = None
     # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
     # bots read commands and reactions in encrypted rooms (the E2EE side provides it)
@@ -154,7 +158,7 @@ class BotServices:
 class BotStorage:
     """One bot's key/value space in the store, with JSON values."""
 
-    def __init__(self, store: Store, component: str, clock_ms: Callable[[], int]):
+    def __init__(self, store: KVStore, component: str, clock_ms: Callable[[], int]):
         self.store = store
         self.component = component
         self.clock_ms = clock_ms

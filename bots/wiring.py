@@ -1,8 +1,9 @@
-"""Wire the bots into a running Enclave (called once from ``bridge.app.build_app``).
+"""Wire the bots into a running Enclave (through ``bots.extension.BotsExtension``).
 
-:func:`build_bots` builds the shared bot services, registers each bot as an inbox handler
-and its action appliers with the executor, adds the webhook routes, and a ``cleanup_ctx``
-that starts the bots (after Enclave's own start-up) and stops them.
+:func:`build_bots` builds the shared bot services, registers each bot's action appliers
+with the executor, and returns the extension's :class:`~bridge.extension.Plugin`: the bots
+as inbox handlers, the webhook routes, and a lifetime that starts the bots (after Enclave's
+own start-up) and stops them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from bridge.extension import Plugin
 
 from .announcements.bot import AnnouncementBot
 from .announcements.webhooks import Webhooks
@@ -27,9 +30,10 @@ from .base import (
 )
 from .onboarding import OnboardingBot
 from .sending import MessageSender, PlainSender, RoomEncryption, RoutingSender
+from .store import AnnouncementStore
 
 if TYPE_CHECKING:
-    from bridge.app import Services
+    from bridge.root import Services
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,8 @@ def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None 
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
         directory=StaffDirectory(svc.store), server_name=cfg.homeserver.server_name,
         namespace_prefix=cfg.appservice.namespace_prefix,
-        main_bot_user_id=cfg.bot_user_id, encrypted_sender=encrypted_sender, decrypt=decrypt,
+        main_bot_user_id=cfg.bot_user_id, announcements=AnnouncementStore(svc.store.db),
+        encrypted_sender=encrypted_sender, decrypt=decrypt,
         member_joined=member_joined)
 
 
@@ -108,10 +113,9 @@ def _encryption(svc: Services, cfg: Any
     return EncryptedSenders(devices.values()), decrypt, member_joined, dict(devices)
 
 
-def build_bots(svc: Services, app: web.Application, *,
-               encrypted_sender: MessageSender | None = None,
-               decrypt: Decrypt | None = None) -> BotsRuntime | None:
-    """Build and register the configured bots; None when ``bots:`` configures none."""
+def build_bots(svc: Services, *, encrypted_sender: MessageSender | None = None,
+               decrypt: Decrypt | None = None) -> Plugin | None:
+    """Build the configured bots; None when ``bots:`` configures none."""
     cfg = svc.config.bots
     if cfg is None or (cfg.announcements is None and cfg.onboarding is None):
         return None
@@ -129,12 +133,13 @@ def build_bots(svc: Services, app: web.Application, *,
         runtime.announcements = ann
         if cfg.announcements.webhooks:
             runtime.webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
-            runtime.webhooks.add_routes(app)
     if cfg.onboarding is not None:
         runtime.onboarding = OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
-    for bot in runtime.bots:
-        svc.inbox.handlers.append(bot)
-    app[BOTS] = runtime
+
+    def mount(app: web.Application) -> None:
+        if runtime.webhooks is not None:
+            runtime.webhooks.add_routes(app)
+        app[BOTS] = runtime
 
     async def run_bot(bot: Bot) -> None:
         await svc.bootstrapped.wait()
@@ -165,5 +170,4 @@ def build_bots(svc: Services, app: web.Application, *,
         for device in devices.values():
             await device.close()
 
-    app.cleanup_ctx.append(bots_ctx)
-    return runtime
+    return Plugin(handlers=runtime.bots, mount=mount, lifetime=bots_ctx)

@@ -3,107 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import secrets as pysecrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from .cluster import Leadership, replica_name
 from .config import LoadedConfig, Secret
-from .directory.build import Debouncer, build_directory_sync
-from .directory.sync import DirectorySync, SyncRefused
+from .extension import Extension, ScheduledJob
 from .matrix.appservice import AppserviceAPI, json_errors
-from .matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
-from .matrix.completeness import CompletenessCheck
-from .matrix.executor import Executor
-from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
-from .metrics import Metrics
-from .retention.build import build_retention, classifier_of
-from .retention.service import RetentionService
-from .separation.build import build_separation
-from .separation.service import SeparationService
-from .store import Store, open_store
+from .matrix.client import HomeserverUnavailable, MatrixRequestError
+from .matrix.inbox import EventHandler
+from .root import IdentityState, Root, Services, load_handler_factories, wall_clock_ms
 from .store.single import SingleProcessLock
 
+__all__ = ["SERVICES", "IdentityState", "Root", "Services", "build_app",
+           "load_handler_factories", "wall_clock_ms"]
+
 log = logging.getLogger(__name__)
-
-
-def wall_clock_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass
-class IdentityState:
-    """What start-up learned about the homeserver and Enclave's own users."""
-
-    homeserver_reachable: bool = False
-    homeserver_checked_at: float = 0.0
-    homeserver_error: str | None = None
-    bot_ready: bool = False
-    admin_ready: bool = False
-    admin_problem: str | None = None
-    pinged: bool = False
-
-
-@dataclass
-class Services:
-    """Everything a running Enclave holds; handlers and the CLI receive this."""
-
-    loaded: LoadedConfig
-    secrets: dict[str, Secret]
-    store: Store
-    metrics: Metrics
-    session: aiohttp.ClientSession
-    client: MatrixClient
-    executor: Executor
-    inbox: InboxProcessor
-    clock_ms: Callable[[], int]
-    leadership: Leadership
-    identity: IdentityState = field(default_factory=IdentityState)
-    directory: DirectorySync | None = None
-    # the last directory sync run: {"at": ms, "outcome": ok|partial|refused|error, ...}
-    directory_status: dict[str, Any] = field(default_factory=dict)
-    # set once start-up has made Enclave's bot and admin identity ready
-    bootstrapped: asyncio.Event = field(default_factory=asyncio.Event)
-    separation: SeparationService | None = None
-    # the last separation reconciliation: {"at": ms, "outcome": ..., ...}
-    separation_status: dict[str, Any] = field(default_factory=dict)
-    retention: RetentionService | None = None
-    # the last scheduled retention run: {"at": ms, "outcome": ..., ...}
-    retention_status: dict[str, Any] = field(default_factory=dict)
-    completeness: CompletenessCheck | None = None
-
-    @property
-    def config(self) -> Any:
-        return self.loaded.config
-
-
-def load_handler_factories(refs: Sequence[str]) -> list[Callable[[Services], EventHandler]]:
-    """Import 'module:callable' handler factories named in ``inbox.handlers``."""
-    out = []
-    for ref in refs:
-        mod_name, _, attr = ref.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-            out.append(getattr(mod, attr))
-        except (ImportError, AttributeError) as e:
-            raise RuntimeError(f"inbox.handlers: cannot load {ref!r}: {e}") from e
-    return out
-
-
-def build_store(loaded: LoadedConfig, secrets: dict[str, Secret]) -> Store:
-    db = loaded.config.database
-    pw = secrets.get("database.password")
-    return open_store(
-        db.url, base_dir=loaded.base_dir, password=pw.get() if pw else None,
-        sqlite_synchronous=db.sqlite_synchronous, pool_size=db.pool_size,
-    )
 
 
 class Bootstrap:
@@ -192,12 +112,6 @@ class Bootstrap:
 SERVICES = web.AppKey("services", Services)
 
 
-async def _allow_without_policy(req: Any) -> Any:
-    from .gate.protocol import GateAnswer
-
-    return GateAnswer(allow=True, rule_id="policy.absent", reason="no policy: section")
-
-
 def reload_policy(svc: Services) -> tuple[bool, str]:
     """Re-read the config file and use its ``policy:`` and ``retention:`` sections; a file
     that fails validation is refused and the running policy stays."""
@@ -260,27 +174,7 @@ async def _homeserver_ok(svc: Services) -> bool:
     return ok
 
 
-async def _job_status(svc: Services, what: str, reason: str,
-                      work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any] | None:
-    """Run a scheduled job that needs Enclave's admin identity and return the status
-    ``/ready`` shows ({"reason", "outcome", ..., "at"}); None when it was skipped."""
-    if not svc.identity.admin_ready:
-        log.warning("%s (%s) skipped: %s", what, reason,
-                    svc.identity.admin_problem or "admin identity not ready yet")
-        return None
-    status: dict[str, Any] = {"reason": reason}
-    try:
-        status.update(await work())
-    except Exception as e:
-        status.update(outcome="error", error=f"{type(e).__name__}: {e}")
-        log.exception("%s (%s) failed", what, reason)
-    status["at"] = svc.clock_ms()
-    return status
-
-
-def _interval_job(svc: Services, job_id: str, minutes: float,
-                  run: Callable[[str], Awaitable[None]], *,
-                  at_start: bool = True) -> Callable[..., Any]:
+def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
     """A ``cleanup_ctx`` for a scheduled job that runs on the leading replica only.
 
     Every ``minutes`` (APScheduler; one run at a time, missed runs merged; 0: never) the
@@ -290,6 +184,7 @@ def _interval_job(svc: Services, job_id: str, minutes: float,
     key ``job-last:<id>``) is older than the interval: a dead leader's jobs are not left
     waiting for the next tick.
     """
+    job_id, minutes, run, at_start = job.id, job.minutes, job.run, job.at_start
     leadership = svc.leadership
     last_key = f"job-last:{job_id}"
 
@@ -360,59 +255,23 @@ async def build_app(
     *,
     clock_ms: Callable[[], int] = wall_clock_ms,
     extra_handlers: Sequence[Callable[[Services], EventHandler]] = (),
+    extensions: Sequence[Extension] | None = None,
     migrate: bool = True,
 ) -> web.Application:
-    """Build the aiohttp app with every service wired through constructors."""
-    cfg = loaded.config
-    metrics = Metrics()
-    store = build_store(loaded, secrets)
-    session = aiohttp.ClientSession(json_serialize=None)
-    client = MatrixClient(
-        session, cfg.homeserver.url, secrets["appservice.as_token"].get(),
-        max_retries=cfg.homeserver.max_retries, timeout=cfg.homeserver.timeout_seconds,
-        on_rate_limited=metrics.rate_limited.inc,
-    )
-    executor = Executor(client, store, bot_user_id=cfg.bot_user_id, clock_ms=clock_ms,
-                        metrics=metrics,
-                        admin_user_id=cfg.admin_user_id)
-    inbox = InboxProcessor(store, executor, [], cfg.inbox, metrics, clock_ms)
-    leadership = Leadership(store, replica_name(cfg.cluster.replica_name), clock_ms,
-                            cfg.cluster.lease_ttl_seconds * 1000,
-                            on_change=lambda leader: metrics.leader.set(int(leader)),
-                            # SQLite: the store's lock already makes this the only process
-                            exclusive=store.dialect == "sqlite")
-    svc = Services(loaded, secrets, store, metrics, session, client, executor, inbox, clock_ms,
-                   leadership)
-    for factory in [*load_handler_factories(cfg.inbox.handlers), *extra_handlers]:
-        inbox.handlers.append(factory(svc))
-    svc.directory = build_directory_sync(loaded, secrets, store=store, client=client,
-                                         executor=executor, metrics=metrics, clock_ms=clock_ms)
-    svc.separation = build_separation(loaded, store=store, client=client, executor=executor,
-                                      metrics=metrics, clock_ms=clock_ms)
-    if svc.separation is not None:
-        inbox.handlers.append(FunctionHandler("separation", svc.separation.handle_event))
-        if svc.directory is not None:
-            svc.directory.on_view_change = svc.separation.invalidate
-            svc.directory.room_edits = svc.separation.managed_room_edits
-    svc.retention = build_retention(loaded, store=store, client=client, executor=executor,
-                                    metrics=metrics, clock_ms=clock_ms,
-                                    classify=classifier_of(svc.separation))
-    for job in (svc.directory, svc.separation, svc.retention):
-        if job is not None:
-            job.lease_ttl_ms = leadership.ttl_ms
-    if svc.retention is not None:
-        retention = svc.retention
-        # archive first: what the other handlers do must not keep an event from the archive
-        inbox.handlers.insert(0, FunctionHandler("retention", retention.handle_event))
-        if svc.separation is not None:
-            svc.separation.creation_state = retention.creation_state
+    """Map the composition root onto an aiohttp application: its routes, and lifetimes
+    (``cleanup_ctx``) for the store, the homeserver session, leadership, start-up, SCIM,
+    the scheduled jobs and the extensions."""
+    svc = Root(loaded, secrets, clock_ms=clock_ms, extensions=extensions,
+               extra_handlers=extra_handlers)
+    return mount_root(svc, migrate=migrate)
 
-    if cfg.inbox.completeness.enabled:
-        svc.completeness = check = CompletenessCheck(
-            store, client, metrics, admin_user_id=cfg.admin_user_id,
-            bound_seconds=cfg.inbox.completeness.bound_seconds, clock_ms=clock_ms,
-            on_recovered=inbox.notify, admin_ready=lambda: svc.identity.admin_ready)
-        client.on_unreachable = check.homeserver_unreachable
+
+def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
+    """The aiohttp application of a root (see :func:`build_app`)."""
+    cfg, secrets = svc.config, svc.secrets
+    store, client, inbox, leadership = svc.store, svc.client, svc.inbox, svc.leadership
+    jobs, plugins = svc.jobs, svc.plugins
+    _ = svc.completeness  # built now: the client tells it of outages from the first request
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
@@ -440,58 +299,20 @@ async def build_app(
         return svc.identity.bot_ready and user_id in (cfg.bot_user_id, cfg.admin_user_id)
 
     api = AppserviceAPI(
-        store, metrics, hs_token=secrets["appservice.hs_token"].get(),
-        on_new_events=inbox.notify, user_exists=user_exists, ready=ready, clock_ms=clock_ms,
-        on_request=inbox.note_ingest, on_refused=lambda: _spawn(ping_soon()),
+        store, svc.metrics, hs_token=secrets["appservice.hs_token"].get(),
+        on_new_events=inbox.notify, user_exists=user_exists, ready=ready,
+        clock_ms=svc.clock_ms, on_request=inbox.note_ingest,
+        on_refused=lambda: _spawn(ping_soon()),
     )
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.appservice.max_body_bytes)
     app[SERVICES] = svc
     app.add_routes(api.routes())
-    if cfg.gate is not None:
-        from .gate.service import GateService
-
-        GateService(secret=secrets["gate.secret"].get(),
-                    decide=svc.separation.decide_gate if svc.separation is not None
-                    else _allow_without_policy, metrics=metrics).add_routes(app)
+    if svc.gate is not None:
+        svc.gate.add_routes(app)
     app.router.add_post("/_enclave/admin/v1/reload",
                         _reload_route(svc, secrets["appservice.as_token"].get()))
-
-    async def directory_run(reason: str) -> None:
-        assert svc.directory is not None
-        if not svc.identity.admin_ready:
-            log.warning("directory sync (%s) skipped: %s", reason,
-                        svc.identity.admin_problem or "admin identity not ready yet")
-            return
-        status: dict[str, Any] = {"reason": reason}
-        try:
-            result = await svc.directory.run()
-            status.update(outcome="ok" if result.ok else "partial", applied=result.applied,
-                          failed=len(result.failed), findings=len(result.plan.findings))
-            if result.ok:
-                metrics.directory_last_success.set(clock_ms() / 1000)
-        except SyncRefused as e:
-            # logged and counted by the sync itself; nothing changed
-            status.update(outcome="refused", problems=e.problems)
-        except Exception as e:
-            status.update(outcome="error", error=f"{type(e).__name__}: {e}")
-            log.exception("directory sync (%s) failed", reason)
-        status["at"] = clock_ms()
-        svc.directory_status = status
-        if svc.separation is not None:
-            svc.separation.invalidate()  # staff, groups and leavers may have changed
-
-    scim_debounce: Debouncer | None = None
-    scim: Any = None
-    dcfg = cfg.directory
-    if dcfg is not None and dcfg.source.type == "scim":
-        from .directory.scim import ScimService
-
-        scim_debounce = Debouncer(dcfg.source.debounce_seconds,
-                                  lambda: directory_run("SCIM change"))
-        scim = ScimService(store, token=secrets["directory.source.token"].get(),
-                           path_prefix=dcfg.source.path_prefix, clock_ms=clock_ms,
-                           on_change=scim_debounce.trigger)
-        scim.add_routes(app)
+    if svc.scim is not None:
+        svc.scim.add_routes(app)
 
     background: set[asyncio.Task[Any]] = set()
 
@@ -524,21 +345,11 @@ async def build_app(
         if single is not None:
             single.acquire()
         try:
-            await store.open()
+            await svc.open_store(migrate=migrate, create_installation_id=True)
         except BaseException:
             if single is not None:
                 single.release()
             raise
-        if migrate:
-            applied = await store.migrate()
-            if applied:
-                log.info("database migrated to version %d", applied[-1])
-        await store.check_schema()
-        iid = await store.get_kv("installation_id")
-        if iid is None:
-            iid = pysecrets.token_hex(8)
-            await store.set_kv("installation_id", iid)
-        executor.installation_id = iid
         yield
         await store.close()
         if single is not None:
@@ -546,11 +357,8 @@ async def build_app(
 
     async def session_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
-        try:  # shutting down: the homeserver may be gone, do not wait long for it
-            await asyncio.wait_for(client.close_sessions(), timeout=5)
-        except Exception as e:
-            log.info("admin session not logged out at shutdown: %s", e)
-        await session.close()
+        # shutting down: the homeserver may be gone, do not wait long for it
+        await svc.close_client(wait_seconds=5)
 
     async def leadership_ctx(_: web.Application) -> AsyncIterator[None]:
         # the leader processes the inbox; every replica journals the homeserver's
@@ -591,62 +399,18 @@ async def build_app(
         await asyncio.gather(task, sweeps, *background, return_exceptions=True)
 
     async def scim_ctx(_: web.Application) -> AsyncIterator[None]:
-        if scim is not None:
-            await scim.load()  # what identity providers provisioned before, from the store
+        if svc.scim is not None:
+            await svc.scim.load()  # what identity providers provisioned before, from the store
         yield
-        if scim_debounce is not None:
-            await scim_debounce.close()
+        if svc.scim_debounce is not None:
+            await svc.scim_debounce.close()
 
-    directory_ctx = _interval_job(
-        svc, "directory-sync", dcfg.interval_minutes if svc.directory and dcfg else 0,
-        directory_run, at_start=bool(svc.directory and dcfg and dcfg.sync_on_start))
-
-    async def separation_run(reason: str) -> None:
-        assert svc.separation is not None
-        sep = svc.separation
-
-        async def reconcile() -> dict[str, Any]:
-            result = await sep.reconcile(apply=True)
-            return dict(outcome="ok" if not result.failed else "partial",
-                        rooms=result.plan.rooms, applied=result.applied,
-                        failed=len(result.failed), findings=len(result.plan.findings))
-
-        status = await _job_status(svc, "separation reconciliation", reason, reconcile)
-        if status is not None:
-            svc.separation_status = status
-
-    sep_minutes = svc.separation.config.reconcile.interval_minutes if svc.separation else 0
-    separation_ctx = _interval_job(svc, "separation-reconcile", sep_minutes, separation_run,
-                                   at_start=sep_minutes > 0)
-
-    async def retention_run(reason: str) -> None:
-        assert svc.retention is not None
-        ret = svc.retention
-
-        async def purge() -> dict[str, Any]:
-            run = await ret.run(apply=True)
-            return dict(outcome="ok" if not run.failed else "partial",
-                        rooms=len(run.rooms), failed=len(run.failed),
-                        purged=sum(r.purged for r in run.rooms),
-                        archived=sum(r.archived for r in run.rooms),
-                        media_deleted=sum(r.media_deleted for r in run.rooms))
-
-        status = await _job_status(svc, "retention run", reason, purge)
-        if status is not None:
-            svc.retention_status = status
-
-    ret = svc.retention
-    ret_minutes = (ret.config.purge.interval_minutes
-                   if ret is not None and ret.config.enabled else 0)
-    # not at start-up: a purge is never urgent, and reading every room back would slow
-    # the start (and the bots starting beside it)
-    retention_ctx = _interval_job(svc, "retention-purge", ret_minutes, retention_run,
-                                  at_start=False)
-
-    app.cleanup_ctx.extend([session_ctx, store_ctx, leadership_ctx, bootstrap_ctx, scim_ctx,
-                            directory_ctx, separation_ctx, retention_ctx])
-    # bots (announcements, onboarding): registered last, so they stop before the store
-    from bots.wiring import build_bots
-
-    build_bots(svc, app)
+    app.cleanup_ctx.extend([session_ctx, store_ctx, leadership_ctx, bootstrap_ctx, scim_ctx])
+    app.cleanup_ctx.extend(interval_job(svc, job) for job in jobs)
+    # extensions (bots): registered last, so they stop before the store
+    for plugin in plugins:
+        if plugin.mount is not None:
+            plugin.mount(app)
+        if plugin.lifetime is not None:
+            app.cleanup_ctx.append(plugin.lifetime)
     return app

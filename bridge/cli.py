@@ -11,35 +11,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
 import os
 import re
 import secrets as pysecrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
 
-from .config import ConfigError, LoadedConfig, check_secrets, load_config
+from .clikit import (
+    EXIT_CONFIG,
+    EXIT_DATABASE,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    _err,
+    _fmt_ts,
+    _load,
+    _print_rows,
+    _with_store,
+    parse_time,
+)
+from .config import ConfigError, LoadedConfig
 from .config.models import SecretRef
 from .store import AuditFilter, DatabaseError, SchemaError, Store
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
-EXIT_REFUSED = 5
-
-
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-def _load(args: argparse.Namespace, *, secrets: bool = True) -> tuple[LoadedConfig, dict]:
-    loaded = load_config(args.config)
-    return loaded, (check_secrets(loaded) if secrets else {})
+__all__ = ["EXIT_CONFIG", "EXIT_DATABASE", "EXIT_ERROR", "EXIT_OK", "EXIT_REFUSED",
+           "EXIT_USAGE", "build_parser", "main", "parse_time", "registration_dict"]
 
 
 # -- registration -------------------------------------------------------------------------
@@ -176,21 +179,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _with_store(args: argparse.Namespace,
-                      fn: Callable[[Store], Awaitable[int]], *, check: bool = True) -> int:
-    from .app import build_store
-
-    loaded, secrets = _load(args)
-    store = build_store(loaded, secrets)
-    await store.open()
-    try:
-        if check:
-            await store.check_schema()
-        return await fn(store)
-    finally:
-        await store.close()
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         before = await store.schema_version()
@@ -209,52 +197,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 # -- audit / inbox ------------------------------------------------------------------------
-_REL_RE = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
-    """'90m', '24h', '7d' (ago) or an ISO date/time (UTC if no zone) -> epoch ms."""
-    now = now or dt.datetime.now(dt.UTC)
-    m = _REL_RE.match(value.strip())
-    if m:
-        return int((now.timestamp() - int(m.group(1)) * _UNITS[m.group(2)]) * 1000)
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is neither a relative time like 24h nor an ISO date"
-        ) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1000)
-
-
-def _fmt_ts(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], title: str) -> None:
-    if fmt == "json":
-        for r in rows:
-            sys.stdout.write(orjson.dumps(r).decode() + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*[
-            _fmt_ts(r[c]) if c in ("ts", "received_at", "done_at") else str(r.get(c) or "")
-            for c in columns
-        ])
-    Console(width=200).print(table)
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     flt = AuditFilter(
         since_ms=parse_time(args.since) if args.since else None,
@@ -340,9 +282,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from .app import wall_clock_ms
-    from .directory.build import standalone_sync
     from .directory.sync import SyncRefused, SyncResult
+    from .root import Root
 
     if args.user and args.apply:
         _err("enclave sync: --user explains a plan; use it with --plan")
@@ -424,7 +365,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
             out.print(f"  left out: person {pid}: {why}", markup=False)
 
     async def go() -> int:
-        async with standalone_sync(loaded, secrets, clock_ms=wall_clock_ms) as sync:
+        async with Root(loaded, secrets).opened() as root:
+            sync = root.directory
+            assert sync is not None  # checked above
             try:
                 if not args.apply:
                     result = await sync.run(apply=False, force=args.force)
@@ -462,8 +405,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_separation(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .app import wall_clock_ms
-    from .separation.build import standalone_separation
+    from .root import Root
 
     loaded, secrets = _load(args)
     if loaded.config.policy is None:
@@ -472,7 +414,9 @@ def cmd_separation(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
 
     async def go() -> int:
-        async with standalone_separation(loaded, secrets, clock_ms=wall_clock_ms) as sep:
+        async with Root(loaded, secrets).opened() as root:
+            sep = root.separation
+            assert sep is not None  # checked above
             try:
                 result = await sep.reconcile(apply=args.apply, rooms=args.room or None)
             except RuntimeError as e:
@@ -504,9 +448,8 @@ def cmd_separation(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .app import wall_clock_ms
     from .policy.separation import RoomFacts
-    from .separation.build import standalone_separation
+    from .root import Root
 
     loaded, secrets = _load(args)
     if loaded.config.policy is None:
@@ -527,7 +470,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"  message:  {d.message}")
 
     async def go() -> int:
-        async with standalone_separation(loaded, secrets, clock_ms=wall_clock_ms) as sep:
+        async with Root(loaded, secrets).opened() as root:
+            sep = root.separation
+            assert sep is not None  # checked above
             p = await sep.policy(fresh=True)
             if args.what == "invite":
                 if len(args.args) not in (2, 3):
@@ -603,172 +548,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(body.get("message", "reloaded"))
     return EXIT_OK
-
-
-# -- announcements ------------------------------------------------------------------------
-def cmd_announcements(args: argparse.Namespace) -> int:
-    """``enclave announcements list | report ID | send ID`` (store and config only)."""
-    import io
-
-    from bots.announcements.acks import summarise
-    from bots.announcements.report import report_rows, write_csv
-    from bots.announcements.service import make_occurrence, spec_for
-    from bots.announcements.spec import AnnouncementSpec
-
-    loaded, _ = _load(args)
-    bots_cfg = loaded.config.bots
-    acfg = bots_cfg.announcements if bots_cfg is not None else None
-    configured = {a.id: a for a in acfg.announcements} if acfg is not None else {}
-    tz = acfg.timezone if acfg is not None else "UTC"
-
-    async def run(store: Store) -> int:
-        if args.ann_cmd == "list":
-            occs = await store.announcement_occurrences()
-            latest: dict[str, Any] = {}
-            for o in occs:
-                latest[o.announcement_id] = o
-            rows = []
-            for aid in [*configured, *(k for k in latest if k not in configured)]:
-                a = configured.get(aid)
-                o = latest.get(aid)
-                counts = ""
-                if o is not None:
-                    s = summarise(await store.announcement_deliveries(aid, o.occurrence_id))
-                    spec = AnnouncementSpec.from_json(o.spec)
-                    counts = s.line(spec.require_ack)
-                sched = "-"
-                if a is not None and a.schedule is not None:
-                    sched = a.schedule.cron or a.schedule.at or "-"
-                    sched += f" ({a.schedule.timezone})"
-                elif a is not None:
-                    sched = "manual"
-                rows.append({
-                    "id": aid, "source": "config" if a else (o.kind if o else ""),
-                    "title": a.title if a else (AnnouncementSpec.from_json(o.spec).title
-                                                if o else ""),
-                    "schedule": sched,
-                    "occurrences": sum(1 for x in occs if x.announcement_id == aid),
-                    "latest": o.occurrence_id if o else "", "status": o.status if o else "",
-                    "counts": counts,
-                })
-            _print_rows(rows, args.format, ["id", "source", "title", "schedule",
-                                            "occurrences", "latest", "status", "counts"],
-                        f"announcements ({len(rows)})")
-            return EXIT_OK
-        if args.ann_cmd == "send":
-            a = configured.get(args.id)
-            if a is None:
-                _err(f"enclave announcements send: no announcement {args.id!r} in "
-                     "bots.announcements.announcements")
-                return EXIT_USAGE
-            now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-            occ_id = args.occurrence or "manual-" + dt.datetime.fromtimestamp(
-                now / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            created, sel = await make_occurrence(
-                store, await store.directory_view(), announcement_id=a.id,
-                occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,
-                created_by=f"cli:{os.environ.get('USER', '?')}", now_ms=now)
-            if not created:
-                _err(f"occurrence {occ_id!r} of {a.id!r} exists already; nothing queued")
-                return EXIT_ERROR
-            assert acfg is not None
-            print(f"queued {a.id} / {occ_id} for {len(sel.users)} people and "
-                  f"{len(sel.rooms)} room(s); the running Enclave delivers it within "
-                  f"{acfg.poll_seconds:g} s")
-            return EXIT_OK
-        # report
-        occs = await store.announcement_occurrences(announcement_id=args.id)
-        if args.occurrence:
-            occs = [o for o in occs if o.occurrence_id == args.occurrence]
-        if not occs:
-            _err(f"enclave announcements report: nothing sent for {args.id!r}"
-                 + (f" occurrence {args.occurrence!r}" if args.occurrence else ""))
-            return EXIT_ERROR
-        occ = occs[-1]
-        deliveries = await store.announcement_deliveries(occ.announcement_id,
-                                                         occ.occurrence_id)
-        spec = AnnouncementSpec.from_json(occ.spec)
-        staff = {r.user_id: r for r in await store.directory_view()}
-        rows = report_rows(deliveries, staff, tz)
-        summary = summarise(deliveries)
-        head = (f"{occ.announcement_id} / {occ.occurrence_id}: {spec.title} ({occ.kind}, "
-                f"{occ.status})\n{summary.line(spec.require_ack)}")
-        if args.csv == "-":
-            _err(head)
-            write_csv(rows, sys.stdout)
-            return EXIT_OK
-        print(head)
-        if args.csv:
-            buf = io.StringIO()
-            write_csv(rows, buf)
-            await asyncio.to_thread(Path(args.csv).write_text, buf.getvalue(), "utf-8")
-            print(f"wrote {len(rows)} row(s) to {args.csv}")
-        else:
-            _print_rows(rows, args.format, ["recipient", "name", "status", "delivered_at",
-                                            "acknowledged_at", "ack_method", "reminders",
-                                            "escalated_to", "detail"], "recipients")
-        return EXIT_OK
-
-    return asyncio.run(_with_store(args, run))
-
-
-def add_announcements_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("announcements",
-                       help="announcements: list, report who got/acknowledged one, send one")
-    a = s.add_subparsers(dest="ann_cmd", required=True)
-    x = a.add_parser("list", parents=[common], help="configured and sent announcements")
-    x.add_argument("--format", choices=["table", "json"], default="table")
-    x = a.add_parser("report", parents=[common],
-                     help="counts and who/when of an announcement's latest (or one) send")
-    x.add_argument("id")
-    x.add_argument("--occurrence", help="one occurrence (default: the latest)")
-    x.add_argument("--csv", metavar="FILE", help="write the rows as CSV ('-': stdout)")
-    x.add_argument("--format", choices=["table", "json"], default="table")
-    x = a.add_parser("send", parents=[common],
-                     help="queue a configured announcement now (the running Enclave sends)")
-    x.add_argument("id")
-    x.add_argument("--occurrence", help="occurrence id (default: manual-<UTC time>)")
-    s.set_defaults(fn=cmd_announcements)
-
-
-# -- bots ---------------------------------------------------------------------------------
-def cmd_bots(args: argparse.Namespace) -> int:
-    """``enclave bots reset-identity BOT``: replace a bot's cross-signing identity at its
-    next start (the fix for a lost or conflicting key directory)."""
-    from bots.cross_signing import request_reset
-
-    loaded, _ = _load(args, secrets=False)
-    cfg = loaded.config
-    bots_cfg = cfg.bots
-    sections = [s for s in (bots_cfg.announcements, bots_cfg.onboarding)
-                if s is not None] if bots_cfg is not None else []
-    prefix, server = cfg.appservice.namespace_prefix, cfg.homeserver.server_name
-    by_name: dict[str, str] = {}
-    for section in sections:
-        localpart = prefix + section.bot.localpart
-        for name in (section.bot.localpart, localpart, f"@{localpart}:{server}"):
-            by_name[name] = localpart
-    localpart = by_name.get(args.bot)
-    if localpart is None or bots_cfg is None or not bots_cfg.encryption.enabled:
-        _err(f"enclave bots: no bot with an E2EE device named {args.bot!r} (configured: "
-             + (", ".join(sorted({f"@{v}:{server}" for v in by_name.values()})) or "none")
-             + ")")
-        return EXIT_USAGE
-    store_dir = loaded.resolve(bots_cfg.encryption.store_dir) / localpart
-    request_reset(store_dir)
-    print(f"reset requested for @{localpart}:{server}: its next start (the leading replica) "
-          f"makes and publishes a new cross-signing identity (old keys kept aside in "
-          f"{store_dir}); staff clients show 'identity changed' for the bot once")
-    return EXIT_OK
-
-
-def add_bots_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("bots", help="bots: reset a bot's cross-signing identity")
-    b = s.add_subparsers(dest="bots_cmd", required=True)
-    x = b.add_parser("reset-identity", parents=[common],
-                     help="replace a bot's cross-signing identity at its next start")
-    x.add_argument("bot", help="the bot's user id or localpart (e.g. announce)")
-    s.set_defaults(fn=cmd_bots)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -854,11 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reload", parents=[common],
                        help="make the running Enclave re-read its policy (like SIGHUP)")
     s.set_defaults(fn=cmd_reload)
-    add_announcements_parser(sub, common)
-    add_bots_parser(sub, common)
     from .retention.cli import add_retention_parsers
 
     add_retention_parsers(sub, common)
+    # the extensions' own command groups (the bots': announcements, bots)
+    from .extension import discover_extensions
+
+    for ext in discover_extensions():
+        ext.add_cli(sub, common)
     return p
 
 

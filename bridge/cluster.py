@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .store import Store
+from .store.domains import LeaseStore
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Leadership:
     stopped before another replica can take over.
     """
 
-    def __init__(self, store: Store, name: str, clock_ms: Callable[[], int], ttl_ms: int,
+    def __init__(self, store: LeaseStore, name: str, clock_ms: Callable[[], int], ttl_ms: int,
                  *, on_change: Callable[[bool], None] | None = None,
                  exclusive: bool = False):
         self.store = store

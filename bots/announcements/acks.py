@@ -16,7 +16,7 @@ from bridge.directory.model import StaffRecord
 from .spec import AnnouncementSpec
 
 if TYPE_CHECKING:  # the store's dataclass only; importing the store would load its I/O
-    from bridge.store.base import AnnouncementDelivery
+    from ..store import AnnouncementDelivery
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from bridge.config.bots import AnnouncementConfig, AnnouncementsConfig
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import Outcome, txn_id_for
 from bridge.policy.actions import Action
-from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
 
 from ..base import (
     Bot,
@@ -37,6 +36,7 @@ from ..commands import CommandError, Permission, take_words
 from ..markdown import message_content
 from ..scheduling import occurrence_id, schedule_from_config
 from ..sending import SendRefused
+from ..store import AnnouncementMessage, AnnouncementOccurrence
 from .acks import decide_ack
 from .audience import Selection, count_by, parse_audience, select_audience
 from .delivery import FanOut, date_text
@@ -202,7 +202,7 @@ class AnnouncementBot(Bot):
                 await self.find_control_room()  # created after start-up
             next_due = await self.scheduler.tick()
             now = self.svc.clock_ms()
-            for occ in await self.svc.store.announcement_occurrences(statuses=ACTIVE):
+            for occ in await self.svc.announcements.announcement_occurrences(statuses=ACTIVE):
                 key = (occ.announcement_id, occ.occurrence_id)
                 if occ.status in ("pending", "delivering"):
                     await self.fanout.deliver(occ)
@@ -229,7 +229,7 @@ class AnnouncementBot(Bot):
         self.svc.directory.invalidate()
         staff = await self.svc.directory.all()
         created, sel = await make_occurrence(
-            self.svc.store, staff, announcement_id=announcement_id, occurrence_id=occ_id,
+            self.svc.announcements, staff, announcement_id=announcement_id, occurrence_id=occ_id,
             kind=kind, spec=spec, scheduled_at=scheduled_at, created_by=created_by,
             now_ms=self.svc.clock_ms(), actor=self.user_id)
         if created:
@@ -286,7 +286,7 @@ class AnnouncementBot(Bot):
         control = self.cfg.control
         if control is None or not control.post_summaries or self.control_room is None:
             return
-        rows = await self.svc.store.announcement_deliveries(occ.announcement_id,
+        rows = await self.svc.announcements.announcement_deliveries(occ.announcement_id,
                                                             occ.occurrence_id)
         md = self.fanout.summary_markdown(occ, spec, rows, stage)
         key = self.svc.installation_key(
@@ -302,7 +302,7 @@ class AnnouncementBot(Bot):
                 "announcement_summary", "failed", room_id=self.control_room,
                 rule_id=f"announcements.{occ.announcement_id}", reason=stage, detail=str(e)))
             return
-        await self.svc.store.announcement_save_message(AnnouncementMessage(
+        await self.svc.announcements.announcement_save_message(AnnouncementMessage(
             eid, self.control_room, occ.announcement_id, occ.occurrence_id, "summary", None,
             self.svc.clock_ms()))
         await self.svc.store.add_audit(self.audit(
@@ -319,7 +319,7 @@ class AnnouncementBot(Bot):
             return []
         if key.replace("\ufe0f", "") not in self._acks:
             return []
-        msg = await self.svc.store.announcement_message(target)
+        msg = await self.svc.announcements.announcement_message(target)
         if msg is None:
             return []
         sender, room = event["sender"], event["room_id"]
@@ -335,7 +335,7 @@ class AnnouncementBot(Bot):
             rule_id="announcements.ack.reaction", reason=f"{key} on {target}")]
 
     async def _apply_ack(self, action: RecordAck, key: str) -> Outcome:
-        recorded = await self.svc.store.announcement_record_ack(
+        recorded = await self.svc.announcements.announcement_record_ack(
             action.announcement_id, action.occurrence_id, action.user, at_ms=action.at_ms,
             method=action.method, event_id=action.event_id, room_id=action.explicit_room)
         return Outcome("applied", "recorded" if recorded
@@ -343,7 +343,7 @@ class AnnouncementBot(Bot):
 
     async def _find_ack_target(self, ctx: CommandContext) -> tuple[str, str, str | None] | None:
         """(announcement, occurrence, explicit room) that ``!ack`` means, or None."""
-        store = self.svc.store
+        store = self.svc.announcements
         args = ctx.command.args()
         if args:
             ann = args[0]
@@ -375,9 +375,9 @@ class AnnouncementBot(Bot):
             return [ctx.reply("There is no announcement here for you to acknowledge. "
                               "Give its ID: `!ack ID`.", reason="nothing to acknowledge")]
         ann, occ_id, explicit = found
-        occ = await self.svc.store.announcement_occurrence(ann, occ_id)
+        occ = await self.svc.announcements.announcement_occurrence(ann, occ_id)
         title = AnnouncementSpec.from_json(occ.spec).title if occ else ann
-        rows = await self.svc.store.announcement_deliveries(ann, occ_id)
+        rows = await self.svc.announcements.announcement_deliveries(ann, occ_id)
         mine = next((r for r in rows if r.target == ctx.sender), None)
         if mine is not None and mine.acked_at is not None:
             return [ctx.reply(f"You already acknowledged **{title}**.",
@@ -515,11 +515,11 @@ class AnnouncementBot(Bot):
         args = ctx.command.args()
         if len(args) != 1:
             raise CommandError("give one announcement ID")
-        occs = await self.svc.store.announcement_occurrences(announcement_id=args[0])
+        occs = await self.svc.announcements.announcement_occurrences(announcement_id=args[0])
         if not occs:
             raise CommandError(f"no announcement `{args[0]}` has been sent")
         occ = occs[-1]
-        rows = await self.svc.store.announcement_deliveries(occ.announcement_id,
+        rows = await self.svc.announcements.announcement_deliveries(occ.announcement_id,
                                                             occ.occurrence_id)
         spec = AnnouncementSpec.from_json(occ.spec)
         md = self.fanout.summary_markdown(occ, spec, rows, f"status: {occ.status}")

@@ -17,22 +17,45 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from bridge.config.bots import AnnouncementsConfig
 from bridge.directory.model import StaffRecord
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError, q
 from bridge.matrix.executor import txn_id_for
-from bridge.store.base import AnnouncementMessage, AnnouncementOccurrence
+from bridge.store import AuditRecord
 from bridge.store.lease import LeaseLost, held_lease
 
+from ..base import BotServices
 from ..markdown import message_content
 from ..scheduling import format_ms
 from ..sending import SendRefused
+from ..store import AnnouncementMessage, AnnouncementOccurrence
 from .acks import Escalate, Remind, decide_reminders, summarise
 from .spec import MARKER, AnnouncementSpec, compose
 
-if TYPE_CHECKING:
-    from .bot import AnnouncementBot
+
+class FanOutBot(Protocol):
+    """What a fan-out uses of its bot (``AnnouncementBot``; not imported: the bot imports
+    this module)."""
+
+    svc: BotServices
+    cfg: AnnouncementsConfig
+    user_id: str
+    rooms: set[str]
+
+    def audit(self, kind: str, outcome: str, *, user_id: str | None = None,
+              room_id: str | None = None, rule_id: str | None = None,
+              reason: str | None = None, detail: str | None = None) -> AuditRecord: ...
+
+    def is_ours(self, user_id: str) -> bool: ...
+
+    async def ensure_dm(self, user_id: str) -> str: ...
+
+    async def ensure_announcement_room(self, spec: AnnouncementSpec) -> str: ...
+
+    async def post_summary(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                           stage: str) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +94,7 @@ def date_text(ms: int, timezone: str) -> str:
 class FanOut:
     """Delivers occurrences and follows them up (reminders, escalation, closing)."""
 
-    def __init__(self, bot: AnnouncementBot):
+    def __init__(self, bot: FanOutBot):
         self.bot = bot
         self.svc = bot.svc
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -95,7 +118,7 @@ class FanOut:
             return False
 
     async def _deliver_held(self, occ: AnnouncementOccurrence, lease: str) -> bool:
-        store, now = self.svc.store, self.svc.clock_ms
+        store, now = self.svc.announcements, self.svc.clock_ms
         if occ.status == "pending":
             await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
                                                 "delivering", now())
@@ -116,7 +139,7 @@ class FanOut:
         return True
 
     async def _pass(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec) -> None:
-        store = self.svc.store
+        store = self.svc.announcements
         rows = await store.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
         pending = [r for r in rows if r.status == "pending"]
         if not pending:
@@ -177,7 +200,7 @@ class FanOut:
             "announcement_send", "failed" if final else "retry", user_id=t, room_id=room,
             rule_id=f"announcements.{occ.announcement_id}",
             reason=f"occurrence {occ.occurrence_id}", detail=detail) for t in targets]
-        await self.svc.store.announcement_mark_failed(
+        await self.svc.announcements.announcement_mark_failed(
             occ.announcement_id, occ.occurrence_id, targets, detail=detail, final=final,
             audit=audit if final else ())
         self.svc.metrics.actions.labels(kind="announcement_send",
@@ -190,7 +213,7 @@ class FanOut:
     async def _dm_one(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec, user: str,
                       staff: StaffRecord | None, attempts: int, date: str,
                       sem: asyncio.Semaphore) -> None:
-        bot, store = self.bot, self.svc.store
+        bot, store = self.bot, self.svc.announcements
         async with sem:
             room: str | None = None
             try:
@@ -287,7 +310,7 @@ class FanOut:
                 await self._failed(occ, [p], attempts[p], e, room)
             return
         now = self.svc.clock_ms()
-        await self.svc.store.announcement_mark_sent(
+        await self.svc.announcements.announcement_mark_sent(
             occ.announcement_id, occ.occurrence_id, reach, room_id=room, event_id=eid,
             now_ms=now,
             message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
@@ -307,7 +330,7 @@ class FanOut:
     async def _room_target(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
                            target: str, attempts: int, date: str) -> None:
         """An explicit room of the audience: post there; its members can acknowledge."""
-        bot, c, store = self.bot, self.svc.client, self.svc.store
+        bot, c, store = self.bot, self.svc.client, self.svc.announcements
         room: str | None = None
         try:
             room = target
@@ -349,7 +372,7 @@ class FanOut:
     # -- follow-ups ----------------------------------------------------------------------
     async def follow_up(self, occ: AnnouncementOccurrence, *, again: bool = True) -> int | None:
         """Send due reminders and escalations, close when finished; next due time."""
-        store, now = self.svc.store, self.svc.clock_ms()
+        store, now = self.svc.announcements, self.svc.clock_ms()
         spec = AnnouncementSpec.from_json(occ.spec)
         rows = await store.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
         staff = await self.svc.directory.by_id()
@@ -413,14 +436,14 @@ class FanOut:
         except (MatrixRequestError, SendRefused) as e:
             detail = e.reason if isinstance(e, SendRefused) else str(e)
             # not counted as sent: the report shows it failed, and why
-            await self.svc.store.announcement_mark_reminded(
+            await self.svc.announcements.announcement_mark_reminded(
                 occ.announcement_id, occ.occurrence_id, step.user_id, count=step.number,
                 now_ms=self.svc.clock_ms(), message=None, error=detail,
                 audit=self.bot.audit("announcement_reminder", "failed", user_id=step.user_id,
                                      rule_id=step.rule_id, reason=step.reason, detail=detail))
             return
         now = self.svc.clock_ms()
-        await self.svc.store.announcement_mark_reminded(
+        await self.svc.announcements.announcement_mark_reminded(
             occ.announcement_id, occ.occurrence_id, step.user_id, count=step.number,
             now_ms=now,
             message=AnnouncementMessage(eid, room, occ.announcement_id, occ.occurrence_id,
@@ -431,7 +454,7 @@ class FanOut:
 
     async def _escalate(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
                         step: Escalate, row: Any, staff: dict[str, StaffRecord]) -> None:
-        store, bot = self.svc.store, self.bot
+        store, bot = self.svc.announcements, self.bot
         if step.manager is None:
             await store.announcement_mark_escalated(
                 occ.announcement_id, occ.occurrence_id, step.user_id, manager=None,

@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 from bridge.directory.model import StaffRecord
 
 if TYPE_CHECKING:
-    from bridge.store.base import AnnouncementDelivery
+    from ..store import AnnouncementDelivery
 
 CSV_COLUMNS = ["recipient", "name", "department", "status", "delivered_at", "room_id",
                "acknowledged_at", "ack_method", "reminders", "reminders_failed", "escalated_at",

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.directory import LdapAttributeMap, LdapSearchConfig, LdapSourceConfig
-from ..store.base import Store
+from ..store.domains import KVStore
 from .model import DirectoryError, DirectorySnapshot, Group, Person
 
 log = logging.getLogger(__name__)
@@ -509,7 +509,7 @@ class LdapSource:
     name = "ldap"
 
     def __init__(self, config: LdapSourceConfig, *, bind_password: str | None,
-                 store: Store | None = None, base_dir: Path | None = None) -> None:
+                 store: KVStore | None = None, base_dir: Path | None = None) -> None:
         if config.bind_dn is not None and not bind_password:
             # an empty password is an "unauthenticated bind": many servers answer success
             raise ValueError("bind_dn is set but no bind password was given")

@@ -62,8 +62,8 @@ from scim2_server.responses import SCIM_MEDIA_TYPE, ScimResponse
 from scim2_server.service import ScimService as _ProtocolService
 from scim2_server.storage import AsyncScimStorage, SearchPage, search_page
 
-from ..store import Store
 from ..store.base import ScimResource
+from ..store.domains import ScimStore
 from .model import DirectoryError, DirectorySnapshot, Person
 from .model import Group as DirGroup
 
@@ -193,7 +193,7 @@ class StoreScimStorage(AsyncScimStorage):
     with another operation. Passwords are never stored.
     """
 
-    def __init__(self, store: Store, provider: ScimProvider,
+    def __init__(self, store: ScimStore, provider: ScimProvider,
                  clock_ms: Callable[[], int]) -> None:
         self._store = store
         self._provider = provider
@@ -391,7 +391,7 @@ def _scim_error(status: int, detail: str, scim_type: str | None = None) -> web.R
 class ScimService:
     """The SCIM 2.0 endpoint (RFC 7644) on Enclave's aiohttp application."""
 
-    def __init__(self, store: Store, *, token: str, path_prefix: str = "/scim/v2",
+    def __init__(self, store: ScimStore, *, token: str, path_prefix: str = "/scim/v2",
                  clock_ms: Callable[[], int], on_change: Callable[[], None] | None = None):
         if not token:
             raise ValueError("the SCIM bearer token must not be empty")
@@ -481,7 +481,7 @@ class ScimSource:
 
     name = "scim"
 
-    def __init__(self, store: Store):
+    def __init__(self, store: ScimStore):
         self._store = store
 
     async def read(self) -> DirectorySnapshot:

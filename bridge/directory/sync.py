@@ -95,7 +95,10 @@ class DirectorySync:
                  executor: Executor, store: Store, metrics: Metrics,
                  clock_ms: Callable[[], int], server_name: str, bot_user_id: str,
                  admin_user_id: str, namespace_prefix: str, admin_localpart: str,
-                 bot_localpart: str, allow_initial_passwords: bool = False):
+                 bot_localpart: str, allow_initial_passwords: bool = False,
+                 on_view_change: Callable[[], None] | None = None,
+                 room_edits: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+                 lease_ttl_ms: int = LEASE_TTL_MS):
         self.config = config
         self.source = source
         self.client = client
@@ -104,10 +107,10 @@ class DirectorySync:
         self.metrics = metrics
         self.clock_ms = clock_ms
         # called when a run changed the directory view (separation rebuilds its policy)
-        self.on_view_change: Callable[[], None] | None = None
+        self.on_view_change = on_view_change
         # what separation adds to a managed room's createRoom body (its class state); the
         # gate does not ask about Enclave's own users, so it is applied here
-        self.room_edits: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+        self.room_edits = room_edits
         self.server_name = server_name
         self.bot_user_id = bot_user_id
         self.admin_user_id = admin_user_id
@@ -117,7 +120,7 @@ class DirectorySync:
         self._lock = asyncio.Lock()
         self._managed: dict[str, str] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.lease_ttl_ms = LEASE_TTL_MS
+        self.lease_ttl_ms = lease_ttl_ms
         executor.register(CreateAccount, self._apply_create)
         executor.register(UpdateAccount, self._apply_update)
         executor.register(ReactivateAccount, self._apply_reactivate)

@@ -68,7 +68,8 @@ class Executor:
 
     def __init__(self, client: MatrixClient, store: Store, *, bot_user_id: str,
                  clock_ms: Callable[[], int], metrics: Metrics,
-                 admin_user_id: str | None = None):
+                 admin_user_id: str | None = None,
+                 installation_id: Callable[[], str] = lambda: ""):
         self.client = client
         self.store = store
         self.bot_user_id = bot_user_id
@@ -76,14 +77,19 @@ class Executor:
         self.admin_user_id = admin_user_id or bot_user_id
         self.clock_ms = clock_ms
         self.metrics = metrics
-        # Set once the store is open (see app.py). Part of every send's transaction id:
-        # action ids restart in a new or restored database, and Synapse would otherwise
-        # answer a new send with an old event ("deduplicated") and drop it.
-        self.installation_id = ""
+        # Known once the store is open (the root reads it then). Part of every send's
+        # transaction id: action ids restart in a new or restored database, and Synapse
+        # would otherwise answer a new send with an old event ("deduplicated") and drop it.
+        self._installation_id = installation_id
         # extensions (directory sync, ...): appliers for their own action kinds, and
         # resolvers for symbolic room references such as "managed:department/Sales"
         self._appliers: dict[str, Callable[[Any, str], Awaitable[Outcome]]] = {}
         self._room_resolvers: dict[str, Callable[[str], Awaitable[str]]] = {}
+
+    @property
+    def installation_id(self) -> str:
+        """This database's installation id ("" before the store has been opened)."""
+        return self._installation_id()
 
     def register(self, action_type: type[Action],
                  applier: Callable[[Any, str], Awaitable[Outcome]]) -> None:

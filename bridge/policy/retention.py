@@ -18,10 +18,22 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # importing bridge.config at run time would pull in its YAML loader
-    from ..config.models import RetentionConfig
+
+class RetentionSettings(Protocol):
+    """What the policy reads of the ``retention:`` section
+    (``bridge.config.retention.RetentionConfig``). Not imported, not even for type checks:
+    the config imports this module (durations, rule ids), and policy stays below config."""
+
+    enabled: bool
+    classes: Sequence[Any]
+    dms: Any
+    default: Any
+    adjust_power: int
+    visibility: Any
+    media: Any
+    archive: Any
 
 DM_CLASS = "dm"  # mirrors bridge.config.policy.DM_CLASS (not imported: keeps this pure)
 RETENTION_STATE_TYPE = "m.room.retention"
@@ -229,7 +241,7 @@ class PurgePlan:
 class RetentionPolicy:
     """The ``retention:`` config: periods, adjustments, purge plans. Immutable; reuse it."""
 
-    def __init__(self, config: RetentionConfig):
+    def __init__(self, config: RetentionSettings):
         self.config = config
         self._classes = {c.room_class: (i, c) for i, c in enumerate(config.classes)}
 

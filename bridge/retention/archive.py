@@ -40,7 +40,8 @@ from urllib.parse import quote, unquote
 
 import orjson
 
-from ..store.base import ArchivedEvent, ArchivedMedia, ArchiveHead, Store
+from ..store.base import ArchivedEvent, ArchivedMedia, ArchiveHead
+from ..store.domains import ArchiveIndexStore
 
 ZERO_HASH = "0" * 64
 MANIFEST = "manifest.jsonl"
@@ -337,7 +338,7 @@ class LocalArchive(ArchiveWriter):
     """The archive in a local directory. One writer process per directory (the caller
     holds a lease); within the process, writes to a room are serialized by a lock."""
 
-    def __init__(self, root: Path, store: Store, *, segment_max_bytes: int = 8 << 20,
+    def __init__(self, root: Path, store: ArchiveIndexStore, *, segment_max_bytes: int = 8 << 20,
                  clock_ms: Callable[[], int] | None = None):
         self.root = Path(root)
         self.store = store

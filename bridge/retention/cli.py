@@ -11,20 +11,15 @@ from typing import Any
 
 import orjson
 
+from .. import clikit as cli
+from ..root import Root, wall_clock_ms
 from ..store import Store
 from ..store.base import HoldRecord
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 3
 
 
-def _cli() -> Any:
-    from .. import cli
-
-    return cli
-
-
 def _needs_retention(args: argparse.Namespace) -> tuple[Any, dict] | None:
-    cli = _cli()
     loaded, secrets = cli._load(args)
     if loaded.config.retention is None:
         cli._err(f"enclave {args.cmd}: the configuration has no retention: section")
@@ -40,9 +35,7 @@ def _when(ms: int | None) -> str:
 
 # -- enclave retention --------------------------------------------------------------------
 def cmd_retention(args: argparse.Namespace) -> int:
-    from ..app import wall_clock_ms
     from ..policy.retention import format_duration
-    from .build import standalone_retention
 
     got = _needs_retention(args)
     if got is None:
@@ -54,12 +47,14 @@ def cmd_retention(args: argparse.Namespace) -> int:
             print("  " + line, flush=True)
 
     async def go() -> int:
-        async with standalone_retention(loaded, secrets, clock_ms=wall_clock_ms) as svc:
+        async with Root(loaded, secrets).opened() as root:
+            svc = root.retention
+            assert svc is not None  # checked above
             try:
                 run = await svc.run(apply=args.apply, rooms=args.room or None,
                                     progress=progress)
             except RuntimeError as e:
-                _cli()._err(f"enclave retention: {e}")
+                cli._err(f"enclave retention: {e}")
                 return EXIT_ERROR
         due = held = deferred = purged = would = redacted = 0
         for rr in run.rooms:
@@ -120,22 +115,21 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 # -- enclave hold -------------------------------------------------------------------------
 def cmd_hold(args: argparse.Namespace) -> int:
-    from ..app import wall_clock_ms
     from ..policy.retention import validate_hold
     from .service import hold_from_record
 
-    cli = _cli()
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
     if args.hold_cmd == "add" and (args.user or args.room):
         # who and what the hold names must exist: the homeserver and directory are asked
-        from .build import standalone_retention
 
         loaded, secrets = got
 
         async def check() -> list[str]:
-            async with standalone_retention(loaded, secrets, clock_ms=wall_clock_ms) as svc:
+            async with Root(loaded, secrets).opened() as root:
+                svc = root.retention
+                assert svc is not None  # checked above
                 return await svc.unknown_hold_subjects(args.user or (), args.room or ())
 
         try:
@@ -205,17 +199,15 @@ def _hold_audit(rec: HoldRecord, now: int, kind: str, by: str, reason: str) -> A
 
 # -- enclave archive verify ---------------------------------------------------------------
 def cmd_archive(args: argparse.Namespace) -> int:
-    from ..app import wall_clock_ms
-    from .build import build_archive
 
-    cli = _cli()
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
-    loaded, _ = got
+    _ = got
 
-    async def run(store: Store) -> int:
-        archive = build_archive(loaded, store, wall_clock_ms)
+    async def run(root: Root) -> int:
+        archive = root.archive
+        assert archive is not None  # checked above
         report = await archive.verify(args.room)
         if args.format == "json":
             print(orjson.dumps({
@@ -231,27 +223,25 @@ def cmd_archive(args: argparse.Namespace) -> int:
             print("archive OK" if report.ok else "archive FAILED verification")
         return EXIT_OK if report.ok else EXIT_ERROR
 
-    return asyncio.run(cli._with_store(args, run))
+    return asyncio.run(cli._with_root(args, run))
 
 
 # -- enclave export -----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..app import wall_clock_ms
-    from .build import build_archive
     from .export import ExportRequest, export_archive
 
-    cli = _cli()
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
-    loaded, _ = got
+    _ = got
     formats = frozenset(f.strip() for f in args.formats.split(",") if f.strip())
     unknown = formats - {"jsonl", "html", "eml"}
     if unknown or not formats:
         cli._err(f"enclave export: unknown format(s) {sorted(unknown)}; use jsonl,html,eml")
         return 2
 
-    async def run(store: Store) -> int:
+    async def run(root: Root) -> int:
+        store = root.store
         if args.hold and await store.hold_get(args.hold) is None:
             cli._err(f"enclave export: no hold {args.hold!r}")
             return EXIT_ERROR
@@ -261,7 +251,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             # like an unknown hold: an empty export would read as "nothing was said"
             cli._err(f"enclave export: no archived room {', '.join(map(repr, missing))}")
             return EXIT_ERROR
-        archive = build_archive(loaded, store, wall_clock_ms)
+        archive = root.archive
+        assert archive is not None  # checked above
         req = ExportRequest(
             rooms=tuple(args.room or ()), users=tuple(args.user or ()),
             since_ms=cli.parse_time(args.since) if args.since else None,
@@ -272,7 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK
 
-    return asyncio.run(cli._with_store(args, run))
+    return asyncio.run(cli._with_root(args, run))
 
 
 def add_retention_parsers(sub: Any, common: argparse.ArgumentParser) -> None:

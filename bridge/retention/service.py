@@ -117,6 +117,7 @@ class RetentionService:
                  clock_ms: Callable[[], int], server_name: str, bot_user_id: str,
                  admin_user_id: str, service_prefix: str,
                  classify: Callable[[str], Awaitable[str | None]] | None = None,
+                 lease_ttl_ms: int = 120_000,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.config = config
         self.policy = RetentionPolicy(config)
@@ -133,7 +134,7 @@ class RetentionService:
         self.classify = classify
         self._sleep = sleep
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.lease_ttl_ms = 120_000  # a running app sets the cluster's lease ttl
+        self.lease_ttl_ms = lease_ttl_ms  # the root passes the cluster's lease ttl
 
     def replace_config(self, config: RetentionConfig) -> None:
         self.config = config

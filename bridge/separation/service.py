@@ -116,7 +116,9 @@ class SeparationService:
     def __init__(self, config: PolicyConfig, *, store: Store, client: MatrixClient,
                  executor: Executor, metrics: Metrics, clock_ms: Callable[[], int],
                  server_name: str, bot_user_id: str, admin_user_id: str,
-                 service_prefix: str):
+                 service_prefix: str,
+                 creation_state: Callable[[str], list[dict[str, Any]]] | None = None,
+                 lease_ttl_ms: int = 120_000):
         self.config = config
         self.store = store
         self.client = client
@@ -133,9 +135,9 @@ class SeparationService:
         self._records: dict[str, str] = {}  # class records read so far (never change)
         self._enclave_dms: set[str] | None = None  # rooms the bot opened as its DMs
         # more initial state for a new room of a class (retention adds m.room.retention)
-        self.creation_state: Callable[[str], list[dict[str, Any]]] | None = None
+        self.creation_state = creation_state
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.lease_ttl_ms = 120_000  # a running app sets the cluster's lease ttl
+        self.lease_ttl_ms = lease_ttl_ms  # the root passes the cluster's lease ttl
         executor.register(NotifyUser, self._apply_notice)
         executor.register(NotDone, self._apply_not_done)
 

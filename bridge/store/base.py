@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..directory.model import StaffRecord
+from .db import Database
 
 
 class SchemaError(Exception):
@@ -126,77 +127,6 @@ class AuditFilter:
 
 
 @dataclass(frozen=True)
-class AnnouncementOccurrence:
-    """One send of an announcement (a scheduled time, a manual/ad-hoc send, a webhook).
-
-    ``spec`` is the announcement as JSON when the occurrence was made; ``status`` is
-    ``pending`` (made, nothing sent), ``delivering``, ``delivered`` or ``closed`` (expired,
-    or nothing left to follow up)."""
-
-    announcement_id: str
-    occurrence_id: str
-    kind: str
-    spec: str
-    status: str
-    scheduled_at: int
-    created_at: int
-    created_by: str | None = None
-    delivered_at: int | None = None
-    closed_at: int | None = None
-
-
-@dataclass(frozen=True)
-class AnnouncementDelivery:
-    """One target of an occurrence: a person (``@…``) or an explicit room (``!…``).
-
-    ``status``: ``pending``, ``sent`` or ``failed`` (``detail`` says why)."""
-
-    announcement_id: str
-    occurrence_id: str
-    target: str
-    status: str
-    room_id: str | None = None
-    event_id: str | None = None
-    detail: str | None = None
-    attempts: int = 0
-    sent_at: int | None = None
-    acked_at: int | None = None
-    ack_method: str | None = None
-    ack_event_id: str | None = None
-    reminders: int = 0
-    last_reminder_at: int | None = None
-    escalated_at: int | None = None
-    escalated_to: str | None = None
-    reminder_failures: int = 0  # reminders whose send failed (not in ``reminders``)
-    reminder_error: str | None = None  # why the last failed reminder failed
-    escalation_error: str | None = None  # the escalation's message failed: why
-
-    @property
-    def escalated(self) -> bool:
-        """The manager was told: the homeserver accepted the escalation message."""
-        return (self.escalated_at is not None and self.escalated_to is not None
-                and self.escalation_error is None)
-
-    @property
-    def reminder_slots(self) -> int:
-        """Reminders tried so far, accepted or failed: the position in the schedule."""
-        return self.reminders + self.reminder_failures
-
-
-@dataclass(frozen=True)
-class AnnouncementMessage:
-    """A message the announcement bot sent; ``kind``: announcement, reminder, escalation."""
-
-    event_id: str
-    room_id: str
-    announcement_id: str
-    occurrence_id: str
-    kind: str
-    target: str | None
-    sent_at: int
-
-
-@dataclass(frozen=True)
 class ArchivedEvent:
     """The index row of one archived event: where its JSON line is (segment, 1-based line)."""
 
@@ -278,6 +208,8 @@ class Store(ABC):
     """Durable state of one Enclave installation."""
 
     dialect: str
+    # the database itself: extensions build their own stores on it (bots/store.py)
+    db: Database
 
     # -- lifecycle -----------------------------------------------------------------------
     @abstractmethod
@@ -513,101 +445,6 @@ class Store(ABC):
             return None
 
         return stop
-
-    # -- announcements -------------------------------------------------------------------
-    @abstractmethod
-    async def announcement_create(self, occ: AnnouncementOccurrence,
-                                  targets: Sequence[str]) -> bool:
-        """Insert an occurrence and a pending delivery per target in one commit, only if
-        the occurrence id is new; True if this call inserted it (the once-only guard)."""
-
-    @abstractmethod
-    async def announcement_occurrence(self, announcement_id: str,
-                                      occurrence_id: str) -> AnnouncementOccurrence | None:
-        """One occurrence, or None."""
-
-    @abstractmethod
-    async def announcement_occurrences(
-        self, *, announcement_id: str | None = None, statuses: Sequence[str] | None = None,
-    ) -> list[AnnouncementOccurrence]:
-        """Occurrences (of one announcement, with one of ``statuses``), oldest first."""
-
-    @abstractmethod
-    async def announcement_set_status(self, announcement_id: str, occurrence_id: str,
-                                      status: str, now_ms: int) -> None:
-        """Move an occurrence to ``status`` (``delivered``/``closed`` stamp their time)."""
-
-    @abstractmethod
-    async def announcement_deliveries(
-        self, announcement_id: str, occurrence_id: str, *, status: str | None = None,
-    ) -> list[AnnouncementDelivery]:
-        """The occurrence's targets (with ``status``), in target order."""
-
-    @abstractmethod
-    async def announcement_add_targets(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        status: str, room_id: str | None, event_id: str | None, now_ms: int,
-    ) -> None:
-        """Add targets that are not there yet (members of an explicit room, found when
-        it is sent to), with the given status."""
-
-    @abstractmethod
-    async def announcement_mark_sent(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        room_id: str, event_id: str, now_ms: int, message: AnnouncementMessage | None,
-        audit: Sequence[AuditRecord] = (),
-    ) -> None:
-        """Targets delivered by ``event_id`` in ``room_id``; the message and the audit
-        records are written in the same commit."""
-
-    @abstractmethod
-    async def announcement_mark_failed(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        detail: str, final: bool, audit: Sequence[AuditRecord] = (),
-    ) -> None:
-        """Count a failed attempt; ``final`` makes the targets ``failed`` (else they stay
-        pending for the next pass)."""
-
-    @abstractmethod
-    async def announcement_record_ack(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *, at_ms: int,
-        method: str, event_id: str | None, room_id: str | None = None,
-    ) -> bool:
-        """Record the first acknowledgement of ``user_id``; True if this call recorded it.
-
-        A member of an explicit target room has no row yet: ``room_id`` adds one."""
-
-    @abstractmethod
-    async def announcement_mark_reminded(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *, count: int,
-        now_ms: int, message: AnnouncementMessage | None, audit: AuditRecord | None,
-        error: str | None = None,
-    ) -> None:
-        """Reminder number ``count`` (its slot in the schedule) was sent to the person:
-        accepted by the homeserver (``error`` None, counted in ``reminders``) or failed
-        (counted in ``reminder_failures`` with ``error``). A repeat of a slot is ignored."""
-
-    @abstractmethod
-    async def announcement_mark_escalated(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *,
-        manager: str | None, now_ms: int, message: AnnouncementMessage | None,
-        audit: AuditRecord | None, error: str | None = None,
-    ) -> None:
-        """The person's escalation is done: the manager was told (``manager`` None: there
-        was nobody to tell; ``error``: the message to the manager failed, and why)."""
-
-    @abstractmethod
-    async def announcement_save_message(self, message: AnnouncementMessage) -> None:
-        """Remember a message the bot sent (ignored if its event id is known)."""
-
-    @abstractmethod
-    async def announcement_message(self, event_id: str) -> AnnouncementMessage | None:
-        """The bot's message with this event id, or None."""
-
-    @abstractmethod
-    async def announcement_messages_in_room(self, room_id: str,
-                                            limit: int = 20) -> list[AnnouncementMessage]:
-        """The bot's latest messages in a room, newest first."""
 
     # -- retention -----------------------------------------------------------------------
     @abstractmethod

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from .base import Store
+from .domains import LeaseStore
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ class LeaseLost(RuntimeError):
 
 
 @contextlib.asynccontextmanager
-async def held_lease(store: Store, name: str, owner: str, clock_ms: Callable[[], int],
+async def held_lease(store: LeaseStore, name: str, owner: str, clock_ms: Callable[[], int],
                      ttl_ms: int, busy: Callable[[], Exception]) -> AsyncIterator[None]:
     """Take lease ``name`` for ``owner`` or raise ``busy()``; renew it every third of its
     ttl while the block runs (a holder that dies loses it ``ttl_ms`` after its last

@@ -8,15 +8,13 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import orjson
 
 from ..directory.model import StaffRecord
 from .base import (
-    AnnouncementDelivery,
-    AnnouncementMessage,
-    AnnouncementOccurrence,
     ArchiveConflict,
     ArchivedEvent,
     ArchivedMedia,
@@ -53,15 +51,25 @@ def _staff_from_row(row: tuple[Any, ...]) -> StaffRecord:
         manager_user_id=row[9], groups=frozenset(orjson.loads(row[10])), updated_at=row[11])
 
 
-def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every numbered migration of the dialect, in order."""
-    folder = resources.files("bridge.store") / "migrations" / dialect
-    out = []
-    for entry in folder.iterdir():
-        m = _MIGRATION_RE.match(entry.name)
-        if m:
-            out.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    out.sort()
+def load_migrations(dialect: str, root: Traversable | None = None,
+                    ) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every numbered migration of the dialect, in order.
+
+    ``root``: a migrations folder (default Enclave's own) with a sub-folder per engine
+    (``sqlite``, ``postgres``) and optionally ``common`` for migrations written once for
+    both; an engine's own file of the same number replaces the common one.
+    """
+    base = root or resources.files("bridge.store") / "migrations"
+    found: dict[int, tuple[str, str]] = {}
+    for sub in ("common", dialect):
+        folder = base / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = _MIGRATION_RE.match(entry.name)
+            if m:
+                found[int(m.group(1))] = (entry.name, entry.read_text(encoding="utf-8"))
+    out = [(v, name, sql) for v, (name, sql) in sorted(found.items())]
     for i, (version, name, _) in enumerate(out, start=1):
         if version != i:
             raise RuntimeError(f"migration numbering has a gap at {name}")
@@ -92,16 +100,29 @@ def _audit_row(r: AuditRecord) -> tuple[Any, ...]:
             r.outcome, r.detail)
 
 
+def audit_steps(records: Sequence[AuditRecord]) -> list[Step]:
+    """The batch step that writes ``records`` to the audit log: for stores on the same
+    database (extensions) that audit in the transaction of their own writes."""
+    if not records:
+        return []
+    return [(f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             [_audit_row(a) for a in records], True)]
+
+
 class SQLStore(Store):
     """``journal_db``: where raw transactions are journaled; a separate SQLite file, so the
     homeserver's answer never waits behind the inbox's writes (PostgreSQL: the same db)."""
 
-    def __init__(self, db: Database, journal_db: Database | None = None):
+    def __init__(self, db: Database, journal_db: Database | None = None, *,
+                 extra_migrations: Sequence[Any] = ()):
         self.db = db
         self.journal_db = journal_db if journal_db is not None else db
         self.dialect = db.dialect
         self._migrations = load_migrations(db.dialect)
         self.latest_version = self._migrations[-1][0]
+        # extensions' own schemas (bridge.extension.MigrationSet), versioned apart
+        self._components = [(m, load_migrations(db.dialect, m.folder))
+                            for m in extra_migrations]
 
     @property
     def _separate_journal(self) -> bool:
@@ -207,19 +228,31 @@ class SQLStore(Store):
         async with self.db.transaction() as c:
             await c.fetchval("SELECT 1")
 
-    async def schema_version(self) -> int:
+    async def _table_exists(self, name: str) -> bool:
         # A read only: read-only commands (inbox status, audit) must not take the writer
-        # away from a running Enclave. migrate() creates the table.
+        # away from a running Enclave. migrate() creates the version tables.
         exists_sql = (
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'enclave_schema'"
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?"
             if self.dialect == "sqlite"
             else "SELECT COUNT(*) FROM information_schema.tables "
-                 "WHERE table_schema = current_schema() AND table_name = 'enclave_schema'"
+                 "WHERE table_schema = current_schema() AND table_name = ?"
         )
-        (row,) = await self.db.fetch(exists_sql)
-        if not row[0]:
+        (row,) = await self.db.fetch(exists_sql, name)
+        return bool(row[0])
+
+    async def schema_version(self) -> int:
+        if not await self._table_exists("enclave_schema"):
             return 0
         (row,) = await self.db.fetch("SELECT MAX(version) FROM enclave_schema")
+        return int(row[0] or 0)
+
+    async def component_version(self, component: str) -> int:
+        """The schema version of an extension's own tables (0: none yet)."""
+        if not await self._table_exists("enclave_schema_components"):
+            return 0
+        (row,) = await self.db.fetch(
+            "SELECT MAX(version) FROM enclave_schema_components WHERE component = ?",
+            component)
         return int(row[0] or 0)
 
     def _too_new(self, current: int) -> SchemaError:
@@ -229,34 +262,85 @@ class SQLStore(Store):
             "older release against it"
         )
 
-    async def migrate(self) -> list[int]:
+    async def _apply(self, migrations: Sequence[tuple[int, str, str]], current: int,
+                     component: str | None,
+                     adopted: dict[int, tuple[str, str | None]]) -> list[int]:
+        """Run the migrations newer than ``current``, one transaction each (a failure
+        leaves the previous version intact); ``component``: an extension's, versioned in
+        ``enclave_schema_components`` (None: Enclave's own, in ``enclave_schema``)."""
         pg = self.dialect == "postgres"
-        async with self.db.transaction() as c:
-            if pg:
-                # replicas started together: one migrates, the others wait and find it done
-                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
-            await c.execute(
-                "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)"
-            )
-        current = await self.schema_version()
-        if current > self.latest_version:
-            raise self._too_new(current)
+        if component is None:
+            done_sql, record_sql, key = (
+                "SELECT COALESCE(MAX(version), 0) FROM enclave_schema",
+                "INSERT INTO enclave_schema (version) VALUES (?)", ())
+        else:
+            done_sql, record_sql, key = (
+                "SELECT COALESCE(MAX(version), 0) FROM enclave_schema_components "
+                "WHERE component = ?",
+                "INSERT INTO enclave_schema_components (component, version) VALUES (?, ?)",
+                (component,))
         applied = []
-        for version, _name, sql in self._migrations:
+        for version, _name, sql in migrations:
             if version <= current:
                 continue
-            # one transaction per migration: a failure leaves the previous version intact
             async with self.db.transaction() as c:
                 if pg:
                     await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
-                done = int(await c.fetchval("SELECT COALESCE(MAX(version), 0) "
-                                            "FROM enclave_schema") or 0)
-                if done >= version:
+                if int(await c.fetchval(done_sql, *key) or 0) >= version:
                     continue  # another process applied it meanwhile
-                await c.execute_script(sql)
-                await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", version)
+                # an earlier release made these tables with Enclave's own migrations:
+                # record them as applied instead of creating them twice
+                if not (version in adopted and await self._has(c, *adopted[version])):
+                    await c.execute_script(sql)
+                await c.execute(record_sql, *key, version)
             applied.append(version)
         return applied
+
+    async def _create_version_table(self, ddl: str) -> None:
+        async with self.db.transaction() as c:
+            if self.dialect == "postgres":
+                # replicas started together: one migrates, the others wait and find it done
+                await c.execute("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
+            await c.execute(ddl)
+
+    async def migrate(self) -> list[int]:
+        await self._create_version_table(
+            "CREATE TABLE IF NOT EXISTS enclave_schema (version INTEGER NOT NULL)")
+        current = await self.schema_version()
+        if current > self.latest_version:
+            raise self._too_new(current)
+        applied = await self._apply(self._migrations, current, None, {})
+        for mset, migrations in self._components:
+            await self._migrate_component(mset, migrations)
+        return applied
+
+    async def _has(self, c: Any, table: str, column: str | None) -> bool:
+        if self.dialect == "sqlite":
+            rows = await c.fetch(f"PRAGMA table_info({table})")
+            names = {r[1] for r in rows}
+        else:
+            rows = await c.fetch(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?", table)
+            names = {r[0] for r in rows}
+        return bool(names) and (column is None or column in names)
+
+    async def _migrate_component(self, mset: Any,
+                                 migrations: list[tuple[int, str, str]]) -> None:
+        await self._create_version_table(
+            "CREATE TABLE IF NOT EXISTS enclave_schema_components "
+            "(component TEXT NOT NULL, version INTEGER NOT NULL)")
+        latest = migrations[-1][0] if migrations else 0
+        current = await self.component_version(mset.component)
+        if current > latest:
+            raise self._too_new_component(mset.component, current, latest)
+        await self._apply(migrations, current, mset.component,
+                          {v: (t, col) for v, t, col in mset.adopted})
+
+    def _too_new_component(self, component: str, current: int, latest: int) -> SchemaError:
+        return SchemaError(
+            f"the database's {component} tables are at schema version {current}, newer "
+            f"than this Enclave's {component} (knows up to {latest}): upgrade it instead")
 
     async def check_schema(self) -> None:
         current = await self.schema_version()
@@ -267,6 +351,15 @@ class SQLStore(Store):
                 f"the database is at schema version {current}; this Enclave needs "
                 f"{self.latest_version}: run 'enclave migrate'"
             )
+        for mset, migrations in self._components:
+            latest = migrations[-1][0] if migrations else 0
+            have = await self.component_version(mset.component)
+            if have > latest:
+                raise self._too_new_component(mset.component, have, latest)
+            if have < latest:
+                raise SchemaError(
+                    f"the database's {mset.component} tables are at schema version {have}; "
+                    f"this Enclave needs {latest}: run 'enclave migrate'")
 
     # -- inbox ---------------------------------------------------------------------------
     async def save_transaction(
@@ -692,202 +785,6 @@ class SQLStore(Store):
             (owner, now_ms + ttl_ms, name, dead_owner), False)])
         return counts[0] == 1
 
-
-    # -- announcements -------------------------------------------------------------------
-    _OCC_COLS = ("announcement_id, occurrence_id, kind, spec, status, scheduled_at,"
-                 " created_at, created_by, delivered_at, closed_at")
-    _DEL_COLS = ("announcement_id, occurrence_id, target, status, room_id, event_id, detail,"
-                 " attempts, sent_at, acked_at, ack_method, ack_event_id, reminders,"
-                 " last_reminder_at, escalated_at, escalated_to, reminder_failures,"
-                 " reminder_error, escalation_error")
-    _MSG_COLS = "event_id, room_id, announcement_id, occurrence_id, kind, target, sent_at"
-    _INSERT_MSG = (f"INSERT INTO announcement_messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                   " ON CONFLICT (event_id) DO NOTHING")
-
-    @staticmethod
-    def _msg_row(m: AnnouncementMessage) -> tuple[Any, ...]:
-        return (m.event_id, m.room_id, m.announcement_id, m.occurrence_id, m.kind, m.target,
-                m.sent_at)
-
-    def _msg_steps(self, message: AnnouncementMessage | None,
-                   audit: Sequence[AuditRecord]) -> list[Step]:
-        steps: list[Step] = []
-        if message is not None:
-            steps.append((self._INSERT_MSG, self._msg_row(message), False))
-        if audit:
-            steps.append((f"INSERT INTO audit ({_AUDIT_COLS})"
-                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          [_audit_row(a) for a in audit], True))
-        return steps
-
-    async def announcement_create(self, occ: AnnouncementOccurrence,
-                                  targets: Sequence[str]) -> bool:
-        o = occ
-        steps: list[Step] = [
-            (f"INSERT INTO announcement_occurrences ({self._OCC_COLS})"
-             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-             " ON CONFLICT (announcement_id, occurrence_id) DO NOTHING",
-             (o.announcement_id, o.occurrence_id, o.kind, o.spec, o.status, o.scheduled_at,
-              o.created_at, o.created_by, o.delivered_at, o.closed_at), False)]
-        if targets:
-            steps.append((
-                "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
-                " status, attempts, reminders) VALUES (?, ?, ?, 'pending', 0, 0)"
-                " ON CONFLICT DO NOTHING",
-                [(o.announcement_id, o.occurrence_id, t) for t in dict.fromkeys(targets)],
-                True))
-        counts = await self.db.batch(steps, require_first=True)
-        return counts[0] == 1
-
-    async def announcement_occurrence(self, announcement_id: str,
-                                      occurrence_id: str) -> AnnouncementOccurrence | None:
-        rows = await self.db.fetch(
-            f"SELECT {self._OCC_COLS} FROM announcement_occurrences"
-            " WHERE announcement_id = ? AND occurrence_id = ?", announcement_id, occurrence_id)
-        return AnnouncementOccurrence(*tuple(rows[0])) if rows else None
-
-    async def announcement_occurrences(
-        self, *, announcement_id: str | None = None, statuses: Sequence[str] | None = None,
-    ) -> list[AnnouncementOccurrence]:
-        where, args = [], []
-        if announcement_id is not None:
-            where.append("announcement_id = ?")
-            args.append(announcement_id)
-        if statuses:
-            where.append("status IN (" + ", ".join("?" for _ in statuses) + ")")
-            args.extend(statuses)
-        sql = f"SELECT {self._OCC_COLS} FROM announcement_occurrences"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = await self.db.fetch(sql + " ORDER BY created_at, occurrence_id", *args)
-        return [AnnouncementOccurrence(*tuple(r)) for r in rows]
-
-    async def announcement_set_status(self, announcement_id: str, occurrence_id: str,
-                                      status: str, now_ms: int) -> None:
-        stamp = {"delivered": ", delivered_at = COALESCE(delivered_at, ?)",
-                 "closed": ", closed_at = COALESCE(closed_at, ?)"}.get(status, "")
-        args: tuple[Any, ...] = (status, now_ms) if stamp else (status,)
-        await self.db.batch([(
-            f"UPDATE announcement_occurrences SET status = ?{stamp}"
-            " WHERE announcement_id = ? AND occurrence_id = ?",
-            (*args, announcement_id, occurrence_id), False)])
-
-    async def announcement_deliveries(
-        self, announcement_id: str, occurrence_id: str, *, status: str | None = None,
-    ) -> list[AnnouncementDelivery]:
-        sql = (f"SELECT {self._DEL_COLS} FROM announcement_deliveries"
-               " WHERE announcement_id = ? AND occurrence_id = ?")
-        args: list[Any] = [announcement_id, occurrence_id]
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
-        rows = await self.db.fetch(sql + " ORDER BY target", *args)
-        return [AnnouncementDelivery(*tuple(r)) for r in rows]
-
-    async def announcement_add_targets(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        status: str, room_id: str | None, event_id: str | None, now_ms: int,
-    ) -> None:
-        if not targets:
-            return
-        sent_at = now_ms if status == "sent" else None
-        await self.db.batch([(
-            "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
-            " status, room_id, event_id, attempts, sent_at, reminders)"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, 0) ON CONFLICT DO NOTHING",
-            [(announcement_id, occurrence_id, t, status, room_id, event_id, sent_at)
-             for t in dict.fromkeys(targets)], True)])
-
-    async def announcement_mark_sent(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        room_id: str, event_id: str, now_ms: int, message: AnnouncementMessage | None,
-        audit: Sequence[AuditRecord] = (),
-    ) -> None:
-        if not targets and message is None and not audit:
-            return
-        steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET status = 'sent', room_id = ?, event_id = ?,"
-            " detail = NULL, attempts = attempts + 1, sent_at = ?"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?",
-            [(room_id, event_id, now_ms, announcement_id, occurrence_id, t) for t in targets],
-            True)] if targets else []
-        await self.db.batch(steps + self._msg_steps(message, audit))
-
-    async def announcement_mark_failed(
-        self, announcement_id: str, occurrence_id: str, targets: Sequence[str], *,
-        detail: str, final: bool, audit: Sequence[AuditRecord] = (),
-    ) -> None:
-        if not targets:
-            return
-        status = "failed" if final else "pending"
-        steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET status = ?, detail = ?,"
-            " attempts = attempts + 1"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND status <> 'sent'",
-            [(status, detail, announcement_id, occurrence_id, t) for t in targets], True)]
-        await self.db.batch(steps + self._msg_steps(None, audit))
-
-    async def announcement_record_ack(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *, at_ms: int,
-        method: str, event_id: str | None, room_id: str | None = None,
-    ) -> bool:
-        steps: list[Step] = []
-        if room_id is not None:
-            steps.append((
-                "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
-                " status, room_id, attempts, reminders) VALUES (?, ?, ?, 'sent', ?, 0, 0)"
-                " ON CONFLICT DO NOTHING",
-                (announcement_id, occurrence_id, user_id, room_id), False))
-        steps.append((
-            "UPDATE announcement_deliveries SET acked_at = ?, ack_method = ?, ack_event_id = ?"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND acked_at IS NULL",
-            (at_ms, method, event_id, announcement_id, occurrence_id, user_id), False))
-        counts = await self.db.batch(steps)
-        return counts[-1] == 1
-
-    async def announcement_mark_reminded(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *, count: int,
-        now_ms: int, message: AnnouncementMessage | None, audit: AuditRecord | None,
-        error: str | None = None,
-    ) -> None:
-        counter = "reminders" if error is None else "reminder_failures"
-        steps: list[Step] = [(
-            f"UPDATE announcement_deliveries SET {counter} = {counter} + 1,"
-            " last_reminder_at = ?, reminder_error = COALESCE(?, reminder_error)"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND reminders + reminder_failures < ?",
-            (now_ms, error, announcement_id, occurrence_id, user_id, count), False)]
-        await self.db.batch(steps + self._msg_steps(message, [audit] if audit else []))
-
-    async def announcement_mark_escalated(
-        self, announcement_id: str, occurrence_id: str, user_id: str, *,
-        manager: str | None, now_ms: int, message: AnnouncementMessage | None,
-        audit: AuditRecord | None, error: str | None = None,
-    ) -> None:
-        steps: list[Step] = [(
-            "UPDATE announcement_deliveries SET escalated_at = ?, escalated_to = ?,"
-            " escalation_error = ?"
-            " WHERE announcement_id = ? AND occurrence_id = ? AND target = ?"
-            " AND escalated_at IS NULL",
-            (now_ms, manager, error, announcement_id, occurrence_id, user_id), False)]
-        await self.db.batch(steps + self._msg_steps(message, [audit] if audit else []))
-
-    async def announcement_save_message(self, message: AnnouncementMessage) -> None:
-        await self.db.batch([(self._INSERT_MSG, self._msg_row(message), False)])
-
-    async def announcement_message(self, event_id: str) -> AnnouncementMessage | None:
-        rows = await self.db.fetch(
-            f"SELECT {self._MSG_COLS} FROM announcement_messages WHERE event_id = ?", event_id)
-        return AnnouncementMessage(*tuple(rows[0])) if rows else None
-
-    async def announcement_messages_in_room(self, room_id: str,
-                                            limit: int = 20) -> list[AnnouncementMessage]:
-        rows = await self.db.fetch(
-            f"SELECT {self._MSG_COLS} FROM announcement_messages WHERE room_id = ?"
-            " ORDER BY sent_at DESC, event_id DESC LIMIT ?", room_id, limit)
-        return [AnnouncementMessage(*tuple(r)) for r in rows]
 
     # -- retention -----------------------------------------------------------------------
     _AEV_COLS = ("event_id, room_id, sender, type, state_key, ts, segment, line, archived_at,"

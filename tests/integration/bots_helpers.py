@@ -14,6 +14,7 @@ import yaml
 from aiohttp import web
 
 from bots.announcements.spec import MARKER
+from bots.store import AnnouncementStore
 from bots.wiring import BOTS, BotsRuntime
 from bridge.app import SERVICES, Services, build_app, wall_clock_ms
 from bridge.config import check_secrets, load_config
@@ -104,6 +105,11 @@ class InProcessEnclave:
     def bots(self) -> BotsRuntime:
         assert self.app is not None
         return self.app[BOTS]
+
+    @property
+    def announcements(self) -> AnnouncementStore:
+        """The bots' own store (announcements), on Enclave's database."""
+        return self.bots.services.announcements
 
     async def wait_directory(self, within: float = 60) -> dict[str, Any]:
         async def done() -> dict[str, Any] | None:

@@ -12,10 +12,9 @@ from typing import Any
 
 import yaml
 
-from bridge.app import wall_clock_ms
 from bridge.config import check_secrets, load_config
-from bridge.directory.build import standalone_sync
 from bridge.directory.sync import DirectorySync
+from bridge.root import Root
 
 from .harness import SERVER_NAME, Stack
 
@@ -49,13 +48,13 @@ async def open_sync(config: Path) -> AsyncIterator[DirectorySync]:
     loaded = load_config(config)
     secrets = check_secrets(loaded)
     # the CLI's path: the store must be migrated first (enclave migrate / enclave run)
-    from bridge.app import build_store
-
-    store = build_store(loaded, secrets)
+    store = Root(loaded, secrets).store
     await store.open()
     await store.migrate()
     await store.close()
-    async with standalone_sync(loaded, secrets, clock_ms=wall_clock_ms) as sync:
+    async with Root(loaded, secrets).opened() as _root:
+        sync = _root.directory
+        assert sync is not None
         yield sync
 
 

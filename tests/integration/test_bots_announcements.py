@@ -119,25 +119,25 @@ async def test_scheduled_announcement_acks_reminders_escalation_report(
         stack: Stack, enclave: InProcessEnclave, staff: list[nio.AsyncClient]) -> None:
     bot = enclave.bots.announcements
     assert bot is not None
-    store = enclave.svc.store
+    ann = enclave.announcements
     clock = enclave.clock
 
     # -- nothing before 09:00; at 09:00 Berlin exactly the Sales people get it --------------
     nine = next_nine_berlin(clock.t)
     clock.t = nine - 60_000
     await bot.tick()
-    assert await store.announcement_occurrences() == []
+    assert await ann.announcement_occurrences() == []
     clock.t = nine + 30_000
     await bot.tick()
-    occs = await store.announcement_occurrences(announcement_id="sales-update")
+    occs = await ann.announcement_occurrences(announcement_id="sales-update")
     assert [(o.kind, o.status) for o in occs] == [("scheduled", "delivered")]
     occ = occs[0].occurrence_id
-    rows = {r.target: r for r in await store.announcement_deliveries("sales-update", occ)}
+    rows = {r.target: r for r in await ann.announcement_deliveries("sales-update", occ)}
     assert set(rows) == {uid(u) for u in SALES}
     assert all(r.status == "sent" for r in rows.values()), rows
     # a second tick (and a restart's first tick) fires nothing again
     await bot.tick()
-    assert len(await store.announcement_occurrences()) == 1
+    assert len(await ann.announcement_occurrences()) == 1
 
     clients = {}
     for name in SALES + OPS:
@@ -172,7 +172,7 @@ async def test_scheduled_announcement_acks_reminders_escalation_report(
     assert isinstance(r, nio.RoomSendResponse), r
 
     async def acked() -> dict[str, Any] | None:
-        got = {d.target: d for d in await store.announcement_deliveries("sales-update", occ)}
+        got = {d.target: d for d in await ann.announcement_deliveries("sales-update", occ)}
         done = {u for u, d in got.items() if d.acked_at is not None}
         return got if done == {uid("sam"), uid("hanna")} else None
 
@@ -202,7 +202,7 @@ async def test_scheduled_announcement_acks_reminders_escalation_report(
     assert len(await bot_messages(stack, sam_room)) == before["sam"]
     assert len(await bot_messages(stack, sue_room)) == before["sue"] + 1
     # everything followed up: closed, and the control room would get the summary
-    (closed,) = await store.announcement_occurrences(announcement_id="sales-update")
+    (closed,) = await ann.announcement_occurrences(announcement_id="sales-update")
     assert closed.status == "closed"
 
     # -- the report: counts and who/when as CSV ----------------------------------------------
@@ -235,7 +235,7 @@ async def test_announce_refused_then_sent_by_the_permitted(
         stack: Stack, enclave: InProcessEnclave, staff: list[nio.AsyncClient]) -> None:
     bot = enclave.bots.announcements
     assert bot is not None
-    store = enclave.svc.store
+    ann = enclave.announcements
     hanna, sam = await login(stack, "hanna"), await login(stack, "sam")
     staff.extend([hanna, sam])
     room = await _create_control_room(hanna, [ANNOUNCE_BOT, uid("sam")])
@@ -270,7 +270,7 @@ async def test_announce_refused_then_sent_by_the_permitted(
                             what="the second refusal")
     assert one(said, "Refused: `!confirm`") == (
         "Refused: `!confirm` needs membership of comms.")
-    assert await store.announcement_occurrences() == []
+    assert await ann.announcement_occurrences() == []
 
     # hanna (comms): a preview with the count, then !confirm sends it
     await hanna.room_send(room, "m.room.message", {
@@ -280,20 +280,20 @@ async def test_announce_refused_then_sent_by_the_permitted(
     preview = one(said, "**Preview**")
     assert "To **2 people**" in preview and "Ops 2" in preview, preview
     assert "acknowledgement required" in preview and "The VPN is down 22-23h." in preview
-    assert await store.announcement_occurrences() == []  # nothing until confirmed
+    assert await ann.announcement_occurrences() == []  # nothing until confirmed
     await hanna.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "!confirm"})
     said = await wait_until(lambda: bot_said("📣 Sending"), within=30,
                             what="the confirmation")
     assert one(said, "📣 Sending").startswith("📣 Sending **Maintenance tonight** to 2 people")
 
     async def delivered() -> Any:
-        occs = await store.announcement_occurrences()
+        occs = await ann.announcement_occurrences()
         # acknowledgement asked, no reminders and no expiry: closed at once (acks still count)
         return occs if occs and occs[0].status in ("delivered", "closed") else None
 
     (occ,) = await wait_until(delivered, within=30, what="the ad-hoc fan-out")
     assert occ.kind == "adhoc" and occ.created_by == uid("hanna")
-    rows = await store.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
+    rows = await ann.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
     assert sorted(r.target for r in rows) == [uid("olga"), uid("otto")]
     for u in OPS:
         assert len(await announcement_copies(stack, uid(u), occ.announcement_id)) == 1
@@ -307,7 +307,7 @@ async def test_announce_refused_then_sent_by_the_permitted(
     await hanna.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "!confirm"})
     await wait_until(lambda: bot_said("Not sent: there is nothing to confirm"), within=30,
                      what="nothing to confirm")
-    assert len(await store.announcement_occurrences()) == 1
+    assert len(await ann.announcement_occurrences()) == 1
 
 
 async def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
@@ -317,7 +317,7 @@ async def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, An
 
 async def test_webhooks_good_and_bad_signatures(stack: Stack,
                                                 enclave: InProcessEnclave) -> None:
-    store = enclave.svc.store
+    ann = enclave.announcements
     base = f"http://127.0.0.1:{stack.as_port}/hooks"
     payload = json.dumps({"alert": {"name": "Disk full", "summary":
                                     "db1 is at *99%*, see [click](https://evil.example)"}}
@@ -329,7 +329,7 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
                     {"X-Enclave-Signature": sign("hmac-secret-for-tests", payload + b" ")}):
         status, body = await _post(f"{base}/alerts", payload, {**json_ct, **headers})
         assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED"), headers
-    assert await store.announcement_occurrences() == []
+    assert await ann.announcement_occurrences() == []
     status, _ = await _post(f"{base}/nope", payload, json_ct)
     assert status == 404
     # the good signature: 202, the Ops people get the filled template
@@ -348,7 +348,7 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
     assert (status, body["created"]) == (200, False)
 
     async def delivered() -> Any:
-        o = await store.announcement_occurrence("alerts", "alert-1")
+        o = await ann.announcement_occurrence("alerts", "alert-1")
         # no acknowledgement asked: closed as soon as it is delivered
         return o if o is not None and o.status in ("delivered", "closed") else None
 
@@ -370,7 +370,7 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
     hr = json.dumps({"headline": "Holiday", "text": "Office closed Friday"}).encode()
     status, _ = await _post(f"{base}/hr", hr, {**json_ct, "Authorization": "Bearer nope"})
     assert status == 401
-    assert await store.announcement_occurrences(announcement_id="hr") == []
+    assert await ann.announcement_occurrences(announcement_id="hr") == []
     status, body = await _post(f"{base}/hr", hr,
                                {**json_ct, "Authorization": "Bearer token-for-tests"})
     assert (status, body["recipients"]) == (202, 1)
@@ -381,15 +381,15 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
     status, body = await _post(f"{base}/hr", hr,
                                {**json_ct, "Authorization": "Bearer token-for-tests"})
     assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
-    assert len(await store.announcement_occurrences(announcement_id="hr")) == 2
-    for o in await store.announcement_occurrences(announcement_id="hr"):
-        assert [d.target for d in await store.announcement_deliveries(
+    assert len(await ann.announcement_occurrences(announcement_id="hr")) == 2
+    for o in await ann.announcement_occurrences(announcement_id="hr"):
+        assert [d.target for d in await ann.announcement_deliveries(
             "hr", o.occurrence_id)] == [uid("sam")]
 
 
 async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
         stack: Stack, enclave: InProcessEnclave, staff: list[nio.AsyncClient]) -> None:
-    store = enclave.svc.store
+    store, ann = enclave.svc.store, enclave.announcements
     otto, olga = await login(stack, "otto"), await login(stack, "olga")
     staff.extend([otto, olga])
     plain = await otto.room_create(alias="plain-room", name="plain", invite=[
@@ -407,11 +407,11 @@ async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
     assert (status, resp["rooms"], resp["recipients"]) == (202, 2, 0), resp
 
     async def delivered() -> Any:
-        o = await store.announcement_occurrence("rooms", resp["occurrence"])
+        o = await ann.announcement_occurrence("rooms", resp["occurrence"])
         return o if o is not None and o.status in ("delivered", "closed") else None
 
     await wait_until(delivered, within=30, what="the fan-out to the two rooms")
-    rows = {d.target: d for d in await store.announcement_deliveries(
+    rows = {d.target: d for d in await ann.announcement_deliveries(
         "rooms", resp["occurrence"])}
     # the plain room got it, and its members became recipients who can acknowledge
     assert rows["#plain-room:corp.test"].status == "sent"
@@ -435,7 +435,7 @@ async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
     assert isinstance(r, nio.RoomSendResponse), r
 
     async def olga_acked() -> bool:
-        rows = {d.target: d for d in await store.announcement_deliveries(
+        rows = {d.target: d for d in await ann.announcement_deliveries(
             "rooms", resp["occurrence"])}
         return rows[uid("olga")].acked_at is not None
 
@@ -452,12 +452,13 @@ async def test_a_failed_reminder_is_reported_as_failed_not_sent(
     bot = enclave.bots.announcements
     assert bot is not None
     store, clock = enclave.svc.store, enclave.clock
+    ann = enclave.announcements
     nine = next_nine_berlin(clock.t + 24 * HOUR)  # an occurrence of its own
     clock.t = nine + 30_000
     await bot.tick()
-    (occ,) = [o for o in await store.announcement_occurrences(announcement_id="sales-update")
+    (occ,) = [o for o in await ann.announcement_occurrences(announcement_id="sales-update")
               if o.scheduled_at == nine]
-    rows = {r.target: r for r in await store.announcement_deliveries("sales-update",
+    rows = {r.target: r for r in await ann.announcement_deliveries("sales-update",
                                                                        occ.occurrence_id)}
     assert all(r.status == "sent" for r in rows.values()), rows
     sam_room = rows[uid("sam")].room_id
@@ -473,7 +474,7 @@ async def test_a_failed_reminder_is_reported_as_failed_not_sent(
     await bot.tick()
     clock.t = nine + 2 * HOUR + 120_000
     await bot.tick()
-    got = {r.target: r for r in await store.announcement_deliveries("sales-update",
+    got = {r.target: r for r in await ann.announcement_deliveries("sales-update",
                                                                       occ.occurrence_id)}
     assert (got[uid("sam")].reminders, got[uid("sam")].reminder_failures) == (0, 1), got
     assert (got[uid("sue")].reminders, got[uid("sue")].reminder_failures) == (1, 0), got

@@ -86,7 +86,7 @@ async def test_encrypted_dm_announcement_is_decrypted_by_the_recipient(
         spec = spec_for(cfg.announcements[0], cfg.timezone)
         now = enclave.clock()
         created, sel = await make_occurrence(
-            svc.store, await svc.store.directory_view(), announcement_id="enc-note",
+            enclave.announcements, await svc.store.directory_view(), announcement_id="enc-note",
             occurrence_id="manual-1", kind="manual", spec=spec, scheduled_at=now,
             created_by="test", now_ms=now)
         assert created and set(sel.users) == {uid("erin"), uid("ezra"), uid("ivan")}
@@ -109,13 +109,13 @@ async def test_encrypted_dm_announcement_is_decrypted_by_the_recipient(
 
         # ezra never signed in with an encrypting client: reported, not sent in clear
         async def ezra_reported() -> list:
-            rows = await svc.store.announcement_deliveries("enc-note", "manual-1")
+            rows = await enclave.announcements.announcement_deliveries("enc-note", "manual-1")
             return [r for r in rows if r.target == uid("ezra") and r.status == "failed"]
 
         (row,) = await wait_until(ezra_reported, within=60, what="ezra's failed delivery")
         assert "without any E2EE device" in row.detail and uid("ezra") in row.detail
         async def settled() -> dict | None:
-            rows = {r.target: r for r in await svc.store.announcement_deliveries(
+            rows = {r.target: r for r in await enclave.announcements.announcement_deliveries(
                 "enc-note", "manual-1")}
             return rows if all(r.status != "pending" for r in rows.values()) else None
 

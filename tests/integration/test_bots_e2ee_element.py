@@ -68,7 +68,7 @@ async def announce(enclave: InProcessEnclave, announcement_id: str) -> None:
                     cfg.timezone)
     now = enclave.clock()
     created, _ = await make_occurrence(
-        svc.store, await svc.store.directory_view(), announcement_id=announcement_id,
+        enclave.announcements, await svc.store.directory_view(), announcement_id=announcement_id,
         occurrence_id="o1", kind="manual", spec=spec, scheduled_at=now, created_by="test",
         now_ms=now)
     assert created
@@ -102,7 +102,7 @@ async def bot_message(element: ElementClient, bot: str, text: str,
 async def delivery(enclave: InProcessEnclave, announcement_id: str, user: str,
                    *, acked: bool = False) -> Any:
     async def row() -> Any:
-        rows = await enclave.svc.store.announcement_deliveries(announcement_id, "o1")
+        rows = await enclave.enclave.announcements.announcement_deliveries(announcement_id, "o1")
         found = [r for r in rows if r.target == user and r.status != "pending"]
         if found and (not acked or found[0].acked_at is not None):
             return found[0]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -72,11 +73,13 @@ MakeStore = Callable[..., Awaitable[Store]]
 
 @pytest.fixture
 async def make_store(db_url: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    """Open (and by default migrate) a store; several calls = several processes/restarts."""
+    """Open (and by default migrate) a store; several calls = several processes/restarts.
+    ``extra_migrations``: extensions' schemas (the bots') migrated with it."""
     opened: list[Store] = []
 
-    async def make(*, migrate: bool = True) -> Store:
-        s = open_store(db_url, base_dir=tmp_path, pool_size=4)
+    async def make(*, migrate: bool = True, extra_migrations: Sequence[Any] = ()) -> Store:
+        s = open_store(db_url, base_dir=tmp_path, pool_size=4,
+                       extra_migrations=extra_migrations)
         await s.open()
         opened.append(s)
         if migrate:

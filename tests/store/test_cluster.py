@@ -242,12 +242,14 @@ async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
     from bots.announcements import delivery
     from bots.announcements.audience import Audience
     from bots.announcements.spec import AnnouncementSpec
-    from bridge.store.base import AnnouncementOccurrence
+    from bots.store import MIGRATIONS, AnnouncementOccurrence, AnnouncementStore
 
     monkeypatch.setattr(delivery, "LEASE_TTL_MS", 300)
     clock = Clock()
-    store, other = await make_store(), await make_store(migrate=False)
-    bot = SimpleNamespace(svc=SimpleNamespace(store=store, clock_ms=clock))
+    store = await make_store(extra_migrations=[MIGRATIONS])
+    other = await make_store(migrate=False)
+    bot = SimpleNamespace(svc=SimpleNamespace(store=store, clock_ms=clock,
+                                              announcements=AnnouncementStore(store.db)))
     fan = delivery.FanOut(bot)  # type: ignore[arg-type]
     spec = AnnouncementSpec(title="T", body="B", audience=Audience(all_staff=True))
     occ = AnnouncementOccurrence("a", "o", "manual", spec.to_json(), "delivering",

@@ -71,16 +71,6 @@ EXPECTED_TABLES = {
                        "title", "department", "location", "manager_user_id", "groups",
                        "updated_at"},
     "component_kv": {"component", "key", "value", "updated_at"},
-    "announcement_occurrences": {"announcement_id", "occurrence_id", "kind", "spec", "status",
-                                 "scheduled_at", "created_at", "created_by", "delivered_at",
-                                 "closed_at"},
-    "announcement_deliveries": {"announcement_id", "occurrence_id", "target", "status",
-                                "room_id", "event_id", "detail", "attempts", "sent_at",
-                                "acked_at", "ack_method", "ack_event_id", "reminders",
-                                "last_reminder_at", "escalated_at", "escalated_to",
-                                "reminder_failures", "reminder_error", "escalation_error"},
-    "announcement_messages": {"event_id", "room_id", "announcement_id", "occurrence_id",
-                              "kind", "target", "sent_at"},
     "archive_events": {"event_id", "room_id", "sender", "type", "state_key", "ts", "segment",
                        "line", "archived_at", "purged_at"},
     "archive_heads": {"room_id", "entries", "head", "segment", "segment_bytes", "updated_at"},
@@ -112,6 +102,17 @@ def test_both_dialects_have_the_same_migrations() -> None:
     sqlite, pg = load_migrations("sqlite"), load_migrations("postgres")
     assert [(v, n) for v, n, _ in sqlite] == [(v, n) for v, n, _ in pg]
     assert [v for v, _, _ in sqlite] == list(range(1, len(sqlite) + 1))
+
+
+def test_each_migration_is_written_once() -> None:
+    # an engine's own file only where the engines differ; the rest in common/
+    from importlib import resources
+
+    root = resources.files("bridge.store") / "migrations"
+    sqlite = {e.name: e.read_text() for e in (root / "sqlite").iterdir()}
+    pg = {e.name: e.read_text() for e in (root / "postgres").iterdir()}
+    assert [n for n in sqlite if pg.get(n) == sqlite[n]] == []
+    assert set(sqlite) == set(pg)  # a difference is one file per engine, never one alone
 
 
 async def test_fresh_to_latest_and_rerun(make_store: MakeStore) -> None:
@@ -638,117 +639,6 @@ async def test_component_kv_once_only_guard(store: Store):
     assert await store.component_delete("notices", "k1") is True
     assert await store.component_delete("notices", "k1") is False
     assert await store.component_get("notices", "k1") is None
-
-
-# -- announcements ------------------------------------------------------------------------
-def _occ(occ_id: str = "2026-12-01T09:00", *, created_at: int = 5) -> Any:
-    from bridge.store.base import AnnouncementOccurrence
-
-    return AnnouncementOccurrence(
-        announcement_id="policy", occurrence_id=occ_id, kind="scheduled", spec='{"t": 1}',
-        status="pending", scheduled_at=1, created_at=created_at, created_by=None)
-
-
-async def test_announcement_occurrence_is_created_once(store: Store):
-    targets = ["@b:x", "@a:x", "!room:x", "@a:x"]
-    assert await store.announcement_create(_occ(), targets) is True
-    # a second process (or a restart) deciding the same occurrence inserts nothing
-    assert await store.announcement_create(_occ(), ["@c:x"]) is False
-    got = await store.announcement_occurrence("policy", "2026-12-01T09:00")
-    assert got == _occ()
-    dels = await store.announcement_deliveries("policy", "2026-12-01T09:00")
-    assert [(d.target, d.status, d.attempts, d.reminders) for d in dels] == [
-        ("!room:x", "pending", 0, 0), ("@a:x", "pending", 0, 0), ("@b:x", "pending", 0, 0)]
-    assert await store.announcement_create(_occ("empty", created_at=6), []) is True
-    assert [o.occurrence_id for o in await store.announcement_occurrences()] == [
-        "2026-12-01T09:00", "empty"]
-    await store.announcement_set_status("policy", "empty", "delivered", 77)
-    await store.announcement_set_status("policy", "empty", "closed", 88)
-    done = await store.announcement_occurrence("policy", "empty")
-    assert (done.status, done.delivered_at, done.closed_at) == ("closed", 77, 88)
-    assert [o.occurrence_id for o in await store.announcement_occurrences(
-        statuses=["pending", "delivering"])] == ["2026-12-01T09:00"]
-    assert await store.announcement_occurrences(announcement_id="other") == []
-
-
-async def test_announcement_sent_failed_acked_reminded(store: Store):
-    from bridge.store.base import AnnouncementMessage
-
-    occ = "o1"
-    await store.announcement_create(_occ(occ), ["@a:x", "@b:x", "@c:x"])
-    msg = AnnouncementMessage("$ev1", "!dm-a", "policy", occ, "announcement", "@a:x", 10)
-    audit = AuditRecord(ts=10, source="bots", kind="announcement_send", outcome="applied",
-                        user_id="@a:x", room_id="!dm-a")
-    await store.announcement_mark_sent("policy", occ, ["@a:x"], room_id="!dm-a",
-                                       event_id="$ev1", now_ms=10, message=msg, audit=[audit])
-    # a transient failure stays pending; a final one is failed; a sent row is never failed
-    await store.announcement_mark_failed("policy", occ, ["@b:x", "@a:x"], detail="503",
-                                         final=False)
-    await store.announcement_mark_failed("policy", occ, ["@c:x"], detail="403 forbidden",
-                                         final=True)
-    by = {d.target: d for d in await store.announcement_deliveries("policy", occ)}
-    assert (by["@a:x"].status, by["@a:x"].event_id, by["@a:x"].sent_at) == ("sent", "$ev1", 10)
-    assert (by["@b:x"].status, by["@b:x"].attempts, by["@b:x"].detail) == ("pending", 1, "503")
-    assert (by["@c:x"].status, by["@c:x"].detail) == ("failed", "403 forbidden")
-    assert [d.target for d in await store.announcement_deliveries(
-        "policy", occ, status="pending")] == ["@b:x"]
-    assert await store.announcement_message("$ev1") == msg
-    assert await store.announcement_message("$nope") is None
-    assert (await store.query_audit(AuditFilter(user_id="@a:x")))[0]["kind"] == (
-        "announcement_send")
-    # the first acknowledgement counts; a second one changes nothing
-    assert await store.announcement_record_ack("policy", occ, "@a:x", at_ms=20,
-                                               method="reaction", event_id="$r1") is True
-    assert await store.announcement_record_ack("policy", occ, "@a:x", at_ms=30,
-                                               method="command", event_id="$r2") is False
-    a = (await store.announcement_deliveries("policy", occ))[0]
-    assert (a.acked_at, a.ack_method, a.ack_event_id) == (20, "reaction", "$r1")
-    # a member of an explicit target room has no row until they acknowledge
-    assert await store.announcement_record_ack("policy", occ, "@m:x", at_ms=40,
-                                               method="reaction", event_id="$r3",
-                                               room_id="!general") is True
-    m = {d.target: d for d in await store.announcement_deliveries("policy", occ)}["@m:x"]
-    assert (m.status, m.room_id, m.acked_at) == ("sent", "!general", 40)
-    # reminders count up (a replayed lower count changes nothing); escalation once
-    rem = AnnouncementMessage("$rem", "!dm-b", "policy", occ, "reminder", "@b:x", 50)
-    await store.announcement_mark_reminded("policy", occ, "@b:x", count=1, now_ms=50,
-                                           message=rem, audit=None)
-    await store.announcement_mark_reminded("policy", occ, "@b:x", count=1, now_ms=60,
-                                           message=None, audit=None)
-    await store.announcement_mark_escalated("policy", occ, "@b:x", manager="@boss:x",
-                                            now_ms=70, message=None, audit=None)
-    await store.announcement_mark_escalated("policy", occ, "@b:x", manager="@other:x",
-                                            now_ms=80, message=None, audit=None)
-    b = {d.target: d for d in await store.announcement_deliveries("policy", occ)}["@b:x"]
-    assert (b.reminders, b.last_reminder_at, b.escalated_at, b.escalated_to) == (
-        1, 50, 70, "@boss:x")
-    # a failed reminder takes its slot but is not counted as sent; its reason is kept
-    await store.announcement_mark_reminded("policy", occ, "@b:x", count=2, now_ms=75,
-                                           message=None, audit=None, error="403 refused")
-    await store.announcement_mark_reminded("policy", occ, "@b:x", count=2, now_ms=76,
-                                           message=None, audit=None)  # the slot is taken
-    await store.announcement_mark_escalated("policy", occ, "@a:x", manager="@boss:x",
-                                            now_ms=77, message=None, audit=None,
-                                            error="404 no room")
-    got = {d.target: d for d in await store.announcement_deliveries("policy", occ)}
-    b, a = got["@b:x"], got["@a:x"]
-    assert (b.reminders, b.reminder_failures, b.reminder_error, b.last_reminder_at) == (
-        1, 1, "403 refused", 75)
-    assert (a.escalated_at, a.escalated_to, a.escalation_error, a.escalated) == (
-        77, "@boss:x", "404 no room", False)
-    # explicit-room members found when it was sent
-    await store.announcement_add_targets("policy", occ, ["@m:x", "@n:x"], status="sent",
-                                         room_id="!general", event_id="$g", now_ms=90)
-    n = {d.target: d for d in await store.announcement_deliveries("policy", occ)}
-    assert (n["@n:x"].status, n["@n:x"].event_id, n["@n:x"].sent_at) == ("sent", "$g", 90)
-    assert n["@m:x"].acked_at == 40  # already there: untouched
-    await store.announcement_save_message(AnnouncementMessage(
-        "$g", "!general", "policy", occ, "announcement", None, 90))
-    await store.announcement_save_message(AnnouncementMessage(
-        "$g", "!other", "policy", occ, "announcement", None, 91))  # known id: ignored
-    assert [x.event_id for x in await store.announcement_messages_in_room("!general")] == ["$g"]
-    assert (await store.announcement_message("$g")).room_id == "!general"
-
 
 
 async def test_recovered_events_join_the_inbox_once_with_their_audit(store: Store):

@@ -16,8 +16,8 @@ from bots.announcements.acks import (
 )
 from bots.announcements.audience import Audience
 from bots.announcements.spec import AnnouncementSpec
+from bots.store import AnnouncementDelivery
 from bridge.directory.model import StaffRecord
-from bridge.store.base import AnnouncementDelivery
 
 H = 3_600_000
 T0 = 1_000 * H  # delivery time

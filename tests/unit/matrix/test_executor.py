@@ -245,7 +245,7 @@ def test_action_key_differs_between_installations() -> None:
     # a restored or new database reuses action ids; the homeserver must not see a resend
     a = Executor.__new__(Executor)
     b = Executor.__new__(Executor)
-    a.installation_id, b.installation_id = "aaaa", "bbbb"
+    a._installation_id, b._installation_id = (lambda: "aaaa"), (lambda: "bbbb")
     assert a.action_key(7) != b.action_key(7)
     assert txn_id_for(a.action_key(7)) != txn_id_for(b.action_key(7))
     assert a.action_key(7) == a.action_key(7)

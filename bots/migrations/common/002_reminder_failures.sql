@@ -1,4 +1,4 @@
--- Failed reminders and escalations (v7). Keep sqlite/ and postgres/ in step. ``reminders``
+-- Failed reminders and escalations (bots v2; Enclave's own v7 before). Both engines. ``reminders``
 -- counts only the reminders the homeserver accepted; a reminder whose send failed takes its
 -- place in the schedule (the next one, or the escalation, follows at its time) and is
 -- counted in reminder_failures with the last failure's reason. An escalation whose message

@@ -1,4 +1,4 @@
--- Announcements (v5). Keep sqlite/ and postgres/ in step.
+-- The announcement bot's tables (bots v1; Enclave's own v5 before). Both engines.
 -- One row per occurrence of an announcement: a scheduled time, a manual or ad-hoc send or
 -- a webhook call. `spec` is the announcement as it was when the occurrence was made (JSON:
 -- title, body, audience, delivery, acks, reminders, expiry), so a config edit does not

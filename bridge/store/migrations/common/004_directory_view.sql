@@ -1,4 +1,4 @@
--- Directory view (v4). Keep sqlite/ and postgres/ in step.
+-- Directory view (v4). One file for both engines.
 -- What the last directory sync knew about each provisioned person, keyed by Matrix user id:
 -- separation policy (staff, groups, barriers) and bots (audience targeting, managers) read
 -- it, so both work without a directory round trip and agree with the last sync.

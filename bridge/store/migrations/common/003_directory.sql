@@ -1,4 +1,4 @@
--- Directory sync (v3). Keep sqlite/ and postgres/ in step.
+-- Directory sync (v3). One file for both engines.
 -- One row per person Enclave has provisioned: the person's stable directory id keeps its
 -- Matrix user id for life (Matrix ids cannot be renamed), and what was last applied, so an
 -- unchanged person costs no admin write.

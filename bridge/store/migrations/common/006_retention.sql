@@ -1,4 +1,4 @@
--- Retention, legal holds and the compliance archive (v6). Keep sqlite/ and postgres/ in step.
+-- Retention, legal holds and the compliance archive (v6). One file for both engines.
 -- The index of the archive: one row per archived event, where its JSON line lives (segment
 -- file and 1-based line in it). The event itself is only in the archive files. purged_at is
 -- set once the homeserver's copy was purged, so an export still finds it here.

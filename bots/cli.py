@@ -1,0 +1,186 @@
+"""The bots' command groups: ``enclave announcements`` and ``enclave bots`` (store and
+config only; the running Enclave sends)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.clikit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
+from bridge.store import Store
+
+from .store import AnnouncementStore
+
+
+def cmd_announcements(args: argparse.Namespace) -> int:
+    """``enclave announcements list | report ID | send ID`` (store and config only)."""
+    import io
+
+    from .announcements.acks import summarise
+    from .announcements.report import report_rows, write_csv
+    from .announcements.service import make_occurrence, spec_for
+    from .announcements.spec import AnnouncementSpec
+
+    loaded, _ = _load(args)
+    bots_cfg = loaded.config.bots
+    acfg = bots_cfg.announcements if bots_cfg is not None else None
+    configured = {a.id: a for a in acfg.announcements} if acfg is not None else {}
+    tz = acfg.timezone if acfg is not None else "UTC"
+
+    async def run(core: Store) -> int:
+        # the bots' own tables, on the database of the core store (the audit, the directory)
+        store = AnnouncementStore(core.db)
+        if args.ann_cmd == "list":
+            occs = await store.announcement_occurrences()
+            latest: dict[str, Any] = {}
+            for o in occs:
+                latest[o.announcement_id] = o
+            rows = []
+            for aid in [*configured, *(k for k in latest if k not in configured)]:
+                a = configured.get(aid)
+                o = latest.get(aid)
+                counts = ""
+                if o is not None:
+                    s = summarise(await store.announcement_deliveries(aid, o.occurrence_id))
+                    spec = AnnouncementSpec.from_json(o.spec)
+                    counts = s.line(spec.require_ack)
+                sched = "-"
+                if a is not None and a.schedule is not None:
+                    sched = a.schedule.cron or a.schedule.at or "-"
+                    sched += f" ({a.schedule.timezone})"
+                elif a is not None:
+                    sched = "manual"
+                rows.append({
+                    "id": aid, "source": "config" if a else (o.kind if o else ""),
+                    "title": a.title if a else (AnnouncementSpec.from_json(o.spec).title
+                                                if o else ""),
+                    "schedule": sched,
+                    "occurrences": sum(1 for x in occs if x.announcement_id == aid),
+                    "latest": o.occurrence_id if o else "", "status": o.status if o else "",
+                    "counts": counts,
+                })
+            _print_rows(rows, args.format, ["id", "source", "title", "schedule",
+                                            "occurrences", "latest", "status", "counts"],
+                        f"announcements ({len(rows)})")
+            return EXIT_OK
+        if args.ann_cmd == "send":
+            a = configured.get(args.id)
+            if a is None:
+                _err(f"enclave announcements send: no announcement {args.id!r} in "
+                     "bots.announcements.announcements")
+                return EXIT_USAGE
+            now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+            occ_id = args.occurrence or "manual-" + dt.datetime.fromtimestamp(
+                now / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            created, sel = await make_occurrence(
+                store, await core.directory_view(), announcement_id=a.id,
+                occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,
+                created_by=f"cli:{os.environ.get('USER', '?')}", now_ms=now)
+            if not created:
+                _err(f"occurrence {occ_id!r} of {a.id!r} exists already; nothing queued")
+                return EXIT_ERROR
+            assert acfg is not None
+            print(f"queued {a.id} / {occ_id} for {len(sel.users)} people and "
+                  f"{len(sel.rooms)} room(s); the running Enclave delivers it within "
+                  f"{acfg.poll_seconds:g} s")
+            return EXIT_OK
+        # report
+        occs = await store.announcement_occurrences(announcement_id=args.id)
+        if args.occurrence:
+            occs = [o for o in occs if o.occurrence_id == args.occurrence]
+        if not occs:
+            _err(f"enclave announcements report: nothing sent for {args.id!r}"
+                 + (f" occurrence {args.occurrence!r}" if args.occurrence else ""))
+            return EXIT_ERROR
+        occ = occs[-1]
+        deliveries = await store.announcement_deliveries(occ.announcement_id,
+                                                         occ.occurrence_id)
+        spec = AnnouncementSpec.from_json(occ.spec)
+        staff = {r.user_id: r for r in await core.directory_view()}
+        rows = report_rows(deliveries, staff, tz)
+        summary = summarise(deliveries)
+        head = (f"{occ.announcement_id} / {occ.occurrence_id}: {spec.title} ({occ.kind}, "
+                f"{occ.status})\n{summary.line(spec.require_ack)}")
+        if args.csv == "-":
+            _err(head)
+            write_csv(rows, sys.stdout)
+            return EXIT_OK
+        print(head)
+        if args.csv:
+            buf = io.StringIO()
+            write_csv(rows, buf)
+            await asyncio.to_thread(Path(args.csv).write_text, buf.getvalue(), "utf-8")
+            print(f"wrote {len(rows)} row(s) to {args.csv}")
+        else:
+            _print_rows(rows, args.format, ["recipient", "name", "status", "delivered_at",
+                                            "acknowledged_at", "ack_method", "reminders",
+                                            "escalated_to", "detail"], "recipients")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, run))
+
+
+def add_announcements_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("announcements",
+                       help="announcements: list, report who got/acknowledged one, send one")
+    a = s.add_subparsers(dest="ann_cmd", required=True)
+    x = a.add_parser("list", parents=[common], help="configured and sent announcements")
+    x.add_argument("--format", choices=["table", "json"], default="table")
+    x = a.add_parser("report", parents=[common],
+                     help="counts and who/when of an announcement's latest (or one) send")
+    x.add_argument("id")
+    x.add_argument("--occurrence", help="one occurrence (default: the latest)")
+    x.add_argument("--csv", metavar="FILE", help="write the rows as CSV ('-': stdout)")
+    x.add_argument("--format", choices=["table", "json"], default="table")
+    x = a.add_parser("send", parents=[common],
+                     help="queue a configured announcement now (the running Enclave sends)")
+    x.add_argument("id")
+    x.add_argument("--occurrence", help="occurrence id (default: manual-<UTC time>)")
+    s.set_defaults(fn=cmd_announcements)
+
+
+# -- bots ---------------------------------------------------------------------------------
+def cmd_bots(args: argparse.Namespace) -> int:
+    """``enclave bots reset-identity BOT``: replace a bot's cross-signing identity at its
+    next start (the fix for a lost or conflicting key directory)."""
+    from .cross_signing import request_reset
+
+    loaded, _ = _load(args, secrets=False)
+    cfg = loaded.config
+    bots_cfg = cfg.bots
+    sections = [s for s in (bots_cfg.announcements, bots_cfg.onboarding)
+                if s is not None] if bots_cfg is not None else []
+    prefix, server = cfg.appservice.namespace_prefix, cfg.homeserver.server_name
+    by_name: dict[str, str] = {}
+    for section in sections:
+        localpart = prefix + section.bot.localpart
+        for name in (section.bot.localpart, localpart, f"@{localpart}:{server}"):
+            by_name[name] = localpart
+    localpart = by_name.get(args.bot)
+    if localpart is None or bots_cfg is None or not bots_cfg.encryption.enabled:
+        _err(f"enclave bots: no bot with an E2EE device named {args.bot!r} (configured: "
+             + (", ".join(sorted({f"@{v}:{server}" for v in by_name.values()})) or "none")
+             + ")")
+        return EXIT_USAGE
+    store_dir = loaded.resolve(bots_cfg.encryption.store_dir) / localpart
+    request_reset(store_dir)
+    print(f"reset requested for @{localpart}:{server}: its next start (the leading replica) "
+          f"makes and publishes a new cross-signing identity (old keys kept aside in "
+          f"{store_dir}); staff clients show 'identity changed' for the bot once")
+    return EXIT_OK
+
+
+def add_bots_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("bots", help="bots: reset a bot's cross-signing identity")
+    b = s.add_subparsers(dest="bots_cmd", required=True)
+    x = b.add_parser("reset-identity", parents=[common],
+                     help="replace a bot's cross-signing identity at its next start")
+    x.add_argument("bot", help="the bot's user id or localpart (e.g. announce)")
+    s.set_defaults(fn=cmd_bots)
+
+

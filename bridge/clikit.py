@@ -1,0 +1,97 @@
+"""What every ``enclave`` command shares (core and extensions' command groups): exit codes,
+loading the config, a store of the composition root, time parsing and table output."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from .config import LoadedConfig, check_secrets, load_config
+from .root import Root
+from .store import Store
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
+EXIT_REFUSED = 5
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _load(args: argparse.Namespace, *, secrets: bool = True) -> tuple[LoadedConfig, dict]:
+    loaded = load_config(args.config)
+    return loaded, (check_secrets(loaded) if secrets else {})
+
+
+async def _with_root(args: argparse.Namespace,
+                     fn: Callable[[Root], Awaitable[int]], *, check: bool = True) -> int:
+    """Run ``fn`` on a composition root whose store (with the extensions' schemas) is open,
+    its schema checked unless ``check`` is False (``enclave migrate``)."""
+    loaded, secrets = _load(args)
+    root = Root(loaded, secrets)
+    await root.store.open()
+    try:
+        if check:
+            await root.store.check_schema()
+        return await fn(root)
+    finally:
+        await root.close_client(wait_seconds=10)  # nothing to do unless fn used the client
+        await root.store.close()
+
+
+async def _with_store(args: argparse.Namespace,
+                      fn: Callable[[Store], Awaitable[int]], *, check: bool = True) -> int:
+    """Run ``fn`` on the root's store (see :func:`_with_root`)."""
+    return await _with_root(args, lambda root: fn(root.store), check=check)
+
+
+_REL_RE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
+    """'90m', '24h', '7d' (ago) or an ISO date/time (UTC if no zone) -> epoch ms."""
+    now = now or dt.datetime.now(dt.UTC)
+    m = _REL_RE.match(value.strip())
+    if m:
+        return int((now.timestamp() - int(m.group(1)) * _UNITS[m.group(2)]) * 1000)
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a relative time like 24h nor an ISO date"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def _fmt_ts(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], title: str) -> None:
+    if fmt == "json":
+        for r in rows:
+            sys.stdout.write(orjson.dumps(r).decode() + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[
+            _fmt_ts(r[c]) if c in ("ts", "received_at", "done_at") else str(r.get(c) or "")
+            for c in columns
+        ])
+    Console(width=200).print(table)
