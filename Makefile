@@ -17,6 +17,7 @@ run: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: install lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -32,11 +32,12 @@ from typing import Any, ClassVar
 
 from bridge.config.bots import BotIdentityConfig, DmConfig
 from bridge.directory.model import StaffRecord
+from bridge.kernel.power import user_level_in_state
+from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
     MatrixRequestError,
-    q,
 )
 from bridge.matrix.executor import Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
@@ -245,17 +246,18 @@ class Bot:
 
     async def start(self) -> None:
         """Make the identity exist and learn the bot's rooms; retried until it works."""
-        delay = 1.0
+        attempt = 0
         while True:
             try:
                 await self.ensure_identity()
                 await self.load_rooms()
                 break
             except (HomeserverUnavailable, MatrixRequestError) as e:
+                attempt += 1
+                delay = RECONNECT.delay(attempt)
                 log.warning("%s: start-up incomplete (%s); retry in %.0fs", self.user_id, e,
                             delay)
                 await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
         self.ready.set()
         log.info("%s ready (%d rooms)", self.user_id, len(self.rooms))
 
@@ -267,21 +269,14 @@ class Bot:
             await c.set_displayname(self.user_id, self.identity.displayname)
         if self.identity.avatar_url:
             try:
-                body = await c.request("GET", f"/_matrix/client/v3/profile/{q(self.user_id)}"
-                                              "/avatar_url")
-                current = body.get("avatar_url")
+                current = await c.get_avatar_url(self.user_id)
             except MatrixRequestError:
                 current = None
             if current != self.identity.avatar_url:
-                await c.request("PUT", f"/_matrix/client/v3/profile/{q(self.user_id)}"
-                                       "/avatar_url",
-                                json={"avatar_url": self.identity.avatar_url},
-                                user_id=self.user_id)
+                await c.set_avatar_url(self.user_id, self.identity.avatar_url)
 
     async def load_rooms(self) -> None:
-        body = await self.svc.client.request("GET", "/_matrix/client/v3/joined_rooms",
-                                             user_id=self.user_id)
-        self.rooms = set(body.get("joined_rooms", []))
+        self.rooms = set(await self.svc.client.joined_rooms(self.user_id))
         for key, user in (await self.storage.list("dmroom:")).items():
             self._dm_of_room[key.removeprefix("dmroom:")] = user
 
@@ -450,24 +445,10 @@ class Bot:
                           actor=self.user_id, rule_id=rule_id, reason=reason)
 
     async def power_of(self, room_id: str, user_id: str) -> int:
-        """``user_id``'s power level in a room the bot is in (room v12 creators: 1000)."""
-        state = await self.svc.client.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state", user_id=self.user_id)
-        levels: dict[str, Any] = {}
-        for ev in state:
-            if ev.get("type") == "m.room.create" and ev.get("state_key") == "":
-                c = ev.get("content") or {}
-                v = str(c.get("room_version", "1"))
-                if v.isdigit() and int(v) >= 12 and (
-                        ev.get("sender") == user_id
-                        or user_id in (c.get("additional_creators") or [])):
-                    return 1000
-            if ev.get("type") == "m.room.power_levels" and ev.get("state_key") == "":
-                levels = ev.get("content") or {}
-        users = levels.get("users") or {}
-        if user_id in users:
-            return int(users[user_id])
-        return int(levels.get("users_default", 0))
+        """``user_id``'s power level in a room the bot is in (the kernel's one rule: room
+        v12+ creators outrank every level)."""
+        state = await self.svc.client.room_state(room_id, user_id=self.user_id)
+        return user_level_in_state(state, user_id)
 
     # -- DMs -----------------------------------------------------------------------------
     def is_dm(self, room_id: str) -> bool:
@@ -542,19 +523,13 @@ class Bot:
         """Put the room in the person's ``m.direct`` (clients list it under people):
         a client that accepts an invite does this itself; an automatic join does not."""
         c = self.svc.client
-        path = f"/_matrix/client/v3/user/{q(user_id)}/account_data/m.direct"
         try:
-            try:
-                current = await c.request("GET", path, user_id=user_id)
-            except MatrixRequestError as e:
-                if e.status != 404:
-                    raise
-                current = {}
+            current = await c.get_account_data(user_id, "m.direct") or {}
             rooms = list(current.get(self.user_id) or [])
             if room_id in rooms:
                 return
             current[self.user_id] = [*rooms, room_id]
-            await c.request("PUT", path, json=current, user_id=user_id)
+            await c.set_account_data(user_id, "m.direct", current)
         except MatrixRequestError as e:
             log.info("could not mark %s as a DM of %s: %s", room_id, user_id, e)
 

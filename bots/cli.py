@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.clikit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
+from bridge.kernel.timestamps import iso_utc
 from bridge.store import Store
 
 from .store import AnnouncementStore
@@ -75,8 +76,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
                      "bots.announcements.announcements")
                 return EXIT_USAGE
             now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-            occ_id = args.occurrence or "manual-" + dt.datetime.fromtimestamp(
-                now / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            occ_id = args.occurrence or "manual-" + iso_utc(now)
             created, sel = await make_occurrence(
                 store, await core.directory_view(), announcement_id=a.id,
                 occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.directory.model import StaffRecord
+from bridge.kernel.power import CREATOR_POWER
+from bridge.kernel.relations import strip_reply_fallback
 
 COMMAND_RE = re.compile(r"^!([A-Za-z][A-Za-z0-9_-]*)(?:[ \t]+(.*))?$", re.DOTALL)
 
@@ -35,24 +37,14 @@ class ParsedCommand:
 def parse_command(body: str) -> ParsedCommand | None:
     """The command in a message body, or None if it is not one.
 
-    A reply's quoted fallback (``> <@user> …`` lines, then a blank line) is skipped, so
-    ``!ack`` sent as a reply is still a command."""
+    A reply's quoted fallback (``> <@user> …`` lines, then a blank line; see
+    :func:`bridge.kernel.relations.strip_reply_fallback`) is skipped, so ``!ack`` sent as a
+    reply is still a command."""
     text = strip_reply_fallback(body).strip()
     m = COMMAND_RE.match(text)
     if not m:
         return None
     return ParsedCommand(m.group(1).lower(), (m.group(2) or "").strip())
-
-
-def strip_reply_fallback(body: str) -> str:
-    """Drop the ``> …`` quote a client puts before the text of a reply."""
-    lines = body.split("\n")
-    if not lines or not lines[0].startswith("> "):
-        return body
-    i = 0
-    while i < len(lines) and lines[i].startswith(">"):
-        i += 1
-    return "\n".join(lines[i:]).lstrip("\n")
 
 
 def split_args(text: str) -> list[str]:
@@ -114,7 +106,8 @@ def decide_permission(perm: Permission, sender: str, staff: StaffRecord | None,
         if hit:
             return PermissionDecision(True, f"member of {', '.join(hit)}")
     if perm.min_power is not None and power is not None and power >= perm.min_power:
-        return PermissionDecision(True, f"power level {power} >= {perm.min_power}")
+        shown = "unlimited (a room creator)" if power >= CREATOR_POWER else power
+        return PermissionDecision(True, f"power level {shown} >= {perm.min_power}")
     needs: list[str] = []
     if perm.groups:
         needs.append("membership of " + " or ".join(perm.groups))

@@ -75,6 +75,7 @@ from bots.cross_signing import (
     owner_signed_devices,
 )
 from bots.sending import SendRefused
+from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
@@ -462,7 +463,7 @@ class EncryptedSender:
             self._nio = None
 
     async def _run(self) -> None:
-        delay = 1.0
+        failures = 0  # consecutive: the delay doubles from 1 s to 60 s (RECONNECT)
         while True:
             try:
                 if self._nio is None:
@@ -474,14 +475,14 @@ class EncryptedSender:
                     log.info("E2EE device %s of %s ready", self.device_id, self.user_id)
                 self._ready.set()
                 self._gave_up_waiting = False
-                delay = 1.0
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except _IdentityUnusable as e:
                 self._last_error = str(e)
                 log.error("E2EE device of %s not used: %s", self.user_id, e)
-                delay = 60.0
-                await asyncio.sleep(delay)
+                failures = 64  # from now on the longest delay
+                await asyncio.sleep(RECONNECT.maximum)
             except _TokenInvalid:
                 log.warning("E2EE device token of %s no longer valid: logging in again "
                             "on device %s", self.user_id, self.device_id)
@@ -491,14 +492,15 @@ class EncryptedSender:
                     self._last_error = _scrub(e)
                     log.warning("E2EE re-login of %s failed: %s", self.user_id,
                                 self._last_error)
-                    await asyncio.sleep(delay)
-                    delay = min(60.0, delay * 2)
+                    failures += 1
+                    await asyncio.sleep(RECONNECT.delay(failures))
             except Exception as e:
                 self._last_error = f"{type(e).__name__}: {_scrub(e)}"
+                failures += 1
+                delay = RECONNECT.delay(failures)
                 log.warning("E2EE sync of %s failed (%s); retrying in %.0fs", self.user_id,
                             self._last_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
 
     async def _open_device(self) -> None:
         import nio
@@ -572,17 +574,14 @@ class EncryptedSender:
         await self._client.request("PUT", f"/_matrix/client/v3/devices/{q(device_id)}",
                                    json={"display_name": self.device_name},
                                    user_id=self.user_id)
-        who = await self._client.request("GET", "/_matrix/client/v3/account/whoami",
-                                         user_id=self.user_id, query={"device_id": device_id})
+        who = await self._client.whoami(self.user_id, device_id=device_id)
         if who.get("device_id") != device_id:
             raise MatrixRequestError(501, "M_UNRECOGNIZED",
                                      "appservice device masquerading not supported")
 
     async def _check_appservice_device(self, session: DeviceSession) -> DeviceSession:
         try:
-            await self._client.request(
-                "GET", f"/_matrix/client/v3/devices/{q(session.device_id)}",
-                user_id=self.user_id)
+            await self._client.get_device(session.device_id, user_id=self.user_id)
         except MatrixRequestError as e:
             if e.status != 404:
                 raise
@@ -621,8 +620,7 @@ class EncryptedSender:
 
     async def _check_token(self, session: DeviceSession) -> DeviceSession:
         try:
-            who = await self._client.request("GET", "/_matrix/client/v3/account/whoami",
-                                             access_token=session.access_token)
+            who = await self._client.whoami(access_token=session.access_token)
         except MatrixRequestError as e:
             if e.status != 401:
                 raise
@@ -923,12 +921,11 @@ class EncryptedSender:
     async def _members(self, room_id: str) -> tuple[dict[str, str], dict[str, int]]:
         """(user id -> ``join`` or ``invite``, joined user id -> when their membership
         event was sent), read from the homeserver as the bot."""
-        body = await self._client.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/members",
-            query={"not_membership": "leave"}, user_id=self.user_id)
+        chunk = await self._client.room_members(room_id, user_id=self.user_id,
+                                                not_membership="leave")
         out: dict[str, str] = {}
         joined_at: dict[str, int] = {}
-        for ev in body.get("chunk") or []:
+        for ev in chunk:
             state = (ev.get("content") or {}).get("membership")
             user = ev.get("state_key")
             if isinstance(user, str) and state in ("join", "invite"):
@@ -1001,7 +998,6 @@ class EncryptedSender:
 
     async def _share_later(self, room_id: str, user_id: str) -> None:
         await asyncio.sleep(self.join_key_delay)
-        delay = 1.0
         for attempt in range(5):
             try:
                 await self.share_on_join(room_id, user_id)
@@ -1011,8 +1007,7 @@ class EncryptedSender:
             except Exception as e:
                 log.warning("room %s: keys for %s not sent yet (%s); attempt %d of 5",
                             room_id, user_id, _scrub(e), attempt + 1)
-                await asyncio.sleep(delay)
-                delay *= 2
+                await asyncio.sleep(RECONNECT.delay(attempt + 1))
 
     def _resume_first_keys(self) -> None:
         """At start: invitees who joined while the bot was away get their keys; the kept

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from apscheduler.triggers.cron import CronTrigger
 
 from bridge.config.bots import ScheduleConfig
+from bridge.kernel.timestamps import local_datetime, utc_datetime
 
 # enumerating a long outage of a per-minute cron stops counting here
 MAX_ENUMERATED = 10_000
@@ -58,7 +59,7 @@ def _trigger(s: CronSchedule) -> CronTrigger:
 
 
 def _dt(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return utc_datetime(ms)
 
 
 def occurrences_between(schedule: Schedule, after_ms: int, until_ms: int,
@@ -145,8 +146,7 @@ def due_occurrences(schedule: Schedule, state: JobState | None, now_ms: int,
 
 def format_ms(ms: int, timezone: str = "UTC") -> str:
     """A readable local time, e.g. '2026-12-01 09:00 CET'."""
-    t = _dt(ms).astimezone(zoneinfo.ZoneInfo(timezone))
-    return t.strftime("%Y-%m-%d %H:%M %Z")
+    return local_datetime(ms, timezone).strftime("%Y-%m-%d %H:%M %Z")
 
 
 def occurrence_id(ms: int) -> str:

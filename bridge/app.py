@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .config import LoadedConfig, Secret
 from .extension import Extension, ScheduledJob
+from .kernel.retry import RECONNECT
 from .matrix.appservice import AppserviceAPI, json_errors
 from .matrix.client import HomeserverUnavailable, MatrixRequestError
 from .matrix.inbox import EventHandler
@@ -33,17 +34,18 @@ class Bootstrap:
         self.svc = svc
 
     async def run_forever(self) -> None:
-        delay = 1.0
+        attempt = 0
         while True:
             try:
                 await self.run_once()
                 self.svc.bootstrapped.set()
                 return
             except (HomeserverUnavailable, MatrixRequestError, aiohttp.ClientError) as e:
+                attempt += 1
+                delay = RECONNECT.delay(attempt)
                 log.warning("start-up against the homeserver incomplete (%s); retry in %.0fs",
                             e, delay)
                 await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
 
     async def run_once(self) -> None:
         svc, cfg = self.svc, self.svc.config

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from .config import LoadedConfig, check_secrets, load_config
+from .kernel.timestamps import readable_utc
 from .root import Root
 from .store import Store
 
@@ -73,9 +74,7 @@ def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
 
 
 def _fmt_ts(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return readable_utc(ms)
 
 
 def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], title: str) -> None:

@@ -18,6 +18,8 @@ from functools import partial
 from typing import Any, ClassVar
 
 from bridge.config.bots import AnnouncementConfig, AnnouncementsConfig
+from bridge.kernel.durations import parse_duration_seconds
+from bridge.kernel.relations import reply_to
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import Outcome, txn_id_for
 from bridge.policy.actions import Action
@@ -352,12 +354,10 @@ class AnnouncementBot(Bot):
                 if any(r.target == ctx.sender for r in rows):
                     return ann, occ.occurrence_id, None
             raise CommandError(f"you have received no announcement `{ann}`")
-        content = ctx.event.get("content") or {}
-        reply_to = ((content.get("m.relates_to") or {}).get("m.in_reply_to") or {}).get(
-            "event_id")
+        parent = reply_to(ctx.event)
         candidates: list[AnnouncementMessage] = []
-        if isinstance(reply_to, str):
-            msg = await store.announcement_message(reply_to)
+        if parent is not None:
+            msg = await store.announcement_message(parent)
             if msg is not None:
                 candidates = [msg]
         if not candidates:
@@ -418,10 +418,8 @@ class AnnouncementBot(Bot):
                 if w == "--title":
                     title = value[0]
                 else:
-                    from bridge.config.bots import parse_duration
-
                     try:
-                        remind_after = int(parse_duration(value[0]))
+                        remind_after = int(parse_duration_seconds(value[0]))
                     except ValueError as e:
                         raise CommandError(str(e)) from None
                     require_ack = True

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from bridge.config.bots import AnnouncementsConfig
 from bridge.directory.model import StaffRecord
-from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError, q
+from bridge.kernel.membership import memberships
+from bridge.kernel.timestamps import local_datetime
+from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
 from bridge.store import AuditRecord
-from bridge.store.lease import LeaseLost, held_lease
+from bridge.store.lease import LeaseLost, held_lease, new_lease_owner
 
 from ..base import BotServices
 from ..markdown import message_content
@@ -84,10 +83,7 @@ def _reminders_text(row: Any) -> str:
 
 def date_text(ms: int, timezone: str) -> str:
     """{date} in messages: 'Tuesday 1 December 2026'."""
-    import datetime as dt
-    import zoneinfo
-
-    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).astimezone(zoneinfo.ZoneInfo(timezone))
+    t = local_datetime(ms, timezone)
     return f"{t:%A} {t.day} {t:%B %Y}"
 
 
@@ -97,7 +93,7 @@ class FanOut:
     def __init__(self, bot: FanOutBot):
         self.bot = bot
         self.svc = bot.svc
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = new_lease_owner()
 
     # -- delivery ------------------------------------------------------------------------
     async def deliver(self, occ: AnnouncementOccurrence) -> bool:
@@ -322,10 +318,7 @@ class FanOut:
         self.svc.metrics.actions.labels(kind="announcement_send", outcome="applied").inc()
 
     async def _members(self, room: str) -> dict[str, str]:
-        body = await self.svc.client.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(room)}/members", user_id=self.bot.user_id)
-        return {e["state_key"]: (e.get("content") or {}).get("membership", "")
-                for e in body.get("chunk", []) if e.get("type") == "m.room.member"}
+        return memberships(await self.svc.client.room_members(room, user_id=self.bot.user_id))
 
     async def _room_target(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
                            target: str, attempts: int, date: str) -> None:

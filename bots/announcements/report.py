@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import datetime as dt
-import zoneinfo
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from bridge.directory.model import StaffRecord
+from bridge.kernel.timestamps import local_datetime
 
 if TYPE_CHECKING:
     from ..store import AnnouncementDelivery
@@ -21,8 +20,7 @@ CSV_COLUMNS = ["recipient", "name", "department", "status", "delivered_at", "roo
 def iso(ms: int | None, timezone: str = "UTC") -> str:
     if ms is None:
         return ""
-    t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).astimezone(zoneinfo.ZoneInfo(timezone))
-    return t.isoformat(timespec="seconds")
+    return local_datetime(ms, timezone).isoformat(timespec="seconds")
 
 
 def report_rows(deliveries: Sequence[AnnouncementDelivery], staff: Mapping[str, StaffRecord],

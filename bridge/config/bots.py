@@ -15,10 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from ..kernel.durations import parse_duration_seconds
 from .base import SecretRef, StrictModel
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 # Variables an announcement body may use. Per-person ones need one message per person
 # (delivery: dm); {date} and {title} are the same for everyone.
@@ -28,23 +26,7 @@ VARIABLE_RE = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 SLUG = r"^[a-z0-9][a-z0-9_\-]*$"
 
 
-def parse_duration(value: Any) -> Any:
-    """``'4h'`` -> 14400; ints pass through; anything else is left for the type check."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration such as 90s, 30m, 4h, 2d or 1w")
-        return int(float(m.group(1)) * _UNITS[m.group(2)])
-    return value
-
-
-Seconds = Annotated[int, BeforeValidator(parse_duration)]
+Seconds = Annotated[int, BeforeValidator(parse_duration_seconds)]
 
 
 def _iso_text(value: Any) -> Any:

@@ -1,7 +1,7 @@
 """The ``retention:`` section: how long history is kept, the archive, and the purge job.
 
 Durations are strings (``"90d"``, ``"12h"``, ``"2y"``, ``"forever"``) checked by
-:func:`bridge.policy.retention.parse_duration`; each model offers ``*_ms`` properties (None:
+:func:`bridge.kernel.durations.parse_duration_ms`; each model offers ``*_ms`` properties (None:
 forever). Every period names a rule id: class entries their ``id``, ``retention.default``
 and the ``dms`` id.
 """
@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, NoReturn
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from ..policy.retention import DEFAULT_RULE, DM_CLASS, HOLD_RULE, STATE_RULE, parse_duration
+from ..kernel.durations import parse_duration_ms
+from ..policy.retention import DEFAULT_RULE, DM_CLASS, HOLD_RULE, STATE_RULE
 from .base import StrictModel
 from .policy import RULE_ID_PATTERN
 
@@ -23,7 +24,7 @@ from .policy import RULE_ID_PATTERN
 def _duration(v: object) -> object:
     # before the strict str check, so ``keep: 30`` says what a duration looks like
     if v is not None:
-        parse_duration(v)  # type: ignore[arg-type]  # raises ValueError for non-strings too
+        parse_duration_ms(v)  # type: ignore[arg-type]  # raises ValueError for non-strings too
     return v
 
 
@@ -31,7 +32,7 @@ Duration = Annotated[str, BeforeValidator(_duration)]
 
 
 def _ms(v: str | None) -> int | None:
-    return None if v is None else parse_duration(v)
+    return None if v is None else parse_duration_ms(v)
 
 
 def _longer(a: str | None, b: str | None) -> bool:

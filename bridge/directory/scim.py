@@ -62,6 +62,7 @@ from scim2_server.responses import SCIM_MEDIA_TYPE, ScimResponse
 from scim2_server.service import ScimService as _ProtocolService
 from scim2_server.storage import AsyncScimStorage, SearchPage, search_page
 
+from ..kernel.timestamps import utc_datetime
 from ..store.base import ScimResource
 from ..store.domains import ScimStore
 from .model import DirectoryError, DirectorySnapshot, Person
@@ -166,7 +167,7 @@ def _etag(version: int) -> str:
 
 
 def _ms_to_dt(ms: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return utc_datetime(ms)
 
 
 class _Cache(InMemoryStorage):

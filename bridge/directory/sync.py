@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.directory import DirectoryConfig
+from ..kernel.power import creators_of
 from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
@@ -47,7 +46,7 @@ from ..policy.directory import (
 from ..policy.lookalike import skeleton
 from ..policy.mapping import map_people
 from ..store import DirectoryRecord, Store
-from ..store.lease import held_lease
+from ..store.lease import held_lease, new_lease_owner
 from .lookalike import confusables_table
 from .model import DirectoryError, DirectorySnapshot, StaffRecord
 from .source import DirectorySource
@@ -119,7 +118,7 @@ class DirectorySync:
         self.allow_initial_passwords = allow_initial_passwords
         self._lock = asyncio.Lock()
         self._managed: dict[str, str] | None = None
-        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_owner = new_lease_owner()
         self.lease_ttl_ms = lease_ttl_ms
         executor.register(CreateAccount, self._apply_create)
         executor.register(UpdateAccount, self._apply_update)
@@ -236,7 +235,8 @@ class DirectorySync:
             return None
         members: dict[str, str] = {}
         power: dict[str, Any] = {}
-        creators: set[str] = set()
+        creators: frozenset[str] = frozenset()
+        version: str | None = None
         join_rules: dict[str, Any] = {}
         for ev in state:
             t, sk, content = ev.get("type"), ev.get("state_key"), ev.get("content") or {}
@@ -247,13 +247,10 @@ class DirectorySync:
             elif t == "m.room.join_rules" and sk == "":
                 join_rules = content
             elif t == "m.room.create" and sk == "":
-                # room v12 creators (sender + additional_creators) have unlimited power
-                if str(content.get("room_version", "1")) in ("12",) or content.get(
-                        "additional_creators") is not None:
-                    creators.add(ev.get("sender", ""))
-                    creators.update(content.get("additional_creators") or [])
+                creators = creators_of(ev)
+                version = str(content.get("room_version", "1"))
         return RoomView(room_id=room_id, members=members, power_levels=power,
-                        creators=frozenset(creators), join_rules=join_rules)
+                        creators=creators, join_rules=join_rules, room_version=version)
 
     # -- applying -------------------------------------------------------------------------
     def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:

@@ -117,8 +117,16 @@ ROOM_STATE_TYPES: tuple[tuple[str, str | None], ...] = (
 )
 # How long a createRoom's is_direct is remembered for the invites Synapse sends right after.
 DM_HINT_SECONDS = 30.0
-# room versions whose creators outrank everyone (mirrors bridge.policy.power)
-CREATOR_POWER_VERSIONS = frozenset({"12"})
+# Room versions whose creators outrank everyone: a mirror of
+# bridge.kernel.power.creators_have_unlimited_power (this file imports nothing of Enclave);
+# tests/unit/gate/test_module.py keeps the two equal.
+PRIVILEGED_CREATOR_VERSIONS = frozenset({"org.matrix.hydra.11"})
+
+
+def creators_have_unlimited_power(version: str | None) -> bool:
+    """True in room versions 12 and later (and the v12 pre-release ``org.matrix.hydra.11``)."""
+    v = "1" if version is None else str(version)
+    return v in PRIVILEGED_CREATOR_VERSIONS or (v.isdigit() and int(v) >= 12)
 _CONFIG_KEYS = frozenset({"url", "secret", "secret_path", "timeout_ms", "on_unreachable",
                           "protected_state_types", "enclave_users",
                           "user_search_cache_seconds"})
@@ -660,7 +668,7 @@ class EnclaveGate:
                 version = self._api._hs.config.server.default_room_version.identifier
             except AttributeError:
                 version = "12"  # Synapse's default since 1.135
-        return version in CREATOR_POWER_VERSIONS
+        return creators_have_unlimited_power(version)
 
     # -- third-party rules callback -----------------------------------------------------------
     async def on_create_room(self, requester: Any, config: dict[str, Any],

@@ -19,6 +19,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from ..kernel.retry import Backoff, retry_after_seconds
+
 log = logging.getLogger(__name__)
 
 
@@ -152,7 +154,7 @@ class MatrixClient:
                     self._on_rate_limited()
                 if attempt > self.max_retries:
                     raise HomeserverUnavailable(f"{method} {path}: still rate limited")
-                asked = _retry_after(body, retry_after_header)
+                asked = retry_after_seconds(body, retry_after_header)
                 # 0 is a valid answer ("retry now"): only fall back when none was given
                 delay = asked if asked is not None else self._backoff(attempt)
                 log.info("rate limited on %s, waiting %.2fs as asked", path, delay)
@@ -169,8 +171,9 @@ class MatrixClient:
             raise MatrixRequestError(status, errcode, error, method, path)
 
     def _backoff(self, attempt: int) -> float:
-        base = min(self.backoff_max, self.backoff_initial * (2 ** (attempt - 1)))
-        return base * (0.75 + random.random() / 2)  # jitter so replicas do not stampede
+        # jitter so replicas do not stampede
+        return Backoff(self.backoff_initial, self.backoff_max, jitter=True).delay(
+            attempt, random.random())
 
     # -- client-server API ---------------------------------------------------------------
     async def room_stream_position(self, user_id: str) -> str | None:
@@ -194,8 +197,63 @@ class MatrixClient:
     async def versions(self) -> dict[str, Any]:
         return await self.request("GET", "/_matrix/client/versions", auth=False)
 
-    async def whoami(self, user_id: str | None = None) -> dict[str, Any]:
-        return await self.request("GET", "/_matrix/client/v3/account/whoami", user_id=user_id)
+    async def whoami(self, user_id: str | None = None, *, device_id: str | None = None,
+                     access_token: str | None = None) -> dict[str, Any]:
+        """Who the token acts as: the appservice masquerading as ``user_id`` (on
+        ``device_id``, MSC3202), or a user's own session's ``access_token``."""
+        return await self.request("GET", "/_matrix/client/v3/account/whoami", user_id=user_id,
+                                  query={"device_id": device_id} if device_id else None,
+                                  access_token=access_token)
+
+    async def get_device(self, device_id: str, *, user_id: str) -> dict[str, Any]:
+        """One of ``user_id``'s devices (404 if it does not exist)."""
+        return await self.request("GET", f"/_matrix/client/v3/devices/{q(device_id)}",
+                                  user_id=user_id)
+
+    async def joined_rooms(self, user_id: str) -> list[str]:
+        """The rooms ``user_id`` is joined to, asked as that user."""
+        body = await self.request("GET", "/_matrix/client/v3/joined_rooms", user_id=user_id)
+        return list(body.get("joined_rooms", []))
+
+    async def room_state(self, room_id: str, *, user_id: str) -> list[dict[str, Any]]:
+        """A room's full current state, asked as a member (``user_id``)."""
+        return await self.request("GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state",
+                                  user_id=user_id)
+
+    async def room_members(self, room_id: str, *, user_id: str,
+                           not_membership: str | None = None) -> list[dict[str, Any]]:
+        """The room's ``m.room.member`` events, asked as a member (``user_id``)."""
+        body = await self.request(
+            "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/members",
+            query={"not_membership": not_membership} if not_membership else None,
+            user_id=user_id)
+        return list(body.get("chunk") or [])
+
+    async def get_avatar_url(self, user_id: str) -> str | None:
+        """``user_id``'s avatar (asked as the appservice); None if unset."""
+        body = await self.request("GET", f"/_matrix/client/v3/profile/{q(user_id)}/avatar_url")
+        return body.get("avatar_url")
+
+    async def set_avatar_url(self, user_id: str, url: str) -> None:
+        await self.request("PUT", f"/_matrix/client/v3/profile/{q(user_id)}/avatar_url",
+                           json={"avatar_url": url}, user_id=user_id)
+
+    async def get_account_data(self, user_id: str, event_type: str) -> dict[str, Any] | None:
+        """``user_id``'s global account data of ``event_type``; None if never set."""
+        try:
+            return await self.request(
+                "GET", f"/_matrix/client/v3/user/{q(user_id)}/account_data/{q(event_type)}",
+                user_id=user_id)
+        except MatrixRequestError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def set_account_data(self, user_id: str, event_type: str,
+                               content: dict[str, Any]) -> None:
+        await self.request(
+            "PUT", f"/_matrix/client/v3/user/{q(user_id)}/account_data/{q(event_type)}",
+            json=content, user_id=user_id)
 
     async def register_appservice_user(self, localpart: str) -> bool:
         """Create a namespace user; False if it already existed."""
@@ -557,11 +615,3 @@ def _decode(raw: bytes) -> Any:
         return {"errcode": "M_UNKNOWN", "error": raw[:200].decode("utf-8", "replace")}
 
 
-def _retry_after(body: Any, header: str | None) -> float | None:
-    if isinstance(body, dict):
-        ms = body.get("retry_after_ms")
-        if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0:
-            return min(ms / 1000.0, 3600.0)
-    if header and header.isdigit():
-        return min(float(header), 3600.0)
-    return None

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..config.models import InboxConfig
+from ..kernel.retry import Backoff
 from ..metrics import Metrics
 from ..policy.actions import Action
 from ..store import AuditRecord, InboxEvent, QuarantinedEvent, Store
@@ -107,8 +108,7 @@ async def expand_journal(
 
 def backoff_ms(attempts: int, cfg: InboxConfig) -> int:
     """Delay before attempt ``attempts + 1``: exponential, capped."""
-    delay = min(cfg.backoff_max_seconds, cfg.backoff_initial_seconds * 2 ** (attempts - 1))
-    return int(delay * 1000)
+    return Backoff(cfg.backoff_initial_seconds, cfg.backoff_max_seconds).delay_ms(attempts)
 
 
 class InboxProcessor:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..kernel.power import creators_have_unlimited_power, user_level
 from .actions import Action, Invite, Join, Kick, SetState
 
 if TYPE_CHECKING:  # importing bridge.config at run time would pull in its YAML loader
@@ -142,13 +143,20 @@ class AccountState:
 
 @dataclass(frozen=True)
 class RoomView:
-    """One room's membership, power levels and creators (room v12: unlimited power)."""
+    """One room's membership, power levels and creators (unlimited power from room v12,
+    see :mod:`bridge.kernel.power`)."""
 
     room_id: str
     members: Mapping[str, str]  # user id -> join | invite | leave | ban | knock
     power_levels: Mapping[str, Any]
     creators: frozenset[str] = frozenset()
     join_rules: Mapping[str, Any] = field(default_factory=dict)
+    room_version: str | None = None
+
+    @property
+    def privileged_creators(self) -> frozenset[str]:
+        """Creators with unlimited power (room v12+), who must not be in the users map."""
+        return self.creators if creators_have_unlimited_power(self.room_version) else frozenset()
 
     def admits_members_of(self, parent_room_id: str) -> bool:
         """Whether members of ``parent_room_id`` may join without an invite."""
@@ -157,13 +165,10 @@ class RoomView:
         return any(a.get("type") == "m.room_membership" and a.get("room_id") == parent_room_id
                    for a in self.join_rules.get("allow") or [] if isinstance(a, dict))
 
-    def level(self, user_id: str) -> float:
-        if user_id in self.creators:
-            return float("inf")
-        users = self.power_levels.get("users") or {}
-        if user_id in users:
-            return users[user_id]
-        return self.power_levels.get("users_default", 0)
+    def level(self, user_id: str) -> int:
+        """``user_id``'s power level (the kernel's one rule)."""
+        return user_level(user_id, self.power_levels or None, room_version=self.room_version,
+                          creators=self.creators)
 
 
 @dataclass(frozen=True)
@@ -631,11 +636,11 @@ def _power(d: DesiredRoom, room: RoomView, directory_users: set[str], is_enclave
     current = {u: lvl for u, lvl in (room.power_levels.get("users") or {}).items()
                if lvl != default or is_enclave_user(u)}
     # v12 creators must not appear in the users map; Enclave's own users keep their level
-    result = {u: lvl for u, lvl in d.power.items() if u not in room.creators}
+    result = {u: lvl for u, lvl in d.power.items() if u not in room.privileged_creators}
     result.update({u: lvl for u, lvl in current.items() if is_enclave_user(u)})
     rule = f"directory.rooms.{d.entry.id}.power"
     for u, lvl in sorted(current.items()):
-        if u in result or u in room.creators:
+        if u in result or u in room.privileged_creators:
             continue
         if u in directory_users and u not in d.members:
             continue  # left the group: their level goes with them

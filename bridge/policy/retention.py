@@ -17,8 +17,18 @@ import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
+
+from ..kernel.durations import (  # noqa: F401  (re-exported: the constants policy callers use)
+    DAY_MS,
+    HOUR_MS,
+    MINUTE_MS,
+    SECOND_MS,
+    WEEK_MS,
+    YEAR_MS,
+    format_duration_ms,
+)
+from ..kernel.timestamps import iso_utc
 
 
 class RetentionSettings(Protocol):
@@ -44,64 +54,7 @@ HOLD_RULE = "builtin.legal_hold"
 # "no adjustment", so forever needs a value of its own).
 OVERRIDE_FOREVER = -1
 
-SECOND_MS = 1000
-MINUTE_MS = 60 * SECOND_MS
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
-WEEK_MS = 7 * DAY_MS
-YEAR_MS = 365 * DAY_MS
-# Longer than any retention law; bigger numbers are typos and would overflow BIGINT columns
-# once added to a timestamp.
-MAX_DURATION_MS = 1000 * YEAR_MS
-
-_UNITS = {"s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": WEEK_MS,
-          "y": YEAR_MS}
-_DURATION_RE = re.compile(r"^(\d{1,15})\s*([smhdwy])$")
-# largest unit first: format_duration picks the largest that divides exactly
-_NAMES = (("year", YEAR_MS), ("week", WEEK_MS), ("day", DAY_MS), ("hour", HOUR_MS),
-          ("minute", MINUTE_MS), ("second", SECOND_MS))
-
-
-# -- durations -------------------------------------------------------------------------------
-def parse_duration(text: str) -> int | None:
-    """``"90d"`` -> milliseconds; ``"forever"`` -> None. Raises ValueError otherwise.
-
-    Units: s, m (minutes), h, d, w, y (365 days). The number is a positive whole number.
-    """
-    if not isinstance(text, str) or isinstance(text, bool):
-        raise ValueError(
-            f"{text!r} is not a duration: give a string such as '90d', '12h' or 'forever' "
-            "(a bare number has no unit)")
-    t = text.strip().lower()
-    if t == "forever":
-        return None
-    m = _DURATION_RE.match(t)
-    if m is None:
-        raise ValueError(
-            f"{text!r} is not a duration: use a whole number and a unit (s, m, h, d, w, y), "
-            "e.g. '90d', or 'forever'")
-    ms = int(m.group(1)) * _UNITS[m.group(2)]
-    if ms <= 0:
-        raise ValueError(f"{text!r}: a duration must be longer than zero")
-    if ms > MAX_DURATION_MS:
-        raise ValueError(f"{text!r} is longer than 1000 years: use 'forever'")
-    return ms
-
-
-def format_duration(ms: int | None) -> str:
-    """Milliseconds for people: ``"90 days"``, ``"2 years"``, ``"30 seconds"``, ``"forever"``.
-
-    Uses the largest unit that divides exactly, so the text is never rounded.
-    """
-    if ms is None or ms < 0:  # negative: OVERRIDE_FOREVER
-        return "forever"
-    for name, size in _NAMES:
-        if ms and ms % size == 0:
-            n = ms // size
-            return f"{n} {name}" + ("" if n == 1 else "s")
-    return "0 seconds" if ms == 0 else f"{ms} milliseconds"
-
-
+# durations live in the kernel (one parser per unit); re-exported for policy callers
 def _longer(a: int | None, b: int | None) -> bool:
     """Whether period ``a`` is strictly longer than ``b`` (None is forever)."""
     if a is None:
@@ -115,9 +68,7 @@ def _outside(keep: int | None, lo: int | None, hi: int | None) -> bool:
 
 
 def _ts(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ms, "-")
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -131,7 +82,7 @@ class Period:
     source: str  # "class" | "dm" | "default" | "room" (a moderator's adjustment)
 
     def describe(self) -> str:
-        return f"{format_duration(self.keep_ms)} by {self.rule_id} ({self.path}, {self.source})"
+        return f"{format_duration_ms(self.keep_ms)} by {self.rule_id} ({self.path}, {self.source})"
 
 
 @dataclass(frozen=True)
@@ -295,7 +246,7 @@ class RetentionPolicy:
             return RetentionDecision(
                 False, period.rule_id, "not adjustable",
                 f"Enclave policy ({period.rule_id}): the retention period of this room is "
-                f"fixed at {format_duration(period.keep_ms)}.")
+                f"fixed at {format_duration_ms(period.keep_ms)}.")
         if requester_power < self.config.adjust_power:
             return RetentionDecision(
                 False, "retention.adjust_power",
@@ -307,17 +258,17 @@ class RetentionPolicy:
                 False, period.rule_id, "not a period",
                 f"Enclave policy ({period.rule_id}): a retention period must be longer than "
                 "zero.")
-        bounds = f"between {format_duration(lo) if lo is not None else 'any'} and " \
-                 f"{format_duration(hi)}"
+        bounds = f"between {format_duration_ms(lo) if lo is not None else 'any'} and " \
+                 f"{format_duration_ms(hi)}"
         if lo is not None and _longer(lo, requested_ms):
             return RetentionDecision(
                 False, period.rule_id, f"below min of {rule}",
-                f"Enclave policy ({period.rule_id}): {format_duration(requested_ms)} is "
+                f"Enclave policy ({period.rule_id}): {format_duration_ms(requested_ms)} is "
                 f"shorter than allowed; choose {bounds}.")
         if _longer(requested_ms, hi):
             return RetentionDecision(
                 False, period.rule_id, f"above max of {rule}",
-                f"Enclave policy ({period.rule_id}): {format_duration(requested_ms)} is "
+                f"Enclave policy ({period.rule_id}): {format_duration_ms(requested_ms)} is "
                 f"longer than allowed; choose {bounds}.")
         return RetentionDecision(True, period.rule_id, f"within bounds of {rule}")
 
@@ -328,7 +279,7 @@ class RetentionPolicy:
 
     def notice_text(self, period: Period) -> str:
         """The notice or topic line telling members how long messages are kept."""
-        return self.config.visibility.text.format(period=format_duration(period.keep_ms))
+        return self.config.visibility.text.format(period=format_duration_ms(period.keep_ms))
 
     def decide_retention_event(self, *, sender_is_service: bool, content: Mapping[str, Any],
                                expected: Mapping[str, Any]) -> RetentionDecision:
@@ -386,7 +337,7 @@ class RetentionPolicy:
                         f"nothing older than {_ts(due_before)}", rule_id)
         windows = _windows(ts[:purge], cutoff, window_events)
         reason = (f"{due} events older than {_ts(due_before)} "
-                  f"({format_duration(period.keep_ms)} by {period.rule_id}); "
+                  f"({format_duration_ms(period.keep_ms)} by {period.rule_id}); "
                   f"{purge} purged in {len(windows)} step{'' if len(windows) == 1 else 's'}")
         if held_from is not None:
             reason += (f"; {len(held_due)} held by {', '.join(holds) or 'a hold'} from "

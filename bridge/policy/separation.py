@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..directory.model import StaffRecord
+from ..kernel.power import creators_of
 from .actions import Action, Join, Kick, Leave, SetState
 from .power import ENCLAVE_POWER, RoomPower, enclave_actor
 
@@ -1072,12 +1073,7 @@ def room_facts_from_state(room_id: str, state: Sequence[Mapping[str, Any]]) -> R
         elif t == "m.room.create":
             version = str(content.get("room_version", "1"))
             federate = content.get("m.federate", True) is not False
-            sender = ev.get("sender")
-            if isinstance(sender, str):
-                creators.add(sender)
-            extra = content.get("additional_creators")
-            if isinstance(extra, list):
-                creators.update(u for u in extra if isinstance(u, str))
+            creators.update(creators_of(ev))
             pred = content.get("predecessor")
             if isinstance(pred, dict) and isinstance(pred.get("room_id"), str):
                 predecessor = pred["room_id"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import secrets as pysecrets
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import orjson
 
 from .. import clikit as cli
+from ..kernel.timestamps import readable_utc
 from ..root import Root, wall_clock_ms
 from ..store import Store
 from ..store.base import HoldRecord
@@ -28,14 +28,12 @@ def _needs_retention(args: argparse.Namespace) -> tuple[Any, dict] | None:
 
 
 def _when(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return readable_utc(ms)
 
 
 # -- enclave retention --------------------------------------------------------------------
 def cmd_retention(args: argparse.Namespace) -> int:
-    from ..policy.retention import format_duration
+    from ..kernel.durations import format_duration_ms
 
     got = _needs_retention(args)
     if got is None:
@@ -69,7 +67,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
                     "steps": [{"up_to_ts": s.up_to_ts, "seconds": round(s.seconds, 3)}
                               for s in rr.steps],
                     "plan": None if p is None else {
-                        "keep": format_duration(p.period.keep_ms), "rule": p.rule_id,
+                        "keep": format_duration_ms(p.period.keep_ms), "rule": p.rule_id,
                         "due_events": p.due_events, "held_events": p.held_events,
                         "deferred_events": p.deferred_events, "cutoff_ms": p.cutoff_ms,
                         "windows": len(p.windows), "holds": list(p.hold_ids),
@@ -86,7 +84,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
             if rr.error:
                 print(f"{rr.room_id}: FAILED, nothing more purged: {rr.error}")
             elif p is not None and (p.due_events or p.held_events or args.verbose):
-                print(f"{rr.room_id}: keep {format_duration(p.period.keep_ms)} "
+                print(f"{rr.room_id}: keep {format_duration_ms(p.period.keep_ms)} "
                       f"[{p.rule_id}] due {p.due_events}, held {p.held_events}, "
                       f"deferred {p.deferred_events}, cutoff {_when(p.cutoff_ms) or '-'}, "
                       f"{len(p.windows)} step(s)"

@@ -12,24 +12,24 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.retention import RetentionConfig
+from ..kernel.durations import parse_duration_ms
+from ..kernel.membership import membership_of, memberships
 from ..matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError, parse_mxc
 from ..matrix.executor import Executor
 from ..metrics import Metrics
 from ..policy.actions import Action, Join, Redact, SendEvent, SetState
-from ..policy.power import RoomPower, enclave_actor, members_from_state
-from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, parse_duration
+from ..policy.power import RoomPower, enclave_actor
+from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
-from ..store.lease import held_lease
+from ..store.lease import held_lease, new_lease_owner
 from .archive import ArchiveWriter
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class RetentionService:
         self.service_prefix = service_prefix
         self.classify = classify
         self._sleep = sleep
-        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease_owner = new_lease_owner()
         self.lease_ttl_ms = lease_ttl_ms  # the root passes the cluster's lease ttl
 
     def replace_config(self, config: RetentionConfig) -> None:
@@ -300,7 +300,7 @@ class RetentionService:
         """Enclave's own joined user (its bot, else its admin) with at least ``needed``
         power; None if neither is (:func:`bridge.policy.power.enclave_actor`, the rule
         separation follows too). What it cannot do that way is reported."""
-        return enclave_actor(members_from_state(state), RoomPower.from_state(state),
+        return enclave_actor(memberships(state), RoomPower.from_state(state),
                              (self.bot_user_id, self.admin_user_id), needed)
 
     def _state_sender(self, state: Sequence[Mapping[str, Any]], event_type: str) -> str | None:
@@ -314,9 +314,7 @@ class RetentionService:
                 "the power to do it")
 
     def _bot_membership(self, state: Sequence[Mapping[str, Any]]) -> str | None:
-        return next(((e.get("content") or {}).get("membership") for e in state
-                     if e.get("type") == "m.room.member"
-                     and e.get("state_key") == self.bot_user_id), None)
+        return membership_of(state, self.bot_user_id)
 
     def _bot_may_join(self, state: Sequence[Mapping[str, Any]]) -> bool:
         """The bot may join on its own: someone invited it, or the room is public."""
@@ -358,9 +356,7 @@ class RetentionService:
             return []
         m = _COMMAND_RE.match(body.strip())
         state = await self._room_state(room_id)
-        bot_joined = any(e.get("type") == "m.room.member" and e.get("state_key") ==
-                         self.bot_user_id and (e.get("content") or {}).get("membership") ==
-                         "join" for e in state)
+        bot_joined = membership_of(state, self.bot_user_id) == "join"
         room_class = await self.room_class(room_id)
         period = await self.period(room_id, room_class)
         reply: str
@@ -369,7 +365,7 @@ class RetentionService:
             reply = self.policy.notice_text(period)
         else:
             try:
-                requested = parse_duration(m.group(1))
+                requested = parse_duration_ms(m.group(1))
             except ValueError as e:
                 requested, reply = None, f"Cannot read {m.group(1)!r}: {e}"
             else:
@@ -464,9 +460,7 @@ class RetentionService:
             row = await self.store.retention_room_get(room_id)
             said = await self.store.component_get("retention.notice", room_id)
             if said != text:
-                members = {e.get("state_key"): (e.get("content") or {}).get("membership")
-                           for e in state if e.get("type") == "m.room.member"}
-                if members.get(self.bot_user_id) != "join":
+                if membership_of(state, self.bot_user_id) != "join":
                     # the bot joins only where it was invited or the room is open: Enclave
                     # does not invite itself as a member (it would read "<member> invited
                     # Enclave"); elsewhere the missing notice is reported by the caller

@@ -9,9 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,7 +36,7 @@ from ..policy.separation import (
 )
 from ..store import InboxEvent, Store
 from ..store.base import AuditRecord
-from ..store.lease import held_lease
+from ..store.lease import held_lease, new_lease_owner
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +134,7 @@ class SeparationService:
         self._enclave_dms: set[str] | None = None  # rooms the bot opened as its DMs
         # more initial state for a new room of a class (retention adds m.room.retention)
         self.creation_state = creation_state
-        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease_owner = new_lease_owner()
         self.lease_ttl_ms = lease_ttl_ms  # the root passes the cluster's lease ttl
         executor.register(NotifyUser, self._apply_notice)
         executor.register(NotDone, self._apply_not_done)

@@ -6,11 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 
 from .domains import LeaseStore
 
 log = logging.getLogger(__name__)
+
+
+def new_lease_owner() -> str:
+    """A lease owner name unique to one holder object: ``host:pid:random``.
+
+    The host and process make a held lease traceable in the ``leases`` table; the random
+    part keeps two holders in one process (a CLI run beside a service in tests, two
+    services built from one config) from renewing each other's lease. The cluster leader
+    lease is the exception: it is owned by the replica's configured name, so a replica
+    restarted under the same name takes its own lease back.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class LeaseLost(RuntimeError):

@@ -156,7 +156,7 @@ async def test_the_root_builds_each_service_once_in_an_explicit_order(
         config_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # the configured handler is named by module path, as an operator's would be: the
     # checkout's top folder must be importable however pytest was started
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    monkeypatch.syspath_prepend(str(ROOT))
     loaded = load_config(config_dir(extra=POLICY_AND_RETENTION))
     ext = ThirdPartyBot()
     root = Root(loaded, check_secrets(loaded), extensions=[ext])

@@ -63,6 +63,7 @@ EITHER = Permission(groups=("comms",), min_power=50)
         (COMMS, rec(("comms",), active=False), None, False, "not an active staff member"),
         (POWER, None, 50, True, "power level 50 >= 50"),
         (POWER, None, 10, False, "needs power level 50 in this room (you have 10)"),
+        (POWER, None, 2**53, True, "power level unlimited (a room creator) >= 50"),
         (EITHER, rec(("sales",)), 100, True, "power level 100 >= 50"),
         (EITHER, rec(("sales",)), 0, False,
          "needs membership of comms, or power level 50 in this room (you have 0)"),

@@ -277,3 +277,15 @@ def test_the_documented_homeserver_snippet_is_a_valid_config(tmp_path: Path) -> 
     secret.write_text("from-the-snippet")
     cfg = parse_module_config({**entry["config"], "secret_path": str(secret)})
     assert cfg.enclave_users and cfg.on_unreachable == "deny"
+
+
+@pytest.mark.parametrize("version", [None, "1", "9", "10", "11", "12", "13", "27", "99",
+                                     "org.matrix.hydra.11", "org.example.v12", "", "12.1"])
+def test_gate_mirrors_the_kernels_creator_rule(version: str | None) -> None:
+    """The gate (one file inside Synapse, importing nothing of Enclave) keeps its own copy of
+    the creator rule; it must answer as bridge.kernel.power does, or a v13 room's creators
+    would be put into the users map by the gate and outranked by Enclave's policy."""
+    from bridge.kernel.power import creators_have_unlimited_power
+
+    assert gate_module.creators_have_unlimited_power(version) is \
+        creators_have_unlimited_power(version)

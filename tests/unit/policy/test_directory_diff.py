@@ -181,7 +181,7 @@ def room(rid: str, members: dict[str, str], users: dict[str, int] | None = None,
          creators: frozenset[str] = frozenset({BOT})) -> RoomView:
     return RoomView(room_id=rid, members=members,
                     power_levels={"users": users or {}, "users_default": 0},
-                    creators=creators)
+                    creators=creators, room_version="12")
 
 
 def test_leaver_hands_over_rooms_where_only_admin() -> None:

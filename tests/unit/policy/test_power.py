@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from bridge.policy.power import CREATOR_POWER, RoomPower, enclave_actor, members_from_state
+from bridge.kernel.membership import memberships
+from bridge.policy.power import CREATOR_POWER, RoomPower, enclave_actor
 
 HS = "corp.test"
 BOT, ADMIN = f"@enclave:{HS}", f"@enclave-admin:{HS}"
@@ -98,5 +99,5 @@ def test_from_state_reads_creators_levels_and_members() -> None:
     ]
     p = RoomPower.from_state(state)
     assert p.creators == {ALICE, BOB} and p.creator_power and p.of(BOT) == 100
-    assert members_from_state(state) == {BOT: "join", EVE: "invite"}
-    assert enclave_actor(members_from_state(state), p, ENCLAVE, 50, target=BOB) is None
+    assert memberships(state) == {BOT: "join", EVE: "invite"}
+    assert enclave_actor(memberships(state), p, ENCLAVE, 50, target=BOB) is None

@@ -35,7 +35,8 @@ FORBIDDEN_CALLS = {
 FORBIDDEN_BUILTINS = {"open", "input", "print", "breakpoint", "exec", "eval", "__import__"}
 # Inside the project only these packages may be imported by policy code.
 ALLOWED_BRIDGE = (
-    "bridge.policy", "bridge.config.models", "bridge.config.directory", "bridge.config.policy",
+    "bridge.policy", "bridge.kernel", "bridge.config.models", "bridge.config.directory",
+    "bridge.config.policy",
     "bridge.directory.model",  # frozen dataclasses of people and groups, no I/O
 )
 

@@ -9,28 +9,26 @@ from typing import Any
 
 import pytest
 
-from bridge.retention.export import (
+from bridge.kernel.relations import edit_target, redaction_target, reply_to, thread_root
+from bridge.kernel.timestamps import iso_utc
+from bridge.retention.events import (
     DELETED_TEXT,
     ENCRYPTED_TEXT,
     anchor,
     attachment_mxc,
     display_names,
-    edit_target,
-    event_marks,
     is_attachment,
-    iso_utc,
-    media_extension,
-    membership_line,
-    message_id,
     plain_text,
-    redaction_target,
-    render_eml,
-    render_html,
-    reply_to,
     room_name,
     safe_name,
-    thread_root,
 )
+from bridge.retention.export import (
+    event_marks,
+    media_extension,
+    message_id,
+    render_eml,
+)
+from bridge.retention.transcript import membership_line, render_html
 
 ROOM = "!room:corp.example.com"
 ALICE = "@alice:corp.example.com"
@@ -271,6 +269,21 @@ def test_html_header_names_and_escaping() -> None:
     assert 'class="name">Alice</span> <span class="uid">@alice:corp.example.com' in page
     assert 'class="name">Bob &lt;b&gt;</span>' in page
     assert '<time datetime="2024-05-01T10:40:00Z">' in page
+
+
+def test_html_attributes_cannot_be_broken_out_of() -> None:
+    """Attribute values (file names, media links, marks) are escaped by the template's
+    autoescape, quotes included: no event text becomes an attribute or a tag."""
+    evil = 'x.png" onmouseover="steal()'
+    events = [ev("$f", ALICE, {"msgtype": "m.image", "body": evil, "url": "mxc://corp/cat"}),
+              ev("$g", ALICE, {"msgtype": "m.file", "body": "<b>f</b>",
+                               "url": 'mxc://corp/x"y'})]
+    page = render_html(ROOM, None, events, {}, {"mxc://corp/cat": '../m/"a'},
+                       marks={"$f": [('hold" x="', "<i>held</i>")]})
+    assert 'onmouseover="' not in page and "<b>f" not in page and "<i>" not in page
+    assert 'download="x.png&#34; onmouseover=&#34;steal()"' in page
+    assert 'href="../m/&#34;a"' in page and 'href="mxc://corp/x&#34;y"' in page
+    assert 'class="mark hold&#34; x=&#34;"' in page
 
 
 def test_html_without_range_or_clock() -> None:

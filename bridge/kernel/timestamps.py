@@ -1,0 +1,34 @@
+"""Matrix timestamps (milliseconds since the epoch, UTC) as datetimes and text.
+
+One conversion and the few text forms Enclave shows: ISO 8601 for records and transcripts,
+a readable UTC form for the CLI, local time for what the bots tell people.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from datetime import UTC, datetime
+
+
+def _is_ms(ms: object) -> bool:
+    return isinstance(ms, int)
+
+
+def utc_datetime(ms: int) -> datetime:
+    """The aware UTC datetime of a millisecond timestamp."""
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def local_datetime(ms: int, timezone: str = "UTC") -> datetime:
+    """The same instant in an IANA time zone (``Europe/Berlin``)."""
+    return utc_datetime(ms).astimezone(zoneinfo.ZoneInfo(timezone))
+
+
+def iso_utc(ms: int | None, missing: str = "?") -> str:
+    """``2024-05-01T12:30:00Z`` (second precision); ``missing`` when there is no time."""
+    return utc_datetime(ms).strftime("%Y-%m-%dT%H:%M:%SZ") if _is_ms(ms) else missing  # type: ignore[arg-type]
+
+
+def readable_utc(ms: int | None, missing: str = "") -> str:
+    """``2024-05-01 12:30:00`` (UTC, for tables); ``missing`` when there is no time."""
+    return utc_datetime(ms).strftime("%Y-%m-%d %H:%M:%S") if _is_ms(ms) else missing  # type: ignore[arg-type]

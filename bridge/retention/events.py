@@ -1,0 +1,133 @@
+"""Pure helpers over archived event JSON shared by the export's renderers (HTML, EML).
+
+Everything taken from an event is untrusted: only the plain ``body`` is read (never
+``formatted_body``), and every accessor tolerates missing or wrongly typed fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..kernel.relations import (
+    content_of,
+    edit_target,
+    is_thread_fallback,
+    reply_to,
+    strip_reply_fallback,
+)
+from ..kernel.timestamps import readable_utc
+
+MESSAGE_TYPES = frozenset({"m.room.message", "m.sticker", "m.room.encrypted"})
+ATTACHMENT_MSGTYPES = frozenset({"m.image", "m.file", "m.video", "m.audio"})
+ENCRYPTED_TEXT = "encrypted message (not readable by the archive)"
+DELETED_TEXT = "message deleted"
+
+
+def str_or_none(value: Any) -> str | None:
+    """The value if it is a string, else None (event JSON is untrusted)."""
+    return value if isinstance(value, str) else None
+
+
+def attachment_mxc(event: Mapping[str, Any]) -> str | None:
+    """The ``mxc://`` URI of the event's file: ``content.url`` or ``content.file.url``."""
+    content = content_of(event)
+    url = str_or_none(content.get("url"))
+    if url is None and isinstance(content.get("file"), Mapping):
+        url = str_or_none(content["file"].get("url"))
+    return url if url is not None and url.startswith("mxc://") else None
+
+
+def is_attachment(event: Mapping[str, Any]) -> bool:
+    """A file, image, video, audio message or a sticker that carries an ``mxc://`` URI."""
+    if attachment_mxc(event) is None:
+        return False
+    if event.get("type") == "m.sticker":
+        return True
+    return content_of(event).get("msgtype") in ATTACHMENT_MSGTYPES
+
+
+def attachment_info(event: Mapping[str, Any]) -> tuple[str, str | None, int | None]:
+    """(file name, mimetype, size) as the event states them (file name falls back to body)."""
+    content = content_of(event)
+    info = content.get("info") if isinstance(content.get("info"), Mapping) else {}
+    name = str_or_none(content.get("filename")) or str_or_none(content.get("body")) or "attachment"
+    size = info.get("size")
+    return name, str_or_none(info.get("mimetype")), size if isinstance(size, int) else None
+
+
+def plain_text(event: Mapping[str, Any]) -> str:
+    """The readable text of a message: the plain ``body`` (never ``formatted_body``), reply
+    fallback removed; for an edit, the new text; for an encrypted event, a fixed note."""
+    if event.get("type") == "m.room.encrypted":
+        return ENCRYPTED_TEXT
+    content = content_of(event)
+    if edit_target(event) is not None and isinstance(content.get("m.new_content"), Mapping):
+        new = str_or_none(content["m.new_content"].get("body"))
+        if new is not None:
+            return new
+    body = str_or_none(content.get("body")) or ""
+    if edit_target(event) is not None and body.startswith("* "):
+        return body[2:]
+    if reply_to(event) is not None and not is_thread_fallback(event):
+        body = strip_reply_fallback(body)
+    return body
+
+
+def display_names(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """User id -> display name from ``m.room.member`` events, later events winning.
+
+    A leave without a display name keeps the last known one, so people who left are still
+    named in the transcript."""
+    names: dict[str, str] = {}
+    for ev in events:
+        if ev.get("type") != "m.room.member":
+            continue
+        user = str_or_none(ev.get("state_key"))
+        name = str_or_none(content_of(ev).get("displayname"))
+        if user and name and name.strip():
+            names[user] = name.strip()
+    return names
+
+
+def room_name(events: Sequence[Mapping[str, Any]]) -> str | None:
+    """The room's latest ``m.room.name`` (else its canonical alias), or None."""
+    name: str | None = None
+    alias: str | None = None
+    for ev in events:
+        if ev.get("state_key") != "":
+            continue
+        if ev.get("type") == "m.room.name":
+            name = str_or_none(content_of(ev).get("name")) or None
+        elif ev.get("type") == "m.room.canonical_alias":
+            alias = str_or_none(content_of(ev).get("alias")) or None
+    return name or alias
+
+
+def readable_utc_label(ts_ms: int | None) -> str:
+    """``2024-05-01 12:30:00 UTC`` for people reading a transcript or mail; ``?`` if unknown."""
+    return readable_utc(ts_ms, "?") + (" UTC" if isinstance(ts_ms, int) else "")
+
+
+def anchor(event_id: str) -> str:
+    """The HTML id of an event's block (event ids hold characters unfit for fragments)."""
+    return "e-" + hashlib.sha256(event_id.encode()).hexdigest()[:20]
+
+
+def safe_name(text: str) -> str:
+    """A file name for a room or event id: readable part plus a hash (distinct ids never meet)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "x"
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def human_size(n: int | None) -> str:
+    """``512 bytes``, ``1.5 KB``, ``2.0 MB``; empty when unknown."""
+    if n is None:
+        return ""
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / (1024 * 1024):.1f} MB"

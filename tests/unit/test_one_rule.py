@@ -1,0 +1,57 @@
+"""Rules that exist once (issue #18): no module keeps its own copy of a kernel rule.
+
+Each check looks for the shape the old copies had; a new copy written the same way fails
+here and should call the shared helper instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bridge.store.lease import new_lease_owner
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = sorted(p for top in ("bridge", "bots") for p in (ROOT / top).rglob("*.py"))
+
+# (what, pattern, the only files allowed to have it)
+COPIES = [
+    ("lease owner recipe", r'gethostname\(\)\}:\{os\.getpid\(\)\}:',
+     {"bridge/store/lease.py"}),
+    ("backoff doubling", r'delay \* 2\b|delay \*= 2|\* 2 \*\* \(?attempt|\* \(2 \*\* \(attempt',
+     {"bridge/kernel/retry.py"}),
+    ("retry_after_ms reading", r'\.get\("retry_after_ms"\)', {"bridge/kernel/retry.py"}),
+    ("reply fallback stripping", r'def _?strip_reply_fallback', {"bridge/kernel/relations.py"}),
+    ("duration parser without its unit", r'def parse_duration\(', set()),
+    ("timestamp conversion", r'fromtimestamp\(\s*\w+ / 1000', {"bridge/kernel/timestamps.py"}),
+    ("manual HTML escaping (the transcript template autoescapes)", r'html\.escape\(', set()),
+    # the gate module runs inside Synapse and imports nothing of Enclave: it reads the room
+    # for the decision, which then uses the kernel's rule
+    ("creators of a room", r'\.get\("additional_creators"\)',
+     {"bridge/kernel/power.py", "bridge/gate/module.py"}),
+    ("m.in_reply_to reading", r'\.get\("m\.in_reply_to"\)', {"bridge/kernel/relations.py"}),
+]
+
+
+def test_bots_call_client_methods_not_raw_gets() -> None:
+    """What the bots read from the homeserver goes through MatrixClient methods."""
+    raw = re.compile(r'request\(\s*"GET"')
+    found = [str(p.relative_to(ROOT)) for p in (ROOT / "bots").rglob("*.py")
+             if raw.search(p.read_text())]
+    assert found == []
+
+
+@pytest.mark.parametrize(("what", "pattern", "allowed"), COPIES, ids=[c[0] for c in COPIES])
+def test_rule_written_once(what: str, pattern: str, allowed: set[str]) -> None:
+    rx = re.compile(pattern)
+    found = {str(p.relative_to(ROOT)) for p in SOURCES if rx.search(p.read_text())}
+    assert found <= allowed, f"{what} copied in {sorted(found - allowed)}"
+
+
+def test_lease_owner_names_host_process_and_holder() -> None:
+    a, b = new_lease_owner(), new_lease_owner()
+    assert a != b  # two holders in one process never share a lease
+    host, pid, token = a.rsplit(":", 2)
+    assert host and pid.isdigit() and re.fullmatch(r"[0-9a-f]{8}", token)
