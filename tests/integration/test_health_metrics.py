@@ -1,4 +1,5 @@
-"""/metrics exposes what the README documents; /ready follows the homeserver's health.
+"""/metrics exposes what docs/operators/monitoring.md documents; /ready follows the
+homeserver's health.
 
 Uses its own Synapse, because it stops it.
 """
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.integration
 
 
 def documented_metrics() -> dict[str, set[str]]:
-    """Metric names (with label names) listed in the README's /metrics paragraph."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    """Metric names (with label names) listed in the /metrics paragraph of
+    docs/operators/monitoring.md."""
+    doc = REPO_ROOT / "docs" / "operators" / "monitoring.md"
+    text = doc.read_text(encoding="utf-8")
     start = text.index("`GET /metrics`")
     end = text.find("\n\n", start)
     end = len(text) if end < 0 else end
@@ -30,7 +33,7 @@ def documented_metrics() -> dict[str, set[str]]:
     paragraph = paragraph if nxt < 0 else paragraph[:nxt]
     names = {m.group(1): set(filter(None, (m.group(2) or "").split(",")))
              for m in re.finditer(r"`(enclave_[a-z_]+)(?:\{([a-z_,]*)\})?`", paragraph)}
-    assert len(names) >= 8, f"could not find the documented metrics in README: {paragraph!r}"
+    assert len(names) >= 8, f"could not find the documented metrics in {doc}: {paragraph!r}"
     return names
 
 
