@@ -623,9 +623,8 @@ def _read_enclave(args: argparse.Namespace) -> Enclave:
         if args.archive:
             archive = Path(args.archive).resolve()
         elif cfg.retention is not None:
-            from bridge.retention.build import archive_root
-
-            archive = archive_root(loaded).resolve()
+            # the path the composition root gives the archive (relative to the config file)
+            archive = loaded.resolve(cfg.retention.archive.path).resolve()
         if cfg.bots is not None and cfg.bots.encryption.enabled:
             crypto = loaded.resolve(cfg.bots.encryption.store_dir).resolve()
     else:
