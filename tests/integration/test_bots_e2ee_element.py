@@ -102,7 +102,7 @@ async def bot_message(element: ElementClient, bot: str, text: str,
 async def delivery(enclave: InProcessEnclave, announcement_id: str, user: str,
                    *, acked: bool = False) -> Any:
     async def row() -> Any:
-        rows = await enclave.enclave.announcements.announcement_deliveries(announcement_id, "o1")
+        rows = await enclave.announcements.announcement_deliveries(announcement_id, "o1")
         found = [r for r in rows if r.target == user and r.status != "pending"]
         if found and (not acked or found[0].acked_at is not None):
             return found[0]
