@@ -377,6 +377,11 @@ class Bot:
         staff = await self.svc.directory.get(sender)
         local = sender.endswith(f":{self.svc.server_name}")
         ours = self.is_ours(sender)
+        if local and not ours and (staff is None or not staff.active):
+            # a decline cannot be undone: judge it on the directory as it is now, not on a
+            # view cached from before the sync that just provisioned the inviter
+            self.svc.directory.invalidate()
+            staff = await self.svc.directory.get(sender)
         if ours or (local and staff is not None and staff.active):
             if (event.get("content") or {}).get("is_direct") and not ours:
                 self._dm_of_room[room] = sender
