@@ -76,3 +76,12 @@ def ldap_config(server: SlapdServer, **overrides: Any) -> LdapSourceConfig:
         else:
             data[k] = v
     return LdapSourceConfig.model_validate(data)
+
+
+def ldap_source_with_password_file(server: SlapdServer, tmp_path: Path) -> dict[str, Any]:
+    """The ``directory.source`` section for ``server``, its bind password in a file (as an
+    operator would give it)."""
+    (tmp_path / "ldap_password").write_text(server.rootpw + "\n")
+    source = ldap_config(server).model_dump(mode="json", exclude_none=True)
+    source["bind_password"] = {"file": str(tmp_path / "ldap_password")}
+    return source

@@ -17,7 +17,7 @@ from bridge.devstack.slapd import SlapdServer, person_uid
 
 from .directory_helpers import account, members, open_sync, uid, write_config
 from .harness import Stack
-from .ldap_fixtures import ldap_config, running_slapd
+from .ldap_fixtures import ldap_source_with_password_file, running_slapd
 
 N_PEOPLE = 10
 
@@ -30,9 +30,7 @@ def slapd(tmp_path: Path) -> Iterator[SlapdServer]:
 
 
 def directory_section(server: SlapdServer, tmp_path: Path) -> dict[str, Any]:
-    (tmp_path / "ldap_password").write_text(server.rootpw + "\n")
-    source = ldap_config(server).model_dump(mode="json", exclude_none=True)
-    source["bind_password"] = {"file": str(tmp_path / "ldap_password")}
+    source = ldap_source_with_password_file(server, tmp_path)
     return {
         "source": source, "interval_minutes": 0,
         "mapping": {"localpart_template": "{username}", "collision": "suffix"},

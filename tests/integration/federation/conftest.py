@@ -45,6 +45,28 @@ from ..harness import EnclaveProcess, Stack, nio, wait_until
 NewUser = Callable[[str], Awaitable[nio.AsyncClient]]
 
 
+class CorpStaff:
+    """Staff of the corporate server as nio clients, for a test set-up that has the
+    federated ``pair`` and collects its ``clients`` (closed by the fixture)."""
+
+    pair: FederatedPair
+    clients: list[nio.AsyncClient]
+
+    @property
+    def corp_name(self) -> str:
+        return self.pair.corp.server_name
+
+    def uid(self, name: str) -> str:
+        return f"@{name}:{self.corp_name}"
+
+    async def staff(self, name: str) -> nio.AsyncClient:
+        c = nio.AsyncClient(self.pair.corp.base_url, self.uid(name))
+        resp = await c.login(f"pw-{name}")
+        assert isinstance(resp, nio.LoginResponse), resp
+        self.clients.append(c)
+        return c
+
+
 @dataclass
 class Federation:
     """A running federated pair with Enclave's corporate stack on ``corp``."""

@@ -25,7 +25,7 @@ from bridge.devstack.federation import FederatedPair
 
 from ..directory_helpers import ADMIN_LOCALPART, ensure_enclave_admin
 from ..harness import BOT_LOCALPART, EnclaveProcess, Stack, nio, wait_until
-from .conftest import separation_config, started_and_synced
+from .conftest import CorpStaff, separation_config, started_and_synced
 from .test_separation import q, read_notice, wait_left, write_directory
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ SECRET = "partner-only: price list v7"
 
 
 @dataclass
-class Trio:
+class Trio(CorpStaff):
     pair: FederatedPair
     stack: Stack
     enclave: EnclaveProcess
@@ -42,20 +42,6 @@ class Trio:
     gate_secret: Path
     people: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name->(srv,id,tok)
     clients: list[nio.AsyncClient] = field(default_factory=list)
-
-    @property
-    def corp_name(self) -> str:
-        return self.pair.corp.server_name
-
-    def uid(self, name: str) -> str:
-        return f"@{name}:{self.corp_name}"
-
-    async def staff(self, name: str) -> nio.AsyncClient:
-        c = nio.AsyncClient(self.pair.corp.base_url, self.uid(name))
-        resp = await c.login(f"pw-{name}")
-        assert isinstance(resp, nio.LoginResponse), resp
-        self.clients.append(c)
-        return c
 
     def other(self, name: str) -> nio.AsyncClient:
         """An outsider (personal server) or a partner (partner server) as a nio client."""

@@ -27,7 +27,7 @@ from bridge.devstack.federation import FederatedPair
 
 from ..directory_helpers import ADMIN_LOCALPART, ensure_enclave_admin
 from ..harness import BOT_LOCALPART, EnclaveProcess, Stack, nio, wait_until
-from .conftest import separation_config, started_and_synced
+from .conftest import CorpStaff, separation_config, started_and_synced
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def q(s: str) -> str:
 
 
 @dataclass
-class Setup:
+class Setup(CorpStaff):
     pair: FederatedPair
     stack: Stack
     enclave: EnclaveProcess
@@ -55,20 +55,6 @@ class Setup:
     outsiders: dict[str, tuple[str, str]]  # name -> (user id, token) on the personal server
     guest_expires: float
     clients: list[nio.AsyncClient] = field(default_factory=list)
-
-    @property
-    def corp_name(self) -> str:
-        return self.pair.corp.server_name
-
-    def uid(self, name: str) -> str:
-        return f"@{name}:{self.corp_name}"
-
-    async def staff(self, name: str) -> nio.AsyncClient:
-        c = nio.AsyncClient(self.pair.corp.base_url, self.uid(name))
-        resp = await c.login(f"pw-{name}")
-        assert isinstance(resp, nio.LoginResponse), resp
-        self.clients.append(c)
-        return c
 
     def outsider(self, name: str) -> nio.AsyncClient:
         user_id, token = self.outsiders[name]
