@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bridge.config.policy import PolicyConfig
-from bridge.directory.model import StaffRecord
 from bridge.gate.protocol import GateAnswer, GateRequest
+from bridge.model.people import StaffRecord
 from bridge.policy.separation import SeparationPolicy
 from bridge.separation.service import decide_gate
 

@@ -70,7 +70,7 @@ def maxrss_kb() -> int:
 
 def child(n: int, n_dep: int, seed: int) -> dict[str, Any]:
     from bridge.config.directory import DirectoryConfig
-    from bridge.directory.model import DirectorySnapshot, Group, Person
+    from bridge.model.people import DirectorySnapshot, Group, Person
     from bridge.policy.directory import (
         AccountState,
         HomeserverView,

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bridge.config.bots import BotIdentityConfig, DmConfig
-from bridge.directory.model import StaffRecord
 from bridge.kernel.power import user_level_in_state
 from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import (
@@ -41,6 +40,7 @@ from bridge.matrix.client import (
 )
 from bridge.matrix.executor import Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
+from bridge.model.people import StaffRecord
 from bridge.policy.actions import Action, Join, Leave
 from bridge.store import AuditRecord, InboxEvent, Store
 from bridge.store.domains import DirectoryStore, KVStore

@@ -11,9 +11,9 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bridge.directory.model import StaffRecord
 from bridge.kernel.power import CREATOR_POWER
 from bridge.kernel.relations import strip_reply_fallback
+from bridge.model.people import StaffRecord
 
 COMMAND_RE = re.compile(r"^!([A-Za-z][A-Za-z0-9_-]*)(?:[ \t]+(.*))?$", re.DOTALL)
 

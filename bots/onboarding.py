@@ -18,9 +18,9 @@ from typing import ClassVar
 
 from bridge.config.bots import OnboardingConfig
 from bridge.config.directory import DirectoryConfig
-from bridge.directory.model import StaffRecord
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
+from bridge.model.people import StaffRecord
 
 from .announcements.delivery import date_text
 from .announcements.spec import fill, person_variables

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 from .spec import AnnouncementSpec
 

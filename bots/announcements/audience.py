@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from bridge.config.bots import AudienceConfig
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 from ..commands import CommandError
 

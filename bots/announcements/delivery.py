@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from bridge.config.bots import AnnouncementsConfig
-from bridge.directory.model import StaffRecord
 from bridge.kernel.membership import memberships
 from bridge.kernel.timestamps import local_datetime
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
+from bridge.model.people import StaffRecord
 from bridge.store import AuditRecord
 from bridge.store.lease import LeaseLost, held_lease, new_lease_owner
 

@@ -6,8 +6,8 @@ import csv
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from bridge.directory.model import StaffRecord
 from bridge.kernel.timestamps import local_datetime
+from bridge.model.people import StaffRecord
 
 if TYPE_CHECKING:
     from ..store import AnnouncementDelivery

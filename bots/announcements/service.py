@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bridge.config.bots import AnnouncementConfig
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 from bridge.store import AuditRecord
 
 from ..store import AnnouncementOccurrence, AnnouncementStore

@@ -19,7 +19,7 @@ from bridge.config.bots import (
     WebhookConfig,
     _MessageSpec,
 )
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 from .audience import Audience
 

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .model import DirectoryError, DirectorySnapshot, Group, Person
+from ..model.people import DirectoryError, DirectorySnapshot, Group, Person
 
 _EMAIL_SHAPE = "must look like name@domain"
 _MAX_ERRORS = 10

@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config.directory import LdapAttributeMap, LdapSearchConfig, LdapSourceConfig
+from ..model.people import DirectoryError, DirectorySnapshot, Group, Person
 from ..store.domains import KVStore
-from .model import DirectoryError, DirectorySnapshot, Group, Person
 
 log = logging.getLogger(__name__)
 

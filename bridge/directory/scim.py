@@ -63,10 +63,10 @@ from scim2_server.service import ScimService as _ProtocolService
 from scim2_server.storage import AsyncScimStorage, SearchPage, search_page
 
 from ..kernel.timestamps import utc_datetime
+from ..model.people import DirectoryError, DirectorySnapshot, Person
+from ..model.people import Group as DirGroup
 from ..store.base import ScimResource
 from ..store.domains import ScimStore
-from .model import DirectoryError, DirectorySnapshot, Person
-from .model import Group as DirGroup
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .model import DirectorySnapshot
+from ..model.people import DirectorySnapshot
 
 
 class DirectorySource(Protocol):

@@ -22,6 +22,7 @@ from ..kernel.power import creators_of
 from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
+from ..model.people import DirectoryError, DirectorySnapshot, StaffRecord
 from ..policy.actions import Action
 from ..policy.directory import (
     MANAGED_REF,
@@ -48,7 +49,6 @@ from ..policy.mapping import map_people
 from ..store import DirectoryRecord, Store
 from ..store.lease import held_lease, new_lease_owner
 from .lookalike import confusables_table
-from .model import DirectoryError, DirectorySnapshot, StaffRecord
 from .source import DirectorySource
 
 log = logging.getLogger(__name__)

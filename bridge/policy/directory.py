@@ -20,7 +20,7 @@ from .actions import Action, Invite, Join, Kick, SetState
 
 if TYPE_CHECKING:  # importing bridge.config at run time would pull in its YAML loader
     from ..config.directory import DirectoryConfig, ManagedRoomConfig, PowerRule
-    from ..directory.model import DirectorySnapshot, Person
+    from ..model.people import DirectorySnapshot, Person
     from .mapping import MappedUser
 
 MANAGED_REF = "managed:"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..directory.model import Person
+from ..model.people import Person
 from .lookalike import reserved_lookalike
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..directory.model import StaffRecord
 from ..kernel.power import creators_of
+from ..model.people import StaffRecord
 from .actions import Action, Join, Kick, Leave, SetState
 from .power import ENCLAVE_POWER, RoomPower, enclave_actor
 

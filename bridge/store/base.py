@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..directory.model import StaffRecord
+from ..model.people import StaffRecord
 from .db import Database
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from ..directory.model import StaffRecord
+from ..model.people import StaffRecord
 from .base import (
     ArchivedEvent,
     ArchivedMedia,

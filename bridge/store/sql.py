@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from ..directory.model import StaffRecord
+from ..model.people import StaffRecord
 from .base import (
     ArchiveConflict,
     ArchivedEvent,

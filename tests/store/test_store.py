@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 from bridge.store import (
     AuditFilter,
     AuditRecord,

@@ -17,7 +17,7 @@ from bots.announcements.acks import (
 from bots.announcements.audience import Audience
 from bots.announcements.spec import AnnouncementSpec
 from bots.store import AnnouncementDelivery
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 H = 3_600_000
 T0 = 1_000 * H  # delivery time

@@ -7,7 +7,7 @@ import pytest
 from bots.announcements.audience import Audience, count_by, parse_audience, select_audience
 from bots.commands import CommandError
 from bridge.config.bots import AudienceConfig
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 
 def staff(local: str, dept: str | None, *, groups: tuple[str, ...] = (), loc: str | None = None,

@@ -13,7 +13,7 @@ from bots.commands import (
     split_args,
     take_words,
 )
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 
 @pytest.mark.parametrize(

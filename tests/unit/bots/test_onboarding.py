@@ -5,7 +5,7 @@ from __future__ import annotations
 from bots.onboarding import DepartmentRoom, decide_greetings, department_rooms, welcome_markdown
 from bridge.config.bots import OnboardingConfig
 from bridge.config.directory import DirectoryConfig
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 A = StaffRecord("@a:x", "1", True, "a", "Ann Able", department="Sales")
 B = StaffRecord("@b:x", "2", True, "b", "Bob")

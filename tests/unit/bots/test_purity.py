@@ -21,7 +21,7 @@ PURE = [ROOT / p for p in (
     "bots/announcements/audience.py", "bots/announcements/spec.py",
     "bots/announcements/acks.py", "bots/announcements/report.py",
 )]
-ALLOWED_PROJECT = ("bridge.config.bots", "bridge.directory.model", "bridge.kernel", "bots.commands",
+ALLOWED_PROJECT = ("bridge.config.bots", "bridge.model.people", "bridge.kernel", "bots.commands",
                    "bots.announcements.audience", "bots.announcements.spec")
 
 

@@ -10,7 +10,7 @@ from bots.announcements.service import spec_for
 from bots.announcements.spec import AnnouncementSpec, compose, fill, fill_webhook, lookup
 from bots.markdown import message_content, render_html
 from bridge.config.bots import AnnouncementConfig
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 
 SAM = StaffRecord("@sam:x", "2", True, "sam", "Sam Seller", department="Sales",
                   location="Berlin", title="Rep")

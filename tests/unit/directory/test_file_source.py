@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bridge.directory.file_source import FileSource
-from bridge.directory.model import DirectoryError, DirectorySnapshot, Group, Person
+from bridge.model.people import DirectoryError, DirectorySnapshot, Group, Person
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -31,7 +31,7 @@ from bridge.directory.ldap_source import (
     resolve_groups,
     uac_disabled,
 )
-from bridge.directory.model import DirectoryError, Person
+from bridge.model.people import DirectoryError, Person
 
 AD = AttrNames.of("ad", LdapAttributeMap())
 OL = AttrNames.of("openldap", LdapAttributeMap(disabled="pwdAccountLockedTime",

@@ -24,8 +24,8 @@ from scim2_client.engines.inprocess import (
 )
 from scim2_tester import Status, check_server
 
-from bridge.directory.model import Person
 from bridge.directory.scim import ScimService, ScimSource
+from bridge.model.people import Person
 from bridge.store import Store, open_store
 
 TOKEN = "s3cret-scim-token"
@@ -720,7 +720,7 @@ async def test_source_maps_groups(client: TestClient, store: Store) -> None:
 
 async def test_source_raises_directory_error_when_the_store_fails(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bridge.directory.model import DirectoryError
+    from bridge.model.people import DirectoryError
 
     async def broken(*args: Any) -> Any:
         raise OSError("database is locked")

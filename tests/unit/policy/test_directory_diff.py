@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bridge.config.directory import DirectoryConfig
-from bridge.directory.model import DirectorySnapshot, Group, Person
+from bridge.model.people import DirectorySnapshot, Group, Person
 from bridge.policy.actions import Invite, Join, Kick, SetState, action_from_dict
 from bridge.policy.directory import (
     AccountState,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from bridge.config.directory import MappingConfig
-from bridge.directory.model import Person
+from bridge.model.people import Person
 from bridge.policy.mapping import (
     MAX_LOCALPART,
     MappedUser,

@@ -37,7 +37,7 @@ FORBIDDEN_BUILTINS = {"open", "input", "print", "breakpoint", "exec", "eval", "_
 ALLOWED_BRIDGE = (
     "bridge.policy", "bridge.kernel", "bridge.config.models", "bridge.config.directory",
     "bridge.config.policy",
-    "bridge.directory.model",  # frozen dataclasses of people and groups, no I/O
+    "bridge.model.people",  # frozen dataclasses of people and groups, no I/O
 )
 
 
@@ -142,7 +142,7 @@ def test_checker_catches(source: str) -> None:
         "from ..config.models import InboxConfig",
         "from bridge.policy.actions import Kick",
         "from ..config.directory import MappingConfig",
-        "from ..directory.model import Person",
+        "from ..model.people import Person",
     ],
 )
 def test_checker_allows_pure_imports(source: str) -> None:

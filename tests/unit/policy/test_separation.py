@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bridge.config.policy import PolicyConfig
-from bridge.directory.model import StaffRecord
+from bridge.model.people import StaffRecord
 from bridge.policy.actions import Join, Kick, Leave, SetState
 from bridge.policy.separation import (
     CLASS_STATE_TYPE,

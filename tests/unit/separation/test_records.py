@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from bridge.config.policy import PolicyConfig
-from bridge.directory.model import StaffRecord
 from bridge.gate.protocol import gate_request_from_obj
 from bridge.matrix.executor import Executor
 from bridge.metrics import Metrics
+from bridge.model.people import StaffRecord
 from bridge.policy.separation import CLASS_STATE_TYPE, room_facts_from_state
 from bridge.separation.service import GRANT_COMPONENT, SeparationService
 from bridge.store import Store
