@@ -135,7 +135,7 @@ BENCHES = {
         args=("--duration", "5", "--warmup", "1", "--wait-quiet", "0", "--json"),
         cells=tuple(("--servers", s, "--sizes", n) for n in ("100", "1")
                     for s in ("enclave-sqlite", "enclave-postgres")),
-        results_glob="ingest-*.json", metrics=_ingest_metrics, rounds=3),
+        results_glob="ingest-*.json", metrics=_ingest_metrics, rounds=5),
     # the real separation policy as decider (what docs/benchmarks/separation.md reports)
     "gate_latency": Bench(
         script="bench/gate_latency.py",
@@ -299,7 +299,7 @@ def main() -> int:
     p.add_argument("--base", default=DEFAULT_BASE, help="revision before (default: %(default).9s)")
     p.add_argument("--head", default="HEAD", help="revision after (default: HEAD)")
     p.add_argument("--rounds", type=int,
-                   help="runs per side and cell (default: ingest 3, gate_latency 5)")
+                   help="runs per side and cell (default 5)")
     p.add_argument("--args", help="the bench's arguments for every run, replacing the default")
     p.add_argument("--cell", action="append",
                    help="extra arguments of one cell (repeatable), replacing the default cells")
