@@ -7,10 +7,12 @@ Both revisions are checked out as throwaway ``git worktree``s under ``var/compar
 (gitignored) and the bench is run alternately on each, in interleaved rounds with the same
 parameters: per round and per cell, base then head or head then base (the order flips
 every time), so load from other work on this shared 2-core machine hits both sides alike.
-Each run is a subprocess with ``PYTHONPATH`` and the working directory set to its tree, so
-that tree's ``bridge``/``bots`` are imported (the venv's editable install points elsewhere;
-a pre-flight check proves the import resolves inside the tree) and the Synapse the gate
-bench starts loads that tree's gate module.
+Each run is a subprocess with the working directory set to its tree and ``PYTHONPATH`` to
+that tree's copy of every project the venv has installed editable (Enclave, and the dev
+launchers in whatever folder the tree keeps them): the venv's editable installs point at
+another checkout, and a pre-flight check proves each package resolves inside the tree. So
+that tree's ``bridge``/``bots`` are imported, and the Synapse the gate bench starts loads
+that tree's gate module.
 
 **Each revision runs its own bench driver** (``bench/<name>.py`` as committed there), not
 the current driver against both: the drivers reach the product through imports the
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -54,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,19 +174,45 @@ def worktree(sha: str, label: str) -> Path:
     return path
 
 
+def editable_sources() -> list[tuple[Path, list[str]]]:
+    """(folder inside its checkout, top-level packages) of each project this venv has
+    installed editable from a git checkout: Enclave itself, and its dev launchers wherever
+    they live at the time. Read from the venv, so no package name is written here."""
+    out: list[tuple[Path, list[str]]] = []
+    for dist in importlib.metadata.distributions():
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+        if not info.get("dir_info", {}).get("editable"):
+            continue
+        src = Path(urllib.parse.urlparse(info["url"]).path).resolve()
+        try:
+            top = Path(git("rev-parse", "--show-toplevel", cwd=src)).resolve()
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        out.append((src.relative_to(top), (dist.read_text("top_level.txt") or "").split()))
+    return out
+
+
 def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a run in ``tree``: its copies of the editable projects first on
+    the path (the venv's editable finders point at another checkout)."""
+    paths = [str(tree)] + [str(tree / rel) for rel, _ in editable_sources()
+                           if rel != Path() and (tree / rel).is_dir()]
     # replace, never extend: an inherited PYTHONPATH would import another tree's code
-    return {**os.environ, "PYTHONPATH": str(tree)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
-def preflight(tree: Path) -> None:
-    """Prove that a process started like the runs imports this tree's product."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import bridge, bots; print(bridge.__file__); print(bots.__file__)"],
-        cwd=tree, env=tree_env(tree), check=True, capture_output=True, text=True).stdout.split()
-    for f in out:
+def preflight(tree: Path) -> list[str]:
+    """Prove that a process started like the runs imports this tree's copy of every
+    editable package the tree has; the packages checked."""
+    names = [n for rel, pkgs in editable_sources() for n in pkgs if (tree / rel / n).is_dir()]
+    code = ("import importlib, sys\n"
+            "for n in sys.argv[1:]: print(importlib.import_module(n).__file__)")
+    out = subprocess.run([sys.executable, "-c", code, *names], cwd=tree, env=tree_env(tree),
+                         check=True, capture_output=True, text=True).stdout.split()
+    for n, f in zip(names, out, strict=True):
         if not Path(f).resolve().is_relative_to(tree.resolve()):
-            raise SystemExit(f"{tree}: imports {f} from outside the tree")
+            raise SystemExit(f"{tree}: {n} is imported from {f}, outside the tree")
+    return names
 
 
 def drivers_diff(base: str, head: str) -> dict[str, Any]:
@@ -325,8 +355,7 @@ def main() -> int:
     keep = WORK / f"runs-{a.bench}-{stamp}"
     keep.mkdir(parents=True)
     trees = {"base": worktree(base, "base"), "head": worktree(head, "head")}
-    for tree in trees.values():
-        preflight(tree)
+    imported = {side: preflight(tree) for side, tree in trees.items()}
     started = dt.datetime.now().isoformat(timespec="seconds")
     load0, busy0 = os.getloadavg(), (machine_busy(), time.monotonic())
     runs: list[dict[str, Any]] = []
@@ -352,7 +381,7 @@ def main() -> int:
     meta = {
         "bench": a.bench, "base": base, "head": head, "rounds": a.rounds,
         "bench_args": args, "cells": [list(c) for c in cells],
-        "drivers": drivers, "started": started,
+        "drivers": drivers, "imported_from_own_tree": imported, "started": started,
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
         "cpus": os.cpu_count(), "python": platform.python_version(),
