@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
-from .config import LoadedConfig, check_secrets, load_config
-from .kernel.timestamps import readable_utc
-from .root import Root
-from .store import Store
+from ..config import LoadedConfig, check_secrets, load_config
+from ..kernel.timestamps import readable_utc
+from ..root import Root
+from ..store import Store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
 EXIT_REFUSED = 5
