@@ -521,7 +521,7 @@ async def run_leak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             rooms = []
             for k in range(lanes):
                 # Enclave's bot in with power (what the gate's edits give; without the gate
-                # the room's admin must, README "Without the gate")
+                # the room's admin must: docs/operators/separation.md, "Without the gate")
                 rid = await corp.create_room(
                     {"preset": "public_chat", "name": f"ext leak {k}",
                      "room_alias_name": f"ext-leak-{uuid.uuid4().hex[:6]}",

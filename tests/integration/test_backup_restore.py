@@ -301,7 +301,8 @@ async def test_backup_of_running_stack_restores_into_wiped_state(tmp_path: Path)
                 "enclave-journal", "enclave-db", "enclave-archive", "enclave-crypto"} <= set(parts)
         assert parts["synapse-db"]["kind"] == parts["enclave-db"]["kind"] == "sqlite"
         assert manifest["warnings"] == []
-        # the order the README promises: Synapse, then Enclave's journal, database + archive
+        # the order deploy/backup/README.md promises ("Order, and what a restore
+        # guarantees"): Synapse, then Enclave's journal, database + archive
         order = [p["name"] for p in manifest["parts"]]
         assert order.index("synapse-db") < order.index("synapse-media") \
             < order.index("enclave-journal") < order.index("enclave-db") \
