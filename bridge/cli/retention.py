@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 
 from ..kernel.durations import format_duration_ms
-from ..kernel.timestamps import readable_utc
 from ..retention.export import ExportRequest, export_archive
 from ..retention.service import HoldCheckFailed, UnknownHoldSubjects
 from ..root import Root, wall_clock_ms
@@ -22,6 +21,7 @@ from .kit import (
     EXIT_OK,
     EXIT_USAGE,
     _err,
+    _fmt_ts,
     _load,
     _print_rows,
     _with_root,
@@ -35,10 +35,6 @@ def _needs_retention(args: argparse.Namespace) -> tuple[Any, dict] | None:
         _err(f"enclave {args.cmd}: the configuration has no retention: section")
         return None
     return loaded, secrets
-
-
-def _when(ms: int | None) -> str:
-    return readable_utc(ms)
 
 
 # -- enclave retention --------------------------------------------------------------------
@@ -94,7 +90,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
             elif p is not None and (p.due_events or p.held_events or args.verbose):
                 print(f"{rr.room_id}: keep {format_duration_ms(p.period.keep_ms)} "
                       f"[{p.rule_id}] due {p.due_events}, held {p.held_events}, "
-                      f"deferred {p.deferred_events}, cutoff {_when(p.cutoff_ms) or '-'}, "
+                      f"deferred {p.deferred_events}, cutoff {_fmt_ts(p.cutoff_ms) or '-'}, "
                       f"{len(p.windows)} step(s)"
                       + (f", holds {', '.join(p.hold_ids)}" if p.hold_ids else "")
                       + (f"; purged {rr.purged}, redacted {rr.redacted}" if args.apply
@@ -161,9 +157,9 @@ def cmd_hold(args: argparse.Namespace) -> int:
             return EXIT_OK
         holds = await root.store.holds(include_released=args.all)
         rows = [{"id": h.id, "case": h.case_id, "users": " ".join(h.users),
-                 "rooms": " ".join(h.rooms), "since": _when(h.since_ms),
-                 "until": _when(h.until_ms), "placed_by": h.placed_by,
-                 "placed": _when(h.created_at), "released": _when(h.released_at),
+                 "rooms": " ".join(h.rooms), "since": _fmt_ts(h.since_ms),
+                 "until": _fmt_ts(h.until_ms), "placed_by": h.placed_by,
+                 "placed": _fmt_ts(h.created_at), "released": _fmt_ts(h.released_at),
                  "reason": h.reason} for h in holds]
         _print_rows(rows, args.format, list(rows[0]) if rows else ["id"], "legal holds")
         return EXIT_OK
