@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from bridge.config.retention import RetentionConfig
 from bridge.matrix.client import HomeserverUnavailable
-from bridge.metrics import Metrics
 from bridge.retention.service import HoldCheckFailed, RetentionService, UnknownHoldSubjects
 from bridge.store import AuditFilter, Store
 from bridge.store.base import HoldRecord
+
+from .test_service_prune import service as prune_service
 
 NOW = 1_714_560_000_000
 KNOWN = "@bob:corp.example.com"
@@ -33,13 +33,7 @@ class Homeserver:
 
 
 def service(store: Store, client: Homeserver) -> RetentionService:
-    cfg = RetentionConfig.model_validate({
-        "default": {"keep": "30d"}, "archive": {"path": "unused", "keep": "90d"}})
-    return RetentionService(
-        cfg, store=store, client=client, executor=None, archive=None,  # type: ignore[arg-type]
-        metrics=Metrics(), clock_ms=lambda: NOW, server_name="corp.example.com",
-        bot_user_id="@enclave:corp.example.com", admin_user_id="@enclave-admin:corp.example.com",
-        service_prefix="enclave_")
+    return prune_service(store, None, NOW, client=client)
 
 
 def hold(**kw: Any) -> HoldRecord:
