@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.directory import DirectoryConfig
-from ..kernel.power import creators_of
+from ..kernel.power import creators_of, power_context, user_level
 from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
@@ -463,10 +463,13 @@ class DirectorySync:
                 if e.status != 403 or "already in the room" not in e.error.lower():
                     raise
             await c.join(a.room, user_id=a.successor)
-        pl = await c.get_state(a.room, "m.room.power_levels", user_id=a.user) or {}
-        users = dict(pl.get("users") or {})
-        if users.get(a.successor, 0) >= 100:
+        # the kernel's rule: a creator of a v12 room already outranks every level (and must
+        # not be put in the users map); users_default counts
+        power, version, creators = power_context(await c.room_state(a.room, user_id=a.user))
+        if user_level(a.successor, power, room_version=version, creators=creators) >= 100:
             return Outcome("applied", "already admin")
+        pl = dict(power or {})
+        users = dict(pl.get("users") or {})
         users[a.successor] = 100
         await c.send_state(a.room, "m.room.power_levels", "", {**pl, "users": users},
                            user_id=a.user)

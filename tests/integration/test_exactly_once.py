@@ -4,7 +4,7 @@ A real Synapse, and the executor talking to it through a loopback proxy that for
 first send, lets Synapse store the event, restarts Synapse (its in-memory transaction ids
 are gone) and then drops the answer. The client's resend must not store a second event.
 
-On the code before the read-back (README "Known issues", issue #16): the resend with the
+On the code before the read-back (docs/operators/known-issues.md, issue #16): the resend with the
 same transaction id reaches the restarted Synapse, which stores the event again — two
 events in the room (the assertion ``len(found) == 1`` fails with 2).
 """
