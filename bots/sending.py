@@ -3,7 +3,7 @@
 :class:`MessageSender` is the one interface fan-out, replies and reminders use. The plain
 sender acts as the bot user through the appservice token (``?user_id=``) with a caller-chosen
 transaction id, so a resend after a crash is deduplicated by the homeserver. The E2EE sender
-(``bots/crypto.py``) implements the same protocol; :class:`RoutingSender` picks it for rooms
+(``bots/crypto/``) implements the same protocol; :class:`RoutingSender` picks it for rooms
 with ``m.room.encryption`` and refuses (:class:`EncryptionUnavailable`) when there is none,
 so an encrypted room is reported, never silently sent plaintext or skipped.
 """
