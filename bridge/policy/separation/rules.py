@@ -24,7 +24,7 @@ PROTECTED_STATE_TYPES = frozenset({CLASS_STATE_TYPE, "m.room.retention"})
 # How much history each m.room.history_visibility value shows, least first: a class that
 # requires one value also accepts the stricter ones.
 HISTORY_ORDER = {"joined": 0, "invited": 1, "shared": 2, "world_readable": 3}
-# Built-in rules (no YAML line): see README "Separation".
+# Built-in rules (no YAML line): see docs/operators/separation.md.
 UNKNOWN_ROOM_RULE = "builtin.unknown_remote_room"
 APPROVED_INVITE_RULE = "builtin.approved_invite"
 CLASS_RECORD_RULE = "builtin.class_record"
