@@ -8,8 +8,9 @@ homeserver while it runs on; across a restart of the homeserver too: a pass that
 occurrence an earlier pass began (its status is no longer ``pending``) reads each target's
 room back before sending (``resend``) and records the event it finds as the delivery's.
 Follow-ups (reminders, escalations) have no such mark and are always read back. DM rooms
-and announcement rooms are created with an alias as the once-only guard. One process delivers an occurrence at a time (a store lease), so ``enclave run`` on
-two hosts, or a restart while the old process still runs, never send twice.
+and announcement rooms are created with an alias as the once-only guard. One process
+delivers an occurrence at a time (a store lease), so ``enclave run`` on two hosts, or a
+restart while the old process still runs, never send twice.
 """
 
 from __future__ import annotations
