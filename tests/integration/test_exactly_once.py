@@ -27,7 +27,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from bridge.config.models import InboxConfig
 from bridge.matrix.client import MatrixClient
@@ -39,11 +38,11 @@ from bridge.policy.resend import ACTION_KEY
 from bridge.store import AuditFilter, NewEvent, open_store
 
 from .harness import Stack
+from .restart_proxy import RestartingProxy, start_proxy
 
 pytestmark = pytest.mark.integration
 
 ADMIN_LOCALPART = "enclave-admin"
-HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
 @pytest.fixture(scope="module")
@@ -58,34 +57,6 @@ def restart_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.stop()
 
 
-class RestartingProxy:
-    """Forwards everything to Synapse; the first request whose path contains ``marker``
-    is forwarded, answered by Synapse, then Synapse restarts and the answer is dropped."""
-
-    def __init__(self, stack: Stack, marker: str):
-        self.stack, self.marker = stack, marker
-        self.cut: list[tuple[int, Any]] = []  # (status, body) Synapse gave and we dropped
-        self.session: aiohttp.ClientSession | None = None
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        assert self.session is not None
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        async with self.session.request(
-                request.method, self.stack.synapse.base_url + request.path_qs, data=body,
-                headers=headers) as resp:
-            payload, status = await resp.read(), resp.status
-            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
-        if request.method == "PUT" and self.marker in request.path and not self.cut:
-            self.cut.append((status, json.loads(payload)))
-            await asyncio.to_thread(self.stack.synapse.stop)
-            await asyncio.to_thread(self.stack.synapse.start)
-            assert request.transport is not None
-            request.transport.close()  # the answer is lost
-            raise ConnectionResetError("answer dropped by the test proxy")
-        return web.Response(status=status, body=payload, headers=out_headers)
-
-
 @pytest.fixture
 async def env(restart_stack: Stack, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     store = open_store("sqlite:///enclave.db", base_dir=tmp_path)
@@ -94,17 +65,6 @@ async def env(restart_stack: Stack, tmp_path: Path) -> AsyncIterator[dict[str, A
     async with aiohttp.ClientSession() as upstream, aiohttp.ClientSession() as session:
         yield {"store": store, "upstream": upstream, "session": session}
     await store.close()
-
-
-async def start_proxy(proxy: RestartingProxy) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 async def events_of(stack: Stack, room: str, event_type: str) -> list[dict[str, Any]]:
@@ -128,7 +88,8 @@ async def test_resend_after_synapse_restart_applies_once(
         target = (await stack.hs("PUT", f"/_matrix/client/v3/rooms/{room}/send/"
                                  "m.room.message/t1", {"msgtype": "m.text", "body": "bad"},
                                  as_user=stack.bot_user_id))["event_id"]
-    proxy = RestartingProxy(stack, "/send/" if kind == "send" else "/redact/")
+    marker = "/send/" if kind == "send" else "/redact/"
+    proxy = RestartingProxy(stack, lambda r, _: r.method == "PUT" and marker in r.path)
     proxy.session = env["upstream"]
     runner, url = await start_proxy(proxy)
     try:
