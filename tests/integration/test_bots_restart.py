@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,6 +39,22 @@ from .restart_proxy import RestartingProxy, start_proxy
 pytestmark = pytest.mark.integration
 
 N = 30
+
+
+async def start_and_send(proc: EnclaveProcess, announcement: str,
+                         occurrence: str) -> subprocess.CompletedProcess[str]:
+    """Start Enclave, wait for its start-up directory sync, queue an announcement."""
+    await proc.start()
+
+    async def provisioned() -> bool:
+        _, ready = await proc.get_json("/ready")
+        return (ready.get("directory") or {}).get("outcome") == "ok"
+
+    await wait_until(provisioned, within=90, what="the start-up directory sync",
+                     describe=proc.describe)
+    queued = await proc.cli("announcements", "send", announcement, "--occurrence", occurrence)
+    assert queued.returncode == 0, queued.stderr
+    return queued
 PEOPLE = [person(str(100 + i), f"eng{i:02d}", "Engineering") for i in range(N)]
 
 
@@ -55,16 +72,7 @@ async def test_kill_during_fan_out_neither_duplicates_nor_loses(
     db = config.parent / "enclave.db"
     proc = EnclaveProcess(config, stack.as_port)
     try:
-        await proc.start()
-
-        async def provisioned() -> bool:
-            _, ready = await proc.get_json("/ready")
-            return (ready.get("directory") or {}).get("outcome") == "ok"
-
-        await wait_until(provisioned, within=90, what="the start-up directory sync",
-                         describe=proc.describe)
-        queued = await proc.cli("announcements", "send", "handbook", "--occurrence", "run-1")
-        assert queued.returncode == 0, queued.stderr
+        queued = await start_and_send(proc, "handbook", "run-1")
         assert f"for {N} people" in queued.stdout
 
         def sent() -> int:
@@ -150,16 +158,7 @@ async def test_crash_between_send_and_record_then_synapse_restart_sends_once(
         cfg["homeserver"]["url"] = url  # Enclave reaches Synapse through the proxy
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         try:
-            await proc.start()
-
-            async def provisioned() -> bool:
-                _, ready = await proc.get_json("/ready")
-                return (ready.get("directory") or {}).get("outcome") == "ok"
-
-            await wait_until(provisioned, within=90, what="the start-up directory sync",
-                             describe=proc.describe)
-            queued = await proc.cli("announcements", "send", "rota", "--occurrence", "r1")
-            assert queued.returncode == 0, queued.stderr
+            await start_and_send(proc, "rota", "r1")
 
             async def cut() -> bool:
                 return bool(proxy.cut) and not proc.running
