@@ -28,6 +28,7 @@ from bridge.matrix.client import (
     MatrixRequestError,
     q,
 )
+from bridge.policy.resend import ACTION_KEY
 
 from .decisions import (
     SessionView,
@@ -102,6 +103,9 @@ class EncryptedSender(EncryptedDevice):
             except Exception as e:  # nio: GroupEncryptionError, MembersSyncError, ...
                 raise CannotEncrypt(room_id, f"encryption failed: {type(e).__name__}: "
                                              f"{scrub(e)}") from e
+        if ACTION_KEY in content:
+            # on the envelope too: the read-back before a resend matches it undecrypted
+            payload = {**payload, ACTION_KEY: content[ACTION_KEY]}
         body = await self._client.request(
             "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(event_type)}/{q(txn_id)}",
             json=payload, user_id=self.user_id, query={"device_id": self.device_id or ""})

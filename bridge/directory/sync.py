@@ -352,7 +352,7 @@ class DirectorySync:
         await self.store.save_directory_people(records)
 
     # -- appliers (registered with the executor) ------------------------------------------
-    async def _apply_create(self, a: CreateAccount, key: str) -> Outcome:
+    async def _apply_create(self, a: CreateAccount, key: str, *, resend: bool) -> Outcome:
         body: dict[str, Any] = {"displayname": a.displayname, "admin": False}
         if a.email:
             body["threepids"] = [{"medium": "email", "address": a.email}]
@@ -361,7 +361,7 @@ class DirectorySync:
         await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
         return Outcome("applied", "created")
 
-    async def _apply_update(self, a: UpdateAccount, key: str) -> Outcome:
+    async def _apply_update(self, a: UpdateAccount, key: str, *, resend: bool) -> Outcome:
         body: dict[str, Any] = {}
         if a.displayname is not None:
             body["displayname"] = a.displayname
@@ -370,7 +370,7 @@ class DirectorySync:
         await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
         return Outcome("applied", "updated " + ", ".join(sorted(body)))
 
-    async def _apply_reactivate(self, a: ReactivateAccount, key: str) -> Outcome:
+    async def _apply_reactivate(self, a: ReactivateAccount, key: str, *, resend: bool) -> Outcome:
         # Synapse wants a password to reactivate when local password login is on; staff
         # log in through LDAP/SSO, so a random one nobody knows is set and forgotten
         body: dict[str, Any] = {"deactivated": False, "displayname": a.displayname,
@@ -380,11 +380,11 @@ class DirectorySync:
         await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
         return Outcome("applied", "reactivated")
 
-    async def _apply_deactivate(self, a: DeactivateAccount, key: str) -> Outcome:
+    async def _apply_deactivate(self, a: DeactivateAccount, key: str, *, resend: bool) -> Outcome:
         await self.client.admin_deactivate(a.user, admin=self.admin_user_id, erase=False)
         return Outcome("applied", "deactivated; sessions revoked")
 
-    async def _apply_erase(self, a: EraseAccount, key: str) -> Outcome:
+    async def _apply_erase(self, a: EraseAccount, key: str, *, resend: bool) -> Outcome:
         await self.client.admin_deactivate(a.user, admin=self.admin_user_id, erase=True)
         return Outcome("applied", "erased")
 
@@ -400,7 +400,7 @@ class DirectorySync:
                               "failed or is pending)")
         return rooms[key]
 
-    async def _apply_create_room(self, a: CreateManagedRoom, key: str) -> Outcome:
+    async def _apply_create_room(self, a: CreateManagedRoom, key: str, *, resend: bool) -> Outcome:
         rooms = await self._managed_rooms()
         if a.key in rooms:
             return Outcome("applied", f"already: {rooms[a.key]}")
@@ -454,7 +454,7 @@ class DirectorySync:
                                          user_id=self.bot_user_id)
         return Outcome("applied", room_id)
 
-    async def _apply_hand_over(self, a: HandOverRoom, key: str) -> Outcome:
+    async def _apply_hand_over(self, a: HandOverRoom, key: str, *, resend: bool) -> Outcome:
         c = self.client
         if not a.successor_joined:
             try:
