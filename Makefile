@@ -8,12 +8,13 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml deploy/install.sh tests/e2ee_client/package-lock.json
+$(VENV)/.installed: pyproject.toml deploy/local/pyproject.toml deploy/install.sh \
+		tests/e2ee_client/package-lock.json
 	bash deploy/install.sh $(VENV)
 	touch $@
 
 run: install
-	$(PY) -m bridge.devstack.stack $(ARGS)
+	$(PY) -m devstack.stack $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

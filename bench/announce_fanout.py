@@ -74,9 +74,9 @@ from _common import git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
 from bots.crypto import EncryptedSender  # noqa: E402
 from bots.markdown import message_content  # noqa: E402
 from bots.sending import PlainSender  # noqa: E402
-from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
 from bridge.matrix.client import MatrixClient  # noqa: E402
 from bridge.matrix.executor import txn_id_for  # noqa: E402
+from devstack.synapse import SynapseServer, free_port  # noqa: E402
 from tests.integration.element_client import (  # noqa: E402
     ElementClient,
     element_client_available,

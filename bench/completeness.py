@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 from _common import PG_ADMIN_DSN, git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
 from separation import pct, progress  # noqa: E402
 
-from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
+from devstack.synapse import SynapseServer, free_port  # noqa: E402
 
 SERVER = "corp.test"
 BOT = "enclave"

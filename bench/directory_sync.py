@@ -57,15 +57,15 @@ sys.path.insert(0, str(REPO))
 from _common import git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
 
 from bridge.config import check_secrets, load_config  # noqa: E402
-from bridge.devstack.slapd import (  # noqa: E402
+from bridge.directory import sync as sync_mod  # noqa: E402
+from bridge.directory.sync import DirectorySync, SyncResult  # noqa: E402
+from bridge.root import Root  # noqa: E402
+from devstack.slapd import (  # noqa: E402
     SlapdServer,
     generate_directory_ldif,
     person_dn,
 )
-from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
-from bridge.directory import sync as sync_mod  # noqa: E402
-from bridge.directory.sync import DirectorySync, SyncResult  # noqa: E402
-from bridge.root import Root  # noqa: E402
+from devstack.synapse import SynapseServer, free_port  # noqa: E402
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SERVER_NAME = "corp.test"

@@ -287,7 +287,7 @@ async def drive(url: str, secret: str, rate: float, seconds: float, bodies: list
 # -- part 2: invites through a real Synapse ------------------------------------------------
 def synapse_invites(gate_port: int, secret: str, n: int, base: Path,
                     quiet: float) -> dict[str, Any]:
-    from bridge.devstack.synapse import SynapseServer
+    from devstack.synapse import SynapseServer
 
     secret_file = base / "gate_secret"
     secret_file.write_text(secret)

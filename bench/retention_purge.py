@@ -103,10 +103,10 @@ from separation import (  # noqa: E402  (the PG-backed Synapse + Enclave set-up 
     summary,
 )
 
-from bridge.devstack.synapse import SynapseServer  # noqa: E402
 from bridge.matrix.client import MatrixClient  # noqa: E402
 from bridge.retention.service import PurgeStep  # noqa: E402
 from bridge.root import Root  # noqa: E402
+from devstack.synapse import SynapseServer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "retention_purge.json"
 TARGET_RATIO = 1.2

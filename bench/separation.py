@@ -15,7 +15,7 @@ one ``--part`` keeps the other part's last results there (each part carries its 
 
 **Part 1, reactive** (issue target: p99 <= 1 s from the disallowed event's timestamp to the
 reject/kick being accepted by Synapse, with 100 events/s of background traffic). Two real
-Synapses federating on loopback (:class:`~bridge.devstack.federation.FederatedPair`): the
+Synapses federating on loopback (:class:`~devstack.federation.FederatedPair`): the
 corporate one on a fresh PostgreSQL database, WITHOUT the gate module (so the reactive
 layer does the work), and a personal one (SQLite) holding the outsiders. Enclave runs as in
 production, ``python -m bridge run`` in a subprocess, with a directory file source of
@@ -94,11 +94,11 @@ sys.path.insert(0, str(REPO))
 from _common import git_rev, pg_admin  # noqa: E402  (bench/ is on sys.path)
 
 from bridge.config import check_secrets, load_config  # noqa: E402
-from bridge.devstack.federation import FederatedPair  # noqa: E402
-from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
 from bridge.matrix.client import MatrixClient  # noqa: E402
 from bridge.policy.separation import apply_edits  # noqa: E402
 from bridge.root import Root  # noqa: E402
+from devstack.federation import FederatedPair  # noqa: E402
+from devstack.synapse import SynapseServer, free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "separation.json"
 BOT_LOCALPART = "enclave"
@@ -521,7 +521,7 @@ async def run_leak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             rooms = []
             for k in range(lanes):
                 # Enclave's bot in with power (what the gate's edits give; without the gate
-                # the room's admin must, README "Without the gate")
+                # the room's admin must: docs/operators/separation.md, "Without the gate")
                 rid = await corp.create_room(
                     {"preset": "public_chat", "name": f"ext leak {k}",
                      "room_alias_name": f"ext-leak-{uuid.uuid4().hex[:6]}",

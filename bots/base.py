@@ -38,7 +38,7 @@ from bridge.matrix.client import (
     MatrixClient,
     MatrixRequestError,
 )
-from bridge.matrix.executor import Executor, Outcome, txn_id_for
+from bridge.matrix.executor import Applier, Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
 from bridge.model.people import StaffRecord
 from bridge.policy.actions import Action, Join, Leave
@@ -55,7 +55,7 @@ from .commands import (
 )
 from .markdown import message_content
 from .scheduling import JobState, Schedule, due_occurrences, format_ms
-from .sending import MessageSender, RoomEncryption, SendRefused
+from .sending import MessageSender, RoomEncryption, RoomSender, SendRefused
 from .store import AnnouncementStore
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ class BotMessage(Action):
     content: dict[str, Any] = field(default_factory=dict)
 
 
-def bot_message_applier(sender: MessageSender) -> Callable[[Any, str], Awaitable[Outcome]]:
+def bot_message_applier(sender: MessageSender) -> Applier:
     """The executor's applier for :class:`BotMessage` (one for every bot)."""
 
-    async def apply(action: BotMessage, key: str) -> Outcome:
+    async def apply(action: BotMessage, key: str, *, resend: bool) -> Outcome:
         assert action.actor is not None
         try:
             eid = await sender.send(action.room, action.content, txn_id=txn_id_for(key),
-                                    sender=action.actor)
+                                    sender=action.actor, resend=resend)
         except SendRefused as e:
             return Outcome("failed", e.reason)
         return Outcome("applied", eid)
@@ -140,7 +140,7 @@ class BotServices:
     main_bot_user_id: str
     # the bots' own tables (announcements), on the same database as ``store``
     announcements: AnnouncementStore
-    encrypted_sender: MessageSender | None = None
+    encrypted_sender: RoomSender | None = None
     # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
     # bots read commands and reactions in encrypted rooms (the E2EE side provides it)
     decrypt: Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None

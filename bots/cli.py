@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.clikit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
+from bridge.cli.kit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
 from bridge.kernel.timestamps import iso_utc
 from bridge.store import Store
 

@@ -140,8 +140,10 @@ class OnboardingBot(Bot):
         room: str | None = None
         try:
             room = await self.ensure_dm(user)
+            # recorded as greeted only after the send: read the DM back first, a crash in
+            # between followed by a homeserver restart must not greet twice
             eid = await self.svc.sender.send(
-                room, message_content(md), sender=self.user_id,
+                room, message_content(md), sender=self.user_id, resend=True,
                 txn_id=txn_id_for(self.svc.installation_key(f"onboarding/welcome/{user}")))
         except (MatrixRequestError, SendRefused) as e:
             detail = e.reason if isinstance(e, SendRefused) else str(e)

@@ -3,26 +3,49 @@
 :class:`MessageSender` is the one interface fan-out, replies and reminders use. The plain
 sender acts as the bot user through the appservice token (``?user_id=``) with a caller-chosen
 transaction id, so a resend after a crash is deduplicated by the homeserver. The E2EE sender
-(``bots/crypto.py``) implements the same protocol; :class:`RoutingSender` picks it for rooms
+(``bots/crypto/``) implements the same protocol; :class:`RoutingSender` picks it for rooms
 with ``m.room.encryption`` and refuses (:class:`EncryptionUnavailable`) when there is none,
 so an encrypted room is reported, never silently sent plaintext or skipped.
+
+Exactly once across homeserver restarts: every message carries its transaction id under
+:data:`~bridge.policy.resend.ACTION_KEY` (the executor's rule), and a send whose earlier
+attempt may have reached the homeserver (``resend``: the caller's stored state says it may
+have begun) reads the room back first (:class:`bridge.matrix.readback.ReadBack`) and returns
+the event found instead of sending again. In an encrypted room the key is inside the
+encrypted content and also on the ``m.room.encrypted`` envelope (the E2EE sender copies it):
+the read-back matches the envelope and needs no decryption. The key is an opaque hash (the
+transaction id, which the homeserver sees anyway), so the envelope tells nobody anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from bridge.matrix.client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+from bridge.matrix.readback import ReadBack, Send
+from bridge.policy.resend import ACTION_KEY
 
 log = logging.getLogger(__name__)
 
 NO_E2EE_REASON = "encrypted room, no E2EE sender"
+ENCRYPTED_TYPE = "m.room.encrypted"
 
 
 class MessageSender(Protocol):
-    """Sends one ``m.room.message`` as ``sender``; returns the event id."""
+    """Sends one ``m.room.message`` as ``sender``; returns the event id.
+
+    ``resend``: an earlier attempt with ``txn_id`` may have reached the homeserver (read
+    back first; the event found is the answer)."""
+
+    async def send(self, room_id: str, content: dict[str, Any], *, txn_id: str,
+                   sender: str, resend: bool = False) -> str: ...
+
+
+class RoomSender(Protocol):
+    """One way into a room (plain or encrypted) that :class:`RoutingSender` picks."""
 
     async def send(self, room_id: str, content: dict[str, Any], *, txn_id: str,
                    sender: str) -> str: ...
@@ -53,9 +76,10 @@ class PlainSender:
         self.client = client
 
     async def send(self, room_id: str, content: dict[str, Any], *, txn_id: str,
-                   sender: str) -> str:
+                   sender: str, before_resend: Callable[[], Awaitable[Any]] | None = None
+                   ) -> str:
         return await self.client.send_event(room_id, "m.room.message", content, txn_id,
-                                            user_id=sender)
+                                            user_id=sender, before_resend=before_resend)
 
 
 class RoomEncryption:
@@ -92,27 +116,52 @@ class RoomEncryption:
 
 class RoutingSender:
     """Plain for plain rooms, the E2EE sender for encrypted ones, an error when there is
-    no E2EE sender for an encrypted room."""
+    no E2EE sender for an encrypted room; every message carries its key and a resend is
+    read back first (``read_back``; None only in tests that need no homeserver)."""
 
-    def __init__(self, plain: MessageSender, encryption: RoomEncryption,
-                 encrypted: MessageSender | None = None):
+    def __init__(self, plain: PlainSender, encryption: RoomEncryption,
+                 encrypted: RoomSender | None = None, *, read_back: ReadBack | None = None):
         self.plain = plain
         self.encryption = encryption
         self.encrypted = encrypted
+        self.read_back = read_back
 
     async def send(self, room_id: str, content: dict[str, Any], *, txn_id: str,
-                   sender: str) -> str:
+                   sender: str, resend: bool = False) -> str:
+        content = {**content, ACTION_KEY: txn_id}
         if await self.encryption.is_encrypted(room_id, as_user=sender):
-            if self.encrypted is None:
+            encrypted = self.encrypted
+            if encrypted is None:
                 raise EncryptionUnavailable(room_id)
-            try:
-                return await self.encrypted.send(room_id, content, txn_id=txn_id,
-                                                 sender=sender)
-            except (HomeserverUnavailable, MatrixRequestError, SendRefused):
-                raise
-            except Exception as e:
-                # the E2EE sender's own refusal (it cannot encrypt for this room): reported
-                # as a failed send with its reason, never sent in plaintext instead
-                raise SendRefused(room_id, f"cannot encrypt: {getattr(e, 'reason', e)}"
-                                  ) from e
-        return await self.plain.send(room_id, content, txn_id=txn_id, sender=sender)
+
+            async def send_encrypted(_: Callable[[], Awaitable[Any]]) -> str:
+                # no read-back on the client's own retry: the E2EE sender sends with its
+                # device, for which Synapse keeps the transaction id in its database
+                try:
+                    return await encrypted.send(room_id, content, txn_id=txn_id,
+                                                sender=sender)
+                except (HomeserverUnavailable, MatrixRequestError, SendRefused):
+                    raise
+                except Exception as e:
+                    # the E2EE sender's own refusal (it cannot encrypt for this room):
+                    # reported as a failed send with its reason, never sent in plaintext
+                    raise SendRefused(room_id, f"cannot encrypt: {getattr(e, 'reason', e)}"
+                                      ) from e
+
+            return await self._once(room_id, ENCRYPTED_TYPE, txn_id, sender, resend,
+                                    send_encrypted)
+        plain = self.plain
+        return await self._once(
+            room_id, "m.room.message", txn_id, sender, resend,
+            lambda hook: plain.send(room_id, content, txn_id=txn_id, sender=sender,
+                                    before_resend=hook))
+
+    async def _once(self, room_id: str, event_type: str, key: str, sender: str,
+                    resend: bool, send: Send) -> str:
+        if self.read_back is None:
+            return await send(_nothing_found)
+        return await self.read_back.send_once(room_id, event_type, key, sender, resend, send)
+
+
+async def _nothing_found() -> None:
+    return None

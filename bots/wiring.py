@@ -29,7 +29,7 @@ from .base import (
     cancel_quietly,
 )
 from .onboarding import OnboardingBot
-from .sending import MessageSender, PlainSender, RoomEncryption, RoutingSender
+from .sending import PlainSender, RoomEncryption, RoomSender, RoutingSender
 from .store import AnnouncementStore
 
 if TYPE_CHECKING:
@@ -62,14 +62,15 @@ Decrypt = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 MemberJoined = Callable[[str, str, str], Awaitable[None]]
 
 
-def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None = None,
+def build_bot_services(svc: Services, *, encrypted_sender: RoomSender | None = None,
                        decrypt: Decrypt | None = None,
                        member_joined: MemberJoined | None = None) -> BotServices:
     """The services every bot shares; sends pick the E2EE sender for encrypted rooms, and
     ``decrypt`` (bot user, room, event) lets bots read commands in encrypted rooms."""
     cfg = svc.config
     encryption = RoomEncryption(svc.client)
-    sender = RoutingSender(PlainSender(svc.client), encryption, encrypted_sender)
+    sender = RoutingSender(PlainSender(svc.client), encryption, encrypted_sender,
+                           read_back=svc.executor.read_back)
     return BotServices(
         store=svc.store, client=svc.client, executor=svc.executor, metrics=svc.metrics,
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
@@ -81,7 +82,7 @@ def build_bot_services(svc: Services, *, encrypted_sender: MessageSender | None 
 
 
 def _encryption(svc: Services, cfg: Any
-                ) -> tuple[MessageSender, Decrypt, MemberJoined, dict[str, Any]]:
+                ) -> tuple[RoomSender, Decrypt, MemberJoined, dict[str, Any]]:
     """One E2EE device per bot (keys under ``bots.encryption.store_dir``), the sender that
     picks the device of the sending bot, a decrypt hook for commands in encrypted rooms, and
     a join hook that gives a new member the keys of messages sent while they were invited."""
@@ -113,7 +114,7 @@ def _encryption(svc: Services, cfg: Any
     return EncryptedSenders(devices.values()), decrypt, member_joined, dict(devices)
 
 
-def build_bots(svc: Services, *, encrypted_sender: MessageSender | None = None,
+def build_bots(svc: Services, *, encrypted_sender: RoomSender | None = None,
                decrypt: Decrypt | None = None) -> Plugin | None:
     """Build the configured bots; None when ``bots:`` configures none."""
     cfg = svc.config.bots

@@ -334,7 +334,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
 
     async def recovery_sweeps() -> None:
         # Synapse can strand a transaction created while it catches up after our downtime
-        # (README, "Known issues"); a later recovery delivers it. Start-up is such a time.
+        # (docs/operators/known-issues.md); a later recovery delivers it. Start-up is such a time.
         waited = 0.0
         for delay in cfg.inbox.recovery_sweeps_seconds:
             await asyncio.sleep(delay - waited)

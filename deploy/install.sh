@@ -42,8 +42,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import bridge, synapse, nio, mautrix" \
+# Enclave and, beside it, the local dev/test launchers (deploy/local: ``make run``, the
+# integration tests and benches import ``devstack``), both editable, in one resolution
+"$VENV/bin/python" -m pip install -q -e '.[dev]' -e deploy/local 2>&1 \
+  | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import bridge, devstack, synapse, nio, mautrix" \
   || { echo "error: Python packages did not install" >&2; exit 1; }
 # The E2EE tests' Element client: matrix-js-sdk (Rust crypto) + fake-indexeddb, pinned by
 # tests/e2ee_client/package-lock.json, into that folder's node_modules (git-ignored).

@@ -336,7 +336,7 @@ class AnnouncementBot(Bot):
             event_id=event.get("event_id"), explicit_room=d.room_id,
             rule_id="announcements.ack.reaction", reason=f"{key} on {target}")]
 
-    async def _apply_ack(self, action: RecordAck, key: str) -> Outcome:
+    async def _apply_ack(self, action: RecordAck, key: str, *, resend: bool) -> Outcome:
         recorded = await self.svc.announcements.announcement_record_ack(
             action.announcement_id, action.occurrence_id, action.user, at_ms=action.at_ms,
             method=action.method, event_id=action.event_id, room_id=action.explicit_room)
@@ -494,7 +494,7 @@ class AnnouncementBot(Bot):
                       "I will post a summary here.", reason="confirmed"),
         ]
 
-    async def _apply_start(self, action: StartAnnouncement, key: str) -> Outcome:
+    async def _apply_start(self, action: StartAnnouncement, key: str, *, resend: bool) -> Outcome:
         spec = AnnouncementSpec.from_json(action.spec)
         created, sel = await self.create_occurrence(
             action.announcement_id, action.occurrence_id, "adhoc", spec, action.scheduled_at,

@@ -4,9 +4,13 @@ Delivery of one occurrence works off its pending targets (the store says who is 
 with bounded concurrency, and records each target as sent in the same commit as its audit
 record. Every send carries a transaction id derived from (announcement, occurrence, room),
 so a send repeated after a crash (sent, but not yet recorded) is deduplicated by the
-homeserver; DM rooms and announcement rooms are created with an alias as the once-only
-guard. One process delivers an occurrence at a time (a store lease), so ``enclave run`` on
-two hosts, or a restart while the old process still runs, never send twice.
+homeserver while it runs on; across a restart of the homeserver too: a pass that resumes an
+occurrence an earlier pass began (its status is no longer ``pending``) reads each target's
+room back before sending (``resend``) and records the event it finds as the delivery's.
+Follow-ups (reminders, escalations) have no such mark and are always read back. DM rooms
+and announcement rooms are created with an alias as the once-only guard. One process
+delivers an occurrence at a time (a store lease), so ``enclave run`` on two hosts, or a
+restart while the old process still runs, never send twice.
 """
 
 from __future__ import annotations
@@ -115,12 +119,18 @@ class FanOut:
 
     async def _deliver_held(self, occ: AnnouncementOccurrence, lease: str) -> bool:
         store, now = self.svc.announcements, self.svc.clock_ms
-        if occ.status == "pending":
+        # read under the lease: a process that held it before may have begun meanwhile
+        occ = await store.announcement_occurrence(occ.announcement_id,
+                                                  occ.occurrence_id) or occ
+        # set before the first send: a later pass knows an earlier one may have sent to any
+        # target it has not recorded (a crash between the send and its record)
+        resumed = occ.status != "pending"
+        if not resumed:
             await store.announcement_set_status(occ.announcement_id, occ.occurrence_id,
                                                 "delivering", now())
         spec = AnnouncementSpec.from_json(occ.spec)
         try:
-            await self._pass(occ, spec)
+            await self._pass(occ, spec, resumed)
         except Unavailable as e:
             log.warning("%s: homeserver unavailable (%s); resuming later", lease, e)
             return False
@@ -134,7 +144,8 @@ class FanOut:
         await self.bot.post_summary(done or occ, spec, "delivered")
         return True
 
-    async def _pass(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec) -> None:
+    async def _pass(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
+                    resumed: bool) -> None:
         store = self.svc.announcements
         rows = await store.announcement_deliveries(occ.announcement_id, occ.occurrence_id)
         pending = [r for r in rows if r.status == "pending"]
@@ -145,20 +156,25 @@ class FanOut:
         people = [r.target for r in pending if r.target.startswith("@")]
         rooms = [r.target for r in pending if not r.target.startswith("@")]
         attempts = {r.target: r.attempts for r in pending}
+        # may an earlier attempt have reached the homeserver? (read back before sending)
+        resend = {r.target: resumed or r.attempts > 0 for r in pending}
         sem = asyncio.Semaphore(self.bot.cfg.max_concurrency)
         if people and spec.mode == "room":
             everyone = [r.target for r in rows if r.target.startswith("@")
                         and r.status != "failed"]
-            await self._room_mode(occ, spec, people, everyone, attempts, date, sem)
+            await self._room_mode(occ, spec, people, everyone, attempts, date, sem,
+                                  resend=any(resend[p] for p in people))
         elif people:
             results = await asyncio.gather(*[
-                self._dm_one(occ, spec, p, staff.get(p), attempts[p], date, sem)
+                self._dm_one(occ, spec, p, staff.get(p), attempts[p], date, sem,
+                             resend=resend[p])
                 for p in people], return_exceptions=True)
             self._raise_first(results)
         if rooms:
             async def room_target(room: str) -> None:
                 async with sem:
-                    await self._room_target(occ, spec, room, attempts[room], date)
+                    await self._room_target(occ, spec, room, attempts[room], date,
+                                            resend=resend[room])
 
             # explicit rooms are independent targets: as many in flight as DMs
             self._raise_first(await asyncio.gather(
@@ -208,7 +224,7 @@ class FanOut:
 
     async def _dm_one(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec, user: str,
                       staff: StaffRecord | None, attempts: int, date: str,
-                      sem: asyncio.Semaphore) -> None:
+                      sem: asyncio.Semaphore, *, resend: bool) -> None:
         bot, store = self.bot, self.svc.announcements
         async with sem:
             room: str | None = None
@@ -219,7 +235,7 @@ class FanOut:
                 eid = await self.svc.sender.send(
                     room, content, txn_id=self._txn("announcement", occ.announcement_id,
                                                     occ.occurrence_id, room),
-                    sender=bot.user_id)
+                    sender=bot.user_id, resend=resend)
             except HomeserverUnavailable as e:
                 await self._failed(occ, [user], attempts, e, room)
                 raise Unavailable(str(e)) from e
@@ -241,7 +257,7 @@ class FanOut:
     async def _room_mode(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
                          pending: Sequence[str], everyone: Sequence[str],
                          attempts: dict[str, int], date: str,
-                         sem: asyncio.Semaphore) -> None:
+                         sem: asyncio.Semaphore, *, resend: bool) -> None:
         """Bring the audience room's members in step with the audience, then post once."""
         bot, c = self.bot, self.svc.client
         try:
@@ -298,7 +314,7 @@ class FanOut:
             eid = await self.svc.sender.send(
                 room, content, txn_id=self._txn("announcement", occ.announcement_id,
                                                 occ.occurrence_id, room),
-                sender=bot.user_id)
+                sender=bot.user_id, resend=resend)
         except HomeserverUnavailable as e:
             raise Unavailable(str(e)) from e
         except Exception as e:
@@ -321,7 +337,7 @@ class FanOut:
         return memberships(await self.svc.client.room_members(room, user_id=self.bot.user_id))
 
     async def _room_target(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,
-                           target: str, attempts: int, date: str) -> None:
+                           target: str, attempts: int, date: str, *, resend: bool) -> None:
         """An explicit room of the audience: post there; its members can acknowledge."""
         bot, c, store = self.bot, self.svc.client, self.svc.announcements
         room: str | None = None
@@ -339,7 +355,7 @@ class FanOut:
             eid = await self.svc.sender.send(
                 room, content, txn_id=self._txn("announcement", occ.announcement_id,
                                                 occ.occurrence_id, room),
-                sender=bot.user_id)
+                sender=bot.user_id, resend=resend)
             members = await self._members(room)
         except HomeserverUnavailable as e:
             raise Unavailable(str(e)) from e
@@ -413,8 +429,11 @@ class FanOut:
         extra: dict[str, Any] = {}
         if reply_to[1] is not None and reply_to[0] == room:
             extra["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to[1]}}
+        # recorded only after the send, with nothing marking it begun: always read back
+        # (a DM, the bot's own: one short read)
         eid = await self.svc.sender.send(room, message_content(markdown, extra=extra),
-                                         txn_id=self._txn(*key, room), sender=self.bot.user_id)
+                                         txn_id=self._txn(*key, room), sender=self.bot.user_id,
+                                         resend=True)
         return room, eid
 
     async def _remind(self, occ: AnnouncementOccurrence, spec: AnnouncementSpec,

@@ -69,7 +69,8 @@ class AppserviceConfig(StrictModel):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # write `io.element.msc4190: true` (appservice device management) into the registration:
     # needed where the homeserver delegates auth (next-gen auth / MAS). The homeserver then
-    # refuses appservice logins, which Enclave's admin listings still use (README, E2EE)
+    # refuses appservice logins, which Enclave's admin listings still use
+    # (docs/operators/bots.md, "MSC4190 in the registration")
     msc4190: bool = False
 
     @field_validator("bot_localpart", "admin_localpart", "namespace_prefix")
@@ -129,7 +130,7 @@ class DatabaseConfig(StrictModel):
 
 
 class CompletenessConfig(StrictModel):
-    """The completeness check (README, "Nothing silently lost"): the leader reads every
+    """The completeness check (docs/operators/completeness.md): the leader reads every
     room's new events through the homeserver's admin API and puts into the inbox what the
     appservice push never delivered."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.directory import DirectoryConfig
-from ..kernel.power import creators_of
+from ..kernel.power import creators_of, power_context, user_level
 from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
@@ -352,7 +352,7 @@ class DirectorySync:
         await self.store.save_directory_people(records)
 
     # -- appliers (registered with the executor) ------------------------------------------
-    async def _apply_create(self, a: CreateAccount, key: str) -> Outcome:
+    async def _apply_create(self, a: CreateAccount, key: str, *, resend: bool) -> Outcome:
         body: dict[str, Any] = {"displayname": a.displayname, "admin": False}
         if a.email:
             body["threepids"] = [{"medium": "email", "address": a.email}]
@@ -361,7 +361,7 @@ class DirectorySync:
         await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
         return Outcome("applied", "created")
 
-    async def _apply_update(self, a: UpdateAccount, key: str) -> Outcome:
+    async def _apply_update(self, a: UpdateAccount, key: str, *, resend: bool) -> Outcome:
         body: dict[str, Any] = {}
         if a.displayname is not None:
             body["displayname"] = a.displayname
@@ -370,7 +370,7 @@ class DirectorySync:
         await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
         return Outcome("applied", "updated " + ", ".join(sorted(body)))
 
-    async def _apply_reactivate(self, a: ReactivateAccount, key: str) -> Outcome:
+    async def _apply_reactivate(self, a: ReactivateAccount, key: str, *, resend: bool) -> Outcome:
         # Synapse wants a password to reactivate when local password login is on; staff
         # log in through LDAP/SSO, so a random one nobody knows is set and forgotten
         body: dict[str, Any] = {"deactivated": False, "displayname": a.displayname,
@@ -380,11 +380,11 @@ class DirectorySync:
         await self.client.admin_put_user(a.user, body, admin=self.admin_user_id)
         return Outcome("applied", "reactivated")
 
-    async def _apply_deactivate(self, a: DeactivateAccount, key: str) -> Outcome:
+    async def _apply_deactivate(self, a: DeactivateAccount, key: str, *, resend: bool) -> Outcome:
         await self.client.admin_deactivate(a.user, admin=self.admin_user_id, erase=False)
         return Outcome("applied", "deactivated; sessions revoked")
 
-    async def _apply_erase(self, a: EraseAccount, key: str) -> Outcome:
+    async def _apply_erase(self, a: EraseAccount, key: str, *, resend: bool) -> Outcome:
         await self.client.admin_deactivate(a.user, admin=self.admin_user_id, erase=True)
         return Outcome("applied", "erased")
 
@@ -400,7 +400,7 @@ class DirectorySync:
                               "failed or is pending)")
         return rooms[key]
 
-    async def _apply_create_room(self, a: CreateManagedRoom, key: str) -> Outcome:
+    async def _apply_create_room(self, a: CreateManagedRoom, key: str, *, resend: bool) -> Outcome:
         rooms = await self._managed_rooms()
         if a.key in rooms:
             return Outcome("applied", f"already: {rooms[a.key]}")
@@ -454,7 +454,7 @@ class DirectorySync:
                                          user_id=self.bot_user_id)
         return Outcome("applied", room_id)
 
-    async def _apply_hand_over(self, a: HandOverRoom, key: str) -> Outcome:
+    async def _apply_hand_over(self, a: HandOverRoom, key: str, *, resend: bool) -> Outcome:
         c = self.client
         if not a.successor_joined:
             try:
@@ -463,10 +463,13 @@ class DirectorySync:
                 if e.status != 403 or "already in the room" not in e.error.lower():
                     raise
             await c.join(a.room, user_id=a.successor)
-        pl = await c.get_state(a.room, "m.room.power_levels", user_id=a.user) or {}
-        users = dict(pl.get("users") or {})
-        if users.get(a.successor, 0) >= 100:
+        # the kernel's rule: a creator of a v12 room already outranks every level (and must
+        # not be put in the users map); users_default counts
+        power, version, creators = power_context(await c.room_state(a.room, user_id=a.user))
+        if user_level(a.successor, power, room_version=version, creators=creators) >= 100:
             return Outcome("applied", "already admin")
+        pl = dict(power or {})
+        users = dict(pl.get("users") or {})
         users[a.successor] = 100
         await c.send_state(a.room, "m.room.power_levels", "", {**pl, "users": users},
                            user_id=a.user)

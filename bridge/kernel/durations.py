@@ -2,8 +2,9 @@
 
 ``parse_duration_ms`` reads the retention grammar (whole numbers, ``s m h d w y``,
 ``forever``) into milliseconds; ``parse_duration_seconds`` reads the bots' config grammar
-(``90s``, ``1.5h``, bare numbers are seconds) into seconds. They differ on purpose: each
-keeps the grammar its YAML was written in.
+(``90s``, ``1.5h``, bare numbers are seconds) into seconds; ``parse_ago_ms`` reads the CLI's
+relative times (``--since 24h``: a whole number and a lower-case ``s m h d w``). They differ
+on purpose: each keeps the grammar its YAML or command line was written in.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def format_duration_ms(ms: int | None) -> str:
             n = ms // size
             return f"{n} {name}" + ("" if n == 1 else "s")
     return "0 seconds" if ms == 0 else f"{ms} milliseconds"
+
+
+_AGO_RE = re.compile(r"^(\d+)([smhdw])$")
+
+
+def parse_ago_ms(text: str) -> int | None:
+    """A CLI relative time, ``"90m"``, ``"24h"``, ``"7d"``, ``"2w"`` -> milliseconds (how
+    long ago); None when ``text`` is not one (an ISO date, say). No years, no upper case."""
+    m = _AGO_RE.match(text.strip())
+    return int(m.group(1)) * _UNITS[m.group(2)] if m else None
 
 
 _SECONDS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

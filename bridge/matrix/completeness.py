@@ -2,7 +2,7 @@
 
 Synapse's appservice push is not enough on its own: it drops the events it holds in memory
 when it stops (element-hq/synapse#11637) and can strand a transaction while it recovers
-the appservice (README, "Known issues"). So the leading replica reads every room's timeline
+the appservice (docs/operators/known-issues.md). So the leading replica reads every room's timeline
 forward from a per-room cursor (Synapse admin API, ``GET /_synapse/admin/v1/rooms`` and
 ``/rooms/{id}/messages``), compares it with the inbox and puts what the push missed into
 the SAME inbox: deduplicated by event id (a late push of the same event is dropped), in
@@ -15,8 +15,8 @@ Cursors live in the store (component ``completeness``), so a restart of Enclave 
 homeserver resumes where the last check stopped; Synapse's pagination tokens are positions
 in its database, valid across its restarts. A room seen for the first time is read back to
 when the check was first switched on (``since``), never further: history from before
-Enclave is not fed to the handlers. Why this design, and what it costs: README, "Nothing
-silently lost".
+Enclave is not fed to the handlers. Why this design, and what it costs:
+docs/operators/completeness.md, "Why this design" and "Limits".
 """
 
 from __future__ import annotations

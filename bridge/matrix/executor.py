@@ -7,7 +7,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -23,17 +23,12 @@ from ..policy.actions import (
     SetState,
     action_from_dict,
 )
-from ..policy.resend import ACTION_KEY, decide_resend, read_back_done
+from ..policy.resend import ACTION_KEY
 from ..store import AuditRecord, Store, StoredAction
 from .client import HomeserverUnavailable, MatrixClient, MatrixRequestError
+from .readback import ReadBack
 
 log = logging.getLogger(__name__)
-
-# Read-back before a resend: how far back to look. Enclave's clock and the homeserver's
-# may differ a little; the event count bounds the cost in a busy room.
-READ_BACK_MAX_EVENTS = 500
-READ_BACK_PAGE = 100
-READ_BACK_SKEW_MS = 5 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,12 @@ def _already_done(action: Action, e: MatrixRequestError) -> bool:
     return False
 
 
+class Applier(Protocol):
+    """Applies an extension's action kind (see :meth:`Executor.register`)."""
+
+    def __call__(self, action: Any, key: str, *, resend: bool) -> Awaitable[Outcome]: ...
+
+
 class Executor:
     """Turns :class:`Action` objects into client/admin API calls."""
 
@@ -77,13 +78,18 @@ class Executor:
         self.admin_user_id = admin_user_id or bot_user_id
         self.clock_ms = clock_ms
         self.metrics = metrics
+        self.read_back = ReadBack(client, admin_user_id=self.admin_user_id,
+                                  clock_ms=clock_ms, metrics=metrics)
+        # outbox actions whose apply began and whose outcome is not recorded yet (the store
+        # failed after the send): run again, they are read back first
+        self._unrecorded: set[int] = set()
         # Known once the store is open (the root reads it then). Part of every send's
         # transaction id: action ids restart in a new or restored database, and Synapse
         # would otherwise answer a new send with an old event ("deduplicated") and drop it.
         self._installation_id = installation_id
         # extensions (directory sync, ...): appliers for their own action kinds, and
         # resolvers for symbolic room references such as "managed:department/Sales"
-        self._appliers: dict[str, Callable[[Any, str], Awaitable[Outcome]]] = {}
+        self._appliers: dict[str, Applier] = {}
         self._room_resolvers: dict[str, Callable[[str], Awaitable[str]]] = {}
 
     @property
@@ -91,9 +97,10 @@ class Executor:
         """This database's installation id ("" before the store has been opened)."""
         return self._installation_id()
 
-    def register(self, action_type: type[Action],
-                 applier: Callable[[Any, str], Awaitable[Outcome]]) -> None:
-        """Apply actions of ``action_type`` with ``applier(action, key)``."""
+    def register(self, action_type: type[Action], applier: Applier) -> None:
+        """Apply actions of ``action_type`` with ``applier(action, key, resend=...)``;
+        ``resend``: an earlier attempt of ``key`` may have reached the homeserver (an applier
+        that sends an event reads the room back first, :class:`ReadBack`)."""
         self._appliers[action_type.kind] = applier
 
     def add_room_resolver(self, prefix: str, resolve: Callable[[str], Awaitable[str]]) -> None:
@@ -115,58 +122,6 @@ class Executor:
         prefix = f"{self.installation_id}/" if self.installation_id else ""
         return f"{prefix}action:{action_id}"
 
-    async def _find_sent(self, room: str, event_type: str, key: str, sender: str,
-                         since_ts: int | None) -> str | None:
-        """The id of an event an earlier attempt of ``key`` stored in ``room``, if any.
-
-        Reads backwards from the room's end: back to ``since_ts`` (the first attempt; None
-        when unknown) or at most READ_BACK_MAX_EVENTS events. Raises HomeserverUnavailable
-        when the homeserver cannot answer: the caller must not send blind."""
-        token: str | None = None
-        seen = 0
-        while seen < READ_BACK_MAX_EVENTS:
-            try:
-                events, token = await self.client.admin_room_messages(
-                    room, admin=self.admin_user_id, from_token=token, dir="b",
-                    limit=min(READ_BACK_PAGE, READ_BACK_MAX_EVENTS - seen))
-            except MatrixRequestError as e:
-                # the admin API refused (no admin rights, room unknown): sending again
-                # risks a double, dropping the action would lose it; a double is the lesser
-                log.warning("cannot read %s back before resending %s (%s %s): sending",
-                            room, key, e.status, e.errcode)
-                return None
-            seen += len(events)
-            decision = decide_resend(events, key=key, sender=sender, event_type=event_type)
-            if not decision.resend:
-                self.metrics.resends_avoided.inc()
-                log.warning("not resending %s: %s (%s)", key, decision.reason, decision.rule_id)
-                return decision.event_id
-            if token is None or read_back_done(events, since_ts=since_ts,
-                                               skew_ms=READ_BACK_SKEW_MS):
-                break
-        return None
-
-    async def _send_once(self, room: str, event_type: str, key: str, sender: str,
-                         resend: bool,
-                         send: Callable[[Callable[[], Awaitable[Any]]], Awaitable[str]]) -> str:
-        """Send an event carrying ``key`` exactly once across homeserver restarts.
-
-        Before any resend whose earlier outcome is unknown (``resend``: an earlier run of
-        this action failed without an answer; or the client's own retry after a connection
-        error, timeout or 5xx) the room is read back and an event found there is the
-        answer. A 4xx refusal is a known outcome and never comes here."""
-        since = self.clock_ms()
-
-        async def before_resend() -> dict[str, Any] | None:
-            eid = await self._find_sent(room, event_type, key, sender, since)
-            return {"event_id": eid} if eid else None
-
-        if resend:
-            eid = await self._find_sent(room, event_type, key, sender, None)
-            if eid:
-                return eid
-        return await send(before_resend)
-
     async def apply(self, action: Action, key: str, *, resend: bool = False) -> Outcome:
         """Apply one action. Raises :class:`HomeserverUnavailable` when worth retrying later.
 
@@ -176,13 +131,13 @@ class Executor:
             action = await self._resolve_room(action)
             applier = self._appliers.get(action.kind)
             if applier is not None:
-                return await applier(action, key)
+                return await applier(action, key, resend=resend)
             actor = action.actor or self.bot_user_id
             match action:
                 case SendEvent():
                     ev = action
                     content = {**ev.content, ACTION_KEY: key}
-                    eid = await self._send_once(
+                    eid = await self.read_back.send_once(
                         ev.room, ev.event_type, key, actor, resend,
                         lambda hook: c.send_event(ev.room, ev.event_type, content,
                                                   txn_id_for(key), user_id=actor,
@@ -207,7 +162,7 @@ class Executor:
                     # m.room.redaction event (harmless to the target, but doubled): same
                     # read-back as a send
                     rd = action
-                    eid = await self._send_once(
+                    eid = await self.read_back.send_once(
                         rd.room, "m.room.redaction", key, actor, resend,
                         lambda hook: c.redact(rd.room, rd.event_id, txn_id_for(key),
                                               user_id=actor, reason=rd.reason,
@@ -231,9 +186,12 @@ class Executor:
             detail=detail,
         )
 
-    async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+    async def run_stored(self, stored: StoredAction, *, max_attempts: int,
+                         resumed: bool = False) -> bool:
         """Apply an action from the outbox and record the result with its audit record.
 
+        ``resumed``: an earlier process may have begun this action and crashed before it
+        recorded the attempt (the inbox knows: its lane's first pending action at start).
         Returns False when the homeserver was unavailable and the action stays pending
         (the caller backs off); True when it reached a final state.
         """
@@ -249,11 +207,13 @@ class Executor:
             self.metrics.actions.labels(kind="unknown", outcome="failed").inc()
             return True
         attempts = stored.attempts + 1
+        # it may have been applied already when an earlier run ended without a final answer
+        # (attempts > 0: homeserver unavailable), a crash cut an earlier process off before
+        # it counted the attempt (resumed), or this process could not record its outcome
+        resend = stored.attempts > 0 or resumed or stored.id in self._unrecorded
+        self._unrecorded.add(stored.id)
         try:
-            # attempts > 0: an earlier run ended without a final answer (homeserver
-            # unavailable, or a crash recorded as such), so it may have been applied
-            outcome = await self.apply(action, self.action_key(stored.id),
-                                       resend=stored.attempts > 0)
+            outcome = await self.apply(action, self.action_key(stored.id), resend=resend)
         except Exception as e:
             # HomeserverUnavailable, or anything unexpected (e.g. a 200 without the
             # event_id we read): retry later with the same key, park after max_attempts.
@@ -269,29 +229,37 @@ class Executor:
                     stored.id, "parked", error, attempts,
                     self._audit(action, "parked", error, "inbox"), self.clock_ms(),
                 )
+                self._unrecorded.discard(stored.id)
                 self.metrics.actions.labels(kind=action.kind, outcome="parked").inc()
                 log.error("action %d (%s) parked after %d attempts: %s", stored.id,
                           action.kind, attempts, error)
                 return True
             await self.store.finish_action(stored.id, "pending", error, attempts, None,
                                            self.clock_ms())
+            self._unrecorded.discard(stored.id)
             return False
         await self.store.finish_action(
             stored.id, outcome.status, outcome.detail, attempts,
             self._audit(action, outcome.status, outcome.detail, "inbox"), self.clock_ms(),
         )
+        self._unrecorded.discard(stored.id)
         self.metrics.actions.labels(kind=action.kind, outcome=outcome.status).inc()
         if outcome.status != "applied":
             log.warning("action %s failed: %s", action.describe(), outcome.detail)
         return True
 
-    async def run_direct(self, action: Action, key: str, *, source: str) -> Outcome:
+    async def run_direct(self, action: Action, key: str, *, source: str,
+                         resend: bool = True) -> Outcome:
         """Apply an action decided outside the inbox (CLI, scheduled jobs) and audit it.
 
         A homeserver that stays unavailable, or a room reference no resolver knows, is a
-        failed (audited) outcome: the caller's next run plans the action again."""
+        failed (audited) outcome: the caller's next run plans the action again.
+
+        ``resend`` (the default): nothing records whether an earlier run sent this key (a
+        caller with a stable key plans it again after a crash), so an event it sends is
+        read back first. False only where a second application changes nothing."""
         try:
-            outcome = await self.apply(action, key)
+            outcome = await self.apply(action, key, resend=resend)
         except (HomeserverUnavailable, LookupError) as e:
             outcome = Outcome("failed", f"{type(e).__name__}: {e}")
         await self.store.add_audit(self._audit(action, outcome.status, outcome.detail, source))

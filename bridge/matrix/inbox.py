@@ -143,6 +143,12 @@ class InboxProcessor:
         self._fetching = False
         self._released: set[int] = set()
         self._dropped: set[str] = set()
+        # An earlier process may have begun an action and crashed before recording its
+        # attempt: in a lane actions run one at a time, in order, so only the lane's first
+        # pending action written before this start can be such a one (it is read back
+        # before it is sent again). Memory only, read again at each start.
+        self._resume_up_to = 0
+        self._lanes_resumed: set[str] = set()
         self._maybe_more = True  # the inbox may hold due events not fetched yet
         # Lanes that may have pending actions: only those query the outbox.
         self._action_lanes: set[str] = set()
@@ -196,6 +202,8 @@ class InboxProcessor:
         self._event_retry_due = None
         self._maybe_more = True
         # Actions committed before a crash but not applied: resume them first.
+        self._resume_up_to = await self.store.last_action_id()
+        self._lanes_resumed.clear()
         pending = await self.store.pending_actions(None, STARTUP_ACTIONS)
         for a in pending:
             self._lane_retry_at.setdefault(a.lane, 0)
@@ -395,7 +403,10 @@ class InboxProcessor:
         while True:
             pending = await self.store.pending_actions(lane, 100)
             for stored in pending:
-                if not await self.executor.run_stored(stored, max_attempts=self.cfg.max_attempts):
+                resumed = stored.id <= self._resume_up_to and lane not in self._lanes_resumed
+                self._lanes_resumed.add(lane)
+                if not await self.executor.run_stored(stored, max_attempts=self.cfg.max_attempts,
+                                                      resumed=resumed):
                     retry_in = backoff_ms(stored.attempts + 1, self.cfg)
                     self._lane_retry_at[lane] = self.clock_ms() + retry_in
                     return False

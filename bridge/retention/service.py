@@ -26,7 +26,7 @@ from ..matrix.executor import Executor
 from ..metrics import Metrics
 from ..policy.actions import Action, Join, Redact, SendEvent, SetState
 from ..policy.power import RoomPower, enclave_actor
-from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy
+from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, validate_hold
 from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
 from ..store.lease import held_lease, new_lease_owner
@@ -48,6 +48,28 @@ def hold_from_record(r: HoldRecord) -> Hold:
                 users=frozenset(r.users), rooms=frozenset(r.rooms), since_ms=r.since_ms,
                 until_ms=r.until_ms, created_at=r.created_at, released_at=r.released_at,
                 released_by=r.released_by)
+
+
+class HoldCheckFailed(RuntimeError):
+    """The users and rooms a hold names could not be checked (the homeserver cannot be
+    asked): no hold is placed."""
+
+
+class UnknownHoldSubjects(ValueError):
+    """A hold names users or rooms nobody knows: no hold is placed."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = tuple(problems)
+
+
+def _hold_audit(rec: HoldRecord, now: int, kind: str, by: str, reason: str,
+                source: str) -> AuditRecord:
+    return AuditRecord(
+        ts=now, source=source, kind=kind, outcome="applied", actor=by,
+        rule_id="builtin.legal_hold", reason=reason,
+        detail=(f"hold {rec.id} case {rec.case_id}: users={list(rec.users)} "
+                f"rooms={list(rec.rooms)} since={rec.since_ms} until={rec.until_ms}"))
 
 
 def media_refs(event: Mapping[str, Any]) -> list[str]:
@@ -213,27 +235,33 @@ class RetentionService:
         return problems
 
     async def add_hold(self, record: HoldRecord, *, source: str = "cli") -> bool:
-        """Place a legal hold; the audit record is written in the same commit."""
-        from ..policy.retention import validate_hold
+        """Place a legal hold; the audit record is written in the same commit. False when a
+        hold with its id exists.
 
-        validate_hold(hold_from_record(record))
-        problems = await self.unknown_hold_subjects(record.users, record.rooms)
+        Raises :class:`HoldCheckFailed` when who and what it names cannot be checked (no
+        hold on a guess), :class:`UnknownHoldSubjects` when it names a user or room nobody
+        knows, ``ValueError`` when the hold itself is invalid."""
+        try:
+            problems = await self.unknown_hold_subjects(record.users, record.rooms)
+        except Exception as e:  # the homeserver cannot be asked
+            raise HoldCheckFailed(str(e)) from e
         if problems:
-            raise ValueError("; ".join(problems))
-        audit = AuditRecord(
-            ts=self.clock_ms(), source=source, kind="hold_add", outcome="applied",
-            actor=record.placed_by, rule_id="builtin.legal_hold", reason=record.reason,
-            detail=(f"hold {record.id} case {record.case_id}: users={list(record.users)} "
-                    f"rooms={list(record.rooms)} since={record.since_ms} "
-                    f"until={record.until_ms}"))
+            raise UnknownHoldSubjects(problems)
+        validate_hold(hold_from_record(record))
+        audit = _hold_audit(record, self.clock_ms(), "hold_add", record.placed_by,
+                            record.reason, source)
         return await self.store.hold_add(record, audit)
 
     async def release_hold(self, hold_id: str, *, by: str, reason: str,
                            source: str = "cli") -> bool:
-        audit = AuditRecord(ts=self.clock_ms(), source=source, kind="hold_release",
-                            outcome="applied", actor=by, rule_id="builtin.legal_hold",
-                            reason=reason, detail=f"hold {hold_id} released")
-        return await self.store.hold_release(hold_id, by, self.clock_ms(), audit)
+        """Release an active hold (audited); False when there is no active hold by that id.
+        Its events follow the retention policy again."""
+        record = await self.store.hold_get(hold_id)
+        if record is None or record.released_at is not None:
+            return False
+        now = self.clock_ms()
+        audit = _hold_audit(record, now, "hold_release", by, reason, source)
+        return await self.store.hold_release(hold_id, by, now, audit)
 
     # -- the live feed -----------------------------------------------------------------
     async def handle_event(self, event: dict[str, Any], meta: Any) -> Sequence[Action]:
@@ -740,7 +768,10 @@ class RetentionService:
                 Redact(rule_id=plan.rule_id, reason="retention period over (kept from the "
                        "purge by a legal hold on other events)", actor=actor, room=room_id,
                        event_id=r.event_id),
-                f"retention-redact:{r.event_id}", source="retention")
+                f"retention-redact:{r.event_id}", source="retention",
+                # a second redaction of a redacted event changes nothing; reading the room
+                # back before each of many redactions would cost up to five pages each
+                resend=False)
             if o.status != "applied":
                 log.warning("retention: redaction of %s failed: %s", r.event_id, o.detail)
                 left += 1

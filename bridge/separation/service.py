@@ -20,6 +20,7 @@ from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
 from ..metrics import Metrics
 from ..policy.actions import Action
+from ..policy.resend import ACTION_KEY
 from ..policy.separation import (
     CLASS_STATE_TYPE,
     DM_CLASS,
@@ -356,7 +357,7 @@ class SeparationService:
         return actions
 
     # -- what Enclave could not do -------------------------------------------------------------
-    async def _apply_not_done(self, a: NotDone, key: str) -> Outcome:
+    async def _apply_not_done(self, a: NotDone, key: str, *, resend: bool) -> Outcome:
         """A finding of the reactive layer: told to operators (a warning in the log, the
         ``not_done`` metric) and, through the executor, a ``not_done`` audit record."""
         log.warning("separation finding [%s] %s %s: %s", a.rule_id, a.room,
@@ -389,7 +390,7 @@ class SeparationService:
         state = await self.client.admin_room_state(room_id, admin=self.admin_user_id) or []
         return any(e.get("type") == "m.room.encryption" for e in state)
 
-    async def _apply_notice(self, a: NotifyUser, key: str) -> Outcome:
+    async def _apply_notice(self, a: NotifyUser, key: str, *, resend: bool) -> Outcome:
         if await self.store.component_get(NOTICE_COMPONENT, a.once_key) is not None:
             return Outcome("applied", "already told")
         try:
@@ -400,11 +401,17 @@ class SeparationService:
                 await self.store.component_delete(DM_COMPONENT, a.user)
                 room = await self._dm_room(a.user)
             # the txn id follows the incident: a retry, a restart or another layer telling
-            # the same thing is deduplicated by the homeserver
+            # the same thing is deduplicated by the homeserver. It is recorded as told only
+            # after the send, and any action with this once-key may be the one that sent
+            # it before a crash: the DM (small, the bot's own) is read back every time, so a
+            # homeserver restart in between does not tell twice
             txn = "enclave-notice-" + hashlib.sha256(a.once_key.encode()).hexdigest()[:32]
-            eid = await self.client.send_event(
-                room, "m.room.message", {"msgtype": "m.notice", "body": a.body}, txn,
-                user_id=self.bot_user_id)
+            content = {"msgtype": "m.notice", "body": a.body, ACTION_KEY: txn}
+            eid = await self.executor.read_back.send_once(
+                room, "m.room.message", txn, self.bot_user_id, True,
+                lambda hook: self.client.send_event(room, "m.room.message", content, txn,
+                                                    user_id=self.bot_user_id,
+                                                    before_resend=hook))
         except MatrixRequestError as e:
             return Outcome("failed", f"{e.status} {e.errcode}: {e.error}")
         await self.store.component_put(NOTICE_COMPONENT, a.once_key, eid, self.clock_ms())

@@ -332,6 +332,11 @@ class Store(ABC):
     ) -> None:
         """Set an action's final or retry status and write its audit record atomically."""
 
+    @abstractmethod
+    async def last_action_id(self) -> int:
+        """The highest action id written so far (0 when none): every action at or below it
+        was written before this call, so possibly begun by an earlier process."""
+
     # -- audit ---------------------------------------------------------------------------
     @abstractmethod
     async def add_audit(self, record: AuditRecord) -> None: ...

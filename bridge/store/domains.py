@@ -113,6 +113,8 @@ class OutboxStore(Protocol):
         audit: AuditRecord | None, now_ms: int,
     ) -> None: ...
 
+    async def last_action_id(self) -> int: ...
+
 
 @runtime_checkable
 class AuditStore(Protocol):

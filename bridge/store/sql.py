@@ -590,6 +590,10 @@ class SQLStore(Store):
             ))
         await self.db.batch(steps)
 
+    async def last_action_id(self) -> int:
+        rows = await self.db.fetch("SELECT MAX(id) FROM actions")
+        return int(rows[0][0] or 0)
+
     # -- audit ---------------------------------------------------------------------------
     async def add_audit(self, record: AuditRecord) -> None:
         await self.db.batch([(

@@ -286,7 +286,7 @@ def enclave_counts_sqlite(conn: sqlite3.Connection) -> dict[str, int]:
 # -- archive snapshot ---------------------------------------------------------------------
 class ArchiveLocks:
     """The archive's per-room advisory locks (``locks/<room dir>.lock``), the same ``flock``
-    Enclave takes around every write to a room (bridge/retention/archive.py)."""
+    Enclave takes around every write to a room (bridge/retention/archive/)."""
 
     def __init__(self, root: Path, timeout: float):
         self.root = root

@@ -156,7 +156,7 @@ render "$HERE/element/config.json" "$OUT_DIR/element/config.json"
 umask 077
 
 # -- the appservice registration -----------------------------------------------------------------
-# The same content as `enclave registration` writes (bridge/cli.py registration_dict), from
+# The same content as `enclave registration` writes (bridge/cli/registration.py registration_dict), from
 # the appservice section of the generated Enclave config and the token secrets.
 appservice_value() {
   awk -v key="$1" '

@@ -39,7 +39,7 @@ import yaml
 nio = pytest.importorskip("nio")
 pytest.importorskip("synapse")
 
-from bridge.devstack.synapse import SynapseServer  # noqa: E402
+from devstack.synapse import SynapseServer  # noqa: E402
 
 from .ledger_handler import LEDGER_ROOM_ENV, SOURCE_EVENT, SOURCE_ROOM  # noqa: E402
 
@@ -137,7 +137,7 @@ class Stack:
         """Write tokens + registration with ``enclave registration``, start Synapse on it.
 
         ``synapse``: an unstarted server of the caller's (e.g. the corporate server of a
-        :class:`~bridge.devstack.federation.FederatedPair`) instead of a new one named
+        :class:`~devstack.federation.FederatedPair`) instead of a new one named
         ``server_name``; the stack's server name is always its server's.
         """
         stack = cls.prepare(base, server_name=server_name, synapse=synapse)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bridge.config.directory import LdapSourceConfig
-from bridge.devstack.slapd import SlapdServer, generate_directory_ldif, slapd_available
+from devstack.slapd import SlapdServer, generate_directory_ldif, slapd_available
 
 SUFFIX = "dc=corp,dc=test"
 # entries generated with an old timestamp: an incremental read then only sees what a test

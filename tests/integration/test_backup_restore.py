@@ -1,6 +1,6 @@
 """deploy/backup: a backup of the running local stack, restored into a wiped state folder.
 
-The real thing end to end: the local stack (``python -m bridge.devstack.stack``, Synapse and
+The real thing end to end: the local stack (``python -m devstack.stack``, Synapse and
 Enclave on SQLite, as ``make run`` starts it) in a temporary state folder on free ports; demo
 staff chat in two rooms with matrix-nio and upload an image; once Enclave has archived it all,
 ``enclave-backup`` runs while both servers keep running. Then the stack stops, the state
@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.devstack.synapse import SynapseServer, free_port
+from devstack.synapse import SynapseServer, free_port
 
 from .harness import appservice_port, fresh_pg_database, nio, tail, wait_until
 
@@ -84,7 +84,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 class LocalStack:
-    """``python -m bridge.devstack.stack`` on a state folder and two ports, as make run."""
+    """``python -m devstack.stack`` on a state folder and two ports, as make run."""
 
     def __init__(self, state: Path, log: Path):
         self.state = state
@@ -100,7 +100,7 @@ class LocalStack:
     def start(self, timeout: float = 120) -> None:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge.devstack.stack", "--state-dir", str(self.state),
+                [sys.executable, "-m", "devstack.stack", "--state-dir", str(self.state),
                  "--synapse-port", str(self.hs_port), "--enclave-port", str(self.enc_port)],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -301,7 +301,8 @@ async def test_backup_of_running_stack_restores_into_wiped_state(tmp_path: Path)
                 "enclave-journal", "enclave-db", "enclave-archive", "enclave-crypto"} <= set(parts)
         assert parts["synapse-db"]["kind"] == parts["enclave-db"]["kind"] == "sqlite"
         assert manifest["warnings"] == []
-        # the order the README promises: Synapse, then Enclave's journal, database + archive
+        # the order deploy/backup/README.md promises ("Order, and what a restore
+        # guarantees"): Synapse, then Enclave's journal, database + archive
         order = [p["name"] for p in manifest["parts"]]
         assert order.index("synapse-db") < order.index("synapse-media") \
             < order.index("enclave-journal") < order.index("enclave-db") \

@@ -26,8 +26,8 @@ import pytest
 from bots.cross_signing import KEYS_FILE, RESET_FILE, owner_signed_devices
 from bots.crypto import SESSION_FILE, CannotEncrypt, EncryptedSender, EncryptedSenders
 from bots.sending import PlainSender, RoomEncryption, RoutingSender
-from bridge.devstack.synapse import free_port
 from bridge.matrix.client import MatrixClient
+from devstack.synapse import free_port
 
 from .bots_helpers import cross_sign
 from .harness import Stack, nio

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.devstack.synapse import free_port
+from devstack.synapse import free_port
 
 from .harness import nio, wait_until
 
@@ -144,7 +144,7 @@ def test_local_stack_demonstrates_the_bots(tmp_path: Path) -> None:
     state = tmp_path / "st"
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.devstack.stack", "--state-dir", str(state),
+            [sys.executable, "-m", "devstack.stack", "--state-dir", str(state),
              "--synapse-port", str(hs_port), "--enclave-port", str(enc_port)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:

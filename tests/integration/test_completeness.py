@@ -281,7 +281,7 @@ async def test_enclave_killed_during_synapse_catch_up_loses_nothing(
     """Senders busy throughout; CYCLES times: Enclave is SIGKILLed, restarted while
     Synapse holds a backlog, SIGKILLed again while Synapse is catching up, started again,
     and Synapse finishes its catch-up with the senders still busy (its recoverer strands
-    an event created as it finishes: README "Known issues"; a race, so several cycles).
+    an event created as it finishes: docs/operators/known-issues.md; a race, so several cycles).
     Every event is processed once, within the bound of its creation or (created while
     Enclave was down) of Enclave's last start."""
     stack = crash_stack
@@ -321,7 +321,7 @@ async def test_stranded_event_on_a_quiet_server_is_processed(
     staff: list[nio.AsyncClient], store_url: str,
 ) -> None:
     """One event stranded in Synapse (stored for the appservice while Synapse marks it up:
-    the state Synapse's recoverer race leaves, README "Known issues"), and then nothing:
+    the state Synapse's recoverer race leaves, docs/operators/known-issues.md), and then nothing:
     no traffic that could trigger a redelivery. The completeness check finds it."""
     stack = crash_stack
     enclave, ledger_room = await start_enclave(stack, enclave_factory, store_url)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bridge.devstack.slapd import SlapdServer, person_uid
+from devstack.slapd import SlapdServer, person_uid
 
 from .directory_helpers import account, members, open_sync, uid, write_config
 from .harness import Stack

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from ldap3 import MODIFY_ADD, MODIFY_REPLACE
 
-from bridge.devstack.slapd import SlapdServer, it_admins, person_uid
 from bridge.directory.sync import SyncRefused
+from devstack.slapd import SlapdServer, it_admins, person_uid
 
 from .directory_helpers import (
     account,

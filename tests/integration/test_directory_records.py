@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bridge.devstack.slapd import SlapdServer, person_uid
+from devstack.slapd import SlapdServer, person_uid
 
 from .directory_helpers import ADMIN_LOCALPART, account, room_state, uid, write_config
 from .harness import REPO_ROOT, Stack, subprocess_env

@@ -1,7 +1,7 @@
 """The gate end to end: Enclave's Synapse module inside a real Synapse asks a real
 :class:`~bridge.gate.service.GateService` over loopback, and matrix-nio clients see the result.
 
-The corporate server of a :class:`~bridge.devstack.federation.FederatedPair` loads
+The corporate server of a :class:`~devstack.federation.FederatedPair` loads
 ``bridge.gate.module.EnclaveGate`` (Synapse runs with this venv's python, where ``bridge`` is
 installed in editable mode); the personal server supplies federated invites. The decider
 behind the service is a table-driven test double (``RULES``) that proves the module and the
@@ -26,10 +26,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bridge.devstack.federation import FederatedPair
 from bridge.gate.module import UNREACHABLE_MESSAGE
 from bridge.gate.protocol import CLASS_STATE_TYPE, GateAnswer, GateRequest, GateRoom
 from bridge.gate.service import GateService
+from devstack.federation import FederatedPair
 
 from .harness import appservice_port, nio, wait_until
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 
-from bridge.devstack.slapd import SlapdServer, department_of, it_admins, person_uid
 from bridge.directory.ldap_source import KV_MARK, KV_PEOPLE, LdapSource
 from bridge.model.people import DirectoryError, DirectorySnapshot
 from bridge.store import Store, open_store
+from devstack.slapd import SlapdServer, department_of, it_admins, person_uid
 
 from .ldap_fixtures import ldap_config, running_slapd
 

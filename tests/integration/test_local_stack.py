@@ -16,7 +16,7 @@ import nio
 import pytest
 import yaml
 
-from bridge.devstack.synapse import free_port
+from devstack.synapse import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ def test_local_stack_start_login_stop(tmp_path: Path) -> None:
     out_path = tmp_path / "stack.out"
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.devstack.stack", "--state-dir", str(tmp_path / "st"),
+            [sys.executable, "-m", "devstack.stack", "--state-dir", str(tmp_path / "st"),
              "--synapse-port", str(hs_port), "--enclave-port", str(enc_port)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
         )

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.devstack.proxy import RoundRobinProxy
+from devstack.proxy import RoundRobinProxy
 
 from .directory_helpers import ensure_enclave_admin
 from .harness import (

@@ -15,7 +15,7 @@ import yaml
 pytest.importorskip("synapse")
 nio = pytest.importorskip("nio")
 
-from bridge.devstack.synapse import SynapseServer, free_port  # noqa: E402
+from devstack.synapse import SynapseServer, free_port  # noqa: E402
 
 from .harness import fresh_pg_database  # noqa: E402
 

@@ -257,7 +257,7 @@ async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
     lease = "announcement:a/o"
     reached_end = False
 
-    async def slow_pass(occ: object, spec: object) -> None:
+    async def slow_pass(occ: object, spec: object, resumed: bool) -> None:
         nonlocal reached_end
         clock.now += 10_000  # froze past the ttl...
         assert await other.acquire_lease(lease, "them", clock.now, 60_000)  # ...taken

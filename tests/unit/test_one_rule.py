@@ -32,6 +32,14 @@ COPIES = [
     ("creators of a room", r'\.get\("additional_creators"\)',
      {"bridge/kernel/power.py", "bridge/gate/module.py"}),
     ("m.in_reply_to reading", r'\.get\("m\.in_reply_to"\)', {"bridge/kernel/relations.py"}),
+    # a user's level read straight from the users map (no users_default, no v12 creators):
+    # kernel.power.user_level / user_level_in_state
+    ("power level of a user", r'users\.get\([^)]*,\s*0\)', set()),
+    ("duration units", r'\[smhdwy?\]|"w": 604800|\b604800\b', {"bridge/kernel/durations.py"}),
+    # legal holds are placed and released by RetentionService.add_hold / release_hold (the
+    # audit record with them), never straight on the store by the CLI or anyone else
+    ("placing or releasing a hold", r'\.hold_add\(|\.hold_release\(|validate_hold\(',
+     {"bridge/retention/service.py", "bridge/policy/retention.py"}),
 ]
 
 

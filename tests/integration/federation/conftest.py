@@ -1,7 +1,7 @@
-"""Fixtures for tests with two federating homeservers (see bridge/devstack/federation.py).
+"""Fixtures for tests with two federating homeservers (see devstack/federation.py).
 
 * ``federation`` (module scope) — a :class:`Federation`: a started
-  :class:`~bridge.devstack.federation.FederatedPair` whose corporate server (``corp``,
+  :class:`~devstack.federation.FederatedPair` whose corporate server (``corp``,
   server name ``127.0.0.1:PORT``) carries Enclave's registration as a harness
   :class:`~tests.integration.harness.Stack` (``federation.stack``, usable with the
   ``enclave_factory`` fixture), with Enclave's admin identity made a server admin. The
@@ -36,8 +36,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.devstack.federation import FederatedPair
-from bridge.devstack.synapse import SynapseServer
+from devstack.federation import FederatedPair
+from devstack.synapse import SynapseServer
 
 from ..directory_helpers import ensure_enclave_admin
 from ..harness import EnclaveProcess, Stack, nio, wait_until

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.devstack.federation import FederatedPair
+from devstack.federation import FederatedPair
 
 from ..directory_helpers import ADMIN_LOCALPART, ensure_enclave_admin
 from ..harness import BOT_LOCALPART, EnclaveProcess, Stack, nio, wait_until
@@ -430,7 +430,7 @@ async def test_gate_off_history_is_kept_from_people_never_admitted(door: Trio) -
     await pat.sync(timeout=0)
     bot = door.uid(BOT_LOCALPART)
     # without the gate a room is Enclave's to guard only where its bot is in with power
-    # (README: without the gate): bob brings it in
+    # (docs/operators/separation.md, "Without the gate"): bob brings it in
     room = await bob.room_create(alias=f"ext-{os.urandom(3).hex()}",
                                  invite=[pat.user_id, bot], preset=nio.RoomPreset.public_chat,
                                  power_level_override={"invite": 0, "users": {bot: 100}})
@@ -474,7 +474,8 @@ async def test_gate_off_notice_says_staff_left_when_the_invite_stands(door: Trio
 
 
 async def test_gate_off_remote_join_is_undone_reactively(door: Trio) -> None:
-    # without the gate nothing can refuse the join before it exists (README, Not built):
+    # without the gate nothing can refuse the join before it exists
+    # (docs/operators/separation.md, "Not built"):
     # the reactive layer takes the staff member out and tells them
     eve = door.other("eve")
     alias = f"party-{os.urandom(3).hex()}"

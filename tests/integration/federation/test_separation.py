@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.devstack.federation import FederatedPair
+from devstack.federation import FederatedPair
 
 from ..directory_helpers import ADMIN_LOCALPART, ensure_enclave_admin
 from ..harness import BOT_LOCALPART, EnclaveProcess, Stack, nio, wait_until

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[3]
 PURE = [ROOT / p for p in (
     "bots/commands.py", "bots/scheduling.py", "bots/markdown.py",
     "bots/announcements/audience.py", "bots/announcements/spec.py",
-    "bots/announcements/acks.py", "bots/announcements/report.py",
+    "bots/announcements/acks.py", "bots/announcements/report.py", "bots/crypto/decisions.py",
 )]
 ALLOWED_PROJECT = ("bridge.config.bots", "bridge.model.people", "bridge.kernel", "bots.commands",
                    "bots.announcements.audience", "bots.announcements.spec")

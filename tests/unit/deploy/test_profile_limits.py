@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.devstack.synapse import SynapseServer
+from devstack.synapse import SynapseServer
 
 ROOT = Path(__file__).resolve().parents[3]
 LIMITS = {"limit_profile_requests_to_users_who_share_rooms": True,

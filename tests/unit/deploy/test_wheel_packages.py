@@ -20,7 +20,7 @@ def shipped_packages() -> set[str]:
 
 def test_devstack_is_not_in_the_wheel() -> None:
     packages = shipped_packages()
-    assert not {p for p in packages if p.startswith("bridge.devstack")}
+    assert not {p for p in packages if p.startswith(("bridge.devstack", "devstack"))}
     # the product is all there
     assert {"bridge", "bridge.kernel", "bridge.retention", "bridge.matrix", "bots",
             "bots.announcements"} <= packages
@@ -28,6 +28,11 @@ def test_devstack_is_not_in_the_wheel() -> None:
 
 
 def test_make_run_uses_the_checkouts_devstack() -> None:
-    # ``make run`` starts the launcher from the source tree, which still has it
-    assert (ROOT / "bridge" / "devstack" / "stack.py").is_file()
-    assert "-m bridge.devstack.stack" in (ROOT / "Makefile").read_text()
+    # ``make run`` starts the launcher of the checkout: a distribution of its own
+    # (deploy/local), which deploy/install.sh installs editable beside Enclave
+    assert (ROOT / "deploy" / "local" / "devstack" / "stack.py").is_file()
+    assert not (ROOT / "bridge" / "devstack").exists()
+    local = tomllib.loads((ROOT / "deploy" / "local" / "pyproject.toml").read_text())
+    assert local["tool"]["setuptools"]["packages"] == ["devstack"]
+    assert "-m devstack.stack" in (ROOT / "Makefile").read_text()
+    assert "-e deploy/local" in (ROOT / "deploy" / "install.sh").read_text()

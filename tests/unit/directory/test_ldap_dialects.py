@@ -331,7 +331,7 @@ class FakeAD:
         self.result: dict[str, Any] = {}
         self.searches: list[tuple[str, str, list[str]]] = []
 
-    # what _Session uses
+    # what LdapSession uses
     def search(self, base: str, filt: str, search_scope: Any = None,
                attributes: list[str] | None = None, paged_size: int | None = None,
                paged_cookie: bytes | None = None) -> bool:

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from bridge.matrix.client import MatrixClient
-from bridge.matrix.executor import Executor, txn_id_for
+from bridge.matrix.executor import Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
 from bridge.policy.actions import Action, Invite, Join, Kick, Leave, Redact, SendEvent, SetState
 from bridge.policy.resend import ACTION_KEY
@@ -360,3 +360,82 @@ async def test_redaction_resend_finds_the_earlier_redaction(
     assert put.body == {"reason": "spam", ACTION_KEY: "action:1"}
     (rec,) = await store.query_audit(AuditFilter())
     assert rec["detail"] == "$red"
+
+
+# -- an attempt a crash (or a failed store write) cut off before it was counted -------------
+
+async def test_resumed_action_is_read_back_although_no_attempt_was_counted(
+    fake_hs: FakeHomeserver, store: Store, executor: Executor,
+) -> None:
+    # an earlier process sent it, Synapse stored it, the process died before counting the
+    # attempt (attempts stays 0) and Synapse restarted: the inbox runs it as resumed
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, (200, {"chunk": [stored_event("action:1")]}))
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice", content={"body": "hi"}))
+    assert sa.attempts == 0
+    assert await executor.run_stored(sa, max_attempts=5, resumed=True) is True
+    assert puts(fake_hs) == [], "sent again although the event is in the room"
+    (rec,) = await store.query_audit(AuditFilter())
+    assert (rec["outcome"], rec["detail"]) == ("applied", "$first")
+
+
+async def test_a_fresh_action_is_not_read_back(fake_hs: FakeHomeserver, store: Store,
+                                               executor: Executor) -> None:
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", (200, {"event_id": "$e"}))
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice"))
+    assert await executor.run_stored(sa, max_attempts=5) is True
+    assert [s.method for s in fake_hs.seen] == ["PUT"]
+
+
+async def test_an_outcome_the_store_did_not_record_is_read_back_when_run_again(
+    fake_hs: FakeHomeserver, store: Store, executor: Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # sent and stored by the homeserver, then the store failed: the room worker crashed
+    # with the action pending (attempts 0) and runs it again in the same process
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", (200, {"event_id": "$first"}),
+               (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, (200, {"chunk": [stored_event("action:1")]}))
+    (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
+                                          event_type="m.notice"))
+    finish = store.finish_action
+
+    async def broken(*a: Any, **kw: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "finish_action", broken)
+    with pytest.raises(OSError):
+        await executor.run_stored(sa, max_attempts=5)
+    monkeypatch.setattr(store, "finish_action", finish)
+    (sa,) = await store.pending_actions(None, 10)
+    assert sa.attempts == 0
+    assert await executor.run_stored(sa, max_attempts=5) is True
+    assert len(puts(fake_hs)) == 1
+    (rec,) = await store.query_audit(AuditFilter())
+    assert rec["detail"] == "$first"
+
+
+async def test_direct_sends_are_read_back_and_appliers_told_of_a_resend(
+    fake_hs: FakeHomeserver, store: Store, executor: Executor,
+) -> None:
+    # nothing records whether an earlier run of a direct action sent its (stable) key
+    fake_hs.on("PUT", "/_matrix/client/v3/rooms/", (200, {"event_id": "$second"}))
+    fake_hs.on("GET", MESSAGES, (200, {"chunk": [stored_event("retention-vis:!r")]}))
+    send = SendEvent(rule_id="r", reason="x", room="!r", event_type="m.notice")
+    outcome = await executor.run_direct(send, "retention-vis:!r", source="retention")
+    assert (outcome.status, outcome.detail, puts(fake_hs)) == ("applied", "$first", [])
+    told: list[bool] = []
+
+    async def applier(action: Any, key: str, *, resend: bool) -> Outcome:
+        told.append(resend)
+        return Outcome("applied", "ok")
+
+    executor.register(Leave, applier)
+    leave = Leave(rule_id="r", reason="x", room="!r", actor=BOT)
+    await executor.run_direct(leave, "k", source="cli")
+    (sa,) = await stored(store, leave)
+    await executor.run_stored(sa, max_attempts=5)
+    await executor.run_stored(sa, max_attempts=5, resumed=True)
+    assert told == [True, False, True]

@@ -42,9 +42,13 @@ class RecordingExecutor:
         self.fail_with = fail_with
         self.applied: list[tuple[int, dict[str, Any]]] = []
         self.calls = 0
+        self.resumed: list[int] = []  # run as possibly begun by an earlier process
 
-    async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+    async def run_stored(self, stored: StoredAction, *, max_attempts: int,
+                         resumed: bool = False) -> bool:
         self.calls += 1
+        if resumed:
+            self.resumed.append(stored.id)
         if self.fail_with is not None:
             raise self.fail_with  # a crash/kill between commit and apply
         self.applied.append((stored.id, orjson.loads(stored.payload)))
@@ -283,6 +287,9 @@ async def test_actions_committed_with_done_mark_survive_a_crash(tmp_path: Path,
     # committed together: the event is done AND its actions wait in the outbox
     assert (await store.inbox_stats())["events"]["done"] == 1
     assert [a.position for a in await store.pending_actions("!r", 10)] == [0, 1]
+    ids = [a.id for a in await store.pending_actions("!r", 10)]
+    # written after that process started: it had not begun them before (no read-back)
+    assert crashing.resumed == []
     await store.close()
 
     store = await new_store(tmp_path)
@@ -290,6 +297,10 @@ async def test_actions_committed_with_done_mark_survive_a_crash(tmp_path: Path,
         async with Running(store, handler, clock=Clock()) as r2:
             await r2.settle()
         assert handled == [1], "the handler ran again after the restart"
+        # the crash may have cut the lane's first action off after its send and before its
+        # attempt was counted: it is run as resumed (read back first); the second one was
+        # not begun (a lane runs one action at a time, in order) and is not
+        assert r2.executor.resumed == [ids[0]]
         assert [p["reason"] for _, p in r2.executor.applied] == ["not staff", "second"]
         assert action_from_dict(r2.executor.applied[0][1]) == SendEvent(
             rule_id="sep.dm", reason="not staff", room="!r", event_type="m.room.message",
@@ -311,13 +322,15 @@ async def test_homeserver_away_keeps_room_waiting(store: Store) -> None:
     class FlakyExecutor(RecordingExecutor):
         up = False
 
-        async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+        async def run_stored(self, stored: StoredAction, *, max_attempts: int,
+                             resumed: bool = False) -> bool:
             self.calls += 1
             if not self.up:
                 await self.store.finish_action(stored.id, "pending", "down",
                                                stored.attempts + 1, None, clock.now)
                 return False
-            return await super().run_stored(stored, max_attempts=max_attempts)
+            return await super().run_stored(stored, max_attempts=max_attempts,
+                                            resumed=resumed)
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         handled.append(event["content"]["n"])
@@ -493,9 +506,11 @@ async def test_truncated_startup_outbox_read_checks_every_lane(
     order: list[str] = []
 
     class Recording(RecordingExecutor):
-        async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
+        async def run_stored(self, stored: StoredAction, *, max_attempts: int,
+                             resumed: bool = False) -> bool:
             order.append(f"action {stored.lane}")
-            return await super().run_stored(stored, max_attempts=max_attempts)
+            return await super().run_stored(stored, max_attempts=max_attempts,
+                                            resumed=resumed)
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         order.append(f"event {event['content']['n']}")

@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.retention import archive as archive_mod
 from bridge.retention.archive import (
     ZERO_HASH,
     ArchiveCorrupt,
@@ -24,6 +23,7 @@ from bridge.retention.archive import (
     parse_manifest,
     room_dir_name,
 )
+from bridge.retention.archive import files as archive_files
 from bridge.store import Store
 
 ROOM = "!room:corp.example.com"
@@ -438,10 +438,10 @@ async def test_failing_write_raises_and_indexes_nothing(
             raise OSError(28, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(archive_mod.os, "write", failing)
+    monkeypatch.setattr(archive_files.os, "write", failing)
     with pytest.raises(ArchiveWriteError, match="No space left"):
         await archive.append(ROOM, [ev(2)])
-    monkeypatch.setattr(archive_mod.os, "write", real_write)
+    monkeypatch.setattr(archive_files.os, "write", real_write)
     assert [r.event_id for r in await all_rows(store)] == [ev(1)["event_id"]]
     assert await store.archive_known([ev(2)["event_id"]]) == set()
     assert (seg(archive).read_bytes(), manifest(archive).read_bytes()) == before

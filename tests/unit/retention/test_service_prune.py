@@ -27,11 +27,12 @@ def ev(n: int, ts: int, sender: str = "@alice:corp.example.com") -> dict[str, An
             "content": {"msgtype": "m.text", "body": "x" * 200}}
 
 
-def service(store: Store, archive: LocalArchive, now: int) -> RetentionService:
+def service(store: Store, archive: LocalArchive | None, now: int,
+            client: Any = None) -> RetentionService:
     cfg = RetentionConfig.model_validate({
         "default": {"keep": "30d"}, "archive": {"path": "unused", "keep": "90d"}})
     return RetentionService(
-        cfg, store=store, client=None, executor=None, archive=archive,  # type: ignore[arg-type]
+        cfg, store=store, client=client, executor=None, archive=archive,  # type: ignore[arg-type]
         metrics=Metrics(), clock_ms=lambda: now, server_name="corp.example.com",
         bot_user_id="@enclave:corp.example.com", admin_user_id="@enclave-admin:corp.example.com",
         service_prefix="enclave_")

@@ -243,7 +243,7 @@ class SynapseServer:
     ``server_name`` must then end in ``:<federation_port>``, normally
     ``"<bind_host>:<federation_port>"``: with an IP literal plus port, peers connect
     straight to it with no well-known or SRV lookup.
-    See :mod:`bridge.devstack.federation` for a ready pair of such servers.
+    See :mod:`devstack.federation` for a ready pair of such servers.
     """
 
     base_dir: Path

@@ -6,7 +6,7 @@ restart; ``--fresh`` wipes it first. Enclave's directory sync provisions the peo
 sample directory file (accounts, department spaces and rooms) and re-reads the file every
 minute. For evaluation only: demo passwords come from that file.
 
-    python -m bridge.devstack.stack [--fresh] [--synapse-port 8008] [--enclave-port 29330]
+    python -m devstack.stack [--fresh] [--synapse-port 8008] [--enclave-port 29330]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import yaml
 
 from .synapse import SynapseServer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# deploy/local/devstack/stack.py: the checkout, whose Enclave (``python -m bridge``) it runs
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DIRECTORY = REPO_ROOT / "deploy" / "local" / "directory.yaml"
 SERVER_NAME = "corp.test"
 

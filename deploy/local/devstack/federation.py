@@ -2,7 +2,7 @@
 
 Enclave's separation between company staff and external contacts is only testable
 against a second, independent homeserver whose users are the outsiders. A
-:class:`FederatedPair` is two :class:`~bridge.devstack.synapse.SynapseServer` in
+:class:`FederatedPair` is two :class:`~devstack.synapse.SynapseServer` in
 federation mode:
 
 * ``corp`` — server name ``127.0.0.1:<fedport>``, bound to 127.0.0.1; carries Enclave's

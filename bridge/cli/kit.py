@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from .config import LoadedConfig, check_secrets, load_config
-from .kernel.timestamps import readable_utc
-from .root import Root
-from .store import Store
+from ..config import LoadedConfig, check_secrets, load_config
+from ..kernel.durations import parse_ago_ms
+from ..kernel.timestamps import readable_utc
+from ..root import Root
+from ..store import Store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
 EXIT_REFUSED = 5
@@ -52,16 +52,12 @@ async def _with_store(args: argparse.Namespace,
     return await _with_root(args, lambda root: fn(root.store), check=check)
 
 
-_REL_RE = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
     """'90m', '24h', '7d' (ago) or an ISO date/time (UTC if no zone) -> epoch ms."""
     now = now or dt.datetime.now(dt.UTC)
-    m = _REL_RE.match(value.strip())
-    if m:
-        return int((now.timestamp() - int(m.group(1)) * _UNITS[m.group(2)]) * 1000)
+    ago_ms = parse_ago_ms(value)
+    if ago_ms is not None:
+        return int(now.timestamp() * 1000) - ago_ms
     try:
         t = dt.datetime.fromisoformat(value)
     except ValueError:

@@ -10,31 +10,35 @@ from typing import Any
 
 import orjson
 
-from .. import clikit as cli
-from ..kernel.timestamps import readable_utc
+from ..kernel.durations import format_duration_ms
+from ..retention.export import ExportRequest, export_archive
+from ..retention.service import HoldCheckFailed, UnknownHoldSubjects
 from ..root import Root, wall_clock_ms
-from ..store import Store
 from ..store.base import HoldRecord
-
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 3
+from .kit import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    _err,
+    _fmt_ts,
+    _load,
+    _print_rows,
+    _with_root,
+    parse_time,
+)
 
 
 def _needs_retention(args: argparse.Namespace) -> tuple[Any, dict] | None:
-    loaded, secrets = cli._load(args)
+    loaded, secrets = _load(args)
     if loaded.config.retention is None:
-        cli._err(f"enclave {args.cmd}: the configuration has no retention: section")
+        _err(f"enclave {args.cmd}: the configuration has no retention: section")
         return None
     return loaded, secrets
 
 
-def _when(ms: int | None) -> str:
-    return readable_utc(ms)
-
-
 # -- enclave retention --------------------------------------------------------------------
 def cmd_retention(args: argparse.Namespace) -> int:
-    from ..kernel.durations import format_duration_ms
-
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
@@ -52,7 +56,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
                 run = await svc.run(apply=args.apply, rooms=args.room or None,
                                     progress=progress)
             except RuntimeError as e:
-                cli._err(f"enclave retention: {e}")
+                _err(f"enclave retention: {e}")
                 return EXIT_ERROR
         due = held = deferred = purged = would = redacted = 0
         for rr in run.rooms:
@@ -86,7 +90,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
             elif p is not None and (p.due_events or p.held_events or args.verbose):
                 print(f"{rr.room_id}: keep {format_duration_ms(p.period.keep_ms)} "
                       f"[{p.rule_id}] due {p.due_events}, held {p.held_events}, "
-                      f"deferred {p.deferred_events}, cutoff {_when(p.cutoff_ms) or '-'}, "
+                      f"deferred {p.deferred_events}, cutoff {_fmt_ts(p.cutoff_ms) or '-'}, "
                       f"{len(p.windows)} step(s)"
                       + (f", holds {', '.join(p.hold_ids)}" if p.hold_ids else "")
                       + (f"; purged {rr.purged}, redacted {rr.redacted}" if args.apply
@@ -113,86 +117,54 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 # -- enclave hold -------------------------------------------------------------------------
 def cmd_hold(args: argparse.Namespace) -> int:
-    from ..policy.retention import validate_hold
-    from .service import hold_from_record
-
-    got = _needs_retention(args)
-    if got is None:
+    if _needs_retention(args) is None:
         return EXIT_CONFIG
-    if args.hold_cmd == "add" and (args.user or args.room):
-        # who and what the hold names must exist: the homeserver and directory are asked
 
-        loaded, secrets = got
-
-        async def check() -> list[str]:
-            async with Root(loaded, secrets).opened() as root:
-                svc = root.retention
-                assert svc is not None  # checked above
-                return await svc.unknown_hold_subjects(args.user or (), args.room or ())
-
-        try:
-            problems = asyncio.run(check())
-        except Exception as e:  # the homeserver cannot be asked: no hold on a guess
-            cli._err(f"enclave hold add: cannot check the hold's users and rooms: {e}")
-            return EXIT_ERROR
-        if problems:
-            for p in problems:
-                cli._err(f"enclave hold add: {p}")
-            cli._err("enclave hold add: no hold placed")
-            return 2
-
-    async def run(store: Store) -> int:
-        now = wall_clock_ms()
+    async def run(root: Root) -> int:
+        svc = root.retention
+        assert svc is not None  # checked above
         if args.hold_cmd == "add":
             rec = HoldRecord(
                 id=args.id or f"hold-{pysecrets.token_hex(4)}", case_id=args.case,
                 reason=args.reason, placed_by=args.by, users=tuple(args.user or ()),
                 rooms=tuple(args.room or ()),
-                since_ms=cli.parse_time(args.since) if args.since else None,
-                until_ms=cli.parse_time(args.until) if args.until else None,
-                created_at=now)
+                since_ms=parse_time(args.since) if args.since else None,
+                until_ms=parse_time(args.until) if args.until else None,
+                created_at=wall_clock_ms())
             try:
-                validate_hold(hold_from_record(rec))
+                placed = await svc.add_hold(rec)
+            except HoldCheckFailed as e:
+                _err(f"enclave hold add: cannot check the hold's users and rooms: {e}")
+                return EXIT_ERROR
+            except UnknownHoldSubjects as e:
+                for p in e.problems:
+                    _err(f"enclave hold add: {p}")
+                _err("enclave hold add: no hold placed")
+                return EXIT_USAGE
             except ValueError as e:
-                cli._err(f"enclave hold add: {e}")
-                return 2
-            audit = _hold_audit(rec, now, "hold_add", args.by, args.reason)
-            if not await store.hold_add(rec, audit):
-                cli._err(f"enclave hold add: a hold with id {rec.id!r} exists")
+                _err(f"enclave hold add: {e}")
+                return EXIT_USAGE
+            if not placed:
+                _err(f"enclave hold add: a hold with id {rec.id!r} exists")
                 return EXIT_ERROR
             print(f"placed hold {rec.id} (case {rec.case_id})")
             return EXIT_OK
         if args.hold_cmd == "release":
-            rec = await store.hold_get(args.id)
-            if rec is None or rec.released_at is not None:
-                cli._err(f"enclave hold release: no active hold {args.id!r}")
-                return EXIT_ERROR
-            audit = _hold_audit(rec, now, "hold_release", args.by, args.reason)
-            if not await store.hold_release(args.id, args.by, now, audit):
-                cli._err(f"enclave hold release: no active hold {args.id!r}")
+            if not await svc.release_hold(args.id, by=args.by, reason=args.reason):
+                _err(f"enclave hold release: no active hold {args.id!r}")
                 return EXIT_ERROR
             print(f"released hold {args.id}; its events follow the retention policy again")
             return EXIT_OK
-        holds = await store.holds(include_released=args.all)
+        holds = await root.store.holds(include_released=args.all)
         rows = [{"id": h.id, "case": h.case_id, "users": " ".join(h.users),
-                 "rooms": " ".join(h.rooms), "since": _when(h.since_ms),
-                 "until": _when(h.until_ms), "placed_by": h.placed_by,
-                 "placed": _when(h.created_at), "released": _when(h.released_at),
+                 "rooms": " ".join(h.rooms), "since": _fmt_ts(h.since_ms),
+                 "until": _fmt_ts(h.until_ms), "placed_by": h.placed_by,
+                 "placed": _fmt_ts(h.created_at), "released": _fmt_ts(h.released_at),
                  "reason": h.reason} for h in holds]
-        cli._print_rows(rows, args.format, list(rows[0]) if rows else ["id"], "legal holds")
+        _print_rows(rows, args.format, list(rows[0]) if rows else ["id"], "legal holds")
         return EXIT_OK
 
-    return asyncio.run(cli._with_store(args, run))
-
-
-def _hold_audit(rec: HoldRecord, now: int, kind: str, by: str, reason: str) -> Any:
-    from ..store.base import AuditRecord
-
-    return AuditRecord(
-        ts=now, source="cli", kind=kind, outcome="applied", actor=by,
-        rule_id="builtin.legal_hold", reason=reason,
-        detail=(f"hold {rec.id} case {rec.case_id}: users={list(rec.users)} "
-                f"rooms={list(rec.rooms)} since={rec.since_ms} until={rec.until_ms}"))
+    return asyncio.run(_with_root(args, run))
 
 
 # -- enclave archive verify ---------------------------------------------------------------
@@ -221,13 +193,11 @@ def cmd_archive(args: argparse.Namespace) -> int:
             print("archive OK" if report.ok else "archive FAILED verification")
         return EXIT_OK if report.ok else EXIT_ERROR
 
-    return asyncio.run(cli._with_root(args, run))
+    return asyncio.run(_with_root(args, run))
 
 
 # -- enclave export -----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import ExportRequest, export_archive
-
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
@@ -235,36 +205,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = frozenset(f.strip() for f in args.formats.split(",") if f.strip())
     unknown = formats - {"jsonl", "html", "eml"}
     if unknown or not formats:
-        cli._err(f"enclave export: unknown format(s) {sorted(unknown)}; use jsonl,html,eml")
-        return 2
+        _err(f"enclave export: unknown format(s) {sorted(unknown)}; use jsonl,html,eml")
+        return EXIT_USAGE
 
     async def run(root: Root) -> int:
         store = root.store
         if args.hold and await store.hold_get(args.hold) is None:
-            cli._err(f"enclave export: no hold {args.hold!r}")
+            _err(f"enclave export: no hold {args.hold!r}")
             return EXIT_ERROR
         archived = await store.archive_rooms()
         missing = [r for r in args.room or () if r not in archived]
         if missing:
             # like an unknown hold: an empty export would read as "nothing was said"
-            cli._err(f"enclave export: no archived room {', '.join(map(repr, missing))}")
+            _err(f"enclave export: no archived room {', '.join(map(repr, missing))}")
             return EXIT_ERROR
         archive = root.archive
         assert archive is not None  # checked above
         req = ExportRequest(
             rooms=tuple(args.room or ()), users=tuple(args.user or ()),
-            since_ms=cli.parse_time(args.since) if args.since else None,
-            until_ms=cli.parse_time(args.until) if args.until else None,
+            since_ms=parse_time(args.since) if args.since else None,
+            until_ms=parse_time(args.until) if args.until else None,
             hold_id=args.hold, formats=formats)
         report = await export_archive(archive, store, Path(args.out), req)
         print(f"exported {report.events} events of {report.rooms} rooms and {report.media} "
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK
 
-    return asyncio.run(cli._with_root(args, run))
+    return asyncio.run(_with_root(args, run))
 
 
-def add_retention_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("retention", parents=[common],
                        help="retention: show (--plan) or run (--apply) archive-then-purge")
     mode = s.add_mutually_exclusive_group(required=True)

@@ -1,0 +1,98 @@
+"""What an archive writer promises: the :class:`ArchiveWriter` interface, its results and
+its two errors (a corrupt archive, a failed write)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...store.base import ArchivedEvent
+
+
+class ArchiveCorrupt(RuntimeError):
+    """The archive files do not match the store's head or their own manifest; writes to the
+    room are refused (a RuntimeError, so a purge run stops on it like on other failures)."""
+
+
+class ArchiveWriteError(OSError):
+    """An archive write failed; nothing of it was indexed (an OSError: an I/O failure to
+    whoever handles those, and a purge run stops on it)."""
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    written: int
+    skipped: int  # already archived, repeated in the batch, or without an event id
+
+
+@dataclass(frozen=True)
+class VerifyProblem:
+    room_id: str
+    entry: int | None  # the manifest entry number (1-based), None when no entry applies
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    rooms: int
+    entries: int
+    events: int
+    media: int
+    problems: tuple[VerifyProblem, ...]  # per room in entry order: the first broken link first
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    name: str
+    events: int  # indexed events
+    first_ts: int | None
+    last_ts: int | None
+    bytes: int
+    sealed: bool  # no further appends go to it
+
+
+class ArchiveWriter(ABC):
+    """Where archived events and media are kept; a local directory today, an object store
+    could follow behind the same interface."""
+
+    @abstractmethod
+    async def append(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> AppendResult:
+        """Archive events of one room, durably, before they are indexed.
+
+        Idempotent by event id (the index and within the batch). Raises
+        :class:`ArchiveWriteError` when a write fails; nothing of the batch is indexed then.
+        """
+
+    @abstractmethod
+    async def put_media(self, room_id: str, event_id: str | None, mxc: str, data: bytes,
+                        content_type: str | None, ts: int | None) -> str:
+        """Archive a media file referenced by ``event_id``; return its sha256."""
+
+    @abstractmethod
+    async def has_media(self, mxc: str) -> bool:
+        """Whether the media behind ``mxc`` is in the archive."""
+
+    @abstractmethod
+    async def read(self, events: Sequence[ArchivedEvent]) -> list[dict[str, Any]]:
+        """The stored JSON of indexed events, in the order given."""
+
+    @abstractmethod
+    def media_path(self, sha256: str) -> Path | None:
+        """The local file of an archived media hash, or None when absent."""
+
+    @abstractmethod
+    async def verify(self, room_id: str | None = None) -> VerifyReport:
+        """Check every room's (or one room's) chain, segments, media and head."""
+
+    @abstractmethod
+    async def prune_segment(self, room_id: str, segment: str, reason: str) -> int:
+        """Delete a segment for the archive's own retention; return index rows dropped."""
+
+    @abstractmethod
+    async def segments(self, room_id: str) -> list[SegmentInfo]:
+        """The room's segments that are not pruned, by name."""
