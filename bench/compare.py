@@ -17,16 +17,17 @@ that tree's gate module.
 **Each revision runs its own bench driver** (``bench/<name>.py`` as committed there), not
 the current driver against both: the drivers reach the product through imports the
 refactor moves (``bench/_gate_policy.py`` takes ``StaffRecord`` from
-``bridge.directory.model`` at the base and ``bridge.model.people`` at head; the gate bench
-starts Synapse through the devstack, which is leaving ``bridge/``), so the current driver
-cannot import the base's product. Each tree therefore also uses its own devstack. The
-measuring code must be the same on both sides for the ratio to mean anything: the script
-records whether the driver files (``DRIVERS``) differ between the two revisions and prints
-the diff's size when they do (at the time of writing ``ingest.py``, ``gate_latency.py`` and
-``_common.py`` are byte-identical between the default base and main). The head side is a
-worktree of a commit too (default ``HEAD``): uncommitted changes are not measured (a
-warning says so), and the benches' result files, which they write into their own tree,
-never touch the checked-out ``bench/results``.
+``bridge.directory.model`` at the base and ``bridge.model.people`` at head;
+``bench/gate_latency.py`` starts Synapse through ``bridge.devstack`` at the base and the
+``devstack`` package that left ``bridge/`` at head), so the current driver cannot import the
+base's product. Each tree therefore also uses its own devstack. The measuring code must be
+the same on both sides for the ratio to mean anything: the script records whether the driver
+files (``DRIVERS``) differ between the two revisions and prints the diff's size when they do
+(between the default base and main on 2026-12-06: only those two import lines).
+
+The head side is a worktree of a commit too (default ``HEAD``): uncommitted changes are not
+measured (a warning says so), and the benches' result files, which they write into their
+own tree, never touch the checked-out ``bench/results``.
 
 The default base is 49f2bcb, main just before the first merge of issue 18's refactor
 (bc2261e "Merge issue 18 part: one composition root ..."; its first parent). The first
