@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench bench-compare clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ test: install lint
 
 bench: install
 	$(PY) bench/ingest.py
+
+# issue 18's "no regression": ingest and gate latency, base revision against HEAD, interleaved
+# (BASE=<rev> to change the base; ~8 min each)
+COMPARE_BENCHES ?= ingest gate_latency
+bench-compare: install
+	for b in $(COMPARE_BENCHES); do \
+		$(PY) bench/compare.py $$b $(if $(BASE),--base $(BASE)) $(ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) var/local-stack
