@@ -39,7 +39,7 @@ from .clikit import (
 )
 from .config import ConfigError, LoadedConfig
 from .config.models import SecretRef
-from .store import AuditFilter, DatabaseError, SchemaError, Store
+from .store import AuditFilter, DatabaseError, SchemaError, Stores
 
 __all__ = ["EXIT_CONFIG", "EXIT_DATABASE", "EXIT_ERROR", "EXIT_OK", "EXIT_REFUSED",
            "EXIT_USAGE", "build_parser", "main", "parse_time", "registration_dict"]
@@ -180,13 +180,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    async def run(store: Store) -> int:
-        before = await store.schema_version()
+    async def run(store: Stores) -> int:
+        before = await store.database.schema_version()
         if args.check:
-            await store.check_schema()
+            await store.database.check_schema()
             print(f"schema is current (version {before})")
             return EXIT_OK
-        applied = await store.migrate()
+        applied = await store.database.migrate()
         if applied:
             print(f"migrated from version {before} to {applied[-1]} ({len(applied)} step(s))")
         else:
@@ -205,8 +205,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
 
-    async def run(store: Store) -> int:
-        rows = await store.query_audit(flt)
+    async def run(store: Stores) -> int:
+        rows = await store.audit.query_audit(flt)
         _print_rows(rows, args.format,
                     ["ts", "source", "kind", "outcome", "actor", "user_id", "room_id",
                      "rule_id", "reason", "detail"], f"audit ({len(rows)} records)")
@@ -216,21 +216,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_inbox(args: argparse.Namespace) -> int:
-    async def run(store: Store) -> int:
+    async def run(store: Stores) -> int:
         if args.inbox_cmd == "status":
-            stats = await store.inbox_stats()
+            stats = await store.inbox.inbox_stats()
             stats["oldest_pending_received_at"] = _fmt_ts(stats["oldest_pending_received_at"])
             print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
         elif args.inbox_cmd == "parked":
-            rows = await store.list_events("parked", args.limit)
+            rows = await store.inbox.list_events("parked", args.limit)
             _print_rows(rows, args.format, ["seq", "event_id", "room_id", "type", "attempts",
                                             "last_error", "received_at"], "parked events")
         elif args.inbox_cmd == "quarantine":
-            rows = await store.list_quarantine(args.limit)
+            rows = await store.inbox.list_quarantine(args.limit)
             _print_rows(rows, args.format, ["id", "txn_id", "section", "position", "reason",
                                             "raw", "received_at"], "quarantined events")
         elif args.inbox_cmd == "requeue":
-            n = await store.requeue_parked(args.seq or None)
+            n = await store.inbox.requeue_parked(args.seq or None)
             print(f"requeued {n} parked event(s); a running Enclave picks them up")
         return EXIT_OK
 

@@ -13,7 +13,7 @@ import orjson
 from .. import clikit as cli
 from ..kernel.timestamps import readable_utc
 from ..root import Root, wall_clock_ms
-from ..store import Store
+from ..store import Stores
 from ..store.base import HoldRecord
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 3
@@ -141,7 +141,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
             cli._err("enclave hold add: no hold placed")
             return 2
 
-    async def run(store: Store) -> int:
+    async def run(store: Stores) -> int:
         now = wall_clock_ms()
         if args.hold_cmd == "add":
             rec = HoldRecord(
@@ -157,23 +157,23 @@ def cmd_hold(args: argparse.Namespace) -> int:
                 cli._err(f"enclave hold add: {e}")
                 return 2
             audit = _hold_audit(rec, now, "hold_add", args.by, args.reason)
-            if not await store.hold_add(rec, audit):
+            if not await store.holds.hold_add(rec, audit):
                 cli._err(f"enclave hold add: a hold with id {rec.id!r} exists")
                 return EXIT_ERROR
             print(f"placed hold {rec.id} (case {rec.case_id})")
             return EXIT_OK
         if args.hold_cmd == "release":
-            rec = await store.hold_get(args.id)
+            rec = await store.holds.hold_get(args.id)
             if rec is None or rec.released_at is not None:
                 cli._err(f"enclave hold release: no active hold {args.id!r}")
                 return EXIT_ERROR
             audit = _hold_audit(rec, now, "hold_release", args.by, args.reason)
-            if not await store.hold_release(args.id, args.by, now, audit):
+            if not await store.holds.hold_release(args.id, args.by, now, audit):
                 cli._err(f"enclave hold release: no active hold {args.id!r}")
                 return EXIT_ERROR
             print(f"released hold {args.id}; its events follow the retention policy again")
             return EXIT_OK
-        holds = await store.holds(include_released=args.all)
+        holds = await store.holds.holds(include_released=args.all)
         rows = [{"id": h.id, "case": h.case_id, "users": " ".join(h.users),
                  "rooms": " ".join(h.rooms), "since": _when(h.since_ms),
                  "until": _when(h.until_ms), "placed_by": h.placed_by,
@@ -239,11 +239,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
 
     async def run(root: Root) -> int:
-        store = root.store
-        if args.hold and await store.hold_get(args.hold) is None:
+        store = root.stores
+        if args.hold and await store.holds.hold_get(args.hold) is None:
             cli._err(f"enclave export: no hold {args.hold!r}")
             return EXIT_ERROR
-        archived = await store.archive_rooms()
+        archived = await store.archive.archive_rooms()
         missing = [r for r in args.room or () if r not in archived]
         if missing:
             # like an unknown hold: an empty export would read as "nothing was said"
@@ -256,7 +256,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             since_ms=cli.parse_time(args.since) if args.since else None,
             until_ms=cli.parse_time(args.until) if args.until else None,
             hold_id=args.hold, formats=formats)
-        report = await export_archive(archive, store, Path(args.out), req)
+        report = await export_archive(archive, store.archive, store.holds, store.directory,
+                                      Path(args.out), req)
         print(f"exported {report.events} events of {report.rooms} rooms and {report.media} "
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK
