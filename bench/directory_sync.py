@@ -311,9 +311,9 @@ class BenchStack:
         # Enclave's store, migrated (the CLI's path)
         loaded = load_config(self.config)
         store = Root(loaded, check_secrets(loaded)).store
-        await store.open()
-        await store.migrate()
-        await store.close()
+        await store.database.open()
+        await store.database.migrate()
+        await store.database.close()
         import asyncpg
         self._pg = await asyncpg.connect(self.dsn)
         return time.perf_counter() - t0

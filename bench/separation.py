@@ -1232,9 +1232,9 @@ async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                    directory=directory, policy=policy)
         loaded, secrets = await start_synapse_for(config, synapse, root)
         store = Root(loaded, secrets).store
-        await store.open()
-        await store.migrate()
-        await store.close()
+        await store.database.open()
+        await store.database.migrate()
+        await store.database.close()
         async with Root(loaded, secrets).opened() as _root:
             sync = _root.directory
             assert sync is not None

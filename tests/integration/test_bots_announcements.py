@@ -424,7 +424,7 @@ async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
     assert (bad.status, bad.detail) == ("failed", "encrypted room, no E2EE sender")
     assert [m for m in await stack.room_messages(secret.room_id)
             if m.get("sender") == ANNOUNCE_BOT] == []
-    audit = await store.query_audit(AuditFilter(rule_id="announcements.rooms",
+    audit = await store.audit.query_audit(AuditFilter(rule_id="announcements.rooms",
                                                 outcome="failed"))
     assert [(a["kind"], a["detail"]) for a in audit] == [
         ("announcement_send", "encrypted room, no E2EE sender")]
@@ -501,6 +501,6 @@ async def test_a_failed_reminder_is_reported_as_failed_not_sent(
     assert table[uid("sue")]["reminders"] == "1" and table[uid("sue")]["detail"] == ""
     hanna = table[uid("hanna")]
     assert hanna["escalated_at"] == "" and "no active manager" in hanna["detail"], hanna
-    audit = await store.query_audit(AuditFilter(user_id=uid("sam")))
+    audit = await store.audit.query_audit(AuditFilter(user_id=uid("sam")))
     assert any(a["kind"] == "announcement_reminder" and a["outcome"] == "failed"
                for a in audit), audit

@@ -28,7 +28,7 @@ from bridge.matrix.executor import Executor
 from bridge.metrics import Metrics
 from bridge.policy.actions import Redact, SendEvent
 from bridge.policy.resend import ACTION_KEY
-from bridge.store import open_store
+from bridge.store import open_stores
 
 from .harness import Stack
 
@@ -80,12 +80,12 @@ class RestartingProxy:
 
 @pytest.fixture
 async def env(restart_stack: Stack, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    store = open_store("sqlite:///enclave.db", base_dir=tmp_path)
-    await store.open()
-    await store.migrate()
+    store = open_stores("sqlite:///enclave.db", base_dir=tmp_path)
+    await store.database.open()
+    await store.database.migrate()
     async with aiohttp.ClientSession() as upstream, aiohttp.ClientSession() as session:
         yield {"store": store, "upstream": upstream, "session": session}
-    await store.close()
+    await store.database.close()
 
 
 async def start_proxy(proxy: RestartingProxy) -> tuple[web.AppRunner, str]:

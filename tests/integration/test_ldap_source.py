@@ -13,7 +13,7 @@ from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from bridge.devstack.slapd import SlapdServer, department_of, it_admins, person_uid
 from bridge.directory.ldap_source import KV_MARK, KV_PEOPLE, LdapSource
 from bridge.model.people import DirectoryError, DirectorySnapshot
-from bridge.store import Store, open_store
+from bridge.store import Stores, open_stores
 
 from .ldap_fixtures import ldap_config, running_slapd
 
@@ -30,8 +30,8 @@ def slapd(tmp_path: Path) -> Iterator[SlapdServer]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store("sqlite:///ldap-state.db", base_dir=tmp_path)
+async def store(tmp_path: Path) -> AsyncIterator[Stores]:
+    s = open_stores("sqlite:///ldap-state.db", base_dir=tmp_path)
     await s.open()
     await s.migrate()
     yield s
@@ -128,7 +128,7 @@ async def test_nested_group_added_online(slapd: SlapdServer) -> None:
 
 
 @pytest.mark.parametrize("mode", ["modify_timestamp", "entry_csn"])
-async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Store,
+async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Stores,
                                                 mode: str) -> None:
     # one recent change before the full read: the mark (newest modifyTimestamp / entryCSN
     # seen) is then "now" rather than the generated entries' 2024 stamp, so the incremental
@@ -139,7 +139,7 @@ async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Store
     assert src.last_read_full
     people = by_username(full)
     pid = {n: people[person_uid(n)].id for n in (5, 6, 7, 8, 9, 10, 11)}
-    assert json.loads(await store.get_kv(KV_MARK) or "{}")["mark"]
+    assert json.loads(await store.kv.get_kv(KV_MARK) or "{}")["mark"]
 
     # attribute change, disabled flag, group membership (member entry untouched), delete,
     # rename, a new person
@@ -195,7 +195,7 @@ async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Store
 
 
 async def test_every_nth_run_is_full_and_state_survives_restart(slapd: SlapdServer,
-                                                                 store: Store) -> None:
+                                                                 store: Stores) -> None:
     cfg = incremental(slapd, full_every=3)
     kinds = []
     for _ in range(4):  # a new LdapSource each time: the state lives in the store
@@ -211,23 +211,23 @@ async def test_every_nth_run_is_full_and_state_survives_restart(slapd: SlapdServ
     assert other.last_read_full
 
 
-async def test_slapd_killed_raises_and_saves_nothing(slapd: SlapdServer, store: Store) -> None:
+async def test_slapd_killed_raises_and_saves_nothing(slapd: SlapdServer, store: Stores) -> None:
     src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store)
     await src.read()
-    before = (await store.get_kv(KV_MARK), await store.get_kv(KV_PEOPLE))
+    before = (await store.kv.get_kv(KV_MARK), await store.kv.get_kv(KV_PEOPLE))
     modify(slapd, slapd.person_dn(5), {"title": [(MODIFY_REPLACE, ["Changed"])]})
     slapd.kill()
     with pytest.raises(DirectoryError, match="cannot connect") as err:
         await src.read()
     assert slapd.rootpw not in str(err.value)
-    assert (await store.get_kv(KV_MARK), await store.get_kv(KV_PEOPLE)) == before
+    assert (await store.kv.get_kv(KV_MARK), await store.kv.get_kv(KV_PEOPLE)) == before
     slapd.start()  # back: the next read works and catches up
     snap = await src.read()
     assert by_username(snap)[person_uid(5)].title == "Changed"
 
 
 async def test_outage_mid_search_raises_and_saves_nothing(slapd: SlapdServer,
-                                                          store: Store) -> None:
+                                                          store: Stores) -> None:
     cfg = ldap_config(slapd, page_size=100, incremental={"mode": "entry_csn"})
     src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
     pages: list[int] = []
@@ -242,10 +242,10 @@ async def test_outage_mid_search_raises_and_saves_nothing(slapd: SlapdServer,
         await src.read()
     assert slapd.rootpw not in str(err.value)
     assert pages == [1, 2, 3]
-    assert await store.get_kv(KV_MARK) is None and await store.get_kv(KV_PEOPLE) is None
+    assert await store.kv.get_kv(KV_MARK) is None and await store.kv.get_kv(KV_PEOPLE) is None
 
 
-async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Store) -> None:
+async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Stores) -> None:
     cfg = ldap_config(slapd, page_size=100, timeout_seconds=1,
                       incremental={"mode": "modify_timestamp"})
     src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
@@ -261,7 +261,7 @@ async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Store
     finally:
         slapd.resume()
     assert slapd.rootpw not in str(err.value)
-    assert await store.get_kv(KV_MARK) is None
+    assert await store.kv.get_kv(KV_MARK) is None
 
 
 async def test_wrong_password_is_a_clean_error(slapd: SlapdServer) -> None:
@@ -302,7 +302,7 @@ async def test_empty_answer_is_an_empty_snapshot(slapd: SlapdServer) -> None:
 
 
 async def test_entries_without_username_are_skipped_with_a_warning(slapd: SlapdServer,
-                                                                   store: Store) -> None:
+                                                                   store: Stores) -> None:
     conn = slapd.connection()
     conn.add(f"cn=No Uid,ou=people,{slapd.suffix}", ["inetOrgPerson"],
              {"cn": "No Uid", "sn": "Uid"})
