@@ -89,8 +89,8 @@ async def fill(store: Stores, events: list[NewEvent]) -> None:
 
 async def drain(mod: ModuleType, store: Stores, n: int) -> dict[str, float]:
     cfg = InboxConfig()  # the defaults: room_concurrency 16, batch_size 500
-    proc = mod.InboxProcessor(store, NoopExecutor(), [], cfg, Metrics(),
-                              lambda: int(time.time() * 1000))
+    proc = mod.InboxProcessor(store.journal, store.inbox, store.outbox, NoopExecutor(), [], cfg,
+                              Metrics(), lambda: int(time.time() * 1000))
     # loop lag: how late a 1 ms timer fires while the processor works (HTTP answers wait
     # behind the same loop)
     lags: list[float] = []

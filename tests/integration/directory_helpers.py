@@ -48,7 +48,7 @@ async def open_sync(config: Path) -> AsyncIterator[DirectorySync]:
     loaded = load_config(config)
     secrets = check_secrets(loaded)
     # the CLI's path: the store must be migrated first (enclave migrate / enclave run)
-    store = Root(loaded, secrets).store
+    store = Root(loaded, secrets).stores
     await store.database.open()
     await store.database.migrate()
     await store.database.close()

@@ -466,7 +466,7 @@ async def _fill(config: Path, dsn: str, rooms: dict[str, int], *, start: int = 0
     store = open_stores(dsn, base_dir=config.parent)
     await store.database.open()
     try:
-        archive = LocalArchive(config.parent / "archive", store)
+        archive = LocalArchive(config.parent / "archive", store.archive)
         for room, count in rooms.items():
             events = [{"event_id": f"$e{start + i}-{room[1:6]}", "room_id": room,
                        "type": "m.room.message", "sender": f"@alice:{SERVER}",

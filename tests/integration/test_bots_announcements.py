@@ -389,7 +389,7 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
 
 async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
         stack: Stack, enclave: InProcessEnclave, staff: list[nio.AsyncClient]) -> None:
-    store, ann = enclave.svc.store, enclave.announcements
+    store, ann = enclave.svc.stores, enclave.announcements
     otto, olga = await login(stack, "otto"), await login(stack, "olga")
     staff.extend([otto, olga])
     plain = await otto.room_create(alias="plain-room", name="plain", invite=[
@@ -451,7 +451,7 @@ async def test_a_failed_reminder_is_reported_as_failed_not_sent(
     he really got."""
     bot = enclave.bots.announcements
     assert bot is not None
-    store, clock = enclave.svc.store, enclave.clock
+    store, clock = enclave.svc.stores, enclave.clock
     ann = enclave.announcements
     nine = next_nine_berlin(clock.t + 24 * HOUR)  # an occurrence of its own
     clock.t = nine + 30_000

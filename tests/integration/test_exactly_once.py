@@ -126,7 +126,8 @@ async def test_resend_after_synapse_restart_applies_once(
     try:
         client = MatrixClient(env["session"], url, stack.as_token, max_retries=8,
                               backoff_initial=0.5, backoff_max=2.0, timeout=120)
-        ex = Executor(client, env["store"], bot_user_id=stack.bot_user_id,
+        ex = Executor(client, env["store"].outbox, env["store"].audit,
+                      bot_user_id=stack.bot_user_id,
                       clock_ms=lambda: time.time_ns() // 1_000_000,
                       metrics=Metrics(),
                       admin_user_id=f"@{ADMIN_LOCALPART}:{stack.server_name}")

@@ -32,10 +32,10 @@ def slapd(tmp_path: Path) -> Iterator[SlapdServer]:
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Stores]:
     s = open_stores("sqlite:///ldap-state.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
+    await s.database.open()
+    await s.database.migrate()
     yield s
-    await s.close()
+    await s.database.close()
 
 
 def by_username(snap: DirectorySnapshot) -> dict[str, Any]:
@@ -134,7 +134,7 @@ async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Store
     # seen) is then "now" rather than the generated entries' 2024 stamp, so the incremental
     # reads below fetch only what changed
     modify(slapd, slapd.person_dn(999), {"title": [(MODIFY_REPLACE, ["Touched"])]})
-    src = LdapSource(incremental(slapd, mode=mode), bind_password=slapd.rootpw, store=store)
+    src = LdapSource(incremental(slapd, mode=mode), bind_password=slapd.rootpw, store=store.kv)
     full = await src.read()
     assert src.last_read_full
     people = by_username(full)
@@ -199,20 +199,20 @@ async def test_every_nth_run_is_full_and_state_survives_restart(slapd: SlapdServ
     cfg = incremental(slapd, full_every=3)
     kinds = []
     for _ in range(4):  # a new LdapSource each time: the state lives in the store
-        src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
+        src = LdapSource(cfg, bind_password=slapd.rootpw, store=store.kv)
         await src.read()
         kinds.append(src.last_read_full)
     assert kinds == [True, False, False, True]
     # a changed configuration invalidates the state
     changed_cfg = cfg.model_copy(update={"attributes": cfg.attributes.model_copy(
         update={"title": "cn"})})
-    other = LdapSource(changed_cfg, bind_password=slapd.rootpw, store=store)
+    other = LdapSource(changed_cfg, bind_password=slapd.rootpw, store=store.kv)
     await other.read()
     assert other.last_read_full
 
 
 async def test_slapd_killed_raises_and_saves_nothing(slapd: SlapdServer, store: Stores) -> None:
-    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store)
+    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store.kv)
     await src.read()
     before = (await store.kv.get_kv(KV_MARK), await store.kv.get_kv(KV_PEOPLE))
     modify(slapd, slapd.person_dn(5), {"title": [(MODIFY_REPLACE, ["Changed"])]})
@@ -229,7 +229,7 @@ async def test_slapd_killed_raises_and_saves_nothing(slapd: SlapdServer, store: 
 async def test_outage_mid_search_raises_and_saves_nothing(slapd: SlapdServer,
                                                           store: Stores) -> None:
     cfg = ldap_config(slapd, page_size=100, incremental={"mode": "entry_csn"})
-    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
+    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store.kv)
     pages: list[int] = []
 
     def after_page(page: int) -> None:
@@ -248,7 +248,7 @@ async def test_outage_mid_search_raises_and_saves_nothing(slapd: SlapdServer,
 async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Stores) -> None:
     cfg = ldap_config(slapd, page_size=100, timeout_seconds=1,
                       incremental={"mode": "modify_timestamp"})
-    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
+    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store.kv)
 
     def after_page(page: int) -> None:
         if page == 2:
@@ -307,7 +307,7 @@ async def test_entries_without_username_are_skipped_with_a_warning(slapd: SlapdS
     conn.add(f"cn=No Uid,ou=people,{slapd.suffix}", ["inetOrgPerson"],
              {"cn": "No Uid", "sn": "Uid"})
     conn.unbind()
-    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store)
+    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store.kv)
     snap = await src.read()
     assert len(snap.people) == N
     assert len(src.warnings) == 1 and "cn=No Uid" in src.warnings[0]

@@ -132,7 +132,8 @@ async def test_a_create_that_finds_the_occurrence_audits_nothing(
                         outcome="applied")
     assert await store.announcement_create(_occ(), ["@a:x"], audit=[audit]) is True
     assert await store.announcement_create(_occ(), ["@a:x"], audit=[audit]) is False
-    assert [r["kind"] for r in await core.audit.query_audit(AuditFilter())] == ["announcement_created"]
+    assert [r["kind"] for r in await core.audit.query_audit(AuditFilter())] == [
+        "announcement_created"]
 
 
 # -- occurrences, deliveries, messages ------------------------------------------------------

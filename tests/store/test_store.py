@@ -292,8 +292,8 @@ def action_row(seq: int, pos: int, lane: str = "!a", rule: str = "sep.dm") -> tu
 async def test_complete_events_with_actions(store: Stores) -> None:
     await store.inbox.save_transaction("t1", [ev(1, "!a"), ev(2, "!b"), ev(3, "!a")], [], NOW)
     e1, e2, e3 = await store.inbox.fetch_due_events(NOW, 10)
-    await store.inbox.complete_events([e1.seq, e2.seq], [action_row(e1.seq, 0), action_row(e1.seq, 1),
-                                                   action_row(e2.seq, 0, "!b")], NOW + 1)
+    await store.inbox.complete_events([e1.seq, e2.seq], [
+        action_row(e1.seq, 0), action_row(e1.seq, 1), action_row(e2.seq, 0, "!b")], NOW + 1)
     assert await seqs_of(store) == [("!a", 3)]
     everything = await store.outbox.pending_actions(None, 10)
     assert [(a.event_seq, a.position, a.lane, a.attempts) for a in everything] == [
@@ -655,7 +655,8 @@ async def test_recovered_events_join_the_inbox_once_with_their_audit(store: Stor
     due = await store.inbox.fetch_due_events(3000, 10)
     assert [(e.event_id, e.txn_id) for e in due] == [
         ("$a", "t1"), ("$b", "recovered:x"), ("$c", "recovered:x")]
-    assert await store.inbox.save_recovered("recovered:y", [ev(2, "!r", event_id="$b")], audit, 2500) == 0
+    assert await store.inbox.save_recovered(
+        "recovered:y", [ev(2, "!r", event_id="$b")], audit, 2500) == 0
     rows = await store.audit.query_audit(AuditFilter(room_id="!r"))
     assert [r["kind"] for r in rows] == ["events_recovered"]
     # the homeserver's push of a recovered event comes late: stored once

@@ -54,8 +54,8 @@ async def test_archive_commit_is_idempotent_and_moves_the_head(store: Stores) ->
     assert await store.archive.archive_known([]) == set()
     assert await store.archive.archive_head(R1) == head(entries=2)
     assert await store.archive.archive_heads() == [head(entries=2)]
-    assert await store.archive.archive_events_by_id([aev(3).event_id, aev(1).event_id, "$nope"]) == [
-        aev(1), aev(3)]
+    assert await store.archive.archive_events_by_id(
+        [aev(3).event_id, aev(1).event_id, "$nope"]) == [aev(1), aev(3)]
 
 
 async def test_archive_commit_refuses_a_stale_head(store: Stores) -> None:
@@ -91,8 +91,9 @@ async def test_archive_query_filters_and_order(store: Stores) -> None:
         aev(4).event_id]
     assert ids(await store.archive.archive_query(senders=[BOB])) == [aev(2).event_id]
     assert await store.archive.archive_query(senders=[]) == []
-    assert ids(await store.archive.archive_query(room_id=R1, since_ms=NOW + 10, until_ms=NOW + 10)) \
-        == [aev(1).event_id, aev(3).event_id]  # both bounds inclusive
+    assert ids(await store.archive.archive_query(
+        room_id=R1, since_ms=NOW + 10, until_ms=NOW + 10)) == [
+            aev(1).event_id, aev(3).event_id]  # both bounds inclusive
     # keyset paging within one room
     page1 = await store.archive.archive_query(room_id=R1, limit=2)
     last = page1[-1]
@@ -121,7 +122,8 @@ async def test_archive_mark_purged(store: Stores) -> None:
     await store.archive.archive_commit([aev(1, R2)], head(R2))
     assert await store.archive.archive_mark_purged(R1, NOW + 3, NOW + 99) == 2  # ts < up_to
     assert await store.archive.archive_mark_purged(R1, NOW + 3, NOW + 100) == 0  # already purged
-    assert [ts for ts, _ in await store.archive.archive_timestamps(R1)] == [NOW + 3, NOW + 4, NOW + 5]
+    assert [ts for ts, _ in await store.archive.archive_timestamps(R1)] == [
+        NOW + 3, NOW + 4, NOW + 5]
     assert len(await store.archive.archive_timestamps(R1, unpurged_only=False)) == 5
 
     rows = await store.archive.archive_query(room_id=R1)
@@ -197,7 +199,8 @@ async def test_holds(store: Stores) -> None:
     h2 = hold("h2", users=(), rooms=(R1, R2), created_at=NOW + 1)
     assert await store.holds.hold_add(h1, audit("hold_add"))
     assert await store.holds.hold_add(h2, audit("hold_add"))
-    assert not await store.holds.hold_add(dataclasses.replace(h1, reason="other"), audit("hold_add"))
+    assert not await store.holds.hold_add(dataclasses.replace(h1, reason="other"),
+                                          audit("hold_add"))
     assert await store.holds.hold_get("h1") == h1
     assert await store.holds.hold_get("h2") == h2  # tuples round-trip
     assert await store.holds.hold_get("nope") is None
@@ -222,8 +225,8 @@ async def test_retention_rooms(store: Stores) -> None:
                              purged_up_to=NOW - 5, last_purge_at=NOW, notice_event_id="$n",
                              state_set_at=NOW, updated_at=NOW + 1)
     await store.retention_rooms.retention_room_put(r2)
-    await store.retention_rooms.retention_room_put(RetentionRoom(R2, None, None, None, None, None, None, None,
-                                                 NOW))
+    await store.retention_rooms.retention_room_put(
+        RetentionRoom(R2, None, None, None, None, None, None, None, NOW))
     assert await store.retention_rooms.retention_room_get(R1) == r2
     assert [x.room_id for x in await store.retention_rooms.retention_rooms()] == [R1, R2]
 

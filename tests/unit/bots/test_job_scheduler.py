@@ -24,13 +24,13 @@ class Clock:
 
 async def _store(tmp_path: Path) -> Stores:
     s = open_stores("sqlite:///bots.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
+    await s.database.open()
+    await s.database.migrate()
     return s
 
 
 def _scheduler(store: Stores, clock: Clock, fired: list[int]) -> JobScheduler:
-    storage = BotStorage(store, "bot.test", clock)
+    storage = BotStorage(store.kv, "bot.test", clock)
 
     def audit(kind: str, outcome: str, **kw: str) -> AuditRecord:
         return AuditRecord(ts=clock(), source="test", kind=kind, outcome=outcome, **kw)

@@ -63,7 +63,7 @@ class Harness:
         return store
 
     async def service(self, store: Stores) -> ScimService:
-        svc = ScimService(store, token=TOKEN, clock_ms=self.clock,
+        svc = ScimService(store.scim, token=TOKEN, clock_ms=self.clock,
                           on_change=lambda: self.changes.append(self.clock.now))
         await svc.load()
         return svc
@@ -74,7 +74,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     h = Harness(tmp_path)
     yield h
     for s in h.stores:
-        await s.close()
+        await s.database.close()
 
 
 @pytest.fixture
@@ -357,7 +357,7 @@ async def test_patch_deactivates(client: TestClient, store: Stores, harness: Har
     assert (await resp.json(content_type=None))["active"] is False
     [row] = await store.scim.scim_list("User")
     assert row.version == 2 and orjson.loads(row.data)["active"] is False
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert snap.people[u["id"]].disabled is True
     assert len(harness.changes) == 2
 
@@ -385,7 +385,7 @@ async def test_entra_manager_and_attribute_patches(client: TestClient, store: St
     )
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", headers=AUTH, data=orjson.dumps(ops))
     assert resp.status == 200, await resp.text()
-    p = (await ScimSource(store).read()).people[u["id"]]
+    p = (await ScimSource(store.scim).read()).people[u["id"]]
     assert (p.manager, p.department, p.email, p.location, p.title) == (
         boss["id"], "Sales", "b2@example.com", "Lyon", "Lead")
 
@@ -393,7 +393,7 @@ async def test_entra_manager_and_attribute_patches(client: TestClient, store: St
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", headers=AUTH, data=orjson.dumps(patch(
         {"op": "Remove", "path": f"{ENT_URN}:manager", "value": [{"value": boss["id"]}]})))
     assert resp.status == 200, await resp.text()
-    assert (await ScimSource(store).read()).people[u["id"]].manager is None
+    assert (await ScimSource(store.scim).read()).people[u["id"]].manager is None
 
 
 async def test_if_match_with_a_stale_etag_is_412(client: TestClient, store: Stores,
@@ -432,7 +432,7 @@ async def test_delete_user(client: TestClient, store: Stores, harness: Harness) 
     resp = await client.delete(f"/scim/v2/Users/{u['id']}", headers=AUTH)
     assert resp.status == 404
     assert len(harness.changes) == 3
-    assert set((await ScimSource(store).read()).people) == {keep["id"]}
+    assert set((await ScimSource(store.scim).read()).people) == {keep["id"]}
 
 
 async def test_duplicate_user_name_is_409(client: TestClient, store: Stores,
@@ -467,7 +467,7 @@ async def test_groups_and_membership_patches(client: TestClient, store: Stores,
     await do_patch({"op": "add", "path": "members", "value": [{"value": a["id"]}]})
     await do_patch({"op": "Add", "path": "members", "value": [{"value": b["id"]}]})
     assert await members() == {a["id"], b["id"]}
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert snap.groups["Engineering"].members == {a["id"], b["id"]}
     assert snap.people[a["id"]].groups == {"Engineering"}
 
@@ -477,7 +477,7 @@ async def test_groups_and_membership_patches(client: TestClient, store: Stores,
     assert await members() == set()
 
     await do_patch({"op": "replace", "value": {"id": gid, "displayName": "Platform"}})  # Okta
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert set(snap.groups) == {"Platform"}
     assert [r.version for r in await store.scim.scim_list("Group")] == [6]
     assert len(harness.changes) == 2 + 1 + 5
@@ -546,8 +546,8 @@ async def test_store_failure_is_503_and_leaves_nothing_behind(
     async def broken(*args: Any) -> Any:
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "scim_put", broken)
-    monkeypatch.setattr(store, "scim_delete", broken)
+    monkeypatch.setattr(store.scim, "scim_put", broken)
+    monkeypatch.setattr(store.scim, "scim_delete", broken)
     resp = await client.post("/scim/v2/Users", headers=AUTH, data=orjson.dumps(entra_user()))
     assert resp.status == 503
     assert_scim_error(await resp.json(content_type=None), 503)
@@ -582,7 +582,7 @@ async def test_data_survives_a_restart(make_client: MakeClient, harness: Harness
     first = await (await c1.get(f"/scim/v2/Users/{u['id']}", headers=AUTH)).json(
         content_type=None)
     await c1.close()
-    await store1.close()
+    await store1.database.close()
     harness.stores.remove(store1)
 
     store2 = await harness.open_store()
@@ -611,7 +611,7 @@ async def test_data_survives_a_restart(make_client: MakeClient, harness: Harness
 
 
 async def test_requests_before_load_are_refused(aiohttp_client, store: Stores) -> None:
-    svc = ScimService(store, token=TOKEN, clock_ms=lambda: T0)
+    svc = ScimService(store.scim, token=TOKEN, clock_ms=lambda: T0)
     app = web.Application()
     svc.add_routes(app)
     client = await aiohttp_client(app)
@@ -621,7 +621,7 @@ async def test_requests_before_load_are_refused(aiohttp_client, store: Stores) -
 
 
 async def test_custom_path_prefix(aiohttp_client, store: Stores) -> None:
-    svc = ScimService(store, token=TOKEN, path_prefix="/idp/scim", clock_ms=lambda: T0)
+    svc = ScimService(store.scim, token=TOKEN, path_prefix="/idp/scim", clock_ms=lambda: T0)
     await svc.load()
     app = web.Application()
     svc.add_routes(app)
@@ -634,7 +634,7 @@ async def test_custom_path_prefix(aiohttp_client, store: Stores) -> None:
 
 def test_empty_token_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        ScimService(open_stores("sqlite:///s.db", base_dir=tmp_path), token="",
+        ScimService(open_stores("sqlite:///s.db", base_dir=tmp_path).scim, token="",
                     clock_ms=lambda: T0)
 
 
@@ -677,7 +677,7 @@ async def test_source_maps_users_to_people(client: TestClient, store: Stores) ->
     for payload, _ in USERS_TO_PEOPLE:
         payload = orjson.loads(orjson.dumps(payload).replace(b"@boss", boss["id"].encode()))
         ids.append((await create(client, "Users", payload))["id"])
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert snap.source == "scim"
     assert set(snap.people) == {boss["id"], *ids}
     for uid, (_, expected) in zip(ids, USERS_TO_PEOPLE, strict=True):
@@ -702,7 +702,7 @@ async def test_source_maps_groups(client: TestClient, store: Stores) -> None:
                                     "members": [{"value": a["id"]}]})
     await create(client, "Groups", {"schemas": [GROUP_URN], "displayName": "Sales",
                                     "members": [{"value": b["id"]}]})
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert {gid: (g.name, set(g.members)) for gid, g in snap.groups.items()} == {
         "Inner": ("Inner", {c["id"]}),
         "Staff": ("Staff", {a["id"], c["id"]}),  # nested group expanded, non-user dropped
@@ -713,7 +713,7 @@ async def test_source_maps_groups(client: TestClient, store: Stores) -> None:
 
     # a user deleted through SCIM is simply gone, from people and from groups
     await client.delete(f"/scim/v2/Users/{a['id']}", headers=AUTH)
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert a["id"] not in snap.people
     assert snap.groups["Sales"].members == {b["id"]}
 
@@ -725,9 +725,9 @@ async def test_source_raises_directory_error_when_the_store_fails(
     async def broken(*args: Any) -> Any:
         raise OSError("database is locked")
 
-    monkeypatch.setattr(store, "scim_list", broken)
+    monkeypatch.setattr(store.scim, "scim_list", broken)
     with pytest.raises(DirectoryError):
-        await ScimSource(store).read()
+        await ScimSource(store.scim).read()
 
 
 async def test_a_cancelled_request_leaves_cache_and_store_agreeing(
@@ -743,7 +743,7 @@ async def test_a_cancelled_request_leaves_cache_and_store_agreeing(
         await asyncio.sleep(0.05)
         await real_put(row)
 
-    monkeypatch.setattr(store, "scim_put", slow_put)
+    monkeypatch.setattr(store.scim, "scim_put", slow_put)
     req = ScimRequest(method="POST", base_url="http://h/scim/v2", path="/Users",
                       headers={"Content-Type": "application/scim+json"},
                       body=orjson.dumps(OKTA_USER))

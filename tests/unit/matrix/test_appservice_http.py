@@ -55,7 +55,8 @@ def make_client(aiohttp_client, harness: Harness) -> MakeClient:
             return user_id == "@enclave:corp.example.com"
 
         metrics = Metrics()
-        api = AppserviceAPI(store, metrics, hs_token=TOKEN, on_new_events=harness.notify,
+        api = AppserviceAPI(store.journal, store.inbox, metrics, hs_token=TOKEN,
+                            on_new_events=harness.notify,
                             user_exists=user_exists, ready=harness.ready,
                             clock_ms=lambda: 1_000)
         app = web.Application(middlewares=[json_errors], client_max_size=max_size)
@@ -68,7 +69,8 @@ def make_client(aiohttp_client, harness: Harness) -> MakeClient:
 
 async def expand(client: TestClient) -> int:
     """What the inbox processor does next: expand journaled transactions into the inbox."""
-    return await expand_journal(client.app[STORE], client.app[METRICS], limit=1000)
+    store = client.app[STORE]
+    return await expand_journal(store.journal, store.inbox, client.app[METRICS], limit=1000)
 
 
 def pdu(n: int, room: str = "!r1", **over: Any) -> dict[str, Any]:
@@ -301,9 +303,9 @@ async def test_recovery_sweep_refuses_exactly_one_transaction(aiohttp_client,
     async def no_user(user_id: str) -> bool:
         return False
 
-    api = AppserviceAPI(store, Metrics(), hs_token=TOKEN, on_new_events=lambda: None,
-                        user_exists=no_user, ready=ready, clock_ms=lambda: 1_000,
-                        on_refused=lambda: refused.append(1))
+    api = AppserviceAPI(store.journal, store.inbox, Metrics(), hs_token=TOKEN,
+                        on_new_events=lambda: None, user_exists=no_user, ready=ready,
+                        clock_ms=lambda: 1_000, on_refused=lambda: refused.append(1))
     app = web.Application(middlewares=[json_errors])
     app.add_routes(api.routes())
     client = await aiohttp_client(app)

@@ -70,7 +70,7 @@ class FakeHomeserver:
 
 def check_for(store: Stores, hs: FakeHomeserver, clock: Clock,
               recovered: list[int]) -> CompletenessCheck:
-    return CompletenessCheck(store, hs, Metrics(), admin_user_id=ADMIN,  # type: ignore[arg-type]
+    return CompletenessCheck(store.inbox, store.kv, hs, Metrics(), admin_user_id=ADMIN,  # type: ignore[arg-type]
                              bound_seconds=12, clock_ms=clock, timing=TIMING,
                              on_recovered=lambda: recovered.append(1))
 

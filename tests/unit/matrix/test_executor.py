@@ -28,7 +28,8 @@ def client(make_matrix_client: MakeClient) -> MatrixClient:
 
 @pytest.fixture
 def executor(client: MatrixClient, store: Stores) -> Executor:
-    return Executor(client, store, bot_user_id=BOT, clock_ms=lambda: NOW, metrics=Metrics())
+    return Executor(client, store.outbox, store.audit, bot_user_id=BOT, clock_ms=lambda: NOW,
+                    metrics=Metrics())
 
 
 async def stored(store: Stores, *actions: Action, payload: str | None = None) -> list[StoredAction]:
@@ -278,7 +279,8 @@ async def test_resend_after_lost_answer_finds_the_event_and_does_not_send_again(
     fake_hs.on("GET", MESSAGES, (200, {"chunk": [
         stored_event("action:1", event_id="$first"), {"type": "m.room.message"}],
         "end": "t1"}))
-    ex = Executor(make_matrix_client(max_retries=retries), store, bot_user_id=BOT,
+    ex = Executor(make_matrix_client(max_retries=retries), store.outbox, store.audit,
+                  bot_user_id=BOT,
                   clock_ms=lambda: NOW, metrics=Metrics(), admin_user_id=ADMIN)
     (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
                                           event_type="m.notice", content={"body": "hi"}))
@@ -308,7 +310,8 @@ async def test_resend_when_the_read_back_finds_no_earlier_attempt(
 ) -> None:
     fake_hs.on("PUT", "/_matrix/client/v3/rooms/", DROP, (200, {"event_id": "$second"}))
     fake_hs.on("GET", MESSAGES, (200, {"chunk": found}))
-    ex = Executor(make_matrix_client(max_retries=1), store, bot_user_id=BOT,
+    ex = Executor(make_matrix_client(max_retries=1), store.outbox, store.audit,
+                  bot_user_id=BOT,
                   clock_ms=lambda: NOW, metrics=Metrics())
     (sa,) = await stored(store, SendEvent(rule_id="r", reason="x", room="!r",
                                           event_type="m.notice"))
@@ -351,7 +354,8 @@ async def test_redaction_resend_finds_the_earlier_redaction(
     fake_hs.on("GET", MESSAGES, (200, {"chunk": [
         {**stored_event("action:1", event_type="m.room.redaction", event_id="$red"),
          "redacts": "$bad"}]}))
-    ex = Executor(make_matrix_client(max_retries=1), store, bot_user_id=BOT,
+    ex = Executor(make_matrix_client(max_retries=1), store.outbox, store.audit,
+                  bot_user_id=BOT,
                   clock_ms=lambda: NOW, metrics=Metrics())
     (sa,) = await stored(store, Redact(rule_id="r", reason="spam", room="!r",
                                        event_id="$bad"))

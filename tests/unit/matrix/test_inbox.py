@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import random
 import time
@@ -20,6 +21,7 @@ from bridge.matrix.inbox import FunctionHandler, InboxProcessor, backoff_ms
 from bridge.metrics import Metrics
 from bridge.policy.actions import Action, SendEvent, action_from_dict
 from bridge.store import AuditFilter, InboxEvent, NewEvent, StoredAction, Stores
+from bridge.store.domains import InboxStore, OutboxStore
 
 from ..conftest import new_store
 
@@ -48,7 +50,7 @@ class RecordingExecutor:
         if self.fail_with is not None:
             raise self.fail_with  # a crash/kill between commit and apply
         self.applied.append((stored.id, orjson.loads(stored.payload)))
-        await self.store.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
+        await self.store.outbox.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
                                        None, T0)
         return True
 
@@ -73,7 +75,8 @@ class Running:
                  executor: Any = None, **cfg_over: Any) -> None:
         self.store = store
         self.executor = executor or RecordingExecutor(store)
-        self.proc = InboxProcessor(store, self.executor, [FunctionHandler("test", handler)],
+        self.proc = InboxProcessor(store.journal, store.inbox, store.outbox, self.executor,
+                                   [FunctionHandler("test", handler)],
                                    cfg(**cfg_over), Metrics(), clock)
 
     async def __aenter__(self) -> Running:
@@ -242,7 +245,8 @@ async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
         # an event whose actions were committed is never handled again
         assert not set(first) & set(second)
         assert sorted(first + second) == list(range(1, 11))
-        assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": 10, "parked": 0}
+        assert (await store.inbox.inbox_stats())["events"] == {
+            "pending": 0, "done": 10, "parked": 0}
         # every action applied exactly once across both runs, in room order
         applied = [p["content"]["n"] for _, p in r1.executor.applied + r2.executor.applied]
         assert sorted(applied) == list(range(1, 11))
@@ -314,7 +318,7 @@ async def test_homeserver_away_keeps_room_waiting(store: Stores) -> None:
         async def run_stored(self, stored: StoredAction, *, max_attempts: int) -> bool:
             self.calls += 1
             if not self.up:
-                await self.store.finish_action(stored.id, "pending", "down",
+                await self.store.outbox.finish_action(stored.id, "pending", "down",
                                                stored.attempts + 1, None, clock.now)
                 return False
             return await super().run_stored(stored, max_attempts=max_attempts)
@@ -351,28 +355,38 @@ async def test_crashing_room_worker_backs_off(store: Stores) -> None:
     assert broken.calls <= 5
 
 
-class CountingStore:
-    """Wraps a store: counts inbox rows read and outbox reads per lane."""
+class CountingInbox:
+    """Wraps the inbox store: counts the rows read."""
 
-    def __init__(self, store: Stores) -> None:
-        self._store = store
+    def __init__(self, inbox: InboxStore) -> None:
+        self._inbox = inbox
         self.reads: dict[int, int] = defaultdict(int)
         self.rows_read = 0
-        self.lane_queries: list[str | None] = []
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
+        return getattr(self._inbox, name)
 
     async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
-        rows = await self._store.fetch_due_events(now_ms, limit)
+        rows = await self._inbox.fetch_due_events(now_ms, limit)
         self.rows_read += len(rows)
         for r in rows:
             self.reads[r.seq] += 1
         return rows
 
+
+class CountingOutbox:
+    """Wraps the outbox store: counts the reads per lane."""
+
+    def __init__(self, outbox: OutboxStore) -> None:
+        self._outbox = outbox
+        self.lane_queries: list[str | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outbox, name)
+
     async def pending_actions(self, lane: str | None, limit: int) -> list[StoredAction]:
         self.lane_queries.append(lane)
-        return await self._store.pending_actions(lane, limit)
+        return await self._outbox.pending_actions(lane, limit)
 
 
 async def test_events_read_about_once_and_outbox_read_only_for_lanes_with_actions(
@@ -395,19 +409,20 @@ async def test_events_read_about_once_and_outbox_read_only_for_lanes_with_action
                               content={"n": event["content"]["n"]})]
         return []
 
-    counting = CountingStore(store)
+    inbox, outbox = CountingInbox(store.inbox), CountingOutbox(store.outbox)
+    counting = dataclasses.replace(store, inbox=inbox, outbox=outbox)
     async with Running(counting, handler, clock=Clock(), room_concurrency=4,  # type: ignore[arg-type]
                        batch_size=100) as r:
         await r.settle()
     assert dict(seen) == dict(expected)
     assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": n, "parked": 0}
     # every row read, most exactly once (the old dispatcher read each ~4 times)
-    assert set(counting.reads) == set(range(1, n + 1))
-    assert counting.rows_read <= 1.5 * n, counting.rows_read
+    assert set(inbox.reads) == set(range(1, n + 1))
+    assert inbox.rows_read <= 1.5 * n, inbox.rows_read
     # the outbox: once at start-up (all lanes), then only the lane that got actions
-    assert counting.lane_queries[0] is None
-    assert set(counting.lane_queries[1:]) == {"!r7"}
-    assert len(counting.lane_queries) - 1 == len(expected["!r7"]) // 3
+    assert outbox.lane_queries[0] is None
+    assert set(outbox.lane_queries[1:]) == {"!r7"}
+    assert len(outbox.lane_queries) - 1 == len(expected["!r7"]) // 3
     assert [p["content"]["n"] for _, p in r.executor.applied] == [
         x for x in expected["!r7"] if x % 3 == 0]
 

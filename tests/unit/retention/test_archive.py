@@ -44,8 +44,8 @@ def make_archive(tmp_path: Path, store: Stores) -> Callable[..., LocalArchive]:
     """A new LocalArchive over the same directory and store (a new process)."""
 
     def make(segment_max_bytes: int = 1 << 20) -> LocalArchive:
-        return LocalArchive(tmp_path / "archive", store, segment_max_bytes=segment_max_bytes,
-                            clock_ms=lambda: T0 + 10_000)
+        return LocalArchive(tmp_path / "archive", store.archive,
+                            segment_max_bytes=segment_max_bytes, clock_ms=lambda: T0 + 10_000)
     return make
 
 
@@ -370,7 +370,7 @@ async def test_crash_between_files_and_store_commit(
             raise RuntimeError("database went away")
         return await real(*args, **kw)
 
-    monkeypatch.setattr(store, "archive_commit", fail_once)
+    monkeypatch.setattr(store.archive, "archive_commit", fail_once)
     with pytest.raises(ArchiveWriteError, match="written but not indexed"):
         await a.append(ROOM, [ev(2), ev(3)])
     assert [r.event_id for r in await all_rows(store)] == [ev(1)["event_id"]]
@@ -453,7 +453,7 @@ async def test_failing_write_raises_and_indexes_nothing(
 async def test_unwritable_archive_raises(tmp_path: Path, store: Stores) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    a = LocalArchive(blocker / "archive", store)
+    a = LocalArchive(blocker / "archive", store.archive)
     with pytest.raises(ArchiveWriteError):
         await a.append(ROOM, [ev(1)])
     assert await store.archive.archive_rooms() == {}
@@ -500,10 +500,10 @@ async def test_prune_interrupted_before_the_store_commit(
         raise RuntimeError("database went away")
 
     real = store.archive.archive_drop_segment
-    monkeypatch.setattr(store, "archive_drop_segment", boom)
+    monkeypatch.setattr(store.archive, "archive_drop_segment", boom)
     with pytest.raises(ArchiveWriteError):
         await a.prune_segment(ROOM, "seg-000001.jsonl", "x")
-    monkeypatch.setattr(store, "archive_drop_segment", real)
+    monkeypatch.setattr(store.archive, "archive_drop_segment", real)
     b = make_archive(segment_max_bytes=size * 2)
     await b.append(ROOM, [ev(4)])
     assert [r.event_id for r in await all_rows(store)] == [ev(n)["event_id"]
@@ -524,7 +524,7 @@ async def test_store_failure_on_first_touch_is_a_write_error(
     async def boom(room_id: str) -> Any:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(store, "archive_head", boom)
+    monkeypatch.setattr(store.archive, "archive_head", boom)
     with pytest.raises(ArchiveWriteError, match="database went away") as info:
         await archive.append(ROOM, [ev(1)])
     assert isinstance(info.value, OSError)  # a purge run stops on it like on any I/O error
@@ -579,7 +579,7 @@ async def test_export_is_in_archive_order_not_timestamp_order(
     export_mod.PAGE = 3  # several keyset pages
     try:
         await export_mod.export_archive(
-            archive, store, tmp_path / "out",
+            archive, store.archive, store.holds, store.directory, tmp_path / "out",
             export_mod.ExportRequest(rooms=(ROOM,), formats=frozenset({"jsonl"})))
     finally:
         export_mod.PAGE = old_page

@@ -31,7 +31,9 @@ def service(store: Stores, archive: LocalArchive, now: int) -> RetentionService:
     cfg = RetentionConfig.model_validate({
         "default": {"keep": "30d"}, "archive": {"path": "unused", "keep": "90d"}})
     return RetentionService(
-        cfg, store=store, client=None, executor=None, archive=archive,  # type: ignore[arg-type]
+        cfg, audit=store.audit, index=store.archive, holds=store.holds,
+        retention_rooms=store.retention_rooms, kv=store.kv, directory_store=store.directory,
+        leases=store.leases, client=None, executor=None, archive=archive,  # type: ignore[arg-type]
         metrics=Metrics(), clock_ms=lambda: now, server_name="corp.example.com",
         bot_user_id="@enclave:corp.example.com", admin_user_id="@enclave-admin:corp.example.com",
         service_prefix="enclave_")
@@ -39,7 +41,7 @@ def service(store: Stores, archive: LocalArchive, now: int) -> RetentionService:
 
 async def fill(tmp_path: Path, store: Stores, now: int) -> LocalArchive:
     # small segments: one event each, every new one seals the one before
-    archive = LocalArchive(tmp_path / "archive", store, segment_max_bytes=300,
+    archive = LocalArchive(tmp_path / "archive", store.archive, segment_max_bytes=300,
                            clock_ms=lambda: now)
     for day in range(0, 200, 20):  # one event every 20 days, T0 to T0 + 180 days
         await archive.append(ROOM, [ev(day, T0 + day * DAY)])

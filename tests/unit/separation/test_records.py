@@ -45,9 +45,11 @@ async def service(store: Stores) -> SeparationService:
         user_id=BOB, person_id="b", active=True, username="bob", display_name="Bob",
         groups=frozenset())])
     client: Any = NoClient()
-    ex = Executor(client, store, bot_user_id=f"@enclave:{S}", clock_ms=lambda: 1,
-                  metrics=Metrics())
-    return SeparationService(PolicyConfig.model_validate(POLICY), store=store, client=client,
+    ex = Executor(client, store.outbox, store.audit, bot_user_id=f"@enclave:{S}",
+                  clock_ms=lambda: 1, metrics=Metrics())
+    return SeparationService(PolicyConfig.model_validate(POLICY), audit=store.audit, kv=store.kv,
+                             directory_store=store.directory, leases=store.leases,
+                             client=client,
                              executor=ex, metrics=Metrics(), clock_ms=lambda: 1,
                              server_name=S, bot_user_id=f"@enclave:{S}",
                              admin_user_id=f"@enclave-admin:{S}", service_prefix="enclave_")
