@@ -137,7 +137,7 @@ class Leadership:
                 return True
             try:
                 held = await self.leases.acquire_lease(LEADER_LEASE, self.owner,
-                                                      self.clock_ms(), self.ttl_ms)
+                                                       self.clock_ms(), self.ttl_ms)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -197,7 +197,7 @@ class Leadership:
                                     my_pid=os.getpid(), my_pidns=pid_namespace()):
                 return
             if await self.leases.take_over_lease(LEADER_LEASE, dead, self.owner,
-                                                self.clock_ms(), self.ttl_ms):
+                                                 self.clock_ms(), self.ttl_ms):
                 log.warning("replica %s takes the leader lease of %s at once: that process "
                             "of this machine is gone", self.name, dead)
                 await self.kv.component_delete(COMPONENT, PIDNS_KEY + dead)

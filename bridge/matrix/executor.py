@@ -277,7 +277,7 @@ class Executor:
                           action.kind, attempts, error)
                 return True
             await self.outbox.finish_action(stored.id, "pending", error, attempts, None,
-                                           self.clock_ms())
+                                            self.clock_ms())
             return False
         await self.outbox.finish_action(
             stored.id, outcome.status, outcome.detail, attempts,

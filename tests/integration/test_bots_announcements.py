@@ -425,7 +425,7 @@ async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
     assert [m for m in await stack.room_messages(secret.room_id)
             if m.get("sender") == ANNOUNCE_BOT] == []
     audit = await store.audit.query_audit(AuditFilter(rule_id="announcements.rooms",
-                                                outcome="failed"))
+                                                      outcome="failed"))
     assert [(a["kind"], a["detail"]) for a in audit] == [
         ("announcement_send", "encrypted room, no E2EE sender")]
     # olga acknowledges in the plain room with a reaction

@@ -215,7 +215,7 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     # another process (the CLI beside 'enclave run') holds the sync lease: refused too
     async with open_sync(config) as sync:
         await sync.leases.acquire_lease("directory-sync", "other-host:1:x", sync.clock_ms(),
-                                       60_000)
+                                        60_000)
         with pytest.raises(SyncRefused, match="another directory sync is running"):
             await sync.run()
         await sync.leases.release_lease("directory-sync", "other-host:1:x")

@@ -165,7 +165,7 @@ async def test_archive_timestamps_of_messages_only(store: Stores) -> None:
 
 async def test_archive_drop_segment(store: Stores) -> None:
     await store.archive.archive_commit([aev(1), aev(2), aev(3, segment="seg-000002.jsonl", line=1)],
-                               head(entries=2))
+                                       head(entries=2))
     assert await store.archive.archive_drop_segment(R1, "seg-000001.jsonl", head(entries=3)) == 2
     assert [r.event_id for r in await store.archive.archive_query(room_id=R1)] == [aev(3).event_id]
     assert (await store.archive.archive_head(R1)).entries == 3  # type: ignore[union-attr]
@@ -251,7 +251,7 @@ async def test_archive_query_in_archive_order(store: Stores) -> None:
     page1 = await store.archive.archive_query(room_id=R1, archive_order=True, limit=3)
     last = page1[-1]
     page2 = await store.archive.archive_query(room_id=R1, archive_order=True,
-                                      after=(last.ts, last.segment, last.line))
+                                              after=(last.ts, last.segment, last.line))
     assert page1 + page2 == rows
     with pytest.raises(ValueError):
         await store.archive.archive_query(archive_order=True)

@@ -34,7 +34,7 @@ def executor(client: MatrixClient, store: Stores) -> Executor:
 
 async def stored(store: Stores, *actions: Action, payload: str | None = None) -> list[StoredAction]:
     await store.inbox.save_transaction("t", [NewEvent("$e", "!r", "pdu", "m.x", "@a:x", 1, "{}")],
-                                 [], NOW)
+                                       [], NOW)
     (ev,) = await store.inbox.fetch_due_events(NOW, 10)
     rows = [(ev.seq, i, "!r", a.kind, payload or orjson.dumps(a.to_dict()).decode(),
              a.rule_id, a.reason) for i, a in enumerate(actions)]
@@ -322,7 +322,7 @@ async def test_resend_when_the_read_back_finds_no_earlier_attempt(
 
 
 async def test_refused_send_is_not_read_back(fake_hs: FakeHomeserver, store: Stores,
-                                            executor: Executor) -> None:
+                                             executor: Executor) -> None:
     # a 4xx is a known outcome (nothing stored): no read-back, no resend
     fake_hs.on("PUT", "/_matrix/client/v3/rooms/",
                (403, {"errcode": "M_FORBIDDEN", "error": "not in room"}))

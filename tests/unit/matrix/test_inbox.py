@@ -51,7 +51,7 @@ class RecordingExecutor:
             raise self.fail_with  # a crash/kill between commit and apply
         self.applied.append((stored.id, orjson.loads(stored.payload)))
         await self.store.outbox.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
-                                       None, T0)
+                                              None, T0)
         return True
 
 
@@ -140,7 +140,7 @@ async def test_order_within_room_concurrency_across_rooms(store: Stores) -> None
 
 async def test_failing_handler_backs_off_then_parks_and_room_goes_on(store: Stores) -> None:
     await store.inbox.save_transaction("t1", [ev(1, "!bad"), ev(2, "!bad"), ev(3, "!ok"),
-                                        ev(4, "!bad")], [], T0)
+                                              ev(4, "!bad")], [], T0)
     clock = Clock()
     calls: list[tuple[int, int]] = []  # (event n, clock at call)
 
@@ -210,7 +210,7 @@ async def test_requeued_parked_event_is_processed(store: Stores) -> None:
 async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
     store = await new_store(tmp_path)
     await store.inbox.save_transaction("t1", [ev(i, "!a" if i % 2 else "!b") for i in range(1, 11)],
-                                 [], T0)
+                                       [], T0)
     stuck = asyncio.Event()
     first: list[int] = []
 
@@ -319,7 +319,7 @@ async def test_homeserver_away_keeps_room_waiting(store: Stores) -> None:
             self.calls += 1
             if not self.up:
                 await self.store.outbox.finish_action(stored.id, "pending", "down",
-                                               stored.attempts + 1, None, clock.now)
+                                                      stored.attempts + 1, None, clock.now)
                 return False
             return await super().run_stored(stored, max_attempts=max_attempts)
 
@@ -468,7 +468,7 @@ async def test_room_worker_yields_to_the_event_loop(store: Stores) -> None:
 
 async def test_room_waiting_for_a_retry_keeps_its_order(store: Stores) -> None:
     await store.inbox.save_transaction("t1", [ev(1, "!r"), ev(2, "!r"), ev(3, "!r"), ev(4, "!o")],
-                                 [], T0)
+                                       [], T0)
     clock = Clock()
     calls: list[int] = []
     fail = {2}
