@@ -173,13 +173,13 @@ def install_phase_timers(sync: DirectorySync, phases: dict[str, float]) -> None:
         return wrapper
 
     sync.source.read = timed("read_ldap", sync.source.read)  # type: ignore[method-assign]
-    sync.store.directory_people = timed(  # type: ignore[method-assign]
-        "read_store", sync.store.directory_people)
+    sync.directory_store.directory_people = timed(  # type: ignore[method-assign]
+        "read_store", sync.directory_store.directory_people)
     sync.read_homeserver = timed("read_homeserver", sync.read_homeserver)  # type: ignore
     sync_mod.map_people = timed_sync("map", _ORIG_MAP)  # type: ignore[assignment]
     sync_mod.diff_directory = timed_sync("diff", _ORIG_DIFF)  # type: ignore[assignment]
-    sync.store.save_directory_people = timed(  # type: ignore[method-assign]
-        "save_records", sync.store.save_directory_people)
+    sync.directory_store.save_directory_people = timed(  # type: ignore[method-assign]
+        "save_records", sync.directory_store.save_directory_people)
 
 
 _ORIG_MAP = sync_mod.map_people
@@ -310,10 +310,10 @@ class BenchStack:
                  "inhibit_login": True}, as_token)
         # Enclave's store, migrated (the CLI's path)
         loaded = load_config(self.config)
-        store = Root(loaded, check_secrets(loaded)).store
-        await store.open()
-        await store.migrate()
-        await store.close()
+        store = Root(loaded, check_secrets(loaded)).stores
+        await store.database.open()
+        await store.database.migrate()
+        await store.database.close()
         import asyncpg
         self._pg = await asyncpg.connect(self.dsn)
         return time.perf_counter() - t0

@@ -39,7 +39,7 @@ from _common import pg_admin  # noqa: E402  (bench/ is on sys.path)
 
 from bridge.config.models import InboxConfig  # noqa: E402
 from bridge.metrics import Metrics  # noqa: E402
-from bridge.store import NewEvent, Store, StoredAction, open_store  # noqa: E402
+from bridge.store import NewEvent, StoredAction, Stores, open_stores  # noqa: E402
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TXN_SIZE = 100
@@ -81,16 +81,16 @@ def make_events(n: int, rooms: int) -> list[NewEvent]:
 
 
 
-async def fill(store: Store, events: list[NewEvent]) -> None:
+async def fill(store: Stores, events: list[NewEvent]) -> None:
     now = int(time.time() * 1000)
     for t in range(0, len(events), TXN_SIZE):
-        await store.save_transaction(f"txn{t}", events[t:t + TXN_SIZE], [], now)
+        await store.inbox.save_transaction(f"txn{t}", events[t:t + TXN_SIZE], [], now)
 
 
-async def drain(mod: ModuleType, store: Store, n: int) -> dict[str, float]:
+async def drain(mod: ModuleType, store: Stores, n: int) -> dict[str, float]:
     cfg = InboxConfig()  # the defaults: room_concurrency 16, batch_size 500
-    proc = mod.InboxProcessor(store, NoopExecutor(), [], cfg, Metrics(),
-                              lambda: int(time.time() * 1000))
+    proc = mod.InboxProcessor(store.journal, store.inbox, store.outbox, NoopExecutor(), [], cfg,
+                              Metrics(), lambda: int(time.time() * 1000))
     # loop lag: how late a 1 ms timer fires while the processor works (HTTP answers wait
     # behind the same loop)
     lags: list[float] = []
@@ -109,7 +109,7 @@ async def drain(mod: ModuleType, store: Store, n: int) -> dict[str, float]:
     proc.notify()
     while True:
         await proc.idle.wait()
-        stats = await store.inbox_stats()
+        stats = await store.inbox.inbox_stats()
         if stats["events"]["pending"] == 0:
             break
         proc.idle.clear()
@@ -137,14 +137,14 @@ async def one_run(engine: str, mod: ModuleType, events: list[NewEvent]) -> dict[
             await pg_admin(f'CREATE DATABASE "{dbname}"')
             url = f"postgresql://postgres@127.0.0.1:5432/{dbname}"
         try:
-            store = open_store(url, base_dir=Path(tmp))
-            await store.open()
+            store = open_stores(url, base_dir=Path(tmp))
+            await store.database.open()
             try:
-                await store.migrate()
+                await store.database.migrate()
                 await fill(store, events)
                 return await drain(mod, store, len(events))
             finally:
-                await store.close()
+                await store.database.close()
         finally:
             if dbname is not None:
                 await pg_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')

@@ -386,9 +386,9 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             samples = await asyncio.to_thread(probe.stop)
             progress("verifying: homeserver, archive index, archive chain")
             left = await room_left(svc.client, room, svc.admin_user_id)
-            archived_msgs = len(await svc.store.archive_timestamps(
+            archived_msgs = len(await svc.stores.archive.archive_timestamps(
                 room, unpurged_only=False, messages_only=True))
-            archived_all = (await svc.store.archive_rooms()).get(room, 0)
+            archived_all = (await svc.stores.archive.archive_rooms()).get(room, 0)
             report = await svc.archive.verify(room)
             extremities = (await svc.client.request(
                 "GET", f"/_synapse/admin/v1/rooms/{q(room)}/forward_extremities",

@@ -1231,10 +1231,10 @@ async def run_reconcile(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                    shared_secret=synapse.registration_shared_secret,
                                    directory=directory, policy=policy)
         loaded, secrets = await start_synapse_for(config, synapse, root)
-        store = Root(loaded, secrets).store
-        await store.open()
-        await store.migrate()
-        await store.close()
+        store = Root(loaded, secrets).stores
+        await store.database.open()
+        await store.database.migrate()
+        await store.database.close()
         async with Root(loaded, secrets).opened() as _root:
             sync = _root.directory
             assert sync is not None

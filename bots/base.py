@@ -42,8 +42,8 @@ from bridge.matrix.executor import Applier, Executor, Outcome, txn_id_for
 from bridge.metrics import Metrics
 from bridge.model.people import StaffRecord
 from bridge.policy.actions import Action, Join, Leave
-from bridge.store import AuditRecord, InboxEvent, Store
-from bridge.store.domains import DirectoryStore, KVStore
+from bridge.store import AuditRecord, InboxEvent
+from bridge.store.domains import AuditStore, DirectoryStore, KVStore, LeaseStore
 
 from .commands import (
     CommandError,
@@ -127,7 +127,11 @@ class StaffDirectory:
 class BotServices:
     """What the bots share; built once in :func:`bots.wiring.build_bots`."""
 
-    store: Store
+    # the core stores the bots use (their own tables: ``announcements``)
+    audit: AuditStore
+    kv: KVStore
+    leases: LeaseStore
+    directory_store: DirectoryStore
     client: MatrixClient
     executor: Executor
     metrics: Metrics
@@ -138,7 +142,7 @@ class BotServices:
     server_name: str
     namespace_prefix: str
     main_bot_user_id: str
-    # the bots' own tables (announcements), on the same database as ``store``
+    # the bots' own tables (announcements), on the same database as the core stores
     announcements: AnnouncementStore
     encrypted_sender: RoomSender | None = None
     # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
@@ -232,7 +236,7 @@ class Bot:
         self.user_id = f"@{self.localpart}:{svc.server_name}"
         svc.bot_user_ids.add(self.user_id)
         self.name = f"bots.{self.component}"  # the inbox handler name
-        self.storage = BotStorage(svc.store, f"bot.{self.component}", svc.clock_ms)
+        self.storage = BotStorage(svc.kv, f"bot.{self.component}", svc.clock_ms)
         self.commands: dict[str, Command] = {}
         self.rooms: set[str] = set()
         self.ready = asyncio.Event()

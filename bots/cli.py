@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge.cli.kit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
 from bridge.kernel.timestamps import iso_utc
-from bridge.store import Store
+from bridge.store import Stores
 
 from .store import AnnouncementStore
 
@@ -33,9 +33,9 @@ def cmd_announcements(args: argparse.Namespace) -> int:
     configured = {a.id: a for a in acfg.announcements} if acfg is not None else {}
     tz = acfg.timezone if acfg is not None else "UTC"
 
-    async def run(core: Store) -> int:
-        # the bots' own tables, on the database of the core store (the audit, the directory)
-        store = AnnouncementStore(core.db)
+    async def run(core: Stores) -> int:
+        # the bots' own tables, on the database of the core stores (the audit, the directory)
+        store = AnnouncementStore(core.database.db)
         if args.ann_cmd == "list":
             occs = await store.announcement_occurrences()
             latest: dict[str, Any] = {}
@@ -78,7 +78,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
             now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
             occ_id = args.occurrence or "manual-" + iso_utc(now)
             created, sel = await make_occurrence(
-                store, await core.directory_view(), announcement_id=a.id,
+                store, await core.directory.directory_view(), announcement_id=a.id,
                 occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,
                 created_by=f"cli:{os.environ.get('USER', '?')}", now_ms=now)
             if not created:
@@ -101,7 +101,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
         deliveries = await store.announcement_deliveries(occ.announcement_id,
                                                          occ.occurrence_id)
         spec = AnnouncementSpec.from_json(occ.spec)
-        staff = {r.user_id: r for r in await core.directory_view()}
+        staff = {r.user_id: r for r in await core.directory.directory_view()}
         rows = report_rows(deliveries, staff, tz)
         summary = summarise(deliveries)
         head = (f"{occ.announcement_id} / {occ.occurrence_id}: {spec.title} ({occ.kind}, "

@@ -113,12 +113,12 @@ class OnboardingBot(Bot):
             await self.storage.put_new("baseline", sorted(baseline))
             baseline_raw = await self.storage.get("baseline")
         baseline = set(baseline_raw or [])
-        provisioned = {p.user_id for p in await self.svc.store.directory_people()
+        provisioned = {p.user_id for p in await self.svc.directory_store.directory_people()
                        if p.status == "active"}
         todo = decide_greetings(view, greeted, baseline, provisioned)
         if not todo:
             return []
-        managed = await self.svc.store.managed_rooms()
+        managed = await self.svc.directory_store.managed_rooms()
         by_id = {r.user_id: r for r in view}
         done = []
         for user in todo:
@@ -147,7 +147,7 @@ class OnboardingBot(Bot):
                 txn_id=txn_id_for(self.svc.installation_key(f"onboarding/welcome/{user}")))
         except (MatrixRequestError, SendRefused) as e:
             detail = e.reason if isinstance(e, SendRefused) else str(e)
-            await self.svc.store.add_audit(self.audit(
+            await self.svc.audit.add_audit(self.audit(
                 "onboarding_welcome", "failed", user_id=user, room_id=room,
                 rule_id="bots.onboarding.welcome", reason="newly provisioned", detail=detail))
             log.warning("onboarding: could not greet %s: %s", user, detail)
@@ -155,7 +155,7 @@ class OnboardingBot(Bot):
             await self.storage.put(f"greeted:{user}", {"at": now, "failed": detail})
             return False
         await self.storage.put(f"greeted:{user}", {"at": now, "event_id": eid, "room": room})
-        await self.svc.store.add_audit(self.audit(
+        await self.svc.audit.add_audit(self.audit(
             "onboarding_welcome", "applied", user_id=user, room_id=room,
             rule_id="bots.onboarding.welcome", reason="newly provisioned", detail=eid))
         log.info("onboarding: greeted %s", user)

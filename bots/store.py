@@ -2,7 +2,7 @@
 
 Its schema is the bots' own (``bots/migrations``, component ``bots``): Enclave's core
 store knows nothing of it. Writes that are audited put the audit record in the same
-transaction (``bridge.store.sql.audit_steps``).
+transaction (``bridge.store.audit.audit_steps``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from importlib import resources
 from typing import Any
 
 from bridge.extension import MigrationSet
+from bridge.store.audit import audit_steps
 from bridge.store.base import AuditRecord
 from bridge.store.db import Database, Step
-from bridge.store.sql import audit_steps
 
 # the bots' schema; adopted: what Enclave's own migrations 5 and 7 made before the bots
 # became an extension (a database made by that release keeps its tables and rows)

@@ -72,11 +72,13 @@ def build_bot_services(svc: Services, *, encrypted_sender: RoomSender | None = N
     sender = RoutingSender(PlainSender(svc.client), encryption, encrypted_sender,
                            read_back=svc.executor.read_back)
     return BotServices(
-        store=svc.store, client=svc.client, executor=svc.executor, metrics=svc.metrics,
+        audit=svc.stores.audit, kv=svc.stores.kv, leases=svc.stores.leases,
+        directory_store=svc.stores.directory,
+        client=svc.client, executor=svc.executor, metrics=svc.metrics,
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
-        directory=StaffDirectory(svc.store), server_name=cfg.homeserver.server_name,
+        directory=StaffDirectory(svc.stores.directory), server_name=cfg.homeserver.server_name,
         namespace_prefix=cfg.appservice.namespace_prefix,
-        main_bot_user_id=cfg.bot_user_id, announcements=AnnouncementStore(svc.store.db),
+        main_bot_user_id=cfg.bot_user_id, announcements=AnnouncementStore(svc.database.db),
         encrypted_sender=encrypted_sender, decrypt=decrypt,
         member_joined=member_joined)
 

@@ -201,7 +201,7 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
             await run(reason)
         finally:
             log.info("job %s (%s) ends on %s", job_id, reason, leadership.name)
-        await svc.store.set_kv(last_key, str(svc.clock_ms()))
+        await svc.stores.kv.set_kv(last_key, str(svc.clock_ms()))
 
     async def on_elected(first: bool) -> None:
         await svc.bootstrapped.wait()
@@ -210,10 +210,10 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
             return
         if minutes <= 0:
             return
-        raw = await svc.store.get_kv(last_key)
+        raw = await svc.stores.kv.get_kv(last_key)
         if raw is None:
             # never ran anywhere: the interval starts now (an at_start job ran above)
-            await svc.store.set_kv(last_key, str(svc.clock_ms()))
+            await svc.stores.kv.set_kv(last_key, str(svc.clock_ms()))
         elif svc.clock_ms() - int(raw) >= minutes * 60_000:
             await run_recorded("takeover")
 
@@ -271,20 +271,21 @@ async def build_app(
 def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
     """The aiohttp application of a root (see :func:`build_app`)."""
     cfg, secrets = svc.config, svc.secrets
-    store, client, inbox, leadership = svc.store, svc.client, svc.inbox, svc.leadership
+    stores, client, inbox, leadership = svc.stores, svc.client, svc.inbox, svc.leadership
+    database = stores.database
     jobs, plugins = svc.jobs, svc.plugins
     _ = svc.completeness  # built now: the client tells it of outages from the first request
 
     async def ready() -> dict[str, Any]:
         store_ok, store_err = True, None
         try:
-            await store.ping()
+            await database.ping()
         except Exception as e:
             store_ok, store_err = False, str(e)
         hs_ok = await _homeserver_ok(svc)
         return {
             "ready": store_ok and hs_ok,
-            "store": {"ok": store_ok, "error": store_err, "engine": store.dialect},
+            "store": {"ok": store_ok, "error": store_err, "engine": database.dialect},
             "homeserver": {"ok": hs_ok, "url": cfg.homeserver.url,
                            "error": None if hs_ok else svc.identity.homeserver_error},
             "bot": svc.identity.bot_ready,
@@ -301,7 +302,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
         return svc.identity.bot_ready and user_id in (cfg.bot_user_id, cfg.admin_user_id)
 
     api = AppserviceAPI(
-        store, svc.metrics, hs_token=secrets["appservice.hs_token"].get(),
+        stores.journal, stores.inbox, svc.metrics, hs_token=secrets["appservice.hs_token"].get(),
         on_new_events=inbox.notify, user_exists=user_exists, ready=ready,
         clock_ms=svc.clock_ms, on_request=inbox.note_ingest,
         on_refused=lambda: _spawn(ping_soon()),
@@ -343,7 +344,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:
         # a SQLite store has one writer process: a second `enclave run` is refused here
-        single = SingleProcessLock.for_store(store)
+        single = SingleProcessLock.for_database(database)
         if single is not None:
             single.acquire()
         try:
@@ -353,7 +354,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
                 single.release()
             raise
         yield
-        await store.close()
+        await database.close()
         if single is not None:
             single.release()
 
@@ -373,7 +374,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
             await inbox.stop(grace_seconds=min(10.0, leadership.ttl_ms / 5000))
 
         leadership.on_deposed.append(stop_inbox)
-        stop_watch = await store.watch_journal(inbox.notify)
+        stop_watch = await stores.journal.watch_journal(inbox.notify)
         await leadership.start()
         checking: asyncio.Task[None] | None = None
         if svc.completeness is not None:

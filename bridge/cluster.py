@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .store.domains import LeaseStore
+from .store.domains import KVStore, LeaseStore
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,12 @@ class Leadership:
     stopped before another replica can take over.
     """
 
-    def __init__(self, store: LeaseStore, name: str, clock_ms: Callable[[], int], ttl_ms: int,
+    def __init__(self, leases: LeaseStore, kv: KVStore, name: str, clock_ms: Callable[[], int],
+                 ttl_ms: int,
                  *, on_change: Callable[[bool], None] | None = None,
                  exclusive: bool = False):
-        self.store = store
+        self.leases = leases
+        self.kv = kv
         self.name = name
         # The lease owner is the replica's name: a replica restarted under the same name
         # (a container's pid 1 in its pod, a configured replica_name) takes its lease back
@@ -134,8 +136,8 @@ class Leadership:
                     await self._elect()
                 return True
             try:
-                held = await self.store.acquire_lease(LEADER_LEASE, self.owner,
-                                                      self.clock_ms(), self.ttl_ms)
+                held = await self.leases.acquire_lease(LEADER_LEASE, self.owner,
+                                                       self.clock_ms(), self.ttl_ms)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -186,19 +188,19 @@ class Leadership:
         the lease of its dead predecessor on the same machine at once instead of waiting
         out the ttl (with nothing processed meanwhile)."""
         try:
-            holder = await self.store.lease_holder(LEADER_LEASE)
+            holder = await self.leases.lease_holder(LEADER_LEASE)
             if holder is None or holder[0] == self.owner:
                 return
             dead = holder[0]
-            recorded = await self.store.component_get(COMPONENT, PIDNS_KEY + dead)
+            recorded = await self.kv.component_get(COMPONENT, PIDNS_KEY + dead)
             if not dead_local_owner(dead, recorded, hostname=socket.gethostname(),
                                     my_pid=os.getpid(), my_pidns=pid_namespace()):
                 return
-            if await self.store.take_over_lease(LEADER_LEASE, dead, self.owner,
-                                                self.clock_ms(), self.ttl_ms):
+            if await self.leases.take_over_lease(LEADER_LEASE, dead, self.owner,
+                                                 self.clock_ms(), self.ttl_ms):
                 log.warning("replica %s takes the leader lease of %s at once: that process "
                             "of this machine is gone", self.name, dead)
-                await self.store.component_delete(COMPONENT, PIDNS_KEY + dead)
+                await self.kv.component_delete(COMPONENT, PIDNS_KEY + dead)
         except Exception as e:  # the normal campaign still runs
             log.warning("could not check the leader lease's holder: %s", e)
 
@@ -208,7 +210,7 @@ class Leadership:
             ns = pid_namespace()
             if ns is not None:
                 with contextlib.suppress(Exception):
-                    await self.store.component_put(COMPONENT, PIDNS_KEY + self.owner, ns,
+                    await self.kv.component_put(COMPONENT, PIDNS_KEY + self.owner, ns,
                                                    self.clock_ms())
             await self._take_over_from_dead_local()
         await self.campaign_once()
@@ -231,10 +233,10 @@ class Leadership:
                 await self._depose("shutting down")
                 if not self.exclusive:
                     with contextlib.suppress(Exception):
-                        await self.store.release_lease(LEADER_LEASE, self.owner)
+                        await self.leases.release_lease(LEADER_LEASE, self.owner)
             if not self.exclusive:
                 with contextlib.suppress(Exception):
-                    await self.store.component_delete(COMPONENT, PIDNS_KEY + self.owner)
+                    await self.kv.component_delete(COMPONENT, PIDNS_KEY + self.owner)
 
     async def while_leader(self, work: Callable[[], Awaitable[Any]],
                            on_stop: Callable[[], Awaitable[None]] | None = None) -> None:

@@ -89,7 +89,7 @@ class Extension:
         """What to run in ``enclave run``; None when the config asks for nothing.
 
         ``root``: the composition root (``bridge.root.Root``; not imported here, the root
-        imports this module): its ``config``, ``store``, ``client``, ``executor``, ...
+        imports this module): its ``config``, ``stores``, ``client``, ``executor``, ...
         """
         return None
 

@@ -4,7 +4,9 @@ Like Synapse's ``HomeServer``: one object with a cached ``get_*`` builder per se
 builder asks the root for what it needs and passes it through constructors, so no service
 is wired by setting attributes after it was made. ``enclave run`` (``bridge/app.py`` maps
 the root onto aiohttp routes and lifetimes), every CLI command and the benches build their
-services from a :class:`Root`; nothing else constructs a store, client or executor.
+services from a :class:`Root`; nothing else constructs a store, client or executor. The
+root builds the database and each domain store once (:class:`~bridge.store.Stores`) and
+hands each service only the stores it uses.
 
 The root is also the object handlers and extensions receive (``Services``): its plain
 attributes (``identity``, ``*_status``, ``bootstrapped``) are the running state ``/ready``
@@ -46,7 +48,7 @@ from .metrics import Metrics
 from .retention.archive import LocalArchive
 from .retention.service import RetentionService
 from .separation.service import SeparationService
-from .store import Store, open_store
+from .store import SharedDatabase, Stores, open_stores
 
 if TYPE_CHECKING:
     from .directory.scim import ScimService
@@ -133,15 +135,20 @@ class Root:
         return Metrics()
 
     @cached_property
-    def store(self) -> Store:
+    def stores(self) -> Stores:
+        """The shared database and one store per domain on it (built, not opened)."""
         db = self.config.database
         pw = self.secrets.get("database.password")
-        return open_store(
+        return open_stores(
             db.url, base_dir=self.loaded.base_dir, password=pw.get() if pw else None,
             sqlite_synchronous=db.sqlite_synchronous, pool_size=db.pool_size,
             extra_migrations=[m for ext in self.extensions
                               if (m := ext.migrations()) is not None],
         )
+
+    @property
+    def database(self) -> SharedDatabase:
+        return self.stores.database
 
     @cached_property
     def session(self) -> aiohttp.ClientSession:
@@ -170,7 +177,8 @@ class Root:
         if not cfg.inbox.completeness.enabled:
             return None
         return CompletenessCheck(
-            self.store, self.client, self.metrics, admin_user_id=cfg.admin_user_id,
+            self.stores.inbox, self.stores.kv, self.client, self.metrics,
+            admin_user_id=cfg.admin_user_id,
             bound_seconds=cfg.inbox.completeness.bound_seconds, clock_ms=self.clock_ms,
             on_recovered=lambda: self.inbox.notify(),
             admin_ready=lambda: self.identity.admin_ready)
@@ -181,7 +189,8 @@ class Root:
 
     @cached_property
     def executor(self) -> Executor:
-        return Executor(self.client, self.store, bot_user_id=self.config.bot_user_id,
+        return Executor(self.client, self.stores.outbox, self.stores.audit,
+                        bot_user_id=self.config.bot_user_id,
                         clock_ms=self.clock_ms, metrics=self.metrics,
                         admin_user_id=self.config.admin_user_id,
                         installation_id=self.installation_id)
@@ -189,30 +198,31 @@ class Root:
     @cached_property
     def leadership(self) -> Leadership:
         cfg, metrics = self.config, self.metrics
-        return Leadership(self.store, replica_name(cfg.cluster.replica_name), self.clock_ms,
+        return Leadership(self.stores.leases, self.stores.kv,
+                          replica_name(cfg.cluster.replica_name), self.clock_ms,
                           self.lease_ttl_ms,
                           on_change=lambda leader: metrics.leader.set(int(leader)),
                           # SQLite: the store's lock already makes this the only process
-                          exclusive=self.store.dialect == "sqlite")
+                          exclusive=self.database.dialect == "sqlite")
 
     async def open_store(self, *, migrate: bool, create_installation_id: bool) -> None:
         """Open the store, migrate it (``migrate``), check its schema, read the installation
         id (and make one for a new database when ``create_installation_id``)."""
-        store = self.store
-        await store.open()
+        database, kv = self.database, self.stores.kv
+        await database.open()
         try:
             if migrate:
-                applied = await store.migrate()
+                applied = await database.migrate()
                 if applied:
                     log.info("database migrated to version %d", applied[-1])
-            await store.check_schema()
-            iid = await store.get_kv("installation_id")
+            await database.check_schema()
+            iid = await kv.get_kv("installation_id")
             if iid is None and create_installation_id:
                 iid = pysecrets.token_hex(8)
-                await store.set_kv("installation_id", iid)
+                await kv.set_kv("installation_id", iid)
             self._installation_id = iid or ""
         except BaseException:
-            await store.close()
+            await database.close()
             raise
 
     async def close_client(self, wait_seconds: float) -> None:
@@ -236,7 +246,7 @@ class Root:
         finally:
             # the admin's own session (user list) dies with the run: no token left over
             await self.close_client(wait_seconds=10)
-            await self.store.close()
+            await self.database.close()
 
     # -- the domain services ---------------------------------------------------------------
     @cached_property
@@ -256,11 +266,11 @@ class Root:
             from .directory.ldap_source import LdapSource
 
             pw = self.secrets.get("directory.source.bind_password")
-            return LdapSource(src, bind_password=pw.get() if pw else None, store=self.store,
+            return LdapSource(src, bind_password=pw.get() if pw else None, store=self.stores.kv,
                               base_dir=base_dir)
         from .directory.scim import ScimSource
 
-        return ScimSource(self.store)
+        return ScimSource(self.stores.scim)
 
     @cached_property
     def directory(self) -> DirectorySync | None:
@@ -272,7 +282,8 @@ class Root:
         sep = self.separation
         return DirectorySync(
             dcfg, self.directory_source, client=self.client, executor=self.executor,
-            store=self.store, metrics=self.metrics, clock_ms=self.clock_ms,
+            directory_store=self.stores.directory, leases=self.stores.leases,
+            metrics=self.metrics, clock_ms=self.clock_ms,
             server_name=cfg.homeserver.server_name,
             bot_user_id=cfg.bot_user_id, admin_user_id=cfg.admin_user_id,
             namespace_prefix=cfg.appservice.namespace_prefix,
@@ -294,7 +305,9 @@ class Root:
             return None
         ret = self.retention
         return SeparationService(
-            cfg.policy, store=self.store, client=self.client, executor=self.executor,
+            cfg.policy, audit=self.stores.audit, kv=self.stores.kv,
+            directory_store=self.stores.directory, leases=self.stores.leases,
+            client=self.client, executor=self.executor,
             metrics=self.metrics, clock_ms=self.clock_ms,
             server_name=cfg.homeserver.server_name, bot_user_id=cfg.bot_user_id,
             admin_user_id=cfg.admin_user_id, service_prefix=cfg.appservice.namespace_prefix,
@@ -306,7 +319,7 @@ class Root:
         rcfg = self.config.retention
         if rcfg is None:
             return None
-        return LocalArchive(self.loaded.resolve(rcfg.archive.path), self.store,
+        return LocalArchive(self.loaded.resolve(rcfg.archive.path), self.stores.archive,
                             segment_max_bytes=rcfg.archive.segment_max_bytes,
                             clock_ms=self.clock_ms)
 
@@ -328,7 +341,10 @@ class Root:
             return None
         assert self.archive is not None
         return RetentionService(
-            cfg.retention, store=self.store, client=self.client, executor=self.executor,
+            cfg.retention, audit=self.stores.audit, index=self.stores.archive,
+            holds=self.stores.holds, retention_rooms=self.stores.retention_rooms,
+            kv=self.stores.kv, directory_store=self.stores.directory,
+            leases=self.stores.leases, client=self.client, executor=self.executor,
             archive=self.archive, metrics=self.metrics, clock_ms=self.clock_ms,
             server_name=cfg.homeserver.server_name, bot_user_id=cfg.bot_user_id,
             admin_user_id=cfg.admin_user_id, service_prefix=cfg.appservice.namespace_prefix,
@@ -367,7 +383,7 @@ class Root:
         from .directory.scim import ScimService
 
         assert self.scim_debounce is not None
-        return ScimService(self.store, token=self.secrets["directory.source.token"].get(),
+        return ScimService(self.stores.scim, token=self.secrets["directory.source.token"].get(),
                            path_prefix=dcfg.source.path_prefix, clock_ms=self.clock_ms,
                            on_change=self.scim_debounce.trigger)
 
@@ -404,8 +420,9 @@ class Root:
 
     @cached_property
     def inbox(self) -> InboxProcessor:
-        return InboxProcessor(self.store, self.executor, self.handlers, self.config.inbox,
-                              self.metrics, self.clock_ms)
+        stores = self.stores
+        return InboxProcessor(stores.journal, stores.inbox, stores.outbox, self.executor,
+                              self.handlers, self.config.inbox, self.metrics, self.clock_ms)
 
     @cached_property
     def jobs(self) -> list[ScheduledJob]:

@@ -109,7 +109,7 @@ class AnnouncementBot(Bot):
         self.fanout = FanOut(self)
         self.scheduler = JobScheduler(self.storage, svc.clock_ms,
                                       grace_ms=cfg.misfire_grace_seconds * 1000,
-                                      report=svc.store.add_audit, audit=self.audit)
+                                      report=svc.audit.add_audit, audit=self.audit)
         for a in cfg.announcements:
             if a.schedule is not None:
                 self.scheduler.add(Job(a.id, schedule_from_config(a.schedule),
@@ -300,14 +300,14 @@ class AnnouncementBot(Bot):
         except (MatrixRequestError, HomeserverUnavailable, SendRefused) as e:
             log.warning("summary of %s/%s not posted: %s", occ.announcement_id,
                         occ.occurrence_id, e)
-            await self.svc.store.add_audit(self.audit(
+            await self.svc.audit.add_audit(self.audit(
                 "announcement_summary", "failed", room_id=self.control_room,
                 rule_id=f"announcements.{occ.announcement_id}", reason=stage, detail=str(e)))
             return
         await self.svc.announcements.announcement_save_message(AnnouncementMessage(
             eid, self.control_room, occ.announcement_id, occ.occurrence_id, "summary", None,
             self.svc.clock_ms()))
-        await self.svc.store.add_audit(self.audit(
+        await self.svc.audit.add_audit(self.audit(
             "announcement_summary", "applied", room_id=self.control_room,
             rule_id=f"announcements.{occ.announcement_id}", reason=stage, detail=eid))
 

@@ -105,10 +105,10 @@ class FanOut:
 
         The pass holds the occurrence's lease (the shared helper renews it); if another
         process takes it meanwhile, this pass is stopped and leaves the rest to that one."""
-        store, now = self.svc.store, self.svc.clock_ms
+        leases, now = self.svc.leases, self.svc.clock_ms
         lease = f"announcement:{occ.announcement_id}/{occ.occurrence_id}"
         try:
-            async with held_lease(store, lease, self.owner, now, LEASE_TTL_MS, _LeaseBusy):
+            async with held_lease(leases, lease, self.owner, now, LEASE_TTL_MS, _LeaseBusy):
                 return await self._deliver_held(occ, lease)
         except _LeaseBusy:
             log.info("%s: another process is delivering it", lease)

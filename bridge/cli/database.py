@@ -9,18 +9,18 @@ from typing import Any
 
 import orjson
 
-from ..store import AuditFilter, Store
+from ..store import AuditFilter, Stores
 from .kit import EXIT_OK, _fmt_ts, _print_rows, _with_store, parse_time
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    async def run(store: Store) -> int:
-        before = await store.schema_version()
+    async def run(store: Stores) -> int:
+        before = await store.database.schema_version()
         if args.check:
-            await store.check_schema()
+            await store.database.check_schema()
             print(f"schema is current (version {before})")
             return EXIT_OK
-        applied = await store.migrate()
+        applied = await store.database.migrate()
         if applied:
             print(f"migrated from version {before} to {applied[-1]} ({len(applied)} step(s))")
         else:
@@ -39,8 +39,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
 
-    async def run(store: Store) -> int:
-        rows = await store.query_audit(flt)
+    async def run(store: Stores) -> int:
+        rows = await store.audit.query_audit(flt)
         _print_rows(rows, args.format,
                     ["ts", "source", "kind", "outcome", "actor", "user_id", "room_id",
                      "rule_id", "reason", "detail"], f"audit ({len(rows)} records)")
@@ -50,21 +50,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_inbox(args: argparse.Namespace) -> int:
-    async def run(store: Store) -> int:
+    async def run(store: Stores) -> int:
         if args.inbox_cmd == "status":
-            stats = await store.inbox_stats()
+            stats = await store.inbox.inbox_stats()
             stats["oldest_pending_received_at"] = _fmt_ts(stats["oldest_pending_received_at"])
             print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
         elif args.inbox_cmd == "parked":
-            rows = await store.list_events("parked", args.limit)
+            rows = await store.inbox.list_events("parked", args.limit)
             _print_rows(rows, args.format, ["seq", "event_id", "room_id", "type", "attempts",
                                             "last_error", "received_at"], "parked events")
         elif args.inbox_cmd == "quarantine":
-            rows = await store.list_quarantine(args.limit)
+            rows = await store.inbox.list_quarantine(args.limit)
             _print_rows(rows, args.format, ["id", "txn_id", "section", "position", "reason",
                                             "raw", "received_at"], "quarantined events")
         elif args.inbox_cmd == "requeue":
-            n = await store.requeue_parked(args.seq or None)
+            n = await store.inbox.requeue_parked(args.seq or None)
             print(f"requeued {n} parked event(s); a running Enclave picks them up")
         return EXIT_OK
 

@@ -15,7 +15,7 @@ from ..config import LoadedConfig, check_secrets, load_config
 from ..kernel.durations import parse_ago_ms
 from ..kernel.timestamps import readable_utc
 from ..root import Root
-from ..store import Store
+from ..store import Stores
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3, 4
 EXIT_REFUSED = 5
@@ -36,20 +36,20 @@ async def _with_root(args: argparse.Namespace,
     its schema checked unless ``check`` is False (``enclave migrate``)."""
     loaded, secrets = _load(args)
     root = Root(loaded, secrets)
-    await root.store.open()
+    await root.database.open()
     try:
         if check:
-            await root.store.check_schema()
+            await root.database.check_schema()
         return await fn(root)
     finally:
         await root.close_client(wait_seconds=10)  # nothing to do unless fn used the client
-        await root.store.close()
+        await root.database.close()
 
 
 async def _with_store(args: argparse.Namespace,
-                      fn: Callable[[Store], Awaitable[int]], *, check: bool = True) -> int:
-    """Run ``fn`` on the root's store (see :func:`_with_root`)."""
-    return await _with_root(args, lambda root: fn(root.store), check=check)
+                      fn: Callable[[Stores], Awaitable[int]], *, check: bool = True) -> int:
+    """Run ``fn`` on the root's stores (see :func:`_with_root`)."""
+    return await _with_root(args, lambda root: fn(root.stores), check=check)
 
 
 def parse_time(value: str, *, now: dt.datetime | None = None) -> int:

@@ -155,7 +155,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
                 return EXIT_ERROR
             print(f"released hold {args.id}; its events follow the retention policy again")
             return EXIT_OK
-        holds = await root.store.holds(include_released=args.all)
+        holds = await root.stores.holds.holds(include_released=args.all)
         rows = [{"id": h.id, "case": h.case_id, "users": " ".join(h.users),
                  "rooms": " ".join(h.rooms), "since": _fmt_ts(h.since_ms),
                  "until": _fmt_ts(h.until_ms), "placed_by": h.placed_by,
@@ -209,11 +209,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def run(root: Root) -> int:
-        store = root.store
-        if args.hold and await store.hold_get(args.hold) is None:
+        store = root.stores
+        if args.hold and await store.holds.hold_get(args.hold) is None:
             _err(f"enclave export: no hold {args.hold!r}")
             return EXIT_ERROR
-        archived = await store.archive_rooms()
+        archived = await store.archive.archive_rooms()
         missing = [r for r in args.room or () if r not in archived]
         if missing:
             # like an unknown hold: an empty export would read as "nothing was said"
@@ -226,7 +226,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             since_ms=parse_time(args.since) if args.since else None,
             until_ms=parse_time(args.until) if args.until else None,
             hold_id=args.hold, formats=formats)
-        report = await export_archive(archive, store, Path(args.out), req)
+        report = await export_archive(archive, store.archive, store.holds, store.directory,
+                                      Path(args.out), req)
         print(f"exported {report.events} events of {report.rooms} rooms and {report.media} "
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK

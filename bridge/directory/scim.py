@@ -3,7 +3,7 @@
 Three parts:
 
 * :class:`StoreScimStorage`, a scim2-server storage keeping Users and Groups in Enclave's
-  :class:`~bridge.store.Store` (``scim_*`` tables). scim2-server does the protocol
+  :class:`~bridge.store.domains.ScimStore` (``scim_*`` tables). scim2-server does the protocol
   (validation, filters, PATCH, pagination, ETags); an in-memory cache loaded at start-up
   answers reads and searches, and every write is awaited in the store before the answer, so
   an acknowledged change is durable. A failed store write undoes the cache change.

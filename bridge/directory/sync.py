@@ -46,7 +46,8 @@ from ..policy.directory import (
 )
 from ..policy.lookalike import skeleton
 from ..policy.mapping import map_people
-from ..store import DirectoryRecord, Store
+from ..store import DirectoryRecord
+from ..store.domains import DirectoryStore, LeaseStore
 from ..store.lease import held_lease, new_lease_owner
 from .lookalike import confusables_table
 from .source import DirectorySource
@@ -91,7 +92,8 @@ class DirectorySync:
     """Plans and applies directory sync runs; one run at a time per process."""
 
     def __init__(self, config: DirectoryConfig, source: DirectorySource, *, client: MatrixClient,
-                 executor: Executor, store: Store, metrics: Metrics,
+                 executor: Executor, directory_store: DirectoryStore, leases: LeaseStore,
+                 metrics: Metrics,
                  clock_ms: Callable[[], int], server_name: str, bot_user_id: str,
                  admin_user_id: str, namespace_prefix: str, admin_localpart: str,
                  bot_localpart: str, allow_initial_passwords: bool = False,
@@ -102,7 +104,8 @@ class DirectorySync:
         self.source = source
         self.client = client
         self.executor = executor
-        self.store = store
+        self.directory_store = directory_store
+        self.leases = leases
         self.metrics = metrics
         self.clock_ms = clock_ms
         # called when a run changed the directory view (separation rebuilds its policy)
@@ -145,7 +148,7 @@ class DirectorySync:
             snapshot = await self.source.read()
         except DirectoryError as e:
             raise SyncRefused([f"directory source {self.source.name}: {e}"]) from e
-        records = await self.store.directory_people()
+        records = await self.directory_store.directory_people()
         known = {r.person_id: PersonRecord(r.person_id, r.user_id, r.status, r.email,
                                            r.displayname, r.deactivated_at) for r in records}
         view = await self.read_homeserver(known, snapshot)
@@ -157,7 +160,7 @@ class DirectorySync:
             existing={u: a.displayname for u, a in view.accounts.items()},
             skeleton=lambda s: skeleton(s, table),
         )
-        last_view = await self.store.directory_view()
+        last_view = await self.directory_store.directory_view()
         managers = {r.user_id: r.manager_user_id for r in last_view if r.manager_user_id}
         plan = diff_directory(
             snapshot, mapping.users, known, view, self.config, now_ms=self.clock_ms(),
@@ -190,7 +193,7 @@ class DirectorySync:
                     user_id=u["name"], displayname=u.get("displayname"),
                     deactivated=bool(u.get("deactivated")), erased=bool(u.get("erased")),
                     admin=bool(u.get("admin")))
-        managed = await self.store.managed_rooms()
+        managed = await self.directory_store.managed_rooms()
         self._managed = dict(managed)
         rooms: dict[str, RoomView] = {}
         views = await asyncio.gather(*(self._room_view(rid) for rid in managed.values()))
@@ -257,7 +260,7 @@ class DirectorySync:
         """One applying run at a time across processes sharing the database (the CLI
         beside ``enclave run``); renewed while the run lasts, lost if its holder dies."""
         ttl = self.lease_ttl_ms
-        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms, ttl,
+        return held_lease(self.leases, LEASE_NAME, self.lease_owner, self.clock_ms, ttl,
                           lambda: SyncRefused([
                               "another directory sync is running on this database; try "
                               f"again when it has finished (its lease lasts {ttl // 1000}s "
@@ -320,7 +323,7 @@ class DirectorySync:
         # and lanes run concurrently
         # the directory view first: who is staff follows the directory, not the accounts,
         # and separation must already know the people this run joins to rooms
-        if await self.store.replace_directory_view(
+        if await self.directory_store.replace_directory_view(
                 staff_view(result.snapshot, result.users, result.known, self.clock_ms(),
                            result.remembered_managers)):
             if self.on_view_change is not None:
@@ -349,7 +352,7 @@ class DirectorySync:
                             r.deactivated_at)
             for pid, r in plan.records.items() if pid not in failed_people
         ]
-        await self.store.save_directory_people(records)
+        await self.directory_store.save_directory_people(records)
 
     # -- appliers (registered with the executor) ------------------------------------------
     async def _apply_create(self, a: CreateAccount, key: str, *, resend: bool) -> Outcome:
@@ -390,7 +393,7 @@ class DirectorySync:
 
     async def _managed_rooms(self) -> dict[str, str]:
         if self._managed is None:
-            self._managed = await self.store.managed_rooms()
+            self._managed = await self.directory_store.managed_rooms()
         return self._managed
 
     async def _resolve_managed(self, key: str) -> str:
@@ -446,7 +449,7 @@ class DirectorySync:
             if self.room_edits is not None:
                 body = await self.room_edits(body)
             room_id = await self.client.create_room(body, user_id=self.bot_user_id)
-        await self.store.save_managed_room(a.key, room_id, self.clock_ms())
+        await self.directory_store.save_managed_room(a.key, room_id, self.clock_ms())
         rooms[a.key] = room_id
         if parent:
             await self.client.send_state(parent, "m.space.child", room_id,

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..metrics import Metrics
-from ..store import Store
+from ..store.domains import InboxStore, JournalStore
 from .transactions import SECTIONS, BadTransaction, check_container
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,14 @@ class AppserviceAPI:
     """Routes of the appservice API; transactions go to the durable inbox before ``{}``."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, *, hs_token: str, on_new_events: Callable[[], None],
+        self, journal: JournalStore, inbox: InboxStore, metrics: Metrics, *, hs_token: str,
+        on_new_events: Callable[[], None],
         user_exists: Callable[[str], Awaitable[bool]], ready: Callable[[], Awaitable[dict]],
         clock_ms: Callable[[], int], on_request: Callable[[], None] | None = None,
         on_refused: Callable[[], None] | None = None,
     ):
-        self.store = store
+        self.journal = journal
+        self.inbox = inbox
         self.metrics = metrics
         self._hs_token = hs_token.encode()
         self._on_new_events = on_new_events
@@ -198,7 +200,7 @@ class AppserviceAPI:
         try:
             # The only write before the answer: the body as received, in the journal. The
             # inbox processor expands it into events (and quarantines bad ones) afterwards.
-            is_new = await self.store.journal_append(key, raw, self._clock_ms())
+            is_new = await self.journal.journal_append(key, raw, self._clock_ms())
         except Exception:
             # Not stored, so not acknowledged: the homeserver keeps it and resends later.
             log.exception("could not store transaction %s", txn_id)
@@ -245,7 +247,7 @@ class AppserviceAPI:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         try:
-            stats = await self.store.inbox_stats()
+            stats = await self.inbox.inbox_stats()
         except Exception as e:  # metrics must answer even when the store is sick
             log.warning("inbox stats unavailable for /metrics: %s", e)
         else:

@@ -41,7 +41,8 @@ from ..policy.completeness import (
     decide_page,
     timing_for_bound,
 )
-from ..store import AuditRecord, NewEvent, Store
+from ..store import AuditRecord, NewEvent
+from ..store.domains import InboxStore, KVStore
 from .client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 from .transactions import parse_event
 
@@ -61,13 +62,15 @@ MAX_OUTAGES = 64
 class CompletenessCheck:
     """Runs on the leader: one check every ``timing.interval_ms`` (see the module doc)."""
 
-    def __init__(self, store: Store, client: MatrixClient, metrics: Metrics, *,
+    def __init__(self, inbox: InboxStore, kv: KVStore, client: MatrixClient, metrics: Metrics,
+                 *,
                  admin_user_id: str, bound_seconds: float,
                  clock_ms: Callable[[], int],
                  on_recovered: Callable[[], None],
                  admin_ready: Callable[[], bool] = lambda: True,
                  timing: Timing | None = None):
-        self.store = store
+        self.inbox = inbox
+        self.kv = kv
         self.client = client
         self.metrics = metrics
         self.admin = admin_user_id
@@ -131,7 +134,7 @@ class CompletenessCheck:
         first and the check does not race it."""
         # The first start with the check on: nothing older is fed to the handlers (kept
         # once, so a crash before the first check does not move it).
-        await self.store.component_put_new(COMPONENT, SINCE_KEY, str(self.started_ms),
+        await self.kv.component_put_new(COMPONENT, SINCE_KEY, str(self.started_ms),
                                            self.started_ms)
         if wait_ready is not None:
             await wait_ready()
@@ -178,10 +181,10 @@ class CompletenessCheck:
         else:
             self._homeserver_answered()
         quiet = position is not None and position == self._position
-        await self.store.component_put_new(COMPONENT, SINCE_KEY, str(self.started_ms), started)
-        since_ms = int(await self.store.component_get(COMPONENT, SINCE_KEY) or self.started_ms)
+        await self.kv.component_put_new(COMPONENT, SINCE_KEY, str(self.started_ms), started)
+        since_ms = int(await self.kv.component_get(COMPONENT, SINCE_KEY) or self.started_ms)
         rooms = sorted(self._unsettled) if quiet else await self._rooms()
-        cursors = await self.store.component_list(COMPONENT, CURSOR_PREFIX)
+        cursors = await self.kv.component_list(COMPONENT, CURSOR_PREFIX)
         recovered, gap = 0, 0
         waiting: set[str] = set()
         # a few rooms at a time: one check of many rooms stays well inside the bound
@@ -267,7 +270,7 @@ class CompletenessCheck:
                       and isinstance(e.get("event_id"), str)]
             seen = [SeenEvent(e["event_id"], _ts(e)) for e in events
                     if (_ts(e) or now) >= since_ms]
-            known = await self.store.inbox_known([s.event_id for s in seen])
+            known = await self.inbox.inbox_known([s.event_id for s in seen])
             decision = decide_page(seen, known, now, self.timing.grace_ms, self._first_seen)
             for eid in decision.waiting:
                 self._first_seen.setdefault(eid, now)
@@ -286,7 +289,7 @@ class CompletenessCheck:
                 break
             token = end
         if new_cursor is not None and new_cursor != cursor:
-            await self.store.component_put(COMPONENT, CURSOR_PREFIX + room, new_cursor,
+            await self.kv.component_put(COMPONENT, CURSOR_PREFIX + room, new_cursor,
                                            self.clock_ms())
         return recovered, gap, waiting, advancing
 
@@ -328,7 +331,7 @@ class CompletenessCheck:
             detail=orjson.dumps({"event_ids": ids, "causes": causes,
                                  "max_late_ms": max(late, default=None)}).decode(),
         )
-        n = await self.store.save_recovered(f"recovered:{main_cause}:{digest}", rows, audit,
+        n = await self.inbox.save_recovered(f"recovered:{main_cause}:{digest}", rows, audit,
                                             now)
         if n:
             # counted by what went in (a push may have won the race for some)

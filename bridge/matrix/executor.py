@@ -24,7 +24,8 @@ from ..policy.actions import (
     action_from_dict,
 )
 from ..policy.resend import ACTION_KEY
-from ..store import AuditRecord, Store, StoredAction
+from ..store import AuditRecord, StoredAction
+from ..store.domains import AuditStore, OutboxStore
 from .client import HomeserverUnavailable, MatrixClient, MatrixRequestError
 from .readback import ReadBack
 
@@ -67,12 +68,14 @@ class Applier(Protocol):
 class Executor:
     """Turns :class:`Action` objects into client/admin API calls."""
 
-    def __init__(self, client: MatrixClient, store: Store, *, bot_user_id: str,
+    def __init__(self, client: MatrixClient, outbox: OutboxStore, audit: AuditStore, *,
+                 bot_user_id: str,
                  clock_ms: Callable[[], int], metrics: Metrics,
                  admin_user_id: str | None = None,
                  installation_id: Callable[[], str] = lambda: ""):
         self.client = client
-        self.store = store
+        self.outbox = outbox
+        self.audit = audit
         self.bot_user_id = bot_user_id
         # reads a room's timeline back before a resend (admin API: any room, member or not)
         self.admin_user_id = admin_user_id or bot_user_id
@@ -198,7 +201,7 @@ class Executor:
         try:
             action = action_from_dict(orjson.loads(stored.payload))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            await self.store.finish_action(
+            await self.outbox.finish_action(
                 stored.id, "failed", f"undecodable action: {e}", stored.attempts + 1,
                 AuditRecord(ts=self.clock_ms(), source="inbox", kind="unknown",
                             outcome="failed", detail=f"undecodable action {stored.id}: {e}"),
@@ -225,7 +228,7 @@ class Executor:
                 error = f"{type(e).__name__}: {e}"
                 log.exception("action %d (%s) failed unexpectedly", stored.id, action.kind)
             if attempts >= max_attempts:
-                await self.store.finish_action(
+                await self.outbox.finish_action(
                     stored.id, "parked", error, attempts,
                     self._audit(action, "parked", error, "inbox"), self.clock_ms(),
                 )
@@ -234,11 +237,11 @@ class Executor:
                 log.error("action %d (%s) parked after %d attempts: %s", stored.id,
                           action.kind, attempts, error)
                 return True
-            await self.store.finish_action(stored.id, "pending", error, attempts, None,
-                                           self.clock_ms())
+            await self.outbox.finish_action(stored.id, "pending", error, attempts, None,
+                                            self.clock_ms())
             self._unrecorded.discard(stored.id)
             return False
-        await self.store.finish_action(
+        await self.outbox.finish_action(
             stored.id, outcome.status, outcome.detail, attempts,
             self._audit(action, outcome.status, outcome.detail, "inbox"), self.clock_ms(),
         )
@@ -262,6 +265,6 @@ class Executor:
             outcome = await self.apply(action, key, resend=resend)
         except (HomeserverUnavailable, LookupError) as e:
             outcome = Outcome("failed", f"{type(e).__name__}: {e}")
-        await self.store.add_audit(self._audit(action, outcome.status, outcome.detail, source))
+        await self.audit.add_audit(self._audit(action, outcome.status, outcome.detail, source))
         self.metrics.actions.labels(kind=action.kind, outcome=outcome.status).inc()
         return outcome

@@ -25,7 +25,8 @@ from ..config.models import InboxConfig
 from ..kernel.retry import Backoff
 from ..metrics import Metrics
 from ..policy.actions import Action
-from ..store import AuditRecord, InboxEvent, QuarantinedEvent, Store
+from ..store import AuditRecord, InboxEvent, QuarantinedEvent
+from ..store.domains import InboxStore, JournalStore, OutboxStore
 from .executor import Executor
 from .transactions import BadTransaction, ParsedTransaction, parse_transaction
 
@@ -64,7 +65,7 @@ STARTUP_ACTIONS = 100_000
 
 
 async def expand_journal(
-    store: Store, metrics: Metrics, *, limit: int,
+    journal: JournalStore, inbox: InboxStore, metrics: Metrics, *, limit: int,
     pause: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Expand journaled transactions into inbox events (and quarantine); return how many.
@@ -73,7 +74,7 @@ async def expand_journal(
     deduplicates by transaction id, so re-expanding an entry whose removal was lost to a
     crash stores nothing twice.
     """
-    entries = await store.journal_pending(limit)
+    entries = await journal.journal_pending(limit)
     for entry in entries:
         if pause is not None:
             await pause()
@@ -85,7 +86,7 @@ async def expand_journal(
                 position=0, section="transaction", reason=f"unreadable transaction: {e}",
                 raw=entry.body[:65536].decode("utf-8", "replace"),
             )])
-        is_new = await store.save_transaction(
+        is_new = await inbox.save_transaction(
             entry.txn_id, parsed.events, parsed.quarantined, entry.received_at
         )
         if not is_new:
@@ -102,7 +103,7 @@ async def expand_journal(
             for qe in parsed.quarantined:
                 log.warning("quarantined event %d of %s in txn %s: %s", qe.position,
                             qe.section, entry.txn_id, qe.reason)
-    await store.journal_remove([e.seq for e in entries])
+    await journal.journal_remove([e.seq for e in entries])
     return len(entries)
 
 
@@ -113,10 +114,13 @@ def backoff_ms(attempts: int, cfg: InboxConfig) -> int:
 
 class InboxProcessor:
     def __init__(
-        self, store: Store, executor: Executor, handlers: Sequence[EventHandler],
+        self, journal: JournalStore, inbox: InboxStore, outbox: OutboxStore, executor: Executor,
+        handlers: Sequence[EventHandler],
         cfg: InboxConfig, metrics: Metrics, clock_ms: Callable[[], int],
     ):
-        self.store = store
+        self.journal = journal
+        self.inbox = inbox
+        self.outbox = outbox
         self.executor = executor
         self.handlers = list(handlers)
         self.cfg = cfg
@@ -202,9 +206,9 @@ class InboxProcessor:
         self._event_retry_due = None
         self._maybe_more = True
         # Actions committed before a crash but not applied: resume them first.
-        self._resume_up_to = await self.store.last_action_id()
+        self._resume_up_to = await self.outbox.last_action_id()
         self._lanes_resumed.clear()
-        pending = await self.store.pending_actions(None, STARTUP_ACTIONS)
+        pending = await self.outbox.pending_actions(None, STARTUP_ACTIONS)
         for a in pending:
             self._lane_retry_at.setdefault(a.lane, 0)
             self._action_lanes.add(a.lane)
@@ -307,7 +311,7 @@ class InboxProcessor:
         limit = self.cfg.batch_size + len(self._owned)  # rows in hand come back too
         self._fetching = True
         try:
-            events = await self.store.fetch_due_events(now, limit)
+            events = await self.inbox.fetch_due_events(now, limit)
         except BaseException:
             self._maybe_more = True
             raise
@@ -355,8 +359,8 @@ class InboxProcessor:
         while not self._stopping:
             self._journal_wake.clear()
             try:
-                n = await expand_journal(self.store, self.metrics, limit=JOURNAL_BATCH,
-                                         pause=self.yield_to_ingest)
+                n = await expand_journal(self.journal, self.inbox, self.metrics,
+                                         limit=JOURNAL_BATCH, pause=self.yield_to_ingest)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -401,7 +405,7 @@ class InboxProcessor:
                 not self._actions_unknown or lane in self._lanes_checked):
             return True
         while True:
-            pending = await self.store.pending_actions(lane, 100)
+            pending = await self.outbox.pending_actions(lane, 100)
             for stored in pending:
                 resumed = stored.id <= self._resume_up_to and lane not in self._lanes_resumed
                 self._lanes_resumed.add(lane)
@@ -483,7 +487,7 @@ class InboxProcessor:
             return
         now = self.clock_ms()
         seqs = [e.seq for e in done]
-        await self.store.complete_events(seqs, rows, now)
+        await self.inbox.complete_events(seqs, rows, now)
         self._release(seqs)
         self.metrics.events_processed.labels(outcome="done").inc(len(done))
         for e in done:
@@ -510,7 +514,7 @@ class InboxProcessor:
             room_id=ev.room_id or None, user_id=ev.sender,
             reason=f"handler failed {attempts} times", detail=f"{ev.event_id}: {error}",
         ) if park else None
-        await self.store.fail_event(ev.seq, attempts, due, error, park, audit)
+        await self.inbox.fail_event(ev.seq, attempts, due, error, park, audit)
         if park:
             log.error("event %s parked after %d attempts: %s", ev.event_id, attempts, error)
             self.metrics.events_processed.labels(outcome="parked").inc()

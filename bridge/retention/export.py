@@ -63,7 +63,8 @@ from .transcript import render_html
 
 if TYPE_CHECKING:
     from ..policy.retention import Hold
-    from ..store.base import ArchivedEvent, Store
+    from ..store.base import ArchivedEvent
+    from ..store.domains import ArchiveIndexStore, DirectoryStore, HoldStore
     from .archive import ArchiveWriter
 
 FORMATS = frozenset({"jsonl", "html", "eml"})
@@ -265,13 +266,13 @@ def media_extension(content_type: str | None, filename: str | None) -> str:
 
 
 # -- orchestration --------------------------------------------------------------------------
-async def resolve_selection(store: Store, req: ExportRequest) -> Selection:
+async def resolve_selection(holds: HoldStore, req: ExportRequest) -> Selection:
     """Combine the request with its hold (if any): the hold selects, the request narrows."""
     rooms, users = tuple(req.rooms), tuple(req.users)
     since, until = req.since_ms, req.until_ms
     if req.hold_id is None:
         return Selection(rooms, users, since, until)
-    hold = await store.hold_get(req.hold_id)
+    hold = await holds.hold_get(req.hold_id)
     if hold is None:
         raise ValueError(f"no legal hold with id {req.hold_id!r}")
     empty = False
@@ -297,21 +298,21 @@ async def resolve_selection(store: Store, req: ExportRequest) -> Selection:
     return Selection(rooms, users, since, until, empty)
 
 
-async def directory_emails(store: Store) -> dict[str, str]:
+async def directory_emails(directory_store: DirectoryStore) -> dict[str, str]:
     """User id -> the person's directory email (the last directory view, then what Enclave
     provisioned, so leavers keep theirs)."""
-    out = {r.user_id: r.email for r in await store.directory_people() if r.email}
-    out.update({r.user_id: r.email for r in await store.directory_view() if r.email})
+    out = {r.user_id: r.email for r in await directory_store.directory_people() if r.email}
+    out.update({r.user_id: r.email for r in await directory_store.directory_view() if r.email})
     return out
 
 
-async def _rows(store: Store, room_id: str, *, senders: Sequence[str] | None,
+async def _rows(index: ArchiveIndexStore, room_id: str, *, senders: Sequence[str] | None,
                 since_ms: int | None, until_ms: int | None) -> list[ArchivedEvent]:
     """Every index row of a room matching the filters, in archive order (keyset pages)."""
     out: list[ArchivedEvent] = []
     after: tuple[int, str, int] | None = None
     while True:
-        page = await store.archive_query(
+        page = await index.archive_query(
             room_id=room_id, senders=senders, since_ms=since_ms, until_ms=until_ms,
             include_purged=True, after=after, limit=PAGE, archive_order=True,
         )
@@ -387,7 +388,9 @@ class _Files:
 
 async def export_archive(
     archive: ArchiveWriter,
-    store: Store,
+    index: ArchiveIndexStore,
+    holds: HoldStore,
+    directory_store: DirectoryStore,
     out_dir: Path,
     req: ExportRequest,
     *,
@@ -406,15 +409,15 @@ async def export_archive(
     if unknown or not req.formats:
         raise ValueError(f"unknown export formats {sorted(unknown)}; use {sorted(FORMATS)}")
     now = clock_ms() if clock_ms is not None else int(time.time() * 1000)
-    sel = await resolve_selection(store, req)
+    sel = await resolve_selection(holds, req)
     files = _Files(out_dir)
     await asyncio.to_thread(files.check_empty)
 
     from .service import hold_from_record
 
-    holds = [hold_from_record(h) for h in await store.holds()]
-    emails = await directory_emails(store)
-    room_ids = list(sel.rooms) if sel.rooms else sorted(await store.archive_rooms())
+    active_holds = [hold_from_record(h) for h in await holds.holds()]
+    emails = await directory_emails(directory_store)
+    room_ids = list(sel.rooms) if sel.rooms else sorted(await index.archive_rooms())
     room_ids = sorted(dict.fromkeys(room_ids))
     senders = list(sel.users) or None
     total_events = 0
@@ -422,7 +425,7 @@ async def export_archive(
     rooms_meta: list[dict[str, Any]] = []
     jsonl = "events.jsonl"
     for room_id in [] if sel.empty else room_ids:
-        rows = await _rows(store, room_id, senders=senders, since_ms=sel.since_ms,
+        rows = await _rows(index, room_id, senders=senders, since_ms=sel.since_ms,
                            until_ms=sel.until_ms)
         if not rows:
             continue
@@ -434,7 +437,7 @@ async def export_archive(
             await asyncio.to_thread(files.append, jsonl, data)
 
         # Names and the room name as the whole archived room knows them.
-        context_rows = [r for r in await _rows(store, room_id, senders=None, since_ms=None,
+        context_rows = [r for r in await _rows(index, room_id, senders=None, since_ms=None,
                                                until_ms=None)
                         if r.type in ("m.room.member", "m.room.name", "m.room.canonical_alias")]
         context = await _read(archive, context_rows)
@@ -447,7 +450,7 @@ async def export_archive(
             mxc = attachment_mxc(ev)
             if mxc is None or mxc in media_href:
                 continue
-            record = await store.archive_media_get(mxc)
+            record = await index.archive_media_get(mxc)
             # deleted_at: gone from the homeserver; the archive's copy is what we export
             src = None if record is None else archive.media_path(record.sha256)
             if record is None or src is None:
@@ -470,7 +473,7 @@ async def export_archive(
         if "html" in req.formats:
             page = render_html(room_id, name, events, names, media_href,
                                since_ms=sel.since_ms, until_ms=sel.until_ms, generated_ms=now,
-                               marks=event_marks(room_id, rows, holds))
+                               marks=event_marks(room_id, rows, active_holds))
             await asyncio.to_thread(files.write, f"{room_dir}/transcript.html", page.encode())
         if "eml" in req.formats:
             redactions: dict[str, Mapping[str, Any]] = {}

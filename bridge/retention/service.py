@@ -27,8 +27,16 @@ from ..metrics import Metrics
 from ..policy.actions import Action, Join, Redact, SendEvent, SetState
 from ..policy.power import RoomPower, enclave_actor
 from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy, validate_hold
-from ..store import Store
 from ..store.base import AuditRecord, HoldRecord, RetentionRoom
+from ..store.domains import (
+    ArchiveIndexStore,
+    AuditStore,
+    DirectoryStore,
+    HoldStore,
+    KVStore,
+    LeaseStore,
+    RetentionRoomStore,
+)
 from ..store.lease import held_lease, new_lease_owner
 from .archive import ArchiveWriter
 
@@ -134,7 +142,9 @@ class RetentionRun:
 class RetentionService:
     """Archives every event it is given, purges what is due, and keeps holds."""
 
-    def __init__(self, config: RetentionConfig, *, store: Store, client: MatrixClient,
+    def __init__(self, config: RetentionConfig, *, audit: AuditStore, index: ArchiveIndexStore,
+                 holds: HoldStore, retention_rooms: RetentionRoomStore, kv: KVStore,
+                 directory_store: DirectoryStore, leases: LeaseStore, client: MatrixClient,
                  executor: Executor, archive: ArchiveWriter, metrics: Metrics,
                  clock_ms: Callable[[], int], server_name: str, bot_user_id: str,
                  admin_user_id: str, service_prefix: str,
@@ -143,7 +153,13 @@ class RetentionService:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.config = config
         self.policy = RetentionPolicy(config)
-        self.store = store
+        self.audit = audit
+        self.index = index
+        self.holds = holds
+        self.retention_rooms = retention_rooms
+        self.kv = kv
+        self.directory_store = directory_store
+        self.leases = leases
         self.client = client
         self.executor = executor
         self.archive = archive
@@ -187,12 +203,12 @@ class RetentionService:
     async def period(self, room_id: str, room_class: str | None = None) -> Period:
         if room_class is None:
             room_class = await self.room_class(room_id)
-        row = await self.store.retention_room_get(room_id)
+        row = await self.retention_rooms.retention_room_get(room_id)
         override = row.override_ms if row is not None else None
         return self.policy.period_for(room_class, override_ms=override)
 
     async def active_holds(self) -> list[Hold]:
-        return [hold_from_record(r) for r in await self.store.holds()]
+        return [hold_from_record(r) for r in await self.holds.holds()]
 
     async def unknown_hold_subjects(self, users: Sequence[str],
                                     rooms: Sequence[str]) -> list[str]:
@@ -202,8 +218,8 @@ class RetentionService:
         leaves the real custodian unheld."""
         problems: list[str] = []
         if users:
-            known = {p.user_id for p in await self.store.directory_people()}
-            known |= {r.user_id for r in await self.store.directory_view()}
+            known = {p.user_id for p in await self.directory_store.directory_people()}
+            known |= {r.user_id for r in await self.directory_store.directory_view()}
             for u in users:
                 if u in known:
                     continue
@@ -214,12 +230,12 @@ class RetentionService:
                     except MatrixRequestError as e:
                         if e.status != 400:  # 400: not a valid local user id
                             raise
-                elif await self.store.archive_query(senders=[u], limit=1):
+                elif await self.index.archive_query(senders=[u], limit=1):
                     continue
                 problems.append(f"unknown user {u!r}: not on the homeserver, in the "
                                 "directory or in the archive")
         if rooms:
-            archived = await self.store.archive_rooms()
+            archived = await self.index.archive_rooms()
             for r in rooms:
                 if r in archived:
                     continue
@@ -250,18 +266,18 @@ class RetentionService:
         validate_hold(hold_from_record(record))
         audit = _hold_audit(record, self.clock_ms(), "hold_add", record.placed_by,
                             record.reason, source)
-        return await self.store.hold_add(record, audit)
+        return await self.holds.hold_add(record, audit)
 
     async def release_hold(self, hold_id: str, *, by: str, reason: str,
                            source: str = "cli") -> bool:
         """Release an active hold (audited); False when there is no active hold by that id.
         Its events follow the retention policy again."""
-        record = await self.store.hold_get(hold_id)
+        record = await self.holds.hold_get(hold_id)
         if record is None or record.released_at is not None:
             return False
         now = self.clock_ms()
         audit = _hold_audit(record, now, "hold_release", by, reason, source)
-        return await self.store.hold_release(hold_id, by, now, audit)
+        return await self.holds.hold_release(hold_id, by, now, audit)
 
     # -- the live feed -----------------------------------------------------------------
     async def handle_event(self, event: dict[str, Any], meta: Any) -> Sequence[Action]:
@@ -309,7 +325,7 @@ class RetentionService:
                 except (ValueError, MatrixRequestError) as e:
                     self.metrics.archived_media.labels(outcome="unavailable").inc()
                     log.warning("media %s of %s not archived: %s", mxc, ev.get("event_id"), e)
-                    await self.store.add_audit(AuditRecord(
+                    await self.audit.add_audit(AuditRecord(
                         ts=self.clock_ms(), source="retention", kind="archive_media",
                         outcome="failed", room_id=room_id, rule_id="builtin.archive",
                         reason="media could not be copied", detail=f"{mxc}: {e}"))
@@ -367,7 +383,7 @@ class RetentionService:
         if actor is None:
             log.warning("retention state in %s changed by %s and Enclave cannot put it "
                         "back", room_id, sender)
-            await self.store.add_audit(AuditRecord(
+            await self.audit.add_audit(AuditRecord(
                 ts=self.clock_ms(), source="retention", kind="set_state", outcome="failed",
                 room_id=room_id, user_id=sender, rule_id=d.rule_id, reason=d.reason,
                 detail=f"not reverted: {self._not_in_room}"))
@@ -401,11 +417,11 @@ class RetentionService:
                 d = self.policy.decide_adjustment(room_class, power, requested)
                 if d.allow:
                     now = self.clock_ms()
-                    old = await self.store.retention_room_get(room_id)
-                    await self.store.retention_room_put(_room_row(
+                    old = await self.retention_rooms.retention_room_get(room_id)
+                    await self.retention_rooms.retention_room_put(_room_row(
                         old, room_id, room_class, now, override_ms=requested,
                         override_by=sender))
-                    await self.store.add_audit(AuditRecord(
+                    await self.audit.add_audit(AuditRecord(
                         ts=now, source="retention", kind="retention_adjust",
                         outcome="applied", actor=sender, room_id=room_id, rule_id=d.rule_id,
                         reason=d.reason, detail=f"period set to {m.group(1)}"))
@@ -469,7 +485,7 @@ class RetentionService:
         if notice == "topic":
             topic = next(((e.get("content") or {}).get("topic") for e in state
                           if e.get("type") == "m.room.topic"), None) or ""
-            last = await self.store.component_get(TOPIC_COMPONENT, room_id)
+            last = await self.kv.component_get(TOPIC_COMPONENT, room_id)
             lines = [ln for ln in topic.split("\n") if ln and ln != last and ln != text]
             new_topic = "\n".join([*lines, text])
             if new_topic != topic:
@@ -482,11 +498,11 @@ class RetentionService:
                                             event_type="m.room.topic",
                                             content={"topic": new_topic}))
                     if apply:
-                        await self.store.component_put(TOPIC_COMPONENT, room_id, text,
+                        await self.kv.component_put(TOPIC_COMPONENT, room_id, text,
                                                        self.clock_ms())
         elif notice == "message":
-            row = await self.store.retention_room_get(room_id)
-            said = await self.store.component_get("retention.notice", room_id)
+            row = await self.retention_rooms.retention_room_get(room_id)
+            said = await self.kv.component_get("retention.notice", room_id)
             if said != text:
                 if membership_of(state, self.bot_user_id) != "join":
                     # the bot joins only where it was invited or the room is open: Enclave
@@ -526,12 +542,12 @@ class RetentionService:
                 body = a.content.get("m.new_content", a.content).get("body")
                 text_sent = body
                 if "m.relates_to" not in a.content and o.detail.startswith("$"):
-                    old = await self.store.retention_room_get(room_id)
-                    await self.store.retention_room_put(_room_row(
+                    old = await self.retention_rooms.retention_room_get(room_id)
+                    await self.retention_rooms.retention_room_put(_room_row(
                         old, room_id, old.room_class if old else None, self.clock_ms(),
                         notice_event_id=o.detail))
         if text_sent is not None:
-            await self.store.component_put("retention.notice", room_id, text_sent,
+            await self.kv.component_put("retention.notice", room_id, text_sent,
                                            self.clock_ms())
         return done
 
@@ -552,7 +568,7 @@ class RetentionService:
                 room_id, admin=self.admin_user_id, from_token=token, limit=_ADMIN_PAGE)
             events = [e for e in chunk if isinstance(e.get("event_id"), str)]
             read += len(events)
-            known = await self.store.archive_known([e["event_id"] for e in events])
+            known = await self.index.archive_known([e["event_id"] for e in events])
             lacking = [e for e in events if e["event_id"] not in known]
             lacked += [(int(e.get("origin_server_ts") or 0), e.get("sender"), "state_key" in e)
                        for e in lacking]
@@ -562,7 +578,7 @@ class RetentionService:
                 res = await self.archive.append(room_id, lacking)
                 self.metrics.archived_events.labels(path="backfill").inc(res.written)
                 await self.copy_media(room_id, lacking)
-                again = await self.store.archive_known([e["event_id"] for e in lacking])
+                again = await self.index.archive_known([e["event_id"] for e in lacking])
                 if len(again) != len(lacking):
                     raise RuntimeError(f"archive of {room_id} is missing "
                                        f"{len(lacking) - len(again)} events after writing")
@@ -581,7 +597,7 @@ class RetentionService:
         Only messages count: the homeserver keeps state events through a purge (they make
         up the room), so they are never due, and a held user's join does not hold the
         room."""
-        messages = [*await self.store.archive_timestamps(room_id, messages_only=True),
+        messages = [*await self.index.archive_timestamps(room_id, messages_only=True),
                     *((ts, sender) for ts, sender, is_state in extra if not is_state)]
         stamps = sorted(ts for ts, _ in messages)
         relevant = [h for h in holds if h.active()]
@@ -597,7 +613,7 @@ class RetentionService:
 
     async def rooms(self) -> list[str]:
         """Every room the homeserver knows, and every room in the archive."""
-        out: set[str] = set(await self.store.archive_rooms())
+        out: set[str] = set(await self.index.archive_rooms())
         start: int | None = 0
         while start is not None:
             page, start = await self.client.admin_list_rooms(admin=self.admin_user_id,
@@ -618,7 +634,7 @@ class RetentionService:
         try:
             after: tuple[int, str, int] | None = None
             for _ in range(_BOUNDARY_TRIES):
-                rows = await self.store.archive_query(
+                rows = await self.index.archive_query(
                     room_id=room_id, since_ms=up_to_ts, include_purged=False, after=after,
                     limit=1)
                 if not rows:
@@ -640,7 +656,7 @@ class RetentionService:
                 room_id, admin=self.admin_user_id, up_to_ts=up_to_ts)
         finally:
             if gone:
-                await self.store.archive_mark_gone(room_id, gone, self.clock_ms())
+                await self.index.archive_mark_gone(room_id, gone, self.clock_ms())
 
     async def _purge_step(self, room_id: str, up_to_ts: int) -> PurgeStep:
         """Purge the room's events with ts < ``up_to_ts``.
@@ -691,7 +707,7 @@ class RetentionService:
             for w in rr.plan.windows:
                 step = await self._purge_step(room_id, w)
                 rr.steps.append(step)
-                n = await self.store.archive_mark_purged(room_id, w, self.clock_ms())
+                n = await self.index.archive_mark_purged(room_id, w, self.clock_ms())
                 rr.purged += n
                 self.metrics.purged_events.inc(n)
                 if progress is not None:
@@ -704,11 +720,11 @@ class RetentionService:
                     await self.redact_deferred(room_id, rr.plan, holds))
             rr.media_deleted = await self.purge_media(room_id, period, now, holds)
             if rr.steps or rr.media_deleted or rr.redacted:
-                old = await self.store.retention_room_get(room_id)
-                await self.store.retention_room_put(_room_row(
+                old = await self.retention_rooms.retention_room_get(room_id)
+                await self.retention_rooms.retention_room_put(_room_row(
                     old, room_id, room_class, self.clock_ms(),
                     purged_up_to=rr.plan.cutoff_ms, last_purge_at=self.clock_ms()))
-                await self.store.add_audit(AuditRecord(
+                await self.audit.add_audit(AuditRecord(
                     ts=self.clock_ms(), source="retention", kind="purge", outcome="applied",
                     room_id=room_id, rule_id=period.rule_id, reason=rr.plan.reason,
                     detail=(f"purged {rr.purged} events up to {rr.plan.cutoff_ms} in "
@@ -723,7 +739,7 @@ class RetentionService:
             # the archive write failed or the homeserver did: nothing more is purged here
             rr.error = f"{type(e).__name__}: {e}"
             log.error("retention of %s stopped: %s", room_id, rr.error)
-            await self.store.add_audit(AuditRecord(
+            await self.audit.add_audit(AuditRecord(
                 ts=self.clock_ms(), source="retention", kind="purge", outcome="failed",
                 room_id=room_id, rule_id=period.rule_id, reason="retention run stopped",
                 detail=rr.error))
@@ -744,7 +760,7 @@ class RetentionService:
         power (or the bot may join: invited, or a public room) the events are left and
         reported. Returns (redacted, left, why they were left)."""
         assert plan.held_from_ms is not None and plan.due_before_ms is not None
-        rows = await self.store.archive_query(
+        rows = await self.index.archive_query(
             room_id=room_id, since_ms=plan.held_from_ms, until_ms=plan.due_before_ms - 1,
             include_purged=False)
         state: list[dict[str, Any]] | None = None
@@ -756,7 +772,7 @@ class RetentionService:
                 continue
             if any(h.active() and h.matches(room_id, r.sender, r.ts) for h in holds):
                 continue
-            if await self.store.component_get(REDACTED_COMPONENT, r.event_id) is not None:
+            if await self.kv.component_get(REDACTED_COMPONENT, r.event_id) is not None:
                 continue
             if state is None:
                 state = await self._room_state(room_id)
@@ -777,13 +793,13 @@ class RetentionService:
                 left += 1
                 why = why or o.detail
                 continue
-            await self.store.component_put(REDACTED_COMPONENT, r.event_id, o.detail,
+            await self.kv.component_put(REDACTED_COMPONENT, r.event_id, o.detail,
                                            self.clock_ms())
             done += 1
         if left:
             log.warning("retention: %d due messages in %s left unredacted: %s", left,
                         room_id, why)
-            await self.store.add_audit(AuditRecord(
+            await self.audit.add_audit(AuditRecord(
                 ts=self.clock_ms(), source="retention", kind="redact", outcome="failed",
                 room_id=room_id, rule_id=plan.rule_id,
                 reason="due messages kept by a legal hold could not be redacted by Enclave",
@@ -816,7 +832,7 @@ class RetentionService:
         """Delete the room's local media whose period is over and that no hold covers;
         only media that is safely in the archive."""
         deleted = []
-        for m in await self.store.archive_media_list(room_id=room_id):
+        for m in await self.index.archive_media_list(room_id=room_id):
             if m.deleted_at is not None or not m.mxc.startswith(f"mxc://{self.server_name}/"):
                 continue
             if not self.policy.media_due(period, m.ts, now):
@@ -830,7 +846,7 @@ class RetentionService:
             await self.client.admin_delete_media(m.mxc, admin=self.admin_user_id)
             deleted.append(m.mxc)
         if deleted:
-            await self.store.archive_media_mark_deleted(deleted, self.clock_ms())
+            await self.index.archive_media_mark_deleted(deleted, self.clock_ms())
         return len(deleted)
 
     async def prune_archive(self, now: int, holds: Sequence[Hold],
@@ -841,7 +857,7 @@ class RetentionService:
         (its room and time range; a hold on users keeps the segments of their time too).
         Returns segments pruned."""
         pruned = 0
-        for room_id in rooms if rooms is not None else list(await self.store.archive_rooms()):
+        for room_id in rooms if rooms is not None else list(await self.index.archive_rooms()):
             room_class = await self.room_class(room_id)
             for seg in await self.archive.segments(room_id):
                 if not seg.sealed or seg.last_ts is None or seg.first_ts is None:
@@ -855,7 +871,7 @@ class RetentionService:
                                                         now_ms=now):
                     continue
                 await self.archive.prune_segment(room_id, seg.name, "archive retention")
-                await self.store.add_audit(AuditRecord(
+                await self.audit.add_audit(AuditRecord(
                     ts=self.clock_ms(), source="retention", kind="archive_prune",
                     outcome="applied", room_id=room_id, rule_id="retention.archive",
                     reason="archive retention period over",
@@ -866,11 +882,11 @@ class RetentionService:
     async def _media_sender(self, event_id: str | None) -> str | None:
         if not event_id:
             return None
-        rows = await self.store.archive_events_by_id([event_id])
+        rows = await self.index.archive_events_by_id([event_id])
         return rows[0].sender if rows else None
 
     def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms,
+        return held_lease(self.leases, LEASE_NAME, self.lease_owner, self.clock_ms,
                           self.lease_ttl_ms,
                           lambda: RuntimeError("another Enclave process is running retention"))
 

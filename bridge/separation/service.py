@@ -35,8 +35,9 @@ from ..policy.separation import (
     room_facts_from_invite,
     room_facts_from_state,
 )
-from ..store import InboxEvent, Store
+from ..store import InboxEvent
 from ..store.base import AuditRecord
+from ..store.domains import AuditStore, DirectoryStore, KVStore, LeaseStore
 from ..store.lease import held_lease, new_lease_owner
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,18 @@ class ReconcileResult:
 class SeparationService:
     """Holds the running policy (swapped on reload) and serves every enforcement layer."""
 
-    def __init__(self, config: PolicyConfig, *, store: Store, client: MatrixClient,
+    def __init__(self, config: PolicyConfig, *, audit: AuditStore, kv: KVStore,
+                 directory_store: DirectoryStore, leases: LeaseStore, client: MatrixClient,
                  executor: Executor, metrics: Metrics, clock_ms: Callable[[], int],
                  server_name: str, bot_user_id: str, admin_user_id: str,
                  service_prefix: str,
                  creation_state: Callable[[str], list[dict[str, Any]]] | None = None,
                  lease_ttl_ms: int = 120_000):
         self.config = config
-        self.store = store
+        self.audit = audit
+        self.kv = kv
+        self.directory_store = directory_store
+        self.leases = leases
         self.client = client
         self.executor = executor
         self.metrics = metrics
@@ -147,7 +152,7 @@ class SeparationService:
         if fresh or self._policy is None or now - self._built_at > REBUILD_MS:
             async with self._lock:
                 if fresh or self._policy is None or now - self._built_at > REBUILD_MS:
-                    staff = await self.store.directory_view()
+                    staff = await self.directory_store.directory_view()
                     self._policy = self.build(self.config, staff, now)
                     self._built_at = now
         assert self._policy is not None
@@ -197,7 +202,7 @@ class SeparationService:
         """The class Enclave recorded for ``room_id``, or None."""
         if room_id in self._records:
             return self._records[room_id]
-        raw = await self.store.component_get(CLASS_COMPONENT, room_id)
+        raw = await self.kv.component_get(CLASS_COMPONENT, room_id)
         if raw is None:
             return None
         cls = str(json.loads(raw)["class"])
@@ -208,7 +213,7 @@ class SeparationService:
                            source: str) -> str:
         """Record ``room_class`` for ``room_id`` unless a record exists; the class in force."""
         value = json.dumps({"class": room_class, "rule_id": rule_id, "source": source})
-        if await self.store.component_put_new(CLASS_COMPONENT, room_id, value,
+        if await self.kv.component_put_new(CLASS_COMPONENT, room_id, value,
                                               self.clock_ms()):
             log.info("separation: room %s recorded as class %s (%s, %s)", room_id,
                      room_class, rule_id, source)
@@ -228,7 +233,7 @@ class SeparationService:
             {**e, "content": {**e["content"], "grant": grant}}
             if e.get("type") == CLASS_STATE_TYPE and e.get("state_key", "") == "" else e
             for e in edits.get("initial_state") or []]
-        await self.store.component_put(GRANT_COMPONENT, grant, json.dumps(
+        await self.kv.component_put(GRANT_COMPONENT, grant, json.dumps(
             {"class": room_class, "rule_id": rule_id, "creator": creator,
              "ts": self.clock_ms()}), self.clock_ms())
         return out
@@ -238,12 +243,12 @@ class SeparationService:
         class state is bound first); the room's own class claim never counts."""
         rec = await self.class_record(facts.room_id)
         if rec is None and facts.claimed_grant and facts.known:
-            raw = await self.store.component_get(GRANT_COMPONENT, facts.claimed_grant)
+            raw = await self.kv.component_get(GRANT_COMPONENT, facts.claimed_grant)
             grant = json.loads(raw) if raw is not None else None
             if grant is not None and grant.get("creator") in facts.creators:
                 rec = await self.record_class(facts.room_id, grant["class"],
                                               grant["rule_id"], "gate")
-                await self.store.component_delete(GRANT_COMPONENT, facts.claimed_grant)
+                await self.kv.component_delete(GRANT_COMPONENT, facts.claimed_grant)
         return replace(facts, class_state=rec) if rec is not None else facts
 
     async def record_first_sight(self, p: SeparationPolicy, facts: RoomFacts,
@@ -266,17 +271,17 @@ class SeparationService:
         """Grants of rooms never made (Synapse refused the request after the gate said
         yes) are dropped a day later; a room is seen within seconds of its creation."""
         cutoff = self.clock_ms() - GRANT_TTL_MS
-        for grant, raw in (await self.store.component_list(GRANT_COMPONENT)).items():
+        for grant, raw in (await self.kv.component_list(GRANT_COMPONENT)).items():
             if int(json.loads(raw).get("ts", 0)) < cutoff:
-                await self.store.component_delete(GRANT_COMPONENT, grant)
+                await self.kv.component_delete(GRANT_COMPONENT, grant)
 
     async def invite_approved(self, room_id: str, user: str) -> bool:
         """Whether policy let an invitation of ``user`` into remote ``room_id`` stand."""
-        return await self.store.component_get(INVITE_COMPONENT,
+        return await self.kv.component_get(INVITE_COMPONENT,
                                               f"{room_id} {user}") is not None
 
     async def _approve_invite(self, room_id: str, user: str, room_class: str) -> None:
-        await self.store.component_put(INVITE_COMPONENT, f"{room_id} {user}", room_class,
+        await self.kv.component_put(INVITE_COMPONENT, f"{room_id} {user}", room_class,
                                        self.clock_ms())
 
     def _with_extra_state(self, c: Any) -> dict[str, Any] | None:
@@ -315,7 +320,7 @@ class SeparationService:
         """Whether the bot made ``room_id`` as its direct chat with someone (read once; the
         bot's new DMs are recorded as ``dm`` when made, which every replica reads)."""
         if self._enclave_dms is None:
-            self._enclave_dms = set((await self.store.component_list(DM_COMPONENT)).values())
+            self._enclave_dms = set((await self.kv.component_list(DM_COMPONENT)).values())
         return room_id in self._enclave_dms
 
     async def handle_event(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
@@ -367,7 +372,7 @@ class SeparationService:
     async def _audit_findings(self, findings: Sequence[Finding]) -> None:
         """Reconciliation's findings, each an audit record of what was not done and why."""
         for f in findings:
-            await self.store.add_audit(AuditRecord(
+            await self.audit.add_audit(AuditRecord(
                 ts=self.clock_ms(), source="separation", kind="finding", outcome="not_done",
                 actor=self.bot_user_id, user_id=f.subject if f.subject.startswith("@") else None,
                 room_id=f.room_id, rule_id=f.rule_id, reason=f.message))
@@ -375,14 +380,14 @@ class SeparationService:
 
     # -- notices -----------------------------------------------------------------------------
     async def _dm_room(self, user: str) -> str:
-        room = await self.store.component_get(DM_COMPONENT, user)
+        room = await self.kv.component_get(DM_COMPONENT, user)
         if room is not None:
             return room
         room = await self.client.create_room({
             "is_direct": True, "invite": [user], "preset": "trusted_private_chat",
             "name": "Enclave", "topic": "Notices from Enclave about company chat policy",
         }, user_id=self.bot_user_id)
-        await self.store.component_put(DM_COMPONENT, user, room, self.clock_ms())
+        await self.kv.component_put(DM_COMPONENT, user, room, self.clock_ms())
         await self.record_class(room, DM_CLASS, "builtin.enclave_dm", "enclave")
         return room
 
@@ -391,14 +396,14 @@ class SeparationService:
         return any(e.get("type") == "m.room.encryption" for e in state)
 
     async def _apply_notice(self, a: NotifyUser, key: str, *, resend: bool) -> Outcome:
-        if await self.store.component_get(NOTICE_COMPONENT, a.once_key) is not None:
+        if await self.kv.component_get(NOTICE_COMPONENT, a.once_key) is not None:
             return Outcome("applied", "already told")
         try:
             room = await self._dm_room(a.user)
             if await self._encrypted(room):
                 # the bot has no keys here: a clear-text notice in an encrypted room is
                 # never sent, a fresh unencrypted DM is used instead
-                await self.store.component_delete(DM_COMPONENT, a.user)
+                await self.kv.component_delete(DM_COMPONENT, a.user)
                 room = await self._dm_room(a.user)
             # the txn id follows the incident: a retry, a restart or another layer telling
             # the same thing is deduplicated by the homeserver. It is recorded as told only
@@ -414,7 +419,7 @@ class SeparationService:
                                                     before_resend=hook))
         except MatrixRequestError as e:
             return Outcome("failed", f"{e.status} {e.errcode}: {e.error}")
-        await self.store.component_put(NOTICE_COMPONENT, a.once_key, eid, self.clock_ms())
+        await self.kv.component_put(NOTICE_COMPONENT, a.once_key, eid, self.clock_ms())
         return Outcome("applied", eid)
 
     # -- reconciliation ----------------------------------------------------------------------
@@ -466,7 +471,7 @@ class SeparationService:
         return ReconcileResult(SeparationPlan(actions, findings, len(facts)), admin_calls=calls)
 
     def _lease(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return held_lease(self.store, LEASE_NAME, self.lease_owner, self.clock_ms,
+        return held_lease(self.leases, LEASE_NAME, self.lease_owner, self.clock_ms,
                           self.lease_ttl_ms,
                           lambda: RuntimeError("another Enclave process is reconciling "
                                                "separation right now"))

@@ -1,8 +1,5 @@
-"""Durable state behind one interface, SQLite (default) or PostgreSQL."""
-
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+"""Durable state, SQLite (default) or PostgreSQL: one store per domain (the protocols of
+:mod:`.domains`) on one shared database (:mod:`.shared`), bundled in :class:`Stores`."""
 
 from .base import (
     AuditFilter,
@@ -14,35 +11,11 @@ from .base import (
     QuarantinedEvent,
     SchemaError,
     ScimResource,
-    Store,
     StoredAction,
 )
-from .db import DatabaseError, SQLiteDatabase, database_from_url
-from .sql import SQLStore
-
-
-def open_store(
-    url: str, *, base_dir: Path, password: str | None = None,
-    sqlite_synchronous: str = "full", pool_size: int = 10,
-    extra_migrations: Sequence[Any] = (),
-) -> Store:
-    """Build (not yet open) the store for a database URL; ``extra_migrations``: the
-    extensions' own schemas (``bridge.extension.MigrationSet``), migrated and checked with
-    Enclave's."""
-    db = database_from_url(
-        url, base_dir=base_dir, password=password,
-        sqlite_synchronous=sqlite_synchronous, pool_size=pool_size,
-    )
-    if isinstance(db, SQLiteDatabase):
-        journal = SQLiteDatabase(journal_path(db.path), synchronous=db.synchronous)
-        return SQLStore(db, journal, extra_migrations=extra_migrations)
-    return SQLStore(db, extra_migrations=extra_migrations)
-
-
-def journal_path(db_path: Path) -> Path:
-    """The SQLite journal file beside the database: enclave.db -> enclave-journal.db."""
-    return db_path.with_name(f"{db_path.stem}-journal{db_path.suffix or '.db'}")
-
+from .db import DatabaseError
+from .shared import SharedDatabase
+from .stores import Stores, journal_path, open_database, open_stores
 
 __all__ = [
     "AuditFilter",
@@ -53,11 +26,12 @@ __all__ = [
     "JournalEntry",
     "NewEvent",
     "QuarantinedEvent",
-    "SQLStore",
     "SchemaError",
     "ScimResource",
-    "Store",
+    "SharedDatabase",
     "StoredAction",
+    "Stores",
     "journal_path",
-    "open_store",
+    "open_database",
+    "open_stores",
 ]

@@ -1,5 +1,7 @@
-"""A store lease held for the length of a ``with`` block: one run at a time across the
-processes that share a database (a CLI run beside ``enclave run``, or several replicas)."""
+"""Leases: one holder at a time across the processes that share a database (a CLI run
+beside ``enclave run``, or several replicas). :class:`SQLLeaseStore` keeps them
+(:class:`~bridge.store.domains.LeaseStore`); :func:`held_lease` holds one for the length of
+a ``with`` block."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 from .domains import LeaseStore
+from .shared import SharedDatabase
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +83,35 @@ async def held_lease(store: LeaseStore, name: str, owner: str, clock_ms: Callabl
             await task
         if not lost:
             await store.release_lease(name, owner)
+
+
+class SQLLeaseStore:
+    """Leases, on the shared database."""
+
+    def __init__(self, shared: SharedDatabase):
+        self.db = shared.db
+
+    async def acquire_lease(self, name: str, owner: str, now_ms: int, ttl_ms: int) -> bool:
+        counts = await self.db.batch([(
+            "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+            " expires_at = excluded.expires_at"
+            " WHERE leases.owner = excluded.owner OR leases.expires_at <= ?",
+            (name, owner, now_ms + ttl_ms, now_ms), False,
+        )])
+        return counts[0] == 1
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self.db.batch([(
+            "DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner), False)])
+
+    async def lease_holder(self, name: str) -> tuple[str, int] | None:
+        rows = await self.db.fetch("SELECT owner, expires_at FROM leases WHERE name = ?", name)
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    async def take_over_lease(self, name: str, dead_owner: str, owner: str, now_ms: int,
+                              ttl_ms: int) -> bool:
+        counts = await self.db.batch([(
+            "UPDATE leases SET owner = ?, expires_at = ? WHERE name = ? AND owner = ?",
+            (owner, now_ms + ttl_ms, name, dead_owner), False)])
+        return counts[0] == 1

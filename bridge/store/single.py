@@ -6,9 +6,10 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from typing import Any
 
 from .base import SchemaError
+from .db import SQLiteDatabase
+from .shared import SharedDatabase
 
 
 class StoreInUse(SchemaError):
@@ -27,12 +28,11 @@ class SingleProcessLock:
         self._fd: int | None = None
 
     @classmethod
-    def for_store(cls, store: Any) -> SingleProcessLock | None:
-        """The lock for a SQLite store; None for PostgreSQL (replicas share it)."""
-        db_path = getattr(getattr(store, "db", None), "path", None)
-        if getattr(store, "dialect", None) != "sqlite" or db_path is None:
+    def for_database(cls, database: SharedDatabase) -> SingleProcessLock | None:
+        """The lock for a SQLite database; None for PostgreSQL (replicas share it)."""
+        if not isinstance(database.db, SQLiteDatabase):
             return None
-        return cls(Path(db_path))
+        return cls(database.db.path)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

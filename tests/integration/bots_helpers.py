@@ -127,7 +127,7 @@ class InProcessEnclave:
     async def wait_idle(self, within: float = 30) -> None:
         """The inbox has nothing pending (replies and acks decided and applied)."""
         async def idle() -> bool:
-            stats = await self.svc.store.inbox_stats()
+            stats = await self.svc.stores.inbox.inbox_stats()
             return (stats["events"]["pending"] == 0 and not stats["journaled_transactions"]
                     and not stats["actions"].get("pending"))
 

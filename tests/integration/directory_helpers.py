@@ -48,10 +48,10 @@ async def open_sync(config: Path) -> AsyncIterator[DirectorySync]:
     loaded = load_config(config)
     secrets = check_secrets(loaded)
     # the CLI's path: the store must be migrated first (enclave migrate / enclave run)
-    store = Root(loaded, secrets).store
-    await store.open()
-    await store.migrate()
-    await store.close()
+    store = Root(loaded, secrets).stores
+    await store.database.open()
+    await store.database.migrate()
+    await store.database.close()
     async with Root(loaded, secrets).opened() as _root:
         sync = _root.directory
         assert sync is not None

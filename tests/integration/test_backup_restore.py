@@ -462,12 +462,12 @@ def _pg_exec(dsn: str, sql: str) -> list[tuple[Any, ...]]:
 async def _fill(config: Path, dsn: str, rooms: dict[str, int], *, start: int = 0) -> None:
     """Archive ``count`` events per room (and one media file) through Enclave's own code."""
     from bridge.retention.archive import LocalArchive
-    from bridge.store import open_store
+    from bridge.store import open_stores
 
-    store = open_store(dsn, base_dir=config.parent)
-    await store.open()
+    store = open_stores(dsn, base_dir=config.parent)
+    await store.database.open()
     try:
-        archive = LocalArchive(config.parent / "archive", store)
+        archive = LocalArchive(config.parent / "archive", store.archive)
         for room, count in rooms.items():
             events = [{"event_id": f"$e{start + i}-{room[1:6]}", "room_id": room,
                        "type": "m.room.message", "sender": f"@alice:{SERVER}",
@@ -478,9 +478,9 @@ async def _fill(config: Path, dsn: str, rooms: dict[str, int], *, start: int = 0
         room = next(iter(rooms))
         await archive.put_media(room, f"$img{start}", f"mxc://{SERVER}/img{start}", PNG,
                                 "image/png", 1_700_000_000_000 + start)
-        assert await store.journal_append(f"txn-{start}", b'{"events": []}', 1)
+        assert await store.journal.journal_append(f"txn-{start}", b'{"events": []}', 1)
     finally:
-        await store.close()
+        await store.database.close()
 
 
 def _enclave_site(site: Path, database_url: str) -> Path:

@@ -389,7 +389,7 @@ async def test_webhooks_good_and_bad_signatures(stack: Stack,
 
 async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
         stack: Stack, enclave: InProcessEnclave, staff: list[nio.AsyncClient]) -> None:
-    store, ann = enclave.svc.store, enclave.announcements
+    store, ann = enclave.svc.stores, enclave.announcements
     otto, olga = await login(stack, "otto"), await login(stack, "olga")
     staff.extend([otto, olga])
     plain = await otto.room_create(alias="plain-room", name="plain", invite=[
@@ -424,8 +424,8 @@ async def test_explicit_rooms_and_an_encrypted_one_is_reported_not_skipped(
     assert (bad.status, bad.detail) == ("failed", "encrypted room, no E2EE sender")
     assert [m for m in await stack.room_messages(secret.room_id)
             if m.get("sender") == ANNOUNCE_BOT] == []
-    audit = await store.query_audit(AuditFilter(rule_id="announcements.rooms",
-                                                outcome="failed"))
+    audit = await store.audit.query_audit(AuditFilter(rule_id="announcements.rooms",
+                                                      outcome="failed"))
     assert [(a["kind"], a["detail"]) for a in audit] == [
         ("announcement_send", "encrypted room, no E2EE sender")]
     # olga acknowledges in the plain room with a reaction
@@ -451,7 +451,7 @@ async def test_a_failed_reminder_is_reported_as_failed_not_sent(
     he really got."""
     bot = enclave.bots.announcements
     assert bot is not None
-    store, clock = enclave.svc.store, enclave.clock
+    store, clock = enclave.svc.stores, enclave.clock
     ann = enclave.announcements
     nine = next_nine_berlin(clock.t + 24 * HOUR)  # an occurrence of its own
     clock.t = nine + 30_000
@@ -501,6 +501,6 @@ async def test_a_failed_reminder_is_reported_as_failed_not_sent(
     assert table[uid("sue")]["reminders"] == "1" and table[uid("sue")]["detail"] == ""
     hanna = table[uid("hanna")]
     assert hanna["escalated_at"] == "" and "no active manager" in hanna["detail"], hanna
-    audit = await store.query_audit(AuditFilter(user_id=uid("sam")))
+    audit = await store.audit.query_audit(AuditFilter(user_id=uid("sam")))
     assert any(a["kind"] == "announcement_reminder" and a["outcome"] == "failed"
                for a in audit), audit

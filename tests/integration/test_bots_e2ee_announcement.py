@@ -86,9 +86,9 @@ async def test_encrypted_dm_announcement_is_decrypted_by_the_recipient(
         spec = spec_for(cfg.announcements[0], cfg.timezone)
         now = enclave.clock()
         created, sel = await make_occurrence(
-            enclave.announcements, await svc.store.directory_view(), announcement_id="enc-note",
-            occurrence_id="manual-1", kind="manual", spec=spec, scheduled_at=now,
-            created_by="test", now_ms=now)
+            enclave.announcements, await svc.stores.directory.directory_view(),
+            announcement_id="enc-note", occurrence_id="manual-1", kind="manual", spec=spec,
+            scheduled_at=now, created_by="test", now_ms=now)
         assert created and set(sel.users) == {uid("erin"), uid("ezra"), uid("ivan")}
         enclave.bots.announcements.waker.wake()
 

@@ -68,9 +68,9 @@ async def announce(enclave: InProcessEnclave, announcement_id: str) -> None:
                     cfg.timezone)
     now = enclave.clock()
     created, _ = await make_occurrence(
-        enclave.announcements, await svc.store.directory_view(), announcement_id=announcement_id,
-        occurrence_id="o1", kind="manual", spec=spec, scheduled_at=now, created_by="test",
-        now_ms=now)
+        enclave.announcements, await svc.stores.directory.directory_view(),
+        announcement_id=announcement_id, occurrence_id="o1", kind="manual", spec=spec,
+        scheduled_at=now, created_by="test", now_ms=now)
     assert created
     enclave.bots.announcements.waker.wake()
 

@@ -87,7 +87,7 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
         assert a["deactivated"] is False
         assert [t["address"] for t in a["threepids"]] == [p["email"]]
     async with open_sync(config) as sync:
-        rooms = await sync.store.managed_rooms()
+        rooms = await sync.directory_store.managed_rooms()
     assert set(rooms) == {"dept/Sales", "dept/Ops", "dept-general/Sales", "dept-general/Ops"}
     sales = rooms["dept-general/Sales"]
     assert joined(await members(stack, sales)) == {
@@ -214,11 +214,11 @@ async def test_file_directory_lifecycle(stack: Stack, tmp_path: Path) -> None:
     assert "max_deactivation_percent" in str(refused.value)
     # another process (the CLI beside 'enclave run') holds the sync lease: refused too
     async with open_sync(config) as sync:
-        await sync.store.acquire_lease("directory-sync", "other-host:1:x", sync.clock_ms(),
-                                       60_000)
+        await sync.leases.acquire_lease("directory-sync", "other-host:1:x", sync.clock_ms(),
+                                        60_000)
         with pytest.raises(SyncRefused, match="another directory sync is running"):
             await sync.run()
-        await sync.store.release_lease("directory-sync", "other-host:1:x")
+        await sync.leases.release_lease("directory-sync", "other-host:1:x")
     (tmp_path / "directory.yaml").write_text("people: [ {username: broken")
     async with open_sync(config) as sync:
         with pytest.raises(SyncRefused, match="directory source file"):
@@ -341,7 +341,7 @@ async def test_homeserver_outage_mid_run_loses_nothing_and_doubles_nothing(
             assert stopped
             assert first.applied == {"create_account": 6}
             assert first.failed  # the rest: accounts, the room, its memberships
-            remembered = {r.person_id for r in await sync.store.directory_people()}
+            remembered = {r.person_id for r in await sync.directory_store.directory_people()}
             # applied in person-id order: the first six are remembered, no one else
             assert remembered == set(sorted(f"o{i}" for i in range(12))[:6])
     finally:
@@ -352,7 +352,7 @@ async def test_homeserver_outage_mid_run_loses_nothing_and_doubles_nothing(
         assert second.ok, second.failed
         assert second.applied == {"create_account": 6, "create_managed_room": 1,
                                   "invite": 12, "join": 12}
-        rooms = await sync.store.managed_rooms()
+        rooms = await sync.directory_store.managed_rooms()
         assert (await sync.run(apply=False)).plan.actions == ()
     assert joined(await members(stack, rooms["outage-room"])) == {
         BOT_USER_ID, *(uid(f"outage{i}") for i in range(12))}

@@ -77,7 +77,7 @@ async def test_not_adopted_admin_is_never_touched(stack: Stack, slapd: SlapdServ
     config = write_config(stack, tmp_path, directory_section(slapd, tmp_path))
     async with open_sync(config) as sync:
         result = await sync.run()
-        rooms = await sync.store.managed_rooms()
+        rooms = await sync.directory_store.managed_rooms()
     assert result.ok, result.failed[:3]
     assert ("directory.adopt", admin_id) in {(f.rule_id, f.subject)
                                              for f in result.plan.findings}

@@ -84,7 +84,7 @@ async def test_ldap_directory_lifecycle(stack: Stack, slapd: SlapdServer, tmp_pa
     # -- first sync: everyone, their spaces and rooms --------------------------------------
     async with open_sync(config) as sync:
         first = await sync.run()
-        rooms = await sync.store.managed_rooms()
+        rooms = await sync.directory_store.managed_rooms()
     assert first.ok, first.failed[:3]
     assert first.applied["create_account"] == N_PEOPLE
     assert first.applied["create_managed_room"] == 2 * N_DEPARTMENTS + 1

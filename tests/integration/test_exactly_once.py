@@ -35,7 +35,7 @@ from bridge.matrix.inbox import InboxProcessor
 from bridge.metrics import Metrics
 from bridge.policy.actions import Redact, SendEvent
 from bridge.policy.resend import ACTION_KEY
-from bridge.store import AuditFilter, NewEvent, open_store
+from bridge.store import AuditFilter, NewEvent, open_stores
 
 from .harness import Stack
 from .restart_proxy import RestartingProxy, start_proxy
@@ -59,12 +59,12 @@ def restart_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 async def env(restart_stack: Stack, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    store = open_store("sqlite:///enclave.db", base_dir=tmp_path)
-    await store.open()
-    await store.migrate()
+    store = open_stores("sqlite:///enclave.db", base_dir=tmp_path)
+    await store.database.open()
+    await store.database.migrate()
     async with aiohttp.ClientSession() as upstream, aiohttp.ClientSession() as session:
         yield {"store": store, "upstream": upstream, "session": session}
-    await store.close()
+    await store.database.close()
 
 
 async def events_of(stack: Stack, room: str, event_type: str) -> list[dict[str, Any]]:
@@ -95,7 +95,8 @@ async def test_resend_after_synapse_restart_applies_once(
     try:
         client = MatrixClient(env["session"], url, stack.as_token, max_retries=8,
                               backoff_initial=0.5, backoff_max=2.0, timeout=120)
-        ex = Executor(client, env["store"], bot_user_id=stack.bot_user_id,
+        ex = Executor(client, env["store"].outbox, env["store"].audit,
+                      bot_user_id=stack.bot_user_id,
                       clock_ms=lambda: time.time_ns() // 1_000_000,
                       metrics=Metrics(),
                       admin_user_id=f"@{ADMIN_LOCALPART}:{stack.server_name}")
@@ -135,30 +136,30 @@ async def test_attempt_cut_off_by_a_crash_before_it_was_counted_applies_once(
                            {"preset": "private_chat", "name": "crash before count"},
                            as_user=stack.bot_user_id))["room_id"]
     # a handler decided a send: committed to the outbox with its event's done mark
-    await store.save_transaction("t-crash", [NewEvent("$src", room, "pdu", "m.room.message",
+    await store.inbox.save_transaction("t-crash", [NewEvent("$src", room, "pdu", "m.room.message",
                                                       "@a:corp.test", 1, "{}")], [], now_ms())
-    (ev,) = await store.fetch_due_events(now_ms(), 10)
+    (ev,) = await store.inbox.fetch_due_events(now_ms(), 10)
     action = SendEvent(rule_id="t", reason="exactly once", room=room,
                        event_type="m.room.message",
                        content={"msgtype": "m.text", "body": "once, crash or not"})
-    await store.complete_events([ev.seq], [(ev.seq, 0, room, action.kind,
-                                            orjson.dumps(action.to_dict()).decode(),
-                                            action.rule_id, action.reason)], now_ms())
-    (sa,) = await store.pending_actions(None, 10)
+    await store.inbox.complete_events([ev.seq], [(ev.seq, 0, room, action.kind,
+                                                  orjson.dumps(action.to_dict()).decode(),
+                                                  action.rule_id, action.reason)], now_ms())
+    (sa,) = await store.outbox.pending_actions(None, 10)
 
     def executor() -> Executor:
         client = MatrixClient(env["session"], stack.synapse.base_url, stack.as_token,
                               max_retries=8, backoff_initial=0.5, backoff_max=2.0,
                               timeout=60)
-        return Executor(client, store, bot_user_id=stack.bot_user_id, clock_ms=now_ms,
-                        metrics=Metrics(), admin_user_id=admin)
+        return Executor(client, store.outbox, store.audit, bot_user_id=stack.bot_user_id,
+                        clock_ms=now_ms, metrics=Metrics(), admin_user_id=admin)
 
     # the first process: its send reaches Synapse, which stores the event; the process
     # dies before it records the attempt (nothing is written: the row says 0 attempts)
     first = executor()
     sent = await first.apply(action, first.action_key(sa.id))
     assert sent.status == "applied" and sent.detail.startswith("$")
-    (still,) = await store.pending_actions(None, 10)
+    (still,) = await store.outbox.pending_actions(None, 10)
     assert still.attempts == 0
     # Synapse restarts: the transaction id it remembered in memory is gone
     await asyncio.to_thread(stack.synapse.stop)
@@ -166,13 +167,13 @@ async def test_attempt_cut_off_by_a_crash_before_it_was_counted_applies_once(
 
     # the next process: its inbox resumes the outbox at start
     second = executor()
-    inbox = InboxProcessor(store, second, [], InboxConfig(backoff_initial_seconds=0.2,
-                                                          backoff_max_seconds=1.0),
+    inbox = InboxProcessor(store.journal, store.inbox, store.outbox, second, [],
+                           InboxConfig(backoff_initial_seconds=0.2, backoff_max_seconds=1.0),
                            Metrics(), now_ms)
     await inbox.start()
     try:
         deadline = time.monotonic() + 60
-        while (await store.inbox_stats())["actions"].get("pending"):
+        while (await store.inbox.inbox_stats())["actions"].get("pending"):
             assert time.monotonic() < deadline, "the outbox was not resumed"
             inbox.notify()
             await asyncio.sleep(0.1)
@@ -182,6 +183,6 @@ async def test_attempt_cut_off_by_a_crash_before_it_was_counted_applies_once(
              if e["content"].get("body") == "once, crash or not"]
     assert len(found) == 1, f"{len(found)} events for one action: {found}"
     assert found[0]["event_id"] == sent.detail
-    (rec,) = await store.query_audit(AuditFilter(room_id=room))
+    (rec,) = await store.audit.query_audit(AuditFilter(room_id=room))
     assert (rec["outcome"], rec["detail"]) == ("applied", sent.detail)
     assert second.metrics.resends_avoided._value.get() == 1

@@ -12,7 +12,7 @@ from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 
 from bridge.directory.ldap_source import KV_MARK, KV_PEOPLE, LdapSource
 from bridge.model.people import DirectoryError, DirectorySnapshot
-from bridge.store import Store, open_store
+from bridge.store import Stores, open_stores
 from devstack.slapd import SlapdServer, department_of, it_admins, person_uid
 
 from .ldap_fixtures import ldap_config, running_slapd
@@ -30,12 +30,12 @@ def slapd(tmp_path: Path) -> Iterator[SlapdServer]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store("sqlite:///ldap-state.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
+async def store(tmp_path: Path) -> AsyncIterator[Stores]:
+    s = open_stores("sqlite:///ldap-state.db", base_dir=tmp_path)
+    await s.database.open()
+    await s.database.migrate()
     yield s
-    await s.close()
+    await s.database.close()
 
 
 def by_username(snap: DirectorySnapshot) -> dict[str, Any]:
@@ -128,18 +128,18 @@ async def test_nested_group_added_online(slapd: SlapdServer) -> None:
 
 
 @pytest.mark.parametrize("mode", ["modify_timestamp", "entry_csn"])
-async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Store,
+async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Stores,
                                                 mode: str) -> None:
     # one recent change before the full read: the mark (newest modifyTimestamp / entryCSN
     # seen) is then "now" rather than the generated entries' 2024 stamp, so the incremental
     # reads below fetch only what changed
     modify(slapd, slapd.person_dn(999), {"title": [(MODIFY_REPLACE, ["Touched"])]})
-    src = LdapSource(incremental(slapd, mode=mode), bind_password=slapd.rootpw, store=store)
+    src = LdapSource(incremental(slapd, mode=mode), bind_password=slapd.rootpw, store=store.kv)
     full = await src.read()
     assert src.last_read_full
     people = by_username(full)
     pid = {n: people[person_uid(n)].id for n in (5, 6, 7, 8, 9, 10, 11)}
-    assert json.loads(await store.get_kv(KV_MARK) or "{}")["mark"]
+    assert json.loads(await store.kv.get_kv(KV_MARK) or "{}")["mark"]
 
     # attribute change, disabled flag, group membership (member entry untouched), delete,
     # rename, a new person
@@ -195,41 +195,41 @@ async def test_incremental_reads_follow_changes(slapd: SlapdServer, store: Store
 
 
 async def test_every_nth_run_is_full_and_state_survives_restart(slapd: SlapdServer,
-                                                                 store: Store) -> None:
+                                                                 store: Stores) -> None:
     cfg = incremental(slapd, full_every=3)
     kinds = []
     for _ in range(4):  # a new LdapSource each time: the state lives in the store
-        src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
+        src = LdapSource(cfg, bind_password=slapd.rootpw, store=store.kv)
         await src.read()
         kinds.append(src.last_read_full)
     assert kinds == [True, False, False, True]
     # a changed configuration invalidates the state
     changed_cfg = cfg.model_copy(update={"attributes": cfg.attributes.model_copy(
         update={"title": "cn"})})
-    other = LdapSource(changed_cfg, bind_password=slapd.rootpw, store=store)
+    other = LdapSource(changed_cfg, bind_password=slapd.rootpw, store=store.kv)
     await other.read()
     assert other.last_read_full
 
 
-async def test_slapd_killed_raises_and_saves_nothing(slapd: SlapdServer, store: Store) -> None:
-    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store)
+async def test_slapd_killed_raises_and_saves_nothing(slapd: SlapdServer, store: Stores) -> None:
+    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store.kv)
     await src.read()
-    before = (await store.get_kv(KV_MARK), await store.get_kv(KV_PEOPLE))
+    before = (await store.kv.get_kv(KV_MARK), await store.kv.get_kv(KV_PEOPLE))
     modify(slapd, slapd.person_dn(5), {"title": [(MODIFY_REPLACE, ["Changed"])]})
     slapd.kill()
     with pytest.raises(DirectoryError, match="cannot connect") as err:
         await src.read()
     assert slapd.rootpw not in str(err.value)
-    assert (await store.get_kv(KV_MARK), await store.get_kv(KV_PEOPLE)) == before
+    assert (await store.kv.get_kv(KV_MARK), await store.kv.get_kv(KV_PEOPLE)) == before
     slapd.start()  # back: the next read works and catches up
     snap = await src.read()
     assert by_username(snap)[person_uid(5)].title == "Changed"
 
 
 async def test_outage_mid_search_raises_and_saves_nothing(slapd: SlapdServer,
-                                                          store: Store) -> None:
+                                                          store: Stores) -> None:
     cfg = ldap_config(slapd, page_size=100, incremental={"mode": "entry_csn"})
-    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
+    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store.kv)
     pages: list[int] = []
 
     def after_page(page: int) -> None:
@@ -242,13 +242,13 @@ async def test_outage_mid_search_raises_and_saves_nothing(slapd: SlapdServer,
         await src.read()
     assert slapd.rootpw not in str(err.value)
     assert pages == [1, 2, 3]
-    assert await store.get_kv(KV_MARK) is None and await store.get_kv(KV_PEOPLE) is None
+    assert await store.kv.get_kv(KV_MARK) is None and await store.kv.get_kv(KV_PEOPLE) is None
 
 
-async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Store) -> None:
+async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Stores) -> None:
     cfg = ldap_config(slapd, page_size=100, timeout_seconds=1,
                       incremental={"mode": "modify_timestamp"})
-    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store)
+    src = LdapSource(cfg, bind_password=slapd.rootpw, store=store.kv)
 
     def after_page(page: int) -> None:
         if page == 2:
@@ -261,7 +261,7 @@ async def test_hung_server_times_out_mid_search(slapd: SlapdServer, store: Store
     finally:
         slapd.resume()
     assert slapd.rootpw not in str(err.value)
-    assert await store.get_kv(KV_MARK) is None
+    assert await store.kv.get_kv(KV_MARK) is None
 
 
 async def test_wrong_password_is_a_clean_error(slapd: SlapdServer) -> None:
@@ -302,12 +302,12 @@ async def test_empty_answer_is_an_empty_snapshot(slapd: SlapdServer) -> None:
 
 
 async def test_entries_without_username_are_skipped_with_a_warning(slapd: SlapdServer,
-                                                                   store: Store) -> None:
+                                                                   store: Stores) -> None:
     conn = slapd.connection()
     conn.add(f"cn=No Uid,ou=people,{slapd.suffix}", ["inetOrgPerson"],
              {"cn": "No Uid", "sn": "Uid"})
     conn.unbind()
-    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store)
+    src = LdapSource(incremental(slapd), bind_password=slapd.rootpw, store=store.kv)
     snap = await src.read()
     assert len(snap.people) == N
     assert len(src.warnings) == 1 and "cn=No Uid" in src.warnings[0]

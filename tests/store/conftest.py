@@ -16,7 +16,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from bridge.store import Store, open_store
+from bridge.store import Stores, open_stores
 
 PG_ADMIN_DSN = os.environ.get(
     "ENCLAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -68,29 +68,30 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return dsn
 
 
-MakeStore = Callable[..., Awaitable[Store]]
+MakeStore = Callable[..., Awaitable[Stores]]
 
 
 @pytest.fixture
 async def make_store(db_url: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    """Open (and by default migrate) a store; several calls = several processes/restarts.
-    ``extra_migrations``: extensions' schemas (the bots') migrated with it."""
-    opened: list[Store] = []
+    """Open (and by default migrate) the stores of one database; several calls = several
+    processes/restarts. ``extra_migrations``: extensions' schemas (the bots') migrated with
+    it."""
+    opened: list[Stores] = []
 
-    async def make(*, migrate: bool = True, extra_migrations: Sequence[Any] = ()) -> Store:
-        s = open_store(db_url, base_dir=tmp_path, pool_size=4,
-                       extra_migrations=extra_migrations)
-        await s.open()
+    async def make(*, migrate: bool = True, extra_migrations: Sequence[Any] = ()) -> Stores:
+        s = open_stores(db_url, base_dir=tmp_path, pool_size=4,
+                        extra_migrations=extra_migrations)
+        await s.database.open()
         opened.append(s)
         if migrate:
-            await s.migrate()
+            await s.database.migrate()
         return s
 
     yield make
     for s in opened:
-        await s.close()
+        await s.database.close()
 
 
 @pytest.fixture
-async def store(make_store: MakeStore) -> Store:
+async def store(make_store: MakeStore) -> Stores:
     return await make_store()

@@ -14,8 +14,8 @@ from bots.store import (
     AnnouncementOccurrence,
     AnnouncementStore,
 )
-from bridge.store import AuditFilter, AuditRecord, SchemaError, Store
-from bridge.store.sql import load_migrations
+from bridge.store import AuditFilter, AuditRecord, SchemaError, Stores
+from bridge.store.shared import load_migrations
 
 from .conftest import MakeStore
 from .test_store import EXPECTED_TABLES, columns, rows
@@ -35,9 +35,9 @@ BOTS_TABLES = {
 
 
 @pytest.fixture
-async def bots(make_store: MakeStore) -> tuple[Store, AnnouncementStore]:
+async def bots(make_store: MakeStore) -> tuple[Stores, AnnouncementStore]:
     core = await make_store(extra_migrations=[MIGRATIONS])
-    return core, AnnouncementStore(core.db)
+    return core, AnnouncementStore(core.database.db)
 
 
 # -- migrations -----------------------------------------------------------------------------
@@ -46,27 +46,27 @@ async def test_the_bots_tables_come_from_the_bots_migrations(make_store: MakeSto
     assert not set(BOTS_TABLES) & set(await columns(core_only))  # not Enclave's own
     store = await make_store(migrate=False, extra_migrations=[MIGRATIONS])
     with pytest.raises(SchemaError, match="bots tables are at schema version 0"):
-        await store.check_schema()
-    await store.migrate()
-    await store.check_schema()
-    assert await store.component_version("bots") == 2  # type: ignore[attr-defined]
+        await store.database.check_schema()
+    await store.database.migrate()
+    await store.database.check_schema()
+    assert await store.database.component_version("bots") == 2  # type: ignore[attr-defined]
     got = await columns(store)
     assert {t: got[t] for t in BOTS_TABLES} == BOTS_TABLES
-    assert await store.migrate() == []  # re-run: no-op
-    assert await store.component_version("bots") == 2  # type: ignore[attr-defined]
+    assert await store.database.migrate() == []  # re-run: no-op
+    assert await store.database.component_version("bots") == 2  # type: ignore[attr-defined]
 
 
-async def _as_the_previous_release(store: Store, up_to: int) -> None:
+async def _as_the_previous_release(store: Stores, up_to: int) -> None:
     """Migrate like the release before the bots became an extension: Enclave's own
     migrations 5 and 7 were the bots' 1 and 2 (the same SQL)."""
     bots = {5: 1, 7: 2}
-    theirs = {v: sql for v, _, sql in load_migrations(store.dialect, MIGRATIONS.folder)}
-    async with store.db.transaction() as c:
+    theirs = {v: sql for v, _, sql in load_migrations(store.database.dialect, MIGRATIONS.folder)}
+    async with store.database.db.transaction() as c:
         await c.execute("CREATE TABLE enclave_schema (version INTEGER NOT NULL)")
-    for version, _, sql in load_migrations(store.dialect):
+    for version, _, sql in load_migrations(store.database.dialect):
         if version > up_to:
             break
-        async with store.db.transaction() as c:
+        async with store.database.db.transaction() as c:
             await c.execute_script(theirs[bots[version]] if version in bots else sql)
             await c.execute("INSERT INTO enclave_schema (version) VALUES (?)", version)
 
@@ -80,7 +80,7 @@ async def test_a_database_of_the_previous_release_upgrades(make_store: MakeStore
     old = await make_store(migrate=False)
     await _as_the_previous_release(old, release_version)
     if release_version >= 5:
-        async with old.db.transaction() as c:
+        async with old.database.db.transaction() as c:
             await c.execute(
                 "INSERT INTO announcement_occurrences (announcement_id, occurrence_id, kind,"
                 " spec, status, scheduled_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -89,19 +89,19 @@ async def test_a_database_of_the_previous_release_upgrades(make_store: MakeStore
                 "INSERT INTO announcement_deliveries (announcement_id, occurrence_id, target,"
                 " status, attempts, reminders) VALUES (?, ?, ?, ?, ?, ?)",
                 "policy", "o1", "@a:x", "sent", 1, 0)
-    await old.set_kv("installation_id", "kept")
+    await old.kv.set_kv("installation_id", "kept")
     new = await make_store(migrate=False, extra_migrations=[MIGRATIONS])
     with pytest.raises(SchemaError, match="run 'enclave migrate'"):
-        await new.check_schema()
-    await new.migrate()
-    await new.check_schema()
-    assert await new.component_version("bots") == 2  # type: ignore[attr-defined]
+        await new.database.check_schema()
+    await new.database.migrate()
+    await new.database.check_schema()
+    assert await new.database.component_version("bots") == 2  # type: ignore[attr-defined]
     expected = {**EXPECTED_TABLES, **BOTS_TABLES}
     got = await columns(new)
     assert {t: got[t] for t in expected if t != "enclave_schema"} == {
         t: c for t, c in expected.items() if t != "enclave_schema"}
-    assert await new.get_kv("installation_id") == "kept"
-    ann = AnnouncementStore(new.db)
+    assert await new.kv.get_kv("installation_id") == "kept"
+    ann = AnnouncementStore(new.database.db)
     if release_version >= 5:
         (occ,) = await ann.announcement_occurrences()
         assert (occ.announcement_id, occ.occurrence_id, occ.status) == ("policy", "o1",
@@ -114,25 +114,26 @@ async def test_a_database_of_the_previous_release_upgrades(make_store: MakeStore
     assert [x.target for x in await ann.announcement_deliveries("policy", "after")] == ["@b:x"]
 
 
-async def test_a_newer_bots_schema_is_refused(bots: tuple[Store, AnnouncementStore]) -> None:
+async def test_a_newer_bots_schema_is_refused(bots: tuple[Stores, AnnouncementStore]) -> None:
     core, _ = bots
-    async with core.db.transaction() as c:
+    async with core.database.db.transaction() as c:
         await c.execute("INSERT INTO enclave_schema_components (component, version) "
                         "VALUES (?, ?)", "bots", 9)
-    for call in (core.migrate, core.check_schema):
+    for call in (core.database.migrate, core.database.check_schema):
         with pytest.raises(SchemaError, match="bots tables are at schema version 9, newer"):
             await call()
     assert await rows(core, "SELECT COUNT(*) FROM announcement_occurrences") == [(0,)]
 
 
 async def test_a_create_that_finds_the_occurrence_audits_nothing(
-        bots: tuple[Store, AnnouncementStore]) -> None:
+        bots: tuple[Stores, AnnouncementStore]) -> None:
     core, store = bots
     audit = AuditRecord(ts=1, source="bots.announcements", kind="announcement_created",
                         outcome="applied")
     assert await store.announcement_create(_occ(), ["@a:x"], audit=[audit]) is True
     assert await store.announcement_create(_occ(), ["@a:x"], audit=[audit]) is False
-    assert [r["kind"] for r in await core.query_audit(AuditFilter())] == ["announcement_created"]
+    assert [r["kind"] for r in await core.audit.query_audit(AuditFilter())] == [
+        "announcement_created"]
 
 
 # -- occurrences, deliveries, messages ------------------------------------------------------
@@ -142,7 +143,7 @@ def _occ(occ_id: str = "2026-12-01T09:00", *, created_at: int = 5) -> Any:
         status="pending", scheduled_at=1, created_at=created_at, created_by=None)
 
 
-async def test_announcement_occurrence_is_created_once(bots: tuple[Store, AnnouncementStore]):
+async def test_announcement_occurrence_is_created_once(bots: tuple[Stores, AnnouncementStore]):
     _, store = bots
     targets = ["@b:x", "@a:x", "!room:x", "@a:x"]
     assert await store.announcement_create(_occ(), targets) is True
@@ -165,7 +166,7 @@ async def test_announcement_occurrence_is_created_once(bots: tuple[Store, Announ
     assert await store.announcement_occurrences(announcement_id="other") == []
 
 
-async def test_announcement_sent_failed_acked_reminded(bots: tuple[Store, AnnouncementStore]):
+async def test_announcement_sent_failed_acked_reminded(bots: tuple[Stores, AnnouncementStore]):
     core, store = bots
     occ = "o1"
     await store.announcement_create(_occ(occ), ["@a:x", "@b:x", "@c:x"])
@@ -187,7 +188,7 @@ async def test_announcement_sent_failed_acked_reminded(bots: tuple[Store, Announ
         "policy", occ, status="pending")] == ["@b:x"]
     assert await store.announcement_message("$ev1") == msg
     assert await store.announcement_message("$nope") is None
-    assert (await core.query_audit(AuditFilter(user_id="@a:x")))[0]["kind"] == (
+    assert (await core.audit.query_audit(AuditFilter(user_id="@a:x")))[0]["kind"] == (
         "announcement_send")
     # the first acknowledgement counts; a second one changes nothing
     assert await store.announcement_record_ack("policy", occ, "@a:x", at_ms=20,

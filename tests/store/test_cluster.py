@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bridge.cluster import LEADER_LEASE, Leadership, dead_local_owner, pid_namespace
+from bridge.store import Stores
 from bridge.store.single import SingleProcessLock, StoreInUse
 
 from .conftest import MakeStore
@@ -28,10 +29,14 @@ class Clock:
         return self.now
 
 
+def _leader(st: Stores, name: str, clock: Clock, ttl_ms: int) -> Leadership:
+    return Leadership(st.leases, st.kv, name, clock, ttl_ms)
+
+
 def _pair(a_store, b_store, clock: Clock, log: list[str]) -> tuple[Leadership, Leadership]:
     out = []
     for name, st in (("a", a_store), ("b", b_store)):
-        ld = Leadership(st, name, clock, TTL_MS)
+        ld = _leader(st, name, clock, TTL_MS)
 
         async def elected(n: str = name) -> None:
             log.append(f"{n} elected")
@@ -81,7 +86,7 @@ async def test_leader_steps_down_when_it_cannot_renew(make_store: MakeStore) -> 
     async def unreachable(*_a: object) -> bool:
         raise OSError("connection refused")
 
-    store.acquire_lease = unreachable  # type: ignore[method-assign]
+    store.leases.acquire_lease = unreachable  # type: ignore[method-assign]
     assert await a.campaign_once()  # a blip: still leading within the margin
     await asyncio.sleep(TTL_MS * 0.8 / 1000)
     assert not a.is_leader  # past the margin: no longer acting as leader...
@@ -124,23 +129,23 @@ async def test_while_leader_runs_work_only_while_leading(make_store: MakeStore) 
 
 async def test_lease_rows_are_per_owner(make_store: MakeStore) -> None:
     store = await make_store()
-    assert await store.acquire_lease(LEADER_LEASE, "x", 0, 100)
-    assert not await store.acquire_lease(LEADER_LEASE, "y", 99, 100)
-    await store.release_lease(LEADER_LEASE, "y")  # not y's: stays
-    assert not await store.acquire_lease(LEADER_LEASE, "y", 50, 100)
-    await store.release_lease(LEADER_LEASE, "x")
-    assert await store.acquire_lease(LEADER_LEASE, "y", 50, 100)
+    assert await store.leases.acquire_lease(LEADER_LEASE, "x", 0, 100)
+    assert not await store.leases.acquire_lease(LEADER_LEASE, "y", 99, 100)
+    await store.leases.release_lease(LEADER_LEASE, "y")  # not y's: stays
+    assert not await store.leases.acquire_lease(LEADER_LEASE, "y", 50, 100)
+    await store.leases.release_lease(LEADER_LEASE, "x")
+    assert await store.leases.acquire_lease(LEADER_LEASE, "y", 50, 100)
 
 
 async def test_journal_append_by_another_process_wakes_the_watcher(
         make_store: MakeStore, db_url: str) -> None:
     leader, other = await make_store(), await make_store(migrate=False)
     woken = asyncio.Event()
-    stop = await leader.watch_journal(woken.set)
+    stop = await leader.journal.watch_journal(woken.set)
     try:
         await asyncio.sleep(0.2)
         woken.clear()  # the watcher wakes once on (re)connecting
-        assert await other.journal_append("t1", b'{"events": []}', 1)
+        assert await other.journal.journal_append("t1", b'{"events": []}', 1)
         if db_url.startswith("sqlite"):
             # one process per SQLite store: nothing to watch, nothing woken
             await asyncio.sleep(0.2)
@@ -148,7 +153,7 @@ async def test_journal_append_by_another_process_wakes_the_watcher(
         else:
             await asyncio.wait_for(woken.wait(), 5)
             woken.clear()
-            assert not await other.journal_append("t1", b'{"events": []}', 2)  # duplicate
+            assert not await other.journal.journal_append("t1", b'{"events": []}', 2)  # duplicate
             await asyncio.sleep(0.3)
             assert not woken.is_set()  # a duplicate wakes nobody
     finally:
@@ -190,13 +195,13 @@ def test_sqlite_lock_dies_with_its_process(tmp_path: Path) -> None:
 async def test_replicas_migrating_at_once_apply_each_migration_once(
         make_store: MakeStore) -> None:
     stores = [await make_store(migrate=False) for _ in range(3)]
-    results = await asyncio.gather(*(s.migrate() for s in stores))
+    results = await asyncio.gather(*(s.database.migrate() for s in stores))
     applied = sorted(v for r in results for v in r)
-    latest = stores[0].latest_version
+    latest = stores[0].database.latest_version
     assert applied == list(range(1, latest + 1))  # each once, by whichever came first
     for s in stores:
-        assert await s.schema_version() == latest
-        await s.check_schema()
+        assert await s.database.schema_version() == latest
+        await s.database.check_schema()
 
 
 async def test_a_run_whose_lease_is_taken_is_stopped(make_store: MakeStore) -> None:
@@ -208,16 +213,16 @@ async def test_a_run_whose_lease_is_taken_is_stopped(make_store: MakeStore) -> N
 
     async def run() -> None:
         nonlocal reached_end
-        async with held_lease(store, "job", "me", clock, 300, lambda: RuntimeError("busy")):
+        async with held_lease(store.leases, "job", "me", clock, 300, lambda: RuntimeError("busy")):
             clock.now += 10_000  # this process "froze": its lease expired meanwhile...
-            assert await other.acquire_lease("job", "them", clock.now, 60_000)  # ...taken
+            assert await other.leases.acquire_lease("job", "them", clock.now, 60_000)  # ...taken
             await asyncio.sleep(1)  # the renewal (every 0.1 s) finds it taken
             reached_end = True
 
     with pytest.raises(LeaseLost):
         await run()
     assert not reached_end
-    assert not await store.acquire_lease("job", "me", clock.now, 300)  # theirs, kept
+    assert not await store.leases.acquire_lease("job", "me", clock.now, 300)  # theirs, kept
 
 
 async def test_a_run_keeps_its_lease_through_renewals(make_store: MakeStore) -> None:
@@ -225,12 +230,12 @@ async def test_a_run_keeps_its_lease_through_renewals(make_store: MakeStore) -> 
 
     clock = Clock()
     store, other = await make_store(), await make_store(migrate=False)
-    async with held_lease(store, "job", "me", clock, 300, lambda: RuntimeError("busy")):
+    async with held_lease(store.leases, "job", "me", clock, 300, lambda: RuntimeError("busy")):
         for _ in range(5):
             await asyncio.sleep(0.1)
             clock.now += 100  # renewed every 0.1 s: never expires
-            assert not await other.acquire_lease("job", "them", clock.now, 300)
-    assert await other.acquire_lease("job", "them", clock.now, 300)  # released at the end
+            assert not await other.leases.acquire_lease("job", "them", clock.now, 300)
+    assert await other.leases.acquire_lease("job", "them", clock.now, 300)  # released at the end
 
 
 async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
@@ -248,8 +253,8 @@ async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
     clock = Clock()
     store = await make_store(extra_migrations=[MIGRATIONS])
     other = await make_store(migrate=False)
-    bot = SimpleNamespace(svc=SimpleNamespace(store=store, clock_ms=clock,
-                                              announcements=AnnouncementStore(store.db)))
+    bot = SimpleNamespace(svc=SimpleNamespace(leases=store.leases, clock_ms=clock,
+                                              announcements=AnnouncementStore(store.database.db)))
     fan = delivery.FanOut(bot)  # type: ignore[arg-type]
     spec = AnnouncementSpec(title="T", body="B", audience=Audience(all_staff=True))
     occ = AnnouncementOccurrence("a", "o", "manual", spec.to_json(), "delivering",
@@ -260,14 +265,14 @@ async def test_an_announcement_fan_out_whose_lease_is_taken_stops(
     async def slow_pass(occ: object, spec: object, resumed: bool) -> None:
         nonlocal reached_end
         clock.now += 10_000  # froze past the ttl...
-        assert await other.acquire_lease(lease, "them", clock.now, 60_000)  # ...taken
+        assert await other.leases.acquire_lease(lease, "them", clock.now, 60_000)  # ...taken
         await asyncio.sleep(1)  # the renewal (every 0.1 s) finds it taken
         reached_end = True
 
     monkeypatch.setattr(fan, "_pass", slow_pass)
     assert await fan.deliver(occ) is False
     assert not reached_end
-    assert not await store.acquire_lease(lease, fan.owner, clock.now, 300)  # theirs, kept
+    assert not await store.leases.acquire_lease(lease, fan.owner, clock.now, 300)  # theirs, kept
     # with the lease held elsewhere, a pass does not start at all
     monkeypatch.setattr(fan, "_pass", lambda *a: pytest.fail("delivered beside the holder"))
     assert await fan.deliver(occ) is False
@@ -300,11 +305,11 @@ async def test_restarted_process_takes_its_dead_predecessors_lease_at_once(
     await dead.wait()
     host = socket.gethostname()
     clock = Clock()
-    first = Leadership(await make_store(), f"{host}:{dead.pid}", clock, 30_000)
+    first = _leader(await make_store(), f"{host}:{dead.pid}", clock, 30_000)
     await first.start()  # records its namespace and leads
     assert first.is_leader
     first._task.cancel()  # "SIGKILL": no release, the lease stays for 30 s
-    second = Leadership(await make_store(migrate=False), f"{host}:{os.getpid()}", clock,
+    second = _leader(await make_store(migrate=False), f"{host}:{os.getpid()}", clock,
                         30_000)
     await second.start()
     try:
@@ -312,9 +317,9 @@ async def test_restarted_process_takes_its_dead_predecessors_lease_at_once(
     finally:
         await second.stop()
     # a live holder of another name is never taken over
-    third = Leadership(await make_store(migrate=False), f"{host}:{os.getpid()}", clock,
+    third = _leader(await make_store(migrate=False), f"{host}:{os.getpid()}", clock,
                        30_000)
-    other = Leadership(await make_store(migrate=False), "enclave-1", clock, 30_000)
+    other = _leader(await make_store(migrate=False), "enclave-1", clock, 30_000)
     await other.start()
     await third.start()
     try:

@@ -7,23 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from bridge.store import Store, open_store
+from bridge.store import Stores, open_stores
 
 
-async def new_store(path: Path) -> Store:
-    """A migrated SQLite store under ``path`` (a second call: the same database reopened,
-    as after a restart)."""
-    store = open_store("sqlite:///inbox.db", base_dir=path)
-    await store.open()
-    await store.migrate()
+async def new_store(path: Path) -> Stores:
+    """The migrated SQLite stores under ``path`` (a second call: the same database
+    reopened, as after a restart)."""
+    store = open_stores("sqlite:///inbox.db", base_dir=path)
+    await store.database.open()
+    await store.database.migrate()
     return store
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+async def store(tmp_path: Path) -> AsyncIterator[Stores]:
     s = await new_store(tmp_path)
     yield s
-    await s.close()
+    await s.database.close()
 
 CONFIG_TEMPLATE = """\
 homeserver:

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from bridge.cli import EXIT_CONFIG, EXIT_DATABASE, EXIT_OK, main, parse_time
-from bridge.store import AuditRecord, NewEvent, open_store
-from bridge.store.sql import load_migrations
+from bridge.store import AuditRecord, NewEvent, open_stores
+from bridge.store.shared import load_migrations
 
 MakeConfig = Callable[..., Path]
 
@@ -265,13 +265,13 @@ def audited(config_dir: MakeConfig) -> Path:
     assert main(["migrate", "-c", str(cfg)]) == EXIT_OK
 
     async def fill() -> None:
-        store = open_store("sqlite:///var/enclave.db", base_dir=cfg.parent)
-        await store.open()
+        store = open_stores("sqlite:///var/enclave.db", base_dir=cfg.parent)
+        await store.database.open()
         try:
             for r in RECORDS:
-                await store.add_audit(r)
+                await store.audit.add_audit(r)
         finally:
-            await store.close()
+            await store.database.close()
 
     asyncio.run(fill())
     return cfg
@@ -326,16 +326,16 @@ def test_inbox_parked_and_requeue(config_dir: MakeConfig,
     assert main(["migrate", "-c", str(cfg)]) == EXIT_OK
 
     async def park() -> int:
-        store = open_store("sqlite:///var/enclave.db", base_dir=cfg.parent)
-        await store.open()
+        store = open_stores("sqlite:///var/enclave.db", base_dir=cfg.parent)
+        await store.database.open()
         try:
             ev = NewEvent("$e1", "!r", "pdu", "m.room.message", "@a:x", 1, "{}")
-            await store.save_transaction("t1", [ev], [], 1)
-            (got,) = await store.fetch_due_events(2, 10)
-            await store.fail_event(got.seq, 3, 10, "boom", True)
+            await store.inbox.save_transaction("t1", [ev], [], 1)
+            (got,) = await store.inbox.fetch_due_events(2, 10)
+            await store.inbox.fail_event(got.seq, 3, 10, "boom", True)
             return got.seq
         finally:
-            await store.close()
+            await store.database.close()
 
     seq = asyncio.run(park())
     capsys.readouterr()

@@ -162,7 +162,7 @@ async def test_the_root_builds_each_service_once_in_an_explicit_order(
     root = Root(loaded, check_secrets(loaded), extensions=[ext])
     try:
         # one of each, shared by everything that needs it
-        assert root.store is root.store and root.executor is root.executor
+        assert root.stores is root.stores and root.executor is root.executor
         assert root.separation is not None and root.retention is not None
         assert root.separation.executor is root.executor is root.retention.executor
         assert root.executor.client is root.client
@@ -191,7 +191,7 @@ async def test_the_installation_id_is_read_when_the_store_opens(
     await first.open_store(migrate=True, create_installation_id=True)
     iid = first.executor.installation_id
     await first.close_client(wait_seconds=1)
-    await first.store.close()
+    await first.database.close()
     assert len(iid) == 16
     again = Root(loaded, secrets, extensions=[])
     async with again.opened():

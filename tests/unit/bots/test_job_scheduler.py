@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bots.base import BotStorage, Job, JobScheduler
 from bots.scheduling import CronSchedule
-from bridge.store import AuditFilter, AuditRecord, Store, open_store
+from bridge.store import AuditFilter, AuditRecord, Stores, open_stores
 
 HOUR = 3_600_000
 T9 = int(dt.datetime(2026, 1, 5, 9, tzinfo=dt.UTC).timestamp() * 1000)
@@ -22,20 +22,20 @@ class Clock:
         return self.t
 
 
-async def _store(tmp_path: Path) -> Store:
-    s = open_store("sqlite:///bots.db", base_dir=tmp_path)
-    await s.open()
-    await s.migrate()
+async def _store(tmp_path: Path) -> Stores:
+    s = open_stores("sqlite:///bots.db", base_dir=tmp_path)
+    await s.database.open()
+    await s.database.migrate()
     return s
 
 
-def _scheduler(store: Store, clock: Clock, fired: list[int]) -> JobScheduler:
-    storage = BotStorage(store, "bot.test", clock)
+def _scheduler(store: Stores, clock: Clock, fired: list[int]) -> JobScheduler:
+    storage = BotStorage(store.kv, "bot.test", clock)
 
     def audit(kind: str, outcome: str, **kw: str) -> AuditRecord:
         return AuditRecord(ts=clock(), source="test", kind=kind, outcome=outcome, **kw)
 
-    js = JobScheduler(storage, clock, grace_ms=HOUR, report=store.add_audit, audit=audit)
+    js = JobScheduler(storage, clock, grace_ms=HOUR, report=store.audit.add_audit, audit=audit)
 
     async def fire(at: int) -> None:
         fired.append(at)
@@ -66,10 +66,10 @@ async def test_restarts_neither_repeat_nor_skip(tmp_path: Path) -> None:
         clock.t = T9 + 4 * 24 * HOUR + 3 * HOUR
         await _scheduler(store, clock, fired).tick()
         assert fired == [T9, T9 + 24 * HOUR]
-        missed = await store.query_audit(AuditFilter(rule_id="schedule.daily"))
+        missed = await store.audit.query_audit(AuditFilter(rule_id="schedule.daily"))
         assert [(r["kind"], r["outcome"]) for r in missed] == [("schedule_missed", "skipped")]
         assert missed[0]["detail"].count("2026-01-") == 3  # the 7th, 8th and 9th
         state = await js.state("daily")
         assert state is not None and state.last_fired_ms == T9 + 24 * HOUR
     finally:
-        await store.close()
+        await store.database.close()

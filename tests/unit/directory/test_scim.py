@@ -26,7 +26,7 @@ from scim2_tester import Status, check_server
 
 from bridge.directory.scim import ScimService, ScimSource
 from bridge.model.people import Person
-from bridge.store import Store, open_store
+from bridge.store import Stores, open_stores
 
 TOKEN = "s3cret-scim-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/scim+json"}
@@ -53,17 +53,17 @@ class Harness:
     tmp_path: Path
     clock: Clock = field(default_factory=Clock)
     changes: list[int] = field(default_factory=list)
-    stores: list[Store] = field(default_factory=list)
+    stores: list[Stores] = field(default_factory=list)
 
-    async def open_store(self) -> Store:
-        store = open_store("sqlite:///s.db", base_dir=self.tmp_path)
-        await store.open()
-        await store.migrate()
+    async def open_store(self) -> Stores:
+        store = open_stores("sqlite:///s.db", base_dir=self.tmp_path)
+        await store.database.open()
+        await store.database.migrate()
         self.stores.append(store)
         return store
 
-    async def service(self, store: Store) -> ScimService:
-        svc = ScimService(store, token=TOKEN, clock_ms=self.clock,
+    async def service(self, store: Stores) -> ScimService:
+        svc = ScimService(store.scim, token=TOKEN, clock_ms=self.clock,
                           on_change=lambda: self.changes.append(self.clock.now))
         await svc.load()
         return svc
@@ -74,11 +74,11 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     h = Harness(tmp_path)
     yield h
     for s in h.stores:
-        await s.close()
+        await s.database.close()
 
 
 @pytest.fixture
-async def store(harness: Harness) -> Store:
+async def store(harness: Harness) -> Stores:
     return await harness.open_store()
 
 
@@ -87,7 +87,7 @@ MakeClient = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 def make_client(aiohttp_client, harness: Harness) -> MakeClient:
-    async def make(store: Store) -> TestClient:
+    async def make(store: Stores) -> TestClient:
         app = web.Application()
         (await harness.service(store)).add_routes(app)
         return await aiohttp_client(app)
@@ -96,7 +96,7 @@ def make_client(aiohttp_client, harness: Harness) -> MakeClient:
 
 
 @pytest.fixture
-async def client(make_client: MakeClient, store: Store) -> TestClient:
+async def client(make_client: MakeClient, store: Stores) -> TestClient:
     return await make_client(store)
 
 
@@ -147,8 +147,8 @@ async def create(client: TestClient, path: str, body: dict[str, Any]) -> dict[st
     return await resp.json(content_type=None)
 
 
-async def stored(store: Store, rt: str = "User") -> dict[str, dict[str, Any]]:
-    return {r.id: orjson.loads(r.data) for r in await store.scim_list(rt)}
+async def stored(store: Stores, rt: str = "User") -> dict[str, dict[str, Any]]:
+    return {r.id: orjson.loads(r.data) for r in await store.scim.scim_list(rt)}
 
 
 def assert_scim_error(body: dict[str, Any], status: int) -> None:
@@ -196,7 +196,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_scim2_tester_finds_no_failure(harness: Harness, store: Store) -> None:
+async def test_scim2_tester_finds_no_failure(harness: Harness, store: Stores) -> None:
     app = web.Application()
     (await harness.service(store)).add_routes(app)
     runner = web.AppRunner(app)
@@ -223,7 +223,7 @@ async def test_scim2_tester_finds_no_failure(harness: Harness, store: Store) -> 
     None, "Bearer wrong-token", f"Basic {TOKEN}", "Bearer ", f"Bearer {TOKEN}x",
 ])
 async def test_missing_or_wrong_token_is_401_and_stores_nothing(
-        client: TestClient, store: Store, harness: Harness, authorization: str | None,
+        client: TestClient, store: Stores, harness: Harness, authorization: str | None,
         caplog: pytest.LogCaptureFixture) -> None:
     headers = {"Content-Type": "application/scim+json"}
     if authorization is not None:
@@ -235,14 +235,14 @@ async def test_missing_or_wrong_token_is_401_and_stores_nothing(
         assert resp.status == 401
         assert resp.headers["Content-Type"].startswith("application/scim+json")
         assert_scim_error(await resp.json(content_type=None), 401)
-    assert await store.scim_list("User") == []
+    assert await store.scim.scim_list("User") == []
     assert harness.changes == []
     assert TOKEN not in caplog.text and "wrong-token" not in caplog.text
 
 
 # -- users ----------------------------------------------------------------------------------
 
-async def test_create_user_as_okta_sends_it(client: TestClient, store: Store,
+async def test_create_user_as_okta_sends_it(client: TestClient, store: Stores,
                                             harness: Harness) -> None:
     resp = await client.post("/scim/v2/Users", headers=AUTH, data=orjson.dumps(OKTA_USER))
     assert resp.status == 201
@@ -253,7 +253,7 @@ async def test_create_user_as_okta_sends_it(client: TestClient, store: Store,
     assert body["userName"] == "alice.okta@example.com"
     assert body["meta"]["version"] == 'W/"1"'
     assert "password" not in body
-    rows = await store.scim_list("User")
+    rows = await store.scim.scim_list("User")
     assert [(r.id, r.external_id, r.version, r.created_at, r.updated_at) for r in rows] == [
         (uid, "00u1abcd", 1, T0, T0)]
     data = orjson.loads(rows[0].data)
@@ -262,7 +262,7 @@ async def test_create_user_as_okta_sends_it(client: TestClient, store: Store,
     assert harness.changes == [T0]
 
 
-async def test_create_user_as_entra_sends_it(client: TestClient, store: Store) -> None:
+async def test_create_user_as_entra_sends_it(client: TestClient, store: Stores) -> None:
     # Entra sends the manager as {"value": id} without the "$ref" scim2-models requires
     body = await create(client, "Users", entra_user(manager="some-manager-id"))
     assert body[ENT_URN] == {"employeeNumber": "1042", "department": "Engineering",
@@ -273,7 +273,7 @@ async def test_create_user_as_entra_sends_it(client: TestClient, store: Store) -
 
 
 async def test_json_content_type_accepted_other_types_refused(client: TestClient,
-                                                              store: Store) -> None:
+                                                              store: Stores) -> None:
     headers = {**AUTH, "Content-Type": "application/json; charset=utf-8"}
     resp = await client.post("/scim/v2/Users", headers=headers, data=orjson.dumps(OKTA_USER))
     assert resp.status == 201
@@ -281,7 +281,7 @@ async def test_json_content_type_accepted_other_types_refused(client: TestClient
     resp = await client.post("/scim/v2/Users", headers=headers,
                              data=orjson.dumps({**OKTA_USER, "userName": "x@example.com"}))
     assert resp.status == 415
-    assert len(await store.scim_list("User")) == 1
+    assert len(await store.scim.scim_list("User")) == 1
 
 
 async def test_get_filter_and_paginate(client: TestClient) -> None:
@@ -320,7 +320,7 @@ async def test_get_filter_and_paginate(client: TestClient) -> None:
     assert sorted(seen) == sorted(ids)
 
 
-async def test_put_replaces_the_user(client: TestClient, store: Store,
+async def test_put_replaces_the_user(client: TestClient, store: Stores,
                                      harness: Harness) -> None:
     u = await create(client, "Users", entra_user())
     harness.clock.now = T0 + 5000
@@ -331,7 +331,7 @@ async def test_put_replaces_the_user(client: TestClient, store: Store,
                             data=orjson.dumps(replacement))
     assert resp.status == 200, await resp.text()
     assert resp.headers["ETag"] == 'W/"2"'
-    [row] = await store.scim_list("User")
+    [row] = await store.scim.scim_list("User")
     assert (row.version, row.created_at, row.updated_at) == (2, T0, T0 + 5000)
     data = orjson.loads(row.data)
     assert data["displayName"] == "Robert Entra"
@@ -345,7 +345,7 @@ async def test_put_replaces_the_user(client: TestClient, store: Store,
     # Okta: no path, the attributes in the value
     [{"op": "replace", "value": {"active": False}}],
 ], ids=["entra", "okta"])
-async def test_patch_deactivates(client: TestClient, store: Store, harness: Harness,
+async def test_patch_deactivates(client: TestClient, store: Stores, harness: Harness,
                                  ops: list[dict[str, Any]]) -> None:
     u = await create(client, "Users", entra_user())
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", headers=AUTH,
@@ -355,24 +355,24 @@ async def test_patch_deactivates(client: TestClient, store: Store, harness: Harn
     assert (await resp.json(content_type=None))["active"] is False
     resp = await client.get(f"/scim/v2/Users/{u['id']}", headers=AUTH)
     assert (await resp.json(content_type=None))["active"] is False
-    [row] = await store.scim_list("User")
+    [row] = await store.scim.scim_list("User")
     assert row.version == 2 and orjson.loads(row.data)["active"] is False
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert snap.people[u["id"]].disabled is True
     assert len(harness.changes) == 2
 
 
-async def test_patch_that_changes_nothing_writes_nothing(client: TestClient, store: Store,
+async def test_patch_that_changes_nothing_writes_nothing(client: TestClient, store: Stores,
                                                          harness: Harness) -> None:
     u = await create(client, "Users", entra_user())
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", headers=AUTH, data=orjson.dumps(
         patch({"op": "Replace", "path": "active", "value": "True"})))
     assert resp.status == 200
-    assert [r.version for r in await store.scim_list("User")] == [1]
+    assert [r.version for r in await store.scim.scim_list("User")] == [1]
     assert len(harness.changes) == 1
 
 
-async def test_entra_manager_and_attribute_patches(client: TestClient, store: Store) -> None:
+async def test_entra_manager_and_attribute_patches(client: TestClient, store: Stores) -> None:
     boss = await create(client, "Users", {"schemas": [USER_URN], "userName": "boss@example.com"})
     u = await create(client, "Users", entra_user())
     ops = patch(
@@ -385,7 +385,7 @@ async def test_entra_manager_and_attribute_patches(client: TestClient, store: St
     )
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", headers=AUTH, data=orjson.dumps(ops))
     assert resp.status == 200, await resp.text()
-    p = (await ScimSource(store).read()).people[u["id"]]
+    p = (await ScimSource(store.scim).read()).people[u["id"]]
     assert (p.manager, p.department, p.email, p.location, p.title) == (
         boss["id"], "Sales", "b2@example.com", "Lyon", "Lead")
 
@@ -393,24 +393,24 @@ async def test_entra_manager_and_attribute_patches(client: TestClient, store: St
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", headers=AUTH, data=orjson.dumps(patch(
         {"op": "Remove", "path": f"{ENT_URN}:manager", "value": [{"value": boss["id"]}]})))
     assert resp.status == 200, await resp.text()
-    assert (await ScimSource(store).read()).people[u["id"]].manager is None
+    assert (await ScimSource(store.scim).read()).people[u["id"]].manager is None
 
 
-async def test_if_match_with_a_stale_etag_is_412(client: TestClient, store: Store,
+async def test_if_match_with_a_stale_etag_is_412(client: TestClient, store: Stores,
                                                  harness: Harness) -> None:
     u = await create(client, "Users", OKTA_USER)
     body = orjson.dumps(patch({"op": "replace", "value": {"title": "CTO"}}))
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", data=body,
                               headers={**AUTH, "If-Match": 'W/"7"'})
     assert resp.status == 412
-    assert [r.version for r in await store.scim_list("User")] == [1]
+    assert [r.version for r in await store.scim.scim_list("User")] == [1]
     resp = await client.patch(f"/scim/v2/Users/{u['id']}", data=body,
                               headers={**AUTH, "If-Match": 'W/"1"'})
     assert resp.status == 200
     assert len(harness.changes) == 2
 
 
-async def test_concurrent_writes(client: TestClient, store: Store, harness: Harness) -> None:
+async def test_concurrent_writes(client: TestClient, store: Stores, harness: Harness) -> None:
     async def post(i: int) -> int:
         user = {"schemas": [USER_URN], "userName": f"p{i % 10}@example.com"}
         resp = await client.post("/scim/v2/Users", headers=AUTH, data=orjson.dumps(user))
@@ -418,36 +418,36 @@ async def test_concurrent_writes(client: TestClient, store: Store, harness: Harn
 
     statuses = await asyncio.gather(*(post(i) for i in range(30)))
     assert sorted(statuses) == [201] * 10 + [409] * 20  # each userName created once
-    assert len(await store.scim_list("User")) == 10
+    assert len(await store.scim.scim_list("User")) == 10
     assert len(harness.changes) == 10
 
 
-async def test_delete_user(client: TestClient, store: Store, harness: Harness) -> None:
+async def test_delete_user(client: TestClient, store: Stores, harness: Harness) -> None:
     u = await create(client, "Users", OKTA_USER)
     keep = await create(client, "Users", entra_user())
     resp = await client.delete(f"/scim/v2/Users/{u['id']}", headers=AUTH)
     assert resp.status == 204
     assert (await client.get(f"/scim/v2/Users/{u['id']}", headers=AUTH)).status == 404
-    assert [r.id for r in await store.scim_list("User")] == [keep["id"]]
+    assert [r.id for r in await store.scim.scim_list("User")] == [keep["id"]]
     resp = await client.delete(f"/scim/v2/Users/{u['id']}", headers=AUTH)
     assert resp.status == 404
     assert len(harness.changes) == 3
-    assert set((await ScimSource(store).read()).people) == {keep["id"]}
+    assert set((await ScimSource(store.scim).read()).people) == {keep["id"]}
 
 
-async def test_duplicate_user_name_is_409(client: TestClient, store: Store,
+async def test_duplicate_user_name_is_409(client: TestClient, store: Stores,
                                           harness: Harness) -> None:
     await create(client, "Users", OKTA_USER)
     resp = await client.post("/scim/v2/Users", headers=AUTH, data=orjson.dumps(OKTA_USER))
     assert resp.status == 409
     assert_scim_error(await resp.json(content_type=None), 409)
-    assert len(await store.scim_list("User")) == 1
+    assert len(await store.scim.scim_list("User")) == 1
     assert len(harness.changes) == 1
 
 
 # -- groups ---------------------------------------------------------------------------------
 
-async def test_groups_and_membership_patches(client: TestClient, store: Store,
+async def test_groups_and_membership_patches(client: TestClient, store: Stores,
                                              harness: Harness) -> None:
     a = await create(client, "Users", OKTA_USER)
     b = await create(client, "Users", entra_user())
@@ -467,7 +467,7 @@ async def test_groups_and_membership_patches(client: TestClient, store: Store,
     await do_patch({"op": "add", "path": "members", "value": [{"value": a["id"]}]})
     await do_patch({"op": "Add", "path": "members", "value": [{"value": b["id"]}]})
     assert await members() == {a["id"], b["id"]}
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert snap.groups["Engineering"].members == {a["id"], b["id"]}
     assert snap.people[a["id"]].groups == {"Engineering"}
 
@@ -477,14 +477,14 @@ async def test_groups_and_membership_patches(client: TestClient, store: Store,
     assert await members() == set()
 
     await do_patch({"op": "replace", "value": {"id": gid, "displayName": "Platform"}})  # Okta
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert set(snap.groups) == {"Platform"}
-    assert [r.version for r in await store.scim_list("Group")] == [6]
+    assert [r.version for r in await store.scim.scim_list("Group")] == [6]
     assert len(harness.changes) == 2 + 1 + 5
 
     resp = await client.delete(f"/scim/v2/Groups/{gid}", headers=AUTH)
     assert resp.status == 204
-    assert await store.scim_list("Group") == []
+    assert await store.scim.scim_list("Group") == []
 
 
 # -- discovery ------------------------------------------------------------------------------
@@ -512,10 +512,10 @@ async def test_discovery_endpoints(client: TestClient) -> None:
 
 # -- failures change nothing ----------------------------------------------------------------
 
-async def test_malformed_json_is_400_and_changes_nothing(client: TestClient, store: Store,
+async def test_malformed_json_is_400_and_changes_nothing(client: TestClient, store: Stores,
                                                          harness: Harness) -> None:
     u = await create(client, "Users", OKTA_USER)
-    before = await store.scim_list("User")
+    before = await store.scim.scim_list("User")
     for method, path in (("POST", "Users"), ("PUT", f"Users/{u['id']}"),
                          ("PATCH", f"Users/{u['id']}")):
         resp = await client.request(method, f"/scim/v2/{path}", headers=AUTH,
@@ -534,20 +534,20 @@ async def test_malformed_json_is_400_and_changes_nothing(client: TestClient, sto
                                     data=orjson.dumps(payload))
         assert resp.status == 400, (method, path, await resp.text())
         assert_scim_error(await resp.json(content_type=None), 400)
-    assert await store.scim_list("User") == before
+    assert await store.scim.scim_list("User") == before
     assert len(harness.changes) == 1
 
 
 async def test_store_failure_is_503_and_leaves_nothing_behind(
-        client: TestClient, store: Store, harness: Harness,
+        client: TestClient, store: Stores, harness: Harness,
         monkeypatch: pytest.MonkeyPatch) -> None:
     u = await create(client, "Users", OKTA_USER)
 
     async def broken(*args: Any) -> Any:
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "scim_put", broken)
-    monkeypatch.setattr(store, "scim_delete", broken)
+    monkeypatch.setattr(store.scim, "scim_put", broken)
+    monkeypatch.setattr(store.scim, "scim_delete", broken)
     resp = await client.post("/scim/v2/Users", headers=AUTH, data=orjson.dumps(entra_user()))
     assert resp.status == 503
     assert_scim_error(await resp.json(content_type=None), 503)
@@ -582,7 +582,7 @@ async def test_data_survives_a_restart(make_client: MakeClient, harness: Harness
     first = await (await c1.get(f"/scim/v2/Users/{u['id']}", headers=AUTH)).json(
         content_type=None)
     await c1.close()
-    await store1.close()
+    await store1.database.close()
     harness.stores.remove(store1)
 
     store2 = await harness.open_store()
@@ -610,18 +610,18 @@ async def test_data_survives_a_restart(make_client: MakeClient, harness: Harness
     assert [m["value"] for m in grp["members"]] == [u["id"]]
 
 
-async def test_requests_before_load_are_refused(aiohttp_client, store: Store) -> None:
-    svc = ScimService(store, token=TOKEN, clock_ms=lambda: T0)
+async def test_requests_before_load_are_refused(aiohttp_client, store: Stores) -> None:
+    svc = ScimService(store.scim, token=TOKEN, clock_ms=lambda: T0)
     app = web.Application()
     svc.add_routes(app)
     client = await aiohttp_client(app)
     resp = await client.post("/scim/v2/Users", headers=AUTH, data=orjson.dumps(OKTA_USER))
     assert resp.status == 503
-    assert await store.scim_list("User") == []
+    assert await store.scim.scim_list("User") == []
 
 
-async def test_custom_path_prefix(aiohttp_client, store: Store) -> None:
-    svc = ScimService(store, token=TOKEN, path_prefix="/idp/scim", clock_ms=lambda: T0)
+async def test_custom_path_prefix(aiohttp_client, store: Stores) -> None:
+    svc = ScimService(store.scim, token=TOKEN, path_prefix="/idp/scim", clock_ms=lambda: T0)
     await svc.load()
     app = web.Application()
     svc.add_routes(app)
@@ -634,7 +634,7 @@ async def test_custom_path_prefix(aiohttp_client, store: Store) -> None:
 
 def test_empty_token_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        ScimService(open_store("sqlite:///s.db", base_dir=tmp_path), token="",
+        ScimService(open_stores("sqlite:///s.db", base_dir=tmp_path).scim, token="",
                     clock_ms=lambda: T0)
 
 
@@ -671,13 +671,13 @@ USERS_TO_PEOPLE: list[tuple[dict[str, Any], dict[str, Any]]] = [
 ]
 
 
-async def test_source_maps_users_to_people(client: TestClient, store: Store) -> None:
+async def test_source_maps_users_to_people(client: TestClient, store: Stores) -> None:
     boss = await create(client, "Users", {"schemas": [USER_URN], "userName": "boss"})
     ids = []
     for payload, _ in USERS_TO_PEOPLE:
         payload = orjson.loads(orjson.dumps(payload).replace(b"@boss", boss["id"].encode()))
         ids.append((await create(client, "Users", payload))["id"])
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert snap.source == "scim"
     assert set(snap.people) == {boss["id"], *ids}
     for uid, (_, expected) in zip(ids, USERS_TO_PEOPLE, strict=True):
@@ -687,7 +687,7 @@ async def test_source_maps_users_to_people(client: TestClient, store: Store) -> 
         assert {k: getattr(p, k) for k in want} == want, uid
 
 
-async def test_source_maps_groups(client: TestClient, store: Store) -> None:
+async def test_source_maps_groups(client: TestClient, store: Stores) -> None:
     a = await create(client, "Users", {"schemas": [USER_URN], "userName": "a"})
     b = await create(client, "Users", {"schemas": [USER_URN], "userName": "b"})
     c = await create(client, "Users", {"schemas": [USER_URN], "userName": "c"})
@@ -702,7 +702,7 @@ async def test_source_maps_groups(client: TestClient, store: Store) -> None:
                                     "members": [{"value": a["id"]}]})
     await create(client, "Groups", {"schemas": [GROUP_URN], "displayName": "Sales",
                                     "members": [{"value": b["id"]}]})
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert {gid: (g.name, set(g.members)) for gid, g in snap.groups.items()} == {
         "Inner": ("Inner", {c["id"]}),
         "Staff": ("Staff", {a["id"], c["id"]}),  # nested group expanded, non-user dropped
@@ -713,37 +713,37 @@ async def test_source_maps_groups(client: TestClient, store: Store) -> None:
 
     # a user deleted through SCIM is simply gone, from people and from groups
     await client.delete(f"/scim/v2/Users/{a['id']}", headers=AUTH)
-    snap = await ScimSource(store).read()
+    snap = await ScimSource(store.scim).read()
     assert a["id"] not in snap.people
     assert snap.groups["Sales"].members == {b["id"]}
 
 
 async def test_source_raises_directory_error_when_the_store_fails(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
     from bridge.model.people import DirectoryError
 
     async def broken(*args: Any) -> Any:
         raise OSError("database is locked")
 
-    monkeypatch.setattr(store, "scim_list", broken)
+    monkeypatch.setattr(store.scim, "scim_list", broken)
     with pytest.raises(DirectoryError):
-        await ScimSource(store).read()
+        await ScimSource(store.scim).read()
 
 
 async def test_a_cancelled_request_leaves_cache_and_store_agreeing(
-        harness: Harness, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        harness: Harness, store: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
     from scim2_server.requests import ScimRequest
 
     svc = await harness.service(store)
     started = asyncio.Event()
-    real_put = store.scim_put
+    real_put = store.scim.scim_put
 
     async def slow_put(row: Any) -> None:
         started.set()
         await asyncio.sleep(0.05)
         await real_put(row)
 
-    monkeypatch.setattr(store, "scim_put", slow_put)
+    monkeypatch.setattr(store.scim, "scim_put", slow_put)
     req = ScimRequest(method="POST", base_url="http://h/scim/v2", path="/Users",
                       headers={"Content-Type": "application/scim+json"},
                       body=orjson.dumps(OKTA_USER))
@@ -753,6 +753,6 @@ async def test_a_cancelled_request_leaves_cache_and_store_agreeing(
     with pytest.raises(asyncio.CancelledError):
         await task
     # the write was finished, not abandoned half-way: the store and the cache both have it
-    [row] = await store.scim_list("User")
+    [row] = await store.scim.scim_list("User")
     get = ScimRequest(method="GET", base_url="http://h/scim/v2", path=f"/Users/{row.id}")
     assert (await svc.handler.handle(get)).status == 200

@@ -12,7 +12,7 @@ import orjson
 from bridge.matrix.completeness import CURSOR_PREFIX, RECOVERED_KEY, CompletenessCheck
 from bridge.metrics import Metrics
 from bridge.policy.completeness import Timing
-from bridge.store import AuditFilter, NewEvent, Store
+from bridge.store import AuditFilter, NewEvent, Stores
 
 from ..conftest import new_store
 
@@ -68,9 +68,9 @@ class FakeHomeserver:
         return chunk, (f"p{max(0, n - limit)}" if chunk else None)
 
 
-def check_for(store: Store, hs: FakeHomeserver, clock: Clock,
+def check_for(store: Stores, hs: FakeHomeserver, clock: Clock,
               recovered: list[int]) -> CompletenessCheck:
-    return CompletenessCheck(store, hs, Metrics(), admin_user_id=ADMIN,  # type: ignore[arg-type]
+    return CompletenessCheck(store.inbox, store.kv, hs, Metrics(), admin_user_id=ADMIN,  # type: ignore[arg-type]
                              bound_seconds=12, clock_ms=clock, timing=TIMING,
                              on_recovered=lambda: recovered.append(1))
 
@@ -80,23 +80,23 @@ def pushed(ev: dict[str, Any]) -> NewEvent:
                     ev["origin_server_ts"], orjson.dumps(ev).decode())
 
 
-async def test_recovers_what_the_push_missed_marked_audited_once(store: Store) -> None:
+async def test_recovers_what_the_push_missed_marked_audited_once(store: Stores) -> None:
     hs, clock, woken = FakeHomeserver(), Clock(), []
     check = check_for(store, hs, clock, woken)
-    await store.component_put("completeness", "since", str(T0 - 60_000), T0)
+    await store.kv.component_put("completeness", "since", str(T0 - 60_000), T0)
     before = hs.add("!old", T0 - 120_000)  # older than the check: never fed to handlers
     a = hs.add("!r", T0 - 30_000)
     b = hs.add("!r", T0 - 20_000)  # the push dropped this one
     c = hs.add("!r", T0 - 500)  # young: the push may still bring it
-    await store.save_transaction("t1", [pushed(a)], [], T0 - 29_000)
+    await store.inbox.save_transaction("t1", [pushed(a)], [], T0 - 29_000)
     assert await check.check_once() == 1
     assert woken == [1]
-    inbox = {e.event_id: e for e in await store.fetch_due_events(clock.now, 100)}
+    inbox = {e.event_id: e for e in await store.inbox.fetch_due_events(clock.now, 100)}
     assert set(inbox) == {a["event_id"], b["event_id"]}
     assert inbox[b["event_id"]].txn_id.startswith("recovered:")
     mark = orjson.loads(inbox[b["event_id"]].body)["unsigned"][RECOVERED_KEY]
     assert mark == {"cause": "enclave_downtime", "late_ms": 20_000, "at": T0}
-    audit = await store.query_audit(AuditFilter(room_id="!r"))
+    audit = await store.audit.query_audit(AuditFilter(room_id="!r"))
     assert [(r["kind"], r["rule_id"]) for r in audit] == [
         ("events_recovered", "completeness.recover")]
     assert b["event_id"] in audit[0]["detail"]
@@ -104,22 +104,22 @@ async def test_recovers_what_the_push_missed_marked_audited_once(store: Store) -
     assert check.status()["oldest_gap_seconds"] == 0.5
     # the young one's page was not settled: the cursor stays before it (here: at the
     # room's start, so none is stored)
-    assert (await store.component_list("completeness", CURSOR_PREFIX)).get(
+    assert (await store.kv.component_list("completeness", CURSOR_PREFIX)).get(
         CURSOR_PREFIX + "!r") is None
 
     # the push brings c; the next check recovers nothing and settles the room
-    await store.save_transaction("t2", [pushed(c)], [], T0)
+    await store.inbox.save_transaction("t2", [pushed(c)], [], T0)
     clock.now += TIMING.interval_ms
     assert await check.check_once() == 0
-    assert (await store.component_list("completeness", CURSOR_PREFIX))[
+    assert (await store.kv.component_list("completeness", CURSOR_PREFIX))[
         CURSOR_PREFIX + "!r"] == "p3"
-    assert len(await store.query_audit(AuditFilter(room_id="!r"))) == 1
+    assert len(await store.audit.query_audit(AuditFilter(room_id="!r"))) == 1
 
 
 async def test_quiet_server_costs_one_request_and_restart_resumes(tmp_path: Path) -> None:
     store = await new_store(tmp_path)
     hs, clock, woken = FakeHomeserver(), Clock(), []
-    await store.component_put("completeness", "since", str(T0 - 60_000), T0)
+    await store.kv.component_put("completeness", "since", str(T0 - 60_000), T0)
     for i in range(3):
         hs.add(f"!r{i}", T0 - 30_000)
     check = check_for(store, hs, clock, woken)
@@ -129,7 +129,7 @@ async def test_quiet_server_costs_one_request_and_restart_resumes(tmp_path: Path
     assert await check.check_once() == 0
     assert hs.calls == ["sync"]  # nothing moved anywhere: no room is read
     assert check.status()["quiet_checks"] == 1
-    await store.close()
+    await store.database.close()
 
     # Enclave restarts (new process, same store): an event Synapse dropped meanwhile
     store = await new_store(tmp_path)
@@ -141,19 +141,19 @@ async def test_quiet_server_costs_one_request_and_restart_resumes(tmp_path: Path
     # each room read from its stored cursor (no read back to `since`)
     assert not any(c.endswith(" b") for c in hs.calls), hs.calls
     assert dropped["event_id"] in {e.event_id for e in
-                                   await store.fetch_due_events(clock.now, 100)}
-    await store.close()
+                                   await store.inbox.fetch_due_events(clock.now, 100)}
+    await store.database.close()
 
 
-async def test_homeserver_outage_names_the_cause(store: Store) -> None:
+async def test_homeserver_outage_names_the_cause(store: Stores) -> None:
     hs, clock, woken = FakeHomeserver(), Clock(), []
-    await store.component_put("completeness", "since", str(T0 - 60_000), T0)
+    await store.kv.component_put("completeness", "since", str(T0 - 60_000), T0)
     check = check_for(store, hs, clock, woken)
     clock.now += 30_000
     check.homeserver_unreachable()  # e.g. the executor's send found it gone
     ev = hs.add("!r", clock.now - 1_000)
     clock.now += 10_000
     assert await check.check_once() == 1
-    body = orjson.loads((await store.fetch_due_events(clock.now, 10))[0].body)
+    body = orjson.loads((await store.inbox.fetch_due_events(clock.now, 10))[0].body)
     assert ev["event_id"] == body["event_id"]
     assert body["unsigned"][RECOVERED_KEY]["cause"] == "homeserver_restart"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import random
 import time
@@ -19,7 +20,8 @@ from bridge.matrix import inbox as inbox_module
 from bridge.matrix.inbox import FunctionHandler, InboxProcessor, backoff_ms
 from bridge.metrics import Metrics
 from bridge.policy.actions import Action, SendEvent, action_from_dict
-from bridge.store import AuditFilter, InboxEvent, NewEvent, Store, StoredAction
+from bridge.store import AuditFilter, InboxEvent, NewEvent, StoredAction, Stores
+from bridge.store.domains import InboxStore, OutboxStore
 
 from ..conftest import new_store
 
@@ -37,7 +39,7 @@ class Clock:
 class RecordingExecutor:
     """Applies stored actions by recording them and marking them applied in the store."""
 
-    def __init__(self, store: Store, *, fail_with: BaseException | None = None) -> None:
+    def __init__(self, store: Stores, *, fail_with: BaseException | None = None) -> None:
         self.store = store
         self.fail_with = fail_with
         self.applied: list[tuple[int, dict[str, Any]]] = []
@@ -52,8 +54,8 @@ class RecordingExecutor:
         if self.fail_with is not None:
             raise self.fail_with  # a crash/kill between commit and apply
         self.applied.append((stored.id, orjson.loads(stored.payload)))
-        await self.store.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
-                                       None, T0)
+        await self.store.outbox.finish_action(stored.id, "applied", "ok", stored.attempts + 1,
+                                              None, T0)
         return True
 
 
@@ -73,11 +75,12 @@ def cfg(**over: Any) -> InboxConfig:
 class Running:
     """A processor plus helpers to let it work until it has nothing left to do."""
 
-    def __init__(self, store: Store, handler: Callable[..., Any], *, clock: Clock,
+    def __init__(self, store: Stores, handler: Callable[..., Any], *, clock: Clock,
                  executor: Any = None, **cfg_over: Any) -> None:
         self.store = store
         self.executor = executor or RecordingExecutor(store)
-        self.proc = InboxProcessor(store, self.executor, [FunctionHandler("test", handler)],
+        self.proc = InboxProcessor(store.journal, store.inbox, store.outbox, self.executor,
+                                   [FunctionHandler("test", handler)],
                                    cfg(**cfg_over), Metrics(), clock)
 
     async def __aenter__(self) -> Running:
@@ -100,7 +103,7 @@ async def test_backoff_ms() -> None:
     assert [backoff_ms(a, c) for a in range(1, 7)] == [500, 1000, 2000, 3000, 3000, 3000]
 
 
-async def test_order_within_room_concurrency_across_rooms(store: Store) -> None:
+async def test_order_within_room_concurrency_across_rooms(store: Stores) -> None:
     rooms = [f"!room{i}" for i in range(6)]
     rng = random.Random(42)
     n = 0
@@ -111,7 +114,7 @@ async def test_order_within_room_concurrency_across_rooms(store: Store) -> None:
             n += 1
             batch.append(ev(n, room))
             expected[room].append(n)
-        await store.save_transaction(f"t{t}", batch, [], T0)
+        await store.inbox.save_transaction(f"t{t}", batch, [], T0)
 
     seen: dict[str, list[int]] = defaultdict(list)
     in_room: dict[str, int] = defaultdict(int)
@@ -136,12 +139,12 @@ async def test_order_within_room_concurrency_across_rooms(store: Store) -> None:
     assert dict(seen) == dict(expected)
     assert max_active > 1, "rooms were not processed concurrently"
     assert max_active <= 4, "room_concurrency not respected"
-    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": n, "parked": 0}
+    assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": n, "parked": 0}
 
 
-async def test_failing_handler_backs_off_then_parks_and_room_goes_on(store: Store) -> None:
-    await store.save_transaction("t1", [ev(1, "!bad"), ev(2, "!bad"), ev(3, "!ok"),
-                                        ev(4, "!bad")], [], T0)
+async def test_failing_handler_backs_off_then_parks_and_room_goes_on(store: Stores) -> None:
+    await store.inbox.save_transaction("t1", [ev(1, "!bad"), ev(2, "!bad"), ev(3, "!ok"),
+                                              ev(4, "!bad")], [], T0)
     clock = Clock()
     calls: list[tuple[int, int]] = []  # (event n, clock at call)
 
@@ -170,12 +173,12 @@ async def test_failing_handler_backs_off_then_parks_and_room_goes_on(store: Stor
     # attempt 3 == max_attempts: parked; then (and only then) the rest of the room
     assert [c for c in calls if c[0] != 3] == [
         (1, T0), (1, T0 + 1000), (1, T0 + 3000), (2, T0 + 3000), (4, T0 + 3000)]
-    (parked,) = await store.list_events("parked")
+    (parked,) = await store.inbox.list_events("parked")
     assert (parked["event_id"], parked["attempts"]) == ("$e1", 3)
     assert parked["last_error"] == "RuntimeError: boom"
-    stats = await store.inbox_stats()
+    stats = await store.inbox.inbox_stats()
     assert stats["events"] == {"pending": 0, "done": 3, "parked": 1}
-    (audit,) = await store.query_audit(AuditFilter())
+    (audit,) = await store.audit.query_audit(AuditFilter())
     assert (audit["source"], audit["kind"], audit["outcome"]) == ("inbox", "event_parked",
                                                                   "parked")
     assert audit["room_id"] == "!bad"
@@ -184,8 +187,8 @@ async def test_failing_handler_backs_off_then_parks_and_room_goes_on(store: Stor
     assert "$e1" in audit["detail"] and "boom" in audit["detail"]
 
 
-async def test_requeued_parked_event_is_processed(store: Store) -> None:
-    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
+async def test_requeued_parked_event_is_processed(store: Stores) -> None:
+    await store.inbox.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
     clock = Clock()
     broken = True
     calls: list[int] = []
@@ -199,19 +202,19 @@ async def test_requeued_parked_event_is_processed(store: Store) -> None:
     async with Running(store, handler, clock=clock, max_attempts=1) as r:
         await r.settle()
         assert calls == [1, 2]
-        assert [e["event_id"] for e in await store.list_events("parked")] == ["$e1"]
+        assert [e["event_id"] for e in await store.inbox.list_events("parked")] == ["$e1"]
         broken = False
-        assert await store.requeue_parked() == 1
+        assert await store.inbox.requeue_parked() == 1
         await r.settle()
     assert calls == [1, 2, 1]
-    assert await store.list_events("parked") == []
-    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 2, "parked": 0}
+    assert await store.inbox.list_events("parked") == []
+    assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": 2, "parked": 0}
 
 
 async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
     store = await new_store(tmp_path)
-    await store.save_transaction("t1", [ev(i, "!a" if i % 2 else "!b") for i in range(1, 11)],
-                                 [], T0)
+    await store.inbox.save_transaction("t1", [ev(i, "!a" if i % 2 else "!b") for i in range(1, 11)],
+                                       [], T0)
     stuck = asyncio.Event()
     first: list[int] = []
 
@@ -229,7 +232,7 @@ async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
     r1.proc.notify()
     await asyncio.wait_for(stuck.wait(), 10)
     await r1.proc.stop(grace_seconds=0)  # the crash: workers cancelled mid-room
-    await store.close()
+    await store.database.close()
 
     store = await new_store(tmp_path)
     second: list[int] = []
@@ -246,16 +249,17 @@ async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
         # an event whose actions were committed is never handled again
         assert not set(first) & set(second)
         assert sorted(first + second) == list(range(1, 11))
-        assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 10, "parked": 0}
+        assert (await store.inbox.inbox_stats())["events"] == {
+            "pending": 0, "done": 10, "parked": 0}
         # every action applied exactly once across both runs, in room order
         applied = [p["content"]["n"] for _, p in r1.executor.applied + r2.executor.applied]
         assert sorted(applied) == list(range(1, 11))
         for room_parity in (0, 1):
             ns = [n for n in applied if n % 2 == room_parity]
             assert ns == sorted(ns)
-        assert await store.pending_actions(None, 100) == []
+        assert await store.outbox.pending_actions(None, 100) == []
     finally:
-        await store.close()
+        await store.database.close()
 
 
 @pytest.mark.parametrize("crash", [RuntimeError("executor crashed"), asyncio.CancelledError()],
@@ -263,7 +267,7 @@ async def test_unfinished_work_resumes_after_restart(tmp_path: Path) -> None:
 async def test_actions_committed_with_done_mark_survive_a_crash(tmp_path: Path,
                                                                 crash: BaseException) -> None:
     store = await new_store(tmp_path)
-    await store.save_transaction("t1", [ev(1, "!r")], [], T0)
+    await store.inbox.save_transaction("t1", [ev(1, "!r")], [], T0)
     handled: list[int] = []
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
@@ -285,12 +289,12 @@ async def test_actions_committed_with_done_mark_survive_a_crash(tmp_path: Path,
     assert handled == [1]
     assert crashing.applied == []
     # committed together: the event is done AND its actions wait in the outbox
-    assert (await store.inbox_stats())["events"]["done"] == 1
-    assert [a.position for a in await store.pending_actions("!r", 10)] == [0, 1]
-    ids = [a.id for a in await store.pending_actions("!r", 10)]
+    assert (await store.inbox.inbox_stats())["events"]["done"] == 1
+    assert [a.position for a in await store.outbox.pending_actions("!r", 10)] == [0, 1]
+    ids = [a.id for a in await store.outbox.pending_actions("!r", 10)]
     # written after that process started: it had not begun them before (no read-back)
     assert crashing.resumed == []
-    await store.close()
+    await store.database.close()
 
     store = await new_store(tmp_path)
     try:
@@ -310,12 +314,12 @@ async def test_actions_committed_with_done_mark_survive_a_crash(tmp_path: Path,
             await r3.settle()
         assert r3.executor.applied == []
     finally:
-        await store.close()
+        await store.database.close()
 
 
-async def test_homeserver_away_keeps_room_waiting(store: Store) -> None:
+async def test_homeserver_away_keeps_room_waiting(store: Stores) -> None:
     """An executor reporting 'unavailable' blocks its lane (room) and retries it with backoff."""
-    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
+    await store.inbox.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
     clock = Clock()
     handled: list[int] = []
 
@@ -326,8 +330,8 @@ async def test_homeserver_away_keeps_room_waiting(store: Store) -> None:
                              resumed: bool = False) -> bool:
             self.calls += 1
             if not self.up:
-                await self.store.finish_action(stored.id, "pending", "down",
-                                               stored.attempts + 1, None, clock.now)
+                await self.store.outbox.finish_action(stored.id, "pending", "down",
+                                                      stored.attempts + 1, None, clock.now)
                 return False
             return await super().run_stored(stored, max_attempts=max_attempts,
                                             resumed=resumed)
@@ -351,8 +355,8 @@ async def test_homeserver_away_keeps_room_waiting(store: Store) -> None:
     assert len(flaky.applied) == 2
 
 
-async def test_crashing_room_worker_backs_off(store: Store) -> None:
-    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
+async def test_crashing_room_worker_backs_off(store: Stores) -> None:
+    await store.inbox.save_transaction("t1", [ev(1, "!r"), ev(2, "!r")], [], T0)
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         return [SendEvent(rule_id="r", reason="r", room="!r", event_type="m.notice")]
@@ -364,32 +368,42 @@ async def test_crashing_room_worker_backs_off(store: Store) -> None:
     assert broken.calls <= 5
 
 
-class CountingStore:
-    """Wraps a store: counts inbox rows read and outbox reads per lane."""
+class CountingInbox:
+    """Wraps the inbox store: counts the rows read."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, inbox: InboxStore) -> None:
+        self._inbox = inbox
         self.reads: dict[int, int] = defaultdict(int)
         self.rows_read = 0
-        self.lane_queries: list[str | None] = []
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
+        return getattr(self._inbox, name)
 
     async def fetch_due_events(self, now_ms: int, limit: int) -> list[InboxEvent]:
-        rows = await self._store.fetch_due_events(now_ms, limit)
+        rows = await self._inbox.fetch_due_events(now_ms, limit)
         self.rows_read += len(rows)
         for r in rows:
             self.reads[r.seq] += 1
         return rows
 
+
+class CountingOutbox:
+    """Wraps the outbox store: counts the reads per lane."""
+
+    def __init__(self, outbox: OutboxStore) -> None:
+        self._outbox = outbox
+        self.lane_queries: list[str | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outbox, name)
+
     async def pending_actions(self, lane: str | None, limit: int) -> list[StoredAction]:
         self.lane_queries.append(lane)
-        return await self._store.pending_actions(lane, limit)
+        return await self._outbox.pending_actions(lane, limit)
 
 
 async def test_events_read_about_once_and_outbox_read_only_for_lanes_with_actions(
-        store: Store) -> None:
+        store: Stores) -> None:
     n = 0
     expected: dict[str, list[int]] = defaultdict(list)
     for t in range(30):
@@ -398,7 +412,7 @@ async def test_events_read_about_once_and_outbox_read_only_for_lanes_with_action
             n += 1
             batch.append(ev(n, room))
             expected[room].append(n)
-        await store.save_transaction(f"t{t}", batch, [], T0)
+        await store.inbox.save_transaction(f"t{t}", batch, [], T0)
     seen: dict[str, list[int]] = defaultdict(list)
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
@@ -408,27 +422,28 @@ async def test_events_read_about_once_and_outbox_read_only_for_lanes_with_action
                               content={"n": event["content"]["n"]})]
         return []
 
-    counting = CountingStore(store)
+    inbox, outbox = CountingInbox(store.inbox), CountingOutbox(store.outbox)
+    counting = dataclasses.replace(store, inbox=inbox, outbox=outbox)
     async with Running(counting, handler, clock=Clock(), room_concurrency=4,  # type: ignore[arg-type]
                        batch_size=100) as r:
         await r.settle()
     assert dict(seen) == dict(expected)
-    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": n, "parked": 0}
+    assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": n, "parked": 0}
     # every row read, most exactly once (the old dispatcher read each ~4 times)
-    assert set(counting.reads) == set(range(1, n + 1))
-    assert counting.rows_read <= 1.5 * n, counting.rows_read
+    assert set(inbox.reads) == set(range(1, n + 1))
+    assert inbox.rows_read <= 1.5 * n, inbox.rows_read
     # the outbox: once at start-up (all lanes), then only the lane that got actions
-    assert counting.lane_queries[0] is None
-    assert set(counting.lane_queries[1:]) == {"!r7"}
-    assert len(counting.lane_queries) - 1 == len(expected["!r7"]) // 3
+    assert outbox.lane_queries[0] is None
+    assert set(outbox.lane_queries[1:]) == {"!r7"}
+    assert len(outbox.lane_queries) - 1 == len(expected["!r7"]) // 3
     assert [p["content"]["n"] for _, p in r.executor.applied] == [
         x for x in expected["!r7"] if x % 3 == 0]
 
 
-async def test_room_worker_yields_to_the_event_loop(store: Store) -> None:
+async def test_room_worker_yields_to_the_event_loop(store: Stores) -> None:
     """A handler that never really awaits must not hold the loop (the HTTP endpoint's)
     for a whole batch."""
-    await store.save_transaction("t1", [ev(i, "!busy") for i in range(1, 1501)], [], T0)
+    await store.inbox.save_transaction("t1", [ev(i, "!busy") for i in range(1, 1501)], [], T0)
     handled = 0
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
@@ -464,9 +479,9 @@ async def test_room_worker_yields_to_the_event_loop(store: Store) -> None:
     assert max(gaps) < 0.05, f"event loop blocked for {max(gaps) * 1000:.1f} ms"
 
 
-async def test_room_waiting_for_a_retry_keeps_its_order(store: Store) -> None:
-    await store.save_transaction("t1", [ev(1, "!r"), ev(2, "!r"), ev(3, "!r"), ev(4, "!o")],
-                                 [], T0)
+async def test_room_waiting_for_a_retry_keeps_its_order(store: Stores) -> None:
+    await store.inbox.save_transaction("t1", [ev(1, "!r"), ev(2, "!r"), ev(3, "!r"), ev(4, "!o")],
+                                       [], T0)
     clock = Clock()
     calls: list[int] = []
     fail = {2}
@@ -483,25 +498,25 @@ async def test_room_waiting_for_a_retry_keeps_its_order(store: Store) -> None:
         await r.settle()
         assert sorted(calls) == [1, 2, 4]
         # more events for both rooms arrive while !r waits for event 2's retry
-        await store.save_transaction("t2", [ev(5, "!r"), ev(6, "!o"), ev(7, "!r")], [], T0)
+        await store.inbox.save_transaction("t2", [ev(5, "!r"), ev(6, "!o"), ev(7, "!r")], [], T0)
         await r.settle()
         assert sorted(calls) == [1, 2, 4, 6]
         clock.now = T0 + 1000
         await r.settle()
     assert [c for c in calls if c not in (4, 6)] == [1, 2, 2, 3, 5, 7]
-    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 7, "parked": 0}
+    assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": 7, "parked": 0}
 
 
 async def test_truncated_startup_outbox_read_checks_every_lane(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More actions left from before a restart than start-up reads: no lane is skipped."""
     store = await new_store(tmp_path)
-    await store.save_transaction("t1", [ev(1, "!a"), ev(2, "!b")], [], T0)
+    await store.inbox.save_transaction("t1", [ev(1, "!a"), ev(2, "!b")], [], T0)
     for seq, room in ((1, "!a"), (2, "!b")):
-        await store.complete_events([seq], [(seq, 0, room, "send_event", orjson.dumps(
+        await store.inbox.complete_events([seq], [(seq, 0, room, "send_event", orjson.dumps(
             SendEvent(rule_id="r", reason=room, room=room, event_type="m.notice").to_dict()
         ).decode(), "r", room)], T0)
-    await store.save_transaction("t2", [ev(3, "!a"), ev(4, "!b")], [], T0)
+    await store.inbox.save_transaction("t2", [ev(3, "!a"), ev(4, "!b")], [], T0)
     monkeypatch.setattr(inbox_module, "STARTUP_ACTIONS", 1)
     order: list[str] = []
 
@@ -521,18 +536,18 @@ async def test_truncated_startup_outbox_read_checks_every_lane(
             await r.settle()
         assert order.index("action !a") < order.index("event 3")
         assert order.index("action !b") < order.index("event 4")
-        assert await store.pending_actions(None, 10) == []
+        assert await store.outbox.pending_actions(None, 10) == []
     finally:
-        await store.close()
+        await store.database.close()
 
 
-async def test_crashed_worker_reads_its_room_again(store: Store) -> None:
+async def test_crashed_worker_reads_its_room_again(store: Stores) -> None:
     """The store failing mid-room: the room backs off, then is read again from the
     database (nothing lost, nothing done twice, order kept)."""
-    await store.save_transaction("t1", [ev(i, "!r") for i in range(1, 6)], [], T0)
+    await store.inbox.save_transaction("t1", [ev(i, "!r") for i in range(1, 6)], [], T0)
     clock = Clock()
     calls: list[int] = []
-    real_complete = store.complete_events
+    real_complete = store.inbox.complete_events
     failures = 1
 
     async def flaky_complete(*args: Any) -> None:
@@ -542,7 +557,7 @@ async def test_crashed_worker_reads_its_room_again(store: Store) -> None:
             raise RuntimeError("database went away")
         await real_complete(*args)
 
-    store.complete_events = flaky_complete  # type: ignore[method-assign]
+    store.inbox.complete_events = flaky_complete  # type: ignore[method-assign]
 
     async def handler(event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         calls.append(event["content"]["n"])
@@ -551,14 +566,14 @@ async def test_crashed_worker_reads_its_room_again(store: Store) -> None:
     async with Running(store, handler, clock=clock) as r:
         await r.settle()
         assert calls == [1, 2, 3, 4, 5]
-        assert (await store.inbox_stats())["events"]["pending"] == 5
+        assert (await store.inbox.inbox_stats())["events"]["pending"] == 5
         clock.now = T0 + backoff_ms(1, cfg())
         await r.settle()
     assert calls == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
-    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 5, "parked": 0}
+    assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": 5, "parked": 0}
 
 
-async def test_stopped_processor_starts_again_from_the_database(store: Store) -> None:
+async def test_stopped_processor_starts_again_from_the_database(store: Stores) -> None:
     """A replica that stops leading and later leads again: what it held in memory is
     dropped and everything still pending is read again; nothing is handled twice."""
     seen: list[int] = []
@@ -572,14 +587,14 @@ async def test_stopped_processor_starts_again_from_the_database(store: Store) ->
         return [SendEvent(room=event["room_id"], event_type="m.room.message",
                           content={"n": n}, rule_id="t", reason="r")]
 
-    await store.save_transaction("t1", [ev(i, "!r") for i in range(1, 6)], [], T0)
+    await store.inbox.save_transaction("t1", [ev(i, "!r") for i in range(1, 6)], [], T0)
     r = Running(store, handler, clock=Clock())
     await r.proc.start()
     await asyncio.sleep(0.2)
     assert seen == [1, 2]
     await r.proc.stop(grace_seconds=0.1)  # event 3 is cancelled mid-handler
     assert not r.proc.running
-    await store.save_transaction("t2", [ev(6, "!r")], [], T0)
+    await store.inbox.save_transaction("t2", [ev(6, "!r")], [], T0)
     gate.set()
     await r.proc.start()
     assert r.proc.running
@@ -588,4 +603,4 @@ async def test_stopped_processor_starts_again_from_the_database(store: Store) ->
     assert seen == [1, 2, 3, 4, 5, 6]
     applied = [payload["content"]["n"] for _, payload in r.executor.applied]
     assert applied == [1, 2, 3, 4, 5, 6]  # each action once, in order
-    assert (await store.inbox_stats())["events"] == {"pending": 0, "done": 6, "parked": 0}
+    assert (await store.inbox.inbox_stats())["events"] == {"pending": 0, "done": 6, "parked": 0}

@@ -24,7 +24,7 @@ from bridge.retention.archive import (
     room_dir_name,
 )
 from bridge.retention.archive import files as archive_files
-from bridge.store import Store
+from bridge.store import Stores
 
 ROOM = "!room:corp.example.com"
 OTHER = "!other:corp.example.com"
@@ -40,12 +40,12 @@ def ev(n: int, room: str = ROOM, *, sender: str = "@alice:corp.example.com",
 
 
 @pytest.fixture
-def make_archive(tmp_path: Path, store: Store) -> Callable[..., LocalArchive]:
+def make_archive(tmp_path: Path, store: Stores) -> Callable[..., LocalArchive]:
     """A new LocalArchive over the same directory and store (a new process)."""
 
     def make(segment_max_bytes: int = 1 << 20) -> LocalArchive:
-        return LocalArchive(tmp_path / "archive", store, segment_max_bytes=segment_max_bytes,
-                            clock_ms=lambda: T0 + 10_000)
+        return LocalArchive(tmp_path / "archive", store.archive,
+                            segment_max_bytes=segment_max_bytes, clock_ms=lambda: T0 + 10_000)
     return make
 
 
@@ -62,8 +62,8 @@ def seg(a: LocalArchive, n: int = 1, room: str = ROOM) -> Path:
     return a.room_dir(room) / f"seg-{n:06d}.jsonl"
 
 
-async def all_rows(store: Store, room: str = ROOM) -> list[Any]:
-    return await store.archive_query(room_id=room)
+async def all_rows(store: Stores, room: str = ROOM) -> list[Any]:
+    return await store.archive.archive_query(room_id=room)
 
 
 async def first_problem(a: LocalArchive, room: str = ROOM) -> VerifyProblem:
@@ -103,7 +103,7 @@ def test_parse_manifest_stops_at_first_bad_line() -> None:
 
 # -- append and read -------------------------------------------------------------------------
 async def test_append_indexes_and_reads_back_in_order(archive: LocalArchive,
-                                                      store: Store) -> None:
+                                                      store: Stores) -> None:
     events = [ev(n) for n in range(1, 6)]
     res = await archive.append(ROOM, events)
     assert (res.written, res.skipped) == (5, 0)
@@ -115,14 +115,14 @@ async def test_append_indexes_and_reads_back_in_order(archive: LocalArchive,
     # one canonical (sorted keys) line per event
     first = seg(archive).read_bytes().split(b"\n")[0]
     assert first == orjson.dumps(events[0], option=orjson.OPT_SORT_KEYS)
-    head = await store.archive_head(ROOM)
+    head = await store.archive.archive_head(ROOM)
     assert head is not None and head.entries == 1 and head.segment == "seg-000001.jsonl"
     assert head.segment_bytes == seg(archive).stat().st_size
     report = await archive.verify()
     assert report.ok and (report.rooms, report.entries, report.events) == (1, 1, 5)
 
 
-async def test_append_is_idempotent(archive: LocalArchive, store: Store) -> None:
+async def test_append_is_idempotent(archive: LocalArchive, store: Stores) -> None:
     assert (await archive.append(ROOM, [ev(1), ev(2), ev(1)])).written == 2  # batch duplicate
     res = await archive.append(ROOM, [ev(1), ev(2), ev(3)])
     assert (res.written, res.skipped) == (1, 2)
@@ -130,7 +130,7 @@ async def test_append_is_idempotent(archive: LocalArchive, store: Store) -> None
     assert (res.written, res.skipped) == (0, 2)
     assert [r.line for r in await all_rows(store)] == [1, 2, 3]
     assert len(seg(archive).read_bytes().splitlines()) == 3
-    assert (await store.archive_head(ROOM)).entries == 2  # type: ignore[union-attr]
+    assert (await store.archive.archive_head(ROOM)).entries == 2  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("bad", [
@@ -140,7 +140,7 @@ async def test_append_is_idempotent(archive: LocalArchive, store: Store) -> None
     {"event_id": "$x", "type": "m.room.message"},  # no timestamp
     {"event_id": "$x", "type": "m.room.message", "origin_server_ts": "1"},
 ])
-async def test_events_without_index_fields_are_skipped(archive: LocalArchive, store: Store,
+async def test_events_without_index_fields_are_skipped(archive: LocalArchive, store: Stores,
                                                        bad: dict[str, Any]) -> None:
     res = await archive.append(ROOM, [bad, ev(1)])
     assert (res.written, res.skipped) == (1, 1)
@@ -153,7 +153,7 @@ async def test_event_of_another_room_is_refused(archive: LocalArchive) -> None:
 
 
 async def test_segments_roll_over(make_archive: Callable[..., LocalArchive],
-                                  store: Store) -> None:
+                                  store: Stores) -> None:
     size = len(orjson.dumps(ev(1), option=orjson.OPT_SORT_KEYS)) + 1
     a = make_archive(segment_max_bytes=size * 3)
     assert (await a.append(ROOM, [ev(n) for n in range(1, 5)])).written == 4
@@ -177,7 +177,7 @@ async def test_segments_roll_over(make_archive: Callable[..., LocalArchive],
 
 
 async def test_an_event_larger_than_a_segment_gets_its_own(
-        make_archive: Callable[..., LocalArchive], store: Store) -> None:
+        make_archive: Callable[..., LocalArchive], store: Stores) -> None:
     a = make_archive(segment_max_bytes=100)
     await a.append(ROOM, [ev(1, body="x" * 500), ev(2, body="y" * 500)])
     assert [r.segment for r in await all_rows(store)] == ["seg-000001.jsonl",
@@ -185,10 +185,10 @@ async def test_an_event_larger_than_a_segment_gets_its_own(
     assert (await a.verify()).ok
 
 
-async def test_rooms_are_separate(archive: LocalArchive, store: Store) -> None:
+async def test_rooms_are_separate(archive: LocalArchive, store: Stores) -> None:
     await archive.append(ROOM, [ev(1)])
     await archive.append(OTHER, [ev(1, OTHER), ev(2, OTHER)])
-    assert await store.archive_rooms() == {ROOM: 1, OTHER: 2}
+    assert await store.archive.archive_rooms() == {ROOM: 1, OTHER: 2}
     report = await archive.verify()
     assert report.ok and report.rooms == 2 and report.events == 3
     assert (await archive.verify(OTHER)).rooms == 1
@@ -196,7 +196,7 @@ async def test_rooms_are_separate(archive: LocalArchive, store: Store) -> None:
 
 # -- media -----------------------------------------------------------------------------------
 async def test_media_is_content_addressed_and_deduplicated(archive: LocalArchive,
-                                                           store: Store) -> None:
+                                                           store: Stores) -> None:
     data = b"\x89PNG fake image"
     sha = hashlib.sha256(data).hexdigest()
     assert not await archive.has_media("mxc://corp/a")
@@ -207,11 +207,11 @@ async def test_media_is_content_addressed_and_deduplicated(archive: LocalArchive
     assert path == archive.root / "media" / sha[:2] / sha and path.read_bytes() == data
     assert archive.media_path("0" * 64) is None and archive.media_path("../x") is None
     assert await archive.has_media("mxc://corp/a") and await archive.has_media("mxc://corp/b")
-    rows = await store.archive_media_list()
+    rows = await store.archive.archive_media_list()
     assert [(m.mxc, m.sha256, m.size, m.room_id) for m in rows] == [
         ("mxc://corp/a", sha, len(data), ROOM), ("mxc://corp/b", sha, len(data), OTHER)]
     assert len(list((archive.root / "media").rglob("*"))) == 2  # one folder, one file
-    assert (await store.archive_head(ROOM)).entries == 1  # type: ignore[union-attr]
+    assert (await store.archive.archive_head(ROOM)).entries == 1  # type: ignore[union-attr]
     report = await archive.verify()
     assert report.ok and report.media == 2
 
@@ -347,9 +347,9 @@ async def test_bytes_added_to_a_segment_are_reported(archive: LocalArchive) -> N
     assert (p.entry, p.kind) == (2, "segment_tail")
 
 
-async def test_deleted_index_rows_are_reported(archive: LocalArchive, store: Store) -> None:
+async def test_deleted_index_rows_are_reported(archive: LocalArchive, store: Stores) -> None:
     await _two_entries(archive)
-    async with store.db.transaction() as c:  # type: ignore[attr-defined]
+    async with store.database.db.transaction() as c:  # type: ignore[attr-defined]
         await c.execute("DELETE FROM archive_events WHERE event_id = ?", ev(3)["event_id"])
     p = await first_problem(archive)
     assert (p.entry, p.kind) == (None, "index")
@@ -357,11 +357,11 @@ async def test_deleted_index_rows_are_reported(archive: LocalArchive, store: Sto
 
 # -- crash safety ----------------------------------------------------------------------------
 async def test_crash_between_files_and_store_commit(
-        make_archive: Callable[..., LocalArchive], store: Store,
+        make_archive: Callable[..., LocalArchive], store: Stores,
         monkeypatch: pytest.MonkeyPatch) -> None:
     a = make_archive()
     await a.append(ROOM, [ev(1)])
-    real = store.archive_commit
+    real = store.archive.archive_commit
     calls = {"n": 0}
 
     async def fail_once(*args: Any, **kw: Any) -> int:
@@ -370,7 +370,7 @@ async def test_crash_between_files_and_store_commit(
             raise RuntimeError("database went away")
         return await real(*args, **kw)
 
-    monkeypatch.setattr(store, "archive_commit", fail_once)
+    monkeypatch.setattr(store.archive, "archive_commit", fail_once)
     with pytest.raises(ArchiveWriteError, match="written but not indexed"):
         await a.append(ROOM, [ev(2), ev(3)])
     assert [r.event_id for r in await all_rows(store)] == [ev(1)["event_id"]]
@@ -392,7 +392,7 @@ async def test_crash_between_files_and_store_commit(
 
 
 async def test_torn_writes_are_cut_on_first_touch(make_archive: Callable[..., LocalArchive],
-                                                  store: Store) -> None:
+                                                  store: Stores) -> None:
     a = make_archive()
     await a.append(ROOM, [ev(1)])
     # a crash mid-write: segment bytes never recorded, a partial manifest line, and a new
@@ -425,7 +425,7 @@ async def test_torn_manifest_line_past_the_head_is_not_a_committed_entry(
 
 @pytest.mark.parametrize("fail_on", [1, 2])  # 1: the segment write, 2: the manifest write
 async def test_failing_write_raises_and_indexes_nothing(
-        archive: LocalArchive, store: Store, monkeypatch: pytest.MonkeyPatch,
+        archive: LocalArchive, store: Stores, monkeypatch: pytest.MonkeyPatch,
         fail_on: int) -> None:
     await archive.append(ROOM, [ev(1)])
     before = (seg(archive).read_bytes(), manifest(archive).read_bytes())
@@ -443,24 +443,24 @@ async def test_failing_write_raises_and_indexes_nothing(
         await archive.append(ROOM, [ev(2)])
     monkeypatch.setattr(archive_files.os, "write", real_write)
     assert [r.event_id for r in await all_rows(store)] == [ev(1)["event_id"]]
-    assert await store.archive_known([ev(2)["event_id"]]) == set()
+    assert await store.archive.archive_known([ev(2)["event_id"]]) == set()
     assert (seg(archive).read_bytes(), manifest(archive).read_bytes()) == before
     assert (await archive.verify()).ok
     assert (await archive.append(ROOM, [ev(2)])).written == 1
     assert (await archive.verify()).ok
 
 
-async def test_unwritable_archive_raises(tmp_path: Path, store: Store) -> None:
+async def test_unwritable_archive_raises(tmp_path: Path, store: Stores) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    a = LocalArchive(blocker / "archive", store)
+    a = LocalArchive(blocker / "archive", store.archive)
     with pytest.raises(ArchiveWriteError):
         await a.append(ROOM, [ev(1)])
-    assert await store.archive_rooms() == {}
+    assert await store.archive.archive_rooms() == {}
 
 
 # -- archive retention -----------------------------------------------------------------------
-async def test_prune_segment(make_archive: Callable[..., LocalArchive], store: Store) -> None:
+async def test_prune_segment(make_archive: Callable[..., LocalArchive], store: Stores) -> None:
     size = len(orjson.dumps(ev(1), option=orjson.OPT_SORT_KEYS)) + 1
     a = make_archive(segment_max_bytes=size * 2)
     await a.append(ROOM, [ev(n) for n in range(1, 6)])
@@ -490,7 +490,7 @@ async def test_prune_segment(make_archive: Callable[..., LocalArchive], store: S
 
 
 async def test_prune_interrupted_before_the_store_commit(
-        make_archive: Callable[..., LocalArchive], store: Store,
+        make_archive: Callable[..., LocalArchive], store: Stores,
         monkeypatch: pytest.MonkeyPatch) -> None:
     size = len(orjson.dumps(ev(1), option=orjson.OPT_SORT_KEYS)) + 1
     a = make_archive(segment_max_bytes=size * 2)
@@ -499,11 +499,11 @@ async def test_prune_interrupted_before_the_store_commit(
     async def boom(*args: Any, **kw: Any) -> int:
         raise RuntimeError("database went away")
 
-    real = store.archive_drop_segment
-    monkeypatch.setattr(store, "archive_drop_segment", boom)
+    real = store.archive.archive_drop_segment
+    monkeypatch.setattr(store.archive, "archive_drop_segment", boom)
     with pytest.raises(ArchiveWriteError):
         await a.prune_segment(ROOM, "seg-000001.jsonl", "x")
-    monkeypatch.setattr(store, "archive_drop_segment", real)
+    monkeypatch.setattr(store.archive, "archive_drop_segment", real)
     b = make_archive(segment_max_bytes=size * 2)
     await b.append(ROOM, [ev(4)])
     assert [r.event_id for r in await all_rows(store)] == [ev(n)["event_id"]
@@ -520,11 +520,11 @@ async def test_pruned_segment_still_present_is_ignored(archive: LocalArchive) ->
 
 
 async def test_store_failure_on_first_touch_is_a_write_error(
-        archive: LocalArchive, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        archive: LocalArchive, store: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
     async def boom(room_id: str) -> Any:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(store, "archive_head", boom)
+    monkeypatch.setattr(store.archive, "archive_head", boom)
     with pytest.raises(ArchiveWriteError, match="database went away") as info:
         await archive.append(ROOM, [ev(1)])
     assert isinstance(info.value, OSError)  # a purge run stops on it like on any I/O error
@@ -532,7 +532,7 @@ async def test_store_failure_on_first_touch_is_a_write_error(
 
 
 async def test_read_of_a_missing_or_moved_line_is_corrupt(archive: LocalArchive,
-                                                          store: Store) -> None:
+                                                          store: Stores) -> None:
     await archive.append(ROOM, [ev(1), ev(2)])
     rows = await all_rows(store)
     with pytest.raises(ArchiveCorrupt, match="line 3 is not event"):
@@ -545,7 +545,7 @@ async def test_read_of_a_missing_or_moved_line_is_corrupt(archive: LocalArchive,
 
 
 async def test_two_writers_on_one_archive_take_turns(
-        make_archive: Callable[..., LocalArchive], store: Store) -> None:
+        make_archive: Callable[..., LocalArchive], store: Stores) -> None:
     """``enclave run`` and a CLI run share the archive: each sees what the other wrote
     (the file lock and the store head), so nothing is overwritten and the chain holds."""
     live, cli = make_archive(segment_max_bytes=2000), make_archive(segment_max_bytes=2000)
@@ -562,7 +562,7 @@ async def test_two_writers_on_one_archive_take_turns(
 
 
 async def test_export_is_in_archive_order_not_timestamp_order(
-        make_archive: Callable[..., LocalArchive], store: Store, tmp_path: Path) -> None:
+        make_archive: Callable[..., LocalArchive], store: Stores, tmp_path: Path) -> None:
     """An event recovered late (or a remote server's wrong clock) is archived after events
     with later timestamps; the export keeps the archive's (hash chain) order, across
     segments and pages, which ``archive verify`` proves."""
@@ -573,13 +573,13 @@ async def test_export_is_in_archive_order_not_timestamp_order(
     events = [ev(n) for n in range(2, 12)] + [late]
     for e in events:
         await archive.append(ROOM, [e])
-    rows = await store.archive_query(room_id=ROOM)
+    rows = await store.archive.archive_query(room_id=ROOM)
     assert rows[0].event_id == late["event_id"]  # by timestamp it would come first
     old_page = export_mod.PAGE
     export_mod.PAGE = 3  # several keyset pages
     try:
         await export_mod.export_archive(
-            archive, store, tmp_path / "out",
+            archive, store.archive, store.holds, store.directory, tmp_path / "out",
             export_mod.ExportRequest(rooms=(ROOM,), formats=frozenset({"jsonl"})))
     finally:
         export_mod.PAGE = old_page

@@ -11,7 +11,7 @@ import pytest
 
 from bridge.matrix.client import HomeserverUnavailable
 from bridge.retention.service import HoldCheckFailed, RetentionService, UnknownHoldSubjects
-from bridge.store import AuditFilter, Store
+from bridge.store import AuditFilter, Stores
 from bridge.store.base import HoldRecord
 
 from .test_service_prune import service as prune_service
@@ -32,7 +32,7 @@ class Homeserver:
         return {"name": user_id} if user_id == KNOWN else None
 
 
-def service(store: Store, client: Homeserver) -> RetentionService:
+def service(store: Stores, client: Homeserver) -> RetentionService:
     return prune_service(store, None, NOW, client=client)
 
 
@@ -42,16 +42,16 @@ def hold(**kw: Any) -> HoldRecord:
                          "since_ms": None, "until_ms": None, "created_at": NOW, **kw})
 
 
-async def audit(store: Store) -> list[tuple[str, str, str]]:
+async def audit(store: Stores) -> list[tuple[str, str, str]]:
     return [(r["kind"], r["actor"], r["detail"])
-            for r in await store.query_audit(AuditFilter(limit=100))]
+            for r in await store.audit.query_audit(AuditFilter(limit=100))]
 
 
-async def test_a_hold_is_placed_once_and_released_once_each_audited(store: Store) -> None:
+async def test_a_hold_is_placed_once_and_released_once_each_audited(store: Stores) -> None:
     svc = service(store, Homeserver())
     assert await svc.add_hold(hold())
     assert not await svc.add_hold(dataclasses.replace(hold(), reason="again"))
-    assert [h.id for h in await store.holds()] == ["h1"]
+    assert [h.id for h in await store.holds.holds()] == ["h1"]
     assert await svc.release_hold("h1", by="legal2@corp", reason="closed")
     assert not await svc.release_hold("h1", by="legal2@corp", reason="closed")
     assert not await svc.release_hold("nope", by="legal2@corp", reason="closed")
@@ -60,7 +60,7 @@ async def test_a_hold_is_placed_once_and_released_once_each_audited(store: Store
                                           ("hold_release", "legal2@corp", detail)]
 
 
-async def test_a_hold_on_someone_nobody_knows_is_not_placed(store: Store) -> None:
+async def test_a_hold_on_someone_nobody_knows_is_not_placed(store: Stores) -> None:
     svc = service(store, Homeserver())
     with pytest.raises(UnknownHoldSubjects) as e:
         await svc.add_hold(hold(users=("@typo:corp.example.com",)))
@@ -70,5 +70,5 @@ async def test_a_hold_on_someone_nobody_knows_is_not_placed(store: Store) -> Non
     # checked first, then the hold itself (an id with a space)
     with pytest.raises(ValueError, match="hold id"):
         await svc.add_hold(hold(id="bad id"))
-    assert await store.holds(include_released=True) == []
+    assert await store.holds.holds(include_released=True) == []
     assert await audit(store) == []

@@ -20,7 +20,9 @@ def svc() -> RetentionService:
     cfg = RetentionConfig.model_validate({"default": {"keep": "30d"},
                                           "archive": {"path": "unused"}})
     return RetentionService(
-        cfg, store=None, client=None, executor=None, archive=None,  # type: ignore[arg-type]
+        cfg, audit=None, index=None, holds=None, retention_rooms=None,  # type: ignore[arg-type]
+        kv=None, directory_store=None, leases=None,  # type: ignore[arg-type]
+        client=None, executor=None, archive=None,  # type: ignore[arg-type]
         metrics=Metrics(), clock_ms=lambda: 0, server_name=HS, bot_user_id=BOT,
         admin_user_id=ADMIN, service_prefix="enclave_")
 

@@ -13,7 +13,7 @@ from bridge.config.retention import RetentionConfig
 from bridge.metrics import Metrics
 from bridge.retention.archive import LocalArchive
 from bridge.retention.service import RetentionService
-from bridge.store import Store
+from bridge.store import Stores
 from bridge.store.base import AuditRecord, HoldRecord
 
 ROOM = "!room:corp.example.com"
@@ -27,20 +27,22 @@ def ev(n: int, ts: int, sender: str = "@alice:corp.example.com") -> dict[str, An
             "content": {"msgtype": "m.text", "body": "x" * 200}}
 
 
-def service(store: Store, archive: LocalArchive | None, now: int,
+def service(store: Stores, archive: LocalArchive | None, now: int,
             client: Any = None) -> RetentionService:
     cfg = RetentionConfig.model_validate({
         "default": {"keep": "30d"}, "archive": {"path": "unused", "keep": "90d"}})
     return RetentionService(
-        cfg, store=store, client=client, executor=None, archive=archive,  # type: ignore[arg-type]
+        cfg, audit=store.audit, index=store.archive, holds=store.holds,
+        retention_rooms=store.retention_rooms, kv=store.kv, directory_store=store.directory,
+        leases=store.leases, client=client, executor=None, archive=archive,  # type: ignore[arg-type]
         metrics=Metrics(), clock_ms=lambda: now, server_name="corp.example.com",
         bot_user_id="@enclave:corp.example.com", admin_user_id="@enclave-admin:corp.example.com",
         service_prefix="enclave_")
 
 
-async def fill(tmp_path: Path, store: Store, now: int) -> LocalArchive:
+async def fill(tmp_path: Path, store: Stores, now: int) -> LocalArchive:
     # small segments: one event each, every new one seals the one before
-    archive = LocalArchive(tmp_path / "archive", store, segment_max_bytes=300,
+    archive = LocalArchive(tmp_path / "archive", store.archive, segment_max_bytes=300,
                            clock_ms=lambda: now)
     for day in range(0, 200, 20):  # one event every 20 days, T0 to T0 + 180 days
         await archive.append(ROOM, [ev(day, T0 + day * DAY)])
@@ -54,13 +56,13 @@ async def fill(tmp_path: Path, store: Store, now: int) -> LocalArchive:
     ({"rooms": (ROOM,), "since": 40, "until": 41}, 40),  # keeps the segment of day 40
 ])
 async def test_archive_retention_prunes_old_sealed_segments_except_held(
-        tmp_path: Path, store: Store, hold: dict[str, Any] | None,
+        tmp_path: Path, store: Stores, hold: dict[str, Any] | None,
         expect_kept_from_day: int) -> None:
     now = T0 + 200 * DAY
     archive = await fill(tmp_path, store, now)
     svc = service(store, archive, now)
     if hold is not None:
-        await store.hold_add(HoldRecord(
+        await store.holds.hold_add(HoldRecord(
             id="h1", case_id="C-1", reason="test", placed_by="legal", created_at=now,
             users=hold.get("users", ()), rooms=hold.get("rooms", ()),
             since_ms=T0 + hold["since"] * DAY if "since" in hold else None,
@@ -80,7 +82,7 @@ async def test_archive_retention_prunes_old_sealed_segments_except_held(
         assert {(s.first_ts - T0) // DAY for s in after} == {40, *range(120, 200, 20)}
     else:
         assert oldest_kept_day == expect_kept_from_day
-    rows = await store.archive_query(room_id=ROOM)
+    rows = await store.archive.archive_query(room_id=ROOM)
     assert {(r.ts - T0) // DAY for r in rows} == {(s.first_ts - T0) // DAY for s in after}
     assert (await archive.verify()).ok
     # a second pass has nothing more to do

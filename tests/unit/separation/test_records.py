@@ -18,7 +18,7 @@ from bridge.metrics import Metrics
 from bridge.model.people import StaffRecord
 from bridge.policy.separation import CLASS_STATE_TYPE, room_facts_from_state
 from bridge.separation.service import GRANT_COMPONENT, SeparationService
-from bridge.store import Store
+from bridge.store import Stores
 
 S = "corp.test"
 BOB, PAT, EVE = f"@bob:{S}", "@pat:acme.example", "@eve:gmail.example"
@@ -40,14 +40,16 @@ class NoClient:
         raise AssertionError(f"unexpected homeserver call {name}")
 
 
-async def service(store: Store) -> SeparationService:
-    await store.replace_directory_view([StaffRecord(
+async def service(store: Stores) -> SeparationService:
+    await store.directory.replace_directory_view([StaffRecord(
         user_id=BOB, person_id="b", active=True, username="bob", display_name="Bob",
         groups=frozenset())])
     client: Any = NoClient()
-    ex = Executor(client, store, bot_user_id=f"@enclave:{S}", clock_ms=lambda: 1,
-                  metrics=Metrics())
-    return SeparationService(PolicyConfig.model_validate(POLICY), store=store, client=client,
+    ex = Executor(client, store.outbox, store.audit, bot_user_id=f"@enclave:{S}",
+                  clock_ms=lambda: 1, metrics=Metrics())
+    return SeparationService(PolicyConfig.model_validate(POLICY), audit=store.audit, kv=store.kv,
+                             directory_store=store.directory, leases=store.leases,
+                             client=client,
                              executor=ex, metrics=Metrics(), clock_ms=lambda: 1,
                              server_name=S, bot_user_id=f"@enclave:{S}",
                              admin_user_id=f"@enclave-admin:{S}", service_prefix="enclave_")
@@ -61,7 +63,7 @@ def state(creator: str, content: dict[str, Any]) -> list[dict[str, Any]]:
             {"type": CLASS_STATE_TYPE, "sender": creator, "state_key": "", "content": content}]
 
 
-async def test_gate_grant_binds_once_to_the_room_its_creator_made(store: Store) -> None:
+async def test_gate_grant_binds_once_to_the_room_its_creator_made(store: Stores) -> None:
     svc = await service(store)
     ans = await svc.decide_gate(gate_request_from_obj({
         "check": "create_room", "user": BOB, "create": {"room_alias_name": "ext-deal"}}))
@@ -69,16 +71,16 @@ async def test_gate_grant_binds_once_to_the_room_its_creator_made(store: Store) 
     [cls] = [e for e in ans.edits["initial_state"] if e["type"] == CLASS_STATE_TYPE]
     grant = cls["content"]["grant"]
     assert cls["content"]["class"] == "external"
-    assert await store.component_get(GRANT_COMPONENT, grant) is not None
+    assert await store.kv.component_get(GRANT_COMPONENT, grant) is not None
     f = await svc.with_record(room_facts_from_state("!a", state(BOB, dict(cls["content"]))))
     assert f.class_state == "external"
-    assert await store.component_get(GRANT_COMPONENT, grant) is None  # used up
+    assert await store.kv.component_get(GRANT_COMPONENT, grant) is None  # used up
     # the same grant copied into another room binds nothing
     g = await svc.with_record(room_facts_from_state("!b", state(BOB, dict(cls["content"]))))
     assert g.class_state is None
 
 
-async def test_a_claimed_class_is_never_recorded(store: Store) -> None:
+async def test_a_claimed_class_is_never_recorded(store: Stores) -> None:
     svc = await service(store)
     p = await svc.policy()
     forged = room_facts_from_state("!f", state(BOB, {"class": "external"}))
@@ -96,7 +98,7 @@ async def test_a_claimed_class_is_never_recorded(store: Store) -> None:
 @pytest.mark.parametrize(("invited", "approved", "allow"), [
     (True, True, True), (True, False, False), (False, True, False)])
 async def test_join_of_an_unknown_room_needs_an_approved_invitation(
-        store: Store, invited: bool, approved: bool, allow: bool) -> None:
+        store: Stores, invited: bool, approved: bool, allow: bool) -> None:
     svc = await service(store)
     remote = {"room_id": "!remote", "room_version": "12", "creator": PAT,
               "creators": [PAT], "members": {PAT: "join", BOB: "invite"}}
@@ -112,7 +114,7 @@ async def test_join_of_an_unknown_room_needs_an_approved_invitation(
         assert join.rule_id == "builtin.unknown_remote_room"
 
 
-async def test_an_outsiders_invitation_is_not_approved(store: Store) -> None:
+async def test_an_outsiders_invitation_is_not_approved(store: Stores) -> None:
     svc = await service(store)
     inv = await svc.decide_gate(gate_request_from_obj({
         "check": "invite", "user": EVE, "target": BOB, "federated": True,
@@ -122,21 +124,21 @@ async def test_an_outsiders_invitation_is_not_approved(store: Store) -> None:
     assert not await svc.invite_approved("!party", BOB)
 
 
-async def test_unused_grants_are_dropped_after_a_day(store: Store) -> None:
+async def test_unused_grants_are_dropped_after_a_day(store: Stores) -> None:
     svc = await service(store)
     now = [1_000]
     svc.clock_ms = lambda: now[0]
     await svc.decide_gate(gate_request_from_obj({
         "check": "create_room", "user": BOB, "create": {"name": "never made"}}))
-    assert len(await store.component_list(GRANT_COMPONENT)) == 1
+    assert len(await store.kv.component_list(GRANT_COMPONENT)) == 1
     await svc._prune_grants()
-    assert len(await store.component_list(GRANT_COMPONENT)) == 1
+    assert len(await store.kv.component_list(GRANT_COMPONENT)) == 1
     now[0] += 86_400_001
     await svc._prune_grants()
-    assert await store.component_list(GRANT_COMPONENT) == {}
+    assert await store.kv.component_list(GRANT_COMPONENT) == {}
 
 
-async def test_a_room_upgrade_keeps_its_predecessors_class(store: Store) -> None:
+async def test_a_room_upgrade_keeps_its_predecessors_class(store: Stores) -> None:
     svc = await service(store)
     p = await svc.policy()
     await svc.record_class("!old", "external", "cls-ext", "gate")
