@@ -104,7 +104,7 @@ from separation import (  # noqa: E402  (the PG-backed Synapse + Enclave set-up 
 )
 
 from bridge.matrix.client import MatrixClient  # noqa: E402
-from bridge.retention.service import PurgeStep  # noqa: E402
+from bridge.retention.purge import PurgeStep  # noqa: E402
 from bridge.root import Root  # noqa: E402
 from devstack.synapse import SynapseServer  # noqa: E402
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from bridge.matrix.client import HomeserverUnavailable
-from bridge.retention.service import HoldCheckFailed, RetentionService, UnknownHoldSubjects
+from bridge.retention.holds import HoldCheckFailed, UnknownHoldSubjects
+from bridge.retention.service import RetentionService
 from bridge.store import AuditFilter, Stores
 from bridge.store.base import HoldRecord
 

@@ -7,24 +7,16 @@ from typing import Any
 
 import pytest
 
-from bridge.config.retention import RetentionConfig
-from bridge.metrics import Metrics
-from bridge.retention.service import RetentionService
+from bridge.policy.retention_rooms import EnclaveUsers
 
 HS = "corp.example.com"
 BOT, ADMIN = f"@enclave:{HS}", f"@enclave-admin:{HS}"
 ALICE, BOB = f"@alice:{HS}", f"@bob:{HS}"
 
 
-def svc() -> RetentionService:
-    cfg = RetentionConfig.model_validate({"default": {"keep": "30d"},
-                                          "archive": {"path": "unused"}})
-    return RetentionService(
-        cfg, audit=None, index=None, holds=None, retention_rooms=None,  # type: ignore[arg-type]
-        kv=None, directory_store=None, leases=None,  # type: ignore[arg-type]
-        client=None, executor=None, archive=None,  # type: ignore[arg-type]
-        metrics=Metrics(), clock_ms=lambda: 0, server_name=HS, bot_user_id=BOT,
-        admin_user_id=ADMIN, service_prefix="enclave_")
+def users() -> EnclaveUsers:
+    return EnclaveUsers(server_name=HS, bot_user_id=BOT, admin_user_id=ADMIN,
+                        service_prefix="enclave_")
 
 
 def state(members: dict[str, str], users: dict[str, int] | None, *, creator: str = ALICE,
@@ -67,8 +59,8 @@ def state(members: dict[str, str], users: dict[str, int] | None, *, creator: str
 ])
 def test_who_retention_acts_as(room: list[dict[str, Any]], state_actor: str | None,
                                may_join: bool) -> None:
-    s = svc()
-    assert s._state_sender(room, "m.room.retention") == state_actor
-    assert s._bot_may_join(room) is may_join
+    s = users()
+    assert s.state_sender(room, "m.room.retention") == state_actor
+    assert s.bot_may_join(room) is may_join
     # never a member of the room: only Enclave's own users, whatever the power
-    assert s._service_actor(room, 0) in (None, BOT, ADMIN)
+    assert s.actor(room, 0) in (None, BOT, ADMIN)
