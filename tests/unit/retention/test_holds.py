@@ -15,7 +15,7 @@ from bridge.retention.service import RetentionService
 from bridge.store import AuditFilter, Stores
 from bridge.store.base import HoldRecord
 
-from .test_service_prune import service as prune_service
+from .test_purge import service as prune_service
 
 NOW = 1_714_560_000_000
 KNOWN = "@bob:corp.example.com"
