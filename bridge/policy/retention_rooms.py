@@ -17,7 +17,7 @@ from typing import Any
 from ..kernel.durations import parse_duration_ms
 from ..kernel.membership import membership_of, memberships
 from .actions import Action, Join, SendEvent, SetState
-from .power import RoomPower, enclave_actor
+from .power import RoomPower, enclave_actor, is_enclave_user
 from .retention import RETENTION_STATE_TYPE, Hold, Period, PurgePlan
 
 _COMMAND_RE = re.compile(r"^!retention(?:\s+(\S+))?\s*$")
@@ -36,13 +36,10 @@ class EnclaveUsers:
     service_prefix: str
 
     def is_service(self, user: str | None) -> bool:
-        """Whether ``user`` is one of Enclave's own (bot, admin, or in its namespace)."""
-        if not user:
-            return False
-        local = user[1:].partition(":")[0]
-        return user.endswith(":" + self.server_name) and (
-            user in (self.bot_user_id, self.admin_user_id)
-            or local.startswith(self.service_prefix))
+        """Whether ``user`` is one of Enclave's own (:func:`.power.is_enclave_user`)."""
+        return is_enclave_user(user, server_name=self.server_name,
+                               own_users=(self.bot_user_id, self.admin_user_id),
+                               namespace_prefix=self.service_prefix)
 
     def actor(self, state: Sequence[Mapping[str, Any]], needed: int) -> str | None:
         """Enclave's own joined user (its bot, else its admin) with at least ``needed``
