@@ -104,7 +104,7 @@ from separation import (  # noqa: E402  (the PG-backed Synapse + Enclave set-up 
 )
 
 from bridge.matrix.client import MatrixClient  # noqa: E402
-from bridge.retention.service import PurgeStep  # noqa: E402
+from bridge.retention.purge import PurgeStep  # noqa: E402
 from bridge.root import Root  # noqa: E402
 from devstack.synapse import SynapseServer  # noqa: E402
 
@@ -346,7 +346,7 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             svc = _root.retention
             assert svc is not None
             requests = RequestMeter(svc.client)
-            inner_backfill, inner_step = svc.backfill, svc._purge_step
+            inner_backfill, inner_step = svc.purger.backfill, svc.purger._purge_step
             snaps: dict[str, dict[str, float]] = {}
 
             async def timed_backfill(room_id: str, up_to_ts: int, *, write: bool) -> Any:
@@ -368,8 +368,9 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 finally:
                     steps_at.append((t, time.monotonic()))
 
-            svc.backfill = timed_backfill  # type: ignore[method-assign]
-            svc._purge_step = timed_step  # type: ignore[method-assign]
+            # the purger's own methods: its run_room calls them
+            svc.purger.backfill = timed_backfill  # type: ignore[method-assign]
+            svc.purger._purge_step = timed_step  # type: ignore[method-assign]
             progress("retention run: archive (backfill) then purge")
             t_run = time.monotonic()
             result = await svc.run(apply=True, rooms=[room], progress=lambda s: progress(
@@ -386,9 +387,9 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             samples = await asyncio.to_thread(probe.stop)
             progress("verifying: homeserver, archive index, archive chain")
             left = await room_left(svc.client, room, svc.admin_user_id)
-            archived_msgs = len(await svc.stores.archive.archive_timestamps(
+            archived_msgs = len(await svc.index.archive_timestamps(
                 room, unpurged_only=False, messages_only=True))
-            archived_all = (await svc.stores.archive.archive_rooms()).get(room, 0)
+            archived_all = (await svc.index.archive_rooms()).get(room, 0)
             report = await svc.archive.verify(room)
             extremities = (await svc.client.request(
                 "GET", f"/_synapse/admin/v1/rooms/{q(room)}/forward_extremities",

@@ -19,6 +19,7 @@ from bridge.config.bots import (
     WebhookConfig,
     _MessageSpec,
 )
+from bridge.kernel.ids import localpart_of
 from bridge.model.people import StaffRecord
 
 from .audience import Audience
@@ -89,7 +90,7 @@ class AnnouncementSpec:
 def person_variables(staff: StaffRecord | None, user_id: str) -> dict[str, str]:
     """{name} {first_name} {department} {location} {job_title} of one recipient."""
     if staff is None:
-        local = user_id[1:].split(":", 1)[0]
+        local = localpart_of(user_id)
         return {"name": local, "first_name": local, "department": "", "location": "",
                 "job_title": ""}
     name = staff.display_name or staff.username

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from ..directory.sync import SyncRefused, SyncResult
+from ..kernel.ids import localpart_of
 from ..policy.directory import touching
 from ..root import Root
 from .kit import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, _err, _load
@@ -38,7 +39,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             # a deleted person: only what Enclave remembers (person id, Matrix id and so
             # its localpart, which the username mapped to)
             pid = next((p for p, r in result.known.items() if query in (
-                p, r.user_id, r.user_id[1:].partition(":")[0])), None)
+                p, r.user_id, localpart_of(r.user_id))), None)
         if pid is None:
             _err(f"enclave sync: no person {query!r} in the directory or in what Enclave "
                  "provisioned (give a person id, username or Matrix id)")

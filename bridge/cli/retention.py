@@ -12,7 +12,7 @@ import orjson
 
 from ..kernel.durations import format_duration_ms
 from ..retention.export import ExportRequest, export_archive
-from ..retention.service import HoldCheckFailed, UnknownHoldSubjects
+from ..retention.holds import HoldCheckFailed, UnknownHoldSubjects
 from ..root import Root, wall_clock_ms
 from ..store.base import HoldRecord
 from .kit import (

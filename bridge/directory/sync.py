@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.directory import DirectoryConfig
+from ..kernel.ids import localpart_of
 from ..kernel.power import creators_of, power_context, user_level
 from ..matrix.client import MatrixClient, MatrixRequestError
 from ..matrix.executor import Executor, Outcome
@@ -46,6 +47,7 @@ from ..policy.directory import (
 )
 from ..policy.lookalike import skeleton
 from ..policy.mapping import map_people
+from ..policy.power import is_enclave_user
 from ..store import DirectoryRecord
 from ..store.domains import DirectoryStore, LeaseStore
 from ..store.lease import held_lease, new_lease_owner
@@ -138,8 +140,9 @@ class DirectorySync:
             self.namespace_prefix)
 
     def is_enclave_user(self, user_id: str) -> bool:
-        local, _, server = user_id[1:].partition(":")
-        return server == self.server_name and self.is_reserved(local)
+        return is_enclave_user(user_id, server_name=self.server_name,
+                               own_users=(self.bot_user_id, self.admin_user_id),
+                               namespace_prefix=self.namespace_prefix)
 
     # -- planning -------------------------------------------------------------------------
     async def plan(self, *, force: bool = False) -> SyncResult:
@@ -503,7 +506,7 @@ def staff_view(snapshot: DirectorySnapshot, users: dict[str, Any],
         if pid not in users and r.user_id not in out:
             out[r.user_id] = StaffRecord(
                 user_id=r.user_id, person_id=pid, active=False,
-                username=r.user_id[1:].split(":", 1)[0], display_name=r.displayname or "",
+                username=localpart_of(r.user_id), display_name=r.displayname or "",
                 email=r.email, updated_at=now_ms,
                 manager_user_id=(remembered_managers or {}).get(r.user_id))
     return sorted(out.values(), key=lambda r: r.user_id)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..kernel.ids import localpart_of
 from ..model.people import Person
 from .lookalike import reserved_lookalike
 
@@ -136,10 +137,6 @@ def render_displayname(person: Person, template: str) -> str:
     return name or person.username
 
 
-def _localpart_of(user_id: str) -> str:
-    return user_id.removeprefix("@").split(":", 1)[0]
-
-
 def _numeric(localpart: str) -> bool:
     # Synapse refuses localparts that int() accepts ("Numeric user IDs are reserved for
     # guest users"), including "1_000".
@@ -197,7 +194,7 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
 
     # lower-cased localpart -> who holds it, for reasons
     taken: dict[str, str] = {
-        _localpart_of(uid).lower(): f"{uid} (person {pid})" for pid, uid in known.items()
+        localpart_of(uid).lower(): f"{uid} (person {pid})" for pid, uid in known.items()
     }
     users: dict[str, MappedUser] = {}
     refused: list[tuple[str, str]] = []
@@ -213,7 +210,7 @@ def map_people(people: Iterable[Person], config: MappingConfig, server_name: str
         p = by_id[pid]
         uid = known.get(pid)
         if uid is not None:
-            assign(p, _localpart_of(uid), uid)
+            assign(p, localpart_of(uid), uid)
             continue
         rendered = render_template(config.localpart_template, p)
         lp = normalise_localpart(rendered)
@@ -281,7 +278,7 @@ def _refuse_confusables(users: dict[str, MappedUser], known: Mapping[str, str],
     seen_lp: dict[str, tuple[str, str]] = {}  # skeleton -> (localpart, user id)
     seen_dn: dict[str, tuple[str, str]] = {}  # skeleton -> (display name, user id)
     for uid, dn in sorted(existing.items()):
-        seen_lp.setdefault(skeleton(_localpart_of(uid)), (_localpart_of(uid), uid))
+        seen_lp.setdefault(skeleton(localpart_of(uid)), (localpart_of(uid), uid))
         if dn:
             seen_dn.setdefault(skeleton(dn), (dn, uid))
     new_people = set()

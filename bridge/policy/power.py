@@ -9,10 +9,11 @@ Pure: no I/O; the caller passes the room's state or facts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..kernel.ids import localpart_of, server_of
 from ..kernel.power import (
     CREATOR_POWER,  # noqa: F401  (re-exported for callers of this module)
     action_level,
@@ -25,6 +26,19 @@ from ..kernel.power import (
 # The power Enclave's bot gets in the group rooms created through the gate: enough to kick
 # and to put back any state the default power levels protect (history visibility is 100).
 ENCLAVE_POWER = 100
+
+
+def is_enclave_user(user_id: str | None, *, server_name: str, own_users: Collection[str],
+                    namespace_prefix: str) -> bool:
+    """Whether ``user_id`` is one of Enclave's own users on its homeserver: one of
+    ``own_users`` (its bot, its admin) or a localpart in the appservice's namespace
+    (``namespace_prefix``; an empty prefix claims no namespace). Separation treats them as
+    service principals, retention lets them change a room's period."""
+    if not user_id or server_of(user_id) != server_name:
+        return False
+    if user_id in own_users:
+        return True
+    return bool(namespace_prefix) and localpart_of(user_id).startswith(namespace_prefix)
 
 
 @dataclass(frozen=True)

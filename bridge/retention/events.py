@@ -1,4 +1,5 @@
-"""Pure helpers over archived event JSON shared by the export's renderers (HTML, EML).
+"""Pure helpers over archived event JSON shared by the export's renderers (HTML, EML) and
+the archive feed.
 
 Everything taken from an event is untrusted: only the plain ``body`` is read (never
 ``formatted_body``), and every accessor tolerates missing or wrongly typed fields.
@@ -38,6 +39,28 @@ def attachment_mxc(event: Mapping[str, Any]) -> str | None:
     if url is None and isinstance(content.get("file"), Mapping):
         url = str_or_none(content["file"].get("url"))
     return url if url is not None and url.startswith("mxc://") else None
+
+
+def media_refs(event: Mapping[str, Any]) -> list[str]:
+    """mxc:// URIs an event's content points at (file, thumbnail; plain or encrypted)."""
+    content = event.get("content")
+    if not isinstance(content, Mapping):
+        return []
+    out: list[str] = []
+
+    def take(v: Any) -> None:
+        if isinstance(v, str) and v.startswith("mxc://") and v not in out:
+            out.append(v)
+        elif isinstance(v, Mapping):
+            take(v.get("url"))
+
+    take(content.get("url"))
+    take(content.get("file"))
+    info = content.get("info")
+    if isinstance(info, Mapping):
+        take(info.get("thumbnail_url"))
+        take(info.get("thumbnail_file"))
+    return out
 
 
 def is_attachment(event: Mapping[str, Any]) -> bool:

@@ -59,6 +59,7 @@ from .events import (
     safe_name,
 )
 from .events import str_or_none as _str
+from .holds import hold_from_record
 from .transcript import render_html
 
 if TYPE_CHECKING:
@@ -412,8 +413,6 @@ async def export_archive(
     sel = await resolve_selection(holds, req)
     files = _Files(out_dir)
     await asyncio.to_thread(files.check_empty)
-
-    from .service import hold_from_record
 
     active_holds = [hold_from_record(h) for h in await holds.holds()]
     emails = await directory_emails(directory_store)

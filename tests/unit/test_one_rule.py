@@ -36,10 +36,16 @@ COPIES = [
     # kernel.power.user_level / user_level_in_state
     ("power level of a user", r'users\.get\([^)]*,\s*0\)', set()),
     ("duration units", r'\[smhdwy?\]|"w": 604800|\b604800\b', {"bridge/kernel/durations.py"}),
-    # legal holds are placed and released by RetentionService.add_hold / release_hold (the
-    # audit record with them), never straight on the store by the CLI or anyone else
+    # legal holds are placed and released by RetentionService.add_hold / release_hold
+    # (bridge/retention/holds.py, the audit record with them), never straight on the store
+    # by the CLI or anyone else
+    # the localpart / server part of a Matrix id: kernel.ids (the first ":" splits them)
+    ("parts of a Matrix id", r'\[1:\]\.(partition|split)\(":"|\.split\(":", 1\)\[[01]\]',
+     {"bridge/kernel/ids.py"}),
+    # who is one of Enclave's own users (bot, admin, namespace): policy.power.is_enclave_user
+    ("Enclave's own users", r'startswith\(self\.service_prefix\)', set()),
     ("placing or releasing a hold", r'\.hold_add\(|\.hold_release\(|validate_hold\(',
-     {"bridge/retention/service.py", "bridge/policy/retention.py"}),
+     {"bridge/retention/holds.py", "bridge/policy/retention.py"}),
 ]
 
 

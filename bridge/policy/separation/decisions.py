@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ...kernel.ids import server_of
 from ..power import ENCLAVE_POWER
 from .facts import RoomFacts
 from .rules import (
@@ -200,7 +201,7 @@ class SeparationDecisions(PolicyView):
         if invite_approved:
             return Decision(True, APPROVED_INVITE_RULE, "(built in)",
                             "joins a remote room Enclave approved the invitation to")
-        host = room.room_id.split(":", 1)[1] if ":" in room.room_id else ""
+        host = server_of(room.room_id)
         pi = self._partner_servers.get(host)
         if pi is not None:
             pc = self._partner_room_class([f"@partner:{host}"])

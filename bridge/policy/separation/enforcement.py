@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from ...kernel.ids import server_of
 from ..actions import Action, Join, Kick, Leave, SetState
 from ..power import ENCLAVE_POWER, enclave_actor
 from .decisions import SeparationDecisions
@@ -29,7 +30,6 @@ from .rules import (
     RoomClass,
     class_content,
     history_within,
-    server_of,
 )
 
 

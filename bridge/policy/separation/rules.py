@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from ...kernel.ids import server_of
 from ...model.people import StaffRecord
 
 if TYPE_CHECKING:
@@ -89,11 +90,6 @@ class CreateDecision:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def server_of(user_id: str) -> str:
-    """The server name part of a user id ("" when there is none)."""
-    return user_id.split(":", 1)[1] if ":" in user_id else ""
-
-
 def matches(selector: Selector, staff: StaffRecord | None) -> bool:
     """Whether a staff member matches a selector (groups: any; attributes: all given)."""
     if staff is None:

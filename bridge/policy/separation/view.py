@@ -12,7 +12,9 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from ...kernel.ids import server_of
 from ...model.people import StaffRecord
+from ..power import is_enclave_user
 from .facts import RoomFacts, is_direct_chat
 from .rules import (
     CLASS_STATE_TYPE,
@@ -21,7 +23,6 @@ from .rules import (
     Principal,
     RoomClass,
     matches,
-    server_of,
 )
 
 if TYPE_CHECKING:
@@ -75,8 +76,9 @@ class PolicyView:
 
     def _principal(self, user_id: str) -> Principal:
         local = server_of(user_id) == self.server_name
-        if local and (user_id in self.service_users or (
-                self.service_prefix and user_id[1:].startswith(self.service_prefix))):
+        if is_enclave_user(user_id, server_name=self.server_name,
+                           own_users=self.service_users,
+                           namespace_prefix=self.service_prefix or ""):
             return Principal(user_id, "service", True)
         if local:
             rec = self.staff.get(user_id)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bridge.kernel.membership import memberships
-from bridge.policy.power import CREATOR_POWER, RoomPower, enclave_actor
+from bridge.policy.power import CREATOR_POWER, RoomPower, enclave_actor, is_enclave_user
 
 HS = "corp.test"
 BOT, ADMIN = f"@enclave:{HS}", f"@enclave-admin:{HS}"
@@ -101,3 +101,22 @@ def test_from_state_reads_creators_levels_and_members() -> None:
     assert p.creators == {ALICE, BOB} and p.creator_power and p.of(BOT) == 100
     assert memberships(state) == {BOT: "join", EVE: "invite"}
     assert enclave_actor(memberships(state), p, ENCLAVE, 50, target=BOB) is None
+
+
+# -- Enclave's own users -------------------------------------------------------------------
+@pytest.mark.parametrize(("user", "prefix", "own"), [
+    ("@enclave:corp.test", "enclave_", True),           # the bot
+    ("@enclave-admin:corp.test", "enclave_", True),     # the admin
+    ("@enclave_announce:corp.test", "enclave_", True),  # the appservice's namespace
+    ("@enclave_announce:other.test", "enclave_", False),  # same localpart, another server
+    ("@enclave:corp.test:8448", "enclave_", False),     # another server (a port is part of it)
+    ("@alice:corp.test", "enclave_", False),
+    ("@enclavex:corp.test", "enclave_", False),         # extends the bot's name, not the prefix
+    ("@alice:corp.test", "", False),                    # an empty prefix claims no namespace
+    (None, "enclave_", False),
+    ("", "enclave_", False),
+])
+def test_is_enclave_user(user: str | None, prefix: str, own: bool) -> None:
+    assert is_enclave_user(user, server_name="corp.test",
+                           own_users=("@enclave:corp.test", "@enclave-admin:corp.test"),
+                           namespace_prefix=prefix) is own

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from bridge.matrix.client import HomeserverUnavailable
-from bridge.retention.service import HoldCheckFailed, RetentionService, UnknownHoldSubjects
+from bridge.retention.holds import HoldCheckFailed, UnknownHoldSubjects
+from bridge.retention.service import RetentionService
 from bridge.store import AuditFilter, Stores
 from bridge.store.base import HoldRecord
 
-from .test_service_prune import service as prune_service
+from .test_purge import service as prune_service
 
 NOW = 1_714_560_000_000
 KNOWN = "@bob:corp.example.com"

@@ -1,0 +1,93 @@
+"""The live feed: every event the inbox hands retention goes into the archive (with its
+media) before any other handler sees it; ``m.room.retention`` changes and ``!retention``
+commands go on to the room's retention (:mod:`bridge.retention.rooms`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..config.retention import RetentionConfig
+from ..matrix.client import MatrixClient, MatrixRequestError, parse_mxc
+from ..metrics import Metrics
+from ..policy.actions import Action
+from ..policy.retention import RETENTION_STATE_TYPE
+from ..store.base import AuditRecord
+from ..store.domains import AuditStore
+from .archive import ArchiveWriter
+from .events import media_refs
+from .rooms import RoomRetention
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveFeed:
+    """Archives events and the media they point at; hands room commands on."""
+
+    def __init__(self, config: RetentionConfig, *, room_retention: RoomRetention,
+                 archive: ArchiveWriter, client: MatrixClient, audit: AuditStore,
+                 metrics: Metrics, clock_ms: Callable[[], int]):
+        self.config = config
+        self.room_retention = room_retention
+        self.archive = archive
+        self.client = client
+        self.audit = audit
+        self.metrics = metrics
+        self.clock_ms = clock_ms
+
+    async def handle_event(self, event: dict[str, Any], meta: Any) -> Sequence[Action]:
+        """The inbox handler: archive the event (and its media) before anything else.
+
+        An archive failure raises, so the inbox retries the event later: nothing is lost and
+        the archive's index keeps a retry from writing it twice."""
+        if not self.config.enabled:
+            return []
+        room_id = event.get("room_id") or getattr(meta, "room_id", "") or ""
+        if not room_id or not isinstance(event.get("event_id"), str):
+            return []
+        if getattr(meta, "kind", "pdu") != "pdu":
+            return []
+        res = await self.archive.append(room_id, [event])
+        self.metrics.archived_events.labels(path="live").inc(res.written)
+        await self.copy_media(room_id, [event])
+        actions: list[Action] = []
+        etype = event.get("type")
+        if etype == RETENTION_STATE_TYPE and event.get("state_key") == "":
+            actions += await self.room_retention.on_retention_state(room_id, event)
+        elif etype == "m.room.message":
+            body = (event.get("content") or {}).get("body")
+            if isinstance(body, str) and body.startswith("!retention"):
+                actions += await self.room_retention.on_command(room_id, event, body)
+        return actions
+
+    async def copy_media(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> int:
+        """Copy media the events refer to into the archive; returns files copied.
+
+        A homeserver outage raises (the caller retries); media the homeserver refuses or no
+        longer has is logged and audited, and does not block the room."""
+        acfg = self.config.archive
+        if not acfg.media:
+            return 0
+        copied = 0
+        for ev in events:
+            for mxc in media_refs(ev):
+                if await self.archive.has_media(mxc):
+                    continue
+                try:
+                    parse_mxc(mxc)
+                    data, ctype = await self.client.download_media(
+                        mxc, max_bytes=acfg.max_media_bytes)
+                except (ValueError, MatrixRequestError) as e:
+                    self.metrics.archived_media.labels(outcome="unavailable").inc()
+                    log.warning("media %s of %s not archived: %s", mxc, ev.get("event_id"), e)
+                    await self.audit.add_audit(AuditRecord(
+                        ts=self.clock_ms(), source="retention", kind="archive_media",
+                        outcome="failed", room_id=room_id, rule_id="builtin.archive",
+                        reason="media could not be copied", detail=f"{mxc}: {e}"))
+                    continue
+                await self.archive.put_media(room_id, str(ev.get("event_id")), mxc, data,
+                                             ctype, int(ev.get("origin_server_ts") or 0))
+                self.metrics.archived_media.labels(outcome="copied").inc()
+                copied += 1
+        return copied
