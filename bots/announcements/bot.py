@@ -24,20 +24,13 @@ from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import Outcome, txn_id_for
 from bridge.policy.actions import Action
 
-from ..base import (
-    Bot,
-    BotServices,
-    Command,
-    CommandContext,
-    Job,
-    JobScheduler,
-    Waker,
-    run_forever,
-)
+from ..bot import Bot, Command, CommandContext
 from ..commands import CommandError, Permission, take_words
+from ..jobs import Job, JobScheduler, Waker, run_forever
 from ..markdown import message_content
 from ..scheduling import occurrence_id, schedule_from_config
 from ..sending import SendRefused
+from ..services import BotServices
 from ..store import AnnouncementMessage, AnnouncementOccurrence
 from .acks import decide_ack
 from .audience import Selection, count_by, parse_audience, select_audience
