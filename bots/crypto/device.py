@@ -29,7 +29,6 @@ from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixClient,
     MatrixRequestError,
-    q,
 )
 
 from .decisions import Device
@@ -306,9 +305,8 @@ class EncryptedDevice:
     async def _put_device(self, device_id: str) -> None:
         """Create (or keep) ``device_id`` as the appservice and check the homeserver lets
         the appservice act as it; MatrixRequestError when it does not."""
-        await self._client.request("PUT", f"/_matrix/client/v3/devices/{q(device_id)}",
-                                   json={"display_name": self.device_name},
-                                   user_id=self.user_id)
+        await self._client.put_device(device_id, display_name=self.device_name,
+                                      user_id=self.user_id)
         who = await self._client.whoami(self.user_id, device_id=device_id)
         if who.get("device_id") != device_id:
             raise MatrixRequestError(501, "M_UNRECOGNIZED",
@@ -341,14 +339,8 @@ class EncryptedDevice:
                              APPSERVICE)
 
     async def _login(self, device_id: str | None, pickle_key: str) -> DeviceSession:
-        body: dict[str, Any] = {
-            "type": "m.login.application_service",
-            "identifier": {"type": "m.id.user", "user": self.user_id},
-            "initial_device_display_name": self.device_name,
-        }
-        if device_id:
-            body["device_id"] = device_id
-        resp = await self._client.request("POST", "/_matrix/client/v3/login", json=body)
+        resp = await self._client.login_appservice(self.user_id, device_name=self.device_name,
+                                                   device_id=device_id)
         self.logins += 1
         log.info("E2EE login of %s: device %s", self.user_id, resp["device_id"])
         return DeviceSession(self.user_id, resp["device_id"], resp["access_token"], pickle_key)
@@ -382,9 +374,8 @@ class EncryptedDevice:
         nio_client = self._nio
         if not nio_client.olm.account.shared:
             return
-        body = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/query",
-            json={"device_keys": {self.user_id: [self.device_id]}}, user_id=self.user_id)
+        body = await self._client.query_keys({self.user_id: [self.device_id]},
+                                             user_id=self.user_id)
         published = body.get("device_keys", {}).get(self.user_id, {}).get(self.device_id)
         ours = nio_client.olm.account.identity_keys["ed25519"]
         theirs = (published or {}).get("keys", {}).get(f"ed25519:{self.device_id}")
@@ -410,9 +401,8 @@ class EncryptedDevice:
             keys = await asyncio.to_thread(CrossSigningKeys.load, path)
         except KeysUnreadable as e:
             keys, problem = None, str(e)
-        published = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/query",
-            json={"device_keys": {self.user_id: [self.device_id]}}, user_id=self.user_id)
+        published = await self._client.query_keys({self.user_id: [self.device_id]},
+                                                  user_id=self.user_id)
         master = ((published.get("master_keys") or {}).get(self.user_id) or {}).get("keys")
         server_master = next(iter(master.values()), None) if master else None
         decision = decide_identity(
@@ -432,9 +422,8 @@ class EncryptedDevice:
             await asyncio.to_thread(keys.save, path)
         assert keys is not None
         if decision.action != "reuse":
-            await self._client.request("POST", "/_matrix/client/v3/keys/device_signing/upload",
-                                       json=keys.upload_body(self.user_id),
-                                       user_id=self.user_id)
+            await self._client.upload_cross_signing_keys(keys.upload_body(self.user_id),
+                                                         user_id=self.user_id)
             log.info("cross-signing identity of %s: %s (%s)", self.user_id, decision.action,
                      decision.reason)
         if marker.exists():
@@ -446,9 +435,8 @@ class EncryptedDevice:
         if decision.action == "reuse" and device_signed_by(device, self.user_id,
                                                            keys.public("self_signing")):
             return
-        body = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/signatures/upload",
-            json={self.user_id: {self.device_id: keys.device_signature(device, self.user_id)}},
+        body = await self._client.upload_signatures(
+            {self.user_id: {self.device_id: keys.device_signature(device, self.user_id)}},
             user_id=self.user_id)
         if body.get("failures"):
             raise RuntimeError(f"signing device {self.device_id}: {body['failures']}")
