@@ -372,16 +372,7 @@ class Bot:
         if self.dm.encrypted:
             body["initial_state"] = [{"type": "m.room.encryption", "state_key": "",
                                       "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]
-        try:
-            room = await c.create_room(body, user_id=self.user_id)
-        except MatrixRequestError as e:
-            if e.errcode != "M_ROOM_IN_USE":
-                raise
-            # created before a crash: the alias leads to it
-            found = await c.resolve_alias(f"#{alias_local}:{self.svc.server_name}")
-            if found is None:
-                raise
-            room = found
+        room = await self.create_room_once(body)
         self.rooms.add(room)
         self.svc.encryption.mark(room, self.dm.encrypted)
         try:
@@ -393,6 +384,20 @@ class Bot:
             await c.join(room, user_id=user_id)
             await self._mark_direct(user_id, room)
         return room
+
+    async def create_room_once(self, body: dict[str, Any]) -> str:
+        """Create a room as the bot, its alias (``room_alias_name``, required) the once-only
+        guard: a room created before a crash is found again through the alias."""
+        c = self.svc.client
+        try:
+            return await c.create_room(body, user_id=self.user_id)
+        except MatrixRequestError as e:
+            if e.errcode != "M_ROOM_IN_USE":
+                raise
+            found = await c.resolve_alias(f"#{body['room_alias_name']}:{self.svc.server_name}")
+            if found is None:
+                raise
+            return found
 
     async def _mark_direct(self, user_id: str, room_id: str) -> None:
         """Put the room in the person's ``m.direct`` (clients list it under people):

@@ -240,7 +240,6 @@ class AnnouncementBot(Bot):
         room = await self.storage.get(f"room:{key}")
         if room is not None:
             return str(room)
-        c = self.svc.client
         alias_local = f"_enclave_announce.{key}"
         name = spec.room_name or f"Announcements: {spec.audience.describe()}"[:100]
         body = {
@@ -261,14 +260,7 @@ class AnnouncementBot(Bot):
                 "state_default": 100, "invite": 100, "kick": 100, "ban": 100, "redact": 50,
                 "events": {"m.reaction": 0, "m.room.redaction": 0}},
         }
-        try:
-            room = await c.create_room(body, user_id=self.user_id)
-        except MatrixRequestError as e:
-            if e.errcode != "M_ROOM_IN_USE":
-                raise
-            room = await c.resolve_alias(f"#{alias_local}:{self.svc.server_name}")
-            if room is None:
-                raise
+        room = await self.create_room_once(body)
         self.rooms.add(room)
         self.svc.encryption.mark(room, False)
         await self.storage.put(f"room:{key}", room)
