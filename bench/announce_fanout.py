@@ -9,7 +9,7 @@ Synapse keeps its default (production) rate limits for ordinary users; Enclave's
 appservice registration (made by ``enclave registration``: ``rate_limited: false``) exempts
 requests made with the appservice token. Setup, not measured: the announcement bot
 (``@enclave_announce``, a namespace user) creates ``--rooms`` rooms with one staff member
-each and ``--dms`` bot DMs (as ``bots/base.py`` opens them: ``private_chat``, ``is_direct``,
+each and ``--dms`` bot DMs (as ``bots/bot.py`` opens them: ``private_chat``, ``is_direct``,
 not federated), all through the appservice.
 
 Measured, each timed from the first send to the last answer:

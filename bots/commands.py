@@ -1,6 +1,6 @@
 """``!``-commands as data: parsing, argument splitting and permission decisions.
 
-Pure (no I/O, no clock): the bot base (:mod:`bots.base`) feeds events in and turns the
+Pure (no I/O, no clock): the bot base (:mod:`bots.bot`) feeds events in and turns the
 results into replies.
 """
 

@@ -24,9 +24,11 @@ from bridge.model.people import StaffRecord
 
 from .announcements.delivery import date_text
 from .announcements.spec import fill, person_variables
-from .base import Bot, BotServices, Waker, run_forever
+from .bot import Bot
+from .jobs import Waker, run_forever
 from .markdown import message_content
 from .sending import SendRefused
+from .services import BotServices
 
 log = logging.getLogger(__name__)
 

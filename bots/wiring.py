@@ -18,18 +18,14 @@ from aiohttp import web
 
 from bridge.extension import Plugin
 
+from .actions import BotMessage, bot_message_applier
 from .announcements.bot import AnnouncementBot
 from .announcements.webhooks import Webhooks
-from .base import (
-    Bot,
-    BotMessage,
-    BotServices,
-    StaffDirectory,
-    bot_message_applier,
-    cancel_quietly,
-)
+from .bot import Bot
+from .jobs import cancel_quietly
 from .onboarding import OnboardingBot
 from .sending import PlainSender, RoomEncryption, RoomSender, RoutingSender
+from .services import BotServices, StaffDirectory
 from .store import AnnouncementStore
 
 if TYPE_CHECKING:

@@ -24,20 +24,13 @@ from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import Outcome, txn_id_for
 from bridge.policy.actions import Action
 
-from ..base import (
-    Bot,
-    BotServices,
-    Command,
-    CommandContext,
-    Job,
-    JobScheduler,
-    Waker,
-    run_forever,
-)
+from ..bot import Bot, Command, CommandContext
 from ..commands import CommandError, Permission, take_words
+from ..jobs import Job, JobScheduler, Waker, run_forever
 from ..markdown import message_content
 from ..scheduling import occurrence_id, schedule_from_config
 from ..sending import SendRefused
+from ..services import BotServices
 from ..store import AnnouncementMessage, AnnouncementOccurrence
 from .acks import decide_ack
 from .audience import Selection, count_by, parse_audience, select_audience
@@ -247,7 +240,6 @@ class AnnouncementBot(Bot):
         room = await self.storage.get(f"room:{key}")
         if room is not None:
             return str(room)
-        c = self.svc.client
         alias_local = f"_enclave_announce.{key}"
         name = spec.room_name or f"Announcements: {spec.audience.describe()}"[:100]
         body = {
@@ -268,14 +260,7 @@ class AnnouncementBot(Bot):
                 "state_default": 100, "invite": 100, "kick": 100, "ban": 100, "redact": 50,
                 "events": {"m.reaction": 0, "m.room.redaction": 0}},
         }
-        try:
-            room = await c.create_room(body, user_id=self.user_id)
-        except MatrixRequestError as e:
-            if e.errcode != "M_ROOM_IN_USE":
-                raise
-            room = await c.resolve_alias(f"#{alias_local}:{self.svc.server_name}")
-            if room is None:
-                raise
+        room = await self.create_room_once(body)
         self.rooms.add(room)
         self.svc.encryption.mark(room, False)
         await self.storage.put(f"room:{key}", room)

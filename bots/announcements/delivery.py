@@ -29,10 +29,10 @@ from bridge.model.people import StaffRecord
 from bridge.store import AuditRecord
 from bridge.store.lease import LeaseLost, held_lease, new_lease_owner
 
-from ..base import BotServices
 from ..markdown import message_content
 from ..scheduling import format_ms
 from ..sending import SendRefused
+from ..services import BotServices
 from ..store import AnnouncementMessage, AnnouncementOccurrence
 from .acks import Escalate, Remind, decide_reminders, summarise
 from .spec import MARKER, AnnouncementSpec, compose

@@ -45,7 +45,8 @@ appservice user) gets one real device:
   reason; nothing is sent.
 
 The package: :mod:`.decisions` (pure), :mod:`.identity` (the device's identity on disk),
-:mod:`.device` (:class:`EncryptedDevice`: the device's lifetime) and :mod:`.sender`
+:mod:`.provisioning` (creating, adopting and cross-signing the device), :mod:`.device`
+(:class:`EncryptedDevice`: the device's lifetime) and :mod:`.sender`
 (:class:`EncryptedSender`, :class:`EncryptedSenders`).
 """
 

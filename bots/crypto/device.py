@@ -1,7 +1,8 @@
 """The bot's E2EE device and its lifetime (:class:`EncryptedDevice`): created as the
 appservice (MSC4190) or through the appservice login, reused across restarts, its keys
-published and signed by the bot's cross-signing identity, kept current by a background
-sync loop. :class:`~.sender.EncryptedSender` sends through it.
+published and signed by the bot's cross-signing identity (those steps:
+:mod:`.provisioning`), kept current by a background sync loop.
+:class:`~.sender.EncryptedSender` sends through it.
 """
 
 from __future__ import annotations
@@ -11,26 +12,12 @@ import contextlib
 import logging
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
-from bots.cross_signing import (
-    KEYS_FILE,
-    RESET_FILE,
-    CrossSigningKeys,
-    IdentityDecision,
-    KeysUnreadable,
-    decide_identity,
-    device_signed_by,
-)
+from bots.cross_signing import IdentityDecision
 from bridge.kernel.retry import RECONNECT
-from bridge.matrix.client import (
-    HomeserverUnavailable,
-    MatrixClient,
-    MatrixRequestError,
-    q,
-)
+from bridge.matrix.client import HomeserverUnavailable, MatrixClient
 
 from .decisions import Device
 from .identity import (
@@ -40,9 +27,9 @@ from .identity import (
     IdentityUnusable,
     TokenInvalid,
     appservice_device_client,
-    new_device_id,
     scrub,
 )
+from .provisioning import DeviceProvisioner
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +88,15 @@ class EncryptedDevice:
         self._homeserver_url = homeserver_url.rstrip("/")
         self.user_id = user_id
         self.store_dir = Path(store_dir)
-        self.device_name = device_name
         self.ready_timeout = ready_timeout
         self.sync_timeout_ms = sync_timeout_ms
         # Element's rule: a member counts as reached only through a device signed by them
         self.require_signed_devices = require_signed_devices
-        # create the device as the appservice (MSC4190) before trying the appservice login
-        self.appservice_devices = appservice_devices
-        self.identity: IdentityDecision | None = None  # the last cross-signing decision
-        self.logins = 0  # logins this instance made (a restart that reuses its device: 0)
+        # creating, adopting and signing the device (appservice_devices: create it as the
+        # appservice, MSC4190, before trying the appservice login)
+        self._provision = DeviceProvisioner(client, user_id=user_id, store_dir=self.store_dir,
+                                            device_name=device_name,
+                                            appservice_devices=appservice_devices)
         self.syncs = 0
         self._session: DeviceSession | None = None
         self._nio: Any = None  # nio.AsyncClient, imported lazily
@@ -148,6 +135,16 @@ class EncryptedDevice:
     def auth(self) -> str | None:
         """How the device authenticates: ``appservice`` (MSC4190) or ``token``."""
         return self._session.auth if self._session else None
+
+    @property
+    def identity(self) -> IdentityDecision | None:
+        """The last decision about the bot's cross-signing identity (None: not made yet)."""
+        return self._provision.identity
+
+    @property
+    def logins(self) -> int:
+        """Logins this instance made (a restart that reuses its device: 0)."""
+        return self._provision.logins
 
     @property
     def identity_problem(self) -> str | None:
@@ -205,7 +202,12 @@ class EncryptedDevice:
                     await self._open_device()
                 await self._sync_once(0 if not self._ready.is_set() else self.sync_timeout_ms)
                 if not self._ready.is_set():
-                    await self._ensure_cross_signing()
+                    assert self.device_id is not None
+                    if await self._provision.ensure_cross_signing(self.device_id):
+                        # staff clients refetch the bot's keys when told of the change: a
+                        # room key sent before they did would come from a device they
+                        # cannot place yet
+                        await asyncio.sleep(self.join_key_delay)
                     self._became_ready()
                     log.info("E2EE device %s of %s ready", self.device_id, self.user_id)
                 self._ready.set()
@@ -256,11 +258,11 @@ class EncryptedDevice:
                         session.device_id)
             session = None
         if session is None:
-            session = await self._new_device(secrets.token_urlsafe(32))
+            session = await self._provision.new_device(secrets.token_urlsafe(32))
         elif session.auth == APPSERVICE:
-            session = await self._check_appservice_device(session)
+            session = await self._provision.check_appservice_device(session)
         else:
-            session = await self._check_token(session)
+            session = await self._provision.check_token(session)
         session.save(path)
         self._session = session
         self._first_keys = await asyncio.to_thread(self._load_first_keys)
@@ -286,87 +288,9 @@ class EncryptedDevice:
         # nio's SqliteStore names its database after the user and device
         return self.store_dir / f"{session.user_id}_{session.device_id}.db"
 
-    async def _new_device(self, pickle_key: str) -> DeviceSession:
-        """A new device: created as the appservice (MSC4190) where the homeserver lets it,
-        else through the appservice login."""
-        if self.appservice_devices:
-            device_id = new_device_id()
-            try:
-                await self._put_device(device_id)
-            except MatrixRequestError as e:
-                log.info("homeserver did not create a device for %s as the appservice "
-                         "(%s %s): falling back to the appservice login", self.user_id,
-                         e.status, e.errcode)
-            else:
-                log.info("E2EE device %s of %s created as the appservice (MSC4190)",
-                         device_id, self.user_id)
-                return DeviceSession(self.user_id, device_id, "", pickle_key, APPSERVICE)
-        return await self._login(None, pickle_key)
-
-    async def _put_device(self, device_id: str) -> None:
-        """Create (or keep) ``device_id`` as the appservice and check the homeserver lets
-        the appservice act as it; MatrixRequestError when it does not."""
-        await self._client.request("PUT", f"/_matrix/client/v3/devices/{q(device_id)}",
-                                   json={"display_name": self.device_name},
-                                   user_id=self.user_id)
-        who = await self._client.whoami(self.user_id, device_id=device_id)
-        if who.get("device_id") != device_id:
-            raise MatrixRequestError(501, "M_UNRECOGNIZED",
-                                     "appservice device masquerading not supported")
-
-    async def _check_appservice_device(self, session: DeviceSession) -> DeviceSession:
-        try:
-            await self._client.get_device(session.device_id, user_id=self.user_id)
-        except MatrixRequestError as e:
-            if e.status != 404:
-                raise
-            log.warning("E2EE device %s of %s is gone from the homeserver: creating it "
-                        "again (same keys)", session.device_id, self.user_id)
-            await self._put_device(session.device_id)
-        return session
-
-    async def _login_or_adopt(self, session: DeviceSession) -> DeviceSession:
-        """The token is no longer valid: log in again on the same device, or, where the
-        homeserver refuses appservice logins (MSC4190 enabled), act as that device through
-        the appservice from now on."""
-        try:
-            return await self._login(session.device_id, session.pickle_key)
-        except MatrixRequestError as e:
-            if e.errcode != "M_APPSERVICE_LOGIN_UNSUPPORTED" or not self.appservice_devices:
-                raise
-        await self._put_device(session.device_id)
-        log.info("E2EE device %s of %s now used through the appservice (MSC4190)",
-                 session.device_id, self.user_id)
-        return DeviceSession(self.user_id, session.device_id, "", session.pickle_key,
-                             APPSERVICE)
-
-    async def _login(self, device_id: str | None, pickle_key: str) -> DeviceSession:
-        body: dict[str, Any] = {
-            "type": "m.login.application_service",
-            "identifier": {"type": "m.id.user", "user": self.user_id},
-            "initial_device_display_name": self.device_name,
-        }
-        if device_id:
-            body["device_id"] = device_id
-        resp = await self._client.request("POST", "/_matrix/client/v3/login", json=body)
-        self.logins += 1
-        log.info("E2EE login of %s: device %s", self.user_id, resp["device_id"])
-        return DeviceSession(self.user_id, resp["device_id"], resp["access_token"], pickle_key)
-
-    async def _check_token(self, session: DeviceSession) -> DeviceSession:
-        try:
-            who = await self._client.whoami(access_token=session.access_token)
-        except MatrixRequestError as e:
-            if e.status != 401:
-                raise
-            return await self._login_or_adopt(session)
-        if who.get("user_id") != self.user_id or who.get("device_id") != session.device_id:
-            return await self._login_or_adopt(session)
-        return session
-
     async def _relogin(self) -> None:
         assert self._session is not None and self._nio is not None
-        session = await self._login_or_adopt(self._session)
+        session = await self._provision.login_or_adopt(self._session)
         session.save(self.store_dir / SESSION_FILE)
         self._session = session
         if session.auth == APPSERVICE:
@@ -382,9 +306,8 @@ class EncryptedDevice:
         nio_client = self._nio
         if not nio_client.olm.account.shared:
             return
-        body = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/query",
-            json={"device_keys": {self.user_id: [self.device_id]}}, user_id=self.user_id)
+        body = await self._client.query_keys({self.user_id: [self.device_id]},
+                                             user_id=self.user_id)
         published = body.get("device_keys", {}).get(self.user_id, {}).get(self.device_id)
         ours = nio_client.olm.account.identity_keys["ed25519"]
         theirs = (published or {}).get("keys", {}).get(f"ed25519:{self.device_id}")
@@ -396,67 +319,6 @@ class EncryptedDevice:
         log.warning("homeserver has no keys for E2EE device %s of %s: uploading them again",
                     self.device_id, self.user_id)
         nio_client.olm.account.shared = False
-
-    async def _ensure_cross_signing(self) -> None:
-        """Create or reuse the bot user's cross-signing identity and sign this device with
-        it (see ``bots/cross_signing.py``); :class:`IdentityUnusable` when lost or replaced.
-
-        Requests go through the appservice as the bot: a first upload needs no interactive
-        auth (MSC3967), a replacement (reset) is allowed to an appservice (MSC4190)."""
-        path = self.store_dir / KEYS_FILE
-        marker = self.store_dir / RESET_FILE
-        problem = None
-        try:
-            keys = await asyncio.to_thread(CrossSigningKeys.load, path)
-        except KeysUnreadable as e:
-            keys, problem = None, str(e)
-        published = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/query",
-            json={"device_keys": {self.user_id: [self.device_id]}}, user_id=self.user_id)
-        master = ((published.get("master_keys") or {}).get(self.user_id) or {}).get("keys")
-        server_master = next(iter(master.values()), None) if master else None
-        decision = decide_identity(
-            local_master=keys.public("master") if keys else None, local_problem=problem,
-            server_master=server_master, reset_requested=marker.exists(),
-            store_dir=str(self.store_dir), bot=self.user_id)
-        self.identity = decision
-        if not decision.usable:
-            raise IdentityUnusable(decision.reason)
-        if decision.action in ("create", "replace"):
-            if keys is not None or path.exists():
-                # never deleted: a reset keeps the old keys beside the new ones
-                aside = path.with_name(f"{KEYS_FILE}.replaced-{int(time.time())}")
-                await asyncio.to_thread(os.replace, path, aside)
-            keys = CrossSigningKeys.generate()
-            # stored before publishing: a crash in between finds them and publishes them
-            await asyncio.to_thread(keys.save, path)
-        assert keys is not None
-        if decision.action != "reuse":
-            await self._client.request("POST", "/_matrix/client/v3/keys/device_signing/upload",
-                                       json=keys.upload_body(self.user_id),
-                                       user_id=self.user_id)
-            log.info("cross-signing identity of %s: %s (%s)", self.user_id, decision.action,
-                     decision.reason)
-        if marker.exists():
-            await asyncio.to_thread(marker.unlink)
-        device = ((published.get("device_keys") or {}).get(self.user_id) or {}).get(
-            self.device_id)
-        if device is None:
-            raise RuntimeError(f"the homeserver has no keys for device {self.device_id} yet")
-        if decision.action == "reuse" and device_signed_by(device, self.user_id,
-                                                           keys.public("self_signing")):
-            return
-        body = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/signatures/upload",
-            json={self.user_id: {self.device_id: keys.device_signature(device, self.user_id)}},
-            user_id=self.user_id)
-        if body.get("failures"):
-            raise RuntimeError(f"signing device {self.device_id}: {body['failures']}")
-        log.info("E2EE device %s of %s signed by its cross-signing key", self.device_id,
-                 self.user_id)
-        # staff clients refetch the bot's keys when told of the change: a room key sent
-        # before they did would come from a device they cannot place yet
-        await asyncio.sleep(self.join_key_delay)
 
     async def _sync_once(self, timeout_ms: int) -> None:
         import nio

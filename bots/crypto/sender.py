@@ -26,7 +26,6 @@ from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import (
     HomeserverUnavailable,
     MatrixRequestError,
-    q,
 )
 from bridge.policy.resend import ACTION_KEY
 
@@ -106,10 +105,9 @@ class EncryptedSender(EncryptedDevice):
         if ACTION_KEY in content:
             # on the envelope too: the read-back before a resend matches it undecrypted
             payload = {**payload, ACTION_KEY: content[ACTION_KEY]}
-        body = await self._client.request(
-            "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(event_type)}/{q(txn_id)}",
-            json=payload, user_id=self.user_id, query={"device_id": self.device_id or ""})
-        return body["event_id"]
+        return await self._client.send_event(room_id, event_type, payload, txn_id,
+                                             user_id=self.user_id,
+                                             device_id=self.device_id or "")
 
     async def decrypt(self, room_id: str, event: dict[str, Any], *,
                       within: float = 10.0) -> dict[str, Any] | None:
@@ -260,9 +258,7 @@ class EncryptedSender(EncryptedDevice):
         """user -> their devices signed by their own cross-signing key (verified here)."""
         if not users:
             return {}
-        body = await self._client.request(
-            "POST", "/_matrix/client/v3/keys/query",
-            json={"device_keys": {u: [] for u in users}}, user_id=self.user_id)
+        body = await self._client.query_keys({u: [] for u in users}, user_id=self.user_id)
         return {u: owner_signed_devices(body, u) for u in users}
 
     def _session_view(self, room_id: str) -> SessionView | None:
@@ -401,11 +397,10 @@ class EncryptedSender(EncryptedDevice):
                     log.warning("room %s: no device of %s could get the key of session %s "
                                 "(no one-time key)", room_id, user_id, sid)
                     continue
-                await self._client.request(
-                    "PUT", "/_matrix/client/v3/sendToDevice/m.room.encrypted/"
-                           + q(f"enclave-join-{secrets.token_hex(8)}"),
-                    json={"messages": {user_id: messages}}, user_id=self.user_id,
-                    query={"device_id": self.device_id or ""})
+                await self._client.send_to_device(
+                    "m.room.encrypted", f"enclave-join-{secrets.token_hex(8)}",
+                    {user_id: messages}, user_id=self.user_id,
+                    device_id=self.device_id or "")
                 reached += len(messages)
             for sid, _ in wanted:
                 entry = kept[sid]

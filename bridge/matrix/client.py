@@ -289,14 +289,17 @@ class MatrixClient:
 
     async def send_event(
         self, room_id: str, event_type: str, content: dict[str, Any], txn_id: str,
-        *, user_id: str | None = None,
+        *, user_id: str | None = None, device_id: str | None = None,
         before_resend: Callable[[], Awaitable[Any]] | None = None,
     ) -> str:
         """Send with a caller-chosen transaction id: a retry of the same id is deduplicated
-        by the same Synapse process (see ``request`` for ``before_resend``)."""
+        by the same Synapse process (see ``request`` for ``before_resend``). With
+        ``device_id`` the appservice acts as that device of ``user_id`` (MSC3202), and
+        Synapse keeps the transaction id in its database (deduplicated across restarts)."""
         body = await self.request(
             "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(event_type)}/{q(txn_id)}",
             json=content, user_id=user_id, before_resend=before_resend,
+            query={"device_id": device_id} if device_id is not None else None,
         )
         return body["event_id"]
 
@@ -343,6 +346,54 @@ class MatrixClient:
             "POST", f"/_matrix/client/v1/appservice/{q(appservice_id)}/ping",
             json={"transaction_id": txn_id},
         )
+
+    # -- devices and end-to-end keys (a bot's E2EE device) --------------------------------
+    async def put_device(self, device_id: str, *, display_name: str, user_id: str) -> None:
+        """Set a device's display name as ``user_id``; through the appservice (MSC4190) this
+        also creates the device when it does not exist."""
+        await self.request("PUT", f"/_matrix/client/v3/devices/{q(device_id)}",
+                           json={"display_name": display_name}, user_id=user_id)
+
+    async def login_appservice(self, user_id: str, *, device_name: str,
+                               device_id: str | None = None) -> dict[str, Any]:
+        """Log ``user_id`` in with the appservice token (``m.login.application_service``),
+        on ``device_id`` if given (else a new device): ``{device_id, access_token, …}``."""
+        body: dict[str, Any] = {
+            "type": "m.login.application_service",
+            "identifier": {"type": "m.id.user", "user": user_id},
+            "initial_device_display_name": device_name,
+        }
+        if device_id:
+            body["device_id"] = device_id
+        return await self.request("POST", "/_matrix/client/v3/login", json=body)
+
+    async def query_keys(self, device_keys: dict[str, list[str]], *,
+                         user_id: str) -> dict[str, Any]:
+        """The published device and cross-signing keys of users (``{user: [device, …]}``,
+        an empty list: every device), asked as ``user_id``."""
+        return await self.request("POST", "/_matrix/client/v3/keys/query",
+                                  json={"device_keys": device_keys}, user_id=user_id)
+
+    async def upload_cross_signing_keys(self, body: dict[str, Any], *, user_id: str) -> None:
+        """Publish ``user_id``'s cross-signing keys (master, self-signing, user-signing)."""
+        await self.request("POST", "/_matrix/client/v3/keys/device_signing/upload",
+                           json=body, user_id=user_id)
+
+    async def upload_signatures(self, signatures: dict[str, Any], *,
+                                user_id: str) -> dict[str, Any]:
+        """Publish signatures of keys (``{user: {key id: signed object}}``); the answer's
+        ``failures`` name those the homeserver refused."""
+        return await self.request("POST", "/_matrix/client/v3/keys/signatures/upload",
+                                  json=signatures, user_id=user_id)
+
+    async def send_to_device(self, event_type: str, txn_id: str,
+                             messages: dict[str, dict[str, Any]], *, user_id: str,
+                             device_id: str) -> None:
+        """Send to-device messages (``{user: {device: content}}``) as ``device_id`` of
+        ``user_id`` (the appservice acting as that device, MSC3202)."""
+        await self.request(
+            "PUT", f"/_matrix/client/v3/sendToDevice/{q(event_type)}/{q(txn_id)}",
+            json={"messages": messages}, user_id=user_id, query={"device_id": device_id})
 
     # -- Synapse admin API ---------------------------------------------------------------
     async def admin_get_user(self, target: str, *, admin: str) -> dict[str, Any] | None:

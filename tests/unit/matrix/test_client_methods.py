@@ -1,5 +1,5 @@
-"""The client methods the bots call (instead of raw ``client.request("GET", …)``): each
-sends the request the old raw call sent and reads the answer the same way."""
+"""The client methods the bots call (instead of raw ``client.request(…)``): each sends the
+request the old raw call sent and reads the answer the same way."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from bridge.matrix.client import MatrixRequestError
 
-from .conftest import FakeHomeserver, MakeClient
+from .conftest import AS_TOKEN, FakeHomeserver, MakeClient
 
 U, R = "@bot:x", "!room:x"
 MEMBER = {"type": "m.room.member", "state_key": U, "content": {"membership": "join"}}
@@ -50,6 +50,61 @@ async def test_client_method(fake_hs: FakeHomeserver, make_matrix_client: MakeCl
     assert await call(make_matrix_client()) == result
     seen = fake_hs.seen[-1]
     assert (seen.method, seen.path, seen.query) == (method, path, query)
+
+
+LOGIN = {"type": "m.login.application_service",
+         "identifier": {"type": "m.id.user", "user": U},
+         "initial_device_display_name": "Enclave bot"}
+KEYS = {"device_keys": {U: {"DEV": {"keys": {}}}}, "master_keys": {}}
+E2EE_CASES = [
+    # (call, method, path, query, body sent, reply, result): a bot's E2EE device
+    (lambda c: c.put_device("D/1", display_name="Enclave bot", user_id=U), "PUT",
+     "/_matrix/client/v3/devices/D/1", {"user_id": U}, {"display_name": "Enclave bot"}, {},
+     None),
+    (lambda c: c.login_appservice(U, device_name="Enclave bot"), "POST",
+     "/_matrix/client/v3/login", {}, LOGIN, {"device_id": "NEW", "access_token": "t"},
+     {"device_id": "NEW", "access_token": "t"}),
+    (lambda c: c.login_appservice(U, device_name="Enclave bot", device_id="DEV"), "POST",
+     "/_matrix/client/v3/login", {}, {**LOGIN, "device_id": "DEV"},
+     {"device_id": "DEV", "access_token": "t"}, {"device_id": "DEV", "access_token": "t"}),
+    (lambda c: c.query_keys({U: ["DEV"], "@a:x": []}, user_id=U), "POST",
+     "/_matrix/client/v3/keys/query", {"user_id": U},
+     {"device_keys": {U: ["DEV"], "@a:x": []}}, KEYS, KEYS),
+    (lambda c: c.upload_cross_signing_keys({"master_key": {"usage": ["master"]}}, user_id=U),
+     "POST", "/_matrix/client/v3/keys/device_signing/upload", {"user_id": U},
+     {"master_key": {"usage": ["master"]}}, {}, None),
+    (lambda c: c.upload_signatures({U: {"DEV": {"signatures": {}}}}, user_id=U), "POST",
+     "/_matrix/client/v3/keys/signatures/upload", {"user_id": U},
+     {U: {"DEV": {"signatures": {}}}}, {"failures": {}}, {"failures": {}}),
+    (lambda c: c.send_to_device("m.room.encrypted", "t/1", {"@a:x": {"D": {"c": 1}}},
+                                user_id=U, device_id="DEV"), "PUT",
+     "/_matrix/client/v3/sendToDevice/m.room.encrypted/t/1", {"user_id": U, "device_id": "DEV"},
+     {"messages": {"@a:x": {"D": {"c": 1}}}}, {}, None),
+    (lambda c: c.send_event(R, "m.room.encrypted", {"ciphertext": "x"}, "t1", user_id=U,
+                            device_id="DEV"), "PUT",
+     f"/_matrix/client/v3/rooms/{R}/send/m.room.encrypted/t1",
+     {"user_id": U, "device_id": "DEV"}, {"ciphertext": "x"}, {"event_id": "$e"}, "$e"),
+    # a device not known yet: the parameter is still sent, empty (as before)
+    (lambda c: c.send_event(R, "m.room.encrypted", {}, "t2", user_id=U, device_id=""), "PUT",
+     f"/_matrix/client/v3/rooms/{R}/send/m.room.encrypted/t2", {"user_id": U, "device_id": ""},
+     {}, {"event_id": "$f"}, "$f"),
+    (lambda c: c.send_event(R, "m.room.message", {}, "t3", user_id=U), "PUT",
+     f"/_matrix/client/v3/rooms/{R}/send/m.room.message/t3", {"user_id": U}, {},
+     {"event_id": "$g"}, "$g"),
+]
+
+
+@pytest.mark.parametrize(("call", "method", "path", "query", "sent", "reply", "result"),
+                         E2EE_CASES,
+                         ids=[f"{c[1]} {c[2].split('/v3/')[-1]}" for c in E2EE_CASES])
+async def test_e2ee_client_method(fake_hs: FakeHomeserver, make_matrix_client: MakeClient,
+                                  call: Any, method: str, path: str, query: dict[str, str],
+                                  sent: Any, reply: Any, result: Any) -> None:
+    fake_hs.on(method, path, (200, reply))
+    assert await call(make_matrix_client()) == result
+    seen = fake_hs.seen[-1]
+    assert (seen.method, seen.path, seen.query, seen.body) == (method, path, query, sent)
+    assert seen.headers["Authorization"] == f"Bearer {AS_TOKEN}"
 
 
 async def test_whoami_with_a_users_own_token(fake_hs: FakeHomeserver,

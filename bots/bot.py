@@ -12,20 +12,22 @@ What the base gives a bot:
 * replies rendered from Markdown to ``formatted_body``; reaction hooks;
 * invites from staff accepted, others declined; DMs the bot opens itself, idempotent
   across crashes (a room alias per person is the once-only guard);
-* per-bot storage (``component_kv`` under ``bot.<name>``) and typed config;
-* scheduling: :class:`JobScheduler` keeps each job's last fired occurrence in the store
-  and asks :func:`bots.scheduling.due_occurrences` what to do, so a restart neither
-  repeats nor silently skips a job; APScheduler 3.x is only its wake-up timer.
+* per-bot storage (``component_kv`` under ``bot.<name>``, :class:`~bots.services.BotStorage`)
+  and typed config;
+* scheduling (:mod:`bots.jobs`): :class:`~bots.jobs.JobScheduler` keeps each job's last
+  fired occurrence in the store and asks :func:`bots.scheduling.due_occurrences` what to
+  do, so a restart neither repeats nor silently skips a job; APScheduler 3.x is only its
+  wake-up timer.
+
+Its own action (:class:`~bots.actions.BotMessage`) and what the bots share
+(:class:`~bots.services.BotServices`) live beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,18 +35,12 @@ from typing import Any, ClassVar
 from bridge.config.bots import BotIdentityConfig, DmConfig
 from bridge.kernel.power import user_level_in_state
 from bridge.kernel.retry import RECONNECT
-from bridge.matrix.client import (
-    HomeserverUnavailable,
-    MatrixClient,
-    MatrixRequestError,
-)
-from bridge.matrix.executor import Applier, Executor, Outcome, txn_id_for
-from bridge.metrics import Metrics
+from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.model.people import StaffRecord
 from bridge.policy.actions import Action, Join, Leave
 from bridge.store import AuditRecord, InboxEvent
-from bridge.store.domains import AuditStore, DirectoryStore, KVStore, LeaseStore
 
+from .actions import BotMessage
 from .commands import (
     CommandError,
     ParsedCommand,
@@ -54,139 +50,9 @@ from .commands import (
     parse_command,
 )
 from .markdown import message_content
-from .scheduling import JobState, Schedule, due_occurrences, format_ms
-from .sending import MessageSender, RoomEncryption, RoomSender, SendRefused
-from .store import AnnouncementStore
+from .services import BotServices, BotStorage
 
 log = logging.getLogger(__name__)
-
-
-# -- actions --------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class BotMessage(Action):
-    """Send an ``m.room.message`` as the bot (``actor``), encrypted where the room is."""
-
-    kind: ClassVar[str] = "bot_message"
-    room: str
-    content: dict[str, Any] = field(default_factory=dict)
-
-
-def bot_message_applier(sender: MessageSender) -> Applier:
-    """The executor's applier for :class:`BotMessage` (one for every bot)."""
-
-    async def apply(action: BotMessage, key: str, *, resend: bool) -> Outcome:
-        assert action.actor is not None
-        try:
-            eid = await sender.send(action.room, action.content, txn_id=txn_id_for(key),
-                                    sender=action.actor, resend=resend)
-        except SendRefused as e:
-            return Outcome("failed", e.reason)
-        return Outcome("applied", eid)
-
-    return apply
-
-
-# -- services -----------------------------------------------------------------------------
-class StaffDirectory:
-    """The directory view (what the last directory sync knew), cached for a few seconds:
-    a command or a reaction must not read the whole table each time."""
-
-    def __init__(self, store: DirectoryStore, ttl_seconds: float = 5.0):
-        self.store = store
-        self.ttl = ttl_seconds
-        self._at = -1e9
-        self._records: list[StaffRecord] = []
-        self._by_id: dict[str, StaffRecord] = {}
-        self._lock = asyncio.Lock()
-
-    async def _load(self) -> None:
-        async with self._lock:
-            if time.monotonic() - self._at < self.ttl:
-                return
-            self._records = await self.store.directory_view()
-            self._by_id = {r.user_id: r for r in self._records}
-            self._at = time.monotonic()
-
-    def invalidate(self) -> None:
-        self._at = -1e9
-
-    async def all(self) -> list[StaffRecord]:
-        await self._load()
-        return self._records
-
-    async def by_id(self) -> dict[str, StaffRecord]:
-        await self._load()
-        return self._by_id
-
-    async def get(self, user_id: str) -> StaffRecord | None:
-        await self._load()
-        return self._by_id.get(user_id)
-
-
-@dataclass
-class BotServices:
-    """What the bots share; built once in :func:`bots.wiring.build_bots`."""
-
-    # the core stores the bots use (their own tables: ``announcements``)
-    audit: AuditStore
-    kv: KVStore
-    leases: LeaseStore
-    directory_store: DirectoryStore
-    client: MatrixClient
-    executor: Executor
-    metrics: Metrics
-    clock_ms: Callable[[], int]
-    sender: MessageSender
-    encryption: RoomEncryption
-    directory: StaffDirectory
-    server_name: str
-    namespace_prefix: str
-    main_bot_user_id: str
-    # the bots' own tables (announcements), on the same database as the core stores
-    announcements: AnnouncementStore
-    encrypted_sender: RoomSender | None = None
-    # (bot user id, room id, m.room.encrypted event) -> the cleartext event, or None: lets
-    # bots read commands and reactions in encrypted rooms (the E2EE side provides it)
-    decrypt: Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None
-    # (bot user id, room id, user id) when someone joins one of the bot's rooms: the E2EE
-    # side sends them the keys of messages sent while they were invited
-    member_joined: Callable[[str, str, str], Awaitable[None]] | None = None
-    # every bot's user id, so no bot answers another
-    bot_user_ids: set[str] = field(default_factory=set)
-
-    def installation_key(self, key: str) -> str:
-        """A send key unique to this database (see Executor.action_key)."""
-        iid = self.executor.installation_id
-        return f"{iid}/{key}" if iid else key
-
-
-class BotStorage:
-    """One bot's key/value space in the store, with JSON values."""
-
-    def __init__(self, store: KVStore, component: str, clock_ms: Callable[[], int]):
-        self.store = store
-        self.component = component
-        self.clock_ms = clock_ms
-
-    async def get(self, key: str) -> Any:
-        raw = await self.store.component_get(self.component, key)
-        return None if raw is None else json.loads(raw)
-
-    async def put(self, key: str, value: Any) -> None:
-        await self.store.component_put(self.component, key, json.dumps(value),
-                                       self.clock_ms())
-
-    async def put_new(self, key: str, value: Any) -> bool:
-        """Insert only if absent; True if this call did (once-only across processes)."""
-        return await self.store.component_put_new(self.component, key, json.dumps(value),
-                                                  self.clock_ms())
-
-    async def list(self, prefix: str = "") -> dict[str, Any]:
-        raw = await self.store.component_list(self.component, prefix)
-        return {k: json.loads(v) for k, v in raw.items()}
-
-    async def delete(self, key: str) -> bool:
-        return await self.store.component_delete(self.component, key)
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -506,16 +372,7 @@ class Bot:
         if self.dm.encrypted:
             body["initial_state"] = [{"type": "m.room.encryption", "state_key": "",
                                       "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]
-        try:
-            room = await c.create_room(body, user_id=self.user_id)
-        except MatrixRequestError as e:
-            if e.errcode != "M_ROOM_IN_USE":
-                raise
-            # created before a crash: the alias leads to it
-            found = await c.resolve_alias(f"#{alias_local}:{self.svc.server_name}")
-            if found is None:
-                raise
-            room = found
+        room = await self.create_room_once(body)
         self.rooms.add(room)
         self.svc.encryption.mark(room, self.dm.encrypted)
         try:
@@ -527,6 +384,20 @@ class Bot:
             await c.join(room, user_id=user_id)
             await self._mark_direct(user_id, room)
         return room
+
+    async def create_room_once(self, body: dict[str, Any]) -> str:
+        """Create a room as the bot, its alias (``room_alias_name``, required) the once-only
+        guard: a room created before a crash is found again through the alias."""
+        c = self.svc.client
+        try:
+            return await c.create_room(body, user_id=self.user_id)
+        except MatrixRequestError as e:
+            if e.errcode != "M_ROOM_IN_USE":
+                raise
+            found = await c.resolve_alias(f"#{body['room_alias_name']}:{self.svc.server_name}")
+            if found is None:
+                raise
+            return found
 
     async def _mark_direct(self, user_id: str, room_id: str) -> None:
         """Put the room in the person's ``m.direct`` (clients list it under people):
@@ -549,141 +420,3 @@ class Bot:
         return AuditRecord(ts=self.svc.clock_ms(), source=f"bots.{self.component}",
                            kind=kind, outcome=outcome, actor=self.user_id, user_id=user_id,
                            room_id=room_id, rule_id=rule_id, reason=reason, detail=detail)
-
-
-# -- scheduling ---------------------------------------------------------------------------
-@dataclass
-class Job:
-    """A scheduled job: ``fire(occurrence_ms)`` must be idempotent by occurrence."""
-
-    id: str
-    schedule: Schedule
-    fire: Callable[[int], Awaitable[None]]
-    timezone: str = "UTC"
-
-
-class JobScheduler:
-    """Runs jobs on their schedules with the state of each kept in the bot's storage.
-
-    :meth:`tick` is the whole logic (drive it with an injected clock in tests); the
-    APScheduler :class:`~apscheduler.schedulers.asyncio.AsyncIOScheduler` of
-    :class:`Waker` only decides when the next tick happens."""
-
-    def __init__(self, storage: BotStorage, clock_ms: Callable[[], int], *, grace_ms: int,
-                 report: Callable[[AuditRecord], Awaitable[None]],
-                 audit: Callable[..., AuditRecord]):
-        self.storage = storage
-        self.clock_ms = clock_ms
-        self.grace_ms = grace_ms
-        self.jobs: dict[str, Job] = {}
-        self._report = report
-        self._audit = audit
-
-    def add(self, job: Job) -> None:
-        self.jobs[job.id] = job
-
-    async def state(self, job_id: str) -> JobState | None:
-        raw = await self.storage.get(f"job:{job_id}")
-        return JobState(**raw) if raw else None
-
-    async def tick(self) -> int | None:
-        """Fire what is due, report what was missed; return the next due time."""
-        now = self.clock_ms()
-        next_due: int | None = None
-        for job in list(self.jobs.values()):
-            state = await self.state(job.id)
-            d = due_occurrences(job.schedule, state, now, self.grace_ms)
-            if d.missed:
-                await self._report_missed(job, d.missed, d.missed_more)
-            if d.coalesced:
-                log.info("job %s: %d late occurrence(s) merged into %s", job.id,
-                         len(d.coalesced), format_ms(d.fire or now, job.timezone))
-            if d.fire is not None:
-                log.info("job %s: firing the occurrence of %s", job.id,
-                         format_ms(d.fire, job.timezone))
-                await job.fire(d.fire)
-            await self.storage.put(f"job:{job.id}", d.state.__dict__)
-            if d.next_due_ms is not None:
-                next_due = d.next_due_ms if next_due is None else min(next_due, d.next_due_ms)
-        return next_due
-
-    async def _report_missed(self, job: Job, missed: Sequence[int], more: int) -> None:
-        when = ", ".join(format_ms(t, job.timezone) for t in missed[:5])
-        extra = len(missed) - 5 + more
-        if extra > 0:
-            when += f" and {extra} more"
-        log.warning("job %s: missed %d occurrence(s) older than the grace time (%s); "
-                    "not sent late", job.id, len(missed) + more, when)
-        await self._report(self._audit(
-            "schedule_missed", "skipped", rule_id=f"schedule.{job.id}",
-            reason="occurrence older than misfire_grace_seconds (Enclave was not running)",
-            detail=when))
-
-
-class Waker:
-    """When a bot's loop runs next: at a given time, every ``poll`` seconds, or now.
-
-    Uses APScheduler 3.x (``AsyncIOScheduler``) for the timers; the loop itself waits on
-    an :class:`asyncio.Event`."""
-
-    def __init__(self, clock_ms: Callable[[], int], poll_seconds: float, name: str):
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        self.clock_ms = clock_ms
-        self.poll_seconds = poll_seconds
-        self.name = name
-        self.event = asyncio.Event()
-        self._scheduler = AsyncIOScheduler()
-
-    def start(self) -> None:
-        self._scheduler.start()
-        self._scheduler.add_job(self._timer, "interval", seconds=self.poll_seconds,
-                                id=f"{self.name}-poll", coalesce=True, max_instances=1,
-                                replace_existing=True)  # started again: a replica leads again
-
-    def wake(self) -> None:
-        self.event.set()
-
-    async def _timer(self) -> None:
-        # a coroutine: APScheduler runs it on the event loop (a plain function would run in
-        # a worker thread, where setting an asyncio.Event is not safe)
-        self.event.set()
-
-    def at(self, when_ms: int | None) -> None:
-        """Wake at ``when_ms`` (by the injected clock) unless an earlier wake comes."""
-        if when_ms is None or not self._scheduler.running:
-            return
-        import datetime as dt
-
-        delay = max(0.0, (when_ms - self.clock_ms()) / 1000)
-        run = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-        self._scheduler.add_job(self._timer, "date", run_date=run, id=f"{self.name}-at",
-                                replace_existing=True, misfire_grace_time=None)
-
-    async def wait(self) -> None:
-        await self.event.wait()
-        self.event.clear()
-
-    def stop(self) -> None:
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
-
-
-async def run_forever(name: str, step: Callable[[], Awaitable[None]], waker: Waker) -> None:
-    """Call ``step`` whenever ``waker`` fires; log (do not die on) a failing step."""
-    while True:
-        try:
-            await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s: a pass failed; trying again at the next wake-up", name)
-        await waker.wait()
-
-
-async def cancel_quietly(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t

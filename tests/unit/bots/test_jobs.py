@@ -6,8 +6,9 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from bots.base import BotStorage, Job, JobScheduler
+from bots.jobs import Job, JobScheduler
 from bots.scheduling import CronSchedule
+from bots.services import BotStorage
 from bridge.store import AuditFilter, AuditRecord, Stores, open_stores
 
 HOUR = 3_600_000
