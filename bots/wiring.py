@@ -22,6 +22,7 @@ from .actions import BotMessage, bot_message_applier
 from .announcements.bot import AnnouncementBot
 from .announcements.webhooks import Webhooks
 from .bot import Bot
+from .crypto import EncryptedSender, EncryptedSenders
 from .jobs import cancel_quietly
 from .onboarding import OnboardingBot
 from .sending import PlainSender, RoomEncryption, RoomSender, RoutingSender
@@ -84,8 +85,6 @@ def _encryption(svc: Services, cfg: Any
     """One E2EE device per bot (keys under ``bots.encryption.store_dir``), the sender that
     picks the device of the sending bot, a decrypt hook for commands in encrypted rooms, and
     a join hook that gives a new member the keys of messages sent while they were invited."""
-    from .crypto import EncryptedSender, EncryptedSenders
-
     conf = svc.config
     root = svc.loaded.resolve(cfg.encryption.store_dir)
     devices: dict[str, EncryptedSender] = {}
