@@ -124,15 +124,16 @@ def build_bots(svc: Services, *, encrypted_sender: RoomSender | None = None,
     bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender, decrypt=decrypt,
                               member_joined=member_joined)
     svc.executor.register(BotMessage, bot_message_applier(bsvc.sender))
-    runtime = BotsRuntime(bsvc)
+    ann: AnnouncementBot | None = None
+    webhooks: Webhooks | None = None
     if cfg.announcements is not None:
         ann = AnnouncementBot(bsvc, cfg.announcements)
         ann.register_actions()
-        runtime.announcements = ann
         if cfg.announcements.webhooks:
-            runtime.webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
-    if cfg.onboarding is not None:
-        runtime.onboarding = OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
+            webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
+    onboarding = (OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
+                  if cfg.onboarding is not None else None)
+    runtime = BotsRuntime(bsvc, announcements=ann, onboarding=onboarding, webhooks=webhooks)
 
     def mount(app: web.Application) -> None:
         if runtime.webhooks is not None:
