@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from bridge.config.bots import BotIdentityConfig, DmConfig
 from bridge.kernel.power import user_level_in_state
+from bridge.kernel.relations import reply_relation
 from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.model.people import StaffRecord
@@ -314,7 +315,7 @@ class Bot:
     def reply(self, room_id: str, markdown: str, *, rule_id: str, reason: str,
               reply_to: str | None = None, notice: bool = True) -> BotMessage:
         """A Markdown message from the bot as an action (sent through the outbox)."""
-        extra = {"m.relates_to": {"m.in_reply_to": {"event_id": reply_to}}} if reply_to else None
+        extra = {"m.relates_to": reply_relation(reply_to)} if reply_to else None
         return BotMessage(room=room_id, content=message_content(markdown, notice=notice,
                                                                 extra=extra),
                           actor=self.user_id, rule_id=rule_id, reason=reason)

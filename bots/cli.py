@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import io
 import os
 import sys
 from pathlib import Path
@@ -15,18 +16,16 @@ from bridge.cli.kit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_
 from bridge.kernel.timestamps import iso_utc
 from bridge.store import Stores
 
+from .announcements.acks import summarise
+from .announcements.report import report_rows, write_csv
+from .announcements.service import make_occurrence, spec_for
+from .announcements.spec import AnnouncementSpec
+from .cross_signing import request_reset
 from .store import AnnouncementStore
 
 
 def cmd_announcements(args: argparse.Namespace) -> int:
     """``enclave announcements list | report ID | send ID`` (store and config only)."""
-    import io
-
-    from .announcements.acks import summarise
-    from .announcements.report import report_rows, write_csv
-    from .announcements.service import make_occurrence, spec_for
-    from .announcements.spec import AnnouncementSpec
-
     loaded, _ = _load(args)
     bots_cfg = loaded.config.bots
     acfg = bots_cfg.announcements if bots_cfg is not None else None
@@ -148,8 +147,6 @@ def add_announcements_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_bots(args: argparse.Namespace) -> int:
     """``enclave bots reset-identity BOT``: replace a bot's cross-signing identity at its
     next start (the fix for a lost or conflicting key directory)."""
-    from .cross_signing import request_reset
-
     loaded, _ = _load(args, secrets=False)
     cfg = loaded.config
     bots_cfg = cfg.bots

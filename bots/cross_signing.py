@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -58,7 +62,7 @@ USAGE = {"master": "master", "self_signing": "self_signing", "user_signing": "us
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """The Matrix canonical JSON of ``obj`` without ``signatures`` and ``unsigned``: what
     an ed25519 signature covers (spec "Signing JSON")."""
-    from nio.api import Api
+    from nio.api import Api  # heavy (~0.3 s): paid only when a bot encrypts
 
     return Api.to_canonical_json(
         {k: v for k, v in obj.items() if k not in ("signatures", "unsigned")}).encode()
@@ -140,9 +144,6 @@ def device_signed_by(device_keys: Mapping[str, Any] | None, user_id: str,
 
 
 def _verify(public: str, signature: str, obj: Mapping[str, Any]) -> bool:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     try:
         Ed25519PublicKey.from_public_bytes(_unb64(public)).verify(_unb64(signature),
                                                                   canonical_json(obj))
@@ -239,14 +240,10 @@ class CrossSigningKeys:
         os.replace(tmp, path)
 
     def _private(self, kind: str) -> Any:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         return Ed25519PrivateKey.from_private_bytes(getattr(self, kind))
 
     def public(self, kind: str) -> str:
         """Unpadded base64 public key (also the key's id after ``ed25519:``)."""
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
         return _b64(self._private(kind).public_key().public_bytes(Encoding.Raw,
                                                                   PublicFormat.Raw))
 

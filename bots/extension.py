@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.extension import Extension, MigrationSet, Plugin
 
+from .cli import add_announcements_parser, add_bots_parser
+from .store import MIGRATIONS
+from .wiring import build_bots
+
 if TYPE_CHECKING:
     from bridge.root import Root
 
@@ -20,17 +24,11 @@ class BotsExtension(Extension):
     config_sections = ("bots",)
 
     def migrations(self) -> MigrationSet:
-        from .store import MIGRATIONS
-
         return MIGRATIONS
 
     def add_cli(self, sub: Any, common: argparse.ArgumentParser) -> None:
-        from .cli import add_announcements_parser, add_bots_parser
-
         add_announcements_parser(sub, common)
         add_bots_parser(sub, common)
 
     def setup(self, root: Root) -> Plugin | None:
-        from .wiring import build_bots
-
         return build_bots(root)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bridge.store import AuditRecord
 
@@ -95,8 +98,6 @@ class Waker:
     an :class:`asyncio.Event`."""
 
     def __init__(self, clock_ms: Callable[[], int], poll_seconds: float, name: str):
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
         self.clock_ms = clock_ms
         self.poll_seconds = poll_seconds
         self.name = name
@@ -121,8 +122,6 @@ class Waker:
         """Wake at ``when_ms`` (by the injected clock) unless an earlier wake comes."""
         if when_ms is None or not self._scheduler.running:
             return
-        import datetime as dt
-
         delay = max(0.0, (when_ms - self.clock_ms()) / 1000)
         run = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
         self._scheduler.add_job(self._timer, "date", run_date=run, id=f"{self.name}-at",

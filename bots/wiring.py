@@ -22,6 +22,7 @@ from .actions import BotMessage, bot_message_applier
 from .announcements.bot import AnnouncementBot
 from .announcements.webhooks import Webhooks
 from .bot import Bot
+from .crypto import EncryptedSender, EncryptedSenders
 from .jobs import cancel_quietly
 from .onboarding import OnboardingBot
 from .sending import PlainSender, RoomEncryption, RoomSender, RoutingSender
@@ -84,8 +85,6 @@ def _encryption(svc: Services, cfg: Any
     """One E2EE device per bot (keys under ``bots.encryption.store_dir``), the sender that
     picks the device of the sending bot, a decrypt hook for commands in encrypted rooms, and
     a join hook that gives a new member the keys of messages sent while they were invited."""
-    from .crypto import EncryptedSender, EncryptedSenders
-
     conf = svc.config
     root = svc.loaded.resolve(cfg.encryption.store_dir)
     devices: dict[str, EncryptedSender] = {}
@@ -125,15 +124,16 @@ def build_bots(svc: Services, *, encrypted_sender: RoomSender | None = None,
     bsvc = build_bot_services(svc, encrypted_sender=encrypted_sender, decrypt=decrypt,
                               member_joined=member_joined)
     svc.executor.register(BotMessage, bot_message_applier(bsvc.sender))
-    runtime = BotsRuntime(bsvc)
+    ann: AnnouncementBot | None = None
+    webhooks: Webhooks | None = None
     if cfg.announcements is not None:
         ann = AnnouncementBot(bsvc, cfg.announcements)
         ann.register_actions()
-        runtime.announcements = ann
         if cfg.announcements.webhooks:
-            runtime.webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
-    if cfg.onboarding is not None:
-        runtime.onboarding = OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
+            webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
+    onboarding = (OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
+                  if cfg.onboarding is not None else None)
+    runtime = BotsRuntime(bsvc, announcements=ann, onboarding=onboarding, webhooks=webhooks)
 
     def mount(app: web.Application) -> None:
         if runtime.webhooks is not None:

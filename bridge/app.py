@@ -11,8 +11,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from .config import LoadedConfig, Secret
+from .config import ConfigError, LoadedConfig, Secret, load_config
 from .extension import Extension, ScheduledJob
 from .kernel.retry import RECONNECT
 from .matrix.appservice import AppserviceAPI, json_errors
@@ -117,8 +118,6 @@ SERVICES = web.AppKey("services", Services)
 def reload_policy(svc: Services) -> tuple[bool, str]:
     """Re-read the config file and use its ``policy:`` and ``retention:`` sections; a file
     that fails validation is refused and the running policy stays."""
-    from .config import ConfigError, load_config
-
     if svc.loaded.path is None:
         return False, "the running configuration did not come from a file"
     try:
@@ -221,8 +220,6 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
         if minutes <= 0 and not at_start:
             yield
             return
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
         scheduler = AsyncIOScheduler()
         tasks: set[asyncio.Task[None]] = set()
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from bridge.config.bots import AnnouncementsConfig
 from bridge.kernel.membership import memberships
+from bridge.kernel.relations import reply_relation
 from bridge.kernel.timestamps import local_datetime
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.matrix.executor import txn_id_for
@@ -428,7 +429,7 @@ class FanOut:
         room = await self.bot.ensure_dm(user)
         extra: dict[str, Any] = {}
         if reply_to[1] is not None and reply_to[0] == room:
-            extra["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to[1]}}
+            extra["m.relates_to"] = reply_relation(reply_to[1])
         # recorded only after the send, with nothing marking it begun: always read back
         # (a DM, the bot's own: one short read)
         eid = await self.svc.sender.send(room, message_content(markdown, extra=extra),

@@ -240,7 +240,7 @@ class EncryptedDevice:
                 await asyncio.sleep(delay)
 
     async def _open_device(self) -> None:
-        import nio
+        import nio  # heavy (~0.3 s): paid only when a bot encrypts
 
         self.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):
@@ -321,7 +321,7 @@ class EncryptedDevice:
         nio_client.olm.account.shared = False
 
     async def _sync_once(self, timeout_ms: int) -> None:
-        import nio
+        import nio  # heavy (~0.3 s): paid only when a bot encrypts
 
         c = self._nio
         resp = await c.sync(timeout=timeout_ms, sync_filter=SYNC_FILTER)
@@ -341,7 +341,7 @@ class EncryptedDevice:
         self.syncs += 1
 
     async def _query_keys(self) -> None:
-        import nio
+        import nio  # heavy (~0.3 s): paid only when a bot encrypts
 
         async with self._keys_lock:
             if not self._nio.should_query_keys:

@@ -7,6 +7,9 @@ import asyncio
 from typing import Any
 
 import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
 
 from ..directory.sync import SyncRefused, SyncResult
 from ..kernel.ids import localpart_of
@@ -16,11 +19,6 @@ from .kit import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, _er
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Table
-
-
     if args.user and args.apply:
         _err("enclave sync: --user explains a plan; use it with --plan")
         return EXIT_USAGE

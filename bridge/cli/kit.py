@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from rich.console import Console
+from rich.table import Table
 
 from ..config import LoadedConfig, check_secrets, load_config
 from ..kernel.durations import parse_ago_ms
@@ -78,9 +80,6 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], title:
         for r in rows:
             sys.stdout.write(orjson.dumps(r).decode() + "\n")
         return
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     for c in columns:
         table.add_column(c)

@@ -13,7 +13,7 @@ import orjson
 from ..kernel.durations import format_duration_ms
 from ..retention.export import ExportRequest, export_archive
 from ..retention.holds import HoldCheckFailed, UnknownHoldSubjects
-from ..root import Root, wall_clock_ms
+from ..root import Root
 from ..store.base import HoldRecord
 from .kit import (
     EXIT_CONFIG,
@@ -130,7 +130,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
                 rooms=tuple(args.room or ()),
                 since_ms=parse_time(args.since) if args.since else None,
                 until_ms=parse_time(args.until) if args.until else None,
-                created_at=wall_clock_ms())
+                created_at=root.clock_ms())
             try:
                 placed = await svc.add_hold(rec)
             except HoldCheckFailed as e:
@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             until_ms=parse_time(args.until) if args.until else None,
             hold_id=args.hold, formats=formats)
         report = await export_archive(archive, store.archive, store.holds, store.directory,
-                                      Path(args.out), req)
+                                      Path(args.out), req, clock_ms=root.clock_ms)
         print(f"exported {report.events} events of {report.rooms} rooms and {report.media} "
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK

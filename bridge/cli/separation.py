@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import orjson
+from rich.console import Console
 
 from ..policy.separation import RoomFacts
 from ..root import Root
@@ -14,8 +15,6 @@ from .kit import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load
 
 
 def cmd_separation(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     loaded, secrets = _load(args)
     if loaded.config.policy is None:
         _err("enclave separation: the configuration has no policy: section")
@@ -57,7 +56,6 @@ def cmd_separation(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-
     loaded, secrets = _load(args)
     if loaded.config.policy is None:
         _err("enclave explain: the configuration has no policy: section")

@@ -8,9 +8,12 @@ import asyncio
 import gc
 import signal
 import sys
+import urllib.error
+import urllib.request
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from ..app import SERVICES, build_app, reload_policy
 from ..logs import setup_logging
@@ -18,9 +21,6 @@ from .kit import EXIT_ERROR, EXIT_OK, _err, _load
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-
     loaded, secrets = _load(args)
     cfg = loaded.config
     setup_logging(cfg.logging.level, cfg.logging.format, [s.get() for s in secrets.values()])
@@ -53,9 +53,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    import urllib.error
-    import urllib.request
-
     loaded, secrets = _load(args)
     cfg = loaded.config
     host = "127.0.0.1" if cfg.appservice.bind_host in ("0.0.0.0", "::") else \

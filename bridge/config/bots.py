@@ -13,6 +13,7 @@ import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from ..kernel.durations import parse_duration_seconds
@@ -95,8 +96,6 @@ class ScheduleConfig(StrictModel):
     def _cron(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from apscheduler.triggers.cron import CronTrigger
-
         try:
             CronTrigger.from_crontab(v, timezone="UTC")
         except ValueError as e:

@@ -32,6 +32,11 @@ def reply_to(event: Mapping[str, Any]) -> str | None:
     return _str(irt.get("event_id")) if isinstance(irt, Mapping) else None
 
 
+def reply_relation(event_id: str) -> dict[str, Any]:
+    """The ``m.relates_to`` of a reply to ``event_id`` (what :func:`reply_to` reads back)."""
+    return {"m.in_reply_to": {"event_id": event_id}}
+
+
 def is_thread_fallback(event: Mapping[str, Any]) -> bool:
     """True when ``m.in_reply_to`` is only a thread's fallback for clients without threads
     (``is_falling_back``), not a reply the sender chose."""

@@ -38,9 +38,10 @@ class Outcome:
     detail: str
 
 
-def txn_id_for(key: str) -> str:
-    """A stable client transaction id: a resend after a crash is deduplicated by Synapse."""
-    return "enclave." + hashlib.sha256(key.encode()).hexdigest()[:32]
+def txn_id_for(key: str, prefix: str = "enclave.") -> str:
+    """A stable client transaction id: a resend after a crash is deduplicated by Synapse.
+    ``prefix`` tells the kinds apart (separation's notices: ``enclave-notice-``)."""
+    return prefix + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _already_done(action: Action, e: MatrixRequestError) -> bool:

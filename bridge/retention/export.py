@@ -26,7 +26,6 @@ import hashlib
 import mimetypes
 import re
 import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
@@ -395,7 +394,7 @@ async def export_archive(
     out_dir: Path,
     req: ExportRequest,
     *,
-    clock_ms: Callable[[], int] | None = None,
+    clock_ms: Callable[[], int],
 ) -> ExportReport:
     """Export the selected archived events to ``out_dir`` (which must be empty or absent).
 
@@ -409,7 +408,7 @@ async def export_archive(
     unknown = set(req.formats) - FORMATS
     if unknown or not req.formats:
         raise ValueError(f"unknown export formats {sorted(unknown)}; use {sorted(FORMATS)}")
-    now = clock_ms() if clock_ms is not None else int(time.time() * 1000)
+    now = clock_ms()
     sel = await resolve_selection(holds, req)
     files = _Files(out_dir)
     await asyncio.to_thread(files.check_empty)

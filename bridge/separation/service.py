@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import secrets
@@ -17,7 +16,7 @@ from typing import Any
 from ..config.policy import PolicyConfig
 from ..gate.protocol import GateAnswer, GateRequest, GateRoom, thaw
 from ..matrix.client import MatrixClient, MatrixRequestError
-from ..matrix.executor import Executor, Outcome
+from ..matrix.executor import Executor, Outcome, txn_id_for
 from ..metrics import Metrics
 from ..policy.actions import Action
 from ..policy.resend import ACTION_KEY
@@ -410,7 +409,7 @@ class SeparationService:
             # after the send, and any action with this once-key may be the one that sent
             # it before a crash: the DM (small, the bot's own) is read back every time, so a
             # homeserver restart in between does not tell twice
-            txn = "enclave-notice-" + hashlib.sha256(a.once_key.encode()).hexdigest()[:32]
+            txn = txn_id_for(a.once_key, prefix="enclave-notice-")
             content = {"msgtype": "m.notice", "body": a.body, ACTION_KEY: txn}
             eid = await self.executor.read_back.send_once(
                 room, "m.room.message", txn, self.bot_user_id, True,

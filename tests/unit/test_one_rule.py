@@ -32,6 +32,7 @@ COPIES = [
     ("creators of a room", r'\.get\("additional_creators"\)',
      {"bridge/kernel/power.py", "bridge/gate/module.py"}),
     ("m.in_reply_to reading", r'\.get\("m\.in_reply_to"\)', {"bridge/kernel/relations.py"}),
+    ("m.in_reply_to writing", r'\{"m\.in_reply_to":', {"bridge/kernel/relations.py"}),
     # a user's level read straight from the users map (no users_default, no v12 creators):
     # kernel.power.user_level / user_level_in_state
     ("power level of a user", r'users\.get\([^)]*,\s*0\)', set()),

@@ -39,7 +39,7 @@ class LdapSession:
         self.phase = "starting"
 
     def _tls(self) -> Any:
-        import ldap3
+        import ldap3  # imported where used: only an LDAP source pays for it
 
         c = self.config
         if not (c.start_tls or c.url.startswith("ldaps://")):
@@ -51,7 +51,7 @@ class LdapSession:
                          ca_certs_file=str(ca) if ca is not None else None)
 
     def connect(self) -> None:
-        import ldap3
+        import ldap3  # imported where used: only an LDAP source pays for it
 
         c = self.config
         server = ldap3.Server(c.url, use_ssl=c.url.startswith("ldaps://"), tls=self._tls(),
@@ -77,7 +77,7 @@ class LdapSession:
     def paged(self, search: LdapSearchConfig, filt: str, attributes: list[str], *,
               label: str, hook: bool = False) -> Iterator[tuple[str, dict[str, list[Any]]]]:
         """Every entry of a paged search (raw attribute values)."""
-        import ldap3
+        import ldap3  # imported where used: only an LDAP source pays for it
 
         scope = {"base": ldap3.BASE, "one": ldap3.LEVEL, "sub": ldap3.SUBTREE}[search.scope]
         cookie: bytes | None = None
@@ -118,7 +118,7 @@ class LdapSession:
                              + (f": {message}" if message else ""))
 
     def base(self, dn: str, attributes: list[str]) -> dict[str, list[Any]] | None:
-        import ldap3
+        import ldap3  # imported where used: only an LDAP source pays for it
         from ldap3.core.exceptions import LDAPNoSuchObjectResult
 
         try:
@@ -155,7 +155,7 @@ class LdapSession:
 
     def highest_usn(self) -> str | None:
         """AD rootDSE ``highestCommittedUSN`` (read before the search it marks)."""
-        import ldap3
+        import ldap3  # imported where used: only an LDAP source pays for it
 
         self.phase = "reading highestCommittedUSN from the rootDSE"
         self.conn.search("", "(objectClass=*)", search_scope=ldap3.BASE,

@@ -12,6 +12,7 @@ from bridge.kernel.relations import (
     is_redacted,
     is_thread_fallback,
     redaction_target,
+    reply_relation,
     reply_to,
     strip_reply_fallback,
     thread_root,
@@ -102,3 +103,9 @@ def test_bots_and_transcripts_read_a_reply_alike(body: str) -> None:
         assert cmd == ParsedCommand("ack", "")
     else:
         assert cmd is None
+
+
+def test_a_reply_relation_reads_back() -> None:
+    """What the bots write as a reply is what the kernel reads as one."""
+    event = {"content": {"body": "ok", "m.relates_to": reply_relation("$q")}}
+    assert reply_to(event) == "$q"

@@ -580,7 +580,8 @@ async def test_export_is_in_archive_order_not_timestamp_order(
     try:
         await export_mod.export_archive(
             archive, store.archive, store.holds, store.directory, tmp_path / "out",
-            export_mod.ExportRequest(rooms=(ROOM,), formats=frozenset({"jsonl"})))
+            export_mod.ExportRequest(rooms=(ROOM,), formats=frozenset({"jsonl"})),
+            clock_ms=lambda: 1_700_000_000_000)
     finally:
         export_mod.PAGE = old_page
     lines = (tmp_path / "out" / "events.jsonl").read_bytes().splitlines()
