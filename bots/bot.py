@@ -39,6 +39,7 @@ from bridge.kernel.retry import RECONNECT
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.model.people import StaffRecord
 from bridge.policy.actions import Action, Join, Leave
+from bridge.policy.power import is_enclave_user
 from bridge.store import AuditRecord, InboxEvent
 
 from .actions import BotMessage
@@ -101,7 +102,6 @@ class Bot:
         self.dm = dm
         self.localpart = svc.namespace_prefix + identity.localpart
         self.user_id = f"@{self.localpart}:{svc.server_name}"
-        svc.bot_user_ids.add(self.user_id)
         self.name = f"bots.{self.component}"  # the inbox handler name
         self.storage = BotStorage(svc.kv, f"bot.{self.component}", svc.clock_ms)
         self.commands: dict[str, Command] = {}
@@ -159,9 +159,11 @@ class Bot:
 
     # -- the inbox handler ---------------------------------------------------------------
     def is_ours(self, user_id: str) -> bool:
-        """Enclave's own users (bots, the appservice bot): never answered."""
-        return (user_id in self.svc.bot_user_ids or user_id == self.svc.main_bot_user_id
-                or user_id.startswith(f"@{self.svc.namespace_prefix}"))
+        """Enclave's own users (the appservice bot, the admin, every bot in the namespace):
+        never answered, never a recipient (:func:`bridge.policy.power.is_enclave_user`)."""
+        return is_enclave_user(user_id, server_name=self.svc.server_name,
+                               own_users=(self.svc.main_bot_user_id, self.svc.admin_user_id),
+                               namespace_prefix=self.svc.namespace_prefix)
 
     async def __call__(self, event: dict[str, Any], meta: InboxEvent) -> Sequence[Action]:
         return await self.handle(event)

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.matrix.client import MatrixClient
@@ -77,6 +77,8 @@ class BotServices:
     server_name: str
     namespace_prefix: str
     main_bot_user_id: str
+    # Enclave's admin identity (never a recipient, never answered)
+    admin_user_id: str
     # the bots' own tables (announcements), on the same database as the core stores
     announcements: AnnouncementStore
     encrypted_sender: RoomSender | None = None
@@ -86,8 +88,6 @@ class BotServices:
     # (bot user id, room id, user id) when someone joins one of the bot's rooms: the E2EE
     # side sends them the keys of messages sent while they were invited
     member_joined: Callable[[str, str, str], Awaitable[None]] | None = None
-    # every bot's user id, so no bot answers another
-    bot_user_ids: set[str] = field(default_factory=set)
 
     def installation_key(self, key: str) -> str:
         """A send key unique to this database (see Executor.action_key)."""

@@ -75,7 +75,8 @@ def build_bot_services(svc: Services, *, encrypted_sender: RoomSender | None = N
         clock_ms=svc.clock_ms, sender=sender, encryption=encryption,
         directory=StaffDirectory(svc.stores.directory), server_name=cfg.homeserver.server_name,
         namespace_prefix=cfg.appservice.namespace_prefix,
-        main_bot_user_id=cfg.bot_user_id, announcements=AnnouncementStore(svc.database.db),
+        main_bot_user_id=cfg.bot_user_id, admin_user_id=cfg.admin_user_id,
+        announcements=AnnouncementStore(svc.database.db),
         encrypted_sender=encrypted_sender, decrypt=decrypt,
         member_joined=member_joined)
 

@@ -44,7 +44,8 @@ COPIES = [
     ("parts of a Matrix id", r'\[1:\]\.(partition|split)\(":"|\.split\(":", 1\)\[[01]\]',
      {"bridge/kernel/ids.py"}),
     # who is one of Enclave's own users (bot, admin, namespace): policy.power.is_enclave_user
-    ("Enclave's own users", r'startswith\(self\.service_prefix\)', set()),
+    ("Enclave's own users",
+     r'startswith\(self\.service_prefix\)|startswith\(f"@\{[\w.]*namespace_prefix', set()),
     ("placing or releasing a hold", r'\.hold_add\(|\.hold_release\(|validate_hold\(',
      {"bridge/retention/holds.py", "bridge/policy/retention.py"}),
 ]
