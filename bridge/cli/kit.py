@@ -33,11 +33,12 @@ def _load(args: argparse.Namespace, *, secrets: bool = True) -> tuple[LoadedConf
 
 
 async def _with_root(args: argparse.Namespace,
-                     fn: Callable[[Root], Awaitable[int]], *, check: bool = True) -> int:
+                     fn: Callable[[Root], Awaitable[int]], *, check: bool = True,
+                     loaded: tuple[LoadedConfig, dict] | None = None) -> int:
     """Run ``fn`` on a composition root whose store (with the extensions' schemas) is open,
-    its schema checked unless ``check`` is False (``enclave migrate``)."""
-    loaded, secrets = _load(args)
-    root = Root(loaded, secrets)
+    its schema checked unless ``check`` is False (``enclave migrate``). ``loaded``: the
+    config and secrets a command already read (else they are read here)."""
+    root = Root(*(loaded or _load(args)))
     await root.database.open()
     try:
         if check:

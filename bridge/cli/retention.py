@@ -117,7 +117,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 # -- enclave hold -------------------------------------------------------------------------
 def cmd_hold(args: argparse.Namespace) -> int:
-    if _needs_retention(args) is None:
+    got = _needs_retention(args)
+    if got is None:
         return EXIT_CONFIG
 
     async def run(root: Root) -> int:
@@ -164,7 +165,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
         _print_rows(rows, args.format, list(rows[0]) if rows else ["id"], "legal holds")
         return EXIT_OK
 
-    return asyncio.run(_with_root(args, run))
+    return asyncio.run(_with_root(args, run, loaded=got))
 
 
 # -- enclave archive verify ---------------------------------------------------------------
@@ -173,7 +174,6 @@ def cmd_archive(args: argparse.Namespace) -> int:
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
-    _ = got
 
     async def run(root: Root) -> int:
         archive = root.archive
@@ -193,7 +193,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             print("archive OK" if report.ok else "archive FAILED verification")
         return EXIT_OK if report.ok else EXIT_ERROR
 
-    return asyncio.run(_with_root(args, run))
+    return asyncio.run(_with_root(args, run, loaded=got))
 
 
 # -- enclave export -----------------------------------------------------------------------
@@ -201,7 +201,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     got = _needs_retention(args)
     if got is None:
         return EXIT_CONFIG
-    _ = got
     formats = frozenset(f.strip() for f in args.formats.split(",") if f.strip())
     unknown = formats - {"jsonl", "html", "eml"}
     if unknown or not formats:
@@ -232,7 +231,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK
 
-    return asyncio.run(_with_root(args, run))
+    return asyncio.run(_with_root(args, run, loaded=got))
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
