@@ -407,8 +407,12 @@ class InboxProcessor:
         while True:
             pending = await self.outbox.pending_actions(lane, 100)
             for stored in pending:
-                resumed = stored.id <= self._resume_up_to and lane not in self._lanes_resumed
-                self._lanes_resumed.add(lane)
+                # only a lane's first action written before this process began can have
+                # been begun by a crashed one (a lane's actions run one at a time, in order)
+                resumed = False
+                if stored.id <= self._resume_up_to and lane not in self._lanes_resumed:
+                    resumed = True
+                    self._lanes_resumed.add(lane)
                 if not await self.executor.run_stored(stored, max_attempts=self.cfg.max_attempts,
                                                       resumed=resumed):
                     retry_in = backoff_ms(stored.attempts + 1, self.cfg)
