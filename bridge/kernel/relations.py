@@ -55,6 +55,26 @@ def edit_target(event: Mapping[str, Any]) -> str | None:
     return _str(rel.get("event_id")) if rel.get("rel_type") == "m.replace" else None
 
 
+def replacement_problem(original: Mapping[str, Any], edit: Mapping[str, Any]) -> str | None:
+    """Why ``edit`` (an ``m.replace`` of ``original``) is not a valid replacement, or None
+    when it is. The spec's rules ("Validity of replacement events"): same sender and type,
+    neither is a state event, the original is not itself an edit, and an unencrypted edit
+    carries ``m.new_content``. Clients ignore invalid edits; so do the transcript and the
+    export's lineage (which records them as rejected)."""
+    if edit.get("sender") != original.get("sender"):
+        return "not sent by the original sender"
+    if edit.get("type") != original.get("type"):
+        return "not the original's event type"
+    if "state_key" in edit or "state_key" in original:
+        return "a state event"
+    if edit_target(original) is not None:
+        return "the original is itself an edit"
+    if (edit.get("type") != "m.room.encrypted"
+            and not isinstance(content_of(edit).get("m.new_content"), Mapping)):
+        return "no m.new_content"
+    return None
+
+
 def redaction_target(event: Mapping[str, Any]) -> str | None:
     """The event id an ``m.room.redaction`` removes (top level, or content from room v11)."""
     if event.get("type") != "m.room.redaction":

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import orjson
@@ -22,6 +22,7 @@ from ..kernel.relations import (
     is_thread_fallback,
     redaction_target,
     relates_to,
+    replacement_problem,
     reply_to,
     thread_root,
 )
@@ -40,6 +41,9 @@ from .events import (
 )
 from .events import str_or_none as _str
 
+if TYPE_CHECKING:
+    from ..policy.readers import Readers
+
 SNIPPET = 120  # characters of a replied-to message quoted above a reply
 
 
@@ -55,8 +59,10 @@ class _Room:
     """The relations among a room's events, computed once for the transcript."""
 
     def __init__(self, events: Sequence[Mapping[str, Any]],
-                 marks: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> None:
+                 marks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+                 readers: Mapping[str, Readers] | None = None) -> None:
         self.marks = marks or {}
+        self.readers = readers or {}
         self.by_id: dict[str, Mapping[str, Any]] = {}
         for ev in events:
             eid = _str(ev.get("event_id"))
@@ -77,9 +83,9 @@ class _Room:
                 continue  # shown on the message it removed
             target = edit_target(ev)
             original = self.by_id.get(target) if target is not None else None
-            # Clients ignore edits by anyone but the original sender; so does the transcript.
+            # Clients ignore invalid edits (another sender's, ...); so does the transcript.
             if (target is not None and original is not None
-                    and original.get("sender") == ev.get("sender")):
+                    and replacement_problem(original, ev) is None):
                 if eid not in self.redactions:
                     self.edits[target].append(ev)
                 continue
@@ -261,6 +267,14 @@ def _message_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                  "text": text},
                 *({"label": "edit", "time": readable_utc_label(ed.get("origin_server_ts")),
                    "text": plain_text(ed)} for ed in edits[:-1])]
+    if edits and (redaction is not None or is_redacted(event)):
+        # a deleted message's edits are archived too: the whole lineage, latest included
+        view["history"] = [
+            {"label": "original", "time": readable_utc_label(event.get("origin_server_ts")),
+             "text": text},
+            *({"label": "edit", "time": readable_utc_label(ed.get("origin_server_ts")),
+               "text": plain_text(ed)} for ed in edits)]
+    view["readers"] = _readers_view(room.readers.get(eid), names)
     reactions = room.reactions.get(eid)
     if reactions:
         keyed: dict[str, list[str]] = defaultdict(list)
@@ -269,6 +283,24 @@ def _message_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
             keyed[key].append(_who(_str(r.get("sender")), names))
         view["reactions"] = "; ".join(f"{k} {', '.join(v)}" for k, v in keyed.items())
     return view
+
+
+def _readers_view(readers: Readers | None,
+                  names: Mapping[str, str]) -> dict[str, Any] | None:
+    """Who could read a message when it was sent (collapsed in the page)."""
+    if readers is None:
+        return None
+    n = len(readers.could_read)
+    summary = (f"{n} {'person' if n == 1 else 'people'} could read this when it was sent "
+               f"(history visibility {readers.history_visibility})")
+    if readers.anyone:
+        summary += "; world readable: anyone could"
+    elif readers.later_joiners:
+        summary += f"; {len(readers.later_joiners)} more joined later and could read it"
+    return {"summary": summary,
+            "could_read": [_who(u, names) for u in readers.could_read],
+            "invited": [_who(u, names) for u in readers.invited],
+            "later": [_who(u, names) for u in readers.later_joiners]}
 
 
 def _event_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str],
@@ -295,6 +327,7 @@ def render_html(
     until_ms: int | None = None,
     generated_ms: int | None = None,
     marks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    readers: Mapping[str, Readers] | None = None,
 ) -> str:
     """A self-contained HTML transcript of one room's events (given in archive order).
 
@@ -304,8 +337,10 @@ def render_html(
     ``generated_ms`` is passed in (no clock read here) and shown in the header. ``marks``:
     event id -> (kind, text) labels shown on the message (``hold``: under a legal hold,
     ``gone``: no longer on the homeserver). The archived text of deleted messages is shown,
-    not collapsed, so a printout carries it."""
-    room = _Room(events, marks)
+    not collapsed, so a printout carries it. ``readers`` (event id -> who could read it when
+    it was sent, :func:`bridge.policy.readers.replay_readers`) is shown collapsed under
+    each message."""
+    room = _Room(events, marks, readers)
     blocks = [
         {"event": _event_view(ev, room, names, media_href),
          "thread": [_event_view(c, room, names, media_href, in_thread=True)
