@@ -22,7 +22,9 @@ only at copied media files or ``mxc://`` URIs.
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
+import io
 import mimetypes
 import re
 import shutil
@@ -45,6 +47,8 @@ from ..kernel.relations import (
     thread_root,
 )
 from ..kernel.timestamps import iso_utc, utc_datetime
+from ..policy.lineage import Lineage, Redaction, Version, message_lineage
+from ..policy.readers import Readers, replay_readers
 from .events import (
     DELETED_TEXT,
     MESSAGE_TYPES,
@@ -67,7 +71,8 @@ if TYPE_CHECKING:
     from ..store.domains import ArchiveIndexStore, DirectoryStore, HoldStore
     from .archive import ArchiveWriter
 
-FORMATS = frozenset({"jsonl", "html", "eml"})
+FORMATS = frozenset({"jsonl", "html", "eml", "csv"})
+DEFAULT_FORMATS = frozenset({"jsonl", "html", "eml"})
 PAGE = 1000  # index rows per archive_query page (and events per archive.read)
 SUBJECT_WORDS = 8
 SUBJECT_CHARS = 70
@@ -87,7 +92,7 @@ class ExportRequest:
     since_ms: int | None = None
     until_ms: int | None = None
     hold_id: str | None = None
-    formats: frozenset[str] = FORMATS
+    formats: frozenset[str] = DEFAULT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ def render_eml(
     *,
     redaction: Mapping[str, Any] | None = None,
     emails: Mapping[str, str] | None = None,
+    readers: Readers | None = None,
+    edits: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
     """One message as an RFC 5322 mail (CRLF line ends) for mail-ingesting review tools.
 
@@ -185,7 +192,9 @@ def render_eml(
     In-Reply-To/References so mail tools thread them. ``attachment`` is (data, content
     type, file name) of the archived file. ``redaction`` (the event that deleted this one)
     adds a note and a header; the archived text is still included, as the archive kept
-    it."""
+    it. ``readers`` (who could read it when sent) become ``X-Matrix-Readers`` headers;
+    ``edits`` (its valid edits, in order) a count header and an edit history after the
+    text."""
     sender = _str(event.get("sender")) or "@unknown"
     local, domain = _mail_parts(sender)
     room_local, room_domain = _mail_parts(room_id)
@@ -214,7 +223,19 @@ def render_eml(
     msg["X-Matrix-Event-Type"] = _header_text(str(event.get("type")))
     if edit_target(event):
         msg["X-Matrix-Edit-Of"] = _header_text(edit_target(event) or "")
+    if readers is not None:
+        msg["X-Matrix-History-Visibility"] = _header_text(readers.history_visibility)
+        msg["X-Matrix-Readers-Count"] = str(len(readers.could_read))
+        msg["X-Matrix-Readers"] = _header_text(", ".join(readers.could_read)) or "none"
+        if readers.later_joiners:
+            msg["X-Matrix-Later-Readers"] = _header_text(", ".join(readers.later_joiners))
+    if edits:
+        msg["X-Matrix-Edits"] = str(len(edits))
     text = plain_text(event)
+    if edits:
+        text = text.rstrip("\n") + "\n\n[edit history]\n" + "\n".join(
+            f"{iso_utc(ed.get('origin_server_ts'))} edited to: {plain_text(ed)}"
+            for ed in edits)
     if redaction is not None:
         msg["X-Matrix-Redacted-By"] = _header_text(_str(redaction.get("sender")) or "?")
         reason = _str(content_of(redaction).get("reason"))
@@ -233,6 +254,135 @@ def render_eml(
         msg.add_attachment(data, maintype=maintype, subtype=subtype,
                            filename=_header_text(filename) or "attachment")
     return msg.as_bytes()
+
+
+# -- who could read it, and what it was before an edit ----------------------------------
+def readers_record(readers: Readers) -> dict[str, Any]:
+    """The ``readers`` object of a message's JSON Lines record."""
+    return {"history_visibility": readers.history_visibility, "joined": list(readers.joined),
+            "invited": list(readers.invited), "could_read": list(readers.could_read),
+            "anyone": readers.anyone}
+
+
+def _redaction_record(r: Redaction | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {"event_id": r.event_id, "by": r.by, "ts": r.ts, "iso": iso_utc(r.ts),
+            "reason": r.reason}
+
+
+def _version_record(v: Version, by_id: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    ev = by_id.get(v.event_id)
+    out: dict[str, Any] = {"event_id": v.event_id, "sender": v.sender, "ts": v.ts,
+                           "iso": iso_utc(v.ts), "body": plain_text(ev) if ev else None,
+                           "content": dict(v.content)}
+    if v.redaction is not None:
+        out["redaction"] = _redaction_record(v.redaction)
+    if v.rejected is not None:
+        out["rejected"] = v.rejected
+    return out
+
+
+def lineage_record(lineage: Lineage, by_id: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``lineage`` object of a message's JSON Lines record: the original (as archived),
+    each valid edit, the edits clients ignore (with why), the redaction and the text
+    clients show now (none once redacted)."""
+    current = lineage.current
+    cur_ev = by_id.get(current.event_id)
+    return {
+        "original": _version_record(lineage.original, by_id),
+        "edits": [_version_record(v, by_id) for v in lineage.edits],
+        "rejected_edits": [_version_record(v, by_id) for v in lineage.rejected_edits],
+        "redaction": _redaction_record(lineage.redaction),
+        "archived_redacted": lineage.archived_redacted,
+        "current_body": (None if lineage.redaction is not None or cur_ev is None
+                         else plain_text(cur_ev)),
+    }
+
+
+def export_record(event: Mapping[str, Any], room_name: str | None,
+                  readers: Mapping[str, Readers], lineages: Mapping[str, Lineage],
+                  by_id: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One JSON Lines record: the archived event as stored, and for a non-state event the
+    room's name, ``readers`` (who could read it when it was sent), ``could_read_later``
+    (``shared``/``world_readable``: who joined afterwards) and ``lineage`` (a message's
+    original, edits and redaction; for an edit or a redaction, what it changed)."""
+    out = dict(event)
+    eid = _str(event.get("event_id")) or ""
+    r = readers.get(eid)
+    if r is None:
+        return out
+    out["room_name"] = room_name
+    out["readers"] = readers_record(r)
+    out["could_read_later"] = list(r.later_joiners)
+    lin = lineages.get(eid)
+    if lin is not None:
+        out["lineage"] = lineage_record(lin, by_id)
+    elif edit_target(event) is not None:
+        target = edit_target(event) or ""
+        original = lineages.get(target)
+        rejected = (None if original is None else next(
+            (v.rejected for v in original.rejected_edits if v.event_id == eid), None))
+        out["lineage"] = {"edit_of": target, "rejected": rejected,
+                          "original_archived": original is not None}
+    elif redaction_target(event) is not None:
+        out["lineage"] = {"redacts": redaction_target(event)}
+    return out
+
+
+CSV_COLUMNS = (
+    "room_id", "room_name", "event_id", "ts_iso", "sender", "type", "body", "current_body",
+    "history_visibility", "readers_count", "readers", "invited_at_send", "could_read_later",
+    "world_readable", "edits", "rejected_edits", "redacted_by", "redacted_at",
+    "redaction_reason", "attachment",
+)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell a spreadsheet will not run: text starting like a formula (``= + - @``,
+    tab, CR) gets a leading ``'``; None is empty."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_rows(room_id: str, room_name: str | None, events: Sequence[Mapping[str, Any]],
+             readers: Mapping[str, Readers], lineages: Mapping[str, Lineage],
+             by_id: Mapping[str, Mapping[str, Any]],
+             media_rel: Mapping[str, str]) -> list[list[str]]:
+    """One row per message (edits and redactions are columns of the message they change),
+    every cell through :func:`csv_cell`. ``media_rel``: mxc -> the copied file's path."""
+    rows: list[list[str]] = []
+    for ev in events:
+        eid = _str(ev.get("event_id")) or ""
+        lin = lineages.get(eid)
+        if ev.get("type") not in MESSAGE_TYPES or lin is None:
+            continue
+        r = readers.get(eid)
+        cur = by_id.get(lin.current.event_id)
+        red = lin.redaction
+        mxc = attachment_mxc(ev)
+        rows.append([csv_cell(v) for v in (
+            room_id, room_name, eid, iso_utc(ev.get("origin_server_ts")), ev.get("sender"),
+            ev.get("type"), plain_text(ev),
+            None if red is not None or cur is None else plain_text(cur),
+            r.history_visibility if r else None, len(r.could_read) if r else None,
+            "; ".join(r.could_read) if r else None, "; ".join(r.invited) if r else None,
+            "; ".join(r.later_joiners) if r else None,
+            ("yes" if r.anyone else "no") if r else None, len(lin.edits),
+            len(lin.rejected_edits), red.by if red else None,
+            iso_utc(red.ts) if red else None, red.reason if red else None,
+            (media_rel.get(mxc) or mxc) if mxc else None)])
+    return rows
+
+
+def render_csv(rows: Sequence[Sequence[str]]) -> bytes:
+    """The CSV file: a header line then ``rows`` (RFC 4180 quoting, CRLF, UTF-8)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
+    w.writerow(CSV_COLUMNS)
+    w.writerows(rows)
+    return buf.getvalue().encode()
 
 
 def event_marks(room_id: str, rows: Sequence[ArchivedEvent],
@@ -422,27 +572,33 @@ async def export_archive(
     media_copied: dict[str, str] = {}  # sha256 -> relative path
     rooms_meta: list[dict[str, Any]] = []
     jsonl = "events.jsonl"
+    csv_out: list[list[str]] = []
+    subject_rooms: list[dict[str, Any]] = []
     for room_id in [] if sel.empty else room_ids:
         rows = await _rows(index, room_id, senders=senders, since_ms=sel.since_ms,
                            until_ms=sel.until_ms)
         if not rows:
             continue
-        events = await _read(archive, rows)
+        # The whole archived room: names, who could read each message (membership replayed
+        # from the room's start) and each message's edits and redaction, also where they
+        # are outside the selection (another sender, another date).
+        all_events = await _read(archive, await _rows(index, room_id, senders=None,
+                                                      since_ms=None, until_ms=None))
+        by_id = {ev["event_id"]: ev for ev in all_events if isinstance(ev.get("event_id"), str)}
+        events = [by_id[r.event_id] for r in rows if r.event_id in by_id]
         total_events += len(events)
+        names = display_names(all_events)
+        name = room_name(all_events)
+        readers = replay_readers(all_events)
+        lineages = message_lineage(all_events)
         if "jsonl" in req.formats:
-            data = b"".join(orjson.dumps(ev, option=orjson.OPT_SORT_KEYS) + b"\n"
+            data = b"".join(orjson.dumps(export_record(ev, name, readers, lineages, by_id),
+                                         option=orjson.OPT_SORT_KEYS) + b"\n"
                             for ev in events)
             await asyncio.to_thread(files.append, jsonl, data)
 
-        # Names and the room name as the whole archived room knows them.
-        context_rows = [r for r in await _rows(index, room_id, senders=None, since_ms=None,
-                                               until_ms=None)
-                        if r.type in ("m.room.member", "m.room.name", "m.room.canonical_alias")]
-        context = await _read(archive, context_rows)
-        names = display_names(context)
-        name = room_name(context)
-
         media_href: dict[str, str] = {}
+        media_rel: dict[str, str] = {}
         attachments: dict[str, tuple[bytes, str, str]] = {}
         for ev in events:
             mxc = attachment_mxc(ev)
@@ -462,6 +618,7 @@ async def export_archive(
                     continue  # damaged copy: link the mxc URI; `archive verify` reports it
                 media_copied[record.sha256] = rel
             media_href[mxc] = MEDIA_HREF_PREFIX + rel.removeprefix("media/")
+            media_rel[mxc] = rel
             if "eml" in req.formats:
                 data = await asyncio.to_thread(files.read, rel)
                 attachments[mxc] = (data, record.content_type or mimetype
@@ -471,11 +628,12 @@ async def export_archive(
         if "html" in req.formats:
             page = render_html(room_id, name, events, names, media_href,
                                since_ms=sel.since_ms, until_ms=sel.until_ms, generated_ms=now,
-                               marks=event_marks(room_id, rows, active_holds))
+                               marks=event_marks(room_id, rows, active_holds),
+                               readers=readers)
             await asyncio.to_thread(files.write, f"{room_dir}/transcript.html", page.encode())
         if "eml" in req.formats:
             redactions: dict[str, Mapping[str, Any]] = {}
-            for ev in events:
+            for ev in all_events:
                 target = redaction_target(ev)
                 if target is not None:
                     redactions.setdefault(target, ev)
@@ -486,17 +644,37 @@ async def export_archive(
                 n += 1
                 eid = _str(ev.get("event_id")) or ""
                 mxc = attachment_mxc(ev)
+                lin = lineages.get(eid)
                 mail = render_eml(room_id, name, ev, names,
                                   attachments.get(mxc) if mxc else None,
-                                  redaction=redactions.get(eid), emails=emails)
+                                  redaction=redactions.get(eid), emails=emails,
+                                  readers=readers.get(eid),
+                                  edits=[by_id[v.event_id] for v in lin.edits]
+                                  if lin is not None else ())
                 await asyncio.to_thread(
                     files.write, f"{room_dir}/eml/{n:04d}-{safe_name(eid)}.eml", mail)
+        if "csv" in req.formats:
+            csv_out += csv_rows(room_id, name, events, readers, lineages, by_id, media_rel)
+        if sel.users:
+            subject_rooms.append({
+                "room_id": room_id, "name": name,
+                "messages": sum(1 for ev in events if ev.get("type") in MESSAGE_TYPES
+                                and ev.get("event_id") in lineages),
+                "events": len(events), "media": sorted(set(media_rel.values())),
+            })
         rooms_meta.append({
             "room_id": room_id, "name": name, "dir": room_dir, "events": len(events),
             "first_ts": rows[0].ts, "last_ts": rows[-1].ts,
             "purged": sum(1 for r in rows if r.purged_at is not None),
         })
 
+    if "csv" in req.formats:
+        await asyncio.to_thread(files.write, "messages.csv", render_csv(csv_out))
+    if sel.users:
+        # a subject-access bundle: what these people sent, room by room, with the files
+        await asyncio.to_thread(files.write, "subject.json", orjson.dumps(
+            {"users": list(sel.users), "rooms": subject_rooms},
+            option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     if "jsonl" in req.formats:
         await asyncio.to_thread(files.finish, jsonl)
     manifest = {
