@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import secrets as pysecrets
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ from typing import Any
 import orjson
 
 from ..kernel.durations import format_duration_ms
-from ..retention.export import ExportRequest, export_archive
+from ..retention.export import FORMATS, ExportRequest, export_archive
 from ..retention.holds import HoldCheckFailed, UnknownHoldSubjects
 from ..root import Root
-from ..store.base import HoldRecord
+from ..store.base import AuditRecord, HoldRecord
 from .kit import (
     EXIT_CONFIG,
     EXIT_ERROR,
@@ -202,10 +203,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if got is None:
         return EXIT_CONFIG
     formats = frozenset(f.strip() for f in args.formats.split(",") if f.strip())
-    unknown = formats - {"jsonl", "html", "eml"}
+    unknown = formats - FORMATS
     if unknown or not formats:
-        _err(f"enclave export: unknown format(s) {sorted(unknown)}; use jsonl,html,eml")
+        _err(f"enclave export: unknown format(s) {sorted(unknown)}; use "
+             f"{','.join(sorted(FORMATS))}")
         return EXIT_USAGE
+    by = args.by or f"os:{getpass.getuser()}"
+    out_abs = str(Path(args.out).resolve())
 
     async def run(root: Root) -> int:
         store = root.stores
@@ -218,6 +222,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             # like an unknown hold: an empty export would read as "nothing was said"
             _err(f"enclave export: no archived room {', '.join(map(repr, missing))}")
             return EXIT_ERROR
+        for user in args.user or ():
+            if not await store.archive.archive_query(senders=[user], limit=1):
+                # not a refusal: a subject-access request for someone who said nothing
+                # gets its (empty) bundle, but the operator is told
+                print(f"enclave export: {user} sent no archived event", flush=True)
         archive = root.archive
         assert archive is not None  # checked above
         req = ExportRequest(
@@ -225,8 +234,28 @@ def cmd_export(args: argparse.Namespace) -> int:
             since_ms=parse_time(args.since) if args.since else None,
             until_ms=parse_time(args.until) if args.until else None,
             hold_id=args.hold, formats=formats)
-        report = await export_archive(archive, store.archive, store.holds, store.directory,
-                                      Path(args.out), req, clock_ms=root.clock_ms)
+        what = orjson.dumps({
+            "out": out_abs, "rooms": list(req.rooms),
+            "users": list(req.users), "since_ms": req.since_ms, "until_ms": req.until_ms,
+            "hold": req.hold_id, "formats": sorted(formats)}).decode()
+        try:
+            report = await export_archive(archive, store.archive, store.holds,
+                                          store.directory, Path(args.out), req,
+                                          clock_ms=root.clock_ms)
+        except (ValueError, OSError) as e:
+            await store.audit.add_audit(AuditRecord(
+                ts=root.clock_ms(), source="cli", kind="export", outcome="failed", actor=by,
+                rule_id="builtin.export", reason=args.reason, detail=f"{what}: {e}"))
+            _err(f"enclave export: {e}")
+            return EXIT_ERROR
+        # who read the archive, what they took and why: the export itself is audited
+        await store.audit.add_audit(AuditRecord(
+            ts=root.clock_ms(), source="cli", kind="export", outcome="applied", actor=by,
+            user_id=req.users[0] if len(req.users) == 1 else None,
+            room_id=req.rooms[0] if len(req.rooms) == 1 else None,
+            rule_id="builtin.export", reason=args.reason,
+            detail=f"{what}: {report.events} events of {report.rooms} rooms, "
+                   f"{report.media} media files"))
         print(f"exported {report.events} events of {report.rooms} rooms and {report.media} "
               f"media files to {report.out_dir} ({len(report.files)} files)")
         return EXIT_OK
@@ -277,12 +306,17 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(fn=cmd_archive)
 
     s = sub.add_parser("export", parents=[common],
-                       help="eDiscovery export from the archive (JSON Lines, HTML, EML)")
+                       help="eDiscovery export from the archive (JSON Lines, HTML, EML, CSV)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--room", action="append", help="room id (repeatable)")
-    s.add_argument("--user", action="append", help="sender (repeatable)")
+    s.add_argument("--user", action="append",
+                   help="sender (repeatable); a subject-access bundle: their messages and "
+                        "media across rooms, with subject.json")
     s.add_argument("--since")
     s.add_argument("--until")
     s.add_argument("--hold", help="everything a legal hold covers")
-    s.add_argument("--formats", default="jsonl,html,eml", help="comma separated")
+    s.add_argument("--formats", default="jsonl,html,eml",
+                   help="comma separated: jsonl, html, eml, csv")
+    s.add_argument("--by", help="who runs the export (audit log); default: os:<login name>")
+    s.add_argument("--reason", help="why (case, request id), recorded in the audit log")
     s.set_defaults(fn=cmd_export)
