@@ -53,7 +53,7 @@ class Metrics:
             "reconcile) and action kind", ["layer", "kind"], registry=r)
         self.archived_events = Counter(
             "enclave_archived_events", "Events written to the compliance archive by path "
-            "(live, backfill)", ["path"], registry=r)
+            "(live, backfill, snapshot)", ["path"], registry=r)
         self.archived_media = Counter(
             "enclave_archived_media", "Media files copied to the archive by outcome",
             ["outcome"], registry=r)

@@ -487,6 +487,21 @@ class MatrixClient:
             raise
         return body.get("state", [])
 
+    async def admin_event_state(self, room_id: str, event_id: str, *,
+                                admin: str) -> list[dict[str, Any]] | None:
+        """The room's full state at an event (after it), through the admin context API
+        (any room, member or not); None if the server does not know the event."""
+        try:
+            body = await self.request(
+                "GET", f"/_synapse/admin/v1/rooms/{q(room_id)}/context/{q(event_id)}",
+                query={"limit": "0"}, user_id=admin)
+        except MatrixRequestError as e:
+            if e.status in (400, 404):
+                return None
+            raise
+        state = body.get("state")
+        return [ev for ev in state if isinstance(ev, dict)] if isinstance(state, list) else []
+
     async def admin_list_rooms(self, *, admin: str, start: int = 0,
                                limit: int = 500) -> tuple[list[dict[str, Any]], int | None]:
         """One page of every room the server knows (``GET /_synapse/admin/v1/rooms``)."""

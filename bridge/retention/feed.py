@@ -1,6 +1,11 @@
 """The live feed: every event the inbox hands retention goes into the archive (with its
 media) before any other handler sees it; ``m.room.retention`` changes and ``!retention``
-commands go on to the room's retention (:mod:`bridge.retention.rooms`)."""
+commands go on to the room's retention (:mod:`bridge.retention.rooms`).
+
+The first event of a room the archive has not seen is preceded by a snapshot of the room's
+state at that event (marked ``unsigned["org.enclave.snapshot"]``): Enclave may meet a room
+late, and who could read each message is replayed from the archived membership
+(:mod:`bridge.policy.readers`), which must start from the homeserver's truth."""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from ..config.retention import RetentionConfig
 from ..matrix.client import MatrixClient, MatrixRequestError, parse_mxc
 from ..metrics import Metrics
 from ..policy.actions import Action
+from ..policy.readers import SNAPSHOT_KEY
 from ..policy.retention import RETENTION_STATE_TYPE
 from ..store.base import AuditRecord
-from ..store.domains import AuditStore
+from ..store.domains import ArchiveIndexStore, AuditStore
 from .archive import ArchiveWriter
 from .events import media_refs
 from .rooms import RoomRetention
@@ -27,8 +33,11 @@ class ArchiveFeed:
 
     def __init__(self, config: RetentionConfig, *, room_retention: RoomRetention,
                  archive: ArchiveWriter, client: MatrixClient, audit: AuditStore,
-                 metrics: Metrics, clock_ms: Callable[[], int]):
+                 metrics: Metrics, clock_ms: Callable[[], int],
+                 index: ArchiveIndexStore | None = None, admin_user_id: str | None = None):
         self.config = config
+        self.index = index
+        self.admin_user_id = admin_user_id
         self.room_retention = room_retention
         self.archive = archive
         self.client = client
@@ -48,6 +57,8 @@ class ArchiveFeed:
             return []
         if getattr(meta, "kind", "pdu") != "pdu":
             return []
+        if self.index is not None and await self.index.archive_head(room_id) is None:
+            await self.snapshot(room_id, event)
         res = await self.archive.append(room_id, [event])
         self.metrics.archived_events.labels(path="live").inc(res.written)
         await self.copy_media(room_id, [event])
@@ -60,6 +71,48 @@ class ArchiveFeed:
             if isinstance(body, str) and body.startswith("!retention"):
                 actions += await self.room_retention.on_command(room_id, event, body)
         return actions
+
+    async def snapshot(self, room_id: str, first: Mapping[str, Any]) -> int:
+        """Archive the room's state at ``first`` (the first event of the room the archive
+        sees) before it, each event marked as a snapshot; returns events written.
+
+        A room's ``m.room.create`` needs none (nothing came before it). A homeserver outage
+        raises (the inbox retries the event); a refusal is logged and audited, and the room
+        is archived without the snapshot (its readers then start from what was archived)."""
+        eid = first.get("event_id")
+        if self.admin_user_id is None or first.get("type") == "m.room.create" or not isinstance(
+                eid, str):
+            return 0
+        try:
+            state = await self.client.admin_event_state(room_id, eid, admin=self.admin_user_id)
+        except MatrixRequestError as e:
+            state, why = None, str(e)
+        else:
+            why = "the homeserver does not know the event"
+        if state is None:
+            log.warning("no state snapshot of %s at %s: %s", room_id, eid, why)
+            await self.audit.add_audit(AuditRecord(
+                ts=self.clock_ms(), source="retention", kind="archive_snapshot",
+                outcome="failed", room_id=room_id, rule_id="builtin.archive",
+                reason="the room's state could not be read", detail=f"{eid}: {why}"))
+            return 0
+        snap: list[dict[str, Any]] = []
+        for ev in state:
+            if not isinstance(ev.get("event_id"), str) or ev.get("event_id") == eid:
+                continue
+            ev = dict(ev)
+            ev.setdefault("room_id", room_id)
+            unsigned = dict(ev.get("unsigned") or {})
+            unsigned[SNAPSHOT_KEY] = {"at": eid}
+            ev["unsigned"] = unsigned
+            snap.append(ev)
+        # the create event first, as in the room; the rest in the server's order
+        snap.sort(key=lambda ev: ev.get("type") != "m.room.create")
+        if not snap:
+            return 0
+        res = await self.archive.append(room_id, snap)
+        self.metrics.archived_events.labels(path="snapshot").inc(res.written)
+        return res.written
 
     async def copy_media(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> int:
         """Copy media the events refer to into the archive; returns files copied.

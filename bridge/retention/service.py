@@ -112,7 +112,7 @@ class RetentionService:
         self.feed = ArchiveFeed(
             config, room_retention=self.room_retention, archive=self.archive,
             client=self.client, audit=self.audit, metrics=self.metrics,
-            clock_ms=self.clock_ms)
+            clock_ms=self.clock_ms, index=self.index, admin_user_id=self.admin_user_id)
         self.redactor = DeferredRedactor(
             users=self.users, room_retention=self.room_retention, index=self.index,
             kv=self.kv, audit=self.audit, executor=self.executor, clock_ms=self.clock_ms)

@@ -12,6 +12,7 @@ from bridge.kernel.relations import (
     is_redacted,
     is_thread_fallback,
     redaction_target,
+    replacement_problem,
     reply_relation,
     reply_to,
     strip_reply_fallback,
@@ -109,3 +110,28 @@ def test_a_reply_relation_reads_back() -> None:
     """What the bots write as a reply is what the kernel reads as one."""
     event = {"content": {"body": "ok", "m.relates_to": reply_relation("$q")}}
     assert reply_to(event) == "$q"
+
+
+def _m(sender: str, **content: Any) -> dict[str, Any]:
+    return {"type": "m.room.message", "sender": sender, "content": content}
+
+
+_EDIT = {"m.relates_to": {"rel_type": "m.replace", "event_id": "$o"},
+         "m.new_content": {"body": "new"}}
+
+
+@pytest.mark.parametrize("original,edit,problem", [
+    (_m("@a"), _m("@a", **_EDIT), None),
+    (_m("@a"), _m("@b", **_EDIT), "not sent by the original sender"),
+    (_m("@a"), {**_m("@a", **_EDIT), "type": "m.sticker"}, "not the original's event type"),
+    ({**_m("@a"), "state_key": ""}, _m("@a", **_EDIT), "a state event"),
+    (_m("@a", **{"m.relates_to": {"rel_type": "m.replace", "event_id": "$x"}}),
+     _m("@a", **_EDIT), "the original is itself an edit"),
+    (_m("@a"), _m("@a", **{"m.relates_to": _EDIT["m.relates_to"]}), "no m.new_content"),
+    ({"type": "m.room.encrypted", "sender": "@a", "content": {}},
+     {"type": "m.room.encrypted", "sender": "@a",
+      "content": {"m.relates_to": _EDIT["m.relates_to"]}}, None),
+])
+def test_replacement_problem(original: dict[str, Any], edit: dict[str, Any],
+                             problem: str | None) -> None:
+    assert replacement_problem(original, edit) == problem
