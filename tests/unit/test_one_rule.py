@@ -46,6 +46,10 @@ COPIES = [
     # who is one of Enclave's own users (bot, admin, namespace): policy.power.is_enclave_user
     ("Enclave's own users",
      r'startswith\(self\.service_prefix\)|startswith\(f"@\{[\w.]*namespace_prefix', set()),
+    # which edits count (m.replace by the original sender, same type, ...): the transcript
+    # and the export's lineage both call kernel.relations.replacement_problem
+    ("validity of an edit", r'def _?replacement_problem|original\.get\("sender"\) ==',
+     {"bridge/kernel/relations.py"}),
     ("placing or releasing a hold", r'\.hold_add\(|\.hold_release\(|validate_hold\(',
      {"bridge/retention/holds.py", "bridge/policy/retention.py"}),
 ]
