@@ -172,6 +172,16 @@ def _subject(room_label: str, event: Mapping[str, Any]) -> str:
     return f"{_header_text(room_label)}: {first or '(no text)'}"
 
 
+EML_READERS_LISTED = 100  # a header of thousands of ids helps nobody; events.jsonl has all
+
+
+def _listed(users: Sequence[str]) -> str:
+    text = ", ".join(users[:EML_READERS_LISTED])
+    if len(users) > EML_READERS_LISTED:
+        text += f", and {len(users) - EML_READERS_LISTED} more (see events.jsonl)"
+    return _header_text(text)
+
+
 def render_eml(
     room_id: str,
     room_name: str | None,
@@ -226,9 +236,9 @@ def render_eml(
     if readers is not None:
         msg["X-Matrix-History-Visibility"] = _header_text(readers.history_visibility)
         msg["X-Matrix-Readers-Count"] = str(len(readers.could_read))
-        msg["X-Matrix-Readers"] = _header_text(", ".join(readers.could_read)) or "none"
+        msg["X-Matrix-Readers"] = _listed(readers.could_read) or "none"
         if readers.later_joiners:
-            msg["X-Matrix-Later-Readers"] = _header_text(", ".join(readers.later_joiners))
+            msg["X-Matrix-Later-Readers"] = _listed(readers.later_joiners)
     if edits:
         msg["X-Matrix-Edits"] = str(len(edits))
     text = plain_text(event)

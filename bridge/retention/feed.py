@@ -38,6 +38,7 @@ class ArchiveFeed:
         self.config = config
         self.index = index
         self.admin_user_id = admin_user_id
+        self._archived_rooms: set[str] = set()  # rooms known to have an archive head
         self.room_retention = room_retention
         self.archive = archive
         self.client = client
@@ -57,9 +58,12 @@ class ArchiveFeed:
             return []
         if getattr(meta, "kind", "pdu") != "pdu":
             return []
-        if self.index is not None and await self.index.archive_head(room_id) is None:
-            await self.snapshot(room_id, event)
+        if self.index is not None and room_id not in self._archived_rooms:
+            # one index read per room and process, not per event
+            if await self.index.archive_head(room_id) is None:
+                await self.snapshot(room_id, event)
         res = await self.archive.append(room_id, [event])
+        self._archived_rooms.add(room_id)
         self.metrics.archived_events.labels(path="live").inc(res.written)
         await self.copy_media(room_id, [event])
         actions: list[Action] = []

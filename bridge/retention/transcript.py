@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from ..policy.readers import Readers
 
 SNIPPET = 120  # characters of a replied-to message quoted above a reply
+# names listed per message (a big room would repeat thousands under every message; the
+# full lists are in events.jsonl and messages.csv)
+READERS_LISTED = 50
 
 
 @cache
@@ -297,10 +300,14 @@ def _readers_view(readers: Readers | None,
         summary += "; world readable: anyone could"
     elif readers.later_joiners:
         summary += f"; {len(readers.later_joiners)} more joined later and could read it"
-    return {"summary": summary,
-            "could_read": [_who(u, names) for u in readers.could_read],
-            "invited": [_who(u, names) for u in readers.invited],
-            "later": [_who(u, names) for u in readers.later_joiners]}
+    def listed(users: Sequence[str]) -> list[str]:
+        out = [_who(u, names) for u in users[:READERS_LISTED]]
+        if len(users) > READERS_LISTED:
+            out.append(f"and {len(users) - READERS_LISTED} more (see events.jsonl)")
+        return out
+
+    return {"summary": summary, "could_read": listed(readers.could_read),
+            "invited": listed(readers.invited), "later": listed(readers.later_joiners)}
 
 
 def _event_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str],

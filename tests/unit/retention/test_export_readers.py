@@ -187,3 +187,19 @@ async def test_unknown_format_refused(tmp_path: Path, store: Stores) -> None:
         await export_archive(archive, store.archive, store.holds, store.directory,
                              tmp_path / "o", ExportRequest(formats=frozenset({"xls"})),
                              clock_ms=lambda: T0)
+
+
+def test_big_rooms_list_a_bounded_number_of_readers_in_html_and_eml() -> None:
+    people = [f"@p{i:04d}:corp.example.com" for i in range(300)]
+    events = [member(u, "join", i) for i, u in enumerate(people)]
+    events.append(text("$big", people[0], "to everyone", 1000))
+    readers = replay_readers(events)
+    assert len(readers["$big"].could_read) == 300
+    page = render_html(ROOM, "Big", events, {}, {}, readers=readers)
+    assert "300 people could read this" in page and "and 250 more (see events.jsonl)" in page
+    assert people[49] in page and people[299] not in page.split("could read this")[1]
+    mail = email.message_from_bytes(render_eml(ROOM, "Big", events[-1], {}, None,
+                                               readers=readers["$big"]),
+                                    policy=email_policy.default)
+    assert mail["X-Matrix-Readers-Count"] == "300"
+    assert mail["X-Matrix-Readers"].endswith("and 200 more (see events.jsonl)")
