@@ -5,7 +5,8 @@ In one room people join, leave, are invited, kicked and banned, the history visi
 from ``shared`` to ``joined`` and back, a message is edited twice (and one edit is forged
 by someone else), one is redacted by a moderator. The export's ``readers`` of every message
 are compared with the homeserver's own state at that event (the admin context API): the
-server is the oracle, not Enclave's replay. Then the lineage, the CSV parsed back, the
+server is the oracle, not Enclave's replay; so is its visibility filter (who may fetch each
+event now, as each of the seven people). Then the lineage, the CSV parsed back, the
 ``--user`` subject-access bundle across two rooms with its media, and the audit record.
 """
 
@@ -226,6 +227,23 @@ async def test_readers_and_lineage_match_the_homeserver(s: Setup) -> None:
                                                       u("frank")}
     assert set(recs[m["m3"]]["could_read_later"]) == {u("carol"), u("erin"), u("frank")}
     assert recs[m["m4"]]["could_read_later"] == [] and recs[m["m7"]]["could_read_later"] == []
+
+    # and Synapse's own visibility filter: whoever the server lets fetch an event now is
+    # among those the export says could read it (then or later); for the people still in
+    # the room it is exactly them
+    current = {u(n) for n in ("alice", "mod", "carol", "frank")}
+    for eid, rec in recs.items():
+        if "state_key" in rec:
+            continue
+        got = rec["readers"]
+        could = set(got["could_read"]) | set(rec["could_read_later"])
+        for name in NAMES:
+            resp = await s.people[name].room_get_event(room, eid)
+            visible = isinstance(resp, nio.RoomGetEventResponse)
+            if visible:
+                assert u(name) in could or got["anyone"], (name, eid, rec.get("content"))
+            if u(name) in current:
+                assert visible == (u(name) in could), (name, eid, rec.get("content"))
 
     # lineage: the original, both edits in order, the forged one rejected, the redaction
     lin = recs[m["m4"]]["lineage"]
