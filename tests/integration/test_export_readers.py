@@ -342,6 +342,12 @@ async def test_subject_access_bundle_across_rooms(s: Setup) -> None:
     assert {row["room_name"] for row in rows} >= {"Team", "Alice notes"}
     assert {row["sender"] for row in rows} == {"'" + s.uid("alice")}
 
+    r = await s.enclave.cli("audit", "--user", s.uid("alice"), "--rule", "builtin.export",
+                            "--format", "json")
+    audits = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert [(a["actor"], a["kind"], a["outcome"]) for a in audits] == [
+        ("dpo@corp", "export", "applied")], r.stdout + r.stderr
+
     # someone who never said anything is told (and gets an empty bundle)
     r = await s.enclave.cli("export", "--user", "@nobody:" + s.stack.server_name, "--out",
                             str(s.base / "export-nobody"), "--formats", "jsonl")
