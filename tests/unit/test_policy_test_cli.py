@@ -76,7 +76,7 @@ def test_a_wrong_expectation_fails_with_a_readable_diff(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = write(tmp_path, WRONG)
     rc, out, err = run(capsys, str(p))
-    assert rc == 1
+    assert (rc, err) == (1, "")
     assert "FAIL case 1: research may talk to trading (wrong)" in out
     assert f"({p}, line 12)" in out  # the case's line in the case file
     lines = out.splitlines()
@@ -184,7 +184,7 @@ cases:
 
 def test_the_runner_answers_like_the_policy_and_caches_per_time() -> None:
     loaded = load_config(EXAMPLE)
-    cases, lines = parse_yaml_model(PolicyCases, SAMPLE.read_text())
+    cases, _ = parse_yaml_model(PolicyCases, SAMPLE.read_text())
     cfg = loaded.config
     runner = CaseRunner(cfg.policy, server_name=S,
                         service_users=[cfg.bot_user_id, cfg.admin_user_id],
