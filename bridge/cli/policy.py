@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import orjson
 
 from ..config import ConfigError, LoadedConfig, check_secrets, load_config
 from ..config.directory import MappingConfig
-from ..config.loader import parse_yaml_model
+from ..config.loader import parse_yaml_model, yaml_lines
 from ..config.policy import PolicyConfig
 from ..config.policy_cases import PolicyCases
 from ..directory.file_source import FileSource
@@ -56,10 +57,11 @@ def _where(loaded: LoadedConfig, path: str) -> str:
 
 
 def run_policy_test(config_path: str, cases_path: str, *, now_ms: int | None = None,
-                    ) -> tuple[LoadedConfig, list[CaseResult]]:
+                    all_lines: bool = False) -> tuple[LoadedConfig, list[CaseResult]]:
     """Load the config and the case file (strictly) and run every case; raises
     :class:`ConfigError` (config, case file), :class:`DirectoryError` or
-    :class:`CaseInputError` for bad input."""
+    :class:`CaseInputError` for bad input. Each failed case (every case with
+    ``all_lines``) carries its line in the case file."""
     loaded = load_config(config_path)
     cfg = loaded.config
     if cfg.policy is None:
@@ -69,8 +71,9 @@ def run_policy_test(config_path: str, cases_path: str, *, now_ms: int | None = N
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"in {p}", [f"cannot read the file: {e}"], what="case file") from None
-    cases, lines = parse_yaml_model(PolicyCases, text, source=str(p), what="keys",
-                                    file_kind="case file")
+    # the lines of a big file cost more than running it: read only when a case fails
+    cases, _ = parse_yaml_model(PolicyCases, text, source=str(p), what="keys",
+                                file_kind="case file", with_lines=False)
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     directory = (_directory(loaded, p.resolve().parent / cases.directory, now)
                  if cases.directory else [])
@@ -78,8 +81,12 @@ def run_policy_test(config_path: str, cases_path: str, *, now_ms: int | None = N
                         service_users=[cfg.bot_user_id, cfg.admin_user_id],
                         service_prefix=cfg.appservice.namespace_prefix,
                         directory=directory, people=cases.people, now_ms=now)
-    case_lines = {k[1]: v for k, v in lines.items() if len(k) == 2 and k[0] == "cases"}
-    return loaded, runner.run(cases, case_lines)
+    results = runner.run(cases)
+    if all_lines or not all(r.passed for r in results):
+        case_lines = {k[1]: v for k, v in yaml_lines(text).items()
+                      if len(k) == 2 and k[0] == "cases"}
+        results = [replace(r, line=case_lines.get(r.index)) for r in results]
+    return loaded, results
 
 
 def _failure_text(loaded: LoadedConfig, cases_path: str, r: CaseResult) -> str:
@@ -98,7 +105,7 @@ def _failure_text(loaded: LoadedConfig, cases_path: str, r: CaseResult) -> str:
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
     try:
-        loaded, results = run_policy_test(args.config, args.cases)
+        loaded, results = run_policy_test(args.config, args.cases, all_lines=args.verbose)
     except ConfigError as e:
         _err(str(e))
         return EXIT_BAD_INPUT
