@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from ..model.people import DirectoryError, StaffRecord
 from ..policy.cases import ACTIONS, CaseInputError, CaseResult, CaseRunner
 from ..policy.mapping import map_people
 from ..policy.policy_diff import PolicyDiff, diff_policies, named_users
+from ..policy.power import is_enclave_user
 from ..policy.retention import RetentionPolicy
-from ..root import Root
+from ..root import Root, wall_clock_ms
 from .kit import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err
 
 # `enclave policy test`: 0 every case passed, 1 a case failed, 2 bad input (the case file,
@@ -43,11 +43,16 @@ def _directory(loaded: LoadedConfig, path: Path, now_ms: int) -> list[StaffRecor
     cfg = loaded.config
     snapshot = FileSource(path).read_sync()
     mapping = cfg.directory.mapping if cfg.directory is not None else MappingConfig()
-    reserved = {cfg.appservice.bot_localpart, cfg.appservice.admin_localpart}
-    prefix = cfg.appservice.namespace_prefix
-    result = map_people(snapshot.people.values(), mapping, cfg.homeserver.server_name,
-                        known={}, reserved=lambda lp: lp in reserved or lp.startswith(prefix),
-                        reserved_names=reserved)
+    server = cfg.homeserver.server_name
+
+    def reserved(localpart: str) -> bool:  # Enclave's own users, as the sync reserves them
+        return is_enclave_user(f"@{localpart}:{server}", server_name=server,
+                               own_users=(cfg.bot_user_id, cfg.admin_user_id),
+                               namespace_prefix=cfg.appservice.namespace_prefix)
+
+    result = map_people(snapshot.people.values(), mapping, server, known={},
+                        reserved=reserved, reserved_names={cfg.appservice.bot_localpart,
+                                                           cfg.appservice.admin_localpart})
     return staff_view(snapshot, dict(result.users), {}, now_ms)
 
 
@@ -74,7 +79,7 @@ def run_policy_test(config_path: str, cases_path: str, *, now_ms: int | None = N
     # the lines of a big file cost more than running it: read only when a case fails
     cases, _ = parse_yaml_model(PolicyCases, text, source=str(p), what="keys",
                                 file_kind="case file", with_lines=False)
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    now = now_ms if now_ms is not None else wall_clock_ms()
     directory = (_directory(loaded, p.resolve().parent / cases.directory, now)
                  if cases.directory else [])
     runner = CaseRunner(cfg.policy, server_name=cfg.homeserver.server_name,

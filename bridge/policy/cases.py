@@ -9,6 +9,7 @@ files and passes the directory records and ``now``.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,7 @@ def _user(who: str | CaseUser) -> str:
     return who if isinstance(who, str) else who.user
 
 
-def _room(case: PolicyCase, index: int, server_name: str, where: CaseRoom) -> RoomFacts:
+def _room(index: int, server_name: str, where: CaseRoom) -> RoomFacts:
     server = where.server or server_name
     known = where.known if where.known is not None else server == server_name
     members = (dict.fromkeys(where.members, "join") if isinstance(where.members, list)
@@ -128,16 +129,12 @@ class CaseRunner:
         self.service_users = tuple(service_users)
         self.service_prefix = service_prefix
         self.now_ms = now_ms
-        base = {r.user_id: r for r in directory}
+        base: dict[str, StaffRecord | None] = {r.user_id: r for r in directory}
         problems = self._check_people(people or {}, "people")
         if problems:
             raise CaseInputError(problems)
         for user, facts in (people or {}).items():
-            rec = staff_record(user, facts)
-            if rec is None:
-                base.pop(user, None)
-            else:
-                base[user] = rec
+            base[user] = staff_record(user, facts)
         self.base = base
         self._policies: dict[tuple[int, tuple[tuple[str, str], ...]], SeparationPolicy] = {}
 
@@ -154,15 +151,12 @@ class CaseRunner:
         key = (now_ms, tuple(sorted((u, f.model_dump_json()) for u, f in overrides.items())))
         p = self._policies.get(key)
         if p is None:
-            staff = dict(self.base)
-            for user, facts in overrides.items():
-                rec = staff_record(user, facts)
-                if rec is None:
-                    staff.pop(user, None)
-                else:
-                    staff[user] = rec
+            # the case's own facts over the shared ones, without copying the directory
+            staff: Mapping[str, StaffRecord | None] = (
+                ChainMap({u: staff_record(u, f) for u, f in overrides.items()}, self.base)
+                if overrides else self.base)
             p = self._policies[key] = SeparationPolicy(
-                self.config, staff.values(), server_name=self.server_name,
+                self.config, staff, server_name=self.server_name,
                 service_users=self.service_users, service_prefix=self.service_prefix,
                 now_ms=now_ms)
         return p
@@ -190,7 +184,7 @@ class CaseRunner:
                 line: int | None = None) -> CaseResult:
         who = _user(case.who)
         target = _user(case.target) if case.target is not None else None
-        facts = (_room(case, index, self.server_name, case.where)
+        facts = (_room(index, self.server_name, case.where)
                  if case.where is not None else None)
         room_class: str | None = None
         d: Decision

@@ -158,4 +158,5 @@ def named_users(policy: SeparationPolicy) -> list[str]:
     """Users a policy names itself (partners' users, guests) and the directory view."""
     cfg = policy.config
     return sorted({*(u for p in cfg.partners for u in p.users),
-                   *(g.user for g in cfg.guests), *policy.staff})
+                   *(g.user for g in cfg.guests),
+                   *(u for u, r in policy.staff.items() if r is not None)})
