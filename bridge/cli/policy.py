@@ -37,11 +37,22 @@ from .kit import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err
 EXIT_BAD_INPUT = EXIT_USAGE
 
 
-def _directory(loaded: LoadedConfig, path: Path, now_ms: int) -> list[StaffRecord]:
+def _directory(loaded: LoadedConfig, cases_file: Path, name: str,
+               now_ms: int) -> list[StaffRecord]:
     """The directory view a directory file would give: people mapped to user ids with the
-    config's ``directory.mapping``, as a sync with no accounts yet would map them."""
+    config's ``directory.mapping``, as a sync with no accounts yet would map them.
+    ``name``: a file relative to the case file, or ``config`` for the config's file source."""
     cfg = loaded.config
-    snapshot = FileSource(path).read_sync()
+    if name == "config":
+        src = cfg.directory.source if cfg.directory is not None else None
+        if src is None or src.type != "file":
+            raise ConfigError(f"in {cases_file}", [
+                "at directory: 'config' needs a directory source of type file in the "
+                f"configuration {loaded.path}"], what="case file")
+        source = FileSource(loaded.resolve(src.path), format=src.format)
+    else:
+        source = FileSource(cases_file.resolve().parent / name)
+    snapshot = source.read_sync()
     mapping = cfg.directory.mapping if cfg.directory is not None else MappingConfig()
     server = cfg.homeserver.server_name
 
@@ -80,8 +91,7 @@ def run_policy_test(config_path: str, cases_path: str, *, now_ms: int | None = N
     cases, _ = parse_yaml_model(PolicyCases, text, source=str(p), what="keys",
                                 file_kind="case file", with_lines=False)
     now = now_ms if now_ms is not None else wall_clock_ms()
-    directory = (_directory(loaded, p.resolve().parent / cases.directory, now)
-                 if cases.directory else [])
+    directory = _directory(loaded, p, cases.directory, now) if cases.directory else []
     runner = CaseRunner(cfg.policy, server_name=cfg.homeserver.server_name,
                         service_users=[cfg.bot_user_id, cfg.admin_user_id],
                         service_prefix=cfg.appservice.namespace_prefix,

@@ -162,8 +162,9 @@ class PolicyCases(StrictModel):
 
     # the time decisions are made at, unless a case says (guest expiry); default: now
     now: datetime | date | None = None
-    # a directory file (the file source's YAML or CSV format), relative to the case file;
-    # its people are mapped to user ids with the config's directory.mapping
+    # a directory file (the file source's YAML or CSV format), relative to the case file,
+    # or 'config': the config's directory source (type file); its people are mapped to
+    # user ids with the config's directory.mapping
     directory: str | None = None
     # directory facts by user id (over those of the directory file)
     people: dict[str, PersonFacts] = Field(default_factory=dict)

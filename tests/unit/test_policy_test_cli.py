@@ -198,3 +198,27 @@ def test_the_runner_answers_like_the_policy_and_caches_per_time() -> None:
         CaseRunner(cfg.policy, server_name=S, service_users=[], service_prefix="x_",
                    people={"@a:other.example": cases.people["@alice:corp.example.com"]},
                    now_ms=0)
+
+
+def test_people_from_the_configs_file_source(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(ROOT / "deploy" / "local" / "directory.yaml", tmp_path / "directory.yaml")
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))  # source: directory.yaml
+    a = yaml.safe_load((tmp_path / "directory.yaml").read_text())["people"][0]["username"]
+    p = write(tmp_path, f"""\
+directory: config
+cases:
+  - who: "@{a}:{S}"
+    action: user_search
+    target: "@mallory:evil.example"
+    expect: {{decision: deny, rule_id: dms.staff_external, kind: staff}}
+""")
+    rc = main(["policy", "test", "-c", str(tmp_path / "config.yaml"), str(p)])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    del cfg["directory"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["policy", "test", "-c", str(tmp_path / "config.yaml"), str(p)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "'config' needs a directory source of type file" in err
