@@ -1,8 +1,8 @@
 """``enclave policy diff OLD NEW`` against a real Synapse: the rooms as the homeserver has
 them, the directory view of a real sync, and two policies. The new one adds a department
 barrier (existing rooms: remove) and drops a classification rule; the diff names exactly
-the member who would be removed from the one mixed room, the room whose class (and so
-retention period) changes, and changes nothing.
+the member who would be removed from the one mixed room and the direct chat across the
+barrier, the room whose class (and so retention period) changes, and changes nothing.
 """
 
 from __future__ import annotations
@@ -47,9 +47,14 @@ def retention(tmp_path: Path) -> dict[str, Any]:
             "classes": [{"id": "keep-external", "room_class": "external", "keep": "30d"}]}
 
 
-async def make_room(stack: Stack, creator: str, name: str, *others: str) -> str:
-    room = (await stack.hs("POST", "/_matrix/client/v3/createRoom",
-                           {"preset": "private_chat", "name": name, "invite": list(others)},
+async def make_room(stack: Stack, creator: str, name: str | None, *others: str,
+                    direct: bool = False) -> str:
+    body: dict[str, Any] = {"preset": "private_chat", "invite": list(others)}
+    if name is not None:
+        body["name"] = name
+    if direct:  # as Element opens a direct chat
+        body.update(preset="trusted_private_chat", is_direct=True)
+    room = (await stack.hs("POST", "/_matrix/client/v3/createRoom", body,
                            as_user=creator))["room_id"]
     for u in others:
         await stack.hs("POST", f"/_matrix/client/v3/rooms/{urllib.parse.quote(room)}/join",
@@ -82,13 +87,18 @@ async def test_policy_diff_names_the_removed_member_and_the_reclassified_room(
     mixed = await make_room(stack, rita, "Research and trading", tom, alice)
     ext = await make_room(stack, alice, "[EXT] Vendor talk", rita)
     lunch = await make_room(stack, alice, "Lunch", tom)
+    dm = await make_room(stack, rita, None, tom, direct=True)
 
     done = await asyncio.to_thread(policy_diff, old, new, "--format", "json")
     assert done.returncode == 0, done.stderr
     d = orjson.loads(done.stdout)
     assert d["rooms"] >= 3 and d["changed"] is True
-    assert [(r["room_id"], r["user"], r["rule_id"]) for r in d["removed"]] == [
-        (mixed, tom, "barrier-research-trading")]
+    # the mixed room and the direct chat between the two sides; Tom leaves both (his own
+    # membership, as reconciliation does for a local user)
+    assert sorted((r["room_id"], r["user"], r["rule_id"]) for r in d["removed"]) == sorted([
+        (mixed, tom, "barrier-research-trading"), (dm, tom, "barrier-research-trading")])
+    assert {r["room_id"]: r["room_class"] for r in d["removed"]} == {mixed: "internal",
+                                                                      dm: "dm"}
     assert [(c["room_id"], c["old_class"], c["old_rule"], c["new_class"], c["new_rule"])
             for c in d["class_changes"]] == [
         (ext, "external", "cls-ext-name", "internal", "default_class")]
@@ -111,5 +121,6 @@ async def test_policy_diff_names_the_removed_member_and_the_reclassified_room(
     assert same.returncode == 0, same.stdout + same.stderr
     assert "no change for current rooms" in same.stdout
 
-    # nothing was applied: Tom is still in the mixed room
+    # nothing was applied: Tom is still in the mixed room and the direct chat
     assert joined(await members(stack, mixed)) == {rita, tom, alice}
+    assert joined(await members(stack, dm)) == {rita, tom}
