@@ -222,3 +222,23 @@ cases:
     rc = main(["policy", "test", "-c", str(tmp_path / "config.yaml"), str(p)])
     out, err = capsys.readouterr()
     assert rc == 2 and "'config' needs a directory source of type file" in err
+
+
+def test_policy_diff_refuses_configs_it_cannot_compare(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any secret is read or any server is asked."""
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(yaml.safe_dump(cfg))
+    other = {**cfg, "homeserver": {**cfg["homeserver"], "server_name": "other.example"}}
+    new.write_text(yaml.safe_dump(other))
+    assert main(["policy", "diff", str(old), str(new)]) == 2
+    assert "different homeservers" in capsys.readouterr().err
+    bare = {k: v for k, v in cfg.items() if k not in ("policy", "retention")}
+    old.write_text(yaml.safe_dump(bare))
+    new.write_text(yaml.safe_dump(bare))
+    assert main(["policy", "diff", str(old), str(new)]) == 3
+    assert "neither configuration has a policy: section" in capsys.readouterr().err
+    new.write_text("policy: {colour: red}\n")
+    assert main(["policy", "diff", str(old), str(new)]) == 3
+    assert "Error in configuration" in capsys.readouterr().err
