@@ -18,7 +18,7 @@ import os
 from ..config import ConfigError
 from ..extension import discover_extensions
 from ..store import DatabaseError, SchemaError
-from . import database, directory, registration, retention, separation, serve
+from . import database, directory, policy, registration, retention, separation, serve
 from .kit import (
     EXIT_CONFIG,
     EXIT_DATABASE,
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     database.add_parsers(sub, common)
     directory.add_parsers(sub, common)
     separation.add_parsers(sub, common)
+    policy.add_parsers(sub, common)
     serve.add_reload_parser(sub, common)
     retention.add_parsers(sub, common)
     # the extensions' own command groups (the bots': announcements, bots)

@@ -9,11 +9,12 @@ rules, and barriers keep groups apart. Every rule has an id that decisions name.
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..kernel.timestamps import epoch_ms
 from .base import StrictModel
 
 RULE_ID_PATTERN = r"^[a-z0-9][a-z0-9._\-]*$"
@@ -150,12 +151,7 @@ class GuestConfig(StrictModel):
     @property
     def expires_ms(self) -> int:
         """Expiry in ms since the epoch; a bare date means the start of that day, UTC."""
-        e = self.expires
-        if not isinstance(e, datetime):
-            e = datetime(e.year, e.month, e.day, tzinfo=UTC)
-        elif e.tzinfo is None:
-            e = e.replace(tzinfo=UTC)
-        return int(e.timestamp() * 1000)
+        return epoch_ms(self.expires)
 
 
 Verdict = Literal["allow", "deny"]

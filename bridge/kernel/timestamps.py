@@ -7,7 +7,7 @@ a readable UTC form for the CLI, local time for what the bots tell people.
 from __future__ import annotations
 
 import zoneinfo
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 
 def _is_ms(ms: object) -> bool:
@@ -17,6 +17,16 @@ def _is_ms(ms: object) -> bool:
 def utc_datetime(ms: int) -> datetime:
     """The aware UTC datetime of a millisecond timestamp."""
     return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def epoch_ms(value: datetime | date) -> int:
+    """Milliseconds since the epoch of a YAML date or date-time: a bare date is the start
+    of that day, a date-time without a zone is UTC."""
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    elif value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
 
 
 def local_datetime(ms: int, timezone: str = "UTC") -> datetime:

@@ -463,7 +463,7 @@ class SeparationService:
                 if record:
                     f = await self.record_first_sight(p, f, "reconcile")
                 else:
-                    f = replace(f, class_state=p.classify_room(f).id)
+                    f = p.with_class(f)
             a, fs = p.diff_room(f)
             actions.extend(a)
             findings.extend(fs)

@@ -264,6 +264,13 @@ class SeparationPolicy(SeparationDecisions):
                         f"Enclave has no power in this {rc.id} room: it cannot remove "
                         f"anyone or put its state back here. Fix: {self.power_fix(needed)}")]
 
+    def with_class(self, room: RoomFacts) -> RoomFacts:
+        """``room`` as reconciliation judges it: a room without Enclave's record gets the
+        class the policy gives it now (recorded when reconciliation applies)."""
+        if room.class_state is not None:
+            return room
+        return replace(room, class_state=self.classify_room(room).id)
+
     def diff_room(self, room: RoomFacts) -> tuple[list[Action], list[Finding]]:
         """Reconciliation of one room: who must go, and what to report."""
         if not self.config.enabled:

@@ -9,7 +9,7 @@ barriers between two people and a guest's expiry.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ...kernel.ids import server_of
@@ -35,13 +35,17 @@ class PolicyView:
     Build one per policy load / directory change and reuse it; it is immutable.
     """
 
-    def __init__(self, config: PolicyConfig, staff: Iterable[StaffRecord], *,
+    def __init__(self, config: PolicyConfig,
+                 staff: Iterable[StaffRecord] | Mapping[str, StaffRecord | None], *,
                  server_name: str, service_users: Iterable[str] = (),
                  service_prefix: str | None = None, now_ms: int):
         self.config = config
         self.server_name = server_name
         self.now_ms = now_ms
-        self.staff = {r.user_id: r for r in staff}
+        # a mapping by user id is used as given, not copied (``None``: not listed), so
+        # policy test cases with their own facts need not copy a whole directory each
+        self.staff: Mapping[str, StaffRecord | None] = (
+            staff if isinstance(staff, Mapping) else {r.user_id: r for r in staff})
         # ordered: Enclave acts as the first of them (its bot, then its admin) with power
         self.enclave_users = tuple(dict.fromkeys(service_users))
         self.service_users = frozenset(self.enclave_users)
