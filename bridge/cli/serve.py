@@ -23,7 +23,10 @@ from .kit import EXIT_ERROR, EXIT_OK, _err, _load
 def cmd_run(args: argparse.Namespace) -> int:
     loaded, secrets = _load(args)
     cfg = loaded.config
-    setup_logging(cfg.logging.level, cfg.logging.format, [s.get() for s in secrets.values()])
+    lcfg = cfg.logging
+    setup_logging(args.log_level or lcfg.level, lcfg.format,
+                  [s.get() for s in secrets.values()],
+                  libraries=args.library_log_level or lcfg.libraries, loggers=lcfg.loggers)
 
     async def serve() -> None:
         app = await build_app(loaded, secrets, migrate=not args.no_migrate)
@@ -79,6 +82,12 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("run", parents=[common], help="serve the appservice")
     s.add_argument("--no-migrate", action="store_true",
                    help="refuse to start on an old schema instead of migrating it")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    s.add_argument("--log-level", type=str.upper, choices=levels,
+                   help="Enclave's own log level (overrides logging.level)")
+    s.add_argument("--library-log-level", type=str.upper, choices=levels,
+                   help="the libraries' log level: APScheduler, aiohttp, matrix-nio, asyncio... "
+                        "(overrides logging.libraries; default WARNING)")
     s.set_defaults(fn=cmd_run)
 
 
