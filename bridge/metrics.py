@@ -96,35 +96,36 @@ class Metrics:
         # Scheduled jobs (bridge.app.interval_job): what alerts on "a job fails" read.
         self.job_runs = Counter(
             "enclave_job_runs", "Scheduled job runs on this replica by job and outcome (ok, "
-            "partial, failed, refused, skipped)", ["job", "outcome"], registry=r)
+            "partial, failed, refused, skipped); the label is ``name``, not ``job``, which "
+            "is Prometheus' own", ["name", "outcome"], registry=r)
         self.job_last_success = Gauge(
             "enclave_job_last_success_timestamp_seconds",
             "When a job's last run with outcome ok ended on this replica (0: not since start)",
-            ["job"], registry=r)
+            ["name"], registry=r)
         self.job_last_failure = Gauge(
             "enclave_job_last_failure_timestamp_seconds",
             "When a job's last run with outcome failed or partial ended on this replica "
-            "(0: not since start)", ["job"], registry=r)
+            "(0: not since start)", ["name"], registry=r)
         self.job_seconds = Histogram(
-            "enclave_job_seconds", "Duration of one scheduled job run", ["job"],
+            "enclave_job_seconds", "Duration of one scheduled job run", ["name"],
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600), registry=r)
 
     def job_known(self, job: str) -> None:
         """Export a job's series at 0 before its first run, so ``increase()`` and the
         dashboards see the first failure (a series born at 1 has no increase)."""
         for outcome in JOB_OUTCOMES:
-            self.job_runs.labels(job=job, outcome=outcome)
-        self.job_last_success.labels(job=job)
-        self.job_last_failure.labels(job=job)
+            self.job_runs.labels(name=job, outcome=outcome)
+        self.job_last_success.labels(name=job)
+        self.job_last_failure.labels(name=job)
 
     def record_job(self, job: str, outcome: str, ended_s: float, seconds: float) -> None:
         """Count one run of ``job`` (``outcome`` one of :data:`JOB_OUTCOMES`)."""
-        self.job_runs.labels(job=job, outcome=outcome).inc()
-        self.job_seconds.labels(job=job).observe(seconds)
+        self.job_runs.labels(name=job, outcome=outcome).inc()
+        self.job_seconds.labels(name=job).observe(seconds)
         if outcome == "ok":
-            self.job_last_success.labels(job=job).set(ended_s)
+            self.job_last_success.labels(name=job).set(ended_s)
         elif outcome in JOB_FAILURES:
-            self.job_last_failure.labels(job=job).set(ended_s)
+            self.job_last_failure.labels(name=job).set(ended_s)
 
 
 # What a scheduled job's run can end with; ``failed`` and ``partial`` are failures.
