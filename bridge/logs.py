@@ -109,4 +109,7 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), *,
         max(logging.WARNING, logging.getLevelName(libraries)))
     for name, lvl in (loggers or {}).items():
         logging.getLogger(name).setLevel(lvl)
+    # Python's warnings (a library's DeprecationWarning) become log lines too: a JSON log
+    # holds nothing but JSON
+    logging.captureWarnings(True)
     return redactor

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
-import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -18,6 +18,8 @@ from aiohttp import web
 from ..app import SERVICES, build_app, reload_policy
 from ..logs import setup_logging
 from .kit import EXIT_ERROR, EXIT_OK, _err, _load
+
+log = logging.getLogger(__name__)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -39,8 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         site = web.TCPSite(runner, cfg.appservice.bind_host, cfg.appservice.port,
                            reuse_address=True)
         await site.start()
-        print(f"enclave listening on http://{cfg.appservice.bind_host}:{cfg.appservice.port}",
-              file=sys.stderr, flush=True)
+        # a log line, so a JSON log stays JSON from its first line
+        log.info("enclave listening on http://%s:%d", cfg.appservice.bind_host,
+                 cfg.appservice.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,6 +15,12 @@ AS = "as-token-XYZ123abc"
 HS = "hs_token_456DEF"
 
 
+@pytest.fixture(autouse=True)
+def _no_captured_warnings() -> Iterator[None]:
+    yield
+    logging.captureWarnings(False)  # setup_logging routes warnings into logging
+
+
 @pytest.fixture
 def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     stream = io.StringIO()
