@@ -475,7 +475,7 @@ class Root:
         try:
             status.update(await work())
         except SyncRefused as e:
-            # logged and counted by the sync itself; nothing changed
+            # counted by the sync itself, logged by the job (its report); nothing changed
             status.update(outcome="refused", problems=e.problems)
         except Exception as e:
             status.update(outcome="error", error=f"{type(e).__name__}: {e}")

@@ -282,7 +282,9 @@ class DirectorySync:
                 result = await self.plan(force=force)
             except SyncRefused as e:
                 self.metrics.directory_runs.labels(outcome="refused").inc()
-                log.error("directory sync refused, nothing changed: %s", e)
+                # the run's one line is the job's (bridge.app; SCIM: bridge.root), the CLI
+                # prints the problems itself
+                log.debug("directory sync refused, nothing changed: %s", e)
                 raise
             for pid, why in result.refused_mappings:
                 log.warning("directory person %s left out: %s", pid, why)
