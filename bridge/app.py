@@ -186,7 +186,7 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
     (store key ``job-last:<id>``) is older than the interval: a dead leader's jobs are not
     left waiting for the next tick.
 
-    Each run is counted by outcome (``enclave_job_runs_total{job,outcome}``, the last
+    Each run is counted by outcome (``enclave_job_runs_total{name,outcome}``, the last
     success and failure times) and logged in one line when it changed something or did
     not end ``ok``; its start and end are DEBUG lines (``logging.loggers: {bridge.app:
     DEBUG}`` shows which replica ran which job when).
@@ -201,14 +201,14 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
             return
         log.debug("job %s (%s) starts on %s", job_id, reason, leadership.name)
         started = time.monotonic()
+        error: Exception | None = None
         try:
             got = await run(reason)
             report = got if isinstance(got, JobReport) else JobReport()
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.exception("job %s (%s) failed on %s", job_id, reason, leadership.name)
-            report = JobReport("failed", f"{type(e).__name__}: {e}")
+            error, report = e, JobReport("failed", f"{type(e).__name__}: {e}")
         finally:
             log.debug("job %s (%s) ends on %s", job_id, reason, leadership.name)
         seconds = time.monotonic() - started
@@ -219,6 +219,7 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
             level = logging.DEBUG if report.outcome == "skipped" else logging.WARNING
         log.log(level, "job %s (%s): %s in %.1fs%s", job_id, reason, report.outcome, seconds,
                 f": {report.summary}" if report.summary else "",
+                exc_info=error,  # the traceback of a run that raised, on the same line
                 extra={"job": job_id, "reason": reason, "outcome": report.outcome,
                        "seconds": round(seconds, 3), "replica": leadership.name})
         await svc.stores.kv.set_kv(last_key, str(svc.clock_ms()))
