@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bridge.store import AuditRecord
@@ -94,21 +95,27 @@ class JobScheduler:
 class Waker:
     """When a bot's loop runs next: at a given time, every ``poll`` seconds, or now.
 
-    Uses APScheduler 3.x (``AsyncIOScheduler``) for the timers; the loop itself waits on
-    an :class:`asyncio.Event`."""
+    Uses APScheduler 3.x for the timers: the root's one scheduler in ``enclave run``
+    (``scheduler``; its own when none is given); the loop itself waits on an
+    :class:`asyncio.Event`."""
 
-    def __init__(self, clock_ms: Callable[[], int], poll_seconds: float, name: str):
+    def __init__(self, clock_ms: Callable[[], int], poll_seconds: float, name: str,
+                 scheduler: AsyncIOScheduler | None = None):
         self.clock_ms = clock_ms
         self.poll_seconds = poll_seconds
         self.name = name
         self.event = asyncio.Event()
-        self._scheduler = AsyncIOScheduler()
+        self._own = scheduler is None
+        self._scheduler = AsyncIOScheduler() if scheduler is None else scheduler
+        self._started = False
 
     def start(self) -> None:
-        self._scheduler.start()
+        if self._own and not self._scheduler.running:
+            self._scheduler.start()
         self._scheduler.add_job(self._timer, "interval", seconds=self.poll_seconds,
-                                id=f"{self.name}-poll", coalesce=True, max_instances=1,
+                                id=f"waker:{self.name}-poll", coalesce=True, max_instances=1,
                                 replace_existing=True)  # started again: a replica leads again
+        self._started = True
 
     def wake(self) -> None:
         self.event.set()
@@ -120,11 +127,11 @@ class Waker:
 
     def at(self, when_ms: int | None) -> None:
         """Wake at ``when_ms`` (by the injected clock) unless an earlier wake comes."""
-        if when_ms is None or not self._scheduler.running:
+        if when_ms is None or not self._started:
             return
         delay = max(0.0, (when_ms - self.clock_ms()) / 1000)
         run = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-        self._scheduler.add_job(self._timer, "date", run_date=run, id=f"{self.name}-at",
+        self._scheduler.add_job(self._timer, "date", run_date=run, id=f"waker:{self.name}-at",
                                 replace_existing=True, misfire_grace_time=None)
 
     async def wait(self) -> None:
@@ -132,8 +139,14 @@ class Waker:
         self.event.clear()
 
     def stop(self) -> None:
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
+        self._started = False
+        if self._own:
+            if self._scheduler.running:
+                self._scheduler.shutdown(wait=False)
+            return
+        for suffix in ("poll", "at"):
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job(f"waker:{self.name}-{suffix}")
 
 
 async def run_forever(name: str, step: Callable[[], Awaitable[None]], waker: Waker) -> None:

@@ -92,7 +92,7 @@ class OnboardingBot(Bot):
         super().__init__(svc, cfg.bot, cfg.dm)
         self.cfg = cfg
         self.directory_cfg = directory
-        self.waker = Waker(svc.clock_ms, cfg.poll_seconds, "onboarding")
+        self.waker = Waker(svc.clock_ms, cfg.poll_seconds, "onboarding", svc.scheduler)
 
     async def run(self) -> None:
         self.waker.start()

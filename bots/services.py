@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
 from bridge.matrix.client import MatrixClient
 from bridge.matrix.executor import Executor
 from bridge.metrics import Metrics
@@ -88,6 +90,8 @@ class BotServices:
     # (bot user id, room id, user id) when someone joins one of the bot's rooms: the E2EE
     # side sends them the keys of messages sent while they were invited
     member_joined: Callable[[str, str, str], Awaitable[None]] | None = None
+    # the root's one APScheduler (the bots' wake-up timers); None: each Waker has its own
+    scheduler: AsyncIOScheduler | None = None
 
     def installation_key(self, key: str) -> str:
         """A send key unique to this database (see Executor.action_key)."""

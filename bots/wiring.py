@@ -78,7 +78,7 @@ def build_bot_services(svc: Services, *, encrypted_sender: RoomSender | None = N
         main_bot_user_id=cfg.bot_user_id, admin_user_id=cfg.admin_user_id,
         announcements=AnnouncementStore(svc.database.db),
         encrypted_sender=encrypted_sender, decrypt=decrypt,
-        member_joined=member_joined)
+        member_joined=member_joined, scheduler=svc.scheduler)
 
 
 def _encryption(svc: Services, cfg: Any

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets as pysecrets
 import time
@@ -11,10 +12,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.jobstores.base import JobLookupError
 
 from .config import ConfigError, LoadedConfig, Secret, load_config
-from .extension import Extension, ScheduledJob
+from .extension import Extension, JobReport, ScheduledJob
 from .kernel.retry import RECONNECT
 from .matrix.appservice import AppserviceAPI, json_errors
 from .matrix.client import HomeserverUnavailable, MatrixRequestError
@@ -178,28 +179,49 @@ async def _homeserver_ok(svc: Services) -> bool:
 def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
     """A ``cleanup_ctx`` for a scheduled job that runs on the leading replica only.
 
-    Every ``minutes`` (APScheduler; one run at a time, missed runs merged; 0: never) the
-    leader runs ``run("scheduled")``; the others skip. When this process becomes leader
-    (once Enclave is bootstrapped) it runs ``run("start-up")`` the first time if
-    ``at_start``, and ``run("takeover")`` whenever the last run by any replica (store
-    key ``job-last:<id>``) is older than the interval: a dead leader's jobs are not left
-    waiting for the next tick.
+    Every ``minutes`` (the root's APScheduler; one run at a time, missed runs merged; 0:
+    never) the leader runs ``run("scheduled")``; the others skip. When this process
+    becomes leader (once Enclave is bootstrapped) it runs ``run("start-up")`` the first
+    time if ``at_start``, and ``run("takeover")`` whenever the last run by any replica
+    (store key ``job-last:<id>``) is older than the interval: a dead leader's jobs are not
+    left waiting for the next tick.
+
+    Each run is counted by outcome (``enclave_job_runs_total{name,outcome}``, the last
+    success and failure times) and logged in one line when it changed something or did
+    not end ``ok``; its start and end are DEBUG lines (``logging.loggers: {bridge.app:
+    DEBUG}`` shows which replica ran which job when).
     """
     job_id, minutes, run, at_start = job.id, job.minutes, job.run, job.at_start
-    leadership = svc.leadership
+    leadership, metrics = svc.leadership, svc.metrics
     last_key = f"job-last:{job_id}"
 
     async def run_recorded(reason: str) -> None:
         if not leadership.is_leader:
             log.debug("%s (%s) skipped: another replica leads", job_id, reason)
             return
-        # the start and end lines let an operator (and the replica tests) see which
-        # replica ran which job when
-        log.info("job %s (%s) starts on %s", job_id, reason, leadership.name)
+        log.debug("job %s (%s) starts on %s", job_id, reason, leadership.name)
+        started = time.monotonic()
+        error: Exception | None = None
         try:
-            await run(reason)
+            got = await run(reason)
+            report = got if isinstance(got, JobReport) else JobReport()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            error, report = e, JobReport("failed", f"{type(e).__name__}: {e}")
         finally:
-            log.info("job %s (%s) ends on %s", job_id, reason, leadership.name)
+            log.debug("job %s (%s) ends on %s", job_id, reason, leadership.name)
+        seconds = time.monotonic() - started
+        metrics.record_job(job_id, report.outcome, svc.clock_ms() / 1000, seconds)
+        if report.outcome == "ok":
+            level = logging.INFO if report.summary else logging.DEBUG
+        else:
+            level = logging.DEBUG if report.outcome == "skipped" else logging.WARNING
+        log.log(level, "job %s (%s): %s in %.1fs%s", job_id, reason, report.outcome, seconds,
+                f": {report.summary}" if report.summary else "",
+                exc_info=error,  # the traceback of a run that raised, on the same line
+                extra={"job": job_id, "reason": reason, "outcome": report.outcome,
+                       "seconds": round(seconds, 3), "replica": leadership.name})
         await svc.stores.kv.set_kv(last_key, str(svc.clock_ms()))
 
     async def on_elected(first: bool) -> None:
@@ -220,7 +242,8 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
         if minutes <= 0 and not at_start:
             yield
             return
-        scheduler = AsyncIOScheduler()
+        metrics.job_known(job_id)
+        scheduler = svc.scheduler
         tasks: set[asyncio.Task[None]] = set()
 
         async def start_on_election() -> None:
@@ -234,14 +257,28 @@ def interval_job(svc: Services, job: ScheduledJob) -> Callable[..., Any]:
             await start_on_election()  # elected before this context was entered
         if minutes > 0:
             scheduler.add_job(run_recorded, "interval", args=["scheduled"], minutes=minutes,
-                              id=job_id, max_instances=1, coalesce=True,
-                              misfire_grace_time=int(minutes * 60))
-            scheduler.start()
+                              id=f"job:{job_id}", max_instances=1, coalesce=True,
+                              misfire_grace_time=max(1, int(minutes * 60)),
+                              replace_existing=True)
         yield
         leadership.on_elected.remove(start_on_election)
+        if minutes > 0:
+            with contextlib.suppress(JobLookupError):
+                scheduler.remove_job(f"job:{job_id}")
         for t in list(tasks):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    return ctx
+
+
+def scheduler_ctx(svc: Services) -> Callable[..., Any]:
+    """A ``cleanup_ctx`` that starts the root's one APScheduler and shuts it down last."""
+
+    async def ctx(_: web.Application) -> AsyncIterator[None]:
+        scheduler = svc.scheduler
+        scheduler.start()
+        yield
         if scheduler.running:
             scheduler.shutdown(wait=False)
 
@@ -405,7 +442,9 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
         if svc.scim_debounce is not None:
             await svc.scim_debounce.close()
 
-    app.cleanup_ctx.extend([session_ctx, store_ctx, leadership_ctx, bootstrap_ctx, scim_ctx])
+    # the scheduler first: every job and bot timer is removed before it shuts down
+    app.cleanup_ctx.extend([scheduler_ctx(svc), session_ctx, store_ctx, leadership_ctx,
+                            bootstrap_ctx, scim_ctx])
     app.cleanup_ctx.extend(interval_job(svc, job) for job in jobs)
     # extensions (bots): registered last, so they stop before the store
     for plugin in plugins:

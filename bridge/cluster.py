@@ -170,7 +170,8 @@ class Leadership:
 
     async def _depose(self, why: str) -> None:
         self._leader = False
-        log.warning("replica %s stops leading: %s", self.name, why)
+        log.log(logging.INFO if why == "shutting down" else logging.WARNING,
+                "replica %s stops leading: %s", self.name, why)
         self._notify(False)
         for cb in reversed(self.on_deposed):
             try:

@@ -33,14 +33,27 @@ ENTRY_POINT_GROUP = "enclave.extensions"
 
 
 @dataclass(frozen=True)
+class JobReport:
+    """What one run of a scheduled job did: ``outcome`` (``ok``, ``partial``: some of its
+    work failed, ``failed``, ``refused``: a safety check stopped it, ``skipped``) and a
+    ``summary`` of what it changed ("" when nothing). Enclave counts it
+    (``enclave_job_runs_total``) and logs one line when it changed something or did not
+    end ``ok``."""
+
+    outcome: str = "ok"
+    summary: str = ""
+
+
+@dataclass(frozen=True)
 class ScheduledJob:
     """A job the leading replica runs every ``minutes`` (0: never on a schedule) and, if
     ``at_start``, once when it first leads. ``run(reason)``; ``reason`` is "scheduled",
-    "start-up" or "takeover"."""
+    "start-up" or "takeover"; it may return a :class:`JobReport` (None: ok, nothing to
+    report; an exception: failed)."""
 
     id: str
     minutes: float
-    run: Callable[[str], Awaitable[None]]
+    run: Callable[[str], Awaitable[JobReport | None]]
     at_start: bool = True
 
 

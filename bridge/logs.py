@@ -1,4 +1,12 @@
-"""Structured logging with secrets redacted, whatever a library decides to print."""
+"""Structured logging with secrets redacted, whatever a library decides to print.
+
+One line per meaningful event: Enclave's own loggers log at ``logging.level``; the
+libraries underneath (APScheduler prints two INFO lines per timer run, aiohttp one per
+request, matrix-nio one per sync...) at ``logging.libraries`` (default WARNING), so their
+warnings and errors still show. ``logging.loggers`` sets any logger's level by name.
+In JSON, each line is one object: ``ts``, ``level``, ``logger``, ``message``, the
+exception (``exc``) if any, and the structured fields a call passes in ``extra=``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import orjson
 
@@ -41,24 +49,46 @@ class RedactingFilter(logging.Filter):
         if record.exc_text:
             record.exc_text = self.redact(record.exc_text)
         record.msg, record.args = clean, None
+        # structured fields (``extra=``) reach JSON lines too
+        for key, value in list(record.__dict__.items()):
+            if isinstance(value, str) and key not in _RECORD_ATTRS:
+                record.__dict__[key] = self.redact(value)
         return True
 
 
+# The loggers of the libraries Enclave runs on: held at ``logging.libraries``.
+LIBRARY_LOGGERS = ("apscheduler", "aiohttp", "asyncio", "nio", "peewee", "ldap3", "asyncpg",
+                   "scim2_server", "urllib3", "markdown_it", "PIL", "multipart", "vodozemac")
+# What every LogRecord has; anything else on a record came from ``extra=`` (JSON fields).
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "taskName"}
+
+
 class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, exc, and ``extra=`` fields."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, object] = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "message": record.getMessage(),
         }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and key not in out and not key.startswith("_"):
+                out[key] = value
         if record.exc_text:
             out["exc"] = record.exc_text
-        return orjson.dumps(out).decode()
+        return orjson.dumps(out, default=str).decode()
 
 
-def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> RedactingFilter:
-    """Configure the root logger once per process; returns the filter to add secrets to."""
+def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), *,
+                  libraries: str = "WARNING",
+                  loggers: Mapping[str, str] | None = None) -> RedactingFilter:
+    """Configure the root logger once per process; returns the filter to add secrets to.
+
+    ``level``: Enclave's own loggers (and any not named below); ``libraries``: those of
+    :data:`LIBRARY_LOGGERS`; ``loggers``: a level per logger name, applied last."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JSONFormatter()
@@ -71,6 +101,15 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> Redactin
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiohttp's access log would print every transaction; keep it at warning
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(libraries)
+    # aiohttp's access log would print every transaction: never below WARNING unless a
+    # logger level below asks for it by name
+    logging.getLogger("aiohttp.access").setLevel(
+        max(logging.WARNING, logging.getLevelName(libraries)))
+    for name, lvl in (loggers or {}).items():
+        logging.getLogger(name).setLevel(lvl)
+    # Python's warnings (a library's DeprecationWarning) become log lines too: a JSON log
+    # holds nothing but JSON
+    logging.captureWarnings(True)
     return redactor

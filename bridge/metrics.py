@@ -89,3 +89,45 @@ class Metrics:
             "enclave_completeness_lag_seconds",
             "Seconds since the start of the last complete completeness check (events newer "
             "than that are not verified yet)", registry=r)
+        self.completeness_bound = Gauge(
+            "enclave_completeness_bound_seconds",
+            "The configured bound (inbox.completeness.bound_seconds) the lag and the oldest "
+            "gap are held to", registry=r)
+        # Scheduled jobs (bridge.app.interval_job): what alerts on "a job fails" read.
+        self.job_runs = Counter(
+            "enclave_job_runs", "Scheduled job runs on this replica by job and outcome (ok, "
+            "partial, failed, refused, skipped); the label is ``name``, not ``job``, which "
+            "is Prometheus' own", ["name", "outcome"], registry=r)
+        self.job_last_success = Gauge(
+            "enclave_job_last_success_timestamp_seconds",
+            "When a job's last run with outcome ok ended on this replica (0: not since start)",
+            ["name"], registry=r)
+        self.job_last_failure = Gauge(
+            "enclave_job_last_failure_timestamp_seconds",
+            "When a job's last run with outcome failed or partial ended on this replica "
+            "(0: not since start)", ["name"], registry=r)
+        self.job_seconds = Histogram(
+            "enclave_job_seconds", "Duration of one scheduled job run", ["name"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600), registry=r)
+
+    def job_known(self, job: str) -> None:
+        """Export a job's series at 0 before its first run, so ``increase()`` and the
+        dashboards see the first failure (a series born at 1 has no increase)."""
+        for outcome in JOB_OUTCOMES:
+            self.job_runs.labels(name=job, outcome=outcome)
+        self.job_last_success.labels(name=job)
+        self.job_last_failure.labels(name=job)
+
+    def record_job(self, job: str, outcome: str, ended_s: float, seconds: float) -> None:
+        """Count one run of ``job`` (``outcome`` one of :data:`JOB_OUTCOMES`)."""
+        self.job_runs.labels(name=job, outcome=outcome).inc()
+        self.job_seconds.labels(name=job).observe(seconds)
+        if outcome == "ok":
+            self.job_last_success.labels(name=job).set(ended_s)
+        elif outcome in JOB_FAILURES:
+            self.job_last_failure.labels(name=job).set(ended_s)
+
+
+# What a scheduled job's run can end with; ``failed`` and ``partial`` are failures.
+JOB_OUTCOMES = ("ok", "partial", "failed", "refused", "skipped")
+JOB_FAILURES = frozenset({"partial", "failed"})

@@ -27,6 +27,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .cluster import Leadership, replica_name
 from .config import ConfigError, LoadedConfig, Secret
@@ -38,6 +39,7 @@ from .directory.sync import DirectorySync, SyncRefused
 from .extension import (
     ENTRY_POINT_GROUP,
     Extension,
+    JobReport,
     Plugin,
     ScheduledJob,
     discover_extensions,
@@ -137,6 +139,13 @@ class Root:
     @cached_property
     def metrics(self) -> Metrics:
         return Metrics()
+
+    @cached_property
+    def scheduler(self) -> AsyncIOScheduler:
+        """The one APScheduler of ``enclave run``: the scheduled jobs' intervals
+        (``bridge.app.interval_job``) and the bots' wake-up timers; ``bridge.app`` starts
+        and stops it."""
+        return AsyncIOScheduler()
 
     @cached_property
     def stores(self) -> Stores:
@@ -369,7 +378,15 @@ class Root:
         dcfg = self.config.directory
         if dcfg is None or dcfg.source.type != "scim":
             return None
-        return Debouncer(dcfg.source.debounce_seconds, lambda: self.directory_run("SCIM change"))
+        return Debouncer(dcfg.source.debounce_seconds, self._scim_sync)
+
+    async def _scim_sync(self) -> None:
+        # not a scheduled job: its one log line is written here
+        report = await self.directory_run("SCIM change")
+        if report.outcome != "ok" or report.summary:
+            log.log(logging.INFO if report.outcome in ("ok", "skipped") else logging.WARNING,
+                    "directory sync (SCIM change): %s%s", report.outcome,
+                    f": {report.summary}" if report.summary else "")
 
     @cached_property
     def scim(self) -> ScimService | None:
@@ -458,7 +475,7 @@ class Root:
         try:
             status.update(await work())
         except SyncRefused as e:
-            # logged and counted by the sync itself; nothing changed
+            # counted by the sync itself, logged by the job (its report); nothing changed
             status.update(outcome="refused", problems=e.problems)
         except Exception as e:
             status.update(outcome="error", error=f"{type(e).__name__}: {e}")
@@ -466,7 +483,7 @@ class Root:
         status["at"] = self.clock_ms()
         return status
 
-    async def directory_run(self, reason: str) -> None:
+    async def directory_run(self, reason: str) -> JobReport:
         directory = self.directory
         assert directory is not None
 
@@ -479,12 +496,14 @@ class Root:
 
         status = await self._job_status("directory sync", reason, sync)
         if status is None:
-            return
+            return JobReport("skipped")
         self.directory_status = status
         if self.separation is not None:
             self.separation.invalidate()  # staff, groups and leavers may have changed
+        applied = status.get("applied") or {}
+        return _report(status, ", ".join(f"{k} {v}" for k, v in sorted(applied.items()) if v))
 
-    async def separation_run(self, reason: str) -> None:
+    async def separation_run(self, reason: str) -> JobReport:
         sep = self.separation
         assert sep is not None
 
@@ -495,10 +514,13 @@ class Root:
                         failed=len(result.failed), findings=len(result.plan.findings))
 
         status = await self._job_status("separation reconciliation", reason, reconcile)
-        if status is not None:
-            self.separation_status = status
+        if status is None:
+            return JobReport("skipped")
+        self.separation_status = status
+        return _report(status, f"{status['applied']} action(s) applied in "
+                               f"{status['rooms']} rooms" if status.get("applied") else "")
 
-    async def retention_run(self, reason: str) -> None:
+    async def retention_run(self, reason: str) -> JobReport:
         ret = self.retention
         assert ret is not None
 
@@ -511,8 +533,24 @@ class Root:
                         media_deleted=sum(r.media_deleted for r in run.rooms))
 
         status = await self._job_status("retention run", reason, purge)
-        if status is not None:
-            self.retention_status = status
+        if status is None:
+            return JobReport("skipped")
+        self.retention_status = status
+        done = ", ".join(f"{k} {status[k]}" for k in ("archived", "purged", "media_deleted")
+                         if status.get(k))
+        return _report(status, f"{done} in {status['rooms']} rooms" if done else "")
+
+
+def _report(status: dict[str, Any], summary: str) -> JobReport:
+    """A job's report from the status ``/ready`` shows (``error`` becomes ``failed``)."""
+    outcome = status.get("outcome", "ok")
+    if outcome == "error":
+        return JobReport("failed", str(status.get("error", "")))
+    if outcome == "refused":
+        return JobReport("refused", "; ".join(map(str, status.get("problems") or [])))
+    if status.get("failed"):
+        summary = ", ".join(filter(None, [summary, f"{status['failed']} failed"]))
+    return JobReport(outcome, summary)
 
 
 # what handlers, extensions and the app receive: the root itself

@@ -9,6 +9,9 @@ VENV="${1:-.venv}"
 # (a private instance on loopback; the package's own daemon is not used), and Chromium,
 # which opens exported transcripts headless (driven by Playwright, no browser download).
 APT_PACKAGES=(slapd ldap-utils chromium)
+# promtool (from the prometheus package: Debian has no promtool alone) checks and unit-tests
+# deploy/monitoring's alert rules and the dashboard's queries; the daemon is not used
+APT_PACKAGES+=(prometheus)
 # Node + npm for the E2EE tests' staff client with Element's own crypto (matrix-js-sdk)
 command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)

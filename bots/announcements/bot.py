@@ -107,7 +107,7 @@ class AnnouncementBot(Bot):
             if a.schedule is not None:
                 self.scheduler.add(Job(a.id, schedule_from_config(a.schedule),
                                        partial(self._fire, a), a.schedule.timezone))
-        self.waker = Waker(svc.clock_ms, cfg.poll_seconds, "announcements")
+        self.waker = Waker(svc.clock_ms, cfg.poll_seconds, "announcements", svc.scheduler)
         self.control_room: str | None = None
         self._control_warned = False
         self._follow_due: dict[tuple[str, str], int] = {}

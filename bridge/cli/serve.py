@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
-import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -19,11 +19,16 @@ from ..app import SERVICES, build_app, reload_policy
 from ..logs import setup_logging
 from .kit import EXIT_ERROR, EXIT_OK, _err, _load
 
+log = logging.getLogger(__name__)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     loaded, secrets = _load(args)
     cfg = loaded.config
-    setup_logging(cfg.logging.level, cfg.logging.format, [s.get() for s in secrets.values()])
+    lcfg = cfg.logging
+    setup_logging(args.log_level or lcfg.level, lcfg.format,
+                  [s.get() for s in secrets.values()],
+                  libraries=args.library_log_level or lcfg.libraries, loggers=lcfg.loggers)
 
     async def serve() -> None:
         app = await build_app(loaded, secrets, migrate=not args.no_migrate)
@@ -36,8 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         site = web.TCPSite(runner, cfg.appservice.bind_host, cfg.appservice.port,
                            reuse_address=True)
         await site.start()
-        print(f"enclave listening on http://{cfg.appservice.bind_host}:{cfg.appservice.port}",
-              file=sys.stderr, flush=True)
+        # a log line, so a JSON log stays JSON from its first line
+        log.info("enclave listening on http://%s:%d", cfg.appservice.bind_host,
+                 cfg.appservice.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,6 +85,12 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("run", parents=[common], help="serve the appservice")
     s.add_argument("--no-migrate", action="store_true",
                    help="refuse to start on an old schema instead of migrating it")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    s.add_argument("--log-level", type=str.upper, choices=levels,
+                   help="Enclave's own log level (overrides logging.level)")
+    s.add_argument("--library-log-level", type=str.upper, choices=levels,
+                   help="the libraries' log level: APScheduler, aiohttp, matrix-nio, asyncio... "
+                        "(overrides logging.libraries; default WARNING)")
     s.set_defaults(fn=cmd_run)
 
 

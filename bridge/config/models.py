@@ -176,9 +176,18 @@ class InboxConfig(StrictModel):
         return v
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 class LoggingConfig(StrictModel):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """``level``: Enclave's own loggers; ``libraries``: APScheduler, aiohttp, matrix-nio,
+    asyncio and the other libraries underneath (``bridge.logs.LIBRARY_LOGGERS``);
+    ``loggers``: a level per logger name (e.g. ``{bridge.app: DEBUG}``)."""
+
+    level: LogLevel = "INFO"
     format: Literal["json", "text"] = "text"
+    libraries: LogLevel = "WARNING"
+    loggers: dict[str, LogLevel] = Field(default_factory=dict)
 
 
 class ClusterConfig(StrictModel):

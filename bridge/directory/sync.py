@@ -109,6 +109,10 @@ class DirectorySync:
         self.directory_store = directory_store
         self.leases = leases
         self.metrics = metrics
+        # every outcome exported from the start: an alert on increase() of "refused" sees
+        # the first refusal (a series born at 1 has no increase)
+        for outcome in ("ok", "partial", "refused"):
+            metrics.directory_runs.labels(outcome=outcome)
         self.clock_ms = clock_ms
         # called when a run changed the directory view (separation rebuilds its policy)
         self.on_view_change = on_view_change
@@ -278,7 +282,9 @@ class DirectorySync:
                 result = await self.plan(force=force)
             except SyncRefused as e:
                 self.metrics.directory_runs.labels(outcome="refused").inc()
-                log.error("directory sync refused, nothing changed: %s", e)
+                # the run's one line is the job's (bridge.app; SCIM: bridge.root), the CLI
+                # prints the problems itself
+                log.debug("directory sync refused, nothing changed: %s", e)
                 raise
             for pid, why in result.refused_mappings:
                 log.warning("directory person %s left out: %s", pid, why)
@@ -289,7 +295,8 @@ class DirectorySync:
                 await self._apply(result, progress)
                 self.metrics.directory_runs.labels(
                     outcome="ok" if result.ok else "partial").inc()
-                log.info("directory sync applied in %.1fs: %s%s",
+                # the job's one line (bridge.app) reports it in ``enclave run``
+                log.debug("directory sync applied in %.1fs: %s%s",
                          (self.clock_ms() - started) / 1000, result.applied or "no changes",
                          f", {len(result.failed)} failed" if result.failed else "")
             return result

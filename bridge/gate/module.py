@@ -1,7 +1,8 @@
 """Enclave gate: a Synapse module that asks Enclave before people meet.
 
-Runs INSIDE Synapse. It imports only the standard library, ``synapse.*`` and ``twisted.*``,
-so this one file can be copied into Synapse's environment without Enclave installed::
+Runs INSIDE Synapse. It imports only the standard library, ``synapse.*``, ``twisted.*`` and
+``prometheus_client`` (a dependency of Synapse), so this one file can be copied into
+Synapse's environment without Enclave installed::
 
     cp bridge/gate/module.py /usr/lib/python3/dist-packages/enclave_gate.py  # any sys.path dir
 
@@ -68,6 +69,11 @@ a lie could not abuse (a remote server can always omit or fake the class). A ref
 federated invite fails the remote inviter's request with our message (seen on 1.163: the
 remote client gets ``M_FORBIDDEN`` and the text).
 
+Metrics (on Synapse's ``/_synapse/metrics``, with ``enable_metrics: true`` and a listener
+with the ``metrics`` resource): ``enclave_gate_module_checks_total{check,outcome}``,
+``enclave_gate_module_unreachable_total{reason}``, ``enclave_gate_module_request_seconds``
+(see :class:`GateMetrics`); ``docs/operators/monitoring.md`` alerts on them.
+
 Cost: each check reads the room's state (members included) from Synapse's caches and makes
 one keep-alive HTTP request; bench/gate_latency.py measures it. Synapse's HTTP client logs
 every request at INFO ("Received response to POST .../_enclave/gate/v1/check: 200"); set
@@ -83,6 +89,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import REGISTRY, Counter, Histogram
 from synapse.module_api import (
     NOT_SPAM,
     EventBase,
@@ -420,7 +427,65 @@ def protected_in(initial_state: Any, protected: Iterable[str]) -> list[str]:
 
 
 class _Unreachable(Exception):
-    """Enclave gave no usable answer; ``str()`` says why (never the secret)."""
+    """Enclave gave no usable answer; ``str()`` says why (never the secret), ``reason``
+    is one of :data:`UNREACHABLE_REASONS` (the metric's label)."""
+
+    def __init__(self, message: str, reason: str = "connect"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# -- metrics (on Synapse's own /_synapse/metrics) -------------------------------------------
+# connect: no connection or the request failed; timeout: no answer within timeout_ms;
+# status: a non-200 answer (401: wrong secret; 500: Enclave could not decide); bad_answer:
+# a 200 that is not the protocol's
+UNREACHABLE_REASONS = ("connect", "timeout", "status", "bad_answer")
+
+
+class GateMetrics:
+    """What the module counts, registered on ``registry`` (Synapse's global prometheus
+    registry in Synapse, which serves it on a ``metrics`` listener at
+    ``/_synapse/metrics`` with ``enable_metrics: true``). Only the module can see that
+    Enclave did not answer: Enclave never hears of a check that did not reach it.
+
+    ``enclave_gate_module_checks_total{check,outcome}`` (outcome ``allow``, ``deny``,
+    ``unreachable``), ``enclave_gate_module_unreachable_total{reason}`` and
+    ``enclave_gate_module_request_seconds`` (a check's round trip as Synapse waits for it).
+    """
+
+    def __init__(self, registry: Any):
+        self.checks = Counter(
+            "enclave_gate_module_checks", "Checks the Enclave gate module asked, by check and "
+            "outcome (allow, deny, unreachable)", ["check", "outcome"], registry=registry)
+        self.unreachable = Counter(
+            "enclave_gate_module_unreachable", "Checks Enclave gave no usable answer to, by "
+            "reason (connect, timeout, status, bad_answer)", ["reason"], registry=registry)
+        self.seconds = Histogram(
+            "enclave_gate_module_request_seconds", "Round trip of one check to Enclave, as "
+            "Synapse waits for it", registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        for reason in UNREACHABLE_REASONS:  # exported at 0: increase() sees the first one
+            self.unreachable.labels(reason=reason)
+
+    def answered(self, check: str, allow: bool, seconds: float) -> None:
+        self.checks.labels(check=check, outcome="allow" if allow else "deny").inc()
+        self.seconds.observe(seconds)
+
+    def unanswered(self, check: str, reason: str, seconds: float) -> None:
+        self.checks.labels(check=check, outcome="unreachable").inc()
+        self.unreachable.labels(reason=reason).inc()
+        self.seconds.observe(seconds)
+
+
+_PROCESS_METRICS: list[GateMetrics] = []
+
+
+def process_metrics() -> GateMetrics:
+    """The module's metrics on Synapse's global registry, made once per process (like
+    Synapse's own metrics: a registry refuses a second metric of the same name)."""
+    if not _PROCESS_METRICS:
+        _PROCESS_METRICS.append(GateMetrics(REGISTRY))
+    return _PROCESS_METRICS[0]
 
 
 def _with_timeout(d: defer.Deferred, seconds: float, reactor: Any) -> defer.Deferred:
@@ -431,7 +496,8 @@ def _with_timeout(d: defer.Deferred, seconds: float, reactor: Any) -> defer.Defe
 
     def on_timeout() -> None:
         if not out.called:
-            out.errback(Failure(_Unreachable(f"no answer within {seconds * 1000:.0f} ms")))
+            out.errback(Failure(_Unreachable(f"no answer within {seconds * 1000:.0f} ms",
+                                             "timeout")))
         try:
             d.cancel()
         except Exception:  # the request is abandoned either way
@@ -467,6 +533,7 @@ class EnclaveGate:
         self._reactor = getattr(self._http, "reactor", None)
         self._url = config.url + CHECK_PATH
         self._auth = f"Bearer {config.secret}".encode()
+        self._metrics: GateMetrics | None = process_metrics()
         self._search_cache: dict[tuple[str, str], tuple[float, bool]] = {}
         self._dm_hints: dict[tuple[str, str], float] = {}
         if not config.enclave_users:
@@ -510,6 +577,20 @@ class EnclaveGate:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor  # the global one Synapse installed
+        check = str(question.get("check"))
+        started = time.monotonic()
+        try:
+            answer = await self._ask_once(body, reactor)
+        except _Unreachable as e:
+            if self._metrics is not None:
+                self._metrics.unanswered(check, e.reason, time.monotonic() - started)
+            raise
+        if self._metrics is not None:
+            self._metrics.answered(check, bool(answer.get("allow")),
+                                   time.monotonic() - started)
+        return answer
+
+    async def _ask_once(self, body: bytes, reactor: Any) -> dict[str, Any]:
         try:
             d = run_in_background(self._post, body)
             code, data = await make_deferred_yieldable(
@@ -519,11 +600,12 @@ class EnclaveGate:
         except Exception as e:
             raise _Unreachable(f"{type(e).__name__}: {e}") from None
         if code != 200:
-            raise _Unreachable(f"HTTP {code}" + (" (wrong gate secret?)" if code == 401 else ""))
+            raise _Unreachable(f"HTTP {code}" + (" (wrong gate secret?)" if code == 401 else ""),
+                               "status")
         try:
             return read_answer(data)
         except BadAnswer as e:
-            raise _Unreachable(f"bad answer: {e}") from None
+            raise _Unreachable(f"bad answer: {e}", "bad_answer") from None
 
     def _unreachable(self, question: Mapping[str, Any], why: object) -> bool:
         """Log, and return whether on_unreachable lets the action through."""

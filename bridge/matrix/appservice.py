@@ -235,7 +235,8 @@ class AppserviceAPI:
             return error_response(400, e.errcode, e.message)
         if not isinstance(body, dict):
             return error_response(400, "M_BAD_JSON", "Body must be an object")
-        log.info("ping from homeserver (transaction_id=%s)", body.get("transaction_id"))
+        # start-up logs the ping it asked for; recovery sweeps ping too
+        log.debug("ping from homeserver (transaction_id=%s)", body.get("transaction_id"))
         return json_response({})
 
     async def health(self, request: web.Request) -> web.Response:

@@ -92,6 +92,7 @@ class CompletenessCheck:
         self._position: str | None = None  # the room stream position the last check saw
         self._unsettled: set[str] = set()  # rooms whose cursor could not reach the end
         metrics.completeness_lag.set_function(lambda: self.lag_seconds())
+        metrics.completeness_bound.set(bound_seconds)
 
     # -- what /ready and /metrics show ---------------------------------------------------
     def lag_seconds(self) -> float:

@@ -505,7 +505,8 @@ class SeparationService:
                 log.warning("separation finding [%s] %s %s: %s", f.rule_id, f.room_id,
                             f.subject, f.message)
             await self._audit_findings(result.plan.findings)
-            log.info("separation reconciled %d rooms: %d actions applied, %d failed, "
+            # the job's one line (bridge.app) reports it in ``enclave run``
+            log.debug("separation reconciled %d rooms: %d actions applied, %d failed, "
                      "%d findings", result.plan.rooms, result.applied, len(result.failed),
                      len(result.plan.findings))
             return result

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.gate.module import UNREACHABLE_MESSAGE
 from bridge.gate.protocol import CLASS_STATE_TYPE, GateAnswer, GateRequest, GateRoom
@@ -189,6 +190,25 @@ class GateEnv:
         client.access_token, client.user_id = token, user_id
         return client
 
+    async def module_metrics(self) -> dict[tuple[str, str], float]:
+        """The gate module's samples on Synapse's /_synapse/metrics: {(name, label value):
+        value}, the label being the outcome (checks) or the reason (unreachable)."""
+        async with aiohttp.ClientSession() as s, s.get(
+                self.corp.base_url + "/_synapse/metrics") as resp:
+            assert resp.status == 200, await resp.text()
+            text = await resp.text()
+        out: dict[tuple[str, str], float] = {}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == "enclave_gate_module_checks_total":
+                    key = (sample.name, sample.labels["outcome"])
+                elif sample.name == "enclave_gate_module_unreachable_total":
+                    key = (sample.name, sample.labels["reason"])
+                else:
+                    continue
+                out[key] = out.get(key, 0.0) + sample.value
+        return out
+
     def log_size(self) -> int:
         return self.corp.log_path.stat().st_size
 
@@ -211,6 +231,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GateEnv]:
     env = GateEnv(pair=pair, gate=gate, recorder=recorder, secret_file=secret_file,
                   bot_id=f"@enclave-bot:{pair.corp.server_name}")
     pair.corp.extra_config.update(env.module_config())
+    pair.corp.metrics = True  # the module's metrics, on Synapse's /_synapse/metrics
     try:
         pair.start()
         pair.corp.register_user("enclave-bot", "pw-enclave-bot")
@@ -447,6 +468,7 @@ async def test_unreachable_enclave_denies_by_default(
     clients += [alice, bob]
     room = await room_of(alice, name="down", preset=nio.RoomPreset.public_chat)
     mark = env.log_size()
+    before = await env.module_metrics()
 
     with env.gate.down():
         invite = await alice.room_invite(room, bob.user_id)
@@ -460,8 +482,16 @@ async def test_unreachable_enclave_denies_by_default(
         assert UNREACHABLE_MESSAGE in resp.message
     assert room not in await invited_rooms(bob)
     assert "could not ask Enclave about invite" in env.log(mark)
+    # counted where an operator's alert reads it: Synapse's metrics (Enclave never heard)
+    down = await env.module_metrics()
+    unreachable = ("enclave_gate_module_checks_total", "unreachable")
+    assert down[unreachable] - before.get(unreachable, 0) >= 4, (before, down)
+    connect = ("enclave_gate_module_unreachable_total", "connect")
+    assert down[connect] - before[connect] >= 4, (before, down)
     # back up: the same invite goes through
     assert isinstance(await alice.room_invite(room, bob.user_id), nio.RoomInviteResponse)
+    allowed = ("enclave_gate_module_checks_total", "allow")
+    assert (await env.module_metrics())[allowed] > down.get(allowed, 0)
 
 
 async def test_timeout_counts_as_unreachable(
@@ -470,12 +500,15 @@ async def test_timeout_counts_as_unreachable(
     clients += [alice, slow]
     room = await room_of(alice, name="slow")
     mark = env.log_size()
+    before = await env.module_metrics()
 
     resp = await alice.room_invite(room, slow.user_id)
 
     assert isinstance(resp, nio.RoomInviteError), resp
     assert UNREACHABLE_MESSAGE in resp.message
     assert "no answer within 500 ms" in env.log(mark)
+    timeouts = ("enclave_gate_module_unreachable_total", "timeout")
+    assert (await env.module_metrics())[timeouts] - before[timeouts] >= 1
     assert room not in await invited_rooms(slow)
 
 
@@ -485,6 +518,7 @@ async def test_wrong_secret_counts_as_unreachable_and_is_logged_without_it(
     clients += [alice, bob]
     room = await room_of(alice, name="secret")
     mark = env.log_size()
+    before = await env.module_metrics()
 
     with env.gate.with_secret("another-secret-" + uuid.uuid4().hex):
         resp = await alice.room_invite(room, bob.user_id)
@@ -492,6 +526,8 @@ async def test_wrong_secret_counts_as_unreachable_and_is_logged_without_it(
     assert isinstance(resp, nio.RoomInviteError), resp
     assert UNREACHABLE_MESSAGE in resp.message
     assert "HTTP 401 (wrong gate secret?)" in env.log(mark)
+    status = ("enclave_gate_module_unreachable_total", "status")
+    assert (await env.module_metrics())[status] - before[status] >= 1
     assert SECRET not in env.log()
 
 

@@ -60,6 +60,8 @@ def replica_config(stack: Stack, base: Path, name: str, port: int, dsn: str) -> 
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["appservice"]["port"] = port  # public_url stays the proxy's: Synapse's one URL
     cfg["cluster"] = {"lease_ttl_seconds": TTL_SECONDS, "replica_name": name}
+    # the job runs' start and end lines (DEBUG: which replica ran which job when)
+    cfg["logging"] = {**cfg.get("logging", {}), "loggers": {"bridge.app": "DEBUG"}}
     cfg["directory"] = {
         "source": {"type": "file", "path": str(base / "directory.yaml")},
         "interval_minutes": JOB_MINUTES,
@@ -69,7 +71,7 @@ def replica_config(stack: Stack, base: Path, name: str, port: int, dsn: str) -> 
     return cfg_path
 
 
-LINE = re.compile(r"^(\S+ \S+) INFO bridge\.app: job directory-sync \((\S+)\) "
+LINE = re.compile(r"^(\S+ \S+) DEBUG bridge\.app: job directory-sync \((\S+)\) "
                   r"(starts|ends) on (\S+)$")
 
 

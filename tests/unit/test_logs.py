@@ -15,6 +15,12 @@ AS = "as-token-XYZ123abc"
 HS = "hs_token_456DEF"
 
 
+@pytest.fixture(autouse=True)
+def _no_captured_warnings() -> Iterator[None]:
+    yield
+    logging.captureWarnings(False)  # setup_logging routes warnings into logging
+
+
 @pytest.fixture
 def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     stream = io.StringIO()
@@ -93,7 +99,7 @@ def test_setup_logging_json_redacts(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
-    assert [(x["level"], x["msg"]) for x in lines] == [
+    assert [(x["level"], x["message"]) for x in lines] == [
         ("INFO", f"sending with {REDACTED}"), ("WARNING", f"now {REDACTED}")]
     assert lines[0]["logger"] == "enclave.test"
     assert lines[0]["ts"].endswith("Z")
@@ -111,3 +117,53 @@ def test_json_formatter_includes_redacted_exception() -> None:
     out = orjson.loads(JSONFormatter().format(record))
     assert AS not in orjson.dumps(out).decode()
     assert "ValueError" in out["exc"]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    names = ["apscheduler", "apscheduler.executors.default", "aiohttp.access", "nio",
+             "bridge.app", "enclave.test"]
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in names}
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for n, lvl in saved[2].items():
+        logging.getLogger(n).setLevel(lvl)
+
+
+def test_libraries_stay_at_warning_unless_asked(
+        capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    setup_logging("INFO", "text")
+    # what APScheduler prints for every timer run
+    logging.getLogger("apscheduler.executors.default").info(
+        'Running job "Waker._timer (trigger: interval[0:00:05])"')
+    logging.getLogger("aiohttp.access").info("GET /metrics 200")
+    logging.getLogger("nio").warning("nio warns")
+    logging.getLogger("enclave.test").info("ours")
+    err = capsys.readouterr().err
+    assert "Running job" not in err and "GET /metrics" not in err
+    assert "nio warns" in err and "ours" in err
+
+    setup_logging("INFO", "text", libraries="INFO", loggers={"bridge.app": "DEBUG"})
+    logging.getLogger("apscheduler.executors.default").info("Running job x")
+    logging.getLogger("aiohttp.access").info("GET /metrics 200")
+    logging.getLogger("bridge.app").debug("job starts")
+    logging.getLogger("enclave.test").debug("not ours at DEBUG")
+    err = capsys.readouterr().err
+    assert "Running job x" in err and "job starts" in err
+    # the access log needs its own name in logging.loggers
+    assert "GET /metrics" not in err and "not ours at DEBUG" not in err
+
+
+def test_json_lines_carry_structured_fields_redacted(
+        capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    setup_logging("INFO", "json", [AS])
+    logging.getLogger("enclave.test").warning(
+        "job %s: %s", "directory-sync", "failed",
+        extra={"job": "directory-sync", "seconds": 1.5, "detail": f"token {AS}"})
+    line = orjson.loads(capsys.readouterr().err.strip())
+    assert line["message"] == "job directory-sync: failed"
+    assert line["job"] == "directory-sync" and line["seconds"] == 1.5
+    assert line["detail"] == f"token {REDACTED}"
+    assert set(line) == {"ts", "level", "logger", "message", "job", "seconds", "detail"}

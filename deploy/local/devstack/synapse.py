@@ -260,6 +260,9 @@ class SynapseServer:
     federation_port: int | None = None
     tls_cert_dir: Path | None = None
     federation_whitelist: list[str] | None = None
+    # serve Synapse's Prometheus metrics at /_synapse/metrics on the client listener
+    # (enable_metrics; the gate module's metrics are there)
+    metrics: bool = False
 
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, init=False, repr=False)
@@ -388,6 +391,8 @@ class SynapseServer:
             cfg.update(self._federation_overrides())
             if not self.production_rate_limits:
                 cfg["rc_federation"] = dict(TEST_FEDERATION_RATE_LIMIT)
+        if self.metrics:
+            cfg["enable_metrics"] = True
         cfg.update(self.extra_config)
         return cfg
 
@@ -426,7 +431,8 @@ class SynapseServer:
                 "type": "http",
                 "tls": False,
                 "x_forwarded": False,
-                "resources": [{"names": ["client"], "compress": False}],
+                "resources": [{"names": ["client", *(["metrics"] if self.metrics else [])],
+                               "compress": False}],
             }
         ]
 

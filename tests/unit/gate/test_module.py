@@ -32,7 +32,7 @@ from bridge.gate.protocol import gate_request_from_obj
 MODULE_FILE = Path(gate_module.__file__)
 
 
-def test_module_imports_only_stdlib_synapse_and_twisted() -> None:
+def test_module_imports_only_stdlib_synapse_twisted_and_prometheus_client() -> None:
     tree = ast.parse(MODULE_FILE.read_text())
     roots = set()
     for node in ast.walk(tree):
@@ -41,7 +41,9 @@ def test_module_imports_only_stdlib_synapse_and_twisted() -> None:
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "a relative import ties the file to Enclave's package"
             roots.add((node.module or "").split(".")[0])
-    allowed = set(sys.stdlib_module_names) | {"synapse", "twisted", "__future__"}
+    # prometheus_client: a requirement of Synapse itself (its metrics)
+    allowed = set(sys.stdlib_module_names) | {"synapse", "twisted", "__future__",
+                                              "prometheus_client"}
     assert roots - allowed == set()
     assert "synapse" in roots and "twisted" in roots  # the walk saw the imports
 
@@ -289,3 +291,31 @@ def test_gate_mirrors_the_kernels_creator_rule(version: str | None) -> None:
 
     assert gate_module.creators_have_unlimited_power(version) is \
         creators_have_unlimited_power(version)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def test_gate_metrics_count_answers_and_unreachable_by_reason() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    m = gate_module.GateMetrics(registry)
+    # every reason is exported at 0 before the first failure (increase() sees the first)
+    for reason in gate_module.UNREACHABLE_REASONS:
+        assert registry.get_sample_value("enclave_gate_module_unreachable_total",
+                                         {"reason": reason}) == 0
+    m.answered("invite", True, 0.002)
+    m.answered("invite", False, 0.003)
+    m.unanswered("join", "timeout", 0.5)
+    value = registry.get_sample_value
+    assert value("enclave_gate_module_checks_total", {"check": "invite", "outcome": "allow"}) == 1
+    assert value("enclave_gate_module_checks_total", {"check": "invite", "outcome": "deny"}) == 1
+    assert value("enclave_gate_module_checks_total",
+                 {"check": "join", "outcome": "unreachable"}) == 1
+    assert value("enclave_gate_module_unreachable_total", {"reason": "timeout"}) == 1
+    assert value("enclave_gate_module_request_seconds_count", {}) == 3
+    assert b"enclave_gate_module_request_seconds_bucket" in generate_latest(registry)
+
+
+def test_process_metrics_are_made_once() -> None:
+    # Synapse's registry refuses a second metric of a name: one set per process
+    assert gate_module.process_metrics() is gate_module.process_metrics()
