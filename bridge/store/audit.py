@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import AuditFilter, AuditRecord
+from .base import AuditFilter, AuditRecord, AuditSearch
 from .db import Step
 from .shared import SharedDatabase
 
@@ -61,3 +61,24 @@ class SQLAuditStore:
         keys = ("id", *(k.strip() for k in _AUDIT_COLS.split(",")))
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 
+
+    async def audit_page(self, search: AuditSearch) -> list[dict[str, Any]]:
+        """One page of the audit log, newest first (keyset: ids below ``before_id``);
+        every filter is an indexed equality or range (migration 008's indexes)."""
+        where, args = [], []
+        for col, op, val in (
+            ("ts", ">=", search.since_ms), ("ts", "<", search.until_ms),
+            ("user_id", "=", search.user_id), ("room_id", "=", search.room_id),
+            ("rule_id", "=", search.rule_id), ("outcome", "=", search.outcome),
+            ("actor", "=", search.actor), ("id", "<", search.before_id),
+        ):
+            if val is not None:
+                where.append(f"{col} {op} ?")
+                args.append(val)
+        sql = f"SELECT id, {_AUDIT_COLS} FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        rows = await self.db.fetch(sql, *args, search.limit)
+        keys = ("id", *(k.strip() for k in _AUDIT_COLS.split(",")))
+        return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
