@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from ..config.console import ConsoleConfig
 from ..policy.console import (
@@ -95,9 +96,11 @@ class ConsoleAuth:
         """(user id, "") or (None, why). The token is logged out at once (no device)."""
         http = self._http()
         try:
+            # the root's session has no JSON serializer of its own (json_serialize=None)
+            data = orjson.dumps({**body, "initial_device_display_name":
+                                 "Enclave console sign-in (logged out at once)"})
             async with http.post(self.homeserver_url + "/_matrix/client/v3/login",
-                                 json={**body, "initial_device_display_name":
-                                       "Enclave console sign-in (logged out at once)"},
+                                 data=data, headers={"Content-Type": "application/json"},
                                  timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 got = await resp.json(content_type=None)
                 status = resp.status
@@ -110,7 +113,9 @@ class ConsoleAuth:
         if token:
             try:
                 async with http.post(self.homeserver_url + "/_matrix/client/v3/logout",
-                                     headers={"Authorization": f"Bearer {token}"}, json={},
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"},
+                                     data=b"{}",
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
                     if resp.status != 200:
                         log.warning("console: logging the sign-in token out answered %s",

@@ -145,7 +145,7 @@ class ConsoleWeb:
                     return self.render("refused.html", None, status=403,
                                        message="not signed in (or the session ended)")
                 target = request.path_qs if request.path.startswith("/console") else "/console/"
-                raise web.HTTPSeeOther("/console/login?" + urlencode({"next": target}))
+                return _redirect("/console/login?" + urlencode({"next": target}))
             if request.method == "POST":
                 form = await request.post()
                 if not csrf_ok(signed.csrf, str(form.get("csrf", "")) or None):
@@ -202,7 +202,7 @@ class ConsoleWeb:
 
     # -- sign-in -----------------------------------------------------------------------
     async def root_redirect(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPSeeOther("/console/")
+        return _redirect("/console/")
 
     async def css(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=(TEMPLATES / "console.css").read_bytes(),
@@ -233,21 +233,21 @@ class ConsoleWeb:
                                                self.remote(request))
         if not got.ok or got.raw_id is None:
             return await self.login_form(request, message=got.message, status=403)
-        resp = web.HTTPSeeOther(self._next(str(form.get("next", ""))))
+        resp = _redirect(self._next(str(form.get("next", ""))))
         self._set_cookie(resp, COOKIE, got.raw_id)
-        raise resp
+        return resp
 
     async def sso_start(self, request: web.Request) -> web.StreamResponse:
         # a nonce bound to this browser: a login token someone else obtained cannot sign
         # this browser in (login CSRF)
         nonce = pysecrets.token_urlsafe(24)
         callback = f"{self.public_url}/console/sso/callback?state={quote(nonce)}"
-        resp = web.HTTPSeeOther(
+        resp = _redirect(
             f"{self.homeserver_url}/_matrix/client/v3/login/sso/redirect?"
             + urlencode({"redirectUrl": callback}))
         # Lax: the homeserver's redirect back is a cross-site navigation
         self._set_cookie(resp, SSO_COOKIE, nonce, samesite="Lax", max_age=600)
-        raise resp
+        return resp
 
     async def sso_callback(self, request: web.Request) -> web.StreamResponse:
         state = request.query.get("state", "")
@@ -260,16 +260,16 @@ class ConsoleWeb:
                                             self.remote(request))
         if not got.ok or got.raw_id is None:
             return await self.login_form(request, message=got.message, status=403)
-        resp = web.HTTPSeeOther("/console/")
+        resp = _redirect("/console/")
         self._set_cookie(resp, COOKIE, got.raw_id)
         resp.del_cookie(SSO_COOKIE, path="/console")
-        raise resp
+        return resp
 
     async def logout(self, request: web.Request, signed: Signed) -> web.StreamResponse:
         await self.auth.sign_out(signed)
-        resp = web.HTTPSeeOther("/console/login")
+        resp = _redirect("/console/login")
         resp.del_cookie(COOKIE, path="/console")
-        raise resp
+        return resp
 
     # -- status ------------------------------------------------------------------------
     async def status(self, request: web.Request, signed: Signed) -> web.StreamResponse:
@@ -614,3 +614,9 @@ def _csv_safe(v: Any) -> Any:
     if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + v
     return "" if v is None else v
+
+
+def _redirect(location: str) -> web.Response:
+    # returned, not raised: the appservice's error middleware answers raised HTTP
+    # exceptions in JSON
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
