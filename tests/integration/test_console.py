@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .directory_helpers import ensure_enclave_admin
-from .harness import REPO_ROOT, EnclaveProcess, Stack, wait_until
+from .harness import REPO_ROOT, EnclaveProcess, Stack, nio, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,16 @@ class Env:
         finally:
             con.close()
 
+    def delivery_room(self, user_id: str) -> str | None:
+        con = sqlite3.connect(f"file:{self.enclave.config.parent / 'enclave.db'}?mode=ro",
+                              uri=True, timeout=10)
+        try:
+            row = con.execute("SELECT room_id FROM announcement_deliveries WHERE target = ?"
+                              " AND status = 'sent'", (user_id,)).fetchone()
+        finally:
+            con.close()
+        return row[0] if row else None
+
     def audit(self, source: str = "console") -> list[tuple[Any, ...]]:
         con = sqlite3.connect(f"file:{self.enclave.config.parent / 'enclave.db'}?mode=ro",
                               uri=True, timeout=10)
@@ -87,6 +97,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         cfg["retention"] = {"enabled": True, "default": {"keep": "365d"},
                             "archive": {"path": str(base / "archive")},
                             "purge": {"interval_minutes": 0}}
+        cfg["bots"] = {"encryption": {"enabled": False}, "announcements": {
+            "poll_seconds": 0.5, "announcements": [{
+                "id": "security-notice", "title": "Security notice",
+                "body": "Hello {first_name}, please read the security notice.",
+                "audience": {"department": ["Ops"]}, "require_ack": True}]}}
         cfg["console"] = {"enabled": True, "groups": GROUPS, "idle_timeout_minutes": 30}
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         enclave = EnclaveProcess(config, stack.as_port)
@@ -238,14 +253,47 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     csv = await lena.request.get(f"/console/audit.csv?actor={env.uid('lena')}")
     assert csv.status == 200 and "hold_release" in await csv.text()
 
-    # -- operator: the directory safety refusal, then a group change that locks vic out ----
+    # -- operator: an announcement sent from the console (an extension's page), acknowledged
     otto = await sign_in(browser, env, "otto")
+    assert "Announcements" in await vic.inner_text("nav")  # a viewer sees the page...
+    await vic.goto("/console/x/announcements")
+    assert await vic.locator("#send").count() == 0  # ...but no send button
+    r = await vic.request.post("/console/x/announcements",
+                               form={"csrf": token, "id": "security-notice"})
+    assert r.status == 403
+    await otto.goto("/console/x/announcements")
+    await otto.click("#send")
+    await otto.wait_for_load_state("load")
+    assert "queued security-notice" in await otto.inner_text("#message")
+    assert ("console.announcements", "applied", env.uid("otto"), None) in env.audit()
+    room = await wait_until(lambda: _async(env.delivery_room(env.uid("lena"))), within=60,
+                            what="the notice delivered to lena")
+    client = nio.AsyncClient(env.stack.synapse.base_url, env.uid("lena"))
+    try:
+        assert isinstance(await client.login("pw-lena"), nio.LoginResponse)
+        sent = await client.room_send(room, "m.room.message",
+                                      {"msgtype": "m.text", "body": "!ack"})
+        assert isinstance(sent, nio.RoomSendResponse), sent
+    finally:
+        await client.close()
+
+    async def acknowledged() -> bool:
+        await otto.goto("/console/x/announcements?id=security-notice")
+        return "1 acknowledged" in await otto.inner_text("#summary")
+
+    await wait_until(acknowledged, within=60, what="lena's acknowledgement in the console")
+    assert "1 of 4 acknowledged" in (await otto.locator("#ack-chart title").text_content() or "")
+    recipients = await otto.inner_text("#recipients")
+    assert env.uid("lena") in recipients and "command" in recipients
+    await shot(otto, "14-announcement-report")
+
+    # -- operator: the directory safety refusal, then a group change that locks vic out ----
     env.write_people([p for p in PEOPLE if p["username"] != "ned"])  # 1 of 4 leaves: > 5%
     await otto.goto("/console/directory")
     await otto.click("#apply")
     await otto.wait_for_load_state("load")
     assert "Refused by the safety checks" in await otto.inner_text("#refused")
-    await shot(otto, "14-directory-refused")
+    await shot(otto, "15-directory-refused")
     assert ("console.directory_apply", "refused", env.uid("otto"), "directory.sync") \
         in env.audit()
     moved = [dict(p) for p in PEOPLE]
@@ -255,7 +303,7 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     await otto.click("#apply")
     await otto.wait_for_load_state("load")
     assert "Applied" in await otto.inner_text("#summary")
-    await shot(otto, "15-directory-applied")
+    await shot(otto, "16-directory-applied")
     # vic's open session stops working at the next click
     await vic.goto("/console/audit")
     assert "/console/login" in vic.url
@@ -268,3 +316,7 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     assert "/console/login" in lena.url
     await lena.goto("/console/holds")
     assert "/console/login" in lena.url
+
+
+async def _async(value: Any) -> Any:
+    return value
