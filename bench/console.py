@@ -184,7 +184,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             f"/console/audit?user={v['user']}&since=7d",
             f"/console/audit?rule={v['rule']}&outcome=refused",
             "/console/audit?since=60d&until=59d",
-            f"/console/audit?before={args.rows // 2}",
+            f"/console/audit?before={int(time.time() * 1000) - 45 * DAY}.{args.rows}",
             "/console/audit?user=%40nobody%3Acorp.test",
         ]
         jar = aiohttp.CookieJar(unsafe=True)

@@ -286,8 +286,7 @@ class ConsoleWeb:
                            lag_ms=(now - oldest) if oldest else 0, now=now)
 
     # -- audit -------------------------------------------------------------------------
-    def _search(self, q: Any, *, before_id: int | None, limit: int) -> tuple[AuditSearch,
-                                                                             list[str]]:
+    def _search(self, q: Any, *, limit: int) -> tuple[AuditSearch, list[str]]:
         problems: list[str] = []
         now = self.clock_ms()
 
@@ -304,28 +303,34 @@ class ConsoleWeb:
         def text(name: str) -> str | None:
             return (q.get(name) or "").strip() or None
 
+        # the keyset of the last row shown: "<ts>.<id>"
+        before_ts = before_id = None
+        ts_text, _, id_text = (q.get("before") or "").partition(".")
+        if ts_text.isdigit() and id_text.isdigit():
+            before_ts, before_id = int(ts_text), int(id_text)
         return AuditSearch(since_ms=when("since"), until_ms=when("until"),
                            user_id=text("user"), room_id=text("room"), rule_id=text("rule"),
                            outcome=text("outcome"), actor=text("actor"),
-                           before_id=before_id, limit=limit), problems
+                           before_ts=before_ts, before_id=before_id, limit=limit), problems
 
     async def audit_page(self, request: web.Request, signed: Signed) -> web.StreamResponse:
         q = request.query
-        before = q.get("before", "")
-        search, problems = self._search(
-            q, before_id=int(before) if before.isdigit() else None, limit=100)
+        search, problems = self._search(q, limit=100)
         rows = [] if problems else await self.audit.audit_page(search)
         keep = {k: q.get(k, "") for k in ("since", "until", "user", "room", "rule",
                                           "outcome", "actor")}
         more = None
         if len(rows) == search.limit:
-            more = "/console/audit?" + urlencode({**keep, "before": rows[-1]["id"]})
+            last = rows[-1]
+            more = "/console/audit?" + urlencode({**keep,
+                                                  "before": f"{last['ts']}.{last['id']}"})
         csv_url = "/console/audit.csv?" + urlencode(keep)
         return self.render("audit.html", signed, rows=rows, q=keep, problems=problems,
                            more=more, csv_url=csv_url, status=400 if problems else 200)
 
     async def audit_csv(self, request: web.Request, signed: Signed) -> web.StreamResponse:
-        search, problems = self._search(request.query, before_id=None, limit=5000)
+        search, problems = self._search({k: v for k, v in request.query.items()
+                                         if k != "before"}, limit=5000)
         if problems:
             return self.render("refused.html", signed, status=400,
                                message="; ".join(problems))
@@ -350,7 +355,8 @@ class ConsoleWeb:
             buf.truncate()
             if len(rows) < search.limit:
                 break
-            search = AuditSearch(**{**search.__dict__, "before_id": rows[-1]["id"]})
+            search = AuditSearch(**{**search.__dict__, "before_ts": rows[-1]["ts"],
+                                    "before_id": rows[-1]["id"]})
         await self.auth.record(signed, "console.audit_export", "applied",
                                reason=f"{total} audit rows downloaded as CSV",
                                detail=urlencode(dict(request.query)))

@@ -212,8 +212,8 @@ class ConsoleSession:
 
 @dataclass(frozen=True)
 class AuditSearch:
-    """A page of the audit log, newest first: rows with id below ``before_id`` matching
-    every filter given (the console's search; keyset pagination on id)."""
+    """A page of the audit log, newest first (by time, then id): rows before the keyset
+    ``(before_ts, before_id)`` matching every filter given (the console's search)."""
 
     since_ms: int | None = None
     until_ms: int | None = None
@@ -222,5 +222,6 @@ class AuditSearch:
     rule_id: str | None = None
     outcome: str | None = None
     actor: str | None = None
+    before_ts: int | None = None
     before_id: int | None = None
     limit: int = 100

@@ -174,7 +174,7 @@ class AuditStore(Protocol):
     async def query_audit(self, flt: AuditFilter) -> list[dict[str, Any]]: ...
 
     async def audit_page(self, search: AuditSearch) -> list[dict[str, Any]]:
-        """One page, newest first, ids below ``search.before_id`` (keyset pagination)."""
+        """One page, newest first (ts, id), before the keyset ``(before_ts, before_id)``."""
 
 
 @runtime_checkable

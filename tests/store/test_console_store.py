@@ -38,11 +38,19 @@ async def test_audit_page_newest_first_with_keyset(make_store: MakeStore) -> Non
             ts=1000 + i, source="console" if i % 3 == 0 else "inbox", kind="k",
             outcome="applied" if i % 2 else "refused", actor=f"@a{i % 2}:corp.test",
             user_id=f"@u{i % 5}:corp.test", room_id="!r", rule_id=f"rule.{i % 4}"))
+    # one more at the same time as the newest: time first, then id decides
+    await stores.audit.add_audit(AuditRecord(ts=1029, source="inbox", kind="k",
+                                             outcome="applied"))
     page = await stores.audit.audit_page(AuditSearch(limit=10))
-    ids = [r["id"] for r in page]
-    assert ids == sorted(ids, reverse=True) and len(ids) == 10
-    nxt = await stores.audit.audit_page(AuditSearch(limit=10, before_id=ids[-1]))
-    assert max(r["id"] for r in nxt) < ids[-1]
+    keys = [(r["ts"], r["id"]) for r in page]
+    assert keys == sorted(keys, reverse=True) and len(keys) == 10
+    assert keys[0][0] == keys[1][0] == 1029 and keys[0][1] > keys[1][1]
+    nxt = await stores.audit.audit_page(AuditSearch(limit=10, before_ts=keys[-1][0],
+                                                    before_id=keys[-1][1]))
+    assert len(nxt) == 10 and max((r["ts"], r["id"]) for r in nxt) < keys[-1]
+    rest = await stores.audit.audit_page(AuditSearch(limit=100, before_ts=nxt[-1]["ts"],
+                                                     before_id=nxt[-1]["id"]))
+    assert len(page) + len(nxt) + len(rest) == 31  # every row exactly once
     only = await stores.audit.audit_page(AuditSearch(
         actor="@a1:corp.test", outcome="applied", rule_id="rule.1", since_ms=1010, limit=100))
     assert only and all(r["actor"] == "@a1:corp.test" and r["rule_id"] == "rule.1"

@@ -1,5 +1,6 @@
 -- v8: the operators' console (issue 19): server-side sign-in sessions, and the audit
--- indexes its search pages with (newest first, keyset on id).
+-- indexes its search pages with (newest first: ORDER BY ts DESC, id DESC, keyset on
+-- (ts, id)); each filter column leads one index, so a filtered page reads only its rows.
 CREATE TABLE console_sessions (
     -- sha256 of the random id in the browser's cookie: a reader of the database cannot
     -- use a row to act as its owner
@@ -12,8 +13,13 @@ CREATE TABLE console_sessions (
 );
 CREATE INDEX console_sessions_user ON console_sessions (user_id);
 CREATE INDEX console_sessions_seen ON console_sessions (last_seen);
-CREATE INDEX audit_user_id ON audit (user_id, id);
-CREATE INDEX audit_room_id ON audit (room_id, id);
-CREATE INDEX audit_rule_id ON audit (rule_id, id);
-CREATE INDEX audit_actor_id ON audit (actor, id);
-CREATE INDEX audit_outcome_id ON audit (outcome, id);
+DROP INDEX IF EXISTS audit_ts;
+DROP INDEX IF EXISTS audit_user;
+DROP INDEX IF EXISTS audit_room;
+DROP INDEX IF EXISTS audit_rule;
+CREATE INDEX audit_ts_id ON audit (ts, id);
+CREATE INDEX audit_user_ts ON audit (user_id, ts, id);
+CREATE INDEX audit_room_ts ON audit (room_id, ts, id);
+CREATE INDEX audit_rule_ts ON audit (rule_id, ts, id);
+CREATE INDEX audit_actor_ts ON audit (actor, ts, id);
+CREATE INDEX audit_outcome_ts ON audit (outcome, ts, id);
