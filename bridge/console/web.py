@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import secrets as pysecrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -615,9 +616,14 @@ class ConsoleWeb:
         return handle
 
 
+_MATRIX_ID = re.compile(r"^[@!#$][A-Za-z0-9._=\-/+]+:[A-Za-z0-9.\-\[\]:]+$")
+
+
 def _csv_safe(v: Any) -> Any:
-    """A cell a spreadsheet will not run as a formula (CSV injection)."""
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    """A cell a spreadsheet will not run as a formula (CSV injection). A Matrix id
+    (``@user:server``) stays as it is: it cannot hold a function call."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") \
+            and not _MATRIX_ID.match(v):
         return "'" + v
     return "" if v is None else v
 
