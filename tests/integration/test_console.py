@@ -8,6 +8,7 @@ an open session. Screenshots are kept under var/test-artifacts/console/.
 from __future__ import annotations
 
 import sqlite3
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,15 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("console")
-    stack = Stack.create(base / "stack")
+    stack = Stack.prepare(base / "stack")
+    # login tokens for an existing session (MSC3882): what a homeserver's SSO hands the
+    # console's callback, without an identity provider in the test
+    stack.synapse.extra_config["login_via_existing_session"] = {
+        "enabled": True, "require_ui_auth": False, "token_timeout": "5m"}
+    stack.synapse.start()
     enclave: EnclaveProcess | None = None
     try:
+        stack.bootstrap()
         ensure_enclave_admin(stack)
         config = base / "enclave" / "config.yaml"
         stack.write_enclave_config(config)
@@ -316,6 +323,52 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     assert "/console/login" in lena.url
     await lena.goto("/console/holds")
     assert "/console/login" in lena.url
+
+
+async def test_single_sign_on_callback(env: Env, browser: Any) -> None:
+    """The SSO return path: a login token the homeserver issued for a person signs in the
+    browser that started the sign-in, and no other."""
+    client = nio.AsyncClient(env.stack.synapse.base_url, env.uid("otto"))
+    try:
+        assert isinstance(await client.login("pw-otto"), nio.LoginResponse)
+        got = await env.stack.hs("POST", "/_matrix/client/v1/login/get_token", {},
+                                 token=client.access_token)
+        login_token = got["login_token"]
+    finally:
+        await client.close()
+    # another browser, which never started a sign-in, is refused with the token
+    stranger = await browser.new_context(base_url=env.url)
+    page = await stranger.new_page()
+    resp = await page.goto(f"/console/sso/callback?state=guess&loginToken={login_token}")
+    assert resp is not None and resp.status == 403
+    assert "not started by this browser" in await page.inner_text("#login-message")
+    await stranger.close()
+    # the browser that started it: /console/sso sets its nonce and sends it to the homeserver
+    ctx = await browser.new_context(base_url=env.url)
+    ctx.set_default_timeout(60_000)
+    start = await ctx.request.get("/console/sso", max_redirects=0)
+    assert start.status == 303
+    location = start.headers["location"]
+    assert location.startswith(env.stack.synapse.base_url +
+                               "/_matrix/client/v3/login/sso/redirect?redirectUrl=")
+    callback = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["redirectUrl"][0]
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)["state"][0]
+    page = await ctx.new_page()
+    await page.goto(f"/console/sso/callback?state={state}&loginToken={login_token}")
+    assert page.url.endswith("/console/")
+    assert env.uid("otto") in await page.inner_text("header")
+    await shot(page, "17-signed-in-by-sso-token")
+    assert any(a[:3] == ("console.sign_in", "applied", env.uid("otto")) for a in env.audit())
+    # a login token works once
+    again = await browser.new_context(base_url=env.url)
+    r = await again.request.get("/console/sso", max_redirects=0)
+    loc = urllib.parse.parse_qs(urllib.parse.urlsplit(r.headers["location"]).query)
+    state2 = urllib.parse.parse_qs(urllib.parse.urlsplit(loc["redirectUrl"][0]).query)["state"][0]
+    p2 = await again.new_page()
+    resp = await p2.goto(f"/console/sso/callback?state={state2}&loginToken={login_token}")
+    assert resp is not None and resp.status == 403
+    await ctx.close()
+    await again.close()
 
 
 async def _async(value: Any) -> Any:
