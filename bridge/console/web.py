@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 COOKIE = "enclave_console"
 SSO_COOKIE = "enclave_console_sso"
+LOGIN_COOKIE = "enclave_console_login"
 TEMPLATES = Path(__file__).parent / "templates"
 AUDIT_COLUMNS = ("id", "ts", "source", "kind", "outcome", "actor", "user_id", "room_id",
                  "rule_id", "reason", "detail")
@@ -222,13 +223,24 @@ class ConsoleWeb:
     async def login_form(self, request: web.Request, *, message: str = "",
                          status: int = 200) -> web.Response:
         flows = await self.auth.login_flows()
-        return self.render("login.html", None, status=status, message=message,
+        # the sign-in form's own CSRF token (double submit: a cookie and the form), so no
+        # other site can sign this browser in to someone else's session
+        token = pysecrets.token_urlsafe(24)
+        resp = self.render("login.html", None, status=status, message=message,
                            next=self._next(request.query.get("next")),
                            sso="m.login.sso" in flows,
-                           password="m.login.password" in flows)
+                           password="m.login.password" in flows, login_csrf=token)
+        self._set_cookie(resp, LOGIN_COOKIE, token, max_age=1800)
+        return resp
 
     async def login_post(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
+        if not csrf_ok(request.cookies.get(LOGIN_COOKIE, ""),
+                       str(form.get("login_csrf", "")) or None):
+            return await self.login_form(
+                request, status=403,
+                message="the sign-in form expired or did not come from this console; "
+                        "please sign in again")
         got = await self.auth.sign_in_password(str(form.get("username", "")),
                                                str(form.get("password", "")),
                                                self.remote(request))
@@ -236,6 +248,7 @@ class ConsoleWeb:
             return await self.login_form(request, message=got.message, status=403)
         resp = _redirect(self._next(str(form.get("next", ""))))
         self._set_cookie(resp, COOKIE, got.raw_id)
+        resp.del_cookie(LOGIN_COOKIE, path="/console")
         return resp
 
     async def sso_start(self, request: web.Request) -> web.StreamResponse:

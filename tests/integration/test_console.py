@@ -130,10 +130,14 @@ async def browser(env: Env) -> AsyncIterator[Any]:
 
     # the directory sync at start-up provisions the people (and their groups)
     async def provisioned() -> bool:
-        async with aiohttp.ClientSession() as s, s.post(
-                f"{env.url}/console/login", allow_redirects=False,
-                data={"username": "otto", "password": "pw-otto"}) as resp:
-            return resp.status == 303
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+            async with s.get(f"{env.url}/console/login") as resp:
+                html = await resp.text()
+            token = html.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
+            async with s.post(f"{env.url}/console/login", allow_redirects=False, data={
+                    "username": "otto", "password": "pw-otto",
+                    "login_csrf": token}) as resp:
+                return resp.status == 303
 
     await wait_until(provisioned, within=90, what="otto can sign in to the console",
                      describe=env.enclave.describe)
@@ -178,6 +182,13 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     page = await sign_in(browser, env, env.stack.admin_user_id, "root-password")
     assert "may not use the console" in await page.inner_text("#login-message")
     assert "/console/login" in page.url
+    # a sign-in posted from elsewhere (no sign-in form token of this browser): refused
+    # before the homeserver is asked
+    stranger = await browser.new_context(base_url=env.url)
+    r = await stranger.request.post("/console/login", max_redirects=0,
+                                    form={"username": "otto", "password": "pw-otto"})
+    assert r.status == 403 and "enclave_console=" not in r.headers.get("set-cookie", "")
+    await stranger.close()
     audit = env.audit()
     assert ("console.sign_in", "refused", env.uid("ned"), "console.no_group") in audit
     assert ("console.sign_in", "refused", env.stack.admin_user_id, "console.unknown") in audit
