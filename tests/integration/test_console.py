@@ -217,6 +217,19 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
             # an outsider invited by staff into a new DM: the policy's answer and its rule
             assert await vic.inner_text("#decision") in ("ALLOW", "DENY")
         await shot(vic, name)
+    # a room: its explanation (class, members' standing) and its retention plan
+    room = (await env.stack.hs("POST", "/_matrix/client/v3/createRoom",
+                               {"name": "console test room"}))["room_id"]
+    q = urllib.parse.quote(room)
+    resp = await vic.goto(f"/console/explain?what=room&room={q}")
+    assert resp is not None and resp.status == 200
+    assert "class internal" in await vic.inner_text("#explanation")
+    await shot(vic, "05b-explain-room")
+    resp = await vic.goto(f"/console/retention?room={q}")
+    assert resp is not None and resp.status == 200
+    assert room in await vic.inner_text("#plan")
+    assert "keep" in await vic.inner_text("#plan")
+    await shot(vic, "08b-retention-plan")
     assert "Legal holds" not in await vic.inner_text("nav")
     resp = await vic.goto("/console/holds")
     assert resp is not None and resp.status == 403
@@ -304,6 +317,14 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     recipients = await otto.inner_text("#recipients")
     assert env.uid("lena") in recipients and "command" in recipients
     await shot(otto, "14-announcement-report")
+
+    # -- operator: separation reconciliation applied from the console ----------------------
+    await otto.goto("/console/separation")
+    await otto.click("#apply")
+    await otto.wait_for_load_state("load")
+    assert (await otto.inner_text("#summary")).startswith("Applied: scanned")
+    assert ("console.separation_apply", "applied", env.uid("otto"),
+            "separation.reconcile") in env.audit()
 
     # -- operator: the directory safety refusal, then a group change that locks vic out ----
     env.write_people([p for p in PEOPLE if p["username"] != "ned"])  # 1 of 4 leaves: > 5%
