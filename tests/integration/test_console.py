@@ -95,6 +95,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         config = base / "enclave" / "config.yaml"
         stack.write_enclave_config(config)
         cfg = yaml.safe_load(config.read_text())
+        cfg["inbox"].update(handlers=["tests.integration.console_park_handler:factory"],
+                            max_attempts=1)
         cfg["directory"] = {"source": {"type": "file", "path": str(base / "directory.yaml"),
                                        "allow_initial_passwords": True},
                             "interval_minutes": 0}
@@ -218,8 +220,10 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
             assert await vic.inner_text("#decision") in ("ALLOW", "DENY")
         await shot(vic, name)
     # a room: its explanation (class, members' standing) and its retention plan
+    # (made by a staff member: separation removes anyone else from an internal room)
     room = (await env.stack.hs("POST", "/_matrix/client/v3/createRoom",
-                               {"name": "console test room"}))["room_id"]
+                               {"name": "console test room"},
+                               as_user=env.uid("otto")))["room_id"]
     q = urllib.parse.quote(room)
     resp = await vic.goto(f"/console/explain?what=room&room={q}")
     assert resp is not None and resp.status == 200
@@ -317,6 +321,28 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     recipients = await otto.inner_text("#recipients")
     assert env.uid("lena") in recipients and "command" in recipients
     await shot(otto, "14-announcement-report")
+
+    # -- operator: a parked event requeued ---------------------------------------------------
+    await env.stack.hs("PUT", f"/_matrix/client/v3/rooms/{q}/send/m.room.message/park-1",
+                       {"msgtype": "m.text", "body": "park me"}, as_user=env.uid("otto"))
+
+    async def parked() -> bool:
+        await otto.goto("/console/inbox")
+        return await otto.locator("#parked input[name=seq]").count() == 1
+
+    await wait_until(parked, within=60, what="the failing event parked")
+    assert "console test: this event always fails" in await otto.inner_text("#parked")
+    await vic.goto("/console/inbox")  # a viewer sees it, without a requeue button
+    assert await vic.locator("form[action='/console/inbox/requeue'] button").count() == 0
+    seq = await otto.get_attribute("#parked input[name=seq]", "value")
+    r = await vic.request.post("/console/inbox/requeue", form={"csrf": token, "seq": seq})
+    assert r.status == 403
+    await otto.check("#parked input[name=seq]")
+    await shot(otto, "13b-inbox-parked")
+    await otto.click("form[action='/console/inbox/requeue'] button")
+    await otto.wait_for_load_state("load")
+    assert "requeued 1 parked event(s)" in await otto.inner_text("#message")
+    assert ("console.inbox_requeue", "applied", env.uid("otto"), None) in env.audit()
 
     # -- operator: separation reconciliation applied from the console ----------------------
     await otto.goto("/console/separation")
