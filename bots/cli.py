@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from bridge.cli.kit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
-from bridge.kernel.timestamps import iso_utc
 from bridge.store import Stores
 
-from .announcements.acks import summarise
-from .announcements.report import report_rows, write_csv
-from .announcements.service import make_occurrence, spec_for
-from .announcements.spec import AnnouncementSpec
+from .announcements.overview import announcement_list, occurrence_report, queue_send
+from .announcements.report import write_csv
 from .cross_signing import request_reset
 from .store import AnnouncementStore
 
@@ -36,34 +33,7 @@ def cmd_announcements(args: argparse.Namespace) -> int:
         # the bots' own tables, on the database of the core stores (the audit, the directory)
         store = AnnouncementStore(core.database.db)
         if args.ann_cmd == "list":
-            occs = await store.announcement_occurrences()
-            latest: dict[str, Any] = {}
-            for o in occs:
-                latest[o.announcement_id] = o
-            rows = []
-            for aid in [*configured, *(k for k in latest if k not in configured)]:
-                a = configured.get(aid)
-                o = latest.get(aid)
-                counts = ""
-                if o is not None:
-                    s = summarise(await store.announcement_deliveries(aid, o.occurrence_id))
-                    spec = AnnouncementSpec.from_json(o.spec)
-                    counts = s.line(spec.require_ack)
-                sched = "-"
-                if a is not None and a.schedule is not None:
-                    sched = a.schedule.cron or a.schedule.at or "-"
-                    sched += f" ({a.schedule.timezone})"
-                elif a is not None:
-                    sched = "manual"
-                rows.append({
-                    "id": aid, "source": "config" if a else (o.kind if o else ""),
-                    "title": a.title if a else (AnnouncementSpec.from_json(o.spec).title
-                                                if o else ""),
-                    "schedule": sched,
-                    "occurrences": sum(1 for x in occs if x.announcement_id == aid),
-                    "latest": o.occurrence_id if o else "", "status": o.status if o else "",
-                    "counts": counts,
-                })
+            rows = await announcement_list(store, configured)
             _print_rows(rows, args.format, ["id", "source", "title", "schedule",
                                             "occurrences", "latest", "status", "counts"],
                         f"announcements ({len(rows)})")
@@ -75,36 +45,26 @@ def cmd_announcements(args: argparse.Namespace) -> int:
                      "bots.announcements.announcements")
                 return EXIT_USAGE
             now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-            occ_id = args.occurrence or "manual-" + iso_utc(now)
-            created, sel = await make_occurrence(
-                store, await core.directory.directory_view(), announcement_id=a.id,
-                occurrence_id=occ_id, kind="manual", spec=spec_for(a, tz), scheduled_at=now,
-                created_by=f"cli:{os.environ.get('USER', '?')}", now_ms=now)
-            if not created:
-                _err(f"occurrence {occ_id!r} of {a.id!r} exists already; nothing queued")
+            q = await queue_send(store, await core.directory.directory_view(), a, tz,
+                                 occurrence_id=args.occurrence, now_ms=now,
+                                 created_by=f"cli:{os.environ.get('USER', '?')}")
+            if not q.created:
+                _err(f"occurrence {q.occurrence_id!r} of {a.id!r} exists already; "
+                     "nothing queued")
                 return EXIT_ERROR
             assert acfg is not None
-            print(f"queued {a.id} / {occ_id} for {len(sel.users)} people and "
-                  f"{len(sel.rooms)} room(s); the running Enclave delivers it within "
+            print(f"queued {a.id} / {q.occurrence_id} for {q.users} people and "
+                  f"{q.rooms} room(s); the running Enclave delivers it within "
                   f"{acfg.poll_seconds:g} s")
             return EXIT_OK
         # report
-        occs = await store.announcement_occurrences(announcement_id=args.id)
-        if args.occurrence:
-            occs = [o for o in occs if o.occurrence_id == args.occurrence]
-        if not occs:
+        rep = await occurrence_report(store, await core.directory.directory_view(), args.id,
+                                      args.occurrence, tz)
+        if rep is None:
             _err(f"enclave announcements report: nothing sent for {args.id!r}"
                  + (f" occurrence {args.occurrence!r}" if args.occurrence else ""))
             return EXIT_ERROR
-        occ = occs[-1]
-        deliveries = await store.announcement_deliveries(occ.announcement_id,
-                                                         occ.occurrence_id)
-        spec = AnnouncementSpec.from_json(occ.spec)
-        staff = {r.user_id: r for r in await core.directory.directory_view()}
-        rows = report_rows(deliveries, staff, tz)
-        summary = summarise(deliveries)
-        head = (f"{occ.announcement_id} / {occ.occurrence_id}: {spec.title} ({occ.kind}, "
-                f"{occ.status})\n{summary.line(spec.require_ack)}")
+        rows, head = rep.rows, rep.head
         if args.csv == "-":
             _err(head)
             write_csv(rows, sys.stdout)

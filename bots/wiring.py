@@ -22,6 +22,7 @@ from .actions import BotMessage, bot_message_applier
 from .announcements.bot import AnnouncementBot
 from .announcements.webhooks import Webhooks
 from .bot import Bot
+from .console import announcements_page
 from .crypto import EncryptedSender, EncryptedSenders
 from .jobs import cancel_quietly
 from .onboarding import OnboardingBot
@@ -170,4 +171,11 @@ def build_bots(svc: Services, *, encrypted_sender: RoomSender | None = None,
         for device in devices.values():
             await device.close()
 
-    return Plugin(handlers=runtime.bots, mount=mount, lifetime=bots_ctx)
+    pages = []
+    if cfg.announcements is not None:
+        acfg = cfg.announcements
+        pages.append(announcements_page(
+            bsvc.announcements, svc.stores.directory,
+            {a.id: a for a in acfg.announcements}, acfg.timezone, svc.clock_ms))
+    return Plugin(handlers=runtime.bots, mount=mount, lifetime=bots_ctx,
+                  console_pages=pages)

@@ -350,6 +350,8 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
                         _reload_route(svc, secrets["appservice.as_token"].get()))
     if svc.scim is not None:
         svc.scim.add_routes(app)
+    if svc.console is not None:
+        svc.console.add_routes(app, ready)
 
     background: set[asyncio.Task[Any]] = set()
 

@@ -73,6 +73,47 @@ class MigrationSet:
 
 
 @dataclass(frozen=True)
+class ConsoleRequest:
+    """What an extension's console page is given: the signed-in person (``actor``, their
+    Matrix id; ``roles``), the query, and for a POST the form (the console has checked the
+    session, the role and the CSRF token before the handler runs, and audits the POST)."""
+
+    method: str
+    actor: str
+    roles: frozenset[str]
+    query: dict[str, str]
+    form: dict[str, str]
+    csrf: str  # put it in every form as <input type=hidden name=csrf>
+    base: str  # the page's own URL path (forms post back to it)
+
+
+@dataclass(frozen=True)
+class ConsoleView:
+    """An extension page's answer: ``body_html`` (escaped by the extension), shown inside
+    the console's layout; ``outcome``/``detail`` go into the audit record of a POST;
+    ``csv`` (filename, text) answers with a download instead."""
+
+    body_html: str = ""
+    outcome: str = "applied"
+    detail: str | None = None
+    csv: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ConsolePage:
+    """A page an extension adds to the operators' console at ``/console/x/<path>``.
+
+    ``role``: who may open it (``viewer``: anyone signed in); ``post_role``: who may POST
+    to it (None: no POST)."""
+
+    path: str
+    title: str
+    handler: Callable[[ConsoleRequest], Awaitable[ConsoleView]]
+    role: str = "viewer"
+    post_role: str | None = None
+
+
+@dataclass(frozen=True)
 class Plugin:
     """What an extension adds to a running Enclave."""
 
@@ -82,6 +123,8 @@ class Plugin:
     mount: Callable[[web.Application], None] | None = None
     # an aiohttp cleanup context: started after Enclave's own, stopped before them
     lifetime: Callable[[web.Application], AsyncIterator[None]] | None = None
+    # pages of the operators' console (``console:``), in menu order
+    console_pages: Sequence[ConsolePage] = ()
 
 
 class Extension:

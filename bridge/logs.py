@@ -20,6 +20,8 @@ import orjson
 
 _TOKEN_PATTERNS = (
     re.compile(r"(access_token=)[^&\s\"']+", re.I),
+    # the console's single sign-on callback (?loginToken=): a one-time sign-in
+    re.compile(r"(loginToken=)[^&\s\"']+", re.I),
     re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=\-]+", re.I),
     re.compile(r"((?:as|hs)_token[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+", re.I),
 )

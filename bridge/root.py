@@ -31,6 +31,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .cluster import Leadership, replica_name
 from .config import ConfigError, LoadedConfig, Secret
+from .console.auth import ConsoleAuth
+from .console.web import ConsoleWeb
 from .directory.debounce import Debouncer
 from .directory.file_source import FileSource
 from .directory.ldap_source import LdapSource
@@ -400,6 +402,32 @@ class Root:
         return ScimService(self.stores.scim, token=self.secrets["directory.source.token"].get(),
                            path_prefix=dcfg.source.path_prefix, clock_ms=self.clock_ms,
                            on_change=self.scim_debounce.trigger)
+
+    # -- the operators' console -------------------------------------------------------------
+    @cached_property
+    def console(self) -> ConsoleWeb | None:
+        """The web console at ``/console`` (``console.enabled``), over the same services
+        the CLI uses; None when it is off."""
+        cfg = self.config
+        ccfg = cfg.console
+        if not ccfg.enabled:
+            return None
+        stores = self.stores
+        auth = ConsoleAuth(ccfg, sessions=stores.console_sessions,
+                           directory=stores.directory, audit=stores.audit,
+                           http=lambda: self.session, homeserver_url=cfg.homeserver.url,
+                           clock_ms=self.clock_ms)
+        return ConsoleWeb(
+            ccfg, auth, server_name=cfg.homeserver.server_name,
+            public_url=ccfg.public_url or cfg.appservice.public_url,
+            homeserver_url=cfg.homeserver.url, audit=stores.audit, holds=stores.holds,
+            inbox=stores.inbox, kv=stores.kv, retention_rooms=stores.retention_rooms,
+            separation=self.separation, directory=self.directory, retention=self.retention,
+            line_of=self.loaded.line_of, config_path=str(self.loaded.path or "(in memory)"),
+            job_ids=lambda: [j.id for j in self.jobs],
+            extension_pages=lambda: [p for plugin in self.plugins
+                                     for p in plugin.console_pages],
+            clock_ms=self.clock_ms)
 
     # -- extensions, handlers, jobs ---------------------------------------------------------
     @cached_property

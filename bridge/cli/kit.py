@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import LoadedConfig, check_secrets, load_config
-from ..kernel.durations import parse_ago_ms
-from ..kernel.timestamps import readable_utc
+from ..kernel.timestamps import parse_when_ms, readable_utc
 from ..root import Root
 from ..store import Stores
 
@@ -58,18 +57,11 @@ async def _with_store(args: argparse.Namespace,
 def parse_time(value: str, *, now: dt.datetime | None = None) -> int:
     """'90m', '24h', '7d' (ago) or an ISO date/time (UTC if no zone) -> epoch ms."""
     now = now or dt.datetime.now(dt.UTC)
-    ago_ms = parse_ago_ms(value)
-    if ago_ms is not None:
-        return int(now.timestamp() * 1000) - ago_ms
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
+    got = parse_when_ms(value, int(now.timestamp() * 1000))
+    if got is None:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is neither a relative time like 24h nor an ISO date"
-        ) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1000)
+            f"{value!r} is neither a relative time like 24h nor an ISO date")
+    return got
 
 
 def _fmt_ts(ms: int | None) -> str:

@@ -9,8 +9,14 @@ from typing import Any
 import orjson
 from rich.console import Console
 
-from ..policy.separation import RoomFacts
 from ..root import Root
+from ..separation.explain import (
+    Explanation,
+    Ruling,
+    explain_invite,
+    explain_join,
+    explain_room,
+)
 from .kit import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load
 
 
@@ -61,15 +67,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _err("enclave explain: the configuration has no policy: section")
         return EXIT_CONFIG
 
-    def where(path: str) -> str:
-        line = loaded.line_of(path) if path.startswith("policy") else None
-        return f"{path} ({loaded.path}, line {line})" if line else path
+    def where(r: Ruling) -> str:
+        return f"{r.path} ({loaded.path}, line {r.line})" if r.line else r.path
 
-    def show(what: str, d: Any) -> None:
-        print(what)
+    def show(ex: Explanation) -> None:
+        d = ex.decision
+        assert d is not None
+        print(ex.title)
         print(f"  decision: {'ALLOW' if d.allow else 'DENY'}")
         print(f"  rule:     {d.rule_id}")
-        print(f"  where:    {where(d.path)}")
+        print(f"  where:    {where(d)}")
         print(f"  reason:   {d.reason}")
         if d.message:
             print(f"  message:  {d.message}")
@@ -78,53 +85,42 @@ def cmd_explain(args: argparse.Namespace) -> int:
         async with Root(loaded, secrets).opened() as root:
             sep = root.separation
             assert sep is not None  # checked above
-            p = await sep.policy(fresh=True)
             if args.what == "invite":
                 if len(args.args) not in (2, 3):
                     _err("usage: enclave explain invite @inviter @invitee [!room]")
                     return EXIT_USAGE
-                inviter, invitee = args.args[:2]
-                if len(args.args) == 3:
-                    facts = await sep.room_facts(args.args[2])
-                else:
-                    # no room: a new direct chat, the usual way a contact is invited
-                    facts = RoomFacts(room_id="(new direct chat)", is_direct=True,
-                                      members={inviter: "join"})
-                for who in (inviter, invitee):
-                    pr = p.principal(who)
-                    print(f"{who}: {pr.kind}" + (
-                        f" (groups: {', '.join(sorted(pr.groups))})" if pr.groups else ""))
-                show(f"invite {invitee} by {inviter} into {facts.room_id}",
-                     p.decide_invite(inviter, invitee, facts))
+                ex = await explain_invite(sep, args.args[0], args.args[1],
+                                          args.args[2] if len(args.args) == 3 else None,
+                                          loaded.line_of)
+                for pr in ex.principals:
+                    print(f"{pr.user_id}: {pr.kind}" + (
+                        f" (groups: {', '.join(pr.groups)})" if pr.groups else ""))
+                show(ex)
                 return EXIT_OK
             if args.what == "join":
                 if len(args.args) != 2:
                     _err("usage: enclave explain join @user !room")
                     return EXIT_USAGE
-                user, room = args.args
-                facts = await sep.room_facts(room)
-                show(f"join {room} as {user} ({p.principal(user).kind})",
-                     p.decide_join(user, facts,
-                                   invite_approved=await sep.invite_approved(room, user)))
+                show(await explain_join(sep, args.args[0], args.args[1], loaded.line_of))
                 return EXIT_OK
             if len(args.args) != 1:
                 _err("usage: enclave explain room !room")
                 return EXIT_USAGE
-            facts = await sep.room_facts(args.args[0])
-            rc = p.classify_room(facts)
-            print(f"room {facts.room_id}")
-            print(f"  class:    {rc.id} (by {rc.rule_id}, {where(rc.path)})")
-            print(f"  version:  {facts.room_version}, federates: {facts.federate}, "
-                  f"encrypted: {facts.encrypted}")
-            for u in facts.current():
-                d = p.decide_membership(u, facts)
-                print(f"  {facts.members[u]:6} {u} ({p.principal(u).kind}): "
-                      f"{'ok' if d.allow else 'NOT ALLOWED'} [{d.rule_id}, {where(d.path)}]")
-            actions, findings = p.diff_room(facts)
-            for a in actions:
-                print("  reconciliation would: " + a.describe())
-            for f in findings:
-                print(f"  finding [{f.rule_id}]: {f.message}")
+            ex = await explain_room(sep, args.args[0], loaded.line_of)
+            assert ex.class_rule is not None
+            print(f"room {ex.room_id}")
+            print(f"  class:    {ex.room_class} (by {ex.class_rule.rule_id}, "
+                  f"{where(ex.class_rule)})")
+            print(f"  version:  {ex.room_version}, federates: {ex.federate}, "
+                  f"encrypted: {ex.encrypted}")
+            for m in ex.members:
+                r = m.ruling
+                print(f"  {m.membership:6} {m.user_id} ({m.kind}): "
+                      f"{'ok' if r.allow else 'NOT ALLOWED'} [{r.rule_id}, {where(r)}]")
+            for a in ex.actions:
+                print("  reconciliation would: " + a)
+            for rule_id, message in ex.findings:
+                print(f"  finding [{rule_id}]: {message}")
             return EXIT_OK
 
     return asyncio.run(go())

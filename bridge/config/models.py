@@ -19,6 +19,7 @@ from pydantic import (
 
 from .base import SecretRef, StrictModel
 from .bots import BotsConfig
+from .console import ConsoleConfig
 from .directory import DirectoryConfig
 from .gate import GateConfig
 from .policy import PolicyConfig
@@ -210,6 +211,7 @@ class EnclaveConfig(StrictModel):
     inbox: InboxConfig = InboxConfig()
     logging: LoggingConfig = LoggingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    console: ConsoleConfig = ConsoleConfig()
     directory: DirectoryConfig | None = None
     gate: GateConfig | None = None
     bots: BotsConfig | None = None

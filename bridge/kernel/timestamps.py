@@ -9,6 +9,8 @@ from __future__ import annotations
 import zoneinfo
 from datetime import UTC, date, datetime
 
+from .durations import parse_ago_ms
+
 
 def _is_ms(ms: object) -> bool:
     return isinstance(ms, int)
@@ -42,3 +44,18 @@ def iso_utc(ms: int | None, missing: str = "?") -> str:
 def readable_utc(ms: int | None, missing: str = "") -> str:
     """``2024-05-01 12:30:00`` (UTC, for tables); ``missing`` when there is no time."""
     return utc_datetime(ms).strftime("%Y-%m-%d %H:%M:%S") if _is_ms(ms) else missing  # type: ignore[arg-type]
+
+
+def parse_when_ms(value: str, now_ms: int) -> int | None:
+    """``'90m'``, ``'24h'``, ``'7d'`` (that long before ``now_ms``) or an ISO date/time (UTC
+    if it names no zone) -> epoch ms; None when it is neither."""
+    ago_ms = parse_ago_ms(value)
+    if ago_ms is not None:
+        return now_ms - ago_ms
+    try:
+        t = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int(t.timestamp() * 1000)

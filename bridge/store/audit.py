@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import AuditFilter, AuditRecord
+from .base import AuditFilter, AuditRecord, AuditSearch
 from .db import Step
 from .shared import SharedDatabase
 
@@ -61,3 +61,28 @@ class SQLAuditStore:
         keys = ("id", *(k.strip() for k in _AUDIT_COLS.split(",")))
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 
+
+    async def audit_page(self, search: AuditSearch) -> list[dict[str, Any]]:
+        """One page of the audit log, newest first (``ts`` then ``id`` descending; keyset:
+        rows before ``(before_ts, before_id)``); every filter column leads one of migration
+        008's ``(column, ts, id)`` indexes."""
+        where, args = [], []
+        for col, op, val in (
+            ("ts", ">=", search.since_ms), ("ts", "<", search.until_ms),
+            ("user_id", "=", search.user_id), ("room_id", "=", search.room_id),
+            ("rule_id", "=", search.rule_id), ("outcome", "=", search.outcome),
+            ("actor", "=", search.actor),
+        ):
+            if val is not None:
+                where.append(f"{col} {op} ?")
+                args.append(val)
+        if search.before_ts is not None and search.before_id is not None:
+            where.append("(ts, id) < (?, ?)")
+            args += [search.before_ts, search.before_id]
+        sql = f"SELECT id, {_AUDIT_COLS} FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
+        rows = await self.db.fetch(sql, *args, search.limit)
+        keys = ("id", *(k.strip() for k in _AUDIT_COLS.split(",")))
+        return [dict(zip(keys, tuple(r), strict=True)) for r in rows]

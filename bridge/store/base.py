@@ -196,3 +196,32 @@ class RetentionRoom:
 class ArchiveConflict(Exception):
     """The archive head in the store is already at or past the head being committed
     (a second writer on the same archive, or a stale one)."""
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """A signed-in console session (``id_hash``: sha256 of the cookie's random id)."""
+
+    id_hash: str
+    user_id: str
+    roles: tuple[str, ...]
+    csrf: str
+    created_at: int
+    last_seen: int
+
+
+@dataclass(frozen=True)
+class AuditSearch:
+    """A page of the audit log, newest first (by time, then id): rows before the keyset
+    ``(before_ts, before_id)`` matching every filter given (the console's search)."""
+
+    since_ms: int | None = None
+    until_ms: int | None = None
+    user_id: str | None = None
+    room_id: str | None = None
+    rule_id: str | None = None
+    outcome: str | None = None
+    actor: str | None = None
+    before_ts: int | None = None
+    before_id: int | None = None
+    limit: int = 100

@@ -74,6 +74,11 @@ class SQLDirectoryStore:
             f"SELECT {self._VIEW_COLS} FROM directory_view ORDER BY user_id")
         return [_staff_from_row(tuple(r)) for r in rows]
 
+    async def directory_person(self, user_id: str) -> StaffRecord | None:
+        rows = await self.db.fetch(
+            f"SELECT {self._VIEW_COLS} FROM directory_view WHERE user_id = ?", user_id)
+        return _staff_from_row(tuple(rows[0])) if rows else None
+
     async def replace_directory_view(self, records: Sequence[StaffRecord]) -> int:
         old = {r.user_id: r for r in await self.directory_view()}
         new = {r.user_id: r for r in records}

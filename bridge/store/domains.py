@@ -20,6 +20,8 @@ from .base import (
     ArchiveHead,
     AuditFilter,
     AuditRecord,
+    AuditSearch,
+    ConsoleSession,
     DirectoryRecord,
     HoldRecord,
     InboxEvent,
@@ -171,6 +173,9 @@ class AuditStore(Protocol):
 
     async def query_audit(self, flt: AuditFilter) -> list[dict[str, Any]]: ...
 
+    async def audit_page(self, search: AuditSearch) -> list[dict[str, Any]]:
+        """One page, newest first (ts, id), before the keyset ``(before_ts, before_id)``."""
+
 
 @runtime_checkable
 class KVStore(Protocol):
@@ -237,6 +242,9 @@ class DirectoryStore(Protocol):
 
     async def directory_view(self) -> list[StaffRecord]:
         """The directory view of the last sync: one record per provisioned user id."""
+
+    async def directory_person(self, user_id: str) -> StaffRecord | None:
+        """One person of the directory view (None: not provisioned)."""
 
     async def replace_directory_view(self, records: Sequence[StaffRecord]) -> int:
         """Make the view exactly ``records`` in one transaction; return rows written.
@@ -362,3 +370,23 @@ class RetentionRoomStore(Protocol):
 
     async def retention_rooms(self) -> list[RetentionRoom]:
         """Every room's retention state, by room id."""
+
+
+@runtime_checkable
+class ConsoleSessionStore(Protocol):
+    """The operators' console sessions (server-side; the cookie holds a random id whose
+    sha256 is the key)."""
+
+    async def session_create(self, session: ConsoleSession) -> None: ...
+
+    async def session_get(self, id_hash: str) -> ConsoleSession | None: ...
+
+    async def session_touch(self, id_hash: str, now_ms: int, roles: tuple[str, ...]) -> bool:
+        """Record a request and the roles re-decided for it; False if the session is gone."""
+
+    async def session_delete(self, id_hash: str) -> bool: ...
+
+    async def sessions_expire(self, seen_before_ms: int) -> int:
+        """Drop sessions idle since before ``seen_before_ms``; how many went."""
+
+    async def sessions_of(self, user_id: str) -> list[ConsoleSession]: ...

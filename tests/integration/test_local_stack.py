@@ -98,6 +98,10 @@ def test_local_stack_start_login_stop(tmp_path: Path) -> None:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{enc_port}/ready", timeout=5) as r:
             assert r.status == 200
+        # the operators' console is on, its sign-in page names the server
+        with urllib.request.urlopen(f"http://127.0.0.1:{enc_port}/console/login",
+                                    timeout=5) as r:
+            assert r.status == 200 and "corp.test" in r.read().decode()
 
         people = yaml.safe_load((REPO / "deploy/local/directory.yaml").read_text())["people"]
         alice = people[0]

@@ -76,6 +76,7 @@ EXPECTED_TABLES = {
                       "archived_at", "deleted_at"},
     "legal_holds": {"id", "case_id", "reason", "placed_by", "users", "rooms", "since_ms",
                     "until_ms", "created_at", "released_at", "released_by"},
+    "console_sessions": {"id_hash", "user_id", "roles", "csrf", "created_at", "last_seen"},
     "retention_rooms": {"room_id", "room_class", "override_ms", "override_by", "purged_up_to",
                         "last_purge_at", "notice_event_id", "state_set_at", "updated_at"},
 }

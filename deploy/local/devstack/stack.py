@@ -220,6 +220,9 @@ def write_enclave_config(state: Path, synapse_port: int, enclave_port: int,
         "policy": LOCAL_POLICY,
         "retention": LOCAL_RETENTION,
         "bots": LOCAL_BOTS,
+        # the operators' console at http://127.0.0.1:<enclave_port>/console: Dave (it-admins)
+        # signs in with his demo password
+        "console": {"enabled": True, "groups": {"it-admins": "operator"}},
     }
     path = state / "enclave.yaml"
     path.write_text(
