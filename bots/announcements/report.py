@@ -6,6 +6,7 @@ import csv
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from bridge.kernel.spreadsheet import csv_cell
 from bridge.kernel.timestamps import local_datetime
 from bridge.model.people import StaffRecord
 
@@ -55,4 +56,4 @@ def write_csv(rows: Sequence[dict[str, Any]], out: IO[str]) -> None:
     w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        w.writerow({k: csv_cell(v) for k, v in r.items()})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 import secrets as pysecrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +27,7 @@ from ..config.console import ConsoleConfig
 from ..directory.sync import DirectorySync, SyncRefused
 from ..extension import ConsolePage, ConsoleRequest
 from ..kernel.durations import format_duration_ms
+from ..kernel.spreadsheet import csv_cell
 from ..kernel.timestamps import parse_when_ms, readable_utc
 from ..policy.console import csrf_ok
 from ..retention.holds import HoldCheckFailed, UnknownHoldSubjects
@@ -361,7 +361,7 @@ class ConsoleWeb:
         while True:
             rows = await self.audit.audit_page(search)
             for r in rows:
-                writer.writerow([_csv_safe(readable_utc(r["ts"]) if c == "ts" else r[c])
+                writer.writerow([csv_cell(readable_utc(r["ts"]) if c == "ts" else r[c])
                                  for c in AUDIT_COLUMNS])
             total += len(rows)
             await resp.write(buf.getvalue().encode())
@@ -627,18 +627,6 @@ class ConsoleWeb:
                                body=jinja2.utils.markupsafe.Markup(view.body_html))
 
         return handle
-
-
-_MATRIX_ID = re.compile(r"^[@!#$][A-Za-z0-9._=\-/+]+:[A-Za-z0-9.\-\[\]:]+$")
-
-
-def _csv_safe(v: Any) -> Any:
-    """A cell a spreadsheet will not run as a formula (CSV injection). A Matrix id
-    (``@user:server``) stays as it is: it cannot hold a function call."""
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") \
-            and not _MATRIX_ID.match(v):
-        return "'" + v
-    return "" if v is None else v
 
 
 def _redirect(location: str) -> web.Response:

@@ -46,6 +46,7 @@ from ..kernel.relations import (
     reply_to,
     thread_root,
 )
+from ..kernel.spreadsheet import csv_cell
 from ..kernel.timestamps import iso_utc, utc_datetime
 from ..policy.lineage import Lineage, Redaction, Version, message_lineage
 from ..policy.readers import Readers, replay_readers
@@ -346,16 +347,6 @@ CSV_COLUMNS = (
     "world_readable", "edits", "rejected_edits", "redacted_by", "redacted_at",
     "redaction_reason", "attachment",
 )
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: Any) -> str:
-    """A CSV cell a spreadsheet will not run: text starting like a formula (``= + - @``,
-    tab, CR) gets a leading ``'``; None is empty."""
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_FORMULA_START) else text
-
-
 def csv_rows(room_id: str, room_name: str | None, events: Sequence[Mapping[str, Any]],
              readers: Mapping[str, Readers], lineages: Mapping[str, Lineage],
              by_id: Mapping[str, Mapping[str, Any]],

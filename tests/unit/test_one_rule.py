@@ -50,6 +50,9 @@ COPIES = [
     # and the export's lineage both call kernel.relations.replacement_problem
     ("validity of an edit", r'def _?replacement_problem|original\.get\("sender"\) ==',
      {"bridge/kernel/relations.py"}),
+    # a CSV cell a spreadsheet will not run: kernel.spreadsheet.csv_cell (export, console,
+    # announcement reports)
+    ("CSV formula guard", r'\("=", "\+", "-", "@"', {"bridge/kernel/spreadsheet.py"}),
     ("placing or releasing a hold", r'\.hold_add\(|\.hold_release\(|validate_hold\(',
      {"bridge/retention/holds.py", "bridge/policy/retention.py"}),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.console.web import ConsoleWeb, _csv_safe
+from bridge.console.web import ConsoleWeb
 
 
 @pytest.mark.parametrize(("given", "went"), [
@@ -23,11 +23,3 @@ def test_next_is_a_console_path_only(given: str | None, went: str) -> None:
     assert ConsoleWeb._next(given) == went
 
 
-@pytest.mark.parametrize(("cell", "out"), [
-    ("=HYPERLINK(\"x\")", "'=HYPERLINK(\"x\")"), ("+1", "'+1"), ("-1", "'-1"),
-    ("@SUM(A1)", "'@SUM(A1)"), ("@alice:corp.test", "@alice:corp.test"),
-    ("@a(1):x", "'@a(1):x"),
-    ("plain", "plain"), (None, ""), (42, 42),
-])
-def test_csv_cells(cell: object, out: object) -> None:
-    assert _csv_safe(cell) == out
