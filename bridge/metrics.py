@@ -89,3 +89,15 @@ class Metrics:
             "enclave_completeness_lag_seconds",
             "Seconds since the start of the last complete completeness check (events newer "
             "than that are not verified yet)", registry=r)
+        self.audit_streamed = Counter(
+            "enclave_audit_streamed", "Audit records handed to a stream sink (at least once: "
+            "a resend after a crash counts again)", ["sink"], registry=r)
+        self.audit_stream_cursor = Gauge(
+            "enclave_audit_stream_cursor", "The last audit id a stream sink has", ["sink"],
+            registry=r)
+        self.audit_stream_lag = Gauge(
+            "enclave_audit_stream_lag_seconds", "Age of the oldest audit record a stream sink "
+            "does not have yet (0: caught up)", ["sink"], registry=r)
+        self.audit_stream_errors = Counter(
+            "enclave_audit_stream_errors", "Failed attempts to send to a stream sink (each "
+            "retried with backoff)", ["sink"], registry=r)

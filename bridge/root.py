@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from .auditstream.service import AuditStreamer
 from .cluster import Leadership, replica_name
 from .config import ConfigError, LoadedConfig, Secret
 from .directory.debounce import Debouncer
@@ -383,6 +384,15 @@ class Root:
         return ScimService(self.stores.scim, token=self.secrets["directory.source.token"].get(),
                            path_prefix=dcfg.source.path_prefix, clock_ms=self.clock_ms,
                            on_change=self.scim_debounce.trigger)
+
+    @cached_property
+    def audit_stream(self) -> AuditStreamer | None:
+        """The audit stream (syslog, JSON lines), or None when ``audit.stream`` is empty."""
+        acfg = self.config.audit
+        if not acfg.stream:
+            return None
+        return AuditStreamer(acfg, self.stores.audit_feed, self.stores.kv, self.metrics,
+                             self.clock_ms, self.loaded.base_dir)
 
     # -- extensions, handlers, jobs ---------------------------------------------------------
     @cached_property

@@ -196,3 +196,25 @@ class RetentionRoom:
 class ArchiveConflict(Exception):
     """The archive head in the store is already at or past the head being committed
     (a second writer on the same archive, or a stale one)."""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log with its id (what the audit stream sends)."""
+
+    id: int
+    record: AuditRecord
+
+
+@dataclass(frozen=True)
+class AuditFeedPage:
+    """Audit rows after a cursor, in id order, read on one snapshot.
+
+    ``horizon``: on PostgreSQL the snapshot's (xmin, xmax) transaction ids: a row whose id is
+    missing may still appear later (identity values are taken before commit, so a
+    transaction can commit a lower id after a higher one was read) until every transaction
+    below that snapshot's xmax has ended. None on SQLite: its one writer commits ids in
+    order, so a missing id never appears later."""
+
+    entries: tuple[AuditEntry, ...]
+    horizon: tuple[int, int] | None

@@ -18,6 +18,7 @@ from .base import (
     ArchivedEvent,
     ArchivedMedia,
     ArchiveHead,
+    AuditFeedPage,
     AuditFilter,
     AuditRecord,
     DirectoryRecord,
@@ -362,3 +363,20 @@ class RetentionRoomStore(Protocol):
 
     async def retention_rooms(self) -> list[RetentionRoom]:
         """Every room's retention state, by room id."""
+
+
+@runtime_checkable
+class AuditFeedStore(Protocol):
+    """The audit log read as a feed (the audit stream's source)."""
+
+    async def audit_feed(self, after_id: int, limit: int) -> AuditFeedPage:
+        """Up to ``limit`` audit rows with id > ``after_id`` in id order, and the horizon
+        that tells whether a missing id may still commit (:class:`AuditFeedPage`)."""
+
+    async def audit_last_id(self) -> int:
+        """The highest audit id committed so far (0 when the log is empty)."""
+
+    def watch_audit(self, on_write: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_write`` after each commit of this process that wrote an audit record
+        in a batch; return a function that stops it. A wake-up hint only: records other
+        processes write are found by reading the feed again."""

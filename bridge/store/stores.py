@@ -9,6 +9,7 @@ from typing import Any
 
 from .archive_index import SQLArchiveIndexStore
 from .audit import SQLAuditStore
+from .audit_feed import SQLAuditFeedStore
 from .db import SQLiteDatabase, database_from_url
 from .directory import SQLDirectoryStore
 from .holds import SQLHoldStore
@@ -39,6 +40,7 @@ class Stores:
     archive: SQLArchiveIndexStore
     holds: SQLHoldStore
     retention_rooms: SQLRetentionRoomStore
+    audit_feed: SQLAuditFeedStore
 
     @classmethod
     def on(cls, database: SharedDatabase) -> Stores:
@@ -49,7 +51,8 @@ class Stores:
             audit=SQLAuditStore(database), kv=SQLKVStore(database),
             leases=SQLLeaseStore(database), directory=SQLDirectoryStore(database),
             scim=SQLScimStore(database), archive=SQLArchiveIndexStore(database),
-            holds=SQLHoldStore(database), retention_rooms=SQLRetentionRoomStore(database))
+            holds=SQLHoldStore(database), retention_rooms=SQLRetentionRoomStore(database),
+            audit_feed=SQLAuditFeedStore(database))
 
 
 def open_database(

@@ -11,6 +11,7 @@ from bridge.store import AuditFilter, AuditRecord, Stores
 from bridge.store import domains as d
 from bridge.store.archive_index import SQLArchiveIndexStore
 from bridge.store.audit import SQLAuditStore
+from bridge.store.audit_feed import SQLAuditFeedStore
 from bridge.store.directory import SQLDirectoryStore
 from bridge.store.holds import SQLHoldStore
 from bridge.store.inbox import SQLInboxStore
@@ -38,6 +39,7 @@ DOMAINS: list[tuple[type, type, str]] = [
     (d.ArchiveIndexStore, SQLArchiveIndexStore, "archive"),
     (d.HoldStore, SQLHoldStore, "holds"),
     (d.RetentionRoomStore, SQLRetentionRoomStore, "retention_rooms"),
+    (d.AuditFeedStore, SQLAuditFeedStore, "audit_feed"),
 ]
 
 
