@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
+from ..kernel.timestamps import utc_datetime
 from ..store.base import AuditEntry
 
 # The structured data element every message carries. 32473 is the private enterprise
@@ -40,8 +40,7 @@ def record_json(entry: AuditEntry) -> dict[str, Any]:
 
 def rfc3339(ts_ms: int) -> str:
     """``2026-12-06T23:12:39.123Z`` (UTC, milliseconds: RFC 5424's TIMESTAMP)."""
-    dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+    return utc_datetime(ts_ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
 
 
 def printusascii(value: str | None, max_len: int) -> str:
