@@ -293,6 +293,8 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
             "cluster": leadership.status(),
             "completeness": (svc.completeness.status() if svc.completeness is not None
                              else None),
+            "audit_stream": (svc.audit_stream.status() if svc.audit_stream is not None
+                             else None),
         }
 
     async def user_exists(user_id: str) -> bool:

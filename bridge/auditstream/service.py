@@ -48,6 +48,7 @@ class SinkStreamer:
         self.wake = asyncio.Event()
         self.cursor: int | None = None
         self.sent = 0
+        self.last_error: str | None = None
 
     async def load_cursor(self) -> int:
         raw = await self.kv.component_get(COMPONENT, self.cfg.name)
@@ -86,6 +87,8 @@ class SinkStreamer:
         """Stream until cancelled; a failing sink or store is retried with backoff."""
         gaps = GapWatch()
         attempt = 0
+        # read from the store at each start: another replica may have led meanwhile
+        self.cursor = None
         try:
             while True:
                 self.wake.clear()  # before the read: a write during it wakes us again
@@ -99,6 +102,7 @@ class SinkStreamer:
                     attempt += 1
                     delay = RECONNECT.delay(attempt, random.random())
                     self.metrics.audit_stream_errors.labels(self.cfg.name).inc()
+                    self.last_error = f"{type(e).__name__}: {e}"
                     log.warning("audit stream %s: %s: %s; retry in %.0fs (from audit id %s)",
                                 self.cfg.name, type(e).__name__, e, delay, self.cursor)
                     with contextlib.suppress(Exception):
@@ -107,7 +111,7 @@ class SinkStreamer:
                     continue
                 if attempt:
                     log.info("audit stream %s: sending again", self.cfg.name)
-                attempt = 0
+                attempt, self.last_error = 0, None
                 if n == self.cfg.batch_size:
                     continue  # more may be waiting
                 wait = GAP_POLL_SECONDS if gaps.waiting else self.poll_seconds
@@ -129,6 +133,12 @@ class AuditStreamer:
         self.feed = feed
         self.streamers = [SinkStreamer(c, s, feed, kv, metrics, clock_ms, cfg.poll_seconds)
                           for c, s in zip(cfg.stream, built, strict=True)]
+
+    def status(self) -> list[dict[str, object]]:
+        """Each sink's cursor (None before this replica streamed), records sent by this
+        process, and the error its last attempt failed with (None: working)."""
+        return [{"sink": s.cfg.name, "cursor": s.cursor, "sent": s.sent,
+                 "error": s.last_error} for s in self.streamers]
 
     def notify(self) -> None:
         """An audit record was written: read again now."""

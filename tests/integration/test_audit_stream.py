@@ -212,6 +212,10 @@ async def test_every_record_reaches_rsyslog_and_the_file_in_order_across_sigkill
         # at least once, in order: the first copy of every record in audit id order
         assert first_occurrences(got[name]) == sorted(set(got[name])), name
         assert set(got[name]) == set(expected), f"{name}: ids that are not audit records"
+    # /ready shows each sink caught up
+    _, ready = await enclave.get_json("/ready")
+    assert [(x["sink"], x["cursor"] >= max(expected), x["error"])
+            for x in ready["audit_stream"]] == [(name, True, None) for name in (*SINKS, "file")]
     # Enclave's own records (the ledger actions) are among them
     assert len(expected) >= producer.written + sent
     # what each sink had at the kill is a prefix of what it has now (nothing re-ordered)
