@@ -76,3 +76,44 @@ async def test_unix_datagram_one_message_per_datagram(tmp_path: Path) -> None:
         recv.close()
     assert [g.startswith(b"<85>1 ") for g in got] == [True, True]
     assert b'id="1"' in got[0] and b'id="2"' in got[1]
+
+
+async def test_unix_stream_octet_counted(tmp_path: Path) -> None:
+    path = tmp_path / "stream.sock"
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        data = b""
+        while len(frames_complete(data)) < 3:
+            chunk = await r.read(65536)
+            if not chunk:
+                break
+            data += chunk
+        got.extend(frames(data))
+        w.close()
+        done.set()
+
+    server = await asyncio.start_unix_server(handle, str(path))
+    sink = SyslogSink(SyslogSinkConfig.model_validate(
+        {"name": "s", "type": "syslog", "transport": "unix_stream", "path": str(path)}),
+        tmp_path)
+    await sink.send(entries(1, 2))
+    await sink.send(entries(3))
+    await asyncio.wait_for(done.wait(), 10)
+    await sink.close()
+    server.close()
+    await server.wait_closed()
+    assert [next(i for i in (1, 2, 3) if f'id="{i}"'.encode() in g) for g in got] == [1, 2, 3]
+
+
+def frames_complete(data: bytes) -> list[bytes]:
+    """The whole frames at the start of ``data`` (a partial last one left out)."""
+    out = []
+    while data:
+        length, sep, rest = data.partition(b" ")
+        if not sep or len(rest) < int(length):
+            break
+        out.append(rest[:int(length)])
+        data = rest[int(length):]
+    return out
