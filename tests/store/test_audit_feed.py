@@ -109,7 +109,14 @@ async def test_postgres_rolled_back_id_is_passed_once_final(
     await ta.rollback()
     # the transaction ended, but the hole has not settled yet
     assert watch.ready(0, await store.audit_feed.audit_feed(0, 100), 0.1) == []
-    sent = watch.ready(0, await store.audit_feed.audit_feed(0, 100), 0.5)
+    # settled; final once every writing transaction of the server that was open at the
+    # first read has ended (others' tests may be writing on this server: wait for them)
+    sent: list[AuditEntry] = []
+    for _ in range(600):
+        sent = watch.ready(0, await store.audit_feed.audit_feed(0, 100), 0.5)
+        if sent:
+            break
+        await asyncio.sleep(0.05)
     assert [e.id for e in sent] == [2]
 
 
@@ -165,6 +172,11 @@ async def test_streamer_jsonl_every_record_once_in_order_and_cursor_kept(
     for n in range(20, 25):
         await store.audit.add_audit(rec(n))
     await _until(lambda: len(lines()) == 25)
+    # the cursor is committed after the send: wait for it before stopping
+    for _ in range(1000):
+        if await store.kv.component_get(COMPONENT, "file") == "25":
+            break
+        await asyncio.sleep(0.02)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     got = lines()
