@@ -236,3 +236,59 @@ async def test_every_record_reaches_rsyslog_and_the_file_in_order_across_sigkill
     assert own, "no record of Enclave's own actions reached rsyslog"
     file_rows = {json.loads(x)["id"]: json.loads(x) for x in jsonl.read_text().splitlines()}
     assert file_rows[int(SD_ID_RE.match(tricky.structured_data).group(1))] == body  # type: ignore[union-attr]
+
+
+async def test_a_restarted_rsyslog_gets_what_was_written_while_it_was_down(
+        rsyslog: RsyslogServer, tmp_path: Path) -> None:
+    """rsyslogd stopped while the stream is idle: the TCP sink notices the closed
+    connection before its next batch, retries with backoff while rsyslog is down, and
+    sends everything once it is back (same port)."""
+    import time
+
+    from bridge.auditstream.service import AuditStreamer
+    from bridge.config.audit import AuditConfig
+    from bridge.metrics import Metrics
+    from bridge.store import AuditRecord, open_stores
+
+    stores = open_stores("sqlite:///enclave.db", base_dir=tmp_path)
+    await stores.database.open()
+    await stores.database.migrate()
+    cfg = AuditConfig.model_validate({"poll_seconds": 0.2, "stream": [
+        {"name": "tcp", "type": "syslog", "address": f"127.0.0.1:{rsyslog.tcp_port}"}]})
+    metrics = Metrics()
+    streamer = AuditStreamer(cfg, stores.audit_feed, stores.kv, metrics,
+                             lambda: int(time.time() * 1000), tmp_path)
+    task = asyncio.create_task(streamer.run())
+
+    def ids() -> list[int]:
+        return [int(m.group(1)) for x in rsyslog.lines()
+                if (m := SD_ID_RE.match(x.structured_data))]
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        for _ in range(600):
+            if cond():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out: {what}; rsyslog has {ids()}")
+
+    async def write(n: int) -> None:
+        for i in range(n):
+            await stores.audit.add_audit(AuditRecord(ts=1000 + i, source="test",
+                                                     kind="restart", outcome="applied"))
+
+    try:
+        await write(5)
+        await until(lambda: ids() == [1, 2, 3, 4, 5], "the first five")
+        rsyslog.stop()
+        await asyncio.sleep(0.5)  # its FIN reaches the idle connection
+        await write(5)  # ids 6-10 while rsyslog is down
+        await until(lambda: streamer.streamers[0].last_error is not None, "a failed send")
+        rsyslog.start()
+        await write(2)
+        await until(lambda: set(range(1, 13)) <= set(ids()), "every record")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await stores.database.close()
+    assert first_occurrences(ids()) == list(range(1, 13))
+    assert streamer.status()[0]["error"] is None
