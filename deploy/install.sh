@@ -8,8 +8,9 @@ VENV="${1:-.venv}"
 # Debian packages the tests use: OpenLDAP's slapd and tools for the directory-sync tests
 # (a private instance on loopback; the package's own daemon is not used), and Chromium,
 # which opens exported transcripts headless (driven by Playwright, no browser download),
-# and rsyslog (a private rsyslogd for the audit-streaming test and benchmark).
-APT_PACKAGES=(slapd ldap-utils chromium rsyslog)
+# and rsyslog with its OpenSSL driver (a private rsyslogd, plain and TLS, for the
+# audit-streaming tests and benchmark).
+APT_PACKAGES=(slapd ldap-utils chromium rsyslog rsyslog-openssl)
 # Node + npm for the E2EE tests' staff client with Element's own crypto (matrix-js-sdk)
 command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)

@@ -8,11 +8,12 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..config.audit import FACILITIES, JsonlSinkConfig, SyslogSinkConfig
+from ..config.audit import FACILITIES, JsonlSinkConfig, SyslogSinkConfig, SyslogTlsConfig
 from ..store.base import AuditEntry
 from .syslog import format_rfc5424, octet_counted, record_json
 
@@ -41,6 +42,7 @@ class SyslogSink:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._sock: socket.socket | None = None
+        self._base_dir = base_dir
 
     def format(self, entry: AuditEntry) -> bytes:
         return format_rfc5424(entry, facility=self._facility, hostname=self._hostname,
@@ -55,7 +57,13 @@ class SyslogSink:
         t = self.cfg.transport
         if t == "tcp":
             host, port = self.cfg.host_port
-            self._reader, self._writer = await asyncio.open_connection(host, port)
+            tls = self.cfg.tls
+            # built per connection: a renewed CA file or client certificate is picked up,
+            # and a missing one is a failed (retried, reported) send, not a failed start
+            ctx = None if tls is None else _client_context(tls, self._base_dir)
+            self._reader, self._writer = await asyncio.open_connection(
+                host, port, ssl=ctx,
+                server_hostname=None if tls is None else (tls.server_name or host))
         elif t == "unix_stream":
             self._reader, self._writer = await asyncio.open_unix_connection(str(self._path))
         else:
@@ -153,6 +161,19 @@ class JsonlSink:
 
     async def close(self) -> None:
         return None
+
+
+def _client_context(tls: SyslogTlsConfig, base_dir: Path) -> ssl.SSLContext:
+    """A verifying TLS client context (certificate and host name always checked)."""
+
+    def resolve(p: Path) -> str:
+        return str(p if p.is_absolute() else base_dir / p)
+
+    ctx = ssl.create_default_context(
+        cafile=resolve(tls.ca_file) if tls.ca_file is not None else None)
+    if tls.cert_file is not None and tls.key_file is not None:
+        ctx.load_cert_chain(resolve(tls.cert_file), resolve(tls.key_file))
+    return ctx
 
 
 def _drop_torn_line(fd: int) -> None:

@@ -36,6 +36,26 @@ class _SinkBase(StrictModel):
     batch_size: int = Field(500, ge=1, le=10000)
 
 
+class SyslogTlsConfig(StrictModel):
+    """TLS for syslog over TCP (RFC 5425 uses the same octet-counted framing)."""
+
+    ca_file: Path | None = Field(
+        None, strict=False, description="CA bundle that signed the server's certificate "
+                                        "(default: the system's)")
+    server_name: str | None = Field(
+        None, description="Name the certificate must carry (default: the address's host)")
+    cert_file: Path | None = Field(None, strict=False,
+                                   description="Client certificate, for mutual TLS")
+    key_file: Path | None = Field(None, strict=False,
+                                  description="Its private key (a file, never inline)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> SyslogTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file, or neither")
+        return self
+
+
 class SyslogSinkConfig(_SinkBase):
     """RFC 5424 messages: TCP (octet-counted framing, RFC 6587), UDP (one datagram per
     message) or a unix socket (``unix``: datagram, ``unix_stream``: octet-counted)."""
@@ -47,6 +67,7 @@ class SyslogSinkConfig(_SinkBase):
     facility: str = Field("authpriv", description="An RFC 5424 facility keyword")
     hostname: str | None = Field(None, description="HOSTNAME field; default: this machine's")
     app_name: str = "enclave"
+    tls: SyslogTlsConfig | None = Field(None, description="TCP only: connect with TLS")
     max_message_bytes: int = Field(
         65000, ge=480, le=1_048_576,
         description="A longer message has its MSG shortened (the JSON's 'detail' first); UDP "
@@ -84,6 +105,8 @@ class SyslogSinkConfig(_SinkBase):
         elif self.path is None or self.address is not None:
             raise ValueError(f"transport {self.transport} needs 'path' (a socket) and no "
                              "'address'")
+        if self.tls is not None and self.transport != "tcp":
+            raise ValueError("tls: only for transport tcp")
         if self.transport == "udp" and self.max_message_bytes > 65507:
             raise ValueError("max_message_bytes: a UDP datagram holds at most 65507 bytes")
         return self

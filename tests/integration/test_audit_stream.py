@@ -292,3 +292,54 @@ async def test_a_restarted_rsyslog_gets_what_was_written_while_it_was_down(
         await stores.database.close()
     assert first_occurrences(ids()) == list(range(1, 13))
     assert streamer.status()[0]["error"] is None
+
+
+async def test_tls_to_rsyslog_and_a_certificate_it_cannot_verify(tmp_path: Path) -> None:
+    """TCP with TLS to rsyslog's OpenSSL input: delivered with the right CA; with a CA that
+    did not sign the server's certificate nothing is sent and the sink reports why."""
+    import time
+
+    from bridge.auditstream.service import AuditStreamer
+    from bridge.config.audit import AuditConfig
+    from bridge.metrics import Metrics
+    from bridge.store import AuditRecord, open_stores
+    from devstack.rsyslog import tls_available
+
+    if not tls_available():
+        pytest.skip("rsyslog's OpenSSL driver (rsyslog-openssl) is not installed")
+    server = RsyslogServer(tmp_path / "rsyslog", tls=True)
+    server.start()
+    other = RsyslogServer(tmp_path / "other", tls=True)
+    other._make_cert()  # a certificate of another CA, never used by the server
+    stores = open_stores("sqlite:///enclave.db", base_dir=tmp_path)
+    await stores.database.open()
+    await stores.database.migrate()
+    address = f"127.0.0.1:{server.tls_port}"
+    cfg = AuditConfig.model_validate({"poll_seconds": 0.2, "stream": [
+        {"name": "good", "type": "syslog", "address": address,
+         "tls": {"ca_file": str(server.cert_path)}},
+        {"name": "wrong-ca", "type": "syslog", "address": address,
+         "tls": {"ca_file": str(other.cert_path)}}]})
+    streamer = AuditStreamer(cfg, stores.audit_feed, stores.kv, Metrics(),
+                             lambda: int(time.time() * 1000), tmp_path)
+    task = asyncio.create_task(streamer.run())
+    try:
+        for i in range(3):
+            await stores.audit.add_audit(AuditRecord(ts=1000 + i, source="test",
+                                                     kind="tls", outcome="applied"))
+        good, wrong = streamer.streamers
+        for _ in range(300):
+            if len(server.lines()) >= 3 and wrong.last_error is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await stores.database.close()
+        server.stop()
+    got = server.lines()
+    assert [(x.input, SD_ID_RE.match(x.structured_data).group(1))  # type: ignore[union-attr]
+            for x in got] == [("imtcp-tls", "1"), ("imtcp-tls", "2"), ("imtcp-tls", "3")]
+    assert good.cursor == 3 and good.last_error is None
+    assert wrong.cursor == 0 and wrong.sent == 0
+    assert "CERTIFICATE_VERIFY_FAILED" in (wrong.last_error or "")

@@ -23,7 +23,7 @@ from pathlib import Path
 from .synapse import free_port
 
 __all__ = ["RSYSLOGD", "RsyslogLine", "RsyslogServer", "free_udp_port", "parse_line",
-           "rsyslog_available"]
+           "rsyslog_available", "tls_available"]
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 # \t between fields (rsyslog escapes control characters inside a field as #011)
@@ -32,6 +32,13 @@ TEMPLATE = ("%inputname%\\t%pri%\\t%app-name%\\t%msgid%\\t%structured-data%\\t%m
 
 def rsyslog_available() -> bool:
     return Path(RSYSLOGD).exists()
+
+
+def tls_available() -> bool:
+    """rsyslog's OpenSSL network stream driver (Debian package rsyslog-openssl)."""
+    return any(Path(d, "lmnsd_ossl.so").exists()
+               for d in ("/usr/lib/x86_64-linux-gnu/rsyslog", "/usr/lib/aarch64-linux-gnu/rsyslog",
+                         "/usr/lib/rsyslog"))
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -69,11 +76,15 @@ def _terminate(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
 
 
 class RsyslogServer:
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, *, tls: bool = False):
         self.dir = base_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tcp_port = 0
         self.udp_port = 0
+        # tls: a third input, imtcp with rsyslog's OpenSSL driver (Debian rsyslog-openssl),
+        # on tls_port, with a self-signed certificate for 127.0.0.1 (cert_path: also the CA)
+        self.tls = tls
+        self.tls_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -93,6 +104,33 @@ class RsyslogServer:
     def log_path(self) -> Path:
         return self.dir / "rsyslogd.out"
 
+    @property
+    def cert_path(self) -> Path:
+        return self.dir / "server.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.dir / "server.key"
+
+    def _make_cert(self) -> None:
+        if self.cert_path.exists():
+            return
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", str(self.key_path), "-out", str(self.cert_path)],
+            check=True, capture_output=True)
+
+    def _tls_input(self) -> str:
+        if not self.tls:
+            return ""
+        return f"""
+input(type="imtcp" address="127.0.0.1" port="{self.tls_port}" ruleset="enclave"
+      name="imtcp-tls" streamDriver.name="ossl" streamDriver.mode="1"
+      streamDriver.authMode="anon" streamDriver.caFile="{self.cert_path}"
+      streamDriver.certFile="{self.cert_path}" streamDriver.keyFile="{self.key_path}")
+"""
+
     def _write_conf(self) -> None:
         work = self.dir / "work"
         work.mkdir(exist_ok=True)
@@ -110,12 +148,15 @@ input(type="imudp" address="127.0.0.1" port="{self.udp_port}" ruleset="enclave"
       rcvbufSize="8m")
 input(type="imuxsock" socket="{self.socket_path}" useSpecialParser="off"
       parseHostname="on" ruleset="enclave" rateLimit.interval="0")
-""")
+{self._tls_input()}""")
 
     def start(self, timeout: float = 20.0) -> None:
         """Start rsyslogd (new ports unless it ran before) and wait until TCP answers."""
         if self.tcp_port == 0:
             self.tcp_port, self.udp_port = free_port(), free_udp_port()
+            self.tls_port = free_port() if self.tls else 0
+        if self.tls:
+            self._make_cert()
         self._write_conf()
         pidfile = self.dir / "rsyslogd.pid"
         pidfile.unlink(missing_ok=True)
