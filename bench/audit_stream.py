@@ -1,7 +1,7 @@
 """Audit streaming benchmark: records/s from the audit table to a real private rsyslogd.
 
     .venv/bin/python bench/audit_stream.py [--records 200000] [--engine sqlite|postgres]
-        [--transports tcp,udp] [--batch-size 500] [--no-json]
+        [--transports tcp,udp,tls] [--batch-size 500] [--no-json]
 
 Issue 19: "audit streaming >= 5,000 records/s to rsyslog". Prints figures and the target;
 asserts nothing. Results go to ``bench/results/audit-stream-<date>.json``.
@@ -9,8 +9,9 @@ asserts nothing. Results go to ``bench/results/audit-stream-<date>.json``.
 Per transport: a fresh store (SQLite in a temp dir, or a fresh PostgreSQL database on
 127.0.0.1:5432) is filled with ``--records`` audit rows (realistic size: user, room, rule,
 reason and a small JSON detail; not measured), a private ``rsyslogd`` (devstack.rsyslog:
-imtcp / imudp on loopback, every message written to a file by an ``omfile`` action with a
-template that keeps the structured data) is started, then Enclave's
+imtcp / imudp on loopback, imtcp with the OpenSSL driver for ``tls``, every message
+written to a file by an ``omfile`` action with a template that keeps the structured data)
+is started, then Enclave's
 :class:`~bridge.auditstream.service.AuditStreamer` with one syslog sink runs in this process
 exactly as ``enclave run`` runs it (the store read in batches of ``--batch-size``, RFC 5424
 formatting, the send, the cursor committed per batch). Measured: from the streamer's start
@@ -88,15 +89,19 @@ async def one_run(engine: str, transport: str, n: int, batch: int, base: Path) -
         url = f"{PG_ADMIN_DSN.rpartition('/')[0]}/{pg_name}"
     stores = open_stores(url, base_dir=run_dir)
     await stores.database.open()
-    rsyslog = RsyslogServer(run_dir / "rsyslog")
+    rsyslog = RsyslogServer(run_dir / "rsyslog", tls=transport == "tls")
     try:
         await stores.database.migrate()
         fill_s = await fill(stores, n)
         rsyslog.start()
-        port = rsyslog.tcp_port if transport == "tcp" else rsyslog.udp_port
-        cfg = AuditConfig.model_validate({"stream": [{
-            "name": transport, "type": "syslog", "transport": transport,
-            "address": f"127.0.0.1:{port}", "batch_size": batch}]})
+        port = {"tcp": rsyslog.tcp_port, "udp": rsyslog.udp_port,
+                "tls": rsyslog.tls_port}[transport]
+        sink: dict[str, Any] = {
+            "name": transport, "type": "syslog", "transport": "udp" if transport == "udp"
+            else "tcp", "address": f"127.0.0.1:{port}", "batch_size": batch}
+        if transport == "tls":
+            sink["tls"] = {"ca_file": str(rsyslog.cert_path)}
+        cfg = AuditConfig.model_validate({"stream": [sink]})
         streamer = AuditStreamer(cfg, stores.audit_feed, stores.kv, Metrics(),
                                  lambda: int(time.time() * 1000), run_dir)
         sink = streamer.streamers[0]
@@ -144,7 +149,8 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
-    ap.add_argument("--transports", default="tcp,udp")
+    ap.add_argument("--transports", default="tcp,udp,tls",
+                    help="tcp, udp, tls (TCP with TLS to rsyslog's OpenSSL input)")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args()
