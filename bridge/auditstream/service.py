@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,7 +99,7 @@ class SinkStreamer:
                     raise
                 except Exception as e:
                     attempt += 1
-                    delay = RECONNECT.delay(attempt, random.random())
+                    delay = RECONNECT.delay(attempt)
                     self.metrics.audit_stream_errors.labels(self.cfg.name).inc()
                     self.last_error = f"{type(e).__name__}: {e}"
                     log.warning("audit stream %s: %s: %s; retry in %.0fs (from audit id %s)",
