@@ -330,6 +330,8 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
             "cluster": leadership.status(),
             "completeness": (svc.completeness.status() if svc.completeness is not None
                              else None),
+            "audit_stream": (svc.audit_stream.status() if svc.audit_stream is not None
+                             else None),
         }
 
     async def user_exists(user_id: str) -> bool:
@@ -421,10 +423,16 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
 
             checking = asyncio.create_task(leadership.while_leader(check_while_leading),
                                            name="completeness-check")
+        streaming: asyncio.Task[None] | None = None
+        if svc.audit_stream is not None:
+            # the leader only: one reader per sink keeps every sink's order
+            streaming = asyncio.create_task(leadership.while_leader(svc.audit_stream.run),
+                                            name="audit-stream")
         yield
-        if checking is not None:
-            checking.cancel()
-            await asyncio.gather(checking, return_exceptions=True)
+        for task in (checking, streaming):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await leadership.stop()
         await stop_watch()
 

@@ -109,6 +109,18 @@ class Metrics:
         self.job_seconds = Histogram(
             "enclave_job_seconds", "Duration of one scheduled job run", ["name"],
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600), registry=r)
+        self.audit_streamed = Counter(
+            "enclave_audit_streamed", "Audit records handed to a stream sink (at least once: "
+            "a resend after a crash counts again)", ["sink"], registry=r)
+        self.audit_stream_cursor = Gauge(
+            "enclave_audit_stream_cursor", "The last audit id a stream sink has", ["sink"],
+            registry=r)
+        self.audit_stream_lag = Gauge(
+            "enclave_audit_stream_lag_seconds", "Age of the oldest audit record a stream sink "
+            "does not have yet (0: caught up)", ["sink"], registry=r)
+        self.audit_stream_errors = Counter(
+            "enclave_audit_stream_errors", "Failed attempts to send to a stream sink (each "
+            "retried with backoff)", ["sink"], registry=r)
 
     def job_known(self, job: str) -> None:
         """Export a job's series at 0 before its first run, so ``increase()`` and the

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from .auditstream.service import AuditStreamer
 from .cluster import Leadership, replica_name
 from .config import ConfigError, LoadedConfig, Secret
 from .console.auth import ConsoleAuth
@@ -428,6 +429,15 @@ class Root:
             extension_pages=lambda: [p for plugin in self.plugins
                                      for p in plugin.console_pages],
             clock_ms=self.clock_ms)
+
+    @cached_property
+    def audit_stream(self) -> AuditStreamer | None:
+        """The audit stream (syslog, JSON lines), or None when ``audit.stream`` is empty."""
+        acfg = self.config.audit
+        if not acfg.stream:
+            return None
+        return AuditStreamer(acfg, self.stores.audit_feed, self.stores.kv, self.metrics,
+                             self.clock_ms, self.loaded.base_dir)
 
     # -- extensions, handlers, jobs ---------------------------------------------------------
     @cached_property

@@ -7,8 +7,10 @@ VENV="${1:-.venv}"
 
 # Debian packages the tests use: OpenLDAP's slapd and tools for the directory-sync tests
 # (a private instance on loopback; the package's own daemon is not used), and Chromium,
-# which opens exported transcripts headless (driven by Playwright, no browser download).
-APT_PACKAGES=(slapd ldap-utils chromium)
+# which opens exported transcripts headless (driven by Playwright, no browser download),
+# and rsyslog with its OpenSSL driver (a private rsyslogd, plain and TLS, for the
+# audit-streaming tests and benchmark).
+APT_PACKAGES=(slapd ldap-utils chromium rsyslog rsyslog-openssl)
 # promtool (from the prometheus package: Debian has no promtool alone) checks and unit-tests
 # deploy/monitoring's alert rules and the dashboard's queries; the daemon is not used
 APT_PACKAGES+=(prometheus)

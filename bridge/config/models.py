@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
 )
 
+from .audit import AuditConfig
 from .base import SecretRef, StrictModel
 from .bots import BotsConfig
 from .console import ConsoleConfig
@@ -218,6 +219,7 @@ class EnclaveConfig(StrictModel):
     policy: PolicyConfig | None = None
     # after policy: its validator reads the room classes
     retention: RetentionConfig | None = None
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("retention")
     @classmethod

@@ -225,3 +225,25 @@ class AuditSearch:
     before_ts: int | None = None
     before_id: int | None = None
     limit: int = 100
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log with its id (what the audit stream sends)."""
+
+    id: int
+    record: AuditRecord
+
+
+@dataclass(frozen=True)
+class AuditFeedPage:
+    """Audit rows after a cursor, in id order, read on one snapshot.
+
+    ``horizon``: on PostgreSQL the snapshot's (xmin, xmax) transaction ids: a row whose id is
+    missing may still appear later (identity values are taken before commit, so a
+    transaction can commit a lower id after a higher one was read) until every transaction
+    below that snapshot's xmax has ended. None on SQLite: its one writer commits ids in
+    order, so a missing id never appears later."""
+
+    entries: tuple[AuditEntry, ...]
+    horizon: tuple[int, int] | None

@@ -43,6 +43,26 @@ class DatabaseError(Exception):
 
 class Database(ABC):
     dialect: str
+    # (sql prefix, callback) pairs of on_commit; a class-level empty default so the
+    # engines' constructors need not know of it
+    _commit_hooks: tuple[tuple[str, Callable[[], None]], ...] = ()
+
+    def on_commit(self, sql_prefix: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after each :meth:`batch` that committed a step whose SQL starts
+        with ``sql_prefix`` (an in-process wake-up, e.g. for the audit stream); return a
+        function that removes it."""
+        hook = (sql_prefix, callback)
+        self._commit_hooks = (*self._commit_hooks, hook)
+
+        def remove() -> None:
+            self._commit_hooks = tuple(h for h in self._commit_hooks if h is not hook)
+
+        return remove
+
+    def _committed(self, steps: Sequence[Step]) -> None:
+        for prefix, callback in self._commit_hooks:
+            if any(sql.startswith(prefix) for sql, _, _ in steps):
+                callback()
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -368,6 +388,8 @@ class SQLiteDatabase(Database):
                 job.fut.set_exception(res)
             else:
                 job.fut.set_result(res)
+                if self._commit_hooks:
+                    self._committed(job.steps)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return await self._read(lambda c: c.execute(sql, args).fetchall())
@@ -464,6 +486,8 @@ class PostgresDatabase(Database):
                     counts.append(int(tail) if tail.isdigit() else -1)
                 if require_first and counts == [0]:
                     break
+        if self._commit_hooks:
+            self._committed(steps)
         return counts
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:

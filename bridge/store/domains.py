@@ -18,6 +18,7 @@ from .base import (
     ArchivedEvent,
     ArchivedMedia,
     ArchiveHead,
+    AuditFeedPage,
     AuditFilter,
     AuditRecord,
     AuditSearch,
@@ -390,3 +391,19 @@ class ConsoleSessionStore(Protocol):
         """Drop sessions idle since before ``seen_before_ms``; how many went."""
 
     async def sessions_of(self, user_id: str) -> list[ConsoleSession]: ...
+
+
+class AuditFeedStore(Protocol):
+    """The audit log read as a feed (the audit stream's source)."""
+
+    async def audit_feed(self, after_id: int, limit: int) -> AuditFeedPage:
+        """Up to ``limit`` audit rows with id > ``after_id`` in id order, and the horizon
+        that tells whether a missing id may still commit (:class:`AuditFeedPage`)."""
+
+    async def audit_last_id(self) -> int:
+        """The highest audit id committed so far (0 when the log is empty)."""
+
+    def watch_audit(self, on_write: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_write`` after each commit of this process that wrote an audit record
+        in a batch; return a function that stops it. A wake-up hint only: records other
+        processes write are found by reading the feed again."""

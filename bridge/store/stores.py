@@ -10,6 +10,7 @@ from typing import Any
 from .archive_index import SQLArchiveIndexStore
 from .audit import SQLAuditStore
 from .console_sessions import SQLConsoleSessionStore
+from .audit_feed import SQLAuditFeedStore
 from .db import SQLiteDatabase, database_from_url
 from .directory import SQLDirectoryStore
 from .holds import SQLHoldStore
@@ -41,6 +42,7 @@ class Stores:
     holds: SQLHoldStore
     retention_rooms: SQLRetentionRoomStore
     console_sessions: SQLConsoleSessionStore
+    audit_feed: SQLAuditFeedStore
 
     @classmethod
     def on(cls, database: SharedDatabase) -> Stores:
@@ -52,7 +54,8 @@ class Stores:
             leases=SQLLeaseStore(database), directory=SQLDirectoryStore(database),
             scim=SQLScimStore(database), archive=SQLArchiveIndexStore(database),
             holds=SQLHoldStore(database), retention_rooms=SQLRetentionRoomStore(database),
-            console_sessions=SQLConsoleSessionStore(database))
+            console_sessions=SQLConsoleSessionStore(database),
+            audit_feed=SQLAuditFeedStore(database))
 
 
 def open_database(

@@ -12,6 +12,7 @@ from bridge.store import domains as d
 from bridge.store.archive_index import SQLArchiveIndexStore
 from bridge.store.audit import SQLAuditStore
 from bridge.store.console_sessions import SQLConsoleSessionStore
+from bridge.store.audit_feed import SQLAuditFeedStore
 from bridge.store.directory import SQLDirectoryStore
 from bridge.store.holds import SQLHoldStore
 from bridge.store.inbox import SQLInboxStore
@@ -40,6 +41,7 @@ DOMAINS: list[tuple[type, type, str]] = [
     (d.HoldStore, SQLHoldStore, "holds"),
     (d.RetentionRoomStore, SQLRetentionRoomStore, "retention_rooms"),
     (d.ConsoleSessionStore, SQLConsoleSessionStore, "console_sessions"),
+    (d.AuditFeedStore, SQLAuditFeedStore, "audit_feed"),
 ]
 
 
