@@ -393,6 +393,7 @@ class ConsoleSessionStore(Protocol):
     async def sessions_of(self, user_id: str) -> list[ConsoleSession]: ...
 
 
+@runtime_checkable
 class AuditFeedStore(Protocol):
     """The audit log read as a feed (the audit stream's source)."""
 

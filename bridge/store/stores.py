@@ -9,8 +9,8 @@ from typing import Any
 
 from .archive_index import SQLArchiveIndexStore
 from .audit import SQLAuditStore
-from .console_sessions import SQLConsoleSessionStore
 from .audit_feed import SQLAuditFeedStore
+from .console_sessions import SQLConsoleSessionStore
 from .db import SQLiteDatabase, database_from_url
 from .directory import SQLDirectoryStore
 from .holds import SQLHoldStore

@@ -11,8 +11,8 @@ from bridge.store import AuditFilter, AuditRecord, Stores
 from bridge.store import domains as d
 from bridge.store.archive_index import SQLArchiveIndexStore
 from bridge.store.audit import SQLAuditStore
-from bridge.store.console_sessions import SQLConsoleSessionStore
 from bridge.store.audit_feed import SQLAuditFeedStore
+from bridge.store.console_sessions import SQLConsoleSessionStore
 from bridge.store.directory import SQLDirectoryStore
 from bridge.store.holds import SQLHoldStore
 from bridge.store.inbox import SQLInboxStore
