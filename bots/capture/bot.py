@@ -98,12 +98,13 @@ class ArchiveBot(Bot):
             # Enclave's bot is in: it can now invite the archive user
             await self._wait_ready()
             if room not in self.rooms:
-                return await self.membership_actions(room)
+                return await self.membership_actions(room, report=False)
             return []
         if etype in _TRIGGERS and "state_key" in event:
             await self._wait_ready()
             if room not in self.rooms:
-                return await self.membership_actions(room)
+                # a room being set up: what cannot be done yet is reported by the sweep
+                return await self.membership_actions(room, report=False)
             return []
         return await super().handle(event)
 
@@ -140,9 +141,10 @@ class ArchiveBot(Bot):
         return facts, self.room_classes.get(rc.id)
 
     async def membership_actions(self, room: str, *, removed_by: str | None = None,
-                                 membership: str | None = None) -> list[Action]:
+                                 membership: str | None = None,
+                                 report: bool = True) -> list[Action]:
         """What keeps the archive user in ``room`` (nothing unless its class requires
-        capture)."""
+        capture); ``report``: include the ``not_done`` record where it cannot."""
         facts, rc = await self.room_class(room)
         if not facts.known:
             return []
@@ -153,6 +155,8 @@ class ArchiveBot(Bot):
             room, required=capture_required(rc), archive_user=self.user_id, members=members,
             power=facts.power_view, enclave_users=self.enclave_users, removed_by=removed_by)
         if d.problem:
+            if not report:
+                return []
             log.warning("capture: %s", d.problem)
         return list(d.actions)
 

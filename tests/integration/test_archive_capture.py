@@ -1,0 +1,236 @@
+"""Capture of encrypted rooms against a real Synapse (issue 20): Enclave runs with the bots
+extension, a room class with ``capture: required`` and retention; two staff members use
+encrypting matrix-nio clients (cross-signed, as Element signs in).
+
+- The archive user joins the room (invited by Enclave's own bot), posts its notice
+  (encrypted, read by a staff client), and the plaintext of staff messages is archived
+  beside their ciphertext, linked by event id.
+- A late key: the sender shares a new session with the other staff device only; the
+  archive records a capture gap with its reason and asks the sender's devices for the key;
+  the sender answers the request (a forwarded room key); the gap is marked recovered and the
+  plaintext archived then.
+- The archive user kicked by a member: Enclave audits it and brings it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bots.capture.store import CaptureGapStore
+from bridge.store import AuditFilter
+
+from .bots_helpers import Clock, InProcessEnclave, cross_sign, person, uid, write_bots_config
+from .harness import BOT_USER_ID, Stack, nio, wait_until
+from .test_bots_e2ee import bot_events, decrypted
+
+pytestmark = pytest.mark.integration
+
+MEGOLM = "m.megolm.v1.aes-sha2"
+ARCHIVE = uid("enclave_archive")
+PEOPLE = [person("7001", "carol", "Legal"), person("7002", "dave", "Legal")]
+
+
+def capture_config(stack: Stack, base: Path) -> Path:
+    path = write_bots_config(stack, base / "enclave", PEOPLE, bots={
+        "archive": {"key_wait_seconds": 2, "sweep_minutes": 0.25},
+        "encryption": {"store_dir": str(base / "crypto")},
+    })
+    cfg = yaml.safe_load(path.read_text())
+    cfg["policy"] = {"default_class": "legal",
+                     "room_classes": [{"id": "legal", "federate": False,
+                                       "encryption": "required", "capture": "required",
+                                       "capture_notice": "notice"}],
+                     "reconcile": {"interval_minutes": 0}}
+    cfg["retention"] = {"enabled": True, "default": {"keep": "30d"},
+                        "archive": {"path": str(base / "archive")},
+                        "purge": {"interval_minutes": 0},
+                        "visibility": {"set_state": False, "notice": "none"}}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+async def e2ee_login(stack: Stack, username: str, store: Path) -> nio.AsyncClient:
+    """A staff member signed in with an encrypting nio client, cross-signed."""
+    await asyncio.to_thread(store.mkdir, parents=True, exist_ok=True)
+    config = nio.AsyncClientConfig(encryption_enabled=True, store=nio.store.SqliteStore)
+    client = nio.AsyncClient(stack.synapse.base_url, uid(username), store_path=str(store),
+                             config=config)
+    login = await client.login(f"pw-{username}", device_name=f"{username}'s device")
+    assert isinstance(login, nio.LoginResponse), login
+    up = await client.keys_upload()
+    assert isinstance(up, nio.KeysUploadResponse), up
+    await cross_sign(client)
+    first = await client.sync(timeout=0, full_state=True)
+    assert isinstance(first, nio.SyncResponse), first
+    return client
+
+
+def archived(archive: Path) -> dict[str, dict[str, Any]]:
+    """Every record in the archive's segments, by event id (read from the files)."""
+    out: dict[str, dict[str, Any]] = {}
+    for seg in (archive / "rooms").glob("*/seg-*.jsonl"):
+        for line in seg.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["event_id"]] = rec
+    return out
+
+
+async def joined(stack: Stack, room: str, user: str) -> bool:
+    q = urllib.parse.quote
+    body = await stack.hs("GET", f"/_synapse/admin/v1/rooms/{q(room, safe='')}/members")
+    return user in body.get("members", [])
+
+
+async def audit(enclave: InProcessEnclave, room: str) -> list[dict[str, Any]]:
+    return await enclave.svc.stores.audit.query_audit(AuditFilter(room_id=room))
+
+
+async def send(client: nio.AsyncClient, room: str, body: str) -> str:
+    await client.sync(timeout=0)
+    resp = await client.room_send(room, "m.room.message", {"msgtype": "m.text", "body": body},
+                                  ignore_unverified_devices=True)
+    assert isinstance(resp, nio.RoomSendResponse), resp
+    return resp.event_id
+
+
+async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_recovers(
+        stack: Stack, tmp_path: Path) -> None:
+    enclave = InProcessEnclave(capture_config(stack, tmp_path), stack.as_port, Clock())
+    await enclave.start()
+    carol = dave = None
+    try:
+        await enclave.wait_directory()
+        await enclave.wait_bots_ready()
+        archive_bot = enclave.bots.archive
+        assert archive_bot is not None and archive_bot.user_id == ARCHIVE
+        assert await archive_bot.device.wait_ready(90), "the archive device never got ready"
+        carol = await e2ee_login(stack, "carol", tmp_path / "carol")
+        dave = await e2ee_login(stack, "dave", tmp_path / "dave")
+
+        # carol makes an encrypted room with dave and gives Enclave's bot power (as the gate
+        # does for rooms made through it)
+        resp = await carol.room_create(
+            name="Legal hold review", invite=[uid("dave"), BOT_USER_ID],
+            initial_state=[{"type": "m.room.encryption", "state_key": "",
+                            "content": {"algorithm": MEGOLM}}],
+            power_level_override={"users": {BOT_USER_ID: 100}})
+        assert isinstance(resp, nio.RoomCreateResponse), resp
+        room = resp.room_id
+        assert isinstance(await dave.join(room), nio.JoinResponse)
+
+        async def archive_in() -> bool:
+            return await joined(stack, room, ARCHIVE)
+
+        await wait_until(archive_in, within=60, what="the archive user joined the room")
+
+        # (3) the room shows it is archived: the archive user's notice, encrypted, readable
+        async def notice_event() -> str | None:
+            found = await bot_events(stack, room, "m.room.encrypted", ARCHIVE)
+            return str(found[0]["event_id"]) if found else None
+
+        notice_id = await wait_until(notice_event, within=60, what="the archive notice")
+        shown = await decrypted(dave, room, notice_id)
+        assert isinstance(shown, nio.RoomMessageNotice), shown
+        assert "archived by Enclave" in shown.body
+
+        # (1) plaintext archived beside the ciphertext, linked by event id
+        first = await send(carol, room, "privileged: settlement draft v1")
+        arch = tmp_path / "archive"
+
+        async def plaintext_of(event_id: str) -> dict[str, Any] | None:
+            return archived(arch).get(event_id + "#decrypted")
+
+        rec = await wait_until(lambda: plaintext_of(first), within=60,
+                               what="the plaintext of the first message in the archive")
+        assert rec["content"]["body"] == "privileged: settlement draft v1"
+        assert rec["sender"] == uid("carol") and rec["room_id"] == room
+        mark = rec["org.enclave.decrypted"]
+        assert mark["of"] == first and mark["by"] == ARCHIVE and mark["recovered"] is False
+        assert mark["device"] == archive_bot.device.device_id
+        cipher = archived(arch)[first]
+        assert cipher["type"] == "m.room.encrypted" and "body" not in cipher["content"]
+        verify = await enclave.svc.archive.verify(room)
+        assert verify.ok, verify.problems
+
+        # (2) a late key: carol starts a new session shared with dave's device only
+        await carol.sync(timeout=0)
+        archive_device = carol.device_store[ARCHIVE][archive_bot.device.device_id]
+        carol.blacklist_device(archive_device)
+        carol.olm.outbound_group_sessions.pop(room, None)
+        requests: list[Any] = []
+        handle = carol.olm._handle_key_requests
+
+        def record(event: Any) -> None:
+            requests.append(event)
+            handle(event)
+
+        carol.olm._handle_key_requests = record
+        late = await send(carol, room, "privileged: the late one")
+        dave_sees = await decrypted(dave, room, late)
+        assert isinstance(dave_sees, nio.RoomMessageText), dave_sees  # dave has the key
+        gaps = CaptureGapStore(enclave.svc.database.db)
+
+        async def gap_open() -> Any:
+            g = await gaps.gap(late)
+            return g if g is not None and g.key_requested_at is not None else None
+
+        gap = await wait_until(gap_open, within=60, what="the capture gap and its key request")
+        assert gap.open and gap.reason == "no session key", gap
+        assert gap.sender == uid("carol") and gap.session_id
+        assert await plaintext_of(late) is None
+        assert (await enclave.svc.archive.store.archive_known([late])) == {late}  # ciphertext
+
+        # carol's client receives the archive device's key request and answers it
+        async def request_seen() -> Any:
+            await carol.sync(timeout=500)
+            return next((r for r in requests if getattr(r, "session_id", None)
+                         == gap.session_id and r.sender == ARCHIVE), None)
+
+        req = await wait_until(request_seen, within=60, what="the key request at carol's")
+        olm = carol.olm
+        session = olm.inbound_group_store.get(room, req.sender_key, req.session_id)
+        assert session is not None
+        device = carol.device_store[ARCHIVE][req.requesting_device_id]
+        olm_session = olm.session_store.get(device.curve25519)
+        assert olm_session is not None
+        sent = await carol.to_device(
+            olm._encrypt_forwarding_key(room, session, olm_session, device))
+        assert isinstance(sent, nio.ToDeviceResponse), sent
+
+        async def recovered() -> Any:
+            g = await gaps.gap(late)
+            return g if g is not None and not g.open else None
+
+        await wait_until(recovered, within=60, what="the gap recovered")
+        rec = await wait_until(lambda: plaintext_of(late), within=10,
+                               what="the recovered plaintext in the archive")
+        assert rec["content"]["body"] == "privileged: the late one"
+        assert rec["org.enclave.decrypted"]["recovered"] is True
+        assert await gaps.gaps() == []
+        kinds = [(a["kind"], a["outcome"]) for a in await audit(enclave, room)
+                 if a["source"] == "bots.archive"]
+        assert ("capture_gap", "failed") in kinds and ("capture_gap", "recovered") in kinds
+
+        # (4) the archive user kicked by a member: audited, and back in the room
+        kick = await carol.room_kick(room, ARCHIVE, reason="no archive here")
+        assert isinstance(kick, nio.RoomKickResponse), kick
+
+        async def removal_audited() -> bool:
+            return any(a["kind"] == "capture_removed" and a["user_id"] == uid("carol")
+                       for a in await audit(enclave, room))
+
+        await wait_until(removal_audited, within=60, what="the removal audited")
+        await wait_until(archive_in, within=60, what="the archive user back in the room")
+    finally:
+        for c in (carol, dave):
+            if c is not None:
+                await c.close()
+        await enclave.stop()
