@@ -71,6 +71,7 @@ class ArchiveBot(Bot):
         self.room_classes = dict(room_classes)
         self.list_rooms = list_rooms
         self._wake = asyncio.Event()
+        self._required: dict[str, bool] = {}  # room -> its class requires capture
         self.sweeps = 0
         self.captured = 0
         self.recovered = 0
@@ -90,7 +91,13 @@ class ArchiveBot(Bot):
             await self._wait_ready()
             if room in self.rooms:
                 await self.capture(room, event)
+            elif sender != self.user_id and await self.requires_capture(room):
+                # the archive user is not (yet, or no longer) in a room that requires it:
+                # the message is a gap with that reason, and its key is asked for
+                await self._gap(room, event, ready=self.device.ready, absent=True)
             return []
+        if etype == CLASS_STATE_TYPE:
+            self._required.pop(room, None)
         if etype == "m.room.member" and event.get("state_key") == self.user_id:
             return await self._own_membership(event, room, sender)
         if etype == "m.room.member" and event.get("state_key") == self.svc.main_bot_user_id \
@@ -138,7 +145,18 @@ class ArchiveBot(Bot):
         facts = await self.separation.room_facts(room)
         policy = await self.separation.policy()
         rc = policy.classify_room(facts)
-        return facts, self.room_classes.get(rc.id)
+        cls = self.room_classes.get(rc.id)
+        self._required[room] = capture_required(cls)
+        return facts, cls
+
+    async def requires_capture(self, room: str) -> bool:
+        """Whether the room's class requires capture (remembered per room; a class change
+        forgets it)."""
+        known = self._required.get(room)
+        if known is None:
+            _, cls = await self.room_class(room)
+            known = capture_required(cls)
+        return known
 
     async def membership_actions(self, room: str, *, removed_by: str | None = None,
                                  membership: str | None = None,
@@ -174,13 +192,15 @@ class ArchiveBot(Bot):
                          None)
         members = {**dict(facts.members), self.user_id: "join"}
         shown = await self.storage.get(f"notice:{room}") is not None
-        actions = decide_capture_notice(
+        d = decide_capture_notice(
             room, mode=mode, already_shown=shown, topic=topic, topic_line=self.cfg.topic_line,
             notice=self.cfg.notice, archive_user=self.user_id, members=members,
             power=facts.power_view, enclave_users=self.enclave_users)
-        if actions and mode == "notice":
+        actions: list[Action] = list(d.actions)
+        if d.notice is not None:
             await self.storage.put(f"notice:{room}", self.svc.clock_ms())
-        return list(actions)
+            actions.append(self.reply(room, d.notice, rule_id=d.rule_id, reason=d.reason))
+        return actions
 
     # -- capture -------------------------------------------------------------------------------
     async def capture(self, room: str, event: dict[str, Any]) -> None:
@@ -197,14 +217,15 @@ class ArchiveBot(Bot):
                                         device=self.device.device_id, session_id=sid):
             self.captured += 1
 
-    async def _gap(self, room: str, event: dict[str, Any], *, ready: bool) -> None:
+    async def _gap(self, room: str, event: dict[str, Any], *, ready: bool,
+                   absent: bool = False) -> None:
         sid, sender_key = self.device.session_of(event)
         joined = await self.storage.get(f"joined:{room}")
         ts = event.get("origin_server_ts")
         reason = gap_reason(withheld=self.device.withheld.get(sid or ""),
                             joined_at_ms=int(joined) if joined is not None else None,
                             sent_at_ms=ts if isinstance(ts, int) else None,
-                            device_ready=ready)
+                            device_ready=ready, absent=absent)
         event_id = str(event.get("event_id"))
         now = self.svc.clock_ms()
         gap = CaptureGap(event_id=event_id, room_id=room, sender=event.get("sender"),

@@ -14,8 +14,6 @@ from bridge.policy.actions import Action, Invite, Join, SetState
 from bridge.policy.power import RoomPower, enclave_actor
 from bridge.policy.separation.outcomes import NotDone
 
-from ..actions import BotMessage
-
 RULE_JOIN = "capture.archive_member"
 RULE_REJOIN = "capture.archive_removed"
 RULE_NOTICE = "capture.notice"
@@ -24,7 +22,7 @@ TOPIC_TYPE = "m.room.topic"
 # why a message is a capture gap (the reason recorded and shown by `enclave archive gaps`)
 NO_SESSION_KEY = "no session key"
 BEFORE_JOIN = "sent before the archive device joined (history it never received keys for)"
-NOT_MEGOLM = "not a Megolm event"
+ABSENT = "sent while the archive device was not in the room"
 DEVICE_NOT_READY = "archive device not ready"
 
 
@@ -88,10 +86,21 @@ def decide_capture_membership(room_id: str, *, required: bool, archive_user: str
          Join(room=room_id, actor=archive_user, rule_id=rule, reason=why)), why)
 
 
+@dataclass(frozen=True)
+class CaptureNotice:
+    """How a room shows it is archived: ``notice`` (the text the archive user posts, sent
+    encrypted like any bot message) and/or ``actions`` (the topic line, or why not)."""
+
+    notice: str | None = None
+    actions: tuple[Action, ...] = ()
+    rule_id: str = RULE_NOTICE
+    reason: str = "the room's class requires capture: staff are told"
+
+
 def decide_capture_notice(room_id: str, *, mode: str, already_shown: bool,
                           topic: str | None, topic_line: str, notice: str,
                           archive_user: str, members: Mapping[str, str], power: RoomPower,
-                          enclave_users: Sequence[str]) -> tuple[Action, ...]:
+                          enclave_users: Sequence[str]) -> CaptureNotice:
     """How the room shows staff that it is archived.
 
     ``notice``: one notice from the archive user (a member: it may post), once per room
@@ -100,38 +109,39 @@ def decide_capture_notice(room_id: str, *, mode: str, already_shown: bool,
     (again appended); where none of them may, a :class:`NotDone` with the fix."""
     if mode == "notice":
         if already_shown or members.get(archive_user) != "join":
-            return ()
-        return (BotMessage(room=room_id, actor=archive_user, rule_id=RULE_NOTICE,
-                           reason="the room's class requires capture: staff are told",
-                           content={"msgtype": "m.notice", "body": notice}),)
+            return CaptureNotice()
+        return CaptureNotice(notice=notice)
     current = topic or ""
     if topic_line in current:
-        return ()
+        return CaptureNotice()
     actor = enclave_actor(members, power, enclave_users, power.needed_state(TOPIC_TYPE))
     if actor is None:
-        return (NotDone(room=room_id, user=None, rule_id=RULE_NOTICE,
-                        reason="the room's class requires capture: the topic says so",
-                        message=f"cannot add the archive line to the topic of {room_id}: "
-                                "none of Enclave's users is joined with the power to set "
-                                "it. Fix: invite Enclave's bot with power "
-                                f"{max(power.needed_state(TOPIC_TYPE), 1)}"),)
+        return CaptureNotice(actions=(NotDone(
+            room=room_id, user=None, rule_id=RULE_NOTICE,
+            reason="the room's class requires capture: the topic says so",
+            message=f"cannot add the archive line to the topic of {room_id}: none of "
+                    "Enclave's users is joined with the power to set it. Fix: invite "
+                    f"Enclave's bot with power {max(power.needed_state(TOPIC_TYPE), 1)}"),))
     new = f"{current}\n{topic_line}" if current.strip() else topic_line
-    return (SetState(room=room_id, event_type=TOPIC_TYPE, content={"topic": new},
-                     actor=actor, rule_id=RULE_NOTICE,
-                     reason="the room's class requires capture: the topic says so"),)
+    return CaptureNotice(actions=(SetState(
+        room=room_id, event_type=TOPIC_TYPE, content={"topic": new}, actor=actor,
+        rule_id=RULE_NOTICE, reason="the room's class requires capture: the topic says so"),))
 
 
 def gap_reason(*, withheld: str | None, joined_at_ms: int | None, sent_at_ms: int | None,
-               device_ready: bool = True) -> str:
+               device_ready: bool = True, absent: bool = False) -> str:
     """Why an encrypted message could not be decrypted, for the gap record.
 
     ``withheld``: the code (and text) of an ``m.room_key.withheld`` the sender's device sent
-    for the session; ``joined_at_ms``: when the archive user joined the room (a message
-    sent before that was never meant for it)."""
-    if not device_ready:
-        return DEVICE_NOT_READY
+    for the session; ``joined_at_ms``: when the archive user first joined the room (a
+    message sent before that was never meant for it); ``absent``: the archive user is not
+    in the room now (not joined yet, or removed)."""
     if withheld:
         return f"withheld: {withheld}"
+    if absent:
+        return BEFORE_JOIN if joined_at_ms is None else ABSENT
     if joined_at_ms is not None and sent_at_ms is not None and sent_at_ms < joined_at_ms:
         return BEFORE_JOIN
+    if not device_ready:
+        return DEVICE_NOT_READY
     return NO_SESSION_KEY
