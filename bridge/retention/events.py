@@ -25,6 +25,8 @@ MESSAGE_TYPES = frozenset({"m.room.message", "m.sticker", "m.room.encrypted"})
 ATTACHMENT_MSGTYPES = frozenset({"m.image", "m.file", "m.video", "m.audio"})
 ENCRYPTED_TEXT = "encrypted message (not readable by the archive)"
 DELETED_TEXT = "message deleted"
+DECRYPTED_BELOW = ("encrypted message (its plaintext, decrypted by the Enclave archive device, "
+                   "follows)")
 
 
 # The archive's plaintext record of an encrypted event (the archive device decrypted it):

@@ -179,3 +179,20 @@ def test_a_capture_class_needs_retention_and_the_archive_device() -> None:
         EnclaveConfig.model_validate({**BASE, "retention": {}, "bots": {
             "archive": {}, "onboarding": {"bot": {"localpart": "archive",
                                                   "displayname": "x"}}}})
+
+
+def test_the_transcript_shows_the_ciphertext_and_its_plaintext() -> None:
+    from bridge.retention.events import DECRYPTED_BELOW, ENCRYPTED_TEXT
+    from bridge.retention.transcript import render_html
+
+    def enc(eid: str, ts: int) -> dict[str, Any]:
+        return {"event_id": eid, "type": "m.room.encrypted", "sender": ALICE,
+                "origin_server_ts": ts, "room_id": ROOM, "content": {"ciphertext": "x"}}
+
+    read = enc("$c", 1)
+    clear = {"type": "m.room.message", "content": {"msgtype": "m.text", "body": "draft v1"}}
+    events = [read, decrypted_record(ROOM, read, clear, by=ARCHIVE, device="D", at_ms=2),
+              enc("$gap", 3)]
+    page = render_html(ROOM, None, events, {}, {})
+    assert DECRYPTED_BELOW in page and "draft v1" in page
+    assert ENCRYPTED_TEXT in page  # the one never decrypted stays marked as such
