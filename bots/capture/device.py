@@ -5,8 +5,8 @@ archive user, which also reads what it receives.
 What it adds to :class:`~bots.crypto.EncryptedSender`:
 
 * :meth:`try_decrypt`: the plaintext of a Megolm event, waiting a little for its key;
-* key requests (``m.room_key_request``) sent to the message sender's devices (and the
-  archive user's own), as the spec says a device missing a key may;
+* key requests (``m.room_key_request``) sent to the message sender's devices (the archive
+  user has no other device of its own to ask);
 * forwarded keys (``m.forwarded_room_key``) accepted for a session it asked for, only from
   a device of the user who sent the undecryptable message (nio alone accepts forwards from
   the device's own user only);
@@ -134,8 +134,8 @@ class ArchiveDevice(EncryptedSender):
             await asyncio.sleep(0.25)
 
     async def request_key(self, room_id: str, event: dict[str, Any]) -> bool:
-        """Ask the devices of the message's sender (and the archive user's own) for the key
-        of ``event``'s session (``m.room_key_request``); True when sent."""
+        """Ask the devices of the message's sender for the key of ``event``'s session
+        (``m.room_key_request``); True when sent."""
         from nio.crypto.key_request import OutgoingKeyRequest
 
         sid, sender_key = self.session_of(event)
@@ -153,9 +153,8 @@ class ArchiveDevice(EncryptedSender):
             body["sender_key"] = sender_key
         content = {"action": "request", "body": body, "request_id": request_id,
                    "requesting_device_id": self.device_id}
+        # the sender's devices: the archive user has no other device that could answer
         messages = {sender: {"*": content}}
-        if sender != self.user_id:
-            messages[self.user_id] = {"*": content}
         await self._client.send_to_device("m.room_key_request",
                                           f"enclave-keyreq-{secrets.token_hex(8)}", messages,
                                           user_id=self.user_id, device_id=self.device_id or "")

@@ -2,6 +2,7 @@
 extension, a room class with ``capture: required`` and retention; two staff members use
 encrypting matrix-nio clients (cross-signed, as Element signs in).
 
+- A message sent before the archive user is in the room is a gap with that reason.
 - The archive user joins the room (invited by Enclave's own bot), posts its notice
   (encrypted, read by a staff client), and the plaintext of staff messages is archived
   beside their ciphertext, linked by event id.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,12 @@ from typing import Any
 import pytest
 import yaml
 
+from bots.capture.decisions import BEFORE_JOIN
 from bots.capture.store import CaptureGapStore
 from bridge.store import AuditFilter
 
 from .bots_helpers import Clock, InProcessEnclave, cross_sign, person, uid, write_bots_config
-from .harness import BOT_USER_ID, Stack, nio, wait_until
+from .harness import BOT_USER_ID, REPO_ROOT, Stack, nio, subprocess_env, wait_until
 from .test_bots_e2ee import bot_events, decrypted
 
 pytestmark = pytest.mark.integration
@@ -118,18 +122,36 @@ async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_rec
         # carol makes an encrypted room with dave and gives Enclave's bot power (as the gate
         # does for rooms made through it)
         resp = await carol.room_create(
-            name="Legal hold review", invite=[uid("dave"), BOT_USER_ID],
+            name="Legal hold review", invite=[uid("dave")],
             initial_state=[{"type": "m.room.encryption", "state_key": "",
                             "content": {"algorithm": MEGOLM}}],
             power_level_override={"users": {BOT_USER_ID: 100}})
         assert isinstance(resp, nio.RoomCreateResponse), resp
         room = resp.room_id
         assert isinstance(await dave.join(room), nio.JoinResponse)
+        # a message before the archive user is in: not decryptable by it, recorded as such
+        early = await send(carol, room, "privileged: before the archive came")
+        gaps = CaptureGapStore(enclave.svc.database.db)
+
+        async def early_gap() -> Any:
+            return await gaps.gap(early)
+
+        gap = await wait_until(early_gap, within=60, what="the gap of the early message")
+        assert gap.open and gap.reason == BEFORE_JOIN, gap
+        invited = await carol.room_invite(room, BOT_USER_ID)
+        assert isinstance(invited, nio.RoomInviteResponse), invited
 
         async def archive_in() -> bool:
             return await joined(stack, room, ARCHIVE)
 
         await wait_until(archive_in, within=60, what="the archive user joined the room")
+        # Element shares the room key with a member who joins; nio (this test's client)
+        # does not share a session it already shared, nor look up the newcomer's devices:
+        # it starts a new session with the devices looked up afresh instead
+        await carol.sync(timeout=0)
+        carol.olm.outbound_group_sessions.pop(room, None)
+        carol.olm.users_for_key_query.add(ARCHIVE)
+        assert isinstance(await carol.keys_query(), nio.KeysQueryResponse)
 
         # (3) the room shows it is archived: the archive user's notice, encrypted, readable
         async def notice_event() -> str | None:
@@ -176,7 +198,6 @@ async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_rec
         late = await send(carol, room, "privileged: the late one")
         dave_sees = await decrypted(dave, room, late)
         assert isinstance(dave_sees, nio.RoomMessageText), dave_sees  # dave has the key
-        gaps = CaptureGapStore(enclave.svc.database.db)
 
         async def gap_open() -> Any:
             g = await gaps.gap(late)
@@ -214,7 +235,16 @@ async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_rec
                                what="the recovered plaintext in the archive")
         assert rec["content"]["body"] == "privileged: the late one"
         assert rec["org.enclave.decrypted"]["recovered"] is True
-        assert await gaps.gaps() == []
+        # what is still open is the early message, as the operator's report shows it
+        assert [g.event_id for g in await gaps.gaps()] == [early]
+        report = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bridge", "bots", "capture-gaps",
+                             "--all", "--format", "json", "-c", str(enclave.config)],
+            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert report.returncode == 0, report.stderr
+        rows = {r["event"]: r for r in map(json.loads, report.stdout.splitlines())}
+        assert rows[early]["reason"] == BEFORE_JOIN and not rows[early]["recovered"]
+        assert rows[late]["reason"] == "no session key" and rows[late]["recovered"]
         kinds = [(a["kind"], a["outcome"]) for a in await audit(enclave, room)
                  if a["source"] == "bots.archive"]
         assert ("capture_gap", "failed") in kinds and ("capture_gap", "recovered") in kinds
