@@ -37,6 +37,7 @@ from ..services import BotServices
 from .decisions import (
     RULE_JOIN,
     RULE_REJOIN,
+    TOPIC_TYPE,
     capture_required,
     decide_capture_membership,
     decide_capture_notice,
@@ -98,6 +99,10 @@ class ArchiveBot(Bot):
             return []
         if etype == CLASS_STATE_TYPE:
             self._required.pop(room, None)
+        if etype == TOPIC_TYPE and event.get("state_key") == "" and room in self.rooms \
+                and sender not in self.enclave_users:
+            # a topic change that dropped the archive line: it is put back (topic mode)
+            return await self.notice_actions(room)
         if etype == "m.room.member" and event.get("state_key") == self.user_id:
             return await self._own_membership(event, room, sender)
         if etype == "m.room.member" and event.get("state_key") == self.svc.main_bot_user_id \
@@ -312,6 +317,8 @@ class ArchiveBot(Bot):
     async def sweep(self) -> None:
         """Every room of a capture class has the archive user; open gaps tried again."""
         self.sweeps += 1
+        if not any(capture_required(c) for c in self.room_classes.values()):
+            return  # no class requires capture: no room to check
         for room in await self.list_rooms():
             if room in self.rooms:
                 continue

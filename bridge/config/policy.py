@@ -81,6 +81,12 @@ class RoomClassConfig(StrictModel):
     # (under Enclave's own identity) or one notice from the archive user
     capture_notice: Literal["topic", "notice"] = "notice"
 
+    @field_validator("capture", mode="before")
+    @classmethod
+    def _capture_off(cls, v: object) -> object:
+        # YAML reads a bare `off` as false
+        return "off" if v is False else v
+
     @field_validator("id")
     @classmethod
     def _not_reserved(cls, v: str) -> str:

@@ -152,6 +152,7 @@ def test_the_plaintext_record_links_to_the_ciphertext() -> None:
 def test_capture_is_off_unless_a_class_requires_it() -> None:
     assert not capture_required(RoomClassConfig(id="a"))
     assert capture_required(RoomClassConfig(id="a", capture="required"))
+    assert not capture_required(RoomClassConfig(id="a", capture=False))  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         RoomClassConfig(id="a", capture="sometimes")  # type: ignore[arg-type]
 
