@@ -11,6 +11,7 @@ encrypting matrix-nio clients (cross-signed, as Element signs in).
   the sender answers the request (a forwarded room key); the gap is marked recovered and the
   plaintext archived then.
 - The archive user kicked by a member: Enclave audits it and brings it back.
+- After a restart the archive device is the same one and goes on archiving.
 """
 
 from __future__ import annotations
@@ -259,6 +260,27 @@ async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_rec
 
         await wait_until(removal_audited, within=60, what="the removal audited")
         await wait_until(archive_in, within=60, what="the archive user back in the room")
+
+        # a restart: the same device (keys persisted under bots.encryption.store_dir), and
+        # a message after it is archived as plaintext
+        device_id = archive_bot.device.device_id
+        await enclave.stop()
+        enclave = InProcessEnclave(enclave.config, stack.as_port, Clock())
+        await enclave.start()
+        await enclave.wait_bots_ready()
+        archive_bot = enclave.bots.archive
+        assert archive_bot is not None and await archive_bot.device.wait_ready(90)
+        assert archive_bot.device.device_id == device_id
+        await carol.sync(timeout=0)
+        carol.unblacklist_device(archive_device)
+        carol.olm.outbound_group_sessions.pop(room, None)
+        carol.olm.users_for_key_query.add(ARCHIVE)
+        assert isinstance(await carol.keys_query(), nio.KeysQueryResponse)
+        after = await send(carol, room, "privileged: after the restart")
+        rec = await wait_until(lambda: plaintext_of(after), within=60,
+                               what="the plaintext of a message after the restart")
+        assert rec["content"]["body"] == "privileged: after the restart"
+        assert rec["org.enclave.decrypted"]["device"] == device_id
     finally:
         for c in (carol, dave):
             if c is not None:
