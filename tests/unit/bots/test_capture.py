@@ -197,3 +197,24 @@ def test_the_transcript_shows_the_ciphertext_and_its_plaintext() -> None:
     page = render_html(ROOM, None, events, {}, {})
     assert DECRYPTED_BELOW in page and "draft v1" in page
     assert ENCRYPTED_TEXT in page  # the one never decrypted stays marked as such
+
+
+async def test_a_withheld_notice_is_remembered_per_session(tmp_path: Any) -> None:
+    import nio
+
+    from bots.capture.device import ArchiveDevice
+
+    device = ArchiveDevice(object(), homeserver_url="http://127.0.0.1:1", user_id=ARCHIVE,  # type: ignore[arg-type]
+                           store_dir=tmp_path)
+    withheld = nio.UnknownToDeviceEvent.from_dict({
+        "type": "m.room_key.withheld", "sender": ALICE,
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": ROOM,
+                    "session_id": "S1", "code": "m.unverified",
+                    "reason": "Device not verified"}})
+    await device._to_device(withheld)
+    assert device.withheld == {"S1": "m.unverified (Device not verified)"}
+    assert gap_reason(withheld=device.withheld["S1"], joined_at_ms=None,
+                      sent_at_ms=None) == "withheld: m.unverified (Device not verified)"
+    assert device.session_of({"content": {"session_id": "S1", "sender_key": "K"}}) == (
+        "S1", "K")
+    assert device.session_of({"content": {}}) == (None, None)
