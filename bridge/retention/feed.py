@@ -67,8 +67,11 @@ class ArchiveFeed:
                                 recovered: bool = False) -> bool:
         """Archive the plaintext of an encrypted ``event`` (decrypted by the archive device
         ``by``/``device``) beside its ciphertext, which is archived too: True when written
-        now, False when it was archived already. An archive failure raises (the caller
-        retries)."""
+        now, False when it was archived already (or retention is disabled). An archive
+        failure raises (the caller retries)."""
+        if not self.config.enabled:
+            # retention.enabled: false archives nothing, plaintext included
+            return False
         if not isinstance(event.get("event_id"), str):
             raise ValueError("an encrypted event without an event id")
         other = event.get("room_id")
