@@ -12,6 +12,8 @@ encrypting matrix-nio clients (cross-signed, as Element signs in).
   plaintext archived then.
 - The archive user kicked by a member: Enclave audits it and brings it back.
 - After a restart the archive device is the same one and goes on archiving.
+- ``capture_notice: topic``: Enclave's bot appends the archive line to the topic, and puts
+  it back when a member's topic change drops it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ ARCHIVE = uid("enclave_archive")
 PEOPLE = [person("7001", "carol", "Legal"), person("7002", "dave", "Legal")]
 
 
-def capture_config(stack: Stack, base: Path) -> Path:
+def capture_config(stack: Stack, base: Path, notice: str = "notice") -> Path:
     path = write_bots_config(stack, base / "enclave", PEOPLE, bots={
         "archive": {"key_wait_seconds": 2, "sweep_minutes": 0.25},
         "encryption": {"store_dir": str(base / "crypto")},
@@ -51,7 +53,7 @@ def capture_config(stack: Stack, base: Path) -> Path:
     cfg["policy"] = {"default_class": "legal",
                      "room_classes": [{"id": "legal", "federate": False,
                                        "encryption": "required", "capture": "required",
-                                       "capture_notice": "notice"}],
+                                       "capture_notice": notice}],
                      "reconcile": {"interval_minutes": 0}}
     cfg["retention"] = {"enabled": True, "default": {"keep": "30d"},
                         "archive": {"path": str(base / "archive")},
@@ -285,4 +287,49 @@ async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_rec
         for c in (carol, dave):
             if c is not None:
                 await c.close()
+        await enclave.stop()
+
+
+async def test_the_topic_says_the_room_is_archived_and_keeps_saying_it(
+        stack: Stack, tmp_path: Path) -> None:
+    enclave = InProcessEnclave(capture_config(stack, tmp_path, notice="topic"), stack.as_port,
+                               Clock())
+    await enclave.start()
+    staff = None
+    try:
+        await enclave.wait_directory()
+        await enclave.wait_bots_ready()
+        archive_bot = enclave.bots.archive
+        assert archive_bot is not None
+        line = enclave.svc.config.bots.archive.topic_line
+        staff = await e2ee_login(stack, "carol", tmp_path / "carol2")
+        resp = await staff.room_create(
+            name="Board", topic="Board minutes", invite=[BOT_USER_ID],
+            initial_state=[{"type": "m.room.encryption", "state_key": "",
+                            "content": {"algorithm": MEGOLM}}],
+            power_level_override={"users": {BOT_USER_ID: 100}})
+        assert isinstance(resp, nio.RoomCreateResponse), resp
+        room = resp.room_id
+
+        async def topic() -> str:
+            q = urllib.parse.quote
+            body = await stack.hs("GET", f"/_synapse/admin/v1/rooms/{q(room, safe='')}/state")
+            return next((str(e["content"].get("topic", "")) for e in body["state"]
+                         if e["type"] == "m.room.topic"), "")
+
+        async def archived_topic() -> str | None:
+            t = await topic()
+            return t if line in t else None
+
+        shown = await wait_until(archived_topic, within=60, what="the archive line in the topic")
+        assert shown == f"Board minutes\n{line}"
+        assert not await bot_events(stack, room, "m.room.encrypted", ARCHIVE)  # no notice
+        # a member's topic change that drops the line: Enclave puts it back
+        put = await staff.room_put_state(room, "m.room.topic", {"topic": "Board minutes 2027"})
+        assert isinstance(put, nio.RoomPutStateResponse), put
+        shown = await wait_until(archived_topic, within=60, what="the archive line put back")
+        assert shown == f"Board minutes 2027\n{line}"
+    finally:
+        if staff is not None:
+            await staff.close()
         await enclave.stop()
