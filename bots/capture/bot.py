@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from bridge.config.bots import ArchiveCaptureConfig, DmConfig
 from bridge.matrix.client import HomeserverUnavailable, MatrixRequestError
 from bridge.policy.actions import Action
+from bridge.policy.separation.outcomes import NotDone
 from bridge.policy.separation.rules import CLASS_STATE_TYPE
 from bridge.store import AuditRecord
 
@@ -126,6 +127,7 @@ class ArchiveBot(Bot):
         await self._wait_ready()
         if membership == "join":
             self.rooms.add(room)
+            await self.storage.delete(f"notdone:{room}")
             ts = event.get("origin_server_ts")
             if isinstance(ts, int) and await self.storage.get(f"joined:{room}") is None:
                 await self.storage.put(f"joined:{room}", ts)
@@ -327,6 +329,13 @@ class ArchiveBot(Bot):
             except (HomeserverUnavailable, MatrixRequestError) as e:
                 log.info("capture: room %s not checked: %s", room, e)
                 continue
+            problems = [a.message for a in actions if isinstance(a, NotDone)]
+            if problems:
+                # reported once until it changes: a sweep every few minutes would otherwise
+                # fill the audit log with the same record
+                if await self.storage.get(f"notdone:{room}") == problems[0]:
+                    continue
+                await self.storage.put(f"notdone:{room}", problems[0])
             for i, action in enumerate(actions):
                 await self.svc.executor.run_direct(
                     action, f"capture:{room}:{self.sweeps}:{i}", source="bots.archive")
