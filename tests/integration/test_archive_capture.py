@@ -248,6 +248,20 @@ async def test_capture_required_room_is_archived_as_plaintext_and_a_late_key_rec
         rows = {r["event"]: r for r in map(json.loads, report.stdout.splitlines())}
         assert rows[early]["reason"] == BEFORE_JOIN and not rows[early]["recovered"]
         assert rows[late]["reason"] == "no session key" and rows[late]["recovered"]
+        # the export shows both: the ciphertext and, linked to it, the plaintext
+        out = tmp_path / "export"
+        exported = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bridge", "export", "--room", room,
+                             "--out", str(out), "--formats", "jsonl,html",
+                             "-c", str(enclave.config)],
+            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert exported.returncode == 0, exported.stderr
+        lines = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+        ids = [e.get("event_id") for e in lines]
+        assert first in ids and first + "#decrypted" in ids
+        assert ids.index(first) < ids.index(first + "#decrypted")
+        html = next(out.glob("rooms/*/transcript.html")).read_text()
+        assert "privileged: the late one" in html and "decrypted by the Enclave archive" in html
         kinds = [(a["kind"], a["outcome"]) for a in await audit(enclave, room)
                  if a["source"] == "bots.archive"]
         assert ("capture_gap", "failed") in kinds and ("capture_gap", "recovered") in kinds
