@@ -264,14 +264,15 @@ class ArchiveBot(Bot):
         recovered = 0
         for gap in await self.gaps.gaps():
             ev = gap.event
+            withheld = self.device.withheld.get(gap.session_id or "")
+            if withheld and gap.reason != f"withheld: {withheld}":
+                # the sender's device said why it keeps the key back: the gap says so
+                await self.gaps.set_reason(gap.event_id, f"withheld: {withheld}")
             if not request and not self.device.has_session(gap.room_id, ev):
                 continue
             clear = await self.device.try_decrypt(gap.room_id, ev)
             now = self.svc.clock_ms()
             if clear is None:
-                withheld = self.device.withheld.get(gap.session_id or "")
-                if withheld and gap.reason != f"withheld: {withheld}":
-                    await self.gaps.set_reason(gap.event_id, f"withheld: {withheld}")
                 if request:
                     await self._request(gap.room_id, ev, gap.event_id, now)
                 continue
