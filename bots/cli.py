@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.cli.kit import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _err, _load, _print_rows, _with_store
+from bridge.kernel.timestamps import iso_utc
 from bridge.store import Stores
 
 from .announcements.overview import announcement_list, occurrence_report, queue_send
 from .announcements.report import write_csv
+from .capture.store import CaptureGapStore
 from .cross_signing import request_reset
 from .store import AnnouncementStore
 
@@ -106,11 +108,14 @@ def add_announcements_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- bots ---------------------------------------------------------------------------------
 def cmd_bots(args: argparse.Namespace) -> int:
     """``enclave bots reset-identity BOT``: replace a bot's cross-signing identity at its
-    next start (the fix for a lost or conflicting key directory)."""
+    next start (the fix for a lost or conflicting key directory); ``enclave bots
+    capture-gaps``: :func:`cmd_capture_gaps`."""
+    if args.bots_cmd == "capture-gaps":
+        return cmd_capture_gaps(args)
     loaded, _ = _load(args, secrets=False)
     cfg = loaded.config
     bots_cfg = cfg.bots
-    sections = [s for s in (bots_cfg.announcements, bots_cfg.onboarding)
+    sections = [s for s in (bots_cfg.announcements, bots_cfg.onboarding, bots_cfg.archive)
                 if s is not None] if bots_cfg is not None else []
     prefix, server = cfg.appservice.namespace_prefix, cfg.homeserver.server_name
     by_name: dict[str, str] = {}
@@ -132,9 +137,38 @@ def cmd_bots(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_capture_gaps(args: argparse.Namespace) -> int:
+    """``enclave bots capture-gaps``: encrypted messages of capture-required rooms that the
+    archive device could not decrypt (yet), with the reason; ``--all`` adds recovered ones.
+    Exit 0 either way: the list is the report."""
+
+    async def run(core: Stores) -> int:
+        gaps = await CaptureGapStore(core.database.db).gaps(
+            open_only=not args.all, room_id=args.room)
+        rows = [{"room": g.room_id, "event": g.event_id, "sender": g.sender or "",
+                 "session": g.session_id or "", "reason": g.reason,
+                 "first_seen": iso_utc(g.first_seen), "attempts": g.attempts,
+                 "key_requested": iso_utc(g.key_requested_at) if g.key_requested_at else "",
+                 "recovered": iso_utc(g.recovered_at) if g.recovered_at else ""}
+                for g in gaps]
+        open_count = sum(1 for g in gaps if g.open)
+        _print_rows(rows, args.format, ["room", "event", "sender", "reason", "first_seen",
+                                        "attempts", "key_requested", "recovered"],
+                    f"capture gaps ({open_count} open)")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, run))
+
+
 def add_bots_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("bots", help="bots: reset a bot's cross-signing identity")
+    s = sub.add_parser("bots", help="bots: reset a bot's cross-signing identity, list the "
+                                    "archive device's capture gaps")
     b = s.add_subparsers(dest="bots_cmd", required=True)
+    x = b.add_parser("capture-gaps", parents=[common],
+                     help="encrypted messages the archive device could not decrypt (yet)")
+    x.add_argument("--all", action="store_true", help="recovered gaps too")
+    x.add_argument("--room", help="one room")
+    x.add_argument("--format", choices=["table", "json"], default="table")
     x = b.add_parser("reset-identity", parents=[common],
                      help="replace a bot's cross-signing identity at its next start")
     x.add_argument("bot", help="the bot's user id or localpart (e.g. announce)")

@@ -22,6 +22,9 @@ from .actions import BotMessage, bot_message_applier
 from .announcements.bot import AnnouncementBot
 from .announcements.webhooks import Webhooks
 from .bot import Bot
+from .capture.bot import ArchiveBot
+from .capture.device import ArchiveDevice
+from .capture.store import CaptureGapStore
 from .console import announcements_page
 from .crypto import EncryptedSender, EncryptedSenders
 from .jobs import cancel_quietly
@@ -43,12 +46,14 @@ class BotsRuntime:
     services: BotServices
     announcements: AnnouncementBot | None = None
     onboarding: OnboardingBot | None = None
+    archive: ArchiveBot | None = None
     webhooks: Webhooks | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @property
     def bots(self) -> list[Bot]:
-        return [b for b in (self.announcements, self.onboarding) if b is not None]
+        return [b for b in (self.announcements, self.onboarding, self.archive)
+                if b is not None]
 
 
 BOTS = web.AppKey("bots", BotsRuntime)
@@ -90,12 +95,13 @@ def _encryption(svc: Services, cfg: Any
     conf = svc.config
     root = svc.loaded.resolve(cfg.encryption.store_dir)
     devices: dict[str, EncryptedSender] = {}
-    for section in (cfg.announcements, cfg.onboarding):
+    for section in (cfg.announcements, cfg.onboarding, cfg.archive):
         if section is None:
             continue
         localpart = conf.appservice.namespace_prefix + section.bot.localpart
         user_id = f"@{localpart}:{conf.homeserver.server_name}"
-        devices[user_id] = EncryptedSender(
+        kind = ArchiveDevice if section is cfg.archive else EncryptedSender
+        devices[user_id] = kind(
             svc.client, homeserver_url=conf.homeserver.url, user_id=user_id,
             store_dir=root / localpart, appservice_sender=conf.bot_user_id,
             require_signed_devices=cfg.encryption.require_signed_devices)
@@ -113,11 +119,33 @@ def _encryption(svc: Services, cfg: Any
     return EncryptedSenders(devices.values()), decrypt, member_joined, dict(devices)
 
 
+def _archive_bot(svc: Services, bsvc: BotServices, devices: dict[str, Any]) -> ArchiveBot:
+    """The archive device's bot (``bots.archive``): needs retention (it archives through
+    ``RetentionService.capture_plaintext``), the policy's room classes and E2EE."""
+    conf = svc.config
+    cfg = conf.bots.archive
+    if svc.retention is None or svc.separation is None:
+        raise RuntimeError("bots.archive needs the retention: and policy: sections (it "
+                           "archives the rooms whose class says capture: required)")
+    user_id = (f"@{conf.appservice.namespace_prefix}{cfg.bot.localpart}:"
+               f"{conf.homeserver.server_name}")
+    device = devices.get(user_id)
+    if not isinstance(device, ArchiveDevice):
+        raise RuntimeError("bots.archive needs bots.encryption.enabled (its E2EE device)")
+    retention = svc.retention
+    return ArchiveBot(bsvc, cfg, device=device, gaps=CaptureGapStore(svc.database.db),
+                      capture_plaintext=retention.capture_plaintext,
+                      separation=svc.separation,
+                      room_classes={c.id: c for c in conf.policy.room_classes},
+                      list_rooms=retention.rooms)
+
+
 def build_bots(svc: Services, *, encrypted_sender: RoomSender | None = None,
                decrypt: Decrypt | None = None) -> Plugin | None:
     """Build the configured bots; None when ``bots:`` configures none."""
     cfg = svc.config.bots
-    if cfg is None or (cfg.announcements is None and cfg.onboarding is None):
+    if cfg is None or (cfg.announcements is None and cfg.onboarding is None
+                        and cfg.archive is None):
         return None
     devices: dict[str, Any] = {}
     member_joined: MemberJoined | None = None
@@ -135,7 +163,9 @@ def build_bots(svc: Services, *, encrypted_sender: RoomSender | None = None,
             webhooks = Webhooks(ann, cfg.announcements.webhooks, svc.secrets)
     onboarding = (OnboardingBot(bsvc, cfg.onboarding, svc.config.directory)
                   if cfg.onboarding is not None else None)
-    runtime = BotsRuntime(bsvc, announcements=ann, onboarding=onboarding, webhooks=webhooks)
+    archive = _archive_bot(svc, bsvc, devices) if cfg.archive is not None else None
+    runtime = BotsRuntime(bsvc, announcements=ann, onboarding=onboarding, archive=archive,
+                          webhooks=webhooks)
 
     def mount(app: web.Application) -> None:
         if runtime.webhooks is not None:

@@ -85,6 +85,9 @@ class EncryptedDevice:
             raise ValueError(f"{user_id} is the appservice's sender, which Synapse does not "
                              "let sync: give the bot a namespace user of its own for E2EE")
         self._client = client
+        # the appservice's sender cannot sync (so has no device, and never reads a room):
+        # a room it is in is encrypted for everyone else
+        self.appservice_sender = appservice_sender
         self._homeserver_url = homeserver_url.rstrip("/")
         self.user_id = user_id
         self.store_dir = Path(store_dir)

@@ -169,6 +169,10 @@ class EncryptedSender(EncryptedDevice):
             raise HomeserverUnavailable(f"members of {room_id}: {e}") from e
         if membership.get(self.user_id) != "join":
             raise CannotEncrypt(room_id, "the bot is not joined to the room")
+        if self.appservice_sender is not None:
+            # Enclave's own bot (e.g. in a room whose archive user posts): no device to reach
+            membership.pop(self.appservice_sender, None)
+            joined_at.pop(self.appservice_sender, None)
         # The key goes to joined members now; invited members get the session's first key
         # when they join (share_on_join). Sent to an invitee up front, Element's client would
         # try the message the moment it joins, before it has fetched the bot's device, fail

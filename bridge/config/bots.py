@@ -366,14 +366,44 @@ class BotsEncryptionConfig(StrictModel):
     require_signed_devices: bool = True
 
 
+class ArchiveCaptureConfig(StrictModel):
+    """The archive device: a member of every room whose class says ``capture: required``,
+    with an E2EE device of its own, archiving the plaintext of encrypted messages."""
+
+    bot: BotIdentityConfig = BotIdentityConfig(localpart="archive",
+                                               displayname="Enclave archive")
+    # how long to wait for a message's room key (it may come by to-device message after
+    # the event) before recording a capture gap and asking for the key
+    key_wait_seconds: float = Field(10.0, ge=0, le=300)
+    # open gaps are tried again (and their keys requested again) this often, besides
+    # whenever a room key arrives; rooms of capture classes are checked as well
+    sweep_minutes: float = Field(5.0, ge=0.1)
+    # the room topic line / the notice that tells staff the room is archived
+    topic_line: str = Field("This room is archived by Enclave (encrypted messages included).",
+                            min_length=1)
+    notice: str = Field("This room is archived by Enclave: encrypted messages are captured "
+                        "by the archive device.", min_length=1)
+
+
 class BotsConfig(StrictModel):
     announcements: AnnouncementsConfig | None = None
     onboarding: OnboardingConfig | None = None
+    # the archive device (room classes with `capture: required`)
+    archive: ArchiveCaptureConfig | None = None
     encryption: BotsEncryptionConfig = BotsEncryptionConfig()
 
     @model_validator(mode="after")
     def _distinct(self) -> BotsConfig:
-        a, o = self.announcements, self.onboarding
-        if a is not None and o is not None and a.bot.localpart == o.bot.localpart:
-            raise ValueError("the announcement and onboarding bots need different localparts")
+        names = [(what, s.bot.localpart) for what, s in (
+            ("announcement", self.announcements), ("onboarding", self.onboarding),
+            ("archive", self.archive)) if s is not None]
+        seen: dict[str, str] = {}
+        for what, localpart in names:
+            if localpart in seen:
+                raise ValueError(f"the {seen[localpart]} and {what} bots need different "
+                                 "localparts")
+            seen[localpart] = what
+        if self.archive is not None and not self.encryption.enabled:
+            raise ValueError("bots.archive needs bots.encryption.enabled: the archive device "
+                             "decrypts with an E2EE device of its own")
         return self

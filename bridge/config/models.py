@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .audit import AuditConfig
@@ -233,6 +234,19 @@ class EnclaveConfig(StrictModel):
         if v is not None and isinstance(policy, PolicyConfig):
             check_room_classes(v, [c.id for c in policy.room_classes])
         return v
+
+    @model_validator(mode="after")
+    def _capture(self) -> EnclaveConfig:
+        capture = [c.id for c in self.policy.room_classes
+                   if c.capture == "required"] if self.policy is not None else []
+        if capture and self.retention is None:
+            raise ValueError(f"room classes {capture} require capture (capture: required), "
+                             "which archives into the retention archive: add a retention: "
+                             "section")
+        if capture and (self.bots is None or self.bots.archive is None):
+            raise ValueError(f"room classes {capture} require capture (capture: required): "
+                             "configure the archive device (bots.archive)")
+        return self
 
     @property
     def bot_user_id(self) -> str:

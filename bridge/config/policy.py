@@ -73,6 +73,20 @@ class RoomClassConfig(StrictModel):
     # may see, set at creation and kept (a change to something more visible is reverted).
     # 'joined': only what was sent after they joined; 'invited': after their invitation.
     history_visibility: Literal["joined", "invited"] = "joined"
+    # 'required': Enclave's archive device (the bots' `archive` bot, an E2EE member of
+    # its own) is kept in every room of this class and archives the plaintext of
+    # encrypted messages; a message it cannot decrypt is recorded as a capture gap
+    # (`enclave archive gaps`) and retried when the key arrives
+    capture: Literal["off", "required"] = "off"
+    # how staff are shown that the room is archived: a line appended to the room topic
+    # (under Enclave's own identity) or one notice from the archive user
+    capture_notice: Literal["topic", "notice"] = "notice"
+
+    @field_validator("capture", mode="before")
+    @classmethod
+    def _capture_off(cls, v: object) -> object:
+        # YAML reads a bare `off` as false
+        return "off" if v is False else v
 
     @field_validator("id")
     @classmethod

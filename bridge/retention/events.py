@@ -25,6 +25,52 @@ MESSAGE_TYPES = frozenset({"m.room.message", "m.sticker", "m.room.encrypted"})
 ATTACHMENT_MSGTYPES = frozenset({"m.image", "m.file", "m.video", "m.audio"})
 ENCRYPTED_TEXT = "encrypted message (not readable by the archive)"
 DELETED_TEXT = "message deleted"
+DECRYPTED_BELOW = ("encrypted message (its plaintext, decrypted by the Enclave archive device, "
+                   "follows)")
+
+
+# The archive's plaintext record of an encrypted event (the archive device decrypted it):
+# its own archive entry, beside the ciphertext event it links to by event id.
+DECRYPTED_KEY = "org.enclave.decrypted"
+DECRYPTED_SUFFIX = "#decrypted"
+
+
+def decrypted_event_id(event_id: str) -> str:
+    """The archive id of the plaintext record of ``event_id`` (never a homeserver id: those
+    hold no ``#``)."""
+    return event_id + DECRYPTED_SUFFIX
+
+
+def decrypted_record(room_id: str, event: Mapping[str, Any], clear: Mapping[str, Any], *,
+                     by: str, device: str | None, at_ms: int,
+                     session_id: str | None = None, recovered: bool = False,
+                     ) -> dict[str, Any]:
+    """The archive record of an encrypted ``event`` the archive device decrypted to
+    ``clear`` (nio's decrypted event: ``type``, ``content``).
+
+    Sender, room and timestamp come from the envelope (what the homeserver vouches for),
+    type and content from the plaintext; ``org.enclave.decrypted`` names the ciphertext
+    event (``of``), who decrypted it (``by``, ``device``), the Megolm session, when, and
+    whether it was a recovered capture gap."""
+    event_id = str(event["event_id"])
+    content = clear.get("content")
+    etype = clear.get("type")
+    return {
+        "event_id": decrypted_event_id(event_id),
+        "room_id": room_id,
+        "type": etype if isinstance(etype, str) and etype else "m.room.message",
+        "sender": event.get("sender"),
+        "origin_server_ts": event.get("origin_server_ts"),
+        "content": dict(content) if isinstance(content, Mapping) else {},
+        DECRYPTED_KEY: {"of": event_id, "by": by, "device": device, "at": at_ms,
+                        "session_id": session_id, "recovered": recovered},
+    }
+
+
+def decrypted_of(event: Mapping[str, Any]) -> str | None:
+    """The ciphertext event id a plaintext record was decrypted from (None: not one)."""
+    mark = event.get(DECRYPTED_KEY)
+    return str_or_none(mark.get("of")) if isinstance(mark, Mapping) else None
 
 
 def str_or_none(value: Any) -> str | None:

@@ -22,7 +22,7 @@ from ..policy.retention import RETENTION_STATE_TYPE
 from ..store.base import AuditRecord
 from ..store.domains import ArchiveIndexStore, AuditStore
 from .archive import ArchiveWriter
-from .events import media_refs
+from .events import decrypted_record, media_refs
 from .rooms import RoomRetention
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,32 @@ class ArchiveFeed:
         res = await self.archive.append(room_id, snap)
         self.metrics.archived_events.labels(path="snapshot").inc(res.written)
         return res.written
+
+    async def capture_plaintext(self, room_id: str, event: Mapping[str, Any],
+                                clear: Mapping[str, Any], *, by: str, device: str | None,
+                                session_id: str | None = None,
+                                recovered: bool = False) -> bool:
+        """Archive the plaintext of an encrypted ``event`` (decrypted by the archive device
+        ``by``/``device``) beside its ciphertext, which is archived too: True when written
+        now, False when it was archived already (or retention is disabled). An archive
+        failure raises (the caller retries)."""
+        if not self.config.enabled:
+            # retention.enabled: false archives nothing, plaintext included
+            return False
+        if not isinstance(event.get("event_id"), str):
+            raise ValueError("an encrypted event without an event id")
+        other = event.get("room_id")
+        if other is not None and other != room_id:
+            raise ValueError(f"event {event['event_id']} belongs to {other}, not {room_id}")
+        # the ciphertext first (idempotent): the record links to an archived event
+        await self.archive.append(room_id, [{**event, "room_id": room_id}])
+        record = decrypted_record(room_id, event, clear, by=by, device=device,
+                                  at_ms=self.clock_ms(), session_id=session_id,
+                                  recovered=recovered)
+        res = await self.archive.append(room_id, [record])
+        self.metrics.archived_events.labels(path="decrypted").inc(res.written)
+        await self.copy_media(room_id, [record])
+        return res.written > 0
 
     async def copy_media(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> int:
         """Copy media the events refer to into the archive; returns files copied.

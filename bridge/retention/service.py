@@ -170,6 +170,20 @@ class RetentionService:
     async def copy_media(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> int:
         return await self.feed.copy_media(room_id, events)
 
+    async def capture_plaintext(self, room_id: str, event: Mapping[str, Any],
+                                clear: Mapping[str, Any], *, by: str, device: str | None,
+                                session_id: str | None = None,
+                                recovered: bool = False) -> bool:
+        """The public seam for an archive device (the bots' ``archive`` bot): archive the
+        plaintext of the encrypted ``event`` beside its ciphertext, linked by event id
+        (:meth:`ArchiveFeed.capture_plaintext`). True when written now."""
+        return await self.feed.capture_plaintext(room_id, event, clear, by=by, device=device,
+                                                 session_id=session_id, recovered=recovered)
+
+    async def archived_event(self, event_id: str) -> bool:
+        """Whether ``event_id`` (or a plaintext record's id) is in the archive."""
+        return bool(await self.index.archive_known([event_id]))
+
     # -- m.room.retention, adjustments and visibility --------------------------------------
     async def on_retention_state(self, room_id: str, event: Mapping[str, Any]) -> list[Action]:
         return await self.room_retention.on_retention_state(room_id, event)

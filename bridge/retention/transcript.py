@@ -28,12 +28,15 @@ from ..kernel.relations import (
 )
 from ..kernel.timestamps import iso_utc
 from .events import (
+    DECRYPTED_BELOW,
     DELETED_TEXT,
     ENCRYPTED_TEXT,
     MESSAGE_TYPES,
     anchor,
     attachment_info,
     attachment_mxc,
+    decrypted_event_id,
+    decrypted_of,
     human_size,
     is_attachment,
     plain_text,
@@ -251,8 +254,12 @@ def _message_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                            "archived": bool(text.strip() or attachment_mxc(event))}
     elif etype == "m.room.encrypted":
         view["classes"].append("encrypted")
-        view["encrypted"] = ENCRYPTED_TEXT
+        view["encrypted"] = (DECRYPTED_BELOW if decrypted_event_id(eid) in room.by_id
+                             else ENCRYPTED_TEXT)
     else:
+        if decrypted_of(event) is not None:
+            # the archive device's plaintext of the encrypted event just above
+            view["classes"].append("decrypted")
         if content.get("msgtype") == "m.notice":
             view["classes"].append("notice")
         shown = plain_text(edits[-1]) if edits else text

@@ -1,0 +1,220 @@
+"""The archive device's pure decisions (bots/capture/decisions.py), its archive record
+(bridge/retention/events.py) and the config rules for ``capture: required``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from bots.capture.decisions import (
+    ABSENT,
+    BEFORE_JOIN,
+    DEVICE_NOT_READY,
+    NO_SESSION_KEY,
+    RULE_JOIN,
+    RULE_REJOIN,
+    capture_required,
+    decide_capture_membership,
+    decide_capture_notice,
+    gap_reason,
+)
+from bridge.config.models import EnclaveConfig
+from bridge.config.policy import RoomClassConfig
+from bridge.policy.actions import Invite, Join, SetState
+from bridge.policy.power import RoomPower
+from bridge.policy.separation.outcomes import NotDone
+from bridge.retention.events import (
+    DECRYPTED_KEY,
+    decrypted_event_id,
+    decrypted_of,
+    decrypted_record,
+)
+
+ROOM = "!r:corp.test"
+ARCHIVE = "@enclave_archive:corp.test"
+BOT = "@enclave:corp.test"
+ADMIN = "@enclave-admin:corp.test"
+ALICE = "@alice:corp.test"
+ENCLAVE = (BOT, ADMIN)
+
+
+def power(users: dict[str, int] | None = None, **levels: Any) -> RoomPower:
+    return RoomPower({"users": users or {}, **levels}, "12", frozenset({ALICE}))
+
+
+def membership(members: dict[str, str], pw: RoomPower, *, removed_by: str | None = None,
+               required: bool = True) -> Any:
+    return decide_capture_membership(ROOM, required=required, archive_user=ARCHIVE,
+                                     members=members, power=pw, enclave_users=ENCLAVE,
+                                     removed_by=removed_by)
+
+
+def test_the_archive_user_is_invited_by_enclaves_bot_and_joins() -> None:
+    d = membership({ALICE: "join", BOT: "join"}, power({BOT: 100}))
+    assert d.actions == (
+        Invite(room=ROOM, user=ARCHIVE, actor=BOT, rule_id=RULE_JOIN, reason=d.reason),
+        Join(room=ROOM, actor=ARCHIVE, rule_id=RULE_JOIN, reason=d.reason))
+    assert d.problem is None
+
+
+def test_nothing_when_joined_or_not_required() -> None:
+    assert membership({ARCHIVE: "join", BOT: "join"}, power({BOT: 100})).actions == ()
+    assert membership({BOT: "join"}, power({BOT: 100}), required=False).actions == ()
+
+
+def test_an_invited_archive_user_just_joins() -> None:
+    d = membership({ARCHIVE: "invite"}, power())
+    assert [type(a) for a in d.actions] == [Join]
+
+
+def test_never_invited_by_a_member_on_enclaves_behalf() -> None:
+    # alice (the creator) could invite; Enclave's bot is not in the room: reported, not done
+    d = membership({ALICE: "join"}, power())
+    assert [type(a) for a in d.actions] == [NotDone]
+    assert d.problem is not None and "invite" in d.problem and ARCHIVE in d.problem
+    # Enclave's bot without invite power (invite needs 50 here)
+    d = membership({ALICE: "join", BOT: "join"}, power({BOT: 10}, invite=50))
+    assert [type(a) for a in d.actions] == [NotDone] and "power 50" in (d.problem or "")
+
+
+def test_a_removed_archive_user_is_brought_back_and_the_remover_named() -> None:
+    d = membership({ALICE: "join", BOT: "join", ARCHIVE: "leave"}, power({BOT: 100}),
+                   removed_by=ALICE)
+    assert [type(a) for a in d.actions] == [Invite, Join]
+    assert all(a.rule_id == RULE_REJOIN for a in d.actions)
+    assert ALICE in d.reason
+
+
+def test_a_banned_archive_user_is_reported_with_the_fix() -> None:
+    d = membership({BOT: "join", ARCHIVE: "ban"}, power({BOT: 100}), removed_by=ALICE)
+    assert [type(a) for a in d.actions] == [NotDone]
+    assert "unban" in (d.problem or "")
+
+
+def notice(mode: str, **kw: Any) -> Any:
+    args: dict[str, Any] = {"already_shown": False, "topic": None,
+                            "topic_line": "Archived by Enclave.", "notice": "Archived.",
+                            "archive_user": ARCHIVE,
+                            "members": {ARCHIVE: "join", BOT: "join"},
+                            "power": power({BOT: 100}), "enclave_users": ENCLAVE, **kw}
+    return decide_capture_notice(ROOM, mode=mode, **args)
+
+
+def test_the_notice_is_posted_once() -> None:
+    assert notice("notice").notice == "Archived." and notice("notice").actions == ()
+    assert notice("notice", already_shown=True).notice is None
+    assert notice("notice", members={BOT: "join"}).notice is None  # not joined yet
+
+
+def test_the_topic_line_is_appended_by_enclaves_bot_and_kept() -> None:
+    (a,) = notice("topic", topic="Case 42").actions
+    assert isinstance(a, SetState) and a.actor == BOT
+    assert a.content == {"topic": "Case 42\nArchived by Enclave."}
+    (a,) = notice("topic").actions
+    assert isinstance(a, SetState) and a.content == {"topic": "Archived by Enclave."}
+    assert notice("topic", topic="Case 42\nArchived by Enclave.").actions == ()
+    (a,) = notice("topic", members={ARCHIVE: "join"}, power=power()).actions
+    assert isinstance(a, NotDone) and "topic" in a.message
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({}, NO_SESSION_KEY),
+    ({"withheld": "m.unverified (device not verified)"},
+     "withheld: m.unverified (device not verified)"),
+    ({"joined_at_ms": 2_000, "sent_at_ms": 1_000}, BEFORE_JOIN),
+    ({"joined_at_ms": 1_000, "sent_at_ms": 2_000}, NO_SESSION_KEY),
+    ({"absent": True}, BEFORE_JOIN),  # never joined: history before the archive came
+    ({"absent": True, "joined_at_ms": 1_000, "sent_at_ms": 2_000}, ABSENT),  # removed
+    ({"device_ready": False}, DEVICE_NOT_READY),
+])
+def test_gap_reasons(kw: dict[str, Any], expected: str) -> None:
+    args: dict[str, Any] = {"withheld": None, "joined_at_ms": None, "sent_at_ms": None, **kw}
+    assert gap_reason(**args) == expected
+
+
+def test_the_plaintext_record_links_to_the_ciphertext() -> None:
+    envelope = {"event_id": "$c", "type": "m.room.encrypted", "sender": ALICE,
+                "origin_server_ts": 5, "content": {"ciphertext": "x"}}
+    clear = {"type": "m.room.message", "content": {"msgtype": "m.text", "body": "hi"},
+             "sender": "@forged:corp.test"}
+    rec = decrypted_record(ROOM, envelope, clear, by=ARCHIVE, device="DEV", at_ms=9,
+                           session_id="S")
+    assert rec["event_id"] == decrypted_event_id("$c") == "$c#decrypted"
+    assert rec["sender"] == ALICE  # the envelope's (the homeserver vouches), not the payload
+    assert rec["type"] == "m.room.message" and rec["content"]["body"] == "hi"
+    assert rec[DECRYPTED_KEY] == {"of": "$c", "by": ARCHIVE, "device": "DEV", "at": 9,
+                                  "session_id": "S", "recovered": False}
+    assert decrypted_of(rec) == "$c" and decrypted_of(envelope) is None
+
+
+def test_capture_is_off_unless_a_class_requires_it() -> None:
+    assert not capture_required(RoomClassConfig(id="a"))
+    assert capture_required(RoomClassConfig(id="a", capture="required"))
+    assert not capture_required(RoomClassConfig(id="a", capture=False))  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        RoomClassConfig(id="a", capture="sometimes")  # type: ignore[arg-type]
+
+
+BASE: dict[str, Any] = {
+    "homeserver": {"url": "http://127.0.0.1:8008", "server_name": "corp.test"},
+    "appservice": {"as_token": {"env": "AS"}, "hs_token": {"env": "HS"},
+                   "public_url": "http://127.0.0.1:9000"},
+    "policy": {"default_class": "legal",
+               "room_classes": [{"id": "legal", "capture": "required"}]},
+}
+
+
+def test_a_capture_class_needs_retention_and_the_archive_device() -> None:
+    with pytest.raises(ValidationError, match="add a retention: section"):
+        EnclaveConfig.model_validate({**BASE, "bots": {"archive": {}}})
+    with pytest.raises(ValidationError, match=r"bots\.archive"):
+        EnclaveConfig.model_validate({**BASE, "retention": {}})
+    cfg = EnclaveConfig.model_validate({**BASE, "retention": {}, "bots": {"archive": {}}})
+    assert cfg.bots is not None and cfg.bots.archive is not None
+    with pytest.raises(ValidationError, match="encryption"):
+        EnclaveConfig.model_validate({**BASE, "retention": {}, "bots": {
+            "archive": {}, "encryption": {"enabled": False}}})
+    with pytest.raises(ValidationError, match="different localparts"):
+        EnclaveConfig.model_validate({**BASE, "retention": {}, "bots": {
+            "archive": {}, "onboarding": {"bot": {"localpart": "archive",
+                                                  "displayname": "x"}}}})
+
+
+def test_the_transcript_shows_the_ciphertext_and_its_plaintext() -> None:
+    from bridge.retention.events import DECRYPTED_BELOW, ENCRYPTED_TEXT
+    from bridge.retention.transcript import render_html
+
+    def enc(eid: str, ts: int) -> dict[str, Any]:
+        return {"event_id": eid, "type": "m.room.encrypted", "sender": ALICE,
+                "origin_server_ts": ts, "room_id": ROOM, "content": {"ciphertext": "x"}}
+
+    read = enc("$c", 1)
+    clear = {"type": "m.room.message", "content": {"msgtype": "m.text", "body": "draft v1"}}
+    events = [read, decrypted_record(ROOM, read, clear, by=ARCHIVE, device="D", at_ms=2),
+              enc("$gap", 3)]
+    page = render_html(ROOM, None, events, {}, {})
+    assert DECRYPTED_BELOW in page and "draft v1" in page
+    assert ENCRYPTED_TEXT in page  # the one never decrypted stays marked as such
+
+
+async def test_a_withheld_notice_is_remembered_per_session(tmp_path: Any) -> None:
+    import nio
+
+    from bots.capture.device import ArchiveDevice
+
+    device = ArchiveDevice(object(), homeserver_url="http://127.0.0.1:1", user_id=ARCHIVE,  # type: ignore[arg-type]
+                           store_dir=tmp_path)
+    withheld = nio.UnknownToDeviceEvent.from_dict({
+        "type": "m.room_key.withheld", "sender": ALICE,
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": ROOM,
+                    "session_id": "S1", "code": "m.unverified",
+                    "reason": "Device not verified"}})
+    await device._to_device(withheld)
+    assert device.withheld == {"S1": "m.unverified (Device not verified)"}
+    assert gap_reason(withheld=device.withheld["S1"], joined_at_ms=None,
+                      sent_at_ms=None) == "withheld: m.unverified (Device not verified)"
+    assert device.session_of({"content": {"session_id": "S1", "sender_key": "K"}}) == (
+        "S1", "K")
+    assert device.session_of({"content": {}}) == (None, None)
