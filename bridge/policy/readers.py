@@ -17,8 +17,8 @@ even for a room Enclave met late.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..kernel.membership import (
@@ -43,16 +43,22 @@ class Readers:
     anyone: bool  # world_readable: anyone could read it, members or not
 
 
-def replay_readers(events: Sequence[Mapping[str, Any]]) -> dict[str, Readers]:
+def replay_readers(events: Sequence[Mapping[str, Any]], *,
+                   stands_for: Callable[[Mapping[str, Any]], str | None] | None = None,
+                   ) -> dict[str, Readers]:
     """Event id -> :class:`Readers` for every non-state event of one room, ``events`` given
     in archive order (the room's state events with them: snapshot first, then as they came).
 
     A state event changes the state for the events after it; for the non-state events the
-    state before them is what counts (they change none)."""
+    state before them is what counts (they change none). ``stands_for(event)``: the id of
+    the event a record stands for (the archive's plaintext of an encrypted message, written
+    when it was decrypted, perhaps long after): such a record gets that event's readers,
+    not those at its own place in the archive."""
     members: dict[str, str] = {}
     visibility = DEFAULT_HISTORY_VISIBILITY
     last_join: dict[str, int] = {}  # user -> position of their latest join
     at_send: list[tuple[int, str, str, tuple[str, ...], tuple[str, ...]]] = []
+    aliases: list[tuple[str, str]] = []
     for pos, ev in enumerate(events):
         if "state_key" in ev:
             change = membership_change(ev)
@@ -67,6 +73,10 @@ def replay_readers(events: Sequence[Mapping[str, Any]]) -> dict[str, Readers]:
         eid = ev.get("event_id")
         if not isinstance(eid, str):
             continue
+        original = stands_for(ev) if stands_for is not None else None
+        if original is not None:
+            aliases.append((eid, original))
+            continue
         joined = tuple(sorted(u for u, m in members.items() if m == "join"))
         invited = tuple(sorted(u for u, m in members.items() if m == "invite"))
         at_send.append((pos, eid, visibility, joined, invited))
@@ -80,4 +90,7 @@ def replay_readers(events: Sequence[Mapping[str, Any]]) -> dict[str, Readers]:
         out[eid] = Readers(event_id=eid, history_visibility=vis, joined=joined,
                            invited=invited, could_read=could, later_joiners=later,
                            anyone=vis == "world_readable")
+    for eid, original in aliases:
+        if original in out:
+            out[eid] = replace(out[original], event_id=eid)
     return out

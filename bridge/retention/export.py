@@ -55,6 +55,7 @@ from .events import (
     MESSAGE_TYPES,
     attachment_info,
     attachment_mxc,
+    decrypted_of,
     display_names,
     is_attachment,
     plain_text,
@@ -590,7 +591,7 @@ async def export_archive(
         total_events += len(events)
         names = display_names(all_events)
         name = room_name(all_events)
-        readers = replay_readers(all_events)
+        readers = replay_readers(all_events, stands_for=decrypted_of)
         lineages = message_lineage(all_events)
         if "jsonl" in req.formats:
             data = b"".join(orjson.dumps(export_record(ev, name, readers, lineages, by_id),

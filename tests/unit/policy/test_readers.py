@@ -96,3 +96,21 @@ def test_only_non_state_events_and_malformed_skipped() -> None:
 def test_snapshot_state_counts_like_any_state() -> None:
     snap = {**m(B, "join"), "unsigned": {"org.enclave.snapshot": {"at": "$1"}}}
     assert replay_readers([snap, msg("$1", B)])["$1"].joined == (B,)
+
+
+def test_a_record_standing_for_another_gets_its_readers() -> None:
+    """The archive's plaintext of an encrypted message is written when it was decrypted
+    (a late key: after C joined and B left); who could read it is who could read the
+    ciphertext when it was sent, not who was there when the key came."""
+    plain = {**msg("$1#plain"), "stands_for": "$1"}
+    events = [m(A, "join"), m(B, "join"), vis("joined"), msg("$1"), m(C, "join"),
+              m(B, "leave"), plain]
+
+    def stands_for(ev: dict[str, Any]) -> str | None:
+        return ev.get("stands_for")
+
+    out = replay_readers(events, stands_for=stands_for)
+    assert out["$1#plain"].could_read == out["$1"].could_read == (A, B)
+    assert out["$1#plain"].event_id == "$1#plain"
+    # without the link it would count as a message of its own, at its own place
+    assert replay_readers(events)["$1#plain"].could_read == (A, C)
