@@ -221,7 +221,8 @@ class LocalArchive(ArchiveWriter):
                         manifest_bytes=state.manifest_bytes + len(data),
                         segment=state.segment, last_number=state.last_number,
                         ends=dict(state.ends), lines=dict(state.lines),
-                        pruned=set(state.pruned))
+                        pruned=set(state.pruned),
+                        parts={k: list(v) for k, v in state.parts.items()})
         return new
 
     async def _store_commit(self, room_id: str, new: RoomState, commit: Awaitable[Any]) -> Any:
