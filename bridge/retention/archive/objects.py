@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from itertools import pairwise
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ...policy.retention import Hold
 from ...policy.retention_rooms import segment_held
