@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -68,7 +69,7 @@ from .writer import (
 )
 
 log = logging.getLogger(__name__)
-_RETRIES = 5  # catch-ups after losing a manifest object to another writer
+_RETRIES = 30  # catch-ups after losing a manifest object to another writer
 
 
 class ArchiveBucketError(RuntimeError):
@@ -378,6 +379,8 @@ class S3Archive(ArchiveWriter):
             raise ArchiveWriteError(f"archive write for {room_id} failed: {e}") from e
         if not won:
             # another writer has entry state.entries + 1: catch up with its objects
+            log.debug("archive of %s: entry %d taken by another writer", room_id,
+                      state.entries + 1)
             self._rooms.pop(room_id, None)
             try:
                 self._rooms[room_id] = await self._sync(room_id, state)
@@ -404,7 +407,10 @@ class S3Archive(ArchiveWriter):
             if other is not None and other != room_id:
                 raise ValueError(f"event {f[0]} belongs to {other}, not {room_id}")
             items[f[0]] = (f, canonical(dict(ev)) + b"\n")
+        lost = 0
         for _ in range(_RETRIES):
+            if lost:  # outside the room's lock: a random pause so two writers stop colliding
+                await asyncio.sleep(random.uniform(0, 0.005 * lost))
             async with self._exclusive(room_id):
                 state = await self._room(room_id)
                 known = await self.store.archive_known(list(items)) if items else set()
@@ -428,7 +434,8 @@ class S3Archive(ArchiveWriter):
                     prev = entries[-1]["hash"]
                 new = await self._write(room_id, state, entries, objects)
                 if new is None:
-                    continue  # another writer took the entry: catch up, then write after it
+                    lost += 1
+                    continue  # another writer took the entry: caught up, write after it
                 rows = [ArchivedEvent(f[0], room_id, f[1], f[2], f[3], f[4], c.segment,
                                       c.first_line + i, at)
                         for c in chunks for i, (f, _) in enumerate(c.events)]
