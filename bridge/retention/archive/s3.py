@@ -118,6 +118,7 @@ class S3Archive(ArchiveWriter):
         self._rooms: dict[str, RoomState] = {}
         self._held: dict[str, bool] = {}  # room -> legal hold as last applied here
         self._holds_cache: tuple[float, Sequence[Hold]] | None = None
+        self._keep_cache: dict[str, tuple[float, int | None]] = {}
 
     # -- the client and the start-up check -------------------------------------------------
     async def _s3(self) -> Any:
@@ -175,8 +176,16 @@ class S3Archive(ArchiveWriter):
         self._stack = self._client = None
 
     # -- object I/O ------------------------------------------------------------------------
+    async def _keep_ms(self, room_id: str) -> int | None:
+        # the room's class rarely changes: asked again after a minute
+        now = time.monotonic()
+        hit = self._keep_cache.get(room_id)
+        if hit is None or now - hit[0] > 60:
+            hit = self._keep_cache[room_id] = (now, await self.keep_ms(room_id))
+        return hit[1]
+
     async def _lock_args(self, room_id: str) -> dict[str, Any]:
-        d = decide_object_lock(now_ms=self.clock_ms(), keep_ms=await self.keep_ms(room_id),
+        d = decide_object_lock(now_ms=self.clock_ms(), keep_ms=await self._keep_ms(room_id),
                                mode=self.lock_mode, held=await self._room_held(room_id))
         return {"ObjectLockMode": d.mode, "ObjectLockRetainUntilDate": d.retain_until,
                 "ObjectLockLegalHoldStatus": "ON" if d.legal_hold else "OFF"}
