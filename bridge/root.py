@@ -253,6 +253,8 @@ class Root:
         finally:
             # the admin's own session (user list) dies with the run: no token left over
             await self.close_client(wait_seconds=10)
+            if self.__dict__.get("archive") is not None:  # built by this command
+                await self.archive.aclose()  # type: ignore[union-attr]
             await self.database.close()
 
     # -- the domain services ---------------------------------------------------------------
@@ -329,9 +331,7 @@ class Root:
             return LocalArchive(self.loaded.resolve(rcfg.archive.path), self.stores.archive,
                                 segment_max_bytes=rcfg.archive.segment_max_bytes,
                                 clock_ms=self.clock_ms)
-        secret = (self.loaded.secret(s3.secret_access_key,
-                                     "retention.archive.s3.secret_access_key")
-                  if s3.secret_access_key is not None else None)
+        secret = self.secrets.get("retention.archive.s3.secret_access_key")
 
         def client() -> Any:
             from aiobotocore.config import AioConfig

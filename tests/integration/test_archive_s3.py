@@ -283,8 +283,8 @@ async def test_writer_killed_mid_write_leaves_no_gap(
         where: str, seaweed: SeaweedServer, bucket: str, make_s3: MakeArchive,
         tmp_path: Path) -> None:
     db = "sqlite:///crash.db"
-    proc = subprocess.run(
-        [sys.executable, "-c", CRASH, seaweed.endpoint_url, seaweed.access_key,
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", CRASH, seaweed.endpoint_url, seaweed.access_key,
          seaweed.secret_key, bucket, db, where], cwd=tmp_path, capture_output=True,
         timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]

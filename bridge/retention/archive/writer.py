@@ -104,6 +104,13 @@ class ArchiveWriter(ABC):
         except FileNotFoundError:
             return None
 
+    async def check(self) -> None:  # noqa: B027
+        """Refuse storage that cannot hold a compliance archive (raises); called at
+        start-up. A local directory is made on first write."""
+
+    async def aclose(self) -> None:  # noqa: B027
+        """Release connections (an object store's client)."""
+
     async def apply_holds(self, holds: Sequence[Hold], rooms: Sequence[str]) -> None:  # noqa: B027
         """Mirror the active legal holds onto the stored objects of ``rooms`` where the
         storage has holds of its own (S3 legal holds); nothing for a local directory."""
