@@ -24,8 +24,9 @@ entry names it) and one store commit.
 
 Verify: one room of ``--verify-events`` events archived in batches of ``--verify-batch``
 (8 MiB segments), then a new S3Archive (a fresh process's view) runs ``verify()``; the
-time and the process's peak RSS growth during it (``resource.getrusage`` ru_maxrss before
-and after) are reported. Verification holds one segment in memory at a time.
+time and peak RSS are measured in a child process (a fresh interpreter, as ``enclave
+archive verify`` is; ``resource.getrusage`` ru_maxrss before and after the verification).
+Verification holds one segment in memory at a time.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def open_store(kind: str, tmp: Path) -> tuple[Any, str | None]:
+async def open_store(kind: str, tmp: Path) -> tuple[Any, str | None, str]:
     if kind == "sqlite":
         url, dbname = "sqlite:///bench.db", None
     else:
@@ -78,7 +79,7 @@ async def open_store(kind: str, tmp: Path) -> tuple[Any, str | None]:
     store = open_stores(url, base_dir=tmp, pool_size=8)
     await store.database.open()
     await store.database.migrate()
-    return store, dbname
+    return store, dbname, url
 
 
 def make_archive(server: SeaweedServer, bucket: str, store: Any) -> S3Archive:
@@ -130,8 +131,8 @@ async def throughput(archive: S3Archive, rooms: int, batch: int, seconds: float)
             "append_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1)}
 
 
-async def verify_big(server: SeaweedServer, bucket: str, store: Any, events: int,
-                     batch: int) -> dict:
+async def verify_big(server: SeaweedServer, bucket: str, store: Any, db_url: str,
+                     tmp: Path, events: int, batch: int) -> dict:
     room = "!verify:corp.example.com"
     writer = make_archive(server, bucket, store)
     t0 = time.perf_counter()
@@ -142,6 +143,23 @@ async def verify_big(server: SeaweedServer, bucket: str, store: Any, events: int
         n += size
     build = time.perf_counter() - t0
     await writer.aclose()
+    # `enclave archive verify` is a process of its own: measured in a fresh interpreter
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--verify-child", server.endpoint_url, server.access_key,
+        server.secret_key, bucket, db_url, str(tmp), room, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    child = json.loads(out.decode().strip().splitlines()[-1])
+    return {**child, "build_seconds": round(build, 1),
+            "build_events_per_s": round(events / build, 1)}
+
+
+async def verify_child(endpoint: str, key: str, secret: str, bucket: str, db_url: str,
+                       tmp: str, room: str) -> None:
+    store = open_stores(db_url, base_dir=Path(tmp), pool_size=2)
+    await store.database.open()
+    server = SeaweedServer.__new__(SeaweedServer)  # only its address and identity
+    server.s3_port, server.access_key, server.secret_key = int(endpoint.rsplit(":", 1)[1]), \
+        key, secret
     reader = make_archive(server, bucket, store)
     rss0 = maxrss_mb()
     t1 = time.perf_counter()
@@ -149,15 +167,18 @@ async def verify_big(server: SeaweedServer, bucket: str, store: Any, events: int
     took = time.perf_counter() - t1
     rss1 = maxrss_mb()
     await reader.aclose()
-    return {"events": report.events, "manifest_entries": report.entries, "ok": report.ok,
-            "problems": len(report.problems), "build_seconds": round(build, 1),
-            "build_events_per_s": round(events / build, 1),
-            "verify_seconds": round(took, 1),
-            "verify_events_per_s": round(report.events / took, 1),
-            "peak_rss_mb_before": round(rss0, 1), "peak_rss_mb_after": round(rss1, 1)}
+    await store.database.close()
+    print(json.dumps({
+        "events": report.events, "manifest_entries": report.entries, "ok": report.ok,
+        "problems": len(report.problems), "verify_seconds": round(took, 1),
+        "verify_events_per_s": round(report.events / took, 1),
+        "peak_rss_mb_before": round(rss0, 1), "peak_rss_mb_after": round(rss1, 1)}))
 
 
 async def main() -> None:
+    if sys.argv[1:2] == ["--verify-child"]:
+        await verify_child(*sys.argv[2:9])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rooms", type=int, default=64)
@@ -169,7 +190,7 @@ async def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     server = SeaweedServer(tmp / "weed").start()
-    store, dbname = await open_store(args.db, tmp)
+    store, dbname, db_url = await open_store(args.db, tmp)
     out: dict[str, Any] = {"bench": "archive_s3", "date": dt.date.today().isoformat(),
                            **git_rev(), "db": args.db, "cpus": os.cpu_count(),
                            "throughput": [], "target_events_per_s": 2000}
@@ -186,7 +207,8 @@ async def main() -> None:
                   f"p99 {r['append_p99_ms']} ms)", flush=True)
         await archive.aclose()
         if args.verify_events:
-            v = await verify_big(server, bucket, store, args.verify_events, args.verify_batch)
+            v = await verify_big(server, bucket, store, db_url, tmp, args.verify_events,
+                                 args.verify_batch)
             out["verify"] = v
             print(f"verify {v['events']} events ({v['manifest_entries']} manifest entries): "
                   f"{v['verify_seconds']} s ({v['verify_events_per_s']} events/s), ok="
