@@ -216,7 +216,10 @@ class S3Archive(ArchiveWriter):
                 raise
 
     async def _get_all(self, keys: Sequence[str]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self._get(k) for k in keys)))
+        out: list[bytes | None] = []
+        for i in range(0, len(keys), 1000):  # not a million tasks at once
+            out.extend(await asyncio.gather(*(self._get(k) for k in keys[i:i + 1000])))
+        return out
 
     async def _list(self, prefix: str, start_after: str = "") -> list[str]:
         c = await self._s3()
