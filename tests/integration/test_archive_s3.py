@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from bridge.policy.retention import Hold
 from bridge.retention.archive import (
+    ArchiveCorrupt,
     ArchivePruneDeferred,
     ArchiveWriter,
     LocalArchive,
@@ -37,6 +39,7 @@ from devstack.seaweedfs import SeaweedServer, weed_binary  # noqa: E402
 pytestmark = pytest.mark.integration
 
 ROOM = "!room:corp.example.com"
+OTHER = "!other:corp.example.com"
 T0 = 1_714_560_000_000
 PG_ADMIN_DSN = os.environ.get("ENCLAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -200,6 +203,50 @@ async def test_prune_segment_when_allowed(any_archive: ArchiveWriter, store: Sto
     assert dropped == first.events
     assert first.name not in [s.name for s in await any_archive.segments(ROOM)]
     assert (await any_archive.verify()).ok
+
+
+async def test_events_skipped_and_refused(any_archive: ArchiveWriter, store: Stores) -> None:
+    res = await any_archive.append(ROOM, [{"event_id": "$x", "type": "m.room.message"}, ev(1)])
+    assert (res.written, res.skipped) == (1, 1)
+    with pytest.raises(ValueError, match="belongs to"):
+        await any_archive.append(ROOM, [ev(2, OTHER)])
+    assert [r.event_id for r in await store.archive.archive_query(room_id=ROOM)] == \
+        [ev(1)["event_id"]]
+
+
+async def test_rooms_are_separate_and_large_events_get_a_segment(
+        any_archive: ArchiveWriter, store: Stores) -> None:
+    await any_archive.append(ROOM, [ev(1, body="x" * 5000), ev(2, body="y" * 5000)])
+    await any_archive.append(OTHER, [ev(1, OTHER), ev(2, OTHER)])
+    assert await store.archive.archive_rooms() == {ROOM: 2, OTHER: 2}
+    assert [r.segment for r in await store.archive.archive_query(room_id=ROOM)] == [
+        "seg-000001.jsonl", "seg-000002.jsonl"]
+    report = await any_archive.verify()
+    assert report.ok and report.rooms == 2 and report.events == 4, report.problems
+    assert (await any_archive.verify(OTHER)).rooms == 1
+
+
+async def test_read_of_a_moved_line_is_corrupt(any_archive: ArchiveWriter,
+                                               store: Stores) -> None:
+    await any_archive.append(ROOM, [ev(1), ev(2)])
+    rows = await store.archive.archive_query(room_id=ROOM)
+    with pytest.raises(ArchiveCorrupt, match="line 3 is not event"):
+        await any_archive.read([dataclasses.replace(rows[1], line=3)])
+    with pytest.raises(ArchiveCorrupt, match="line 1 is not event"):
+        await any_archive.read([dataclasses.replace(rows[1], line=1)])
+
+
+async def test_a_new_process_continues_the_last_segment(
+        make_s3: MakeArchive, store: Stores) -> None:
+    a = await make_s3(segment_max_bytes=4096)
+    await a.append(ROOM, [ev(i) for i in range(1, 5)])
+    b = await make_s3(segment_max_bytes=4096)
+    await b.append(ROOM, [ev(5)])
+    rows = await store.archive.archive_query(room_id=ROOM, archive_order=True)
+    assert [(r.segment, r.line) for r in rows][-2:] == [("seg-000001.jsonl", 4),
+                                                        ("seg-000001.jsonl", 5)]
+    assert [e["event_id"] for e in await a.read(rows)] == [r.event_id for r in rows]
+    assert (await (await make_s3()).verify()).ok
 
 
 # -- S3 only -----------------------------------------------------------------------------------
