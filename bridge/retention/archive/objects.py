@@ -1,5 +1,5 @@
-"""The archive's format mapped onto immutable objects (S3), pure: key names, what a
-listing means, and the Object Lock decisions.
+"""The archive's format mapped onto immutable objects (S3), pure: key names and what a
+listing means (the Object Lock decisions are :mod:`bridge.policy.archive_lock`).
 
 Objects are written once and never changed, so the append-only files of the local layout
 become one object per write::
@@ -18,19 +18,12 @@ the two) is named by nothing and read by nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import pairwise
 
-from ...policy.retention import Hold
-from ...policy.retention_rooms import segment_held
 from .layout import SEGMENT_RE, room_dir_name
 
-# "forever" cannot be an Object Lock date: a century stands for it (compliance mode: the
-# bucket's owner cannot shorten it either, so the docs say so before anyone sets it)
-FOREVER_MS = 100 * 365 * 24 * 3600 * 1000
 _MANIFEST_RE = re.compile(r"^(\d{12})\.jsonl$")
 _PART_RE = re.compile(r"^(\d{12})-([0-9a-f]{64})$")
 
@@ -93,34 +86,3 @@ def contiguous(firsts: Sequence[int], start: int = 1) -> bool:
     """Whether manifest objects' first entries can follow each other from ``start``:
     ascending, the first one at ``start`` (the lines inside decide the rest)."""
     return not firsts or (firsts[0] == start and all(a < b for a, b in pairwise(firsts)))
-
-
-@dataclass(frozen=True)
-class LockDecision:
-    mode: str  # "COMPLIANCE" | "GOVERNANCE"
-    retain_until: dt.datetime
-    legal_hold: bool
-
-
-def decide_object_lock(*, now_ms: int, keep_ms: int | None, mode: str,
-                       held: bool) -> LockDecision:
-    """The Object Lock of an object written at ``now_ms`` for an archive that keeps it
-    ``keep_ms`` (None: forever): locked at least that long, under a legal hold while a
-    hold covers its room."""
-    until = now_ms + (FOREVER_MS if keep_ms is None else keep_ms)
-    return LockDecision(mode.upper(), dt.datetime.fromtimestamp(until / 1000, dt.UTC), held)
-
-
-def room_held(room_id: str, holds: Sequence[Hold]) -> bool:
-    """Whether an active hold could cover any event of the room (its room list names it,
-    or it has none): the room's objects then carry an S3 legal hold."""
-    return segment_held(room_id, -(1 << 62), 1 << 62, holds)
-
-
-def decide_deletable(*, retain_until: dt.datetime | None, legal_hold: bool,
-                     now_ms: int) -> bool:
-    """Whether the storage will let a version be deleted now: its retention has passed
-    and no legal hold is on it."""
-    if legal_hold:
-        return False
-    return retain_until is None or retain_until.timestamp() * 1000 <= now_ms

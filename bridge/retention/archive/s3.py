@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from ...policy.archive_lock import decide_deletable, decide_object_lock, room_held
 from ...policy.retention import Hold
 from ...store.base import ArchiveConflict, ArchivedEvent, ArchivedMedia, ArchiveHead
 from ...store.domains import ArchiveIndexStore
@@ -44,15 +45,12 @@ from .layout import (
 )
 from .objects import (
     contiguous,
-    decide_deletable,
-    decide_object_lock,
     manifest_first_entry,
     manifest_key,
     manifest_prefix,
     media_key,
     part_key,
     prune_intent_key,
-    room_held,
     room_prefix,
     segment_prefix,
 )
@@ -250,13 +248,15 @@ class S3Archive(ArchiveWriter):
         return lock
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self, room_id: str) -> AsyncIterator[None]:
+    async def _exclusive(self, room_id: str, *, fresh: bool = True) -> AsyncIterator[None]:
         """The room for this task within the process; other processes and replicas are
-        kept apart by the conditional put of manifest objects. A cached state behind the
-        store's head catches up with the objects another writer added."""
+        kept apart by the conditional put of manifest objects. With ``fresh``, a cached
+        state behind the store's head catches up with the objects another writer added
+        (a reader must see them; a writer learns of them when its manifest put is
+        refused, so it skips that read of the store)."""
         async with self._lock(room_id):
             cached = self._rooms.get(room_id)
-            if cached is not None:
+            if cached is not None and fresh:
                 head = await self.store.archive_head(room_id)
                 if head is not None and head.entries != cached.entries:
                     self._rooms.pop(room_id, None)
@@ -423,7 +423,7 @@ class S3Archive(ArchiveWriter):
         for _ in range(_RETRIES):
             if lost:  # outside the room's lock: a random pause so two writers stop colliding
                 await asyncio.sleep(random.uniform(0, 0.005 * lost))
-            async with self._exclusive(room_id):
+            async with self._exclusive(room_id, fresh=False):
                 state = await self._room(room_id)
                 known = await self.store.archive_known(list(items)) if items else set()
                 fresh = [v for k, v in items.items() if k not in known]

@@ -6,6 +6,12 @@ import datetime as dt
 
 import pytest
 
+from bridge.policy.archive_lock import (
+    FOREVER_MS,
+    decide_deletable,
+    decide_object_lock,
+    room_held,
+)
 from bridge.policy.retention import Hold
 from bridge.retention.archive.layout import (
     RoomState,
@@ -16,16 +22,12 @@ from bridge.retention.archive.layout import (
     room_state,
 )
 from bridge.retention.archive.objects import (
-    FOREVER_MS,
     contiguous,
-    decide_deletable,
-    decide_object_lock,
     manifest_first_entry,
     manifest_key,
     media_key,
     part_key,
     part_of,
-    room_held,
     room_prefix,
 )
 
