@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import secrets
 import subprocess
@@ -392,6 +393,27 @@ async def test_two_writers_share_a_room_without_a_fork(
     finally:
         await one.database.close()
         await two.database.close()
+
+
+async def test_a_writer_behind_another_is_refused_the_entry_and_writes_after(
+        make_s3: MakeArchive, store: Stores, s3: Any, bucket: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # two replicas: each has the room cached; b writes, then a (stale) wants the same entry
+    a, b = await make_s3(), await make_s3()
+    await a.append(ROOM, [ev(1)])
+    await b.append(ROOM, [ev(2)])
+    caplog.set_level(logging.DEBUG, logger="bridge.retention.archive.s3")
+    await b.append(ROOM, [ev(3)])
+    res = await a.append(ROOM, [ev(4)])  # a still thinks entry 2 is next: it is b's
+    assert res.written == 1
+    assert any("entry 2 taken by another writer" in r.getMessage() for r in caplog.records)
+    rows = await store.archive.archive_query(room_id=ROOM, archive_order=True)
+    assert [r.event_id for r in rows] == [ev(i)["event_id"] for i in (1, 2, 3, 4)]
+    keys = [o["Key"] for o in s3.list_objects_v2(
+        Bucket=bucket, Prefix=room_prefix("enclave/", ROOM) + "manifest/")["Contents"]]
+    assert keys == [manifest_key("enclave/", ROOM, n) for n in (1, 2, 3, 4)]
+    report = await (await make_s3()).verify()
+    assert report.ok and report.entries == 4, report.problems
 
 
 async def test_prune_waits_for_the_lock_and_for_legal_holds(
