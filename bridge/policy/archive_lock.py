@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..kernel.timestamps import utc_datetime
 from .retention import Hold
 from .retention_rooms import segment_held
 
@@ -28,7 +29,7 @@ def decide_object_lock(*, now_ms: int, keep_ms: int | None, mode: str,
     ``keep_ms`` (None: forever): locked at least that long, under a legal hold while a
     hold covers its room."""
     until = now_ms + (FOREVER_MS if keep_ms is None else keep_ms)
-    return LockDecision(mode.upper(), dt.datetime.fromtimestamp(until / 1000, dt.UTC), held)
+    return LockDecision(mode.upper(), utc_datetime(until), held)
 
 
 def room_held(room_id: str, holds: Sequence[Hold]) -> bool:
