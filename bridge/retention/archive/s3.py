@@ -528,8 +528,12 @@ class S3Archive(ArchiveWriter):
 
     async def apply_holds(self, holds: Sequence[Hold], rooms: Sequence[str]) -> None:
         """Put an S3 legal hold on every version of the objects of rooms a hold covers (and
-        their media), and take it off where no hold covers them any more. Done per room
-        when its state differs from what this process last applied (all at first)."""
+        their media), and take it off where no hold covers them any more.
+
+        Per room, when its state differs from what this process last applied. A process
+        that has not applied it yet asks the room's first manifest object: it is set last
+        in every pass, so its status is that of the room's last complete pass (a process
+        start does not touch every object of every room)."""
         self._holds_cache = (time.monotonic(), list(holds))
         held_media: set[str] = set()
         changes: list[tuple[str, bool]] = []
@@ -537,9 +541,16 @@ class S3Archive(ArchiveWriter):
             held = room_held(room_id, holds)
             if held:
                 held_media.update(m.sha256 for m in await self.store.archive_media_list(room_id))
-            if self._held.get(room_id) != held:
-                changes.append((room_id, held))
+            if self._held.get(room_id) == held:
+                continue
+            if room_id not in self._held:
+                status = await self._legal_hold_of(manifest_key(self.prefix, room_id, 1))
+                if status is None or status == held:  # no objects, or the last pass holds
+                    self._held[room_id] = held
+                    continue
+            changes.append((room_id, held))
         for room_id, held in changes:
+            sentinel = manifest_key(self.prefix, room_id, 1)
             versions = [v for v in await self._versions(room_prefix(self.prefix, room_id),
                                                         markers=False)
                         if not v[0].endswith(".prune")]
@@ -547,10 +558,28 @@ class S3Archive(ArchiveWriter):
                 if held or m.sha256 not in held_media:
                     versions += await self._versions(media_key(self.prefix, m.sha256),
                                                      markers=False)
-            await asyncio.gather(*(self._set_legal_hold(k, v, held) for k, v in versions))
+            others = [v for v in versions if v[0] != sentinel]
+            for i in range(0, len(others), 1000):
+                await asyncio.gather(*(self._set_legal_hold(k, v, held)
+                                       for k, v in others[i:i + 1000]))
+            for k, v in versions:
+                if k == sentinel:
+                    await self._set_legal_hold(k, v, held)
             self._held[room_id] = held
             log.info("archive legal hold %s on %d object versions of %s",
                      "placed" if held else "lifted", len(versions), room_id)
+
+    async def _legal_hold_of(self, key: str) -> bool | None:
+        """Whether the newest version of ``key`` has a legal hold; None when absent."""
+        c = await self._s3()
+        try:
+            async with self._sem:
+                got = await c.get_object_legal_hold(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            if _missing(e) or _code(e) in ("NoSuchObjectLockConfiguration",):
+                return None if _missing(e) else False
+            raise
+        return bool(got.get("LegalHold", {}).get("Status") == "ON")
 
     async def prune_segment(self, room_id: str, segment: str, reason: str) -> int:
         """Delete every version of a segment's parts, then record the prune. Each version
