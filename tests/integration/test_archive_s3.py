@@ -341,6 +341,11 @@ async def test_writer_killed_mid_write_leaves_no_gap(
     try:
         head = await store.archive.archive_head(ROOM)
         assert head is not None and head.entries == 1  # the killed write never committed
+        before = await (await make_s3(on=store)).verify()
+        if where == "before-commit":  # a manifest object past the head, reported as such
+            assert [p.kind for p in before.problems] == ["uncommitted"]
+        else:  # a part no entry names is not part of the archive
+            assert before.ok, before.problems
         a = await make_s3(on=store)
         # the next write reconciles: an entry past the head is indexed, an orphan part is
         # named by nothing

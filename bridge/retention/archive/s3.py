@@ -721,8 +721,17 @@ class S3Archive(ArchiveWriter):
         problems: list[VerifyProblem] = []
         entries = events = media = 0
         for rid in rooms:
-            found, n, ev, md = await verify_room(_S3Source(self, rid), rid, heads.get(rid),
-                                                 counts.get(rid, 0))
+            head, indexed = heads.get(rid), counts.get(rid, 0)
+            for attempt in range(3):
+                found, n, ev, md = await verify_room(_S3Source(self, rid), rid, head, indexed)
+                # other replicas may write while this runs (no lock spans them): entries
+                # past the head read a moment ago are checked again with a newer head
+                if attempt == 2 or not found or any(
+                        p.kind not in ("uncommitted", "index") for p in found):
+                    break
+                await asyncio.sleep(0.5 * (attempt + 1))
+                head = await self.store.archive_head(rid)
+                indexed = sum(c for _, c, _, _ in await self.store.archive_segments(rid))
             problems.extend(sorted(found, key=lambda p: (p.entry is None, p.entry or 0)))
             entries, events, media = entries + n, events + ev, media + md
         return VerifyReport(not problems, len(rooms), entries, events, media, tuple(problems))
