@@ -354,8 +354,7 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
                 single.release()
             raise
         yield
-        if svc.config.retention is not None and svc.archive is not None:
-            await svc.archive.aclose()
+        await svc.close_archive()
         await database.close()
         if single is not None:
             single.release()

@@ -253,9 +253,14 @@ class Root:
         finally:
             # the admin's own session (user list) dies with the run: no token left over
             await self.close_client(wait_seconds=10)
-            if self.__dict__.get("archive") is not None:  # built by this command
-                await self.archive.aclose()  # type: ignore[union-attr]
+            await self.close_archive()
             await self.database.close()
+
+    async def close_archive(self) -> None:
+        """Close the archive's connections (an S3 client) if it was built."""
+        archive = self.__dict__.get("archive")  # a cached_property: only if built
+        if archive is not None:
+            await archive.aclose()
 
     # -- the domain services ---------------------------------------------------------------
     @cached_property
