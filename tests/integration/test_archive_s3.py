@@ -268,6 +268,22 @@ async def test_objects_are_locked_and_a_delete_is_refused(make_s3: MakeArchive, 
     assert (await a.verify()).ok
 
 
+async def test_shared_media_is_locked_as_long_as_its_longest_room(
+        make_s3: MakeArchive, s3: Any, bucket: str) -> None:
+    data = os.urandom(500)
+    short, long_ = await make_s3(keep_ms=60_000), await make_s3(keep_ms=86_400_000)
+    sha = await short.put_media(ROOM, "$a", "mxc://corp.example.com/s", data, None, T0)
+    key = f"enclave/media/{sha[:2]}/{sha}"
+    first = s3.head_object(Bucket=bucket, Key=key)["ObjectLockRetainUntilDate"]
+    assert first.timestamp() < time.time() + 120
+    await long_.put_media(OTHER, "$b", "mxc://corp.example.com/l", data, None, T0)
+    versions = s3.list_object_versions(Bucket=bucket, Prefix=key)["Versions"]
+    assert len(versions) == 1  # put once
+    until = s3.head_object(Bucket=bucket, Key=key)["ObjectLockRetainUntilDate"]
+    assert until.timestamp() > time.time() + 86_000
+    assert (await long_.verify()).ok
+
+
 async def test_overwritten_part_is_reported(make_s3: MakeArchive, s3: Any, bucket: str,
                                             store: Stores) -> None:
     a = await make_s3()

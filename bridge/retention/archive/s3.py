@@ -471,7 +471,9 @@ class S3Archive(ArchiveWriter):
                 entry = manifest_entry(room_id, state.entries + 1, state.head, "media", at,
                                        mxc=mxc, sha256=sha, size=len(data),
                                        content_type=content_type, event_id=event_id, ts=ts)
-                # content-addressed: an object already there with that name is shared
+                # content-addressed: an object already there with that name is shared, and
+                # kept locked at least as long as this room keeps it
+                await self._extend_lock(room_id, media_key(self.prefix, sha))
                 new = await self._write(room_id, state, [entry],
                                         [(media_key(self.prefix, sha), data)])
                 if new is None:
@@ -484,6 +486,23 @@ class S3Archive(ArchiveWriter):
                 return sha
         raise ArchiveWriteError(f"archive of {room_id}: other writers kept taking the next "
                                 f"entry ({_RETRIES} tries)")
+
+    async def _extend_lock(self, room_id: str, key: str) -> None:
+        """Lengthen the retention of every version of an existing ``key`` to what
+        ``room_id`` needs (a lock can be extended, never shortened); nothing if absent."""
+        lock = await self._lock_args(room_id)
+        c = await self._s3()
+        for k, vid in await self._versions(key, markers=False):
+            if k != key:
+                continue
+            async with self._sem:
+                h = await c.head_object(Bucket=self.bucket, Key=k, VersionId=vid)
+                until = h.get("ObjectLockRetainUntilDate")
+                if until is None or until < lock["ObjectLockRetainUntilDate"]:
+                    await c.put_object_retention(
+                        Bucket=self.bucket, Key=k, VersionId=vid,
+                        Retention={"Mode": h.get("ObjectLockMode") or lock["ObjectLockMode"],
+                                   "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
 
     async def _media_sha(self, sha256: str, *, hash_it: bool = True) -> str | None:
         """The sha256 of the stored media object (or, without ``hash_it``, its name when it
