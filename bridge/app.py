@@ -387,11 +387,15 @@ def mount_root(svc: Root, *, migrate: bool = True) -> web.Application:
             single.acquire()
         try:
             await svc.open_store(migrate=migrate, create_installation_id=True)
+            if svc.config.retention is not None and svc.archive is not None:
+                # an S3 bucket without versioning and Object Lock refuses the start
+                await svc.archive.check()
         except BaseException:
             if single is not None:
                 single.release()
             raise
         yield
+        await svc.close_archive()
         await database.close()
         if single is not None:
             single.release()

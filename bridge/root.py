@@ -54,7 +54,10 @@ from .matrix.completeness import CompletenessCheck
 from .matrix.executor import Executor
 from .matrix.inbox import EventHandler, FunctionHandler, InboxProcessor
 from .metrics import Metrics
-from .retention.archive import LocalArchive
+from .policy.retention import Hold
+from .retention.archive import ArchiveWriter, LocalArchive
+from .retention.archive.s3 import S3Archive
+from .retention.holds import hold_from_record
 from .retention.service import RetentionService
 from .separation.service import SeparationService
 from .store import SharedDatabase, Stores, open_stores
@@ -262,7 +265,14 @@ class Root:
         finally:
             # the admin's own session (user list) dies with the run: no token left over
             await self.close_client(wait_seconds=10)
+            await self.close_archive()
             await self.database.close()
+
+    async def close_archive(self) -> None:
+        """Close the archive's connections (an S3 client) if it was built."""
+        archive = self.__dict__.get("archive")  # a cached_property: only if built
+        if archive is not None:
+            await archive.aclose()
 
     # -- the domain services ---------------------------------------------------------------
     @cached_property
@@ -327,13 +337,42 @@ class Root:
             lease_ttl_ms=self.lease_ttl_ms)
 
     @cached_property
-    def archive(self) -> LocalArchive | None:
+    def archive(self) -> ArchiveWriter | None:
+        """The archive: a local directory, or an S3 bucket with Object Lock
+        (``retention.archive.s3``)."""
         rcfg = self.config.retention
         if rcfg is None:
             return None
-        return LocalArchive(self.loaded.resolve(rcfg.archive.path), self.stores.archive,
-                            segment_max_bytes=rcfg.archive.segment_max_bytes,
-                            clock_ms=self.clock_ms)
+        s3 = rcfg.archive.s3
+        if s3 is None:
+            return LocalArchive(self.loaded.resolve(rcfg.archive.path), self.stores.archive,
+                                segment_max_bytes=rcfg.archive.segment_max_bytes,
+                                clock_ms=self.clock_ms)
+        secret = self.secrets.get("retention.archive.s3.secret_access_key")
+
+        def client() -> Any:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+            return get_session().create_client(
+                "s3", endpoint_url=s3.endpoint_url, region_name=s3.region,
+                aws_access_key_id=s3.access_key_id,
+                aws_secret_access_key=secret.get() if secret is not None else None,
+                config=AioConfig(max_pool_connections=max(10, s3.concurrency),
+                                 retries={"max_attempts": 3, "mode": "standard"}))
+
+        async def keep_ms(room_id: str) -> int | None:
+            # the room's class decides its archive period; built after the archive
+            ret = self.retention
+            assert ret is not None
+            return ret.policy.archive_keep_ms(await ret.room_class(room_id))
+
+        async def holds() -> list[Hold]:
+            return [hold_from_record(r) for r in await self.stores.holds.holds()]
+
+        return S3Archive(client, s3.bucket, self.stores.archive, prefix=s3.prefix,
+                         lock_mode=s3.lock_mode, keep_ms=keep_ms, holds=holds,
+                         segment_max_bytes=rcfg.archive.segment_max_bytes,
+                         concurrency=s3.concurrency, clock_ms=self.clock_ms)
 
     async def _classify(self, room_id: str) -> str | None:
         # built after retention (separation asks retention for its creation state): the

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..config import LoadedConfig, check_secrets, load_config
 from ..kernel.timestamps import parse_when_ms, readable_utc
+from ..retention.archive.s3 import ArchiveBucketError
 from ..root import Root
 from ..store import Stores
 
@@ -42,9 +43,14 @@ async def _with_root(args: argparse.Namespace,
     try:
         if check:
             await root.database.check_schema()
-        return await fn(root)
+        try:
+            return await fn(root)
+        except ArchiveBucketError as e:  # the S3 archive's bucket cannot be used
+            _err(f"enclave {args.cmd}: {e}")
+            return EXIT_CONFIG
     finally:
         await root.close_client(wait_seconds=10)  # nothing to do unless fn used the client
+        await root.close_archive()
         await root.database.close()
 
 

@@ -150,12 +150,14 @@ def cmd_hold(args: argparse.Namespace) -> int:
                 _err(f"enclave hold add: a hold with id {rec.id!r} exists")
                 return EXIT_ERROR
             print(f"placed hold {rec.id} (case {rec.case_id})")
+            await _mirror_holds(root)
             return EXIT_OK
         if args.hold_cmd == "release":
             if not await svc.release_hold(args.id, by=args.by, reason=args.reason):
                 _err(f"enclave hold release: no active hold {args.id!r}")
                 return EXIT_ERROR
             print(f"released hold {args.id}; its events follow the retention policy again")
+            await _mirror_holds(root)
             return EXIT_OK
         holds = await root.stores.holds.holds(include_released=args.all)
         rows = [{"id": h.id, "case": h.case_id, "users": " ".join(h.users),
@@ -167,6 +169,16 @@ def cmd_hold(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(_with_root(args, run, loaded=got))
+
+
+async def _mirror_holds(root: Root) -> None:
+    """Put the holds on the archive's storage now (S3 legal holds; nothing for a local
+    directory), not only at the next retention run."""
+    archive, svc = root.archive, root.retention
+    if archive is None or svc is None:
+        return
+    holds = await svc.active_holds()
+    await archive.apply_holds(holds, list(await root.stores.archive.archive_rooms()))
 
 
 # -- enclave archive verify ---------------------------------------------------------------

@@ -278,6 +278,9 @@ def check_secrets(loaded: LoadedConfig) -> dict[str, Secret]:
         refs["directory.source.token"] = src.token
     if cfg.gate is not None:
         refs["gate.secret"] = cfg.gate.secret
+    s3 = cfg.retention.archive.s3 if cfg.retention is not None else None
+    if s3 is not None:
+        refs["retention.archive.s3.secret_access_key"] = s3.secret_access_key
     announcements = cfg.bots.announcements if cfg.bots is not None else None
     for hook in announcements.webhooks if announcements is not None else []:
         # bots/announcements/webhooks.py secret_key(): the hook's token or HMAC secret

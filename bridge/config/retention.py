@@ -17,7 +17,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..kernel.durations import parse_duration_ms
 from ..policy.retention import DEFAULT_RULE, DM_CLASS, HOLD_RULE, STATE_RULE
-from .base import StrictModel
+from .base import SecretRef, StrictModel
 from .policy import RULE_ID_PATTERN
 
 
@@ -150,9 +150,34 @@ class RetentionMediaConfig(StrictModel):
         return _ms(self.keep)
 
 
+class ArchiveS3Config(StrictModel):
+    """The archive in an S3 bucket with Object Lock (instead of ``archive.path``)."""
+
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s]+$",
+                                     description="default: AWS's endpoint for the region")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+    region: str = Field("us-east-1", min_length=1)
+    prefix: str = Field("", pattern=r"^([^/\s][^\s]*/)?$",
+                        description="key prefix, ending in '/' (empty: the bucket's root)")
+    access_key_id: str | None = Field(None, min_length=1,
+                                      description="null: the SDK's default credentials")
+    secret_access_key: SecretRef | None = None
+    lock_mode: Literal["compliance", "governance"] = "compliance"
+    concurrency: int = Field(16, ge=1, le=256, description="requests in flight per write")
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> ArchiveS3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            fail(type(self).__name__, [(("secret_access_key",),
+                 "give both access_key_id and secret_access_key, or neither (the SDK's "
+                 "default credentials)", None)])
+        return self
+
+
 class ArchiveConfig(StrictModel):
     path: Path = Field(Path("var/archive"), strict=False,
                        description="relative to the config file's folder")
+    s3: ArchiveS3Config | None = Field(None, description="null: the local directory at path")
     keep: Duration = "forever"
     media: bool = True
     max_media_bytes: int = Field(100 * 1024 * 1024, ge=0)

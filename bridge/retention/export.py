@@ -514,11 +514,15 @@ class _Files:
                 h.update(chunk)
         self.written[rel] = (h.hexdigest(), path.stat().st_size)
 
-    def copy(self, rel: str, src: Path, sha256: str) -> bool:
-        """Copy an archived media file; False (and nothing written) if it is not intact."""
+    def copy(self, rel: str, src: Path | bytes, sha256: str) -> bool:
+        """Copy an archived media file (its path, or its bytes); False (and nothing
+        written) if it is not intact."""
         dst = self.root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        if isinstance(src, bytes):
+            dst.write_bytes(src)
+        else:
+            shutil.copyfile(src, dst)
         h = hashlib.sha256()
         with dst.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -608,9 +612,14 @@ async def export_archive(
                 continue
             record = await index.archive_media_get(mxc)
             # deleted_at: gone from the homeserver; the archive's copy is what we export
-            src = None if record is None else archive.media_path(record.sha256)
-            if record is None or src is None:
-                continue  # never archived, or pruned from the archive: link the mxc URI
+            if record is None:
+                continue  # never archived: link the mxc URI
+            # a local archive hands its file; an object store the bytes
+            src: Path | bytes | None = archive.media_path(record.sha256)
+            if src is None:
+                src = await archive.read_media(record.sha256)
+            if src is None:
+                continue  # pruned from the archive: link the mxc URI
             fname, mimetype, _ = attachment_info(ev)
             rel = media_copied.get(record.sha256) or (
                 f"media/{record.sha256}"

@@ -21,7 +21,7 @@ from ..policy.retention import Hold, Period, PurgePlan, RetentionPolicy
 from ..policy.retention_rooms import held_messages, segment_held, with_unarchived
 from ..store.base import AuditRecord
 from ..store.domains import ArchiveIndexStore, AuditStore, RetentionRoomStore
-from .archive import ArchiveWriter
+from .archive import ArchivePruneDeferred, ArchiveWriter
 from .feed import ArchiveFeed
 from .redaction import DeferredRedactor
 from .rooms import RoomRetention, room_row
@@ -301,7 +301,11 @@ class Purger:
         (its room and time range; a hold on users keeps the segments of their time too).
         Returns segments pruned."""
         pruned = 0
-        for room_id in rooms if rooms is not None else list(await self.index.archive_rooms()):
+        targets = list(rooms) if rooms is not None else list(await self.index.archive_rooms())
+        # storage with holds of its own (S3 legal holds) gets the holds first: a version
+        # under a hold is refused deletion by the storage too
+        await self.archive.apply_holds(holds, targets)
+        for room_id in targets:
             room_class = await self.room_retention.room_class(room_id)
             for seg in await self.archive.segments(room_id):
                 if not seg.sealed or seg.last_ts is None or seg.first_ts is None:
@@ -311,7 +315,16 @@ class Purger:
                                                         room_class=room_class, held=held,
                                                         now_ms=now):
                     continue
-                await self.archive.prune_segment(room_id, seg.name, "archive retention")
+                try:
+                    await self.archive.prune_segment(room_id, seg.name, "archive retention")
+                except ArchivePruneDeferred as e:
+                    # not yet: the storage's own lock outlasts the decision; never a success
+                    await self.audit.add_audit(AuditRecord(
+                        ts=self.clock_ms(), source="retention", kind="archive_prune",
+                        outcome="deferred", room_id=room_id, rule_id="retention.archive",
+                        reason="the archive storage refused the delete (Object Lock)",
+                        detail=f"{seg.name}: {e}"))
+                    continue
                 await self.audit.add_audit(AuditRecord(
                     ts=self.clock_ms(), source="retention", kind="archive_prune",
                     outcome="applied", room_id=room_id, rule_id="retention.archive",

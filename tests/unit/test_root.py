@@ -205,3 +205,24 @@ def test_a_section_no_installed_extension_handles_is_refused(
     with pytest.raises(ConfigError, match="bots: no installed extension handles"):
         Root(loaded, check_secrets(loaded), extensions=[])
     Root(loaded, check_secrets(loaded))  # with the installed bots: accepted
+
+
+async def test_the_archive_is_local_by_default_and_s3_when_configured(
+        config_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.retention.archive import LocalArchive
+    from bridge.retention.archive.s3 import S3Archive
+
+    local = load_config(config_dir(extra="retention: {}\n"))
+    assert isinstance(Root(local, check_secrets(local), extensions=[]).archive, LocalArchive)
+    monkeypatch.setenv("ENCLAVE_TEST_S3_SECRET", "s3-real-secret-value")
+    loaded = load_config(config_dir(extra=(
+        "retention:\n  archive:\n    s3:\n      bucket: enclave-archive\n"
+        "      endpoint_url: http://127.0.0.1:1\n      prefix: prod/\n"
+        "      access_key_id: AKIAEXAMPLE\n"
+        "      secret_access_key: {env: ENCLAVE_TEST_S3_SECRET}\n")))
+    root = Root(loaded, check_secrets(loaded), extensions=[])
+    archive = root.archive
+    assert isinstance(archive, S3Archive)
+    assert (archive.bucket, archive.prefix, archive.lock_mode) == (
+        "enclave-archive", "prod/", "compliance")
+    assert "s3-real-secret-value" not in repr(vars(archive))

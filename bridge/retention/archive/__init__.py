@@ -38,6 +38,7 @@ from .local import LocalArchive
 from .writer import (
     AppendResult,
     ArchiveCorrupt,
+    ArchivePruneDeferred,
     ArchiveWriteError,
     ArchiveWriter,
     SegmentInfo,
@@ -46,7 +47,8 @@ from .writer import (
 )
 
 __all__ = [
-    "MANIFEST", "ZERO_HASH", "AppendResult", "ArchiveCorrupt", "ArchiveWriteError",
+    "MANIFEST", "ZERO_HASH", "AppendResult", "ArchiveCorrupt", "ArchivePruneDeferred",
+    "ArchiveWriteError",
     "ArchiveWriter", "LocalArchive", "SegmentInfo", "VerifyProblem", "VerifyReport",
     "canonical", "entry_hash", "parse_manifest", "room_dir_name", "segment_name",
 ]

@@ -108,13 +108,15 @@ class Manifest:
     problem: tuple[int, str, str] | None  # (entry, kind, detail) of the first invalid line
 
 
-def parse_manifest(data: bytes, room_id: str) -> Manifest:
-    """Parse a manifest; the chain stops at the first line that is not a valid link."""
+def parse_manifest(data: bytes, room_id: str, *, first: int = 1,
+                   prev: str = ZERO_HASH) -> Manifest:
+    """Parse a manifest (or its lines from entry ``first`` on, chained to ``prev``); the
+    chain stops at the first line that is not a valid link."""
     raw_lines = data.split(b"\n")
     tail = raw_lines.pop()
     entries: list[dict[str, Any]] = []
-    prev, pos, problem = ZERO_HASH, 0, None
-    for n, raw in enumerate(raw_lines, start=1):
+    pos, problem = 0, None
+    for n, raw in enumerate(raw_lines, start=first):
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -141,6 +143,8 @@ class RoomState:
     ends: dict[str, int] = field(default_factory=dict)  # segment -> bytes covered
     lines: dict[str, int] = field(default_factory=dict)  # segment -> lines covered
     pruned: set[str] = field(default_factory=set)
+    # segment -> (offset, length, sha256) of each append: where an object store keeps them
+    parts: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,20 +196,26 @@ def plan_chunks(state: RoomState, items: list[tuple[Any, bytes]],
 def room_state(m: Manifest) -> RoomState:
     """What a room's valid manifest chain says: its head, each segment's extent, the
     pruned segments and where the next append goes."""
-    state = RoomState(entries=len(m.entries),
-                      head=m.entries[-1]["hash"] if m.entries else ZERO_HASH,
-                      manifest_bytes=m.valid_bytes, segment=None, last_number=0)
-    last_append: str | None = None
-    for e in m.entries:
+    state = RoomState(entries=0, head=ZERO_HASH, manifest_bytes=m.valid_bytes, segment=None,
+                      last_number=0)
+    advance(state, m.entries)
+    return state
+
+
+def advance(state: RoomState, entries: list[dict[str, Any]]) -> None:
+    """Move ``state`` past further valid entries of its chain (in place)."""
+    last_append = state.segment
+    for e in entries:
         if e["op"] == "append":
             seg = e["segment"]
             state.ends[seg] = e["offset"] + e["length"]
             state.lines[seg] = e["first_line"] + e["count"] - 1
+            state.parts.setdefault(seg, []).append((e["offset"], e["length"], e["sha256"]))
             last_append = seg
         elif e["op"] == "prune":
             state.pruned.add(e["segment"])
         if "segment" in e:
             state.last_number = max(state.last_number, segment_number(e["segment"]))
-    if last_append is not None and last_append not in state.pruned:
-        state.segment = last_append
-    return state
+    if entries:
+        state.entries, state.head = entries[-1]["n"], entries[-1]["hash"]
+    state.segment = last_append if last_append not in state.pruned else None

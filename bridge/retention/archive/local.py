@@ -47,7 +47,7 @@ from .layout import (
     room_state,
     segment_number,
 )
-from .verify import rooms_on_disk, verify_room
+from .verify import LocalSource, rooms_on_disk, verify_room
 from .writer import (
     AppendResult,
     ArchiveCorrupt,
@@ -221,7 +221,8 @@ class LocalArchive(ArchiveWriter):
                         manifest_bytes=state.manifest_bytes + len(data),
                         segment=state.segment, last_number=state.last_number,
                         ends=dict(state.ends), lines=dict(state.lines),
-                        pruned=set(state.pruned))
+                        pruned=set(state.pruned),
+                        parts={k: list(v) for k, v in state.parts.items()})
         return new
 
     async def _store_commit(self, room_id: str, new: RoomState, commit: Awaitable[Any]) -> Any:
@@ -415,8 +416,8 @@ class LocalArchive(ArchiveWriter):
         entries = events = media = 0
         for rid in rooms:
             async with self._exclusive(rid, write=False):
-                found, n, ev, md = await asyncio.to_thread(
-                    verify_room, self.root, rid, heads.get(rid), counts.get(rid, 0))
+                found, n, ev, md = await verify_room(
+                    LocalSource(self.root, rid), rid, heads.get(rid), counts.get(rid, 0))
             problems.extend(sorted(found, key=lambda p: (p.entry is None, p.entry or 0)))
             entries, events, media = entries + n, events + ev, media + md
         return VerifyReport(not problems, len(rooms), entries, events, media, tuple(problems))

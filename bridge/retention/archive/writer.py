@@ -3,12 +3,14 @@ its two errors (a corrupt archive, a failed write)."""
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...policy.retention import Hold
 from ...store.base import ArchivedEvent
 
 
@@ -20,6 +22,12 @@ class ArchiveCorrupt(RuntimeError):
 class ArchiveWriteError(OSError):
     """An archive write failed; nothing of it was indexed (an OSError: an I/O failure to
     whoever handles those, and a purge run stops on it)."""
+
+
+class ArchivePruneDeferred(ArchiveWriteError):
+    """The storage refused to delete a segment yet (its Object Lock retention has not
+    passed, or a legal hold is on it): nothing was recorded as pruned; a later run tries
+    again."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,28 @@ class ArchiveWriter(ABC):
     @abstractmethod
     def media_path(self, sha256: str) -> Path | None:
         """The local file of an archived media hash, or None when absent."""
+
+    async def read_media(self, sha256: str) -> bytes | None:
+        """The bytes of an archived media hash, or None when absent (a writer without
+        local files overrides this)."""
+        path = self.media_path(sha256)
+        if path is None:
+            return None
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def check(self) -> None:  # noqa: B027
+        """Refuse storage that cannot hold a compliance archive (raises); called at
+        start-up. A local directory is made on first write."""
+
+    async def aclose(self) -> None:  # noqa: B027
+        """Release connections (an object store's client)."""
+
+    async def apply_holds(self, holds: Sequence[Hold], rooms: Sequence[str]) -> None:  # noqa: B027
+        """Mirror the active legal holds onto the stored objects of ``rooms`` where the
+        storage has holds of its own (S3 legal holds); nothing for a local directory."""
 
     @abstractmethod
     async def verify(self, room_id: str | None = None) -> VerifyReport:

@@ -68,7 +68,7 @@ def _example_key_paths() -> set[tuple[str, ...]]:
                 walk(item, prefix)
 
     walk(yaml.safe_load(text), ())
-    key_line = re.compile(r"^(\s*)# ?(\s*[a-z_]+:(\s.*)?)$")
+    key_line = re.compile(r"^(\s*)# ?(\s*[a-z_][a-z0-9_]*:(\s.*)?)$")
     uncommented = "\n".join(
         (m.group(1) + m.group(2)) if (m := key_line.match(line)) else line
         for line in text.splitlines()

@@ -418,3 +418,22 @@ def test_check_secrets_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         "appservice.as_token": "as-real-value-1",
         "appservice.hs_token": "hs-real-value-1",
     }
+
+
+def test_check_secrets_reads_the_s3_archive_key(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCLAVE_HS_TOKEN", "hs-real-value-1")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets/as_token").write_text("as-real-value-1\n")
+    (tmp_path / "secrets/s3").write_text("CHANGE_ME\n")
+    text = GOOD + ("retention:\n  archive:\n    s3:\n      bucket: enclave-archive\n"
+                   "      access_key_id: AKIAEXAMPLE\n"
+                   "      secret_access_key: {file: secrets/s3}\n")
+    with pytest.raises(ConfigError) as ei:
+        check_secrets(loaded_in(tmp_path, text))
+    assert ei.value.problems == [
+        f"at retention.archive.s3.secret_access_key: file {tmp_path / 'secrets/s3'} holds a "
+        "placeholder, not a real secret: set a real value"]
+    (tmp_path / "secrets/s3").write_text("wJalrXUtnFEMI-real\n")
+    out = check_secrets(loaded_in(tmp_path, text))
+    assert out["retention.archive.s3.secret_access_key"].get() == "wJalrXUtnFEMI-real"

@@ -227,3 +227,43 @@ def test_models_are_frozen_and_strict() -> None:
         cfg.default.keep = "1d"  # type: ignore[misc]
     with pytest.raises(ValueError):
         RetentionConfig.model_validate({"purge": {"window_events": "10"}})
+
+
+S3 = ("retention:\n  archive:\n    s3:\n      endpoint_url: http://127.0.0.1:8333\n"
+      "      bucket: enclave-archive\n")
+
+
+def test_s3_archive_config() -> None:
+    cfg = parse(S3 + "      access_key_id: AKIAEXAMPLE\n"
+                "      secret_access_key: {env: ENCLAVE_S3_SECRET}\n"
+                "      prefix: prod/\n      lock_mode: governance\n")
+    s3 = cfg.retention.archive.s3  # type: ignore[union-attr]
+    assert s3 is not None and s3.bucket == "enclave-archive" and s3.prefix == "prod/"
+    assert s3.lock_mode == "governance" and s3.region == "us-east-1"
+    assert s3.secret_access_key is not None and s3.secret_access_key.env == "ENCLAVE_S3_SECRET"
+    assert parse("retention: {}\n").retention.archive.s3 is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "words"),
+    [
+        pytest.param("      secret_access_key: hunter2hunter2\n",
+                     "retention.archive.s3.secret_access_key", ["never written inline"],
+                     id="inline-secret"),
+        pytest.param("      access_key_id: AKIAEXAMPLE\n",
+                     "retention.archive.s3.secret_access_key", ["give both"], id="half-pair"),
+        pytest.param("      lock_mode: legal\n", "retention.archive.s3.lock_mode",
+                     ["compliance"], id="lock-mode"),
+        pytest.param("      prefix: /abs\n", "retention.archive.s3.prefix", ["pattern"],
+                     id="prefix"),
+        pytest.param("      versioning: false\n", "retention.archive.s3.versioning",
+                     ["unknown key"], id="typo"),
+    ],
+)
+def test_s3_archive_config_problems(extra: str, where: str, words: list[str]) -> None:
+    problems = problems_of(S3 + extra)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"at {where}"), problems
+    for w in words:
+        assert w in problems[0], problems
+    assert "hunter2" not in problems[0]
