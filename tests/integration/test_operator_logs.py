@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.unit.deploy.test_monitoring import used_names
+from devstack.monitoring import used_names
 
 from .bots_helpers import person, write_bots_config
 from .harness import EnclaveProcess, Stack, metric, parse_metrics, wait_until

@@ -6,13 +6,11 @@ so a renamed metric cannot leave an alert silently watching nothing."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -21,11 +19,17 @@ from prometheus_client import CollectorRegistry
 from bridge.config import check_secrets, load_config
 from bridge.gate.module import GateMetrics
 from bridge.root import Root
+from devstack.monitoring import (
+    ALERTS,
+    MONITORING,
+    alert_rules,
+    dashboard,
+    dashboard_exprs,
+    panels,
+    used_names,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
-MONITORING = ROOT / "deploy" / "monitoring"
-ALERTS = MONITORING / "alerts.yml"
-DASHBOARD = MONITORING / "grafana-dashboard.json"
 RULE_TESTS = sorted((MONITORING / "tests").glob("*.yml"))
 MONITORING_DOC = ROOT / "docs" / "operators" / "monitoring.md"
 SEVERITIES = {"critical", "warning", "info"}
@@ -33,7 +37,6 @@ SEVERITIES = {"critical", "warning", "info"}
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$instance": ".*"}
 # series Prometheus makes itself (not a metric anyone exports)
 PROMETHEUS_OWN = {"up"}
-METRIC_NAME = re.compile(r"\b(enclave_[a-z0-9_]+)\b")
 
 
 def promtool() -> str:
@@ -47,27 +50,6 @@ def promtool() -> str:
 def run_promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
-    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
-
-
-def panels(dash: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for p in dash["panels"]:
-        yield p
-        yield from p.get("panels", [])
-
-
-def dashboard_exprs() -> list[tuple[str, str]]:
-    """(panel title, expr) of every query of the dashboard."""
-    return [(p["title"], t["expr"]) for p in panels(dashboard()) if p["type"] != "row"
-            for t in p.get("targets", [])]
 
 
 def substituted(expr: str) -> str:
@@ -193,18 +175,6 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
 def enclave_names(config_dir: Callable[..., Path]) -> set[str]:
     loaded = load_config(config_dir())
     return exported_names(Root(loaded, check_secrets(loaded), extensions=[]).metrics.registry)
-
-
-def used_names() -> dict[str, set[str]]:
-    """Metric name -> where it is used (alert names, dashboard panel titles)."""
-    used: dict[str, set[str]] = {}
-    for rule in alert_rules():
-        for name in METRIC_NAME.findall(rule["expr"]):
-            used.setdefault(name, set()).add(rule["alert"])
-    for title, expr in dashboard_exprs():
-        for name in METRIC_NAME.findall(expr):
-            used.setdefault(name, set()).add(f"panel {title!r}")
-    return used
 
 
 def test_every_metric_the_rules_and_dashboard_use_is_exported(
