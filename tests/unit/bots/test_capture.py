@@ -218,3 +218,105 @@ async def test_a_withheld_notice_is_remembered_per_session(tmp_path: Any) -> Non
     assert device.session_of({"content": {"session_id": "S1", "sender_key": "K"}}) == (
         "S1", "K")
     assert device.session_of({"content": {}}) == (None, None)
+
+
+# -- the room's one notice: marked shown only once it is in the room ----------------------
+class _KV:
+    """The bots' key/value store in memory; ``fail_put`` makes one write of a key fail (a
+    crash right before it)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], str] = {}
+        self.fail_put: str | None = None
+
+    async def component_get(self, component: str, key: str) -> str | None:
+        return self.rows.get((component, key))
+
+    async def component_put(self, component: str, key: str, value: str, now: int) -> None:
+        if key == self.fail_put:
+            self.fail_put = None
+            raise RuntimeError("crash")
+        self.rows[(component, key)] = value
+
+    async def component_delete(self, component: str, key: str) -> bool:
+        return self.rows.pop((component, key), None) is not None
+
+
+class _Executor:
+    """``run_direct`` as the real one behaves for a bot message: read back first (an event
+    with the same key already in the room is the send), else send. ``away``: the
+    homeserver does not answer."""
+
+    def __init__(self) -> None:
+        self.room: dict[str, str] = {}  # key -> event id of what was sent
+        self.calls: list[tuple[str, bool]] = []
+        self.away = False
+
+    async def run_direct(self, action: Any, key: str, *, source: str,
+                         resend: bool = True) -> Any:
+        from bridge.matrix.executor import Outcome
+
+        self.calls.append((key, resend))
+        if self.away:
+            return Outcome("failed", "HomeserverUnavailable: down")
+        if resend and key in self.room:
+            return Outcome("applied", self.room[key])
+        assert action.actor == ARCHIVE and action.room == ROOM
+        self.room[key] = f"$notice{len(self.room)}"
+        return Outcome("applied", self.room[key])
+
+
+def _archive_bot() -> tuple[Any, _KV, _Executor]:
+    from types import SimpleNamespace
+
+    from bots.capture.bot import ArchiveBot
+    from bridge.config.bots import ArchiveCaptureConfig
+
+    kv, executor = _KV(), _Executor()
+    facts = SimpleNamespace(known=True, members={ARCHIVE: "join", BOT: "join"},
+                            power_view=power({BOT: 100}))
+
+    async def room_facts(room: str) -> Any:
+        return facts
+
+    async def policy() -> Any:
+        return SimpleNamespace(classify_room=lambda f: SimpleNamespace(id="case"))
+
+    svc = SimpleNamespace(namespace_prefix="enclave_", server_name="corp.test", kv=kv,
+                          clock_ms=lambda: 1_000, executor=executor, main_bot_user_id=BOT,
+                          admin_user_id=ADMIN)
+    bot = ArchiveBot(svc, ArchiveCaptureConfig(), device=object(), gaps=object(),  # type: ignore[arg-type]
+                     capture_plaintext=object(),  # type: ignore[arg-type]
+                     separation=SimpleNamespace(room_facts=room_facts, policy=policy),
+                     room_classes={"case": SimpleNamespace(capture="required",
+                                                           capture_notice="notice")},
+                     list_rooms=object())  # type: ignore[arg-type]
+    assert bot.user_id == ARCHIVE
+    return bot, kv, executor
+
+
+async def test_a_crash_before_the_notice_goes_out_does_not_lose_it() -> None:
+    bot, _, executor = _archive_bot()
+    executor.away = True
+    with pytest.raises(RuntimeError, match="not sent"):  # the inbox retries the event
+        await bot.notice_actions(ROOM)
+    assert executor.room == {} and await bot.storage.get(f"notice:{ROOM}") is None
+    executor.away = False
+    # a crash: whatever the first run handed on is gone; the event is handled again
+    await bot.notice_actions(ROOM)
+    assert list(executor.room.values()) == ["$notice0"]
+    assert await bot.storage.get(f"notice:{ROOM}") is not None
+    assert await bot.notice_actions(ROOM) == [] and len(executor.room) == 1
+
+
+async def test_a_crash_after_the_notice_went_out_does_not_double_it() -> None:
+    bot, kv, executor = _archive_bot()
+    kv.fail_put = f"notice:{ROOM}"  # sent, then the process dies before the mark
+    with pytest.raises(RuntimeError):
+        await bot.notice_actions(ROOM)
+    assert len(executor.room) == 1
+    await bot.notice_actions(ROOM)  # handled again after the restart
+    assert len(executor.room) == 1  # read back: the same notice, not a second one
+    (k1, r1), (k2, r2) = executor.calls
+    assert k1 == k2 and r1 and r2  # one key for both runs, read back before each send
+    assert await bot.storage.get(f"notice:{ROOM}") is not None
