@@ -65,12 +65,16 @@ class ArchiveBot(Bot):
     def __init__(self, svc: BotServices, cfg: ArchiveCaptureConfig, *, device: ArchiveDevice,
                  gaps: CaptureGapStore, capture_plaintext: CapturePlaintext,
                  separation: Any, room_classes: Mapping[str, Any],
-                 list_rooms: Callable[[], Awaitable[list[str]]]):
+                 list_rooms: Callable[[], Awaitable[list[str]]],
+                 archiving: Callable[[], bool] = lambda: True):
         super().__init__(svc, cfg.bot, DmConfig())
         self.cfg = cfg
         self.device = device
         self.gaps = gaps
         self.capture_plaintext = capture_plaintext
+        # retention.enabled: false archives nothing, plaintext included: a gap then stays
+        # open (its plaintext is not archived), never "recovered"
+        self.archiving = archiving
         self.separation = separation
         self.room_classes = dict(room_classes)
         self.list_rooms = list_rooms
@@ -275,7 +279,7 @@ class ArchiveBot(Bot):
     async def retry_gaps(self, *, request: bool) -> int:
         """Try the open gaps again (those whose key is here; every one with ``request``,
         which also asks for the keys again); returns the gaps recovered."""
-        if not self.device.ready:
+        if not self.device.ready or not self.archiving():
             return 0
         recovered = 0
         for gap in await self.gaps.gaps():
@@ -292,6 +296,8 @@ class ArchiveBot(Bot):
                 if request:
                     await self._request(gap.room_id, ev, gap.event_id, now)
                 continue
+            # archived now, or already (a crash after the write, before the mark); an
+            # archive failure raises and the gap stays open
             await self.capture_plaintext(gap.room_id, ev, clear, by=self.user_id,
                                          device=self.device.device_id,
                                          session_id=gap.session_id, recovered=True)

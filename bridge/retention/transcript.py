@@ -254,8 +254,9 @@ def _message_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                            "archived": bool(text.strip() or attachment_mxc(event))}
     elif etype == "m.room.encrypted":
         view["classes"].append("encrypted")
-        view["encrypted"] = (DECRYPTED_BELOW if decrypted_event_id(eid) in room.by_id
-                             else ENCRYPTED_TEXT)
+        record = room.by_id.get(decrypted_event_id(eid))
+        view["encrypted"] = (DECRYPTED_BELOW if record is not None
+                             and decrypted_of(record) == eid else ENCRYPTED_TEXT)
     else:
         if decrypted_of(event) is not None:
             # the archive device's plaintext of the encrypted event just above
