@@ -135,6 +135,7 @@ def _archive_bot(svc: Services, bsvc: BotServices, devices: dict[str, Any]) -> A
     retention = svc.retention
     return ArchiveBot(bsvc, cfg, device=device, gaps=CaptureGapStore(svc.database.db),
                       capture_plaintext=retention.capture_plaintext,
+                      archiving=lambda: retention.config.enabled,
                       separation=svc.separation,
                       room_classes={c.id: c for c in conf.policy.room_classes},
                       list_rooms=retention.rooms)

@@ -8,7 +8,9 @@ room whose class says ``capture: required``.
   audited (the rejoin names who removed it); a ban, or a room where Enclave has no power
   to invite, is a ``not_done`` record with the fix.
 * **Notice.** Once joined, the room shows it is archived
-  (:func:`~.decisions.decide_capture_notice`: one notice, or a topic line).
+  (:func:`~.decisions.decide_capture_notice`: one notice, or a topic line). The notice is
+  marked shown only after it is in the room, and sent with a fixed key that is read back
+  first (:meth:`ArchiveBot.send_notice`): a crash neither loses nor doubles it.
 * **Capture.** Every ``m.room.encrypted`` event of a room it is in is decrypted by its
   E2EE device (:class:`~.device.ArchiveDevice`) and the plaintext archived beside the
   ciphertext through retention's public seam (``RetentionService.capture_plaintext``). A
@@ -63,12 +65,16 @@ class ArchiveBot(Bot):
     def __init__(self, svc: BotServices, cfg: ArchiveCaptureConfig, *, device: ArchiveDevice,
                  gaps: CaptureGapStore, capture_plaintext: CapturePlaintext,
                  separation: Any, room_classes: Mapping[str, Any],
-                 list_rooms: Callable[[], Awaitable[list[str]]]):
+                 list_rooms: Callable[[], Awaitable[list[str]]],
+                 archiving: Callable[[], bool] = lambda: True):
         super().__init__(svc, cfg.bot, DmConfig())
         self.cfg = cfg
         self.device = device
         self.gaps = gaps
         self.capture_plaintext = capture_plaintext
+        # retention.enabled: false archives nothing, plaintext included: a gap then stays
+        # open (its plaintext is not archived), never "recovered"
+        self.archiving = archiving
         self.separation = separation
         self.room_classes = dict(room_classes)
         self.list_rooms = list_rooms
@@ -203,11 +209,25 @@ class ArchiveBot(Bot):
             room, mode=mode, already_shown=shown, topic=topic, topic_line=self.cfg.topic_line,
             notice=self.cfg.notice, archive_user=self.user_id, members=members,
             power=facts.power_view, enclave_users=self.enclave_users)
-        actions: list[Action] = list(d.actions)
         if d.notice is not None:
-            await self.storage.put(f"notice:{room}", self.svc.clock_ms())
-            actions.append(self.reply(room, d.notice, rule_id=d.rule_id, reason=d.reason))
-        return actions
+            await self.send_notice(room, d.notice, rule_id=d.rule_id, reason=d.reason)
+        return list(d.actions)
+
+    async def send_notice(self, room: str, text: str, *, rule_id: str, reason: str) -> None:
+        """Send the room's one notice now and mark it shown only once it is in the room.
+
+        The notice has a key of its own (``capture-notice:<room>``, the same in every run)
+        and is read back before it is sent (:class:`~bridge.matrix.readback.ReadBack`): a
+        crash after the send and before the mark finds the notice already there instead of
+        sending a second one, and a crash before the send leaves no mark, so it is sent when
+        the event is handled again. Not sent (the homeserver away, a refusal): raises, so the
+        inbox retries the event (and parks it, audited, if it keeps failing)."""
+        msg = self.reply(room, text, rule_id=rule_id, reason=reason)
+        outcome = await self.svc.executor.run_direct(msg, notice_key(room),
+                                                     source="bots.archive")
+        if outcome.status != "applied":
+            raise NoticeNotSent(f"the archive notice of {room} was not sent: {outcome.detail}")
+        await self.storage.put(f"notice:{room}", self.svc.clock_ms())
 
     # -- capture -------------------------------------------------------------------------------
     async def capture(self, room: str, event: dict[str, Any]) -> None:
@@ -259,7 +279,7 @@ class ArchiveBot(Bot):
     async def retry_gaps(self, *, request: bool) -> int:
         """Try the open gaps again (those whose key is here; every one with ``request``,
         which also asks for the keys again); returns the gaps recovered."""
-        if not self.device.ready:
+        if not self.device.ready or not self.archiving():
             return 0
         recovered = 0
         for gap in await self.gaps.gaps():
@@ -276,6 +296,8 @@ class ArchiveBot(Bot):
                 if request:
                     await self._request(gap.room_id, ev, gap.event_id, now)
                 continue
+            # archived now, or already (a crash after the write, before the mark); an
+            # archive failure raises and the gap stays open
             await self.capture_plaintext(gap.room_id, ev, clear, by=self.user_id,
                                          device=self.device.device_id,
                                          session_id=gap.session_id, recovered=True)
@@ -347,6 +369,16 @@ class ArchiveBot(Bot):
               reason: str | None = None, detail: str | None = None) -> AuditRecord:
         return super().audit(kind, outcome, user_id=user_id, room_id=room_id,
                              rule_id=rule_id or RULE_JOIN, reason=reason, detail=detail)
+
+
+class NoticeNotSent(RuntimeError):
+    """The room's archive notice could not be sent (the handler is retried)."""
+
+
+def notice_key(room: str) -> str:
+    """The send key of a room's one archive notice: the same in every run and process, so
+    a resend is found by reading the room back (and deduplicated by the homeserver)."""
+    return f"capture-notice:{room}"
 
 
 def open_gap_lines(gaps: Sequence[CaptureGap]) -> list[list[str]]:

@@ -224,9 +224,13 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
                 _err(f"enclave policy diff: cannot read the rooms: {e}")
                 return EXIT_ERROR
             staff = await root.stores.directory.directory_view()
-        now = root.clock_ms()
-        p_old = sep.build(_policy_of(old), staff, now)
-        p_new = sep.build(_policy_of(new), staff, now)
+            now = root.clock_ms()
+            p_old = sep.build(_policy_of(old), staff, now)
+            p_new = sep.build(_policy_of(new), staff, now)
+            # an upgraded room without a record keeps its predecessor's class under either
+            # policy (what the live service records), not the one the rules would give it
+            rooms = [replace(f, class_state=cls) if (cls := await sep.inherited_class(f))
+                     else f for f in rooms]
         r_old, r_new = old.config.retention, new.config.retention
         d = diff_policies(
             p_old, p_new, rooms,

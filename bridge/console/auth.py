@@ -168,17 +168,20 @@ class ConsoleAuth:
                        method: str) -> SignIn:
         now = self.clock_ms()
         keys = [f"user:{claimed.lower()}", f"addr:{remote}"]
+        # Until the homeserver vouches for the sign-in, the name typed is only a claim:
+        # it is recorded as the detail, never as the actor (anyone can type anyone's name)
         if self._throttled(keys, now):
-            await self._audit("console.sign_in", "refused", claimed,
+            await self._audit("console.sign_in", "refused", None,
                               rule_id="console.throttled",
-                              reason="too many failed sign-ins", detail=f"from {remote}")
+                              reason="too many failed sign-ins",
+                              detail=f"{method} as {claimed!r} from {remote}")
             return SignIn(False, "too many failed sign-ins; try again later")
         user_id, why = await self._homeserver_login(body)
         if user_id is None:
             self._failed(keys, now)
-            await self._audit("console.sign_in", "refused", claimed,
+            await self._audit("console.sign_in", "refused", None,
                               rule_id="console.homeserver", reason=why,
-                              detail=f"{method} from {remote}")
+                              detail=f"{method} as {claimed!r} from {remote}")
             return SignIn(False, "sign-in failed: wrong user name or password"
                           if "M_FORBIDDEN" in why else f"sign-in failed: {why}")
         staff = await self.directory.directory_person(user_id)

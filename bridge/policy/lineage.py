@@ -10,7 +10,7 @@ said: the original's content is the archived copy even after the homeserver reda
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,10 +86,21 @@ def _version(ev: Mapping[str, Any], content: Mapping[str, Any],
                    redaction=redactions.get(eid), rejected=rejected)
 
 
-def message_lineage(events: Sequence[Mapping[str, Any]]) -> dict[str, Lineage]:
+def message_lineage(events: Sequence[Mapping[str, Any]], *,
+                    stands_for: Callable[[Mapping[str, Any]], str | None] | None = None,
+                    ) -> dict[str, Lineage]:
     """Event id -> :class:`Lineage` for every non-state event of one room that is not itself
     an edit or a redaction, ``events`` given in archive order. Edits and redactions of events
-    the archive does not hold are left out (there is no original to attach them to)."""
+    the archive does not hold are left out (there is no original to attach them to).
+
+    ``stands_for(event)``: the id of the event a record stands for (the archive's plaintext
+    of an encrypted message): the redaction of that event is the record's too (deleting
+    the message deleted what it said, whichever copy of it is read).
+
+    Every redaction in the archive counts: the homeserver refuses a client's redaction of
+    another user's event without the power, and never hands on (to the appservice or the
+    admin API) a federated one it did not apply (Synapse's ``recheck_redaction``: another
+    server's redaction of an event it did not send)."""
     by_id: dict[str, Mapping[str, Any]] = {}
     redactions: dict[str, Redaction] = {}
     for ev in events:
@@ -119,5 +130,13 @@ def message_lineage(events: Sequence[Mapping[str, Any]]) -> dict[str, Lineage]:
         out[eid] = Lineage(
             event_id=eid, original=_version(ev, content_of(ev), {}),
             edits=tuple(edits.get(eid, ())), rejected_edits=tuple(rejected.get(eid, ())),
-            redaction=redactions.get(eid), archived_redacted=is_redacted(ev))
+            redaction=redactions.get(eid) or _stood_for(ev, redactions, stands_for),
+            archived_redacted=is_redacted(ev))
     return out
+
+
+def _stood_for(ev: Mapping[str, Any], redactions: Mapping[str, Redaction],
+               stands_for: Callable[[Mapping[str, Any]], str | None] | None,
+               ) -> Redaction | None:
+    original = stands_for(ev) if stands_for is not None else None
+    return redactions.get(original) if original is not None else None

@@ -33,6 +33,12 @@ DECRYPTED_BELOW = ("encrypted message (its plaintext, decrypted by the Enclave a
 # its own archive entry, beside the ciphertext event it links to by event id.
 DECRYPTED_KEY = "org.enclave.decrypted"
 DECRYPTED_SUFFIX = "#decrypted"
+# Event types that take effect only in the clear: the homeserver applies a redaction it
+# stores unencrypted, never one inside a ciphertext (which is just a message). The
+# plaintext of such a type is archived under a type that says what it claimed, so that no
+# reader of the archive (transcript, export lineage) takes it for the real thing.
+INERT_WHEN_ENCRYPTED = frozenset({"m.room.redaction"})
+ENCRYPTED_CLAIM_PREFIX = "org.enclave.encrypted."
 
 
 def decrypted_event_id(event_id: str) -> str:
@@ -55,10 +61,15 @@ def decrypted_record(room_id: str, event: Mapping[str, Any], clear: Mapping[str,
     event_id = str(event["event_id"])
     content = clear.get("content")
     etype = clear.get("type")
+    etype = etype if isinstance(etype, str) and etype else "m.room.message"
+    if etype in INERT_WHEN_ENCRYPTED:
+        # a member can encrypt anything: an "m.room.redaction" in a ciphertext redacts
+        # nothing, and must not look like one in the archive
+        etype = ENCRYPTED_CLAIM_PREFIX + etype
     return {
         "event_id": decrypted_event_id(event_id),
         "room_id": room_id,
-        "type": etype if isinstance(etype, str) and etype else "m.room.message",
+        "type": etype,
         "sender": event.get("sender"),
         "origin_server_ts": event.get("origin_server_ts"),
         "content": dict(content) if isinstance(content, Mapping) else {},
@@ -68,9 +79,18 @@ def decrypted_record(room_id: str, event: Mapping[str, Any], clear: Mapping[str,
 
 
 def decrypted_of(event: Mapping[str, Any]) -> str | None:
-    """The ciphertext event id a plaintext record was decrypted from (None: not one)."""
+    """The ciphertext event id a plaintext record was decrypted from (None: not one).
+
+    Only the archive writes records: their id is the ciphertext's id plus
+    :data:`DECRYPTED_SUFFIX`, which no homeserver event id can be (they hold no ``#``). An
+    event whose mark does not match its own id (a remote server can put any top-level key
+    into an event it sends over federation; a client can put it into its content, which
+    is never read here) is not a record."""
     mark = event.get(DECRYPTED_KEY)
-    return str_or_none(mark.get("of")) if isinstance(mark, Mapping) else None
+    of = str_or_none(mark.get("of")) if isinstance(mark, Mapping) else None
+    if of is None or event.get("event_id") != decrypted_event_id(of):
+        return None
+    return of
 
 
 def str_or_none(value: Any) -> str | None:

@@ -596,7 +596,7 @@ async def export_archive(
         names = display_names(all_events)
         name = room_name(all_events)
         readers = replay_readers(all_events, stands_for=decrypted_of)
-        lineages = message_lineage(all_events)
+        lineages = message_lineage(all_events, stands_for=decrypted_of)
         if "jsonl" in req.formats:
             data = b"".join(orjson.dumps(export_record(ev, name, readers, lineages, by_id),
                                          option=orjson.OPT_SORT_KEYS) + b"\n"
@@ -640,7 +640,7 @@ async def export_archive(
             page = render_html(room_id, name, events, names, media_href,
                                since_ms=sel.since_ms, until_ms=sel.until_ms, generated_ms=now,
                                marks=event_marks(room_id, rows, active_holds),
-                               readers=readers)
+                               readers=readers, context=all_events)
             await asyncio.to_thread(files.write, f"{room_dir}/transcript.html", page.encode())
         if "eml" in req.formats:
             redactions: dict[str, Mapping[str, Any]] = {}
@@ -648,6 +648,10 @@ async def export_archive(
                 target = redaction_target(ev)
                 if target is not None:
                     redactions.setdefault(target, ev)
+            for ev in all_events:  # a plaintext record is deleted with its ciphertext
+                of = decrypted_of(ev)
+                if of is not None and of in redactions:
+                    redactions.setdefault(str(ev["event_id"]), redactions[of])
             n = 0
             for ev in events:
                 if ev.get("type") not in MESSAGE_TYPES:
@@ -669,8 +673,11 @@ async def export_archive(
         if sel.users:
             subject_rooms.append({
                 "room_id": room_id, "name": name,
+                # one per message sent: the archive's plaintext of an encrypted one is
+                # the same message as its ciphertext
                 "messages": sum(1 for ev in events if ev.get("type") in MESSAGE_TYPES
-                                and ev.get("event_id") in lineages),
+                                and ev.get("event_id") in lineages
+                                and decrypted_of(ev) is None),
                 "events": len(events), "media": sorted(set(media_rel.values())),
             })
         rooms_meta.append({

@@ -66,7 +66,8 @@ class _Room:
 
     def __init__(self, events: Sequence[Mapping[str, Any]],
                  marks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
-                 readers: Mapping[str, Readers] | None = None) -> None:
+                 readers: Mapping[str, Readers] | None = None,
+                 context: Sequence[Mapping[str, Any]] = ()) -> None:
         self.marks = marks or {}
         self.readers = readers or {}
         self.by_id: dict[str, Mapping[str, Any]] = {}
@@ -75,10 +76,15 @@ class _Room:
             if eid:
                 self.by_id[eid] = ev
         self.redactions: dict[str, Mapping[str, Any]] = {}
-        for ev in events:
+        for ev in [*events, *context]:
             target = redaction_target(ev)
             if target is not None and target not in self.redactions:
                 self.redactions[target] = ev
+        for ev in events:
+            # the archive's plaintext of an encrypted message is deleted with it
+            of = decrypted_of(ev)
+            if of is not None and of in self.redactions:
+                self.redactions.setdefault(str(ev["event_id"]), self.redactions[of])
         self.edits: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
         self.reactions: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
         self.threads: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
@@ -254,8 +260,9 @@ def _message_view(event: Mapping[str, Any], room: _Room, names: Mapping[str, str
                            "archived": bool(text.strip() or attachment_mxc(event))}
     elif etype == "m.room.encrypted":
         view["classes"].append("encrypted")
-        view["encrypted"] = (DECRYPTED_BELOW if decrypted_event_id(eid) in room.by_id
-                             else ENCRYPTED_TEXT)
+        record = room.by_id.get(decrypted_event_id(eid))
+        view["encrypted"] = (DECRYPTED_BELOW if record is not None
+                             and decrypted_of(record) == eid else ENCRYPTED_TEXT)
     else:
         if decrypted_of(event) is not None:
             # the archive device's plaintext of the encrypted event just above
@@ -342,6 +349,7 @@ def render_html(
     generated_ms: int | None = None,
     marks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     readers: Mapping[str, Readers] | None = None,
+    context: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """A self-contained HTML transcript of one room's events (given in archive order).
 
@@ -353,8 +361,9 @@ def render_html(
     ``gone``: no longer on the homeserver). The archived text of deleted messages is shown,
     not collapsed, so a printout carries it. ``readers`` (event id -> who could read it when
     it was sent, :func:`bridge.policy.readers.replay_readers`) is shown collapsed under
-    each message."""
-    room = _Room(events, marks, readers)
+    each message. ``context``: the room's other events (outside the selection: another
+    sender's, another date); a redaction among them still marks the message it deleted."""
+    room = _Room(events, marks, readers, context)
     blocks = [
         {"event": _event_view(ev, room, names, media_href),
          "thread": [_event_view(c, room, names, media_href, in_thread=True)

@@ -250,13 +250,28 @@ class SeparationService:
                 await self.kv.component_delete(GRANT_COMPONENT, facts.claimed_grant)
         return replace(facts, class_state=rec) if rec is not None else facts
 
+    async def inherited_class(self, facts: RoomFacts) -> str | None:
+        """The class a room without a record takes from the room it upgrades (its
+        predecessor's record; any policy): None when there is none."""
+        if facts.class_state is not None or not facts.known or not facts.predecessor:
+            return None
+        return await self.class_record(facts.predecessor)
+
+    async def as_applied(self, p: SeparationPolicy, facts: RoomFacts) -> RoomFacts:
+        """``facts`` with the class an applying reconciliation would record for a room
+        without a record (:meth:`record_first_sight`), nothing written: a plan, and
+        ``enclave policy diff``, judge the room as the live service will."""
+        inherited = await self.inherited_class(facts)
+        return replace(facts, class_state=inherited) if inherited is not None \
+            else p.with_class(facts)
+
     async def record_first_sight(self, p: SeparationPolicy, facts: RoomFacts,
                                  source: str) -> RoomFacts:
         """A room this server hosts or shares with no record yet: record the class Enclave
         gives it now (rules, DM signals, default), never the one its state claims."""
         if facts.class_state is not None or not facts.known:
             return facts
-        inherited = await self.class_record(facts.predecessor) if facts.predecessor else None
+        inherited = await self.inherited_class(facts)
         if inherited is not None:
             # a room upgrade keeps the class of the room it replaces
             cls = await self.record_class(facts.room_id, inherited, "builtin.room_upgrade",
@@ -463,7 +478,7 @@ class SeparationService:
                 if record:
                     f = await self.record_first_sight(p, f, "reconcile")
                 else:
-                    f = p.with_class(f)
+                    f = await self.as_applied(p, f)
             a, fs = p.diff_room(f)
             actions.extend(a)
             findings.extend(fs)

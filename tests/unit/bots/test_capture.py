@@ -218,3 +218,189 @@ async def test_a_withheld_notice_is_remembered_per_session(tmp_path: Any) -> Non
     assert device.session_of({"content": {"session_id": "S1", "sender_key": "K"}}) == (
         "S1", "K")
     assert device.session_of({"content": {}}) == (None, None)
+
+
+# -- the room's one notice: marked shown only once it is in the room ----------------------
+class _KV:
+    """The bots' key/value store in memory; ``fail_put`` makes one write of a key fail (a
+    crash right before it)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], str] = {}
+        self.fail_put: str | None = None
+
+    async def component_get(self, component: str, key: str) -> str | None:
+        return self.rows.get((component, key))
+
+    async def component_put(self, component: str, key: str, value: str, now: int) -> None:
+        if key == self.fail_put:
+            self.fail_put = None
+            raise RuntimeError("crash")
+        self.rows[(component, key)] = value
+
+    async def component_delete(self, component: str, key: str) -> bool:
+        return self.rows.pop((component, key), None) is not None
+
+
+class _Executor:
+    """``run_direct`` as the real one behaves for a bot message: read back first (an event
+    with the same key already in the room is the send), else send. ``away``: the
+    homeserver does not answer."""
+
+    def __init__(self) -> None:
+        self.room: dict[str, str] = {}  # key -> event id of what was sent
+        self.calls: list[tuple[str, bool]] = []
+        self.away = False
+
+    async def run_direct(self, action: Any, key: str, *, source: str,
+                         resend: bool = True) -> Any:
+        from bridge.matrix.executor import Outcome
+
+        self.calls.append((key, resend))
+        if self.away:
+            return Outcome("failed", "HomeserverUnavailable: down")
+        if resend and key in self.room:
+            return Outcome("applied", self.room[key])
+        assert action.actor == ARCHIVE and action.room == ROOM
+        self.room[key] = f"$notice{len(self.room)}"
+        return Outcome("applied", self.room[key])
+
+
+def _archive_bot(**kw: Any) -> tuple[Any, _KV, _Executor]:
+    from types import SimpleNamespace
+
+    from bots.capture.bot import ArchiveBot
+    from bridge.config.bots import ArchiveCaptureConfig
+
+    kv, executor = _KV(), _Executor()
+    facts = SimpleNamespace(known=True, members={ARCHIVE: "join", BOT: "join"},
+                            power_view=power({BOT: 100}))
+
+    async def room_facts(room: str) -> Any:
+        return facts
+
+    async def policy() -> Any:
+        return SimpleNamespace(classify_room=lambda f: SimpleNamespace(id="case"))
+
+    svc = SimpleNamespace(namespace_prefix="enclave_", server_name="corp.test", kv=kv,
+                          clock_ms=lambda: 1_000, executor=executor, main_bot_user_id=BOT,
+                          admin_user_id=ADMIN)
+    args: dict[str, Any] = {"device": object(), "gaps": object(),
+                            "capture_plaintext": object(), "list_rooms": object(), **kw}
+    bot = ArchiveBot(svc, ArchiveCaptureConfig(),  # type: ignore[arg-type]
+                     separation=SimpleNamespace(room_facts=room_facts, policy=policy),
+                     room_classes={"case": SimpleNamespace(capture="required",
+                                                           capture_notice="notice")},
+                     **args)
+    assert bot.user_id == ARCHIVE
+    return bot, kv, executor
+
+
+async def test_a_crash_before_the_notice_goes_out_does_not_lose_it() -> None:
+    bot, _, executor = _archive_bot()
+    executor.away = True
+    with pytest.raises(RuntimeError, match="not sent"):  # the inbox retries the event
+        await bot.notice_actions(ROOM)
+    assert executor.room == {} and await bot.storage.get(f"notice:{ROOM}") is None
+    executor.away = False
+    # a crash: whatever the first run handed on is gone; the event is handled again
+    await bot.notice_actions(ROOM)
+    assert list(executor.room.values()) == ["$notice0"]
+    assert await bot.storage.get(f"notice:{ROOM}") is not None
+    assert await bot.notice_actions(ROOM) == [] and len(executor.room) == 1
+
+
+async def test_a_crash_after_the_notice_went_out_does_not_double_it() -> None:
+    bot, kv, executor = _archive_bot()
+    kv.fail_put = f"notice:{ROOM}"  # sent, then the process dies before the mark
+    with pytest.raises(RuntimeError):
+        await bot.notice_actions(ROOM)
+    assert len(executor.room) == 1
+    await bot.notice_actions(ROOM)  # handled again after the restart
+    assert len(executor.room) == 1  # read back: the same notice, not a second one
+    (k1, r1), (k2, r2) = executor.calls
+    assert k1 == k2 and r1 and r2  # one key for both runs, read back before each send
+    assert await bot.storage.get(f"notice:{ROOM}") is not None
+
+
+# -- Enclave's own marks cannot be forged by what a sender controls ---------------------
+def test_a_forged_decrypted_mark_is_not_a_plaintext_record() -> None:
+    from bridge.policy.readers import replay_readers
+
+    secret = {"event_id": "$secret", "type": "m.room.encrypted", "sender": ALICE,
+              "origin_server_ts": 1, "content": {"ciphertext": "x"}}
+    # a remote server can put any top-level key into a federated event; a client can put
+    # one into its content or (never passed on by Synapse) unsigned
+    forged = [
+        {"event_id": "$forged", "type": "m.room.message", "sender": "@mallory:evil.test",
+         "origin_server_ts": 9, "content": {"body": "x"}, DECRYPTED_KEY: {"of": "$secret"}},
+        {"event_id": "$forged2", "type": "m.room.message", "sender": "@mallory:evil.test",
+         "origin_server_ts": 9, "content": {"body": "x", DECRYPTED_KEY: {"of": "$secret"}},
+         "unsigned": {DECRYPTED_KEY: {"of": "$secret"}}},
+    ]
+    for ev in forged:
+        assert decrypted_of(ev) is None
+    joined = {"type": "m.room.member", "state_key": ALICE, "sender": ALICE,
+              "event_id": "$j", "content": {"membership": "join"}}
+    late = {"type": "m.room.member", "state_key": "@mallory:evil.test",
+            "sender": "@mallory:evil.test", "event_id": "$m", "content": {"membership": "join"}}
+    readers = replay_readers([joined, secret, late, *forged], stands_for=decrypted_of)
+    # the forged events get the readers at their own place (mallory joined), not those of
+    # the message they claim to stand for
+    assert readers["$forged"].could_read == (ALICE, "@mallory:evil.test")
+    assert readers["$secret"].could_read == (ALICE,)
+
+
+def test_an_encrypted_redaction_redacts_nothing_in_the_archive() -> None:
+    from bridge.policy.lineage import message_lineage
+    from bridge.retention.transcript import render_html
+
+    victim = {"event_id": "$v", "type": "m.room.message", "sender": BOT,
+              "origin_server_ts": 1, "room_id": ROOM, "content": {"body": "keep me"}}
+    envelope = {"event_id": "$e", "type": "m.room.encrypted", "sender": ALICE,
+                "origin_server_ts": 2, "room_id": ROOM, "content": {"ciphertext": "x"}}
+    clear = {"type": "m.room.redaction", "content": {"redacts": "$v"}}
+    rec = decrypted_record(ROOM, envelope, clear, by=ARCHIVE, device="D", at_ms=3)
+    assert rec["type"] == "org.enclave.encrypted.m.room.redaction"
+    assert message_lineage([victim, envelope, rec])["$v"].redaction is None
+    page = render_html(ROOM, None, [victim, envelope, rec], {}, {})
+    assert "keep me" in page and "message deleted" not in page
+
+
+@pytest.mark.parametrize("archiving", [True, False])
+async def test_a_gap_is_recovered_only_when_its_plaintext_is_archived(archiving: bool) -> None:
+    from types import SimpleNamespace
+
+    from bots.capture.store import CaptureGap
+
+    gap = CaptureGap(event_id="$e", room_id=ROOM, sender=ALICE, session_id="S",
+                     sender_key="K", reason="no session key",
+                     event_json='{"event_id": "$e", "type": "m.room.encrypted"}', first_seen=1)
+    marked: list[str] = []
+    written: list[str] = []
+
+    async def open_gaps() -> list[CaptureGap]:
+        return [] if marked else [gap]
+
+    async def recovered(event_id: str, now: int, *, audit: Any = None) -> bool:
+        marked.append(event_id)
+        return True
+
+    async def try_decrypt(room: str, event: Any, within: float = 0) -> Any:
+        return {"type": "m.room.message", "content": {"body": "hi"}}
+
+    async def capture_plaintext(room: str, event: Any, clear: Any, **kw: Any) -> bool:
+        if not archiving:  # retention.enabled: false archives nothing
+            return False
+        written.append(event["event_id"])
+        return True
+
+    device = SimpleNamespace(ready=True, withheld={}, has_session=lambda r, e: True,
+                             try_decrypt=try_decrypt, device_id="DEV")
+    bot, _, _ = _archive_bot(device=device,
+                             gaps=SimpleNamespace(gaps=open_gaps, recovered=recovered),
+                             capture_plaintext=capture_plaintext,
+                             archiving=lambda: archiving)
+    n = await bot.retry_gaps(request=False)
+    # "recovered: key arrived; plaintext archived" only when it was
+    assert (n, marked, written) == ((1, ["$e"], ["$e"]) if archiving else (0, [], []))

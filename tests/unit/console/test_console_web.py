@@ -23,3 +23,35 @@ def test_next_is_a_console_path_only(given: str | None, went: str) -> None:
     assert ConsoleWeb._next(given) == went
 
 
+
+
+async def test_a_refused_sign_in_never_names_the_typed_user_as_its_actor() -> None:
+    """The user name typed at the sign-in form is only a claim until the homeserver
+    vouches for it: a failed or throttled sign-in is audited without an actor."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from bridge.config.console import ConsoleConfig
+    from bridge.console.auth import ConsoleAuth
+
+    records: list[Any] = []
+
+    async def add_audit(rec: Any) -> None:
+        records.append(rec)
+
+    auth = ConsoleAuth(ConsoleConfig.model_validate({"max_failed_logins": 1}),
+                       sessions=None, directory=None,  # type: ignore[arg-type]
+                       audit=SimpleNamespace(add_audit=add_audit),  # type: ignore[arg-type]
+                       http=None, homeserver_url="http://127.0.0.1:1",  # type: ignore[arg-type]
+                       clock_ms=lambda: 1_000)
+
+    async def refused(body: Any) -> tuple[None, str]:
+        return None, "the homeserver refused the sign-in (M_FORBIDDEN)"
+
+    auth._homeserver_login = refused  # type: ignore[method-assign]
+    for _ in range(2):  # refused by the homeserver, then throttled
+        got = await auth.sign_in_password("@alice:corp.test", "guess", "10.0.0.9")
+        assert not got.ok
+    assert [r.rule_id for r in records] == ["console.homeserver", "console.throttled"]
+    assert [r.actor for r in records] == [None, None]
+    assert all("'@alice:corp.test'" in (r.detail or "") for r in records)

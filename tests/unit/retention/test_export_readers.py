@@ -197,3 +197,37 @@ def test_big_rooms_list_a_bounded_number_of_readers_in_html_and_eml() -> None:
                                     policy=email_policy.default)
     assert mail["X-Matrix-Readers-Count"] == "300"
     assert mail["X-Matrix-Readers"].endswith("and 200 more (see events.jsonl)")
+
+
+async def test_a_deleted_encrypted_message_is_deleted_in_its_plaintext_and_counted_once(
+        tmp_path: Path, store: Stores) -> None:
+    from bridge.retention.events import decrypted_record
+
+    archive = LocalArchive(tmp_path / "archive", store.archive, clock_ms=lambda: T0)
+    cipher = _e("$enc", A, {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x"},
+                "m.room.encrypted", 5)
+    record = decrypted_record(ROOM, cipher, {"type": "m.room.message", "content": {
+        "msgtype": "m.text", "body": "the secret plan"}}, by="@enclave_archive:x",
+        device="D", at_ms=T0 + 6)
+    # the moderator deletes the message: the redaction names the ciphertext event
+    gone = _e("$red", MOD, {"redacts": "$enc", "reason": "oops"}, "m.room.redaction", 7,
+              redacts="$enc")
+    await archive.append(ROOM, [*room(), cipher, record, gone])
+    out = tmp_path / "out"
+    await export_archive(archive, store.archive, store.holds, store.directory, out,
+                         ExportRequest(users=(A,), formats=frozenset({"jsonl", "html", "eml"})),
+                         clock_ms=lambda: T0)
+    by = {x["event_id"]: x for x in map(orjson.loads,
+                                         (out / "events.jsonl").read_bytes().splitlines())}
+    # the plaintext of the deleted message is shown as deleted, by whom, like its ciphertext
+    assert by["$enc#decrypted"]["lineage"]["redaction"]["by"] == MOD
+    assert by["$enc"]["lineage"]["redaction"]["by"] == MOD
+    page = next(out.glob("rooms/*/transcript.html")).read_text()
+    assert page.count(">message deleted by ") == 3  # $4 (Alice's), the ciphertext, its plaintext
+    emls = [email.message_from_bytes(p.read_bytes(), policy=email_policy.default)
+            for p in out.glob("rooms/*/eml/*.eml")]
+    plain = next(m for m in emls if "the secret plan" in m.get_content())
+    assert "deleted" in plain.get_content().lower()
+    # one message sent, one counted (the ciphertext and its plaintext are the same message)
+    subject = orjson.loads((out / "subject.json").read_bytes())
+    assert {r["room_id"]: r["messages"] for r in subject["rooms"]} == {ROOM: 4}

@@ -148,3 +148,31 @@ async def test_a_room_upgrade_keeps_its_predecessors_class(store: Stores) -> Non
         p, await svc.with_record(room_facts_from_state("!new", new_state)), "reactive")
     # no alias on the new room: the rules alone would make it internal
     assert f.class_state == "external" and await svc.class_record("!new") == "external"
+
+
+async def test_a_plan_judges_an_unrecorded_upgrade_by_its_predecessors_class(
+        store: Stores) -> None:
+    """``enclave separation reconcile --dry-run`` and ``enclave policy diff`` judge a room
+    as applying does: an upgraded room without a record keeps its predecessor's class."""
+    svc = await service(store)
+    p = await svc.policy()
+    await svc.record_class("!old", "external", "cls-ext", "gate")
+    st = state(BOB, {"class": "external"})
+    st[0]["content"]["predecessor"] = {"room_id": "!old"}
+    st.append({"type": "m.room.member", "sender": PAT, "state_key": PAT,
+               "content": {"membership": "join"}})
+    facts = await svc.with_record(room_facts_from_state("!new", st))
+    assert facts.class_state is None
+
+    def about_pat(f: Any) -> list[Any]:
+        actions, findings = p.diff_room(f)
+        return [x for x in [*actions, *findings]
+                if PAT in (getattr(x, "user", None), getattr(x, "subject", None))]
+
+    assert about_pat(p.with_class(facts))  # the rules alone: internal, the partner goes
+    judged = await svc.as_applied(p, facts)
+    assert judged.class_state == "external" and about_pat(judged) == []
+    assert await svc.inherited_class(facts) == "external"
+    assert await svc.class_record("!new") is None  # a plan writes nothing
+    applied = await svc.record_first_sight(p, facts, "reconcile")
+    assert applied.class_state == judged.class_state  # what applying then records
