@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import jinja2
@@ -62,6 +62,7 @@ class NavItem:
     role: str
 
 
+T = TypeVar("T")
 Handler = Callable[[web.Request, Signed], Awaitable[web.StreamResponse]]
 
 
@@ -101,6 +102,7 @@ class ConsoleWeb:
         self.env.filters["when"] = lambda ms: readable_utc(ms) if ms else ""
         self.env.filters["duration"] = lambda ms: format_duration_ms(ms) if ms else ""
         self.ready: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self._planning: set[str] = set()
 
     # -- plumbing ----------------------------------------------------------------------
     def nav(self, signed: Signed) -> list[NavItem]:
@@ -215,6 +217,19 @@ class ConsoleWeb:
             r.add_get(path, self.page(p.role, self._extension(p)))
             if p.post_role is not None:
                 r.add_post(path, self.page(p.post_role, self._extension(p), post=True))
+
+    async def _one_at_a_time(self, kind: str,
+                             run: Callable[[], Awaitable[T]]) -> tuple[T | None, bool]:
+        """(result, False), or (None, True) when a plan of ``kind`` is already running in
+        this process: a plan reads every room (or the whole directory), and any viewer may
+        ask for one, so reloads or a script must not start them side by side."""
+        if kind in self._planning:
+            return None, True
+        self._planning.add(kind)
+        try:
+            return await run(), False
+        finally:
+            self._planning.discard(kind)
 
     # -- sign-in -----------------------------------------------------------------------
     async def root_redirect(self, request: web.Request) -> web.StreamResponse:
@@ -447,14 +462,17 @@ class ConsoleWeb:
     # -- separation --------------------------------------------------------------------
     async def separation_page(self, request: web.Request,
                               signed: Signed) -> web.StreamResponse:
-        result, error = None, ""
+        result, error, busy = None, "", False
         if self.separation is not None and request.query.get("plan"):
+            separation = self.separation
             try:
-                result = await self.separation.reconcile(apply=False)
+                result, busy = await self._one_at_a_time(
+                    "separation", lambda: separation.reconcile(apply=False))
             except RuntimeError as e:
                 error = str(e)
         return self.render("separation.html", signed, result=result, error=error,
-                           applied=False, enabled=self.separation is not None)
+                           applied=False, enabled=self.separation is not None, busy=busy,
+                           status=429 if busy else 200)
 
     async def separation_apply(self, request: web.Request,
                                signed: Signed) -> web.StreamResponse:
@@ -480,14 +498,17 @@ class ConsoleWeb:
     # -- directory ---------------------------------------------------------------------
     async def directory_page(self, request: web.Request,
                              signed: Signed) -> web.StreamResponse:
-        result, refused = None, None
+        result, refused, busy = None, None, False
         if self.directory is not None and request.query.get("plan"):
+            directory = self.directory
             try:
-                result = await self.directory.run(apply=False)
+                result, busy = await self._one_at_a_time(
+                    "directory", lambda: directory.run(apply=False))
             except SyncRefused as e:
                 refused = e.problems
         return self.render("directory.html", signed, result=result, refused=refused,
-                           applied=False, enabled=self.directory is not None)
+                           applied=False, enabled=self.directory is not None, busy=busy,
+                           status=429 if busy else 200)
 
     async def directory_apply(self, request: web.Request,
                               signed: Signed) -> web.StreamResponse:
@@ -600,15 +621,20 @@ class ConsoleWeb:
     async def retention_page(self, request: web.Request,
                              signed: Signed) -> web.StreamResponse:
         room = request.query.get("room", "").strip()
-        run, error = None, ""
+        run, error, busy = None, "", False
         if self.retention is not None and room:
+            retention = self.retention
             try:
-                run = await self.retention.run(apply=False, rooms=[room], visibility=False)
+                run, busy = await self._one_at_a_time("retention", lambda: retention.run(
+                    apply=False, rooms=[room], visibility=False))
             except RuntimeError as e:
                 error = str(e)
-        known = await self.retention_rooms.retention_rooms() if self.retention else []
+        # the page lists 500 (the store reads no more: a page load costs the same with
+        # 100,000 rooms)
+        known = await self.retention_rooms.retention_rooms(500) if self.retention else []
         return self.render("retention.html", signed, room=room, run=run, error=error,
-                           known=known[:500], enabled=self.retention is not None)
+                           known=known, enabled=self.retention is not None, busy=busy,
+                           status=429 if busy else 200)
 
     # -- inbox -------------------------------------------------------------------------
     async def inbox_page(self, request: web.Request, signed: Signed, *,

@@ -8,6 +8,7 @@ tests/integration/test_console.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,7 +62,7 @@ MakeConsole = Callable[..., Awaitable[Console]]
 async def make_console(make_store: MakeStore) -> AsyncIterator[MakeConsole]:
     opened: list[tuple[TestClient, aiohttp.ClientSession]] = []
 
-    async def make(public_url: str = "http://127.0.0.1:1") -> Console:
+    async def make(public_url: str = "http://127.0.0.1:1", separation: Any = None) -> Console:
         stores = await make_store()
         await stores.directory.replace_directory_view([
             StaffRecord(user_id=uid, person_id=str(i), active=True, username=uid[1:4],
@@ -81,7 +82,7 @@ async def make_console(make_store: MakeStore) -> AsyncIterator[MakeConsole]:
             cfg, auth, server_name="corp.test", public_url=public_url,
             homeserver_url=NO_HOMESERVER, audit=stores.audit, holds=stores.holds,
             inbox=stores.inbox, kv=stores.kv, retention_rooms=stores.retention_rooms,
-            separation=None, directory=None, retention=None, line_of=lambda _: None,
+            separation=separation, directory=None, retention=None, line_of=lambda _: None,
             config_path="config.yaml", job_ids=lambda: [], extension_pages=lambda: [],
             clock_ms=clock)
         app = web.Application()
@@ -219,3 +220,45 @@ async def test_requeue_refuses_a_hand_made_form(make_console: MakeConsole) -> No
     async with c.post("/console/inbox/requeue", {"csrf": csrf, "seq": "1\x00"},
                       cookies=cookie) as resp:
         assert resp.status == 400
+
+
+class SlowScan:
+    """Stands in for the separation service: a plan that takes as long as the test says
+    (a real one reads every room through the homeserver's admin API)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finish = asyncio.Event()
+        self.runs = 0
+
+    async def reconcile(self, *, apply: bool) -> Any:
+        assert not apply
+        self.runs += 1
+        self.started.set()
+        await self.finish.wait()
+        raise RuntimeError("scan stopped by the test")
+
+
+async def test_a_plan_that_reads_every_room_runs_one_at_a_time(
+        make_console: MakeConsole) -> None:
+    scan = SlowScan()
+    c = await make_console(separation=scan)
+    raw, _ = await c.session(VIEWER)
+
+    async def plan() -> tuple[int, str]:
+        async with c.get("/console/separation?plan=1", raw) as resp:
+            return resp.status, await resp.text()
+
+    first = asyncio.create_task(plan())
+    await asyncio.wait_for(scan.started.wait(), 30)
+    # reloads (or a script) while it runs: answered at once, no second scan
+    for _ in range(3):
+        # bounded: without the guard this request would wait for the first scan to end
+        status, html = await asyncio.wait_for(plan(), 30)
+        assert status == 429 and "already running" in html
+    assert scan.runs == 1
+    scan.finish.set()
+    status, html = await first
+    assert status == 200 and "scan stopped by the test" in html
+    status, _ = await asyncio.wait_for(plan(), 30)  # the next one runs
+    assert scan.runs == 2
