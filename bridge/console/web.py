@@ -29,7 +29,7 @@ from ..extension import ConsolePage, ConsoleRequest
 from ..kernel.durations import format_duration_ms
 from ..kernel.spreadsheet import csv_cell
 from ..kernel.timestamps import parse_when_ms, readable_utc
-from ..policy.console import csrf_ok
+from ..policy.console import csrf_ok, decide_client_address
 from ..policy.retention import HOLD_RULE
 from ..retention.holds import HoldCheckFailed, UnknownHoldSubjects
 from ..retention.service import RetentionService
@@ -139,9 +139,9 @@ class ConsoleWeb:
         resp.set_cookie(name, value, path="/console", httponly=True, secure=self.secure,
                         samesite=samesite, max_age=max_age)
 
-    @staticmethod
-    def remote(request: web.Request) -> str:
-        return request.remote or "?"
+    def remote(self, request: web.Request) -> str:
+        return decide_client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                                     self.config.trusted_proxies)
 
     def page(self, role: str, handler: Handler, *, post: bool = False) -> Callable[
             [web.Request], Awaitable[web.StreamResponse]]:

@@ -24,7 +24,7 @@ from bridge.console.auth import ConsoleAuth, hash_session_id
 from bridge.console.web import COOKIE, LOGIN_COOKIE, SSO_COOKIE, ConsoleWeb
 from bridge.model.people import StaffRecord
 from bridge.store import AuditRecord, Stores
-from bridge.store.base import ConsoleSession
+from bridge.store.base import AuditSearch, ConsoleSession
 
 from .conftest import MakeStore
 
@@ -62,14 +62,15 @@ MakeConsole = Callable[..., Awaitable[Console]]
 async def make_console(make_store: MakeStore) -> AsyncIterator[MakeConsole]:
     opened: list[tuple[TestClient, aiohttp.ClientSession]] = []
 
-    async def make(public_url: str = "http://127.0.0.1:1", separation: Any = None) -> Console:
+    async def make(public_url: str = "http://127.0.0.1:1", separation: Any = None,
+                   **config: Any) -> Console:
         stores = await make_store()
         await stores.directory.replace_directory_view([
             StaffRecord(user_id=uid, person_id=str(i), active=True, username=uid[1:4],
                         display_name=uid, groups=frozenset({group}))
             for i, (uid, group) in enumerate([(VIEWER, "helpdesk"), (OPERATOR, "it-ops"),
                                               (LEGAL, "legal-team")])])
-        cfg = ConsoleConfig(enabled=True, groups=GROUPS)  # type: ignore[arg-type]
+        cfg = ConsoleConfig(enabled=True, groups=GROUPS, **config)  # type: ignore[arg-type]
         http = aiohttp.ClientSession()
 
         def clock() -> int:
@@ -262,3 +263,29 @@ async def test_a_plan_that_reads_every_room_runs_one_at_a_time(
     assert status == 200 and "scan stopped by the test" in html
     status, _ = await asyncio.wait_for(plan(), 30)  # the next one runs
     assert scan.runs == 2
+
+
+async def test_sign_in_throttle_counts_the_client_behind_the_proxy(
+        make_console: MakeConsole) -> None:
+    """Behind a reverse proxy every request comes from the proxy: with trusted_proxies
+    the throttle counts each client, so a few failures of one do not refuse everyone."""
+    c = await make_console(max_failed_logins=2, trusted_proxies=["127.0.0.1"])
+
+    async def attempt(user: str, client: str) -> str:
+        async with c.get("/console/login") as resp:
+            login = resp.cookies[LOGIN_COOKIE].value
+        async with c.client.post("/console/login", allow_redirects=False, data={
+                "username": user, "password": "x", "login_csrf": login}, headers={
+                "Cookie": f"{LOGIN_COOKIE}={login}",
+                "X-Forwarded-For": f"{client}, 127.0.0.1"}) as resp:
+            assert resp.status == 403
+            return await resp.text()
+
+    # the homeserver is away: each attempt fails (and counts)
+    for user in ("a1", "a2"):
+        assert "homeserver did not answer" in await attempt(user, "198.51.100.1")
+    assert "too many failed sign-ins" in await attempt("a3", "198.51.100.1")
+    assert "homeserver did not answer" in await attempt("b1", "198.51.100.2")
+    refused = [r for r in await c.stores.audit.audit_page(AuditSearch(limit=50))
+               if r["rule_id"] == "console.throttled"]
+    assert [r["detail"] for r in refused] == ["from 198.51.100.1"]
