@@ -493,7 +493,7 @@ class ConsoleWeb:
             reason=error or (f"{result.applied} applied, {len(result.failed)} failed"
                              if result else ""))
         return self.render("separation.html", signed, result=result, error=error,
-                           applied=True, enabled=True)
+                           applied=True, enabled=True, busy=False)
 
     # -- directory ---------------------------------------------------------------------
     async def directory_page(self, request: web.Request,
@@ -532,7 +532,7 @@ class ConsoleWeb:
         await self.auth.record(signed, "console.directory_apply", outcome,
                                rule_id="directory.sync", reason=reason)
         return self.render("directory.html", signed, result=result, refused=refused,
-                           applied=True, enabled=True,
+                           applied=True, enabled=True, busy=False,
                            status=409 if refused is not None else 200)
 
     # -- legal holds -------------------------------------------------------------------
