@@ -270,6 +270,10 @@ class ConsoleWeb:
                 request, status=403,
                 message="the sign-in form expired or did not come from this console; "
                         "please sign in again")
+        bad = _control_chars(form)
+        if bad:  # NUL in a name would fail the audit record's write (PostgreSQL)
+            return await self.login_form(
+                request, status=400, message=f"{bad}: control characters are not allowed")
         got = await self.auth.sign_in_password(str(form.get("username", "")),
                                                str(form.get("password", "")),
                                                self.remote(request))

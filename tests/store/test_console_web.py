@@ -289,3 +289,15 @@ async def test_sign_in_throttle_counts_the_client_behind_the_proxy(
     refused = [r for r in await c.stores.audit.audit_page(AuditSearch(limit=50))
                if r["rule_id"] == "console.throttled"]
     assert [r["detail"] for r in refused] == ["from 198.51.100.1"]
+
+
+async def test_sign_in_with_a_control_character_is_a_clear_error(
+        make_console: MakeConsole) -> None:
+    c = await make_console()
+    async with c.get("/console/login") as resp:
+        login = resp.cookies[LOGIN_COOKIE].value
+    async with c.post("/console/login", {"username": "lena\x00", "password": "x",
+                                         "login_csrf": login},
+                      cookies=f"{LOGIN_COOKIE}={login}") as resp:
+        assert resp.status == 400
+        assert "username: control characters are not allowed" in await resp.text()
