@@ -10,7 +10,6 @@ each POST; the page calls the same functions as ``enclave announcements``
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Callable, Sequence
 from html import escape
@@ -22,7 +21,7 @@ from bridge.kernel.timestamps import readable_utc
 from bridge.store.domains import DirectoryStore
 
 from .announcements.overview import ack_series, announcement_list, occurrence_report, queue_send
-from .announcements.report import CSV_COLUMNS
+from .announcements.report import write_csv
 from .store import AnnouncementStore
 
 
@@ -124,11 +123,9 @@ def announcements_page(store: AnnouncementStore, directory: DirectoryStore,
                 parts.append(f"<p>Nothing sent for {escape(aid)} yet.</p>")
             else:
                 if req.query.get("csv"):
+                    # the report's own writer: every cell through kernel csv_cell
                     buf = io.StringIO()
-                    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-                    w.writeheader()
-                    for r in rep.rows:
-                        w.writerow(r)
+                    write_csv(rep.rows, buf)
                     return ConsoleView(csv=(f"{aid}-{rep.occurrence.occurrence_id}.csv",
                                             buf.getvalue()))
                 s = rep.summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -30,6 +31,22 @@ class ConsoleConfig(StrictModel):
         5, ge=1, le=1000,
         description="Failed sign-ins per account (and per address) in 15 minutes before "
                     "further attempts are refused for the rest of that window")
+
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of the reverse proxies in front of the "
+                    "console: from them the client's address is read from X-Forwarded-For "
+                    "(for the sign-in throttle and the audit); empty: the peer's address")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"{p!r} is not an IP address or network") from None
+        return v
 
     @field_validator("public_url")
     @classmethod

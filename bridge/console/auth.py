@@ -230,6 +230,12 @@ class ConsoleAuth:
         await self.sessions.session_touch(h, now, tuple(sorted(access.roles)))
         return Signed(raw_id, s.user_id, access, s.csrf)
 
+    async def forget(self, raw_id: str | None) -> None:
+        """Drop the session behind a cookie the browser arrived with at a new sign-in (the
+        new session gets a new id; the old one is not kept alive beside it)."""
+        if raw_id:
+            await self.sessions.session_delete(hash_session_id(raw_id))
+
     async def sign_out(self, signed: Signed) -> None:
         await self.sessions.session_delete(hash_session_id(signed.raw_id))
         await self._audit("console.sign_out", "applied", signed.user_id,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import jinja2
@@ -29,7 +29,8 @@ from ..extension import ConsolePage, ConsoleRequest
 from ..kernel.durations import format_duration_ms
 from ..kernel.spreadsheet import csv_cell
 from ..kernel.timestamps import parse_when_ms, readable_utc
-from ..policy.console import csrf_ok
+from ..policy.console import csrf_ok, decide_client_address
+from ..policy.retention import HOLD_RULE
 from ..retention.holds import HoldCheckFailed, UnknownHoldSubjects
 from ..retention.service import RetentionService
 from ..separation.explain import explain_invite, explain_join, explain_room
@@ -46,6 +47,10 @@ LOGIN_COOKIE = "enclave_console_login"
 TEMPLATES = Path(__file__).parent / "templates"
 AUDIT_COLUMNS = ("id", "ts", "source", "kind", "outcome", "actor", "user_id", "room_id",
                  "rule_id", "reason", "detail")
+INT64_MAX = 2**63 - 1
+# audit records of legal holds: their reason and detail (case, people, rooms) are legal data
+HOLD_KINDS = ("hold_add", "hold_release")
+LEGAL_ONLY = "(legal role only)"
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 
@@ -57,6 +62,7 @@ class NavItem:
     role: str
 
 
+T = TypeVar("T")
 Handler = Callable[[web.Request, Signed], Awaitable[web.StreamResponse]]
 
 
@@ -96,6 +102,7 @@ class ConsoleWeb:
         self.env.filters["when"] = lambda ms: readable_utc(ms) if ms else ""
         self.env.filters["duration"] = lambda ms: format_duration_ms(ms) if ms else ""
         self.ready: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self._planning: set[str] = set()
 
     # -- plumbing ----------------------------------------------------------------------
     def nav(self, signed: Signed) -> list[NavItem]:
@@ -132,9 +139,9 @@ class ConsoleWeb:
         resp.set_cookie(name, value, path="/console", httponly=True, secure=self.secure,
                         samesite=samesite, max_age=max_age)
 
-    @staticmethod
-    def remote(request: web.Request) -> str:
-        return request.remote or "?"
+    def remote(self, request: web.Request) -> str:
+        return decide_client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                                     self.config.trusted_proxies)
 
     def page(self, role: str, handler: Handler, *, post: bool = False) -> Callable[
             [web.Request], Awaitable[web.StreamResponse]]:
@@ -150,6 +157,7 @@ class ConsoleWeb:
                 return _redirect("/console/login?" + urlencode({"next": target}))
             if request.method == "POST":
                 form = await request.post()
+                bad = _control_chars(request.query, form)
                 if not csrf_ok(signed.csrf, str(form.get("csrf", "")) or None):
                     await self.auth.record(signed, "console.post", "refused",
                                            rule_id="console.csrf",
@@ -158,6 +166,13 @@ class ConsoleWeb:
                     return self.render("refused.html", signed, status=403,
                                        message="refused: the form's security token is "
                                                "missing or wrong (reload the page)")
+            else:
+                bad = _control_chars(request.query, {})
+            if bad:
+                # NUL and other control characters: PostgreSQL refuses NUL in text, and no
+                # Matrix id, date or case id has them; a clear 400 before anything is asked
+                return self.render("refused.html", signed, status=400,
+                                   message=f"{bad}: control characters are not allowed")
             if not signed.access.has(role):
                 if request.method == "POST":
                     await self.auth.record(signed, "console.post", "refused",
@@ -177,7 +192,8 @@ class ConsoleWeb:
         r.add_get("/console/static/console.css", self.css)
         r.add_get("/console/login", self.login_form)
         r.add_post("/console/login", self.login_post)
-        r.add_get("/console/sso", self.sso_start)
+        # a POST with the sign-in form's token: no other site can start a sign-in here
+        r.add_post("/console/sso", self.sso_start)
         r.add_get("/console/sso/callback", self.sso_callback)
         r.add_post("/console/logout", self.page("viewer", self.logout, post=True))
         r.add_get("/console/", self.page("viewer", self.status))
@@ -202,6 +218,19 @@ class ConsoleWeb:
             if p.post_role is not None:
                 r.add_post(path, self.page(p.post_role, self._extension(p), post=True))
 
+    async def _one_at_a_time(self, kind: str,
+                             run: Callable[[], Awaitable[T]]) -> tuple[T | None, bool]:
+        """(result, False), or (None, True) when a plan of ``kind`` is already running in
+        this process: a plan reads every room (or the whole directory), and any viewer may
+        ask for one, so reloads or a script must not start them side by side."""
+        if kind in self._planning:
+            return None, True
+        self._planning.add(kind)
+        try:
+            return await run(), False
+        finally:
+            self._planning.discard(kind)
+
     # -- sign-in -----------------------------------------------------------------------
     async def root_redirect(self, request: web.Request) -> web.StreamResponse:
         return _redirect("/console/")
@@ -216,7 +245,7 @@ class ConsoleWeb:
     def _next(value: str | None) -> str:
         # only a path of the console itself: no open redirect
         if value and value.startswith("/console/") and "//" not in value \
-                and "\\" not in value:
+                and "\\" not in value and all(32 < ord(c) < 127 for c in value):
             return value
         return "/console/"
 
@@ -241,17 +270,31 @@ class ConsoleWeb:
                 request, status=403,
                 message="the sign-in form expired or did not come from this console; "
                         "please sign in again")
+        bad = _control_chars(form)
+        if bad:  # NUL in a name would fail the audit record's write (PostgreSQL)
+            return await self.login_form(
+                request, status=400, message=f"{bad}: control characters are not allowed")
         got = await self.auth.sign_in_password(str(form.get("username", "")),
                                                str(form.get("password", "")),
                                                self.remote(request))
         if not got.ok or got.raw_id is None:
             return await self.login_form(request, message=got.message, status=403)
+        # the session this browser had before (if any) ends: a sign-in never keeps or
+        # promotes an id the browser arrived with
+        await self.auth.forget(request.cookies.get(COOKIE))
         resp = _redirect(self._next(str(form.get("next", ""))))
         self._set_cookie(resp, COOKIE, got.raw_id)
         resp.del_cookie(LOGIN_COOKIE, path="/console")
         return resp
 
     async def sso_start(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        if not csrf_ok(request.cookies.get(LOGIN_COOKIE, ""),
+                       str(form.get("login_csrf", "")) or None):
+            return await self.login_form(
+                request, status=403,
+                message="the sign-in form expired or did not come from this console; "
+                        "please sign in again")
         # a nonce bound to this browser: a login token someone else obtained cannot sign
         # this browser in (login CSRF)
         nonce = pysecrets.token_urlsafe(24)
@@ -261,21 +304,26 @@ class ConsoleWeb:
             + urlencode({"redirectUrl": callback}))
         # Lax: the homeserver's redirect back is a cross-site navigation
         self._set_cookie(resp, SSO_COOKIE, nonce, samesite="Lax", max_age=600)
+        resp.del_cookie(LOGIN_COOKIE, path="/console")
         return resp
 
     async def sso_callback(self, request: web.Request) -> web.StreamResponse:
         state = request.query.get("state", "")
         nonce = request.cookies.get(SSO_COOKIE, "")
         if not csrf_ok(nonce, state):
-            return await self.login_form(
+            resp = await self.login_form(
                 request, message="single sign-on answer not started by this browser",
                 status=403)
-        got = await self.auth.sign_in_token(request.query.get("loginToken", ""),
-                                            self.remote(request))
-        if not got.ok or got.raw_id is None:
-            return await self.login_form(request, message=got.message, status=403)
-        resp = _redirect("/console/")
-        self._set_cookie(resp, COOKIE, got.raw_id)
+        else:
+            got = await self.auth.sign_in_token(request.query.get("loginToken", ""),
+                                                self.remote(request))
+            if not got.ok or got.raw_id is None:
+                resp = await self.login_form(request, message=got.message, status=403)
+            else:
+                await self.auth.forget(request.cookies.get(COOKIE))
+                resp = _redirect("/console/")
+                self._set_cookie(resp, COOKIE, got.raw_id)
+        # the nonce answers one callback only, whatever came of it
         resp.del_cookie(SSO_COOKIE, path="/console")
         return resp
 
@@ -320,8 +368,8 @@ class ConsoleWeb:
         # the keyset of the last row shown: "<ts>.<id>"
         before_ts = before_id = None
         ts_text, _, id_text = (q.get("before") or "").partition(".")
-        if ts_text.isdigit() and id_text.isdigit():
-            before_ts, before_id = int(ts_text), int(id_text)
+        if _int64(ts_text) is not None and _int64(id_text) is not None:
+            before_ts, before_id = _int64(ts_text), _int64(id_text)
         return AuditSearch(since_ms=when("since"), until_ms=when("until"),
                            user_id=text("user"), room_id=text("room"), rule_id=text("rule"),
                            outcome=text("outcome"), actor=text("actor"),
@@ -331,6 +379,7 @@ class ConsoleWeb:
         q = request.query
         search, problems = self._search(q, limit=100)
         rows = [] if problems else await self.audit.audit_page(search)
+        rows = _for_role(rows, signed)
         keep = {k: q.get(k, "") for k in ("since", "until", "user", "room", "rule",
                                           "outcome", "actor")}
         more = None
@@ -360,7 +409,7 @@ class ConsoleWeb:
         total = 0
         while True:
             rows = await self.audit.audit_page(search)
-            for r in rows:
+            for r in _for_role(rows, signed):
                 writer.writerow([csv_cell(readable_utc(r["ts"]) if c == "ts" else r[c])
                                  for c in AUDIT_COLUMNS])
             total += len(rows)
@@ -417,14 +466,17 @@ class ConsoleWeb:
     # -- separation --------------------------------------------------------------------
     async def separation_page(self, request: web.Request,
                               signed: Signed) -> web.StreamResponse:
-        result, error = None, ""
+        result, error, busy = None, "", False
         if self.separation is not None and request.query.get("plan"):
+            separation = self.separation
             try:
-                result = await self.separation.reconcile(apply=False)
+                result, busy = await self._one_at_a_time(
+                    "separation", lambda: separation.reconcile(apply=False))
             except RuntimeError as e:
                 error = str(e)
         return self.render("separation.html", signed, result=result, error=error,
-                           applied=False, enabled=self.separation is not None)
+                           applied=False, enabled=self.separation is not None, busy=busy,
+                           status=429 if busy else 200)
 
     async def separation_apply(self, request: web.Request,
                                signed: Signed) -> web.StreamResponse:
@@ -445,19 +497,22 @@ class ConsoleWeb:
             reason=error or (f"{result.applied} applied, {len(result.failed)} failed"
                              if result else ""))
         return self.render("separation.html", signed, result=result, error=error,
-                           applied=True, enabled=True)
+                           applied=True, enabled=True, busy=False)
 
     # -- directory ---------------------------------------------------------------------
     async def directory_page(self, request: web.Request,
                              signed: Signed) -> web.StreamResponse:
-        result, refused = None, None
+        result, refused, busy = None, None, False
         if self.directory is not None and request.query.get("plan"):
+            directory = self.directory
             try:
-                result = await self.directory.run(apply=False)
+                result, busy = await self._one_at_a_time(
+                    "directory", lambda: directory.run(apply=False))
             except SyncRefused as e:
                 refused = e.problems
         return self.render("directory.html", signed, result=result, refused=refused,
-                           applied=False, enabled=self.directory is not None)
+                           applied=False, enabled=self.directory is not None, busy=busy,
+                           status=429 if busy else 200)
 
     async def directory_apply(self, request: web.Request,
                               signed: Signed) -> web.StreamResponse:
@@ -481,7 +536,7 @@ class ConsoleWeb:
         await self.auth.record(signed, "console.directory_apply", outcome,
                                rule_id="directory.sync", reason=reason)
         return self.render("directory.html", signed, result=result, refused=refused,
-                           applied=True, enabled=True,
+                           applied=True, enabled=True, busy=False,
                            status=409 if refused is not None else 200)
 
     # -- legal holds -------------------------------------------------------------------
@@ -570,15 +625,20 @@ class ConsoleWeb:
     async def retention_page(self, request: web.Request,
                              signed: Signed) -> web.StreamResponse:
         room = request.query.get("room", "").strip()
-        run, error = None, ""
+        run, error, busy = None, "", False
         if self.retention is not None and room:
+            retention = self.retention
             try:
-                run = await self.retention.run(apply=False, rooms=[room], visibility=False)
+                run, busy = await self._one_at_a_time("retention", lambda: retention.run(
+                    apply=False, rooms=[room], visibility=False))
             except RuntimeError as e:
                 error = str(e)
-        known = await self.retention_rooms.retention_rooms() if self.retention else []
+        # the page lists 500 (the store reads no more: a page load costs the same with
+        # 100,000 rooms)
+        known = await self.retention_rooms.retention_rooms(500) if self.retention else []
         return self.render("retention.html", signed, room=room, run=run, error=error,
-                           known=known[:500], enabled=self.retention is not None)
+                           known=known, enabled=self.retention is not None, busy=busy,
+                           status=429 if busy else 200)
 
     # -- inbox -------------------------------------------------------------------------
     async def inbox_page(self, request: web.Request, signed: Signed, *,
@@ -592,7 +652,12 @@ class ConsoleWeb:
     async def requeue(self, request: web.Request, signed: Signed) -> web.StreamResponse:
         form = await request.post()
         raw = [str(v) for v in form.getall("seq", [])]
-        seqs = [int(v) for v in raw if v.isdigit()]
+        seqs = [n for n in map(_int64, raw) if n is not None]
+        if len(seqs) > 200:  # the page lists 200: a bigger form is not from it
+            await self.auth.record(signed, "console.inbox_requeue", "refused",
+                                   reason=f"{len(seqs)} events chosen (at most 200)")
+            return await self.inbox_page(request, signed,
+                                         message="choose at most 200 events at a time")
         if not seqs:
             await self.auth.record(signed, "console.inbox_requeue", "refused",
                                    reason="no event chosen")
@@ -620,13 +685,46 @@ class ConsoleWeb:
                                        reason=f"POST {p.title}", detail=view.detail)
             if view.csv is not None:
                 name, text = view.csv
+                # the file name may carry an id from the query: only plain characters
+                safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_"
+                               for c in name) or "download.csv"
                 return web.Response(text=text, content_type="text/csv", headers={
-                    "Content-Disposition": f'attachment; filename="{name}"',
-                    "Cache-Control": "no-store"})
+                    "Content-Disposition": f'attachment; filename="{safe}"',
+                    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
             return self.render("extension.html", signed, title=p.title,
                                body=jinja2.utils.markupsafe.Markup(view.body_html))
 
         return handle
+
+
+def _int64(text: str) -> int | None:
+    """A whole number the store's 64-bit integer columns hold, or None: ASCII digits only
+    (``"²".isdigit()`` is true, and ``int("²")`` raises)."""
+    if not 0 < len(text) <= 19 or not text.isascii() or not text.isdigit():
+        return None
+    n = int(text)
+    return n if n <= INT64_MAX else None
+
+
+def _control_chars(*sources: Any) -> str | None:
+    """The name of the first query or form field holding NUL or another control character
+    (tab and line breaks allowed: the hold form's lists are one per line), else None."""
+    for source in sources:
+        for k, v in source.items():
+            if isinstance(v, str) and any(
+                    (ord(c) < 32 and c not in "\t\r\n") or ord(c) == 127 for c in v):
+                return str(k)
+    return None
+
+
+def _for_role(rows: list[dict[str, Any]], signed: Signed) -> list[dict[str, Any]]:
+    """Audit rows as ``signed`` may see them: the reason and detail of a legal hold's
+    record (its case, people and rooms) only for the legal role, as the holds page."""
+    if signed.access.has("legal"):
+        return rows
+    return [{**r, "reason": LEGAL_ONLY, "detail": LEGAL_ONLY}
+            if r.get("kind") in HOLD_KINDS or r.get("rule_id") == HOLD_RULE else r
+            for r in rows]
 
 
 def _redirect(location: str) -> web.Response:

@@ -46,12 +46,18 @@ def readable_utc(ms: int | None, missing: str = "") -> str:
     return utc_datetime(ms).strftime("%Y-%m-%d %H:%M:%S") if _is_ms(ms) else missing  # type: ignore[arg-type]
 
 
+# 0001-01-01T00:00:00Z, the earliest time a datetime (and so an ISO date) can name
+MIN_WHEN_MS = -62_135_596_800_000
+
+
 def parse_when_ms(value: str, now_ms: int) -> int | None:
     """``'90m'``, ``'24h'``, ``'7d'`` (that long before ``now_ms``) or an ISO date/time (UTC
     if it names no zone) -> epoch ms; None when it is neither."""
     ago_ms = parse_ago_ms(value)
     if ago_ms is not None:
-        return now_ms - ago_ms
+        # "99999999999999d": before year 1 is no time (and would overflow a 64-bit column)
+        got = now_ms - ago_ms
+        return got if got >= MIN_WHEN_MS else None
     try:
         t = datetime.fromisoformat(value.strip())
     except ValueError:

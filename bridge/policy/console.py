@@ -9,6 +9,7 @@ each time: a person deactivated or moved out of a listed group loses access at o
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,36 @@ def decide_login_throttle(failures: Iterable[int], now_ms: int, *, window_ms: in
     times, ms) within ``window_ms`` before ``now_ms``."""
     recent = sum(1 for t in failures if now_ms - t < window_ms)
     return recent < limit
+
+
+def decide_client_address(peer: str | None, forwarded_for: str | None,
+                          trusted: Sequence[str]) -> str:
+    """The address a request came from: the peer's, or, when the peer is one of the
+    ``trusted`` proxies (addresses or CIDR networks), the last ``X-Forwarded-For`` entry
+    not itself a trusted proxy (entries before it are whatever the client wrote). Behind
+    a proxy without this every sign-in shares the proxy's address, so a few failures
+    would refuse everyone's sign-in."""
+    nets = [ipaddress.ip_network(t, strict=False) for t in trusted]
+
+    def is_trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr.strip())
+        except ValueError:
+            return False
+        return any(ip in n for n in nets)
+
+    if not peer:
+        return "?"
+    if not nets or not is_trusted(peer) or not forwarded_for:
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # not an address: the proxy did not write it
+    return hops[0] if hops else peer
 
 
 def keep_recent(failures: Sequence[int], now_ms: int, window_ms: int) -> list[int]:

@@ -369,8 +369,8 @@ class RetentionRoomStore(Protocol):
     async def retention_room_put(self, room: RetentionRoom) -> None:
         """Insert or replace the room's retention state."""
 
-    async def retention_rooms(self) -> list[RetentionRoom]:
-        """Every room's retention state, by room id."""
+    async def retention_rooms(self, limit: int | None = None) -> list[RetentionRoom]:
+        """Every room's retention state, by room id (the first ``limit`` when given)."""
 
 
 @runtime_checkable

@@ -33,7 +33,10 @@ class SQLRetentionRoomStore:
             (r.room_id, r.room_class, r.override_ms, r.override_by, r.purged_up_to,
              r.last_purge_at, r.notice_event_id, r.state_set_at, r.updated_at), False)])
 
-    async def retention_rooms(self) -> list[RetentionRoom]:
-        rows = await self.db.fetch(
-            f"SELECT {self._RROOM_COLS} FROM retention_rooms ORDER BY room_id")
+    async def retention_rooms(self, limit: int | None = None) -> list[RetentionRoom]:
+        sql = f"SELECT {self._RROOM_COLS} FROM retention_rooms ORDER BY room_id"
+        if limit is not None:
+            rows = await self.db.fetch(sql + " LIMIT ?", limit)
+        else:
+            rows = await self.db.fetch(sql)
         return [RetentionRoom(*tuple(r)) for r in rows]

@@ -111,7 +111,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "id": "security-notice", "title": "Security notice",
                 "body": "Hello {first_name}, please read the security notice.",
                 "audience": {"department": ["Ops"]}, "require_ack": True}]}}
-        cfg["console"] = {"enabled": True, "groups": GROUPS, "idle_timeout_minutes": 30}
+        # every browser here is 127.0.0.1: the refused sign-ins of this test (and the
+        # attempts while the people are provisioned) would reach the per-address limit
+        cfg["console"] = {"enabled": True, "groups": GROUPS, "idle_timeout_minutes": 30,
+                          "max_failed_logins": 100}
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         enclave = EnclaveProcess(config, stack.as_port)
         e = Env(stack, enclave, base)
@@ -163,7 +166,7 @@ async def sign_in(browser: Any, env: Env, name: str, password: str | None = None
     assert "/console/login" in page.url  # not signed in: the sign-in page
     await page.fill("#username", name)
     await page.fill("#password", password or f"pw-{name}")
-    await page.click("button[type=submit]")
+    await page.click("form[action='/console/login'] button[type=submit]")
     await page.wait_for_load_state("load")
     return page
 
@@ -287,6 +290,14 @@ async def test_console_in_a_browser(env: Env, browser: Any) -> None:
     await shot(lena, "13-audit-by-actor")
     csv = await lena.request.get(f"/console/audit.csv?actor={env.uid('lena')}")
     assert csv.status == 200 and "hold_release" in await csv.text()
+    assert "CASE-19" in await csv.text()
+    # a viewer finds the records but not the case, people or reason (legal data)
+    await vic.goto(f"/console/audit?actor={env.uid('lena')}&since=1h")
+    rows = await vic.inner_text("#audit-rows")
+    assert "hold_add" in rows and "(legal role only)" in rows
+    assert "CASE-19" not in rows and "litigation" not in rows
+    csv = await vic.request.get(f"/console/audit.csv?actor={env.uid('lena')}")
+    assert csv.status == 200 and "CASE-19" not in await csv.text()
 
     # -- operator: an announcement sent from the console (an extension's page), acknowledged
     otto = await sign_in(browser, env, "otto")
@@ -404,7 +415,11 @@ async def test_single_sign_on_callback(env: Env, browser: Any) -> None:
     # the browser that started it: /console/sso sets its nonce and sends it to the homeserver
     ctx = await browser.new_context(base_url=env.url)
     ctx.set_default_timeout(60_000)
-    start = await ctx.request.get("/console/sso", max_redirects=0)
+    # a GET cannot start it (another site's link), nor a POST without the form's token
+    assert (await ctx.request.get("/console/sso", max_redirects=0)).status == 405
+    assert (await ctx.request.post("/console/sso", max_redirects=0,
+                                   form={"login_csrf": "guess"})).status == 403
+    start = await _sso_start(ctx)
     assert start.status == 303
     location = start.headers["location"]
     assert location.startswith(env.stack.synapse.base_url +
@@ -419,14 +434,39 @@ async def test_single_sign_on_callback(env: Env, browser: Any) -> None:
     assert any(a[:3] == ("console.sign_in", "applied", env.uid("otto")) for a in env.audit())
     # a login token works once
     again = await browser.new_context(base_url=env.url)
-    r = await again.request.get("/console/sso", max_redirects=0)
+    r = await _sso_start(again)
     loc = urllib.parse.parse_qs(urllib.parse.urlsplit(r.headers["location"]).query)
     state2 = urllib.parse.parse_qs(urllib.parse.urlsplit(loc["redirectUrl"][0]).query)["state"][0]
     p2 = await again.new_page()
     resp = await p2.goto(f"/console/sso/callback?state={state2}&loginToken={login_token}")
     assert resp is not None and resp.status == 403
+    # signing in again in the same browser: a new session id, the old one is gone (a
+    # cookie someone planted or copied before a sign-in opens nothing after it)
+    old = next(c["value"] for c in await ctx.cookies() if c["name"] == "enclave_console")
+    await page.goto("/console/login")
+    await page.fill("#username", "otto")
+    await page.fill("#password", "pw-otto")
+    await page.click("form[action='/console/login'] button[type=submit]")
+    await page.wait_for_load_state("load")
+    assert page.url.endswith("/console/"), await page.inner_text("main")
+    new = next(c["value"] for c in await ctx.cookies() if c["name"] == "enclave_console")
+    assert new != old
+    planted = await browser.new_context(base_url=env.url)
+    await planted.add_cookies([{"name": "enclave_console", "value": old, "url": env.url}])
+    p3 = await planted.new_page()
+    await p3.goto("/console/")
+    assert "/console/login" in p3.url
+    await planted.close()
     await ctx.close()
     await again.close()
+
+
+async def _sso_start(ctx: Any) -> Any:
+    """Start single sign-on as the sign-in page's button does: a POST with its token."""
+    html = await (await ctx.request.get("/console/login")).text()
+    token = html.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
+    return await ctx.request.post("/console/sso", form={"login_csrf": token},
+                                  max_redirects=0)
 
 
 async def _async(value: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bridge.model.people import StaffRecord
 from bridge.store import AuditRecord
-from bridge.store.base import AuditSearch, ConsoleSession
+from bridge.store.base import AuditSearch, ConsoleSession, RetentionRoom
 
 from .conftest import MakeStore
 
@@ -65,3 +65,14 @@ async def test_directory_person(make_store: MakeStore) -> None:
     await stores.directory.replace_directory_view([rec])
     assert await stores.directory.directory_person("@ann:corp.test") == rec
     assert await stores.directory.directory_person("@bob:corp.test") is None
+
+
+async def test_retention_rooms_first_n(make_store: MakeStore) -> None:
+    """The console's retention page reads at most the rooms it lists."""
+    stores = await make_store()
+    for i in range(5):
+        await stores.retention_rooms.retention_room_put(RetentionRoom(
+            f"!r{i}:corp.test", "internal", None, None, None, None, None, None, 1000))
+    assert len(await stores.retention_rooms.retention_rooms()) == 5
+    assert [r.room_id for r in await stores.retention_rooms.retention_rooms(2)] == [
+        "!r0:corp.test", "!r1:corp.test"]

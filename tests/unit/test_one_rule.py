@@ -67,6 +67,16 @@ def test_bots_call_client_methods_not_raw_requests() -> None:
     assert found == []
 
 
+def test_every_csv_writer_guards_its_cells() -> None:
+    """A module that writes CSV passes its cells through kernel.spreadsheet.csv_cell (the
+    bots' console page once wrote the announcement report's rows unguarded beside the
+    report's own guarded writer)."""
+    writer = re.compile(r'csv\.(writer|DictWriter)\(')
+    found = [str(p.relative_to(ROOT)) for p in SOURCES
+             if writer.search(text := p.read_text()) and "csv_cell(" not in text]
+    assert found == []
+
+
 @pytest.mark.parametrize(("what", "pattern", "allowed"), COPIES, ids=[c[0] for c in COPIES])
 def test_rule_written_once(what: str, pattern: str, allowed: set[str]) -> None:
     rx = re.compile(pattern)

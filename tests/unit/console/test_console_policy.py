@@ -9,6 +9,7 @@ from bridge.model.people import StaffRecord
 from bridge.policy.console import (
     SessionState,
     csrf_ok,
+    decide_client_address,
     decide_console_access,
     decide_login_throttle,
     decide_session_alive,
@@ -84,3 +85,24 @@ def test_login_throttle() -> None:
     # the window moves on: old failures stop counting
     assert decide_login_throttle([*fails, 4 * MIN], 16 * MIN, window_ms=window, limit=5)
     assert keep_recent([*fails, 4 * MIN], 16 * MIN, window) == [2 * MIN, 3 * MIN, 4 * MIN]
+
+
+@pytest.mark.parametrize(("peer", "xff", "trusted", "client"), [
+    # no proxy configured: the peer, whatever the header claims
+    ("203.0.113.9", "198.51.100.1", [], "203.0.113.9"),
+    # behind the proxy: the address the proxy saw (the last entry it appended)
+    ("127.0.0.1", "198.51.100.7", ["127.0.0.1"], "198.51.100.7"),
+    ("10.0.0.2", "1.2.3.4, 198.51.100.7", ["10.0.0.0/8"], "198.51.100.7"),
+    # two proxies: skip both
+    ("10.0.0.2", "198.51.100.7, 10.0.0.3", ["10.0.0.0/8"], "198.51.100.7"),
+    # a client cannot pick its address by writing the header to a peer not trusted
+    ("198.51.100.66", "127.0.0.1", ["127.0.0.1"], "198.51.100.66"),
+    # the proxy wrote none, or garbage
+    ("127.0.0.1", None, ["127.0.0.1"], "127.0.0.1"),
+    ("127.0.0.1", "not-an-address", ["127.0.0.1"], "127.0.0.1"),
+    ("::1", "2001:db8::5", ["::1"], "2001:db8::5"),
+    (None, None, [], "?"),
+])
+def test_client_address_behind_trusted_proxies(peer: str | None, xff: str | None,
+                                               trusted: list[str], client: str) -> None:
+    assert decide_client_address(peer, xff, trusted) == client
