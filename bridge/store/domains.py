@@ -358,8 +358,9 @@ class ArchiveIndexStore(Protocol):
         entries, in entry order."""
 
     async def archive_staged_rooms(self) -> list[tuple[str, int, int, int]]:
-        """(room, staged bytes, oldest staged at, staged entries) of every room with
-        staged entries, by room id."""
+        """(room, staged size, oldest staged at, staged entries) of every room with staged
+        entries, by room id; the size counts the characters of the segment bytes (UTF-8
+        text: bytes for ASCII)."""
 
     async def archive_unstage(self, room_id: str, up_to: int) -> int:
         """Delete the room's staged entries numbered up to ``up_to`` (they are sealed);

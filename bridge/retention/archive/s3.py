@@ -586,52 +586,57 @@ class S3Archive(ArchiveWriter):
         the rows it covers are deleted. A part is named by what the chain fixes (its
         offset and length, or its one entry's sha256), so every sealer writes the same
         bytes under a name."""
+        sealed = 0
         async with self._lock(room_id):
-            rows = await self.store.archive_staged(room_id)
-            if not rows:
-                self._staged_bytes.pop(room_id, None)
-                return 0
-            first = rows[0][0]
-            entries = [orjson.loads(r[1]) for r in rows]
-            if [e.get("n") for e in entries] != list(range(first, first + len(rows))):
-                raise ArchiveCorrupt(f"archive of {room_id}: the staged entries from "
-                                     f"{first} on are not contiguous")
-            key = manifest_key(self.prefix, room_id, first)
-            try:
-                existing = await self._get(key)
-                if existing is None:
-                    lock = await self._lock_args(room_id)
-                    data = {e["n"]: r[2].encode() for e, r in zip(entries, rows, strict=True)}
-                    by_part: list[tuple[str, bytes]] = []
-                    for seg, off, length, part in object_parts(self.prefix, room_id, entries):
-                        blob = b"".join(data[e["n"]] for e in entries
-                                        if e["op"] == "append" and e["segment"] == seg
-                                        and off <= e["offset"] < off + length)
-                        if len(blob) != length:
-                            raise ArchiveCorrupt(f"archive of {room_id}: staged bytes of "
-                                                 f"{seg} at {off} are not {length} bytes")
-                        by_part.append((part, blob))
-                    await asyncio.gather(*(self._put_new(k, b, lock) for k, b in by_part))
-                    body = b"".join(r[1].encode() + b"\n" for r in rows)
-                    if not await self._put_new(key, body, lock):
-                        existing = await self._get(key)
-            except ArchiveCorrupt:
-                raise
-            except Exception as e:
-                raise ArchiveWriteError(f"archive seal of {room_id} failed: {e}") from e
-            upto = rows[-1][0]
-            if existing is not None:
-                m = parse_manifest(existing, room_id, first=first, prev=entries[0]["prev"])
-                same = [a["hash"] == b["hash"] for a, b in zip(m.entries, entries,
-                                                               strict=False)]
-                if m.problem is not None or m.partial_tail or not m.entries or not all(same):
-                    raise ArchiveCorrupt(
-                        f"archive of {room_id}: manifest object {key} is not the staged "
-                        "entries it should hold; staged rows kept")
-                upto = m.entries[-1]["n"]
-            await self.store.archive_unstage(room_id, upto)
-            self._staged_bytes.pop(room_id, None)
-            return upto - first + 1
+            while True:
+                rows = await self.store.archive_staged(room_id)
+                if not rows:
+                    self._staged_bytes.pop(room_id, None)
+                    return sealed
+                sealed += await self._seal_rows(room_id, rows)
+
+    async def _seal_rows(self, room_id: str, rows: list[tuple[int, str, str, int]]) -> int:
+        """Seal staged rows from the first on (one manifest object); the rows it covers."""
+        first = rows[0][0]
+        entries = [orjson.loads(r[1]) for r in rows]
+        if [e.get("n") for e in entries] != list(range(first, first + len(rows))):
+            raise ArchiveCorrupt(f"archive of {room_id}: the staged entries from "
+                                 f"{first} on are not contiguous")
+        key = manifest_key(self.prefix, room_id, first)
+        try:
+            existing = await self._get(key)
+            if existing is None:
+                lock = await self._lock_args(room_id)
+                data = {e["n"]: r[2].encode() for e, r in zip(entries, rows, strict=True)}
+                by_part: list[tuple[str, bytes]] = []
+                for seg, off, length, part in object_parts(self.prefix, room_id, entries):
+                    blob = b"".join(data[e["n"]] for e in entries
+                                    if e["op"] == "append" and e["segment"] == seg
+                                    and off <= e["offset"] < off + length)
+                    if len(blob) != length:
+                        raise ArchiveCorrupt(f"archive of {room_id}: staged bytes of "
+                                             f"{seg} at {off} are not {length} bytes")
+                    by_part.append((part, blob))
+                await asyncio.gather(*(self._put_new(k, b, lock) for k, b in by_part))
+                body = b"".join(r[1].encode() + b"\n" for r in rows)
+                if not await self._put_new(key, body, lock):
+                    existing = await self._get(key)
+        except ArchiveCorrupt:
+            raise
+        except Exception as e:
+            raise ArchiveWriteError(f"archive seal of {room_id} failed: {e}") from e
+        upto = rows[-1][0]
+        if existing is not None:
+            # another sealer's object, or this seal's from a run killed before the delete
+            m = parse_manifest(existing, room_id, first=first, prev=entries[0]["prev"])
+            same = [a["hash"] == b["hash"] for a, b in zip(m.entries, entries, strict=False)]
+            if m.problem is not None or m.partial_tail or not m.entries or not all(same):
+                raise ArchiveCorrupt(
+                    f"archive of {room_id}: manifest object {key} is not the staged "
+                    "entries it should hold; staged rows kept")
+            upto = m.entries[-1]["n"]
+        await self.store.archive_unstage(room_id, upto)
+        return upto - first + 1
 
     async def seal(self, *, everything: bool = True) -> int:
         """Seal every room with staged entries (``everything``), or those due: staged
