@@ -653,9 +653,12 @@ class S3Archive(ArchiveWriter):
             async with sem:
                 return await self.seal_room(room)
 
+        if everything:
+            self._dirty = False  # an append meanwhile sets it again
         got = await asyncio.gather(*(one(r) for r in due), return_exceptions=True)
         for g in got:
             if isinstance(g, BaseException):
+                self._dirty = self._dirty or everything
                 raise g
         return sum(g for g in got if isinstance(g, int))
 
