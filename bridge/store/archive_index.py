@@ -222,7 +222,8 @@ class SQLArchiveIndexStore:
                             events: Sequence[ArchivedEvent], head: ArchiveHead, *,
                             prev_entries: int, prev_head: str, staged_at: int,
                             media: Sequence[ArchivedMedia] = (),
-                            drop_segment: str | None = None) -> int:
+                            drop_segment: str | None = None,
+                            absent: Sequence[str] = ()) -> int:
         # compare-and-set on the head: exactly one writer moves it from a given entry, so
         # two replicas staging the same entry number cannot both commit (no fork); a new
         # room (prev 0) inserts its row, a second insert finds it and matches nothing
@@ -231,18 +232,23 @@ class SQLArchiveIndexStore:
             " ON CONFLICT (room_id) DO UPDATE SET entries = excluded.entries,"
             " head = excluded.head, segment = excluded.segment,"
             " segment_bytes = excluded.segment_bytes, updated_at = excluded.updated_at"
-            " WHERE archive_heads.entries = ? AND archive_heads.head = ?",
+            " WHERE archive_heads.entries = ? AND archive_heads.head = ?"
+            # the events must not be indexed yet (spares the writer a query before it)
+            + (" AND NOT EXISTS (SELECT 1 FROM archive_events WHERE event_id IN ("
+               + ", ".join("?" * len(absent)) + "))" if absent else ""),
             (head.room_id, head.entries, head.head, head.segment, head.segment_bytes,
-             head.updated_at, prev_entries, prev_head), False)
+             head.updated_at, prev_entries, prev_head, *absent), False)
         steps: list[Step] = [cas]
         if drop_segment is not None:
             steps.append(("DELETE FROM archive_events WHERE room_id = ? AND segment = ?",
                           (room_id, drop_segment), False))
-        if staged:
+        for i in range(0, len(staged), self._CHUNK):  # multi-row: one statement, not many
+            chunk = staged[i:i + self._CHUNK]
             steps.append((
                 "INSERT INTO archive_staged (room_id, entry_index, entry, data, staged_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(room_id, n, entry, data, staged_at) for n, entry, data in staged], True))
+                " VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                [v for n, entry, data in chunk for v in (room_id, n, entry, data, staged_at)],
+                False))
         first_event = len(steps)
         width = len(self._AEV_COLS.split(","))
         for i in range(0, len(events), self._CHUNK):
@@ -263,7 +269,7 @@ class SQLArchiveIndexStore:
         counts = await self.db.batch(steps, require_first=True)
         if counts[0] == 0:
             raise ArchiveConflict(f"archive head of {room_id} is no longer at entry "
-                                  f"{prev_entries}")
+                                  f"{prev_entries}, or one of the events is indexed")
         return sum(counts[first_event:last_event])
 
     async def archive_staged(self, room_id: str) -> list[tuple[int, str, str, int]]:

@@ -346,12 +346,15 @@ class ArchiveIndexStore(Protocol):
                             events: Sequence[ArchivedEvent], head: ArchiveHead, *,
                             prev_entries: int, prev_head: str, staged_at: int,
                             media: Sequence[ArchivedMedia] = (),
-                            drop_segment: str | None = None) -> int:
+                            drop_segment: str | None = None,
+                            absent: Sequence[str] = ()) -> int:
         """Stage manifest entries ``(entry number, entry JSON, segment bytes)`` of a room
         with their index rows (and media rows, and the drop of a pruned segment's rows),
         moving the head from exactly (``prev_entries``, ``prev_head``) to ``head``, in one
         commit; returns the events inserted. Raises :class:`ArchiveConflict` (writing
-        nothing) when the stored head is not the expected one (another writer moved it)."""
+        nothing) when the stored head is not the expected one (another writer moved it),
+        or, past a room's first entry, when an event id in ``absent`` is already indexed
+        (at most 500 ids)."""
 
     async def archive_staged(self, room_id: str) -> list[tuple[int, str, str, int]]:
         """(entry number, entry JSON, segment bytes, staged at) of the room's staged

@@ -89,11 +89,17 @@ async def test_archive_stage_moves_the_head_by_compare_and_set(store: Stores) ->
                               prev_head="f" * 64, staged_at=NOW)
     assert await a.archive_known([aev(9).event_id]) == set()
     assert len(await a.archive_staged(R1)) == 2
+    # the right head, but an event that must be new is indexed already: refused
+    with pytest.raises(ArchiveConflict):
+        await a.archive_stage(R1, [staged(3)], [aev(9)], head(entries=3), prev_entries=2,
+                              prev_head=f"{2:064x}", staged_at=NOW,
+                              absent=[aev(9).event_id, aev(2).event_id])
+    assert (await a.archive_head(R1)) == head(entries=2)
     # the expected head: staged, with media rows and a pruned segment's rows dropped
     media = ArchivedMedia("mxc://x/m", "ab" * 32, 3, None, R1, None, None, NOW)
     assert await a.archive_stage(R1, [staged(3)], [], head(entries=3), prev_entries=2,
                                  prev_head=f"{2:064x}", staged_at=NOW + 5, media=[media],
-                                 drop_segment="seg-000001.jsonl") == 0
+                                 drop_segment="seg-000001.jsonl", absent=["$new"]) == 0
     assert await a.archive_media_get("mxc://x/m") == media
     assert await a.archive_rooms() == {}
     await a.archive_stage(R2, [staged(1, "xyz\n")], [aev(1, R2)], head(R2), prev_entries=0,

@@ -468,12 +468,13 @@ class S3Archive(ArchiveWriter):
     # -- writing: entries are staged in the store, then sealed into objects -----------------
     async def _stage(self, room_id: str, state: RoomState, entries: list[dict[str, Any]],
                      data: Sequence[bytes], events: Sequence[ArchivedEvent], at: int, *,
-                     media: Sequence[ArchivedMedia] = (),
-                     drop_segment: str | None = None) -> tuple[RoomState, int] | None:
+                     media: Sequence[ArchivedMedia] = (), drop_segment: str | None = None,
+                     absent: Sequence[str] = ()) -> tuple[RoomState, int] | None:
         """Commit ``entries`` (with the segment bytes of each) as staged, with their index
         rows and the new head, in one store transaction: the durable point of a write. The
         state after them and the events inserted; None when another writer moved the head
-        first (the cached state is dropped: the caller reads the room again and retries)."""
+        first, or one of the ``absent`` events is indexed (the cached state is dropped: the
+        caller reads the room again and retries)."""
         new = _copy(state)
         advance(new, entries)
         staged = [(e["n"], canonical(e).decode(), d.decode())
@@ -481,8 +482,12 @@ class S3Archive(ArchiveWriter):
         try:
             inserted = await self.store.archive_stage(
                 room_id, staged, events, self._head(room_id, new), prev_entries=state.entries,
-                prev_head=state.head, staged_at=at, media=media, drop_segment=drop_segment)
+                prev_head=state.head, staged_at=at, media=media, drop_segment=drop_segment,
+                absent=absent)
         except ArchiveConflict:
+            now = await self.store.archive_head(room_id)
+            if now is not None and (now.entries, now.head) == (state.entries, state.head):
+                return None  # the head is ours: events of the write were archived already
             log.debug("archive of %s: entry %d taken by another writer", room_id,
                       state.entries + 1)
             self._rooms.pop(room_id, None)
@@ -515,7 +520,11 @@ class S3Archive(ArchiveWriter):
                 await asyncio.sleep(random.uniform(0, 0.005 * lost))
             async with self._exclusive(room_id, fresh=False):
                 state = await self._room(room_id)
-                known = await self.store.archive_known(list(items)) if items else set()
+                # the live feed's events are new: the staging commit itself checks that
+                # (one query less); a new room, or a retry after a refusal, asks first
+                ask = lost > 0 or state.entries == 0 or len(items) > 500
+                known = await self.store.archive_known(list(items)) if items and ask \
+                    else set()
                 fresh = [v for k, v in items.items() if k not in known]
                 if not fresh:
                     return AppendResult(0, len(events))
@@ -535,7 +544,8 @@ class S3Archive(ArchiveWriter):
                 rows = [ArchivedEvent(f[0], room_id, f[1], f[2], f[3], f[4], c.segment,
                                       c.first_line + i, at)
                         for c in chunks for i, (f, _) in enumerate(c.events)]
-                if await self._stage(room_id, state, entries, blobs, rows, at) is None:
+                if await self._stage(room_id, state, entries, blobs, rows, at,
+                                     absent=() if ask else list(items)) is None:
                     lost += 1
                     continue  # another writer took the entry: read again, write after it
                 return AppendResult(len(rows), len(events) - len(rows))
