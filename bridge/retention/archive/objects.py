@@ -2,9 +2,9 @@
 listing means (the Object Lock decisions are :mod:`bridge.policy.archive_lock`).
 
 Objects are written once and never changed, so the append-only files of the local layout
-become one object per write::
+become one object per seal (a batch of staged entries; see :mod:`.s3`)::
 
-    <prefix>rooms/<room dir>/manifest/<first entry:012d>.jsonl   the manifest lines of one write
+    <prefix>rooms/<room dir>/manifest/<first entry:012d>.jsonl   the manifest lines of one seal
     <prefix>rooms/<room dir>/<segment>/<offset:012d>-<sha256>     one append's segment bytes
     <prefix>rooms/<room dir>/<segment>/<offset:012d>+<length:012d> the bytes of several appends
     <prefix>rooms/<room dir>/<segment>.prune                       a prune in progress
