@@ -399,7 +399,7 @@ async def test_sealer_killed_mid_seal_leaves_no_gap_and_no_double(
 
 
 async def test_two_writers_share_a_room_without_a_fork(
-        make_s3: MakeArchive, pg_dsn: str, tmp_path: Path) -> None:
+        make_s3: MakeArchive, pg_dsn: str, tmp_path: Path, s3: Any, bucket: str) -> None:
     conn = psycopg2.connect(pg_dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -407,13 +407,18 @@ async def test_two_writers_share_a_room_without_a_fork(
     conn.close()
     one, two = await open_pg(pg_dsn, tmp_path), await open_pg(pg_dsn, tmp_path)
     try:
-        a, b = await make_s3(on=one), await make_s3(on=two)
+        # both seal every 0.2 s while both append: seals and appends of the two interleave
+        a, b = await make_s3(on=one, seal_seconds=0.2), await make_s3(on=two, seal_seconds=0.2)
 
         async def feed(w: S3Archive, base: int) -> None:
             for i in range(15):
                 await w.append(ROOM, [ev(base + 2 * i), ev(base + 2 * i + 1)])
                 if i % 5 == 0:  # both also write the same events now and then
                     await w.append(ROOM, [ev(5000 + i)])
+                if i % 4 == 0:  # and read back what is there, sealed or staged
+                    rows = await one.archive.archive_query(room_id=ROOM, archive_order=True)
+                    assert [e["event_id"] for e in await w.read(rows)] == \
+                        [r.event_id for r in rows]
 
         await asyncio.gather(feed(a, 0), feed(b, 1000))
         rows = await one.archive.archive_query(room_id=ROOM, archive_order=True, limit=1000)
@@ -424,6 +429,8 @@ async def test_two_writers_share_a_room_without_a_fork(
         assert report.events == 63
         head = await one.archive.archive_head(ROOM)
         assert head is not None and head.entries == report.entries
+        # the sealers ran while the feeds appended (3 seals in a trial run)
+        assert any("/manifest/" in k for k in room_keys(s3, bucket, ROOM))
     finally:
         await one.database.close()
         await two.database.close()
