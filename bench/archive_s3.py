@@ -2,8 +2,8 @@
 a large room there.
 
     .venv/bin/python bench/archive_s3.py [--seconds 20] [--rooms 64] [--batch 1]
-        [--batches 1,10,100] [--verify-events 1000000] [--verify-batch 5000]
-        [--db sqlite|postgres] [--no-json]
+        [--batches 1,10,100] [--seal-seconds 30] [--verify-events 1000000]
+        [--verify-batch 5000] [--db sqlite|postgres] [--no-json]
 
 Issue 20: "archive throughput to S3 (events/s, target >= 2,000 on this machine) and
 `archive verify` of 1,000,000 entries on S3 (time, memory)." Prints figures and the
@@ -18,9 +18,12 @@ a keep of 1 day) with the store on SQLite (``--db postgres``: a fresh database o
 Throughput: ``--rooms`` rooms written concurrently for ``--seconds`` each round, every
 call ``archive.append(room, batch)`` with a batch of N events (~330 bytes each, a
 ``m.room.message`` as Synapse sends it). N = 1 is the live feed's shape (one event per
-call, rooms in parallel lanes); larger N the backfill/purge shape. Each call is 2 PUTs
-(the segment part, then the manifest object; sequential: the part must exist before an
-entry names it) and one store commit.
+call, rooms in parallel lanes); larger N the backfill/purge shape. Each call is one store
+commit (the entries staged with their index rows and head; no S3 request); the archive's
+sealer runs meanwhile (every ``--seal-seconds``, or when a room's staged bytes reach the
+8 MiB segment size) and writes each room's staged entries as one part + one manifest
+object. After each round the rest is sealed at once (as a shutdown does): that time is the
+seal figure (entries and events per second, PUTs).
 
 Verify: one room of ``--verify-events`` events archived in batches of ``--verify-batch``
 (8 MiB segments), then a new S3Archive (a fresh process's view) runs ``verify()``; the
@@ -90,7 +93,8 @@ async def open_store(kind: str, tmp: Path) -> tuple[Any, str | None, str]:
     return store, dbname, url
 
 
-def make_archive(server: SeaweedServer, bucket: str, store: Any) -> S3Archive:
+def make_archive(server: SeaweedServer, bucket: str, store: Any,
+                 seal_seconds: float | None = 30.0) -> S3Archive:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -107,7 +111,7 @@ def make_archive(server: SeaweedServer, bucket: str, store: Any) -> S3Archive:
         return []
 
     return S3Archive(client, bucket, store.archive, prefix="enclave/", keep_ms=keep,
-                     holds=holds, concurrency=32)
+                     holds=holds, concurrency=32, seal_seconds=seal_seconds)
 
 
 async def throughput(archive: S3Archive, rooms: int, batch: int, seconds: float) -> dict:
@@ -127,16 +131,27 @@ async def throughput(archive: S3Archive, rooms: int, batch: int, seconds: float)
 
     for r in names:  # first touch (a listing per room) outside the measured time
         await archive.append(r, [event(r, 10**9 + hash(r) % 10**6)])
+    await archive.seal()
     counter[0] = 0
     t0 = time.perf_counter()
     await asyncio.gather(*(lane(r) for r in names))
     elapsed = time.perf_counter() - t0
     latencies.sort()
+    staged = await archive.store.archive_staged_rooms()
+    left_entries = sum(n for *_, n in staged)
+    left_bytes = sum(b for _, b, _, _ in staged)
+    t1 = time.perf_counter()
+    sealed = await archive.seal()
+    seal_s = time.perf_counter() - t1
     return {"batch": batch, "rooms": rooms, "events": counter[0], "seconds": round(elapsed, 2),
             "events_per_s": round(counter[0] / elapsed, 1),
             "appends_per_s": round(len(latencies) / elapsed, 1),
             "append_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
-            "append_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1)}
+            "append_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1),
+            "seal_rooms": len(staged), "seal_entries": sealed, "seal_bytes": left_bytes,
+            "seal_seconds": round(seal_s, 2),
+            "seal_entries_per_s": round(left_entries / seal_s, 1) if seal_s else None,
+            "seal_mb_per_s": round(left_bytes / seal_s / 1e6, 2) if seal_s else None}
 
 
 async def verify_big(server: SeaweedServer, bucket: str, store: Any, db_url: str,
@@ -168,7 +183,7 @@ async def verify_child(endpoint: str, key: str, secret: str, bucket: str, db_url
     server = SeaweedServer.__new__(SeaweedServer)  # only its address and identity
     server.s3_port, server.access_key, server.secret_key = int(endpoint.rsplit(":", 1)[1]), \
         key, secret
-    reader = make_archive(server, bucket, store)
+    reader = make_archive(server, bucket, store, None)
     rss0 = maxrss_mb()
     t1 = time.perf_counter()
     report = await reader.verify(room)
@@ -191,6 +206,7 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rooms", type=int, default=64)
     ap.add_argument("--batches", default="1,10,100")
+    ap.add_argument("--seal-seconds", type=float, default=30)
     ap.add_argument("--verify-events", type=int, default=1_000_000)
     ap.add_argument("--verify-batch", type=int, default=5000)
     ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
@@ -206,13 +222,17 @@ async def main() -> None:
         s3 = server.client()
         bucket = "bench-archive"
         s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)  # type: ignore[attr-defined]
-        archive = make_archive(server, bucket, store)
+        archive = make_archive(server, bucket, store, args.seal_seconds)
+        out["seal_seconds"] = args.seal_seconds
         for b in (int(x) for x in args.batches.split(",") if x):
             r = await throughput(archive, args.rooms, b, args.seconds)
             out["throughput"].append(r)
             print(f"append batch={b:<4} rooms={args.rooms}: {r['events_per_s']:>8} events/s "
                   f"({r['appends_per_s']} appends/s, p50 {r['append_p50_ms']} ms, "
-                  f"p99 {r['append_p99_ms']} ms)", flush=True)
+                  f"p99 {r['append_p99_ms']} ms); then sealed {r['seal_entries']} entries "
+                  f"of {r['seal_rooms']} rooms ({r['seal_bytes'] / 1e6:.1f} MB) in "
+                  f"{r['seal_seconds']} s: {r['seal_entries_per_s']} entries/s, "
+                  f"{r['seal_mb_per_s']} MB/s", flush=True)
         await archive.aclose()
         if args.verify_events:
             v = await verify_big(server, bucket, store, db_url, tmp, args.verify_events,

@@ -372,7 +372,8 @@ class Root:
         return S3Archive(client, s3.bucket, self.stores.archive, prefix=s3.prefix,
                          lock_mode=s3.lock_mode, keep_ms=keep_ms, holds=holds,
                          segment_max_bytes=rcfg.archive.segment_max_bytes,
-                         concurrency=s3.concurrency, clock_ms=self.clock_ms)
+                         concurrency=s3.concurrency, seal_seconds=s3.seal_seconds,
+                         clock_ms=self.clock_ms)
 
     async def _classify(self, room_id: str) -> str | None:
         # built after retention (separation asks retention for its creation state): the

@@ -164,6 +164,9 @@ class ArchiveS3Config(StrictModel):
     secret_access_key: SecretRef | None = None
     lock_mode: Literal["compliance", "governance"] = "compliance"
     concurrency: int = Field(16, ge=1, le=256, description="requests in flight per write")
+    seal_seconds: float = Field(30.0, gt=0, le=86400,
+                                description="staged entries are written as objects at "
+                                            "the latest this long after their append")
 
     @model_validator(mode="after")
     def _key_pair(self) -> ArchiveS3Config:

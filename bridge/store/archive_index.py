@@ -217,3 +217,75 @@ class SQLArchiveIndexStore:
                 "UPDATE archive_media SET deleted_at = ? WHERE mxc = ? AND deleted_at IS NULL",
                 [(now_ms, m) for m in mxcs], True)])
 
+    # -- staged entries of an object-store archive (sealed later) ----------------------------
+    async def archive_stage(self, room_id: str, staged: Sequence[tuple[int, str, str]],
+                            events: Sequence[ArchivedEvent], head: ArchiveHead, *,
+                            prev_entries: int, prev_head: str, staged_at: int,
+                            media: Sequence[ArchivedMedia] = (),
+                            drop_segment: str | None = None,
+                            absent: Sequence[str] = ()) -> int:
+        # compare-and-set on the head: exactly one writer moves it from a given entry, so
+        # two replicas staging the same entry number cannot both commit (no fork); a new
+        # room (prev 0) inserts its row, a second insert finds it and matches nothing
+        cas: Step = (
+            f"INSERT INTO archive_heads ({self._HEAD_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (room_id) DO UPDATE SET entries = excluded.entries,"
+            " head = excluded.head, segment = excluded.segment,"
+            " segment_bytes = excluded.segment_bytes, updated_at = excluded.updated_at"
+            " WHERE archive_heads.entries = ? AND archive_heads.head = ?"
+            # the events must not be indexed yet (spares the writer a query before it)
+            + (" AND NOT EXISTS (SELECT 1 FROM archive_events WHERE event_id IN ("
+               + ", ".join("?" * len(absent)) + "))" if absent else ""),
+            (head.room_id, head.entries, head.head, head.segment, head.segment_bytes,
+             head.updated_at, prev_entries, prev_head, *absent), False)
+        steps: list[Step] = [cas]
+        if drop_segment is not None:
+            steps.append(("DELETE FROM archive_events WHERE room_id = ? AND segment = ?",
+                          (room_id, drop_segment), False))
+        for i in range(0, len(staged), self._CHUNK):  # multi-row: one statement, not many
+            chunk = staged[i:i + self._CHUNK]
+            steps.append((
+                "INSERT INTO archive_staged (room_id, entry_index, entry, data, staged_at)"
+                " VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                [v for n, entry, data in chunk for v in (room_id, n, entry, data, staged_at)],
+                False))
+        first_event = len(steps)
+        width = len(self._AEV_COLS.split(","))
+        for i in range(0, len(events), self._CHUNK):
+            chunk = events[i:i + self._CHUNK]
+            values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+            args = [v for e in chunk for v in (
+                e.event_id, e.room_id, e.sender, e.type, e.state_key, e.ts, e.segment, e.line,
+                e.archived_at, e.purged_at)]
+            steps.append((f"INSERT INTO archive_events ({self._AEV_COLS}) VALUES {values}"
+                          " ON CONFLICT (event_id) DO NOTHING", args, False))
+        last_event = len(steps)
+        if media:
+            steps.append((
+                f"INSERT INTO archive_media ({self._MEDIA_COLS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (mxc) DO NOTHING",
+                [(m.mxc, m.sha256, m.size, m.content_type, m.room_id, m.event_id, m.ts,
+                  m.archived_at, m.deleted_at) for m in media], True))
+        counts = await self.db.batch(steps, require_first=True)
+        if counts[0] == 0:
+            raise ArchiveConflict(f"archive head of {room_id} is no longer at entry "
+                                  f"{prev_entries}, or one of the events is indexed")
+        return sum(counts[first_event:last_event])
+
+    async def archive_staged(self, room_id: str) -> list[tuple[int, str, str, int]]:
+        rows = await self.db.fetch(
+            "SELECT entry_index, entry, data, staged_at FROM archive_staged"
+            " WHERE room_id = ? ORDER BY entry_index", room_id)
+        return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    async def archive_staged_rooms(self) -> list[tuple[str, int, int, int]]:
+        rows = await self.db.fetch(
+            "SELECT room_id, SUM(LENGTH(data)), MIN(staged_at), COUNT(*) FROM archive_staged"
+            " GROUP BY room_id ORDER BY room_id")
+        return [(r[0], int(r[1] or 0), int(r[2]), int(r[3])) for r in rows]
+
+    async def archive_unstage(self, room_id: str, up_to: int) -> int:
+        counts = await self.db.batch([(
+            "DELETE FROM archive_staged WHERE room_id = ? AND entry_index <= ?",
+            (room_id, up_to), False)])
+        return counts[0]

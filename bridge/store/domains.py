@@ -342,6 +342,33 @@ class ArchiveIndexStore(Protocol):
     async def archive_media_mark_deleted(self, mxcs: Sequence[str], now_ms: int) -> None:
         """Mark media deleted from the homeserver (the archive's copy stays)."""
 
+    async def archive_stage(self, room_id: str, staged: Sequence[tuple[int, str, str]],
+                            events: Sequence[ArchivedEvent], head: ArchiveHead, *,
+                            prev_entries: int, prev_head: str, staged_at: int,
+                            media: Sequence[ArchivedMedia] = (),
+                            drop_segment: str | None = None,
+                            absent: Sequence[str] = ()) -> int:
+        """Stage manifest entries ``(entry number, entry JSON, segment bytes)`` of a room
+        with their index rows (and media rows, and the drop of a pruned segment's rows),
+        moving the head from exactly (``prev_entries``, ``prev_head``) to ``head``, in one
+        commit; returns the events inserted. Raises :class:`ArchiveConflict` (writing
+        nothing) when the stored head is not the expected one (another writer moved it),
+        or, past a room's first entry, when an event id in ``absent`` is already indexed
+        (at most 500 ids)."""
+
+    async def archive_staged(self, room_id: str) -> list[tuple[int, str, str, int]]:
+        """(entry number, entry JSON, segment bytes, staged at) of the room's staged
+        entries, in entry order."""
+
+    async def archive_staged_rooms(self) -> list[tuple[str, int, int, int]]:
+        """(room, staged size, oldest staged at, staged entries) of every room with staged
+        entries, by room id; the size counts the characters of the segment bytes (UTF-8
+        text: bytes for ASCII)."""
+
+    async def archive_unstage(self, room_id: str, up_to: int) -> int:
+        """Delete the room's staged entries numbered up to ``up_to`` (they are sealed);
+        returns how many."""
+
 
 @runtime_checkable
 class HoldStore(Protocol):

@@ -30,7 +30,7 @@ from bridge.retention.archive import (
     ArchiveWriter,
     LocalArchive,
 )
-from bridge.retention.archive.objects import manifest_key, part_key, room_prefix
+from bridge.retention.archive.objects import manifest_key, object_parts, part_key, room_prefix
 from bridge.retention.archive.s3 import ArchiveBucketError, S3Archive
 from bridge.store import Stores, open_stores
 
@@ -106,7 +106,8 @@ async def make_s3(seaweed: SeaweedServer, bucket: str,
 
     async def make(*, on: Stores | None = None, keep_ms: int | None = 3_600_000,
                    holds: list[Hold] | None = None, segment_max_bytes: int = 1 << 20,
-                   bucket_name: str | None = None, secret: str | None = None) -> S3Archive:
+                   bucket_name: str | None = None, secret: str | None = None,
+                   seal_seconds: float | None = 30.0) -> S3Archive:
         async def keep(room_id: str) -> int | None:
             return keep_ms
 
@@ -115,7 +116,7 @@ async def make_s3(seaweed: SeaweedServer, bucket: str,
 
         a = S3Archive(client_factory(seaweed, secret), bucket_name or bucket,
                       (on or store).archive, prefix="enclave/", keep_ms=keep, holds=active,
-                      segment_max_bytes=segment_max_bytes)
+                      segment_max_bytes=segment_max_bytes, seal_seconds=seal_seconds)
         made.append(a)
         return a
 
@@ -256,6 +257,7 @@ async def test_objects_are_locked_and_a_delete_is_refused(make_s3: MakeArchive, 
                                                           bucket: str) -> None:
     a = await make_s3()
     await a.append(ROOM, [ev(1), ev(2)])
+    await a.seal()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert manifest_key("enclave/", ROOM, 1) in keys
     for v in s3.list_object_versions(Bucket=bucket, Prefix="enclave/")["Versions"]:
@@ -288,6 +290,7 @@ async def test_overwritten_part_is_reported(make_s3: MakeArchive, s3: Any, bucke
                                             store: Stores) -> None:
     a = await make_s3()
     await a.append(ROOM, [ev(i) for i in range(1, 6)])
+    await a.seal()
     part = next(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
                 if "/seg-000001.jsonl/" in o["Key"])
     s3.put_object(Bucket=bucket, Key=part, Body=b"forged\n" * 5)  # a new version on top
@@ -301,7 +304,9 @@ async def test_removed_manifest_object_is_reported(make_s3: MakeArchive, s3: Any
     # a delete marker hides the newest version from reads (the version itself is locked)
     a = await make_s3()
     await a.append(ROOM, [ev(1)])
+    await a.seal()
     await a.append(ROOM, [ev(2)])
+    await a.seal()
     s3.delete_object(Bucket=bucket, Key=manifest_key("enclave/", ROOM, 2))
     report = await (await make_s3()).verify()
     assert [p.kind for p in report.problems][:1] == ["manifest_short"]
@@ -324,28 +329,31 @@ CRASH = textwrap.dedent("""
         async def keep(room): return 3600000
         async def holds(): return []
         a = S3Archive(client, bucket, store.archive, prefix="enclave/", keep_ms=keep,
-                      holds=holds)
+                      holds=holds, seal_seconds=None)
         evs = [{"event_id": f"$c{i}", "room_id": "!room:corp.example.com", "sender": "@a:x",
                 "type": "m.room.message", "origin_server_ts": 1000 + i,
                 "content": {"body": f"crash {i}"}} for i in range(1, 11)]
         await a.append("!room:corp.example.com", evs[:5])
+        await a.seal()
+        for e in evs[5:]:  # the live feed's shape: one event per append
+            await a.append("!room:corp.example.com", [e])
         real_put = a._put_new
         async def put(k, data, lock):
             if where == "before-manifest" and "/manifest/" in k:
                 os.kill(os.getpid(), signal.SIGKILL)
             ok = await real_put(k, data, lock)
-            if where == "before-commit" and "/manifest/" in k:
+            if where == "before-unstage" and "/manifest/" in k:
                 os.kill(os.getpid(), signal.SIGKILL)
             return ok
         a._put_new = put
-        await a.append("!room:corp.example.com", evs[5:])
+        await a.seal()
     asyncio.run(main())
 """)
 
 
-@pytest.mark.parametrize("where", ["before-manifest", "before-commit"])
-async def test_writer_killed_mid_write_leaves_no_gap(
-        where: str, seaweed: SeaweedServer, bucket: str, make_s3: MakeArchive,
+@pytest.mark.parametrize("where", ["before-manifest", "before-unstage"])
+async def test_sealer_killed_mid_seal_leaves_no_gap_and_no_double(
+        where: str, seaweed: SeaweedServer, bucket: str, make_s3: MakeArchive, s3: Any,
         tmp_path: Path) -> None:
     db = "sqlite:///crash.db"
     proc = await asyncio.to_thread(
@@ -357,37 +365,41 @@ async def test_writer_killed_mid_write_leaves_no_gap(
     await store.database.open()
     try:
         head = await store.archive.archive_head(ROOM)
-        assert head is not None and head.entries == 1  # the killed write never committed
+        # staged appends are committed: the kill lost none of them
+        assert head is not None and head.entries == 6
+        assert [r[0] for r in await store.archive.archive_staged(ROOM)] == [2, 3, 4, 5, 6]
+        manifests = [o["Key"] for o in s3.list_objects_v2(
+            Bucket=bucket, Prefix=room_prefix("enclave/", ROOM) + "manifest/")["Contents"]]
+        assert len(manifests) == (2 if where == "before-unstage" else 1)
+        # sealed and staged overlap (before-unstage) or a part is orphaned: both verify
         before = await (await make_s3(on=store)).verify()
-        if where == "before-commit":  # a manifest object past the head, reported as such
-            assert [p.kind for p in before.problems] == ["uncommitted"]
-        else:  # a part no entry names is not part of the archive
-            assert before.ok, before.problems
+        assert before.ok, before.problems
+        assert (before.entries, before.events) == (6, 10)
         a = await make_s3(on=store)
-        # the next write reconciles: an entry past the head is indexed, an orphan part is
-        # named by nothing
         res = await a.append(ROOM, [{**ev(100), "event_id": "$after"}])
         assert res.written == 1
+        # the next seal finds the manifest object of entry 2 (or writes it) and goes on
+        assert await a.seal() == 6
+        assert await store.archive.archive_staged(ROOM) == []
+        manifests = [o["Key"] for o in s3.list_objects_v2(
+            Bucket=bucket, Prefix=room_prefix("enclave/", ROOM) + "manifest/")["Contents"]]
+        assert manifests == [manifest_key("enclave/", ROOM, n) for n in (
+            (1, 2, 7) if where == "before-unstage" else (1, 2))]
         ids = [r.event_id for r in await store.archive.archive_query(room_id=ROOM,
                                                                      archive_order=True)]
-        crashed = [f"$c{i}" for i in range(6, 11)]
-        if where == "before-commit":
-            assert ids == [f"$c{i}" for i in range(1, 6)] + crashed + ["$after"]
-        else:
-            assert ids == [f"$c{i}" for i in range(1, 6)] + ["$after"]
-            # the caller's retry writes them after it
-            await a.append(ROOM, [{"event_id": i, "room_id": ROOM, "sender": "@a:x",
-                                   "type": "m.room.message", "origin_server_ts": 1,
-                                   "content": {}} for i in crashed])
+        assert ids == [f"$c{i}" for i in range(1, 11)] + ["$after"]
         report = await (await make_s3(on=store)).verify()
         assert report.ok, report.problems
-        assert report.events == 11
+        assert (report.entries, report.events) == (7, 11)
+        back = await (await make_s3(on=store)).read(
+            await store.archive.archive_query(room_id=ROOM, archive_order=True))
+        assert [e["event_id"] for e in back] == ids
     finally:
         await store.database.close()
 
 
 async def test_two_writers_share_a_room_without_a_fork(
-        make_s3: MakeArchive, pg_dsn: str, tmp_path: Path) -> None:
+        make_s3: MakeArchive, pg_dsn: str, tmp_path: Path, s3: Any, bucket: str) -> None:
     conn = psycopg2.connect(pg_dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -395,13 +407,18 @@ async def test_two_writers_share_a_room_without_a_fork(
     conn.close()
     one, two = await open_pg(pg_dsn, tmp_path), await open_pg(pg_dsn, tmp_path)
     try:
-        a, b = await make_s3(on=one), await make_s3(on=two)
+        # both seal every 0.2 s while both append: seals and appends of the two interleave
+        a, b = await make_s3(on=one, seal_seconds=0.2), await make_s3(on=two, seal_seconds=0.2)
 
         async def feed(w: S3Archive, base: int) -> None:
             for i in range(15):
                 await w.append(ROOM, [ev(base + 2 * i), ev(base + 2 * i + 1)])
                 if i % 5 == 0:  # both also write the same events now and then
                     await w.append(ROOM, [ev(5000 + i)])
+                if i % 4 == 0:  # and read back what is there, sealed or staged
+                    rows = await one.archive.archive_query(room_id=ROOM, archive_order=True)
+                    assert [e["event_id"] for e in await w.read(rows)] == \
+                        [r.event_id for r in rows]
 
         await asyncio.gather(feed(a, 0), feed(b, 1000))
         rows = await one.archive.archive_query(room_id=ROOM, archive_order=True, limit=1000)
@@ -412,6 +429,8 @@ async def test_two_writers_share_a_room_without_a_fork(
         assert report.events == 63
         head = await one.archive.archive_head(ROOM)
         assert head is not None and head.entries == report.entries
+        # the sealers ran while the feeds appended (3 seals in a trial run)
+        assert any("/manifest/" in k for k in room_keys(s3, bucket, ROOM))
     finally:
         await one.database.close()
         await two.database.close()
@@ -431,9 +450,10 @@ async def test_a_writer_behind_another_is_refused_the_entry_and_writes_after(
     assert any("entry 2 taken by another writer" in r.getMessage() for r in caplog.records)
     rows = await store.archive.archive_query(room_id=ROOM, archive_order=True)
     assert [r.event_id for r in rows] == [ev(i)["event_id"] for i in (1, 2, 3, 4)]
+    await a.seal()  # the four staged entries: one manifest object
     keys = [o["Key"] for o in s3.list_objects_v2(
         Bucket=bucket, Prefix=room_prefix("enclave/", ROOM) + "manifest/")["Contents"]]
-    assert keys == [manifest_key("enclave/", ROOM, n) for n in (1, 2, 3, 4)]
+    assert keys == [manifest_key("enclave/", ROOM, 1)]
     report = await (await make_s3()).verify()
     assert report.ok and report.entries == 4, report.problems
 
@@ -454,6 +474,7 @@ async def test_prune_waits_for_the_lock_and_for_legal_holds(
     key = manifest_key("enclave/", ROOM, 1)
     assert s3.get_object_legal_hold(Bucket=bucket, Key=key)["LegalHold"]["Status"] == "ON"
     await a.append(ROOM, [ev(100)])  # written while held: held from the start
+    await a.seal()
     newest = manifest_key("enclave/", ROOM, (await a.segments(ROOM)) and
                           (await store.archive.archive_head(ROOM)).entries)  # type: ignore[union-attr]
     assert s3.get_object_legal_hold(Bucket=bucket, Key=newest)["LegalHold"]["Status"] == "ON"
@@ -513,6 +534,96 @@ def test_part_keys_name_the_entry() -> None:
     sha = "ab" * 32
     assert part_key("p/", ROOM, "seg-000001.jsonl", 12, sha).endswith(
         f"/seg-000001.jsonl/{12:012d}-{sha}")
+    # the appends of one manifest object that follow each other in a segment share a part
+    def app(seg: int, off: int, length: int, sha: str = sha) -> dict[str, Any]:
+        return {"op": "append", "segment": f"seg-{seg:06d}.jsonl", "offset": off,
+                "length": length, "sha256": sha}
+    got = object_parts("p/", ROOM, [app(1, 0, 10), {"op": "media"}, app(1, 10, 5),
+                                    app(2, 0, 7, "cd" * 32), "junk"])
+    assert [(seg, off, length) for seg, off, length, _ in got] == [
+        ("seg-000001.jsonl", 0, 15), ("seg-000002.jsonl", 0, 7)]
+    assert got[0][3].endswith(f"/seg-000001.jsonl/{0:012d}+{15:012d}")
+    assert got[1][3] == part_key("p/", ROOM, "seg-000002.jsonl", 0, "cd" * 32)
+
+
+def room_keys(s3: Any, bucket: str, room: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(
+        Bucket=bucket, Prefix=room_prefix("enclave/", room)).get("Contents", [])]
+
+
+async def test_single_event_appends_are_staged_then_sealed_into_few_objects(
+        make_s3: MakeArchive, store: Stores, s3: Any, bucket: str) -> None:
+    a = await make_s3()
+    for i in range(1, 151):  # the live feed: one event per append
+        await a.append(ROOM, [ev(i)])
+    for i in range(1, 51):
+        await a.append(OTHER, [ev(i, OTHER)])
+    assert room_keys(s3, bucket, ROOM) == room_keys(s3, bucket, OTHER) == []
+    # staged entries are the archive already: read, segments, verify (another process too)
+    rows = await store.archive.archive_query(room_id=ROOM, archive_order=True)
+    b = await make_s3()
+    for w in (a, b):
+        assert [e["event_id"] for e in await w.read(rows)] == [r.event_id for r in rows]
+        assert sum(x.events for x in await w.segments(ROOM)) == 150
+        report = await w.verify()
+        assert report.ok, report.problems
+        assert (report.entries, report.events) == (200, 200)
+    # two processes seal at once: each room gets one part and one manifest object
+    await asyncio.gather(a.seal(), b.seal())
+    assert await store.archive.archive_staged_rooms() == []
+    for room in (ROOM, OTHER):
+        keys = room_keys(s3, bucket, room)
+        assert len(keys) == 2 and manifest_key("enclave/", room, 1) in keys, keys
+    versions = s3.list_object_versions(Bucket=bucket, Prefix="enclave/rooms/")["Versions"]
+    assert len(versions) == 4
+    c = await make_s3()
+    assert [e["event_id"] for e in await c.read(rows)] == [r.event_id for r in rows]
+    report = await c.verify()
+    assert report.ok and (report.entries, report.events) == (200, 200), report.problems
+    # appends after the seal continue the segment; the next seal adds one pair
+    await c.append(ROOM, [ev(151)])
+    await c.seal()
+    assert len(room_keys(s3, bucket, ROOM)) == 4
+    rows = await store.archive.archive_query(room_id=ROOM, archive_order=True)
+    assert {r.segment for r in rows} == {"seg-000001.jsonl"}
+    assert [e["event_id"] for e in await (await make_s3()).read(rows)] == \
+        [r.event_id for r in rows]
+    assert (await (await make_s3()).verify()).ok
+
+
+async def test_shutdown_seals_and_the_sealer_runs_by_age_and_size(
+        make_s3: MakeArchive, store: Stores, s3: Any, bucket: str) -> None:
+    a = await make_s3()
+    for i in range(1, 4):
+        await a.append(ROOM, [ev(i)])
+    await a.aclose()  # a clean shutdown leaves nothing staged
+    assert await store.archive.archive_staged(ROOM) == []
+    assert manifest_key("enclave/", ROOM, 1) in room_keys(s3, bucket, ROOM)
+    assert (await (await make_s3()).verify()).ok
+    # by age: the oldest staged entry seal_seconds old
+    aged = await make_s3(seal_seconds=0.5)
+    await aged.append(OTHER, [ev(1, OTHER)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        if not await store.archive.archive_staged(OTHER):
+            break
+    assert await store.archive.archive_staged(OTHER) == []
+    assert manifest_key("enclave/", OTHER, 1) in room_keys(s3, bucket, OTHER)
+    await aged.aclose()  # its sealer would seal any room by age
+    # by size: staged bytes at segment_max_bytes, long before seal_seconds
+    third = "!third:corp.example.com"
+    sized = await make_s3(segment_max_bytes=4096, seal_seconds=3600)
+    for i in range(1, 41):
+        await sized.append(third, [ev(i, third)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        if room_keys(s3, bucket, third):
+            break
+    assert manifest_key("enclave/", third, 1) in room_keys(s3, bucket, third)
+    report = await (await make_s3()).verify()
+    assert report.ok and report.events == 3 + 1 + 40, report.problems
 
 
 CLI_CONFIG = """\

@@ -74,6 +74,7 @@ EXPECTED_TABLES = {
     "archive_heads": {"room_id", "entries", "head", "segment", "segment_bytes", "updated_at"},
     "archive_media": {"mxc", "sha256", "size", "content_type", "room_id", "event_id", "ts",
                       "archived_at", "deleted_at"},
+    "archive_staged": {"room_id", "entry_index", "entry", "data", "staged_at"},
     "legal_holds": {"id", "case_id", "reason", "placed_by", "users", "rooms", "since_ms",
                     "until_ms", "created_at", "released_at", "released_by"},
     "console_sessions": {"id_hash", "user_id", "roles", "csrf", "created_at", "last_seen"},

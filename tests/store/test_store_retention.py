@@ -67,6 +67,52 @@ async def test_archive_commit_refuses_a_stale_head(store: Stores) -> None:
     assert (await store.archive.archive_head(R1)).entries == 2  # type: ignore[union-attr]
 
 
+def staged(n: int, data: str = "") -> tuple[int, str, str]:
+    return (n, f'{{"n":{n}}}', data)
+
+
+async def test_archive_stage_moves_the_head_by_compare_and_set(store: Stores) -> None:
+    a = store.archive
+    assert await a.archive_stage(R1, [staged(1, '{"e":1}\n'), staged(2, "é\n")],
+                                 [aev(1), aev(2)], head(entries=2), prev_entries=0,
+                                 prev_head="0" * 64, staged_at=NOW) == 2
+    assert await a.archive_head(R1) == head(entries=2)
+    assert await a.archive_staged(R1) == [(1, '{"n":1}', '{"e":1}\n', NOW),
+                                          (2, '{"n":2}', "é\n", NOW)]
+    # a writer that still thinks the head is at 1 (or a new room) is refused, writes nothing
+    for prev in (0, 1):
+        with pytest.raises(ArchiveConflict):
+            await a.archive_stage(R1, [staged(prev + 1)], [aev(9)], head(entries=prev + 1),
+                                  prev_entries=prev, prev_head=f"{prev:064x}", staged_at=NOW)
+    with pytest.raises(ArchiveConflict):  # the right number, another hash: a fork
+        await a.archive_stage(R1, [staged(3)], [aev(9)], head(entries=3), prev_entries=2,
+                              prev_head="f" * 64, staged_at=NOW)
+    assert await a.archive_known([aev(9).event_id]) == set()
+    assert len(await a.archive_staged(R1)) == 2
+    # the right head, but an event that must be new is indexed already: refused
+    with pytest.raises(ArchiveConflict):
+        await a.archive_stage(R1, [staged(3)], [aev(9)], head(entries=3), prev_entries=2,
+                              prev_head=f"{2:064x}", staged_at=NOW,
+                              absent=[aev(9).event_id, aev(2).event_id])
+    assert (await a.archive_head(R1)) == head(entries=2)
+    # the expected head: staged, with media rows and a pruned segment's rows dropped
+    media = ArchivedMedia("mxc://x/m", "ab" * 32, 3, None, R1, None, None, NOW)
+    assert await a.archive_stage(R1, [staged(3)], [], head(entries=3), prev_entries=2,
+                                 prev_head=f"{2:064x}", staged_at=NOW + 5, media=[media],
+                                 drop_segment="seg-000001.jsonl", absent=["$new"]) == 0
+    assert await a.archive_media_get("mxc://x/m") == media
+    assert await a.archive_rooms() == {}
+    await a.archive_stage(R2, [staged(1, "xyz\n")], [aev(1, R2)], head(R2), prev_entries=0,
+                          prev_head="0" * 64, staged_at=NOW + 1)
+    assert await a.archive_staged_rooms() == [(R1, 8 + 2, NOW, 3), (R2, 4, NOW + 1, 1)]
+    # sealed: the rows up to an entry go, the others stay
+    assert await a.archive_unstage(R1, 2) == 2
+    assert [r[0] for r in await a.archive_staged(R1)] == [3]
+    assert await a.archive_unstage(R1, 2) == 0
+    assert await a.archive_staged_rooms() == [(R1, 0, NOW + 5, 1), (R2, 4, NOW + 1, 1)]
+    assert await a.archive_head(R1) == head(entries=3)
+
+
 async def test_archive_commit_many_events(store: Stores) -> None:
     events = [aev(n) for n in range(1, 1203)]  # more than one multi-row insert
     assert await store.archive.archive_commit(events, head()) == 1202
