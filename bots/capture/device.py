@@ -17,13 +17,13 @@ What it adds to :class:`~bots.crypto.EncryptedSender`:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections.abc import Callable
 from typing import Any
 
 from ..crypto import EncryptedSender
+from ..crypto.sender import decrypt_megolm
 
 log = logging.getLogger(__name__)
 
@@ -110,28 +110,9 @@ class ArchiveDevice(EncryptedSender):
                           within: float = 0.0) -> dict[str, Any] | None:
         """The plaintext (``{type, content, ...}``) of an ``m.room.encrypted`` Megolm event,
         waiting up to ``within`` seconds for its key; None when it is not here."""
-        import nio  # heavy (~0.3 s): paid only when a bot encrypts
-
         if not self.ready or event.get("type") != "m.room.encrypted":
             return None
-        try:
-            parsed = nio.Event.parse_encrypted_event({**event, "room_id": room_id})
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not isinstance(parsed, nio.MegolmEvent):
-            return None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while True:
-            try:
-                plain = self._nio.decrypt_event(parsed)
-            except nio.EncryptionError:
-                plain = None
-            if plain is not None and not isinstance(plain, nio.BadEvent | nio.UnknownBadEvent):
-                return {**plain.source, "room_id": room_id}
-            if loop.time() >= deadline:
-                return None
-            await asyncio.sleep(0.25)
+        return await decrypt_megolm(self._nio, room_id, event, within=within)
 
     async def request_key(self, room_id: str, event: dict[str, Any]) -> bool:
         """Ask the devices of the message's sender for the key of ``event``'s session

@@ -49,6 +49,12 @@ class SQLArchiveIndexStore:
 
     async def archive_commit(self, events: Sequence[ArchivedEvent], head: ArchiveHead,
                              media: Sequence[ArchivedMedia] = ()) -> int:
+        event_steps = self._event_steps(events)
+        counts = await self._batch_with_head(head, event_steps + self._media_steps(media))
+        return sum(counts[:len(event_steps)])
+
+    def _event_steps(self, events: Sequence[ArchivedEvent]) -> list[Step]:
+        # multi-row inserts, one statement per chunk; an event indexed already is left as is
         steps: list[Step] = []
         width = len(self._AEV_COLS.split(","))
         for i in range(0, len(events), self._CHUNK):
@@ -59,15 +65,15 @@ class SQLArchiveIndexStore:
                 e.archived_at, e.purged_at)]
             steps.append((f"INSERT INTO archive_events ({self._AEV_COLS}) VALUES {values}"
                           " ON CONFLICT (event_id) DO NOTHING", args, False))
-        inserted_steps = len(steps)
-        if media:
-            steps.append((
-                f"INSERT INTO archive_media ({self._MEDIA_COLS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (mxc) DO NOTHING",
-                [(m.mxc, m.sha256, m.size, m.content_type, m.room_id, m.event_id, m.ts,
-                  m.archived_at, m.deleted_at) for m in media], True))
-        counts = await self._batch_with_head(head, steps)
-        return sum(counts[:inserted_steps])
+        return steps
+
+    def _media_steps(self, media: Sequence[ArchivedMedia]) -> list[Step]:
+        if not media:
+            return []
+        return [(f"INSERT INTO archive_media ({self._MEDIA_COLS})"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (mxc) DO NOTHING",
+                 [(m.mxc, m.sha256, m.size, m.content_type, m.room_id, m.event_id, m.ts,
+                   m.archived_at, m.deleted_at) for m in media], True)]
 
     async def archive_known(self, event_ids: Sequence[str]) -> set[str]:
         ids = list(dict.fromkeys(event_ids))
@@ -250,22 +256,9 @@ class SQLArchiveIndexStore:
                 [v for n, entry, data in chunk for v in (room_id, n, entry, data, staged_at)],
                 False))
         first_event = len(steps)
-        width = len(self._AEV_COLS.split(","))
-        for i in range(0, len(events), self._CHUNK):
-            chunk = events[i:i + self._CHUNK]
-            values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
-            args = [v for e in chunk for v in (
-                e.event_id, e.room_id, e.sender, e.type, e.state_key, e.ts, e.segment, e.line,
-                e.archived_at, e.purged_at)]
-            steps.append((f"INSERT INTO archive_events ({self._AEV_COLS}) VALUES {values}"
-                          " ON CONFLICT (event_id) DO NOTHING", args, False))
+        steps += self._event_steps(events)
         last_event = len(steps)
-        if media:
-            steps.append((
-                f"INSERT INTO archive_media ({self._MEDIA_COLS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (mxc) DO NOTHING",
-                [(m.mxc, m.sha256, m.size, m.content_type, m.room_id, m.event_id, m.ts,
-                  m.archived_at, m.deleted_at) for m in media], True))
+        steps += self._media_steps(media)
         counts = await self.db.batch(steps, require_first=True)
         if counts[0] == 0:
             raise ArchiveConflict(f"archive head of {room_id} is no longer at entry "

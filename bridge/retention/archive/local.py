@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from ...store.base import ArchivedEvent, ArchivedMedia, ArchiveHead
 from ...store.domains import ArchiveIndexStore
 from .files import (
@@ -56,6 +54,8 @@ from .writer import (
     SegmentInfo,
     VerifyProblem,
     VerifyReport,
+    pick_events,
+    segment_infos,
 )
 
 
@@ -379,29 +379,12 @@ class LocalArchive(ArchiveWriter):
             return out
 
         segments = await asyncio.to_thread(load)
-        result = []
-        for e in events:
-            lines = segments[(e.room_id, e.segment)]
-            obj = orjson.loads(lines[e.line - 1]) if 0 < e.line < len(lines) else None
-            if not isinstance(obj, dict) or obj.get("event_id") != e.event_id:
-                raise ArchiveCorrupt(f"archive of {e.room_id}: {e.segment} line {e.line} "
-                                     f"is not event {e.event_id}")
-            result.append(obj)
-        return result
+        return pick_events(events, segments)
 
     async def segments(self, room_id: str) -> list[SegmentInfo]:
         async with self._exclusive(room_id):
             state = await self._room(room_id)
-        stats = {s[0]: s for s in await self.store.archive_segments(room_id)}
-        out = []
-        for name in sorted(state.ends):
-            if name in state.pruned:
-                continue
-            s = stats.get(name)
-            out.append(SegmentInfo(name, s[1] if s else 0, s[2] if s else None,
-                                   s[3] if s else None, state.ends[name],
-                                   name != state.segment))
-        return out
+        return segment_infos(state, await self.store.archive_segments(room_id))
 
     # -- verification ----------------------------------------------------------------------
     async def verify(self, room_id: str | None = None) -> VerifyReport:

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from ...policy.retention import Hold
 from ...store.base import ArchivedEvent
+from .layout import RoomState
 
 
 class ArchiveCorrupt(RuntimeError):
@@ -126,3 +129,37 @@ class ArchiveWriter(ABC):
     @abstractmethod
     async def segments(self, room_id: str) -> list[SegmentInfo]:
         """The room's segments that are not pruned, by name."""
+
+
+def pick_events(events: Sequence[ArchivedEvent],
+                segments: Mapping[tuple[str, str], list[bytes]]) -> list[dict[str, Any]]:
+    """The archived events ``events`` names, read from their segments' lines (``segments``:
+    (room, segment) -> the segment's bytes split at newlines), in the order asked; any
+    writer's :meth:`ArchiveWriter.read`. A line that is not the event the index names
+    raises :class:`ArchiveCorrupt`."""
+    result = []
+    for e in events:
+        lines = segments[(e.room_id, e.segment)]
+        obj = orjson.loads(lines[e.line - 1]) if 0 < e.line < len(lines) else None
+        if not isinstance(obj, dict) or obj.get("event_id") != e.event_id:
+            raise ArchiveCorrupt(f"archive of {e.room_id}: {e.segment} line {e.line} "
+                                 f"is not event {e.event_id}")
+        result.append(obj)
+    return result
+
+
+def segment_infos(state: RoomState,
+                  stats: Sequence[tuple[str, int, int | None, int | None]]) -> list[SegmentInfo]:
+    """A room's live segments (pruned ones left out), named in order, from the writer's
+    reconciled ``state`` and the index's per-segment ``stats`` (name, events, first and
+    last timestamp); any writer's :meth:`ArchiveWriter.segments`."""
+    by_name = {s[0]: s for s in stats}
+    out = []
+    for name in sorted(state.ends):
+        if name in state.pruned:
+            continue
+        s = by_name.get(name)
+        out.append(SegmentInfo(name, s[1] if s else 0, s[2] if s else None,
+                               s[3] if s else None, state.ends[name],
+                               name != state.segment))
+    return out
