@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,3 +219,20 @@ def advance(state: RoomState, entries: list[dict[str, Any]]) -> None:
     if entries:
         state.entries, state.head = entries[-1]["n"], entries[-1]["hash"]
     state.segment = last_append if last_append not in state.pruned else None
+
+
+def append_items(room_id: str, events: Sequence[Mapping[str, Any]],
+                 ) -> dict[str, tuple[tuple[str, str | None, str, str | None, int], bytes]]:
+    """Event id -> (index fields, segment line) of the events an append is given, first
+    copy of each id only, events without the fields to index left out; any writer's
+    :meth:`ArchiveWriter.append`. An event naming another room raises ValueError."""
+    items: dict[str, tuple[tuple[str, str | None, str, str | None, int], bytes]] = {}
+    for ev in events:
+        f = index_fields(ev)
+        if f is None or f[0] in items:
+            continue
+        other = ev.get("room_id")
+        if other is not None and other != room_id:
+            raise ValueError(f"event {f[0]} belongs to {other}, not {room_id}")
+        items[f[0]] = (f, canonical(dict(ev)) + b"\n")
+    return items

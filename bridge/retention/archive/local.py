@@ -34,8 +34,8 @@ from .layout import (
     MANIFEST,
     SHA_RE,
     RoomState,
+    append_items,
     canonical,
-    index_fields,
     manifest_entry,
     media_file,
     parse_manifest,
@@ -238,15 +238,7 @@ class LocalArchive(ArchiveWriter):
         return result
 
     async def append(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> AppendResult:
-        items: dict[str, tuple[tuple[str, str | None, str, str | None, int], bytes]] = {}
-        for ev in events:
-            f = index_fields(ev)
-            if f is None or f[0] in items:
-                continue
-            other = ev.get("room_id")
-            if other is not None and other != room_id:
-                raise ValueError(f"event {f[0]} belongs to {other}, not {room_id}")
-            items[f[0]] = (f, canonical(dict(ev)) + b"\n")
+        items = append_items(room_id, events)
         async with self._exclusive(room_id):
             state = await self._room(room_id)
             known = await self.store.archive_known(list(items)) if items else set()

@@ -49,6 +49,7 @@ from .layout import (
     ZERO_HASH,
     RoomState,
     advance,
+    append_items,
     canonical,
     index_fields,
     manifest_entry,
@@ -507,15 +508,7 @@ class S3Archive(ArchiveWriter):
         return new, inserted
 
     async def append(self, room_id: str, events: Sequence[Mapping[str, Any]]) -> AppendResult:
-        items: dict[str, tuple[tuple[str, str | None, str, str | None, int], bytes]] = {}
-        for ev in events:
-            f = index_fields(ev)
-            if f is None or f[0] in items:
-                continue
-            other = ev.get("room_id")
-            if other is not None and other != room_id:
-                raise ValueError(f"event {f[0]} belongs to {other}, not {room_id}")
-            items[f[0]] = (f, canonical(dict(ev)) + b"\n")
+        items = append_items(room_id, events)
         lost = 0
         for _ in range(_RETRIES):
             if lost:  # outside the room's lock: a random pause so two writers stop colliding
